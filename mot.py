@@ -262,7 +262,7 @@ class Transformer(nn.Module):
     def modality_of(self, idx):
         """Modality of each token id from cfg.modality_offsets (markers are text). idx: (B, T) -> (B, T)."""
         bounds = torch.tensor(self.cfg.modality_offsets[1:], device=idx.device, dtype=idx.dtype)
-        return torch.bucketize(idx, bounds, right=True)
+        return torch.bucketize(idx.contiguous(), bounds, right=True)
 
     def modality_parameters(self, m):
         """The nn.Parameters that only tokens of modality m use (weight[m] of every untied module)."""

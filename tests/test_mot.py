@@ -1,0 +1,233 @@
+"""Tests for mot.py: the dense Transformer baseline and Mixture-of-Transformers. Tiny configs, CPU, fp32."""
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mot  # noqa: E402
+
+torch.set_num_threads(1)
+OFFS3 = (0, 32, 64)
+
+
+def tiny(n_mod=2, **kw):
+    base = dict(vocab_size=96, n_modalities=n_mod, modality_offsets=(0, 32, 64)[:n_mod], seq_len=32, n_layer=2,
+                n_head=2, d_model=16)
+    base.update(kw)
+    return mot.Config(**base)
+
+
+def untied(**kw):
+    return dict(untie_attn=True, untie_ffn=True, untie_norm=True, **kw)
+
+
+def make_batch(model, B=2, T=24, seed=0, modality=None):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    if modality is None:
+        tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    else:  # every token drawn from the id range of the given modality
+        lo = cfg.modality_offsets[modality]
+        hi = cfg.modality_offsets[modality + 1] if modality + 1 < cfg.n_modalities else cfg.vocab_size
+        tokens = torch.randint(lo, hi, (B, T), generator=g)
+    targets = torch.roll(tokens, -1, 1)
+    targets[:, -1] = -1
+    return dict(tokens=tokens, targets=targets, modality=model.modality_of(tokens),
+                target_modality=model.modality_of(targets.clamp(min=0)), loss_mask=targets != -1)
+
+
+VARIANTS = {
+    "dense": dict(),
+    "mot": untied(),
+    "mot_pre_qk": untied(norm_placement="pre", qk_norm=True),
+    "mot_ffn_only": dict(untie_ffn=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_causality(variant):
+    torch.manual_seed(0)
+    model = mot.Transformer(tiny(3, **VARIANTS[variant]))
+    b = make_batch(model)
+    logits = model(b)[0]
+    t = 10
+    tok2 = b["tokens"].clone()
+    tok2[:, t + 1:] = torch.randint(0, 96, tok2[:, t + 1:].shape)
+    b2 = dict(b, tokens=tok2, modality=model.modality_of(tok2))
+    logits2 = model(b2)[0]
+    assert torch.allclose(logits[:, :t + 1], logits2[:, :t + 1], atol=1e-6)
+    assert not torch.allclose(logits[:, t + 1:], logits2[:, t + 1:], atol=1e-3)
+
+
+@pytest.mark.parametrize("n_mod", [2, 3])
+@pytest.mark.parametrize("variant", ["mot", "mot_pre_qk"])
+def test_single_modality_batch_leaves_other_modalities_untouched(n_mod, variant):
+    torch.manual_seed(0)
+    model = mot.MoT(tiny(n_mod, **VARIANTS[variant]))
+    for m in range(n_mod):
+        model.zero_grad(set_to_none=True)
+        b = make_batch(model, modality=m)
+        assert (b["modality"] == m).all()
+        model(b)[1].backward()
+        own = model.modality_parameters(m)
+        assert len(own) > 0 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in own)
+        for other in range(n_mod):
+            if other != m:
+                for p in model.modality_parameters(other):
+                    assert p.grad is None or torch.count_nonzero(p.grad) == 0
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(norm_placement="pre", qk_norm=True)])
+def test_copied_weights_reproduce_dense(extra):
+    torch.manual_seed(0)
+    dense = mot.Transformer(tiny(3, **extra))
+    moe = mot.MoT(tiny(3, **untied(**extra)))
+    src = dense.state_dict()
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            # untied modules hold "...weight.<m>"; the dense model's only copy is "...weight.0"
+            key = name.rsplit(".", 1)[0] + ".0" if name.rsplit(".", 1)[-1].isdigit() else name
+            p.copy_(src[key])
+    b = make_batch(dense)
+    assert set(b["modality"].unique().tolist()) == {0, 1, 2}
+    ld, loss_d, _ = dense(b)
+    lm, loss_m, _ = moe(b)
+    assert torch.allclose(ld, lm, atol=1e-6, rtol=0)
+    assert abs(loss_d.item() - loss_m.item()) < 1e-6
+    assert moe.num_params() > 2.5 * dense.num_params()   # ~M x the non-embedding parameters
+
+
+def test_earlier_image_token_changes_later_text():
+    torch.manual_seed(0)
+    model = mot.MoT(tiny(2, **untied()))
+    tokens = torch.randint(0, 32, (1, 20))          # text ...
+    tokens[0, 3:8] = torch.randint(32, 96, (5,))     # ... with an image in positions 3..7
+    b = dict(tokens=tokens, modality=model.modality_of(tokens))
+    tok2 = tokens.clone()
+    tok2[0, 5] = 32 + (tok2[0, 5] - 32 + 7) % 64      # another image token
+    out1 = model(b)[0]
+    out2 = model(dict(tokens=tok2, modality=model.modality_of(tok2)))[0]
+    assert torch.allclose(out1[:, :5], out2[:, :5], atol=1e-6)
+    assert (out1[0, 8:] - out2[0, 8:]).abs().max() > 1e-4   # text after the image sees it (global attention)
+
+
+@pytest.mark.parametrize("variant", ["dense", "mot", "mot_pre_qk"])
+def test_cached_generation_equals_full_forward(variant):
+    torch.manual_seed(0)
+    model = mot.Transformer(tiny(3, **VARIANTS[variant]))
+    prompt = make_batch(model, B=2, T=7)["tokens"]
+    out = model.generate(prompt, 12)
+    assert out.shape == (2, 19) and torch.equal(out[:, :7], prompt)
+    logits = model(dict(tokens=out[:, :-1]))[0]
+    assert torch.equal(logits[:, 6:].argmax(-1), out[:, 7:])   # every cached greedy step = full-forward argmax
+    # logits: a prefix, then a multi-token chunk on top of the cache, equal the full forward
+    seq = out[:, :16]
+    caches = [dict() for _ in model.blocks]
+    with torch.no_grad():
+        h1 = model.forward_hidden(model.tok_emb(seq[:, :9]), model.modality_of(seq[:, :9]), caches=caches)
+        h2 = model.forward_hidden(model.tok_emb(seq[:, 9:]), model.modality_of(seq[:, 9:]), caches=caches, pos0=9)
+        full = model.forward_hidden(model.tok_emb(seq), model.modality_of(seq))
+    assert torch.allclose(torch.cat([h1, h2], 1), full, atol=1e-5)
+
+
+def test_grouped_matmul_path_equals_masked_reference():
+    torch.manual_seed(0)
+    cfg = tiny(3, **untied(qk_norm=True))
+    fast = mot.MoT(cfg)
+    ref = mot.MoT(tiny(3, **untied(qk_norm=True, routing="masked")))
+    ref.load_state_dict(fast.state_dict())
+    b = make_batch(fast)
+    lf, lossf, _ = fast(b)
+    lr, lossr, _ = ref(b)
+    assert torch.allclose(lf, lr, atol=1e-5)
+    lossf.backward()
+    lossr.backward()
+    for (n, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters()):
+        assert torch.allclose(pf.grad, pr.grad, atol=1e-5), n
+
+
+def _flops(model, batch):
+    with FlopCounterMode(display=False) as fc:
+        model(batch)[1].backward()
+    return fc.get_total_flops()
+
+
+def test_flops_equal_for_dense_and_mot():
+    torch.manual_seed(0)
+    dense = mot.Transformer(tiny(3))
+    moe = mot.MoT(tiny(3, **untied()))
+    b = make_batch(dense)
+    fd, fm = _flops(dense, b), _flops(moe, b)
+    assert fd == fm and fd > 0
+    masked = mot.MoT(tiny(3, **untied(routing="masked")))   # the counter sees the M x cost of the reference
+    assert _flops(masked, b) > 1.5 * fd
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    model = mot.MoT(tiny(2, **untied()))
+    b = make_batch(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        loss = model(b)[1]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_frozen_modality_trains_the_others():
+    """LMFusion-style: requires_grad=False on modality 0's parameters keeps them fixed, the rest still learn."""
+    torch.manual_seed(0)
+    model = mot.MoT(tiny(2, **untied()))
+    for p in model.modality_parameters(0):
+        p.requires_grad_(False)
+    before0 = [p.clone() for p in model.modality_parameters(0)]
+    before1 = [p.clone() for p in model.modality_parameters(1)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(make_batch(model))[1].backward()
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before0, model.modality_parameters(0)))
+    assert any(not torch.equal(a, p) for a, p in zip(before1, model.modality_parameters(1)))
+
+
+def test_forward_hidden_with_bool_mask():
+    torch.manual_seed(0)
+    model = mot.MoT(tiny(2, **untied()))
+    x = torch.randn(2, 10, 16)
+    mod = torch.randint(0, 2, (2, 10))
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    h = model.forward_hidden(x, mod)
+    assert torch.allclose(model.forward_hidden(x, mod, attn_mask=causal), h, atol=1e-6)
+    assert torch.allclose(model.forward_hidden(x, mod, attn_mask=causal.expand(2, 1, 10, 10)), h, atol=1e-6)
+    full = torch.ones(10, 10, dtype=torch.bool)          # bidirectional: early positions now see later ones
+    assert not torch.allclose(model.forward_hidden(x, mod, attn_mask=full)[:, 0], h[:, 0], atol=1e-4)
+
+
+def test_bad_input_raises_value_error():
+    model = mot.MoT(tiny(2, **untied()))
+    b = make_batch(model)
+    with pytest.raises(ValueError, match="modality ids"):
+        model(dict(b, modality=torch.full_like(b["modality"], 2)))
+    with pytest.raises(ValueError, match="modality ids"):
+        model(dict(b, modality=torch.full_like(b["modality"], -1)))
+    with pytest.raises(ValueError, match="seq_len"):
+        model(dict(tokens=torch.zeros(1, 40, dtype=torch.long)))
+    with pytest.raises(ValueError, match="int64"):
+        model(dict(tokens=b["tokens"].float()))
+    with pytest.raises(ValueError, match="seq_len"):
+        model.generate(b["tokens"][:, :20], 20)
+    with pytest.raises(ValueError, match="modality_offsets"):
+        mot.MoT(tiny(2, modality_offsets=(0, 32, 64)))
+
+
+def test_registry_builds():
+    for name, (C, M, setting, over) in mot.MODELS.items():
+        model = M(C(**over))
+        assert setting == "chameleon"
+        assert (len(model.modality_parameters(1)) > 0) == (name == "mot")

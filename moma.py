@@ -1,0 +1,559 @@
+"""MoMa: Efficient Early-Fusion Pre-training with Mixture of Modality-Aware Experts (Lin et al. 2024), arXiv 2407.21770
+
+An early-fusion (Chameleon-style) transformer whose attention is shared by all tokens, while each feed-forward
+layer is split into *modality-aware expert groups*: text tokens may only visit text experts, image tokens only
+image experts. Routing is hierarchical (Sec. 2.2): first deterministically by the token's modality, then, inside
+the group, by learned *expert-choice* (EC) routing: every expert scores the group's tokens with a sigmoid gate
+and takes its top k_e of them (Eq. 2-4), so the load is balanced by construction. A token can be chosen by
+0, 1 or several experts; their outputs are gate-weighted and summed; an unchosen token rides the residual.
+EC is not causal (an expert's top-k looks at the whole batch, future tokens included), so for autoregressive
+inference small *auxiliary routers* predict, from a token's own hidden state, whether each expert would have
+picked it (Sec. 2.4). Mixture-of-depths (MoD, Sec. 2.3) adds a per-layer router that lets only a fraction of
+the tokens through a layer. Upcycling (Sec. 2.5) starts a 4t4i model from a trained 1t1i one.
+
+Glossary (paper -> code)
+    modality groups / "4t4i"      cfg.experts = (4, 4)   experts per group, group m = modality m (0 text, 1 image)
+    E_m, expert e_{m,i}           MoMaFFN.w_up[g], w_down[g]   g = global expert id (groups laid out in order)
+    router W_m, gate sigmoid      MoMaFFN.router[m]  (D, E_m);  g_{m,i}(x) = sigmoid(x W_m)_i          (Eq. 2)
+    capacity factor c, k_e        cfg.capacity_factor;  k_e = ceil(c * T_m / E_m), T_m = modality-m tokens (Eq. 3)
+    Gumbel noise (training)       cfg.gumbel  (scale; 0 = off), added to the selection logits only
+    auxiliary router              AuxRouter  (2-layer MLP, D -> cfg.aux_hidden -> E_m), BCE on the EC choices
+    MoD router, capacity beta     Layer.mod_router (D -> 1), cfg.mod_capacity; MoD on every cfg.mod_every-th layer
+    upcycling                     cfg.upcycle_from (a train.py ckpt.pt of a 1t1i model), cfg.upcycle_noise
+
+How training and inference route (cfg.routing picks the routing used outside training):
+    training          EC inside each modality group (and EC top-k per row for MoD): exact, batch-level, non-causal
+    "ec"  (eval)      the same EC routing: the number the paper's pre-training losses are measured with
+    "aux" (eval/gen)  each token decides alone: expert i takes it iff aux_router_i(x) > cfg.aux_threshold
+                      (MoD likewise): causal, what `generate` uses with its KV cache
+    With cfg.eval_aux the eval pass also reports loss_*_aux (aux-router routing) beside the EC losses: the
+    quality lost by causal inference.
+
+Auxiliary routers (Sec. 2.4): the paper trains them in a second stage with the main model frozen. Here they
+train *alongside* the main model by default, on detached hidden states with a straight-through-valued loss
+(loss value = LM loss, gradient of the BCE reaches only the aux routers), so the main model's training is
+exactly what it would be without them; `MoMa.fit_aux_routers(batches)` runs the paper's stage 2 (main model
+frozen) after training. Their accuracy is logged as parts["router_acc"] (and "mod_router_acc").
+
+Equal FLOPs with the dense model (the README's comparison): with capacity factor c every group token is processed
+by c experts on average, so an expert of hidden size d_ff / c gives the dense model's FFN FLOPs per token;
+cfg.expert_hidden = 0 picks exactly that. The extra active FLOPs are the routers (D x E_m per token) and the aux
+routers (trained alongside: D x aux_hidden x 2 per token, forward + backward): about 3% at the toy scale.
+
+Departures: the EC batch is the whole micro-batch (B x T tokens of a modality), not per sequence; norms are
+shared (only the FFN is modality-aware, as in the paper); the upcycled down-projections are scaled by
+1 / capacity_factor so the expected FFN output equals the parent's (exactly equal when every expert takes every
+token); the MoD block output is scaled by sigmoid(router) (Raposo et al. use the raw router weight).
+Run:  python train.py --compare dense,mot,moma --setting chameleon          Read next: mot.py (the dense/MoT baselines)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class Config:
+    # copied from the data by the trainer
+    vocab_size: int = 320
+    n_modalities: int = 2
+    seq_len: int = 256
+    modality_offsets: tuple = (0, 64)
+    # backbone: mot.py's dense defaults, so that the comparison is compute-matched
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    ffn_hidden: int = 0          # the dense model's SwiGLU hidden size; 0 -> 8/3 * d_model rounded up to 16 (as mot.py)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    norm_placement: str = "post"  # "post": Chameleon's h = x + Norm(Attn(x)), out = h + Norm(FFN(h)); "pre": pre-norm
+    # Sec. 2.2: modality-aware experts with expert-choice routing
+    experts: tuple = (4, 4)      # experts per modality group ("4t4i"); a 1-tuple is used for every modality
+    modality_aware: bool = True   # False: ONE group of experts[0] experts for all tokens (the paper's mixed-modal EC MoE)
+    capacity_factor: float = 1.0  # c: each expert takes k_e = ceil(c * T_m / E_m) tokens of its modality
+    expert_hidden: int = 0        # hidden size of one expert; 0 = ffn_hidden / capacity_factor: dense FLOPs/token
+    gumbel: float = 0.0           # scale of Gumbel noise on the selection logits in training (0 = off)
+    # Sec. 2.4: auxiliary routers for causal inference
+    aux_router: bool = True
+    aux_hidden: int = 16
+    aux_threshold: float = 0.5
+    routing: str = "ec"           # routing outside training: "ec" (paper's pre-training loss) or "aux" (causal)
+    eval_aux: bool = True         # at eval also report the losses under aux-router routing (loss_*_aux)
+    # Sec. 2.3: mixture-of-depths
+    mod: bool = False
+    mod_capacity: float = 0.25    # fraction of each row's tokens that go through a MoD layer
+    mod_every: int = 2            # layers l with (l + 1) % mod_every == 0 are MoD layers
+    # Sec. 2.5: upcycling
+    upcycle_from: str = ""        # path to a train.py ckpt.pt of a 1t1i MoMa ("" = off)
+    upcycle_noise: float = 0.0    # relative std of the noise added to copied experts/routers (symmetry breaking)
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        n_groups = self.n_modalities if self.modality_aware else 1
+        if len(self.experts) == 1:
+            self.experts = tuple(self.experts) * n_groups
+        self.experts = tuple(int(e) for e in self.experts)
+        if len(self.experts) != n_groups or min(self.experts) < 1:
+            raise ValueError(f"experts={self.experts} must give >= 1 expert for each of the {self.n_modalities} "
+                             f"modalities; pass e.g. --experts=(4,4) for chameleon or (4,4,4) for speech")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}; change one of them")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
+        if self.routing not in ("ec", "aux"):
+            raise ValueError(f"routing={self.routing!r} is unknown; use 'ec' or 'aux'")
+        if self.norm_placement not in ("post", "pre"):
+            raise ValueError(f"norm_placement={self.norm_placement!r} is unknown; use 'post' or 'pre'")
+        if not 0 < self.mod_capacity <= 1:
+            raise ValueError(f"mod_capacity={self.mod_capacity} must be in (0, 1]")
+        if self.routing == "aux" and not self.aux_router:
+            raise ValueError("routing='aux' needs the auxiliary routers; set aux_router=True")
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 16 * math.ceil(8 * self.d_model / 3 / 16)
+        if self.expert_hidden == 0:
+            self.expert_hidden = max(1, round(self.ffn_hidden / self.capacity_factor))
+
+    @property
+    def n_experts_total(self):
+        return sum(self.experts)
+
+    def is_mod_layer(self, layer):
+        return self.mod and (layer + 1) % self.mod_every == 0
+
+
+# --- shared attention: RMSNorm, RoPE, causal SDPA (the same numerics and names as mot.py's dense model) --------
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        # x: (..., D) -> same shape; normalised in fp32 as mot.py
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+def apply_rope(x, pos, theta):
+    """x (B, H, T, hd), pos (B, T) absolute positions -> x rotated (the two halves rotate as pairs, as mot.py)."""
+    hd = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    ang = pos.to(torch.float32)[:, None, :, None] * inv  # (B, 1, T, hd/2)
+    c, s = ang.cos(), ang.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Shared by all modalities: W_Q, W_K, W_V fused in one (D, 3D) matrix, W_O (D, D); global causal attention."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.d_model
+        self.n_head, self.theta = cfg.n_head, cfg.rope_theta
+        self.qkv = nn.Parameter(torch.randn(D, 3 * D) * cfg.init_std)
+        self.proj = nn.Parameter(torch.randn(D, D) * cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, x, pos, key_ok=None, cache=None):
+        """x (B, T, D), pos (B, T) positions; key_ok (B, T) bool: which tokens may be attended to (MoD under aux
+        routing: tokens that skip the layer leave no key); cache: dict with k, v (B, H, Tc, hd) and ok (B, Tc),
+        appended to in place. -> (B, T, D)"""
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (x @ self.qkv).split(D, -1))
+        q, k = apply_rope(q, pos, self.theta), apply_rope(k, pos, self.theta)  # (B, H, T, hd)
+        ok = key_ok if key_ok is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        past = 0
+        if cache is not None:
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                ok = torch.cat([cache["ok"], ok], 1)
+            cache["k"], cache["v"], cache["ok"] = k, v, ok
+        if key_ok is None and past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # causal over (cache + new) keys, only keys that are ok; a query always sees itself (no empty rows)
+            qi = torch.arange(T, device=x.device)[:, None] + past
+            kj = torch.arange(k.shape[2], device=x.device)[None, :]
+            mask = ((kj <= qi)[None] & ok[:, None, :]) | (kj == qi)[None]  # (B, T, Tk)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        return y.transpose(1, 2).reshape(B, T, D) @ self.proj
+
+
+def compute_dtype(x):
+    """The dtype matmuls run in: autocast's when it is on (bf16 on CUDA), else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+# --- Sec. 2.4: auxiliary router -------------------------------------------------------------------------------
+class AuxRouter(nn.Module):
+    """Predicts from one token's hidden state (B', D) whether each of n_out routers would select it -> logits."""
+
+    def __init__(self, d, hidden, n_out):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, n_out)
+
+    def forward(self, x):
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+def bce_and_acc(logits, target):
+    """Aux-router loss (BCE against the EC choices) and accuracy (threshold 0.5 on the probability)."""
+    t = target.to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits.float(), t.float()), ((logits > 0) == target).float().mean()
+
+
+# --- Sec. 2.2: modality-aware experts with expert-choice routing ------------------------------------------------
+class MoMaFFN(nn.Module):
+    """All experts of all modality groups: SwiGLU experts stored as (G, D, 2H) and (G, H, D), run as ONE grouped
+    matmul per projection over (token, expert) pairs sorted by expert."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, D, H, G = cfg, cfg.d_model, cfg.expert_hidden, cfg.n_experts_total
+        self.first = [sum(cfg.experts[:m]) for m in range(cfg.n_modalities)]  # global id of group m's expert 0
+        std = cfg.init_std
+        self.router = nn.ParameterList([nn.Parameter(torch.randn(D, e) * std) for e in cfg.experts])  # Eq. 2: W_m
+        self.w_up = nn.Parameter(torch.randn(G, D, 2 * H) * std)                        # [w1 | w3] of every expert
+        self.w_down = nn.Parameter(torch.randn(G, H, D) * std / math.sqrt(2 * cfg.n_layer))  # w2 of every expert
+        self.aux = nn.ModuleList([AuxRouter(D, cfg.aux_hidden, e) for e in cfg.experts]) if cfg.aux_router else None
+
+    def forward(self, h, modality, mode):
+        """h (B, T, D) FFN input, modality (B, T), mode "ec" | "aux" -> y (B, T, D), stats dict."""
+        B, T, D = h.shape
+        cfg, xf, mf = self.cfg, h.reshape(-1, D), modality.reshape(-1)
+        if not cfg.modality_aware:
+            mf = torch.zeros_like(mf)  # one mixed-modal group
+        toks, exps, gates, counts = [], [], [], torch.zeros(cfg.n_experts_total)
+        aux_loss, aux_correct, aux_n = h.new_zeros(()).float(), 0.0, 0
+        for m, E in enumerate(cfg.experts):
+            idx = (mf == m).nonzero().squeeze(1)  # Sec. 2.2 stage 1: modality-aware grouping (deterministic)
+            n = idx.numel()
+            if n == 0:
+                continue
+            x_m = xf[idx]
+            logits = (x_m @ self.router[m]).float()          # (n, E)
+            gate = torch.sigmoid(logits)                      # Eq. 2: sigmoid gate
+            if mode == "ec":                                  # Eq. 3: every expert takes its top k_e tokens
+                k = min(n, math.ceil(cfg.capacity_factor * n / E))
+                sel = logits
+                if self.training and cfg.gumbel > 0:
+                    u = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
+                    sel = logits - cfg.gumbel * torch.log(-torch.log(u))
+                top = sel.detach().t().topk(k, dim=1).indices  # (E, k) row positions inside the group
+                top = top.sort(dim=1).values
+                pair_e = torch.arange(E, device=h.device).repeat_interleave(k)
+                pair_i = top.reshape(-1)
+                if self.aux is not None:                      # Sec. 2.4: learn to predict the EC choice
+                    target = torch.zeros(n, E, dtype=torch.bool, device=h.device)
+                    target[top, torch.arange(E, device=h.device)[:, None]] = True
+                    l, acc = bce_and_acc(self.aux[m](x_m.detach()), target)
+                    aux_loss, aux_correct, aux_n = aux_loss + l * n, aux_correct + acc.item() * n, aux_n + n
+            else:                                             # causal: each token decides alone
+                pick = torch.sigmoid(self.aux[m](x_m)) > cfg.aux_threshold  # (n, E)
+                pair_e, pair_i = pick.t().nonzero().unbind(1)  # sorted by expert, then by token
+            toks.append(idx[pair_i])
+            exps.append(pair_e + self.first[m])
+            gates.append(gate[pair_i, pair_e])
+            counts[self.first[m]:self.first[m] + E] += torch.bincount(pair_e, minlength=E).float().cpu() / n
+        stats = dict(counts=counts, aux_loss=aux_loss / max(aux_n, 1), aux_acc=aux_correct / max(aux_n, 1))
+        if not toks:
+            return torch.zeros_like(h), stats
+        tok, exp, g = torch.cat(toks), torch.cat(exps), torch.cat(gates)
+        sizes = torch.bincount(exp, minlength=cfg.n_experts_total)
+        dt = compute_dtype(xf)
+        up = kernels.grouped_matmul(xf[tok].to(dt), self.w_up.to(dt), sizes)       # (P, 2H): [w1 | w3] per pair
+        a, b = up.chunk(2, dim=-1)
+        y = kernels.grouped_matmul(F.silu(a) * b, self.w_down.to(dt), sizes)      # (P, D): SwiGLU expert outputs
+        y = y * g[:, None].to(y.dtype)                                              # Eq. 4: gate-weighted ...
+        out = torch.zeros_like(xf).index_add_(0, tok, y.to(xf.dtype))              # ... and summed per token
+        return out.view(B, T, D), stats
+
+
+# --- one block: shared attention + MoMa FFN, optionally wrapped in mixture-of-depths (Sec. 2.3) ------------------
+class Block(nn.Module):
+    def __init__(self, cfg, is_mod):
+        super().__init__()
+        self.cfg, self.is_mod = cfg, is_mod
+        self.norm_attn, self.norm_ffn = RMSNorm(cfg.d_model, cfg.norm_eps), RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn, self.ffn = Attention(cfg), MoMaFFN(cfg)
+        if is_mod:
+            self.mod_router = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std)    # Sec. 2.3: w_MoD
+            self.mod_aux = AuxRouter(cfg.d_model, cfg.aux_hidden, 1) if cfg.aux_router else None
+
+    def block(self, x, modality, pos, mode, key_ok=None, cache=None):
+        """The transformer block proper: x (B, T, D) -> (B, T, D), stats. Shared norms (only the FFN is split)."""
+        if self.cfg.norm_placement == "post":  # Chameleon's norm reordering (as mot.py)
+            h = x + self.norm_attn(self.attn(x, pos, key_ok, cache))
+            y, st = self.ffn(h, modality, mode)
+            return h + self.norm_ffn(y), st
+        h = x + self.attn(self.norm_attn(x), pos, key_ok, cache)
+        y, st = self.ffn(self.norm_ffn(h), modality, mode)
+        return h + y, st
+
+    def forward(self, x, modality, pos, mode, cache=None):
+        """x (B, T, D), modality (B, T), pos (B, T) -> (B, T, D), stats"""
+        if not self.is_mod:
+            return self.block(x, modality, pos, mode, cache=cache)
+        B, T, D = x.shape
+        r = x @ self.mod_router.to(compute_dtype(x))             # (B, T) Sec. 2.3: MoD router score
+        if mode == "ec":                                         # top beta*T tokens of each row go through
+            k = max(1, round(self.cfg.mod_capacity * T))
+            sel = r.detach().topk(k, dim=1).indices.sort(dim=1).values  # (B, k) kept in time order: causal inside
+            take = lambda t: t.gather(1, sel if t.dim() == 2 else sel[..., None].expand(-1, -1, t.shape[-1]))
+            xs = take(x)
+            out, st = self.block(xs, take(modality), take(pos), mode)
+            xs = xs + torch.sigmoid(take(r).float())[..., None].to(xs.dtype) * (out - xs)  # x + w_MoD(x) * f(x)
+            new = x.scatter(1, sel[..., None].expand(-1, -1, D), xs)                      # the rest skip the block
+            if self.mod_aux is not None:
+                target = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, sel, True)
+                l, acc = bce_and_acc(self.mod_aux(x.detach()).squeeze(-1), target)
+                st = dict(st, mod_loss=l, mod_acc=acc.item())
+            st["mod_frac"] = k / T
+            return new, st
+        # causal: every token decides alone; tokens that skip leave no key (masked) and keep their residual
+        go = torch.sigmoid(self.mod_aux(x).squeeze(-1).float()) > self.cfg.aux_threshold  # (B, T)
+        out, st = self.block(x, modality, pos, mode, key_ok=go, cache=cache)
+        new = torch.where(go[..., None], x + torch.sigmoid(r.float())[..., None].to(x.dtype) * (out - x), x)
+        st["mod_frac"] = go.float().mean().item()
+        return new, st
+
+
+class MoMa(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.tok_emb.weight, std=cfg.init_std)
+        self.blocks = nn.ModuleList([Block(cfg, cfg.is_mod_layer(l)) for l in range(cfg.n_layer)])
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        self.history = []  # one record per eval forward: routed fractions per layer/expert, aux accuracy (plots)
+        if cfg.upcycle_from:
+            self.upcycle(cfg.upcycle_from, cfg.upcycle_noise)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - (self.tok_emb.weight.numel() + self.lm_head.weight.numel() if non_embedding else 0)
+
+    def _check(self, tokens, modality):
+        cfg = self.cfg
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
+            raise ValueError("tokens must be an int64 tensor of shape (B, T); convert with .long()")
+        if tokens.shape[1] > cfg.seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} > seq_len={cfg.seq_len}; crop it or raise --seq_len")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); check the data or --vocab_size")
+        if modality.dtype != torch.long or modality.shape != tokens.shape:
+            raise ValueError(f"modality must be an int64 tensor of shape {tuple(tokens.shape)}, got "
+                             f"{modality.dtype} {tuple(modality.shape)}")
+        if modality.numel() and (modality.min() < 0 or modality.max() >= cfg.n_modalities):
+            raise ValueError(f"modality ids must be in [0, {cfg.n_modalities}); got max {int(modality.max())}: "
+                             f"set --n_modalities (and --experts) for this data")
+
+    def modality_of(self, idx):
+        """Modality of each token id from cfg.modality_offsets (markers are text). idx (B, T) -> (B, T)."""
+        return torch.bucketize(idx.contiguous(), torch.tensor(self.cfg.modality_offsets[1:], device=idx.device), right=True)
+
+    def trunk(self, tokens, modality, mode, pos=None, caches=None):
+        """tokens, modality (B, T) -> final hidden (B, T, D), list of per-block stats"""
+        B, T = tokens.shape
+        if pos is None:
+            pos = torch.arange(T, device=tokens.device).expand(B, T)
+        x, stats = self.tok_emb(tokens), []
+        for l, block in enumerate(self.blocks):
+            x, st = block(x, modality, pos, mode, None if caches is None else caches[l])
+            stats.append(st)
+        return self.norm_f(x), stats
+
+    def forward(self, batch, routing=None):
+        """batch: tokens, targets, modality, target_modality (B, T) -> logits (B, T, V), loss, parts.
+        routing: None = EC in training, cfg.routing otherwise; or force "ec" / "aux"."""
+        tokens = batch["tokens"]
+        modality = batch.get("modality")
+        modality = self.modality_of(tokens) if modality is None and isinstance(tokens, torch.Tensor) else modality
+        self._check(tokens, modality)
+        mode = routing or ("ec" if self.training else self.cfg.routing)
+        x, stats = self.trunk(tokens, modality, mode)
+        logits = self.lm_head(x)
+        if batch.get("targets") is None:
+            return logits, None, {}
+        loss, parts = self._lm_loss(logits, batch)
+        if mode == "ec" and self.cfg.aux_router:  # aux routers: their BCE's gradient reaches only them, value unchanged
+            aux = sum(s["aux_loss"] + s.get("mod_loss", 0.0) for s in stats)
+            loss = loss + (aux - aux.detach())
+            parts["router_acc"] = torch.tensor(sum(s["aux_acc"] for s in stats) / len(stats))
+            parts["router_bce"] = (aux / len(stats)).detach()
+            mods = [s["mod_acc"] for s in stats if "mod_acc" in s]
+            if mods:
+                parts["mod_router_acc"] = torch.tensor(sum(mods) / len(mods))
+        if not self.training and routing is None:
+            rec = dict(mode=mode, counts=[s["counts"].tolist() for s in stats], acc=[s["aux_acc"] for s in stats],
+                       mod_acc=[s.get("mod_acc") for s in stats], mod_frac=[s.get("mod_frac", 1.0) for s in stats])
+            if mode == "ec" and self.cfg.eval_aux and self.cfg.aux_router:
+                with torch.no_grad():  # the same batch under causal aux-router routing: what inference loses
+                    xa, st_a = self.trunk(tokens, modality, "aux")
+                    _, parts_a = self._lm_loss(self.lm_head(xa), batch)
+                parts.update({k + "_aux": v for k, v in parts_a.items()})
+                rec.update(aux_counts=[s["counts"].tolist() for s in st_a],
+                           aux_mod_frac=[s.get("mod_frac", 1.0) for s in st_a])
+            self.history.append(rec)
+        return logits, loss, parts
+
+    def _lm_loss(self, logits, batch):
+        targets = batch["targets"]
+        tmod = batch.get("target_modality")
+        tmod = self.modality_of(targets.clamp(min=0)) if tmod is None else tmod
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none")
+        valid = targets.flatten() != -1
+        loss = ce.sum() / valid.sum().clamp(min=1)
+        parts = {}
+        for m, name in enumerate(("text", "image", "speech")[: self.cfg.n_modalities]):
+            sel = valid & (tmod.flatten() == m)
+            if sel.any():
+                parts[f"loss_{name}"] = ce[sel].mean().detach()
+        return loss, parts
+
+    # --- generation: aux-router routing (causal) with a KV cache ---
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0):
+        """idx (B, Tp) int64 prompt -> (B, Tp + max_new_tokens); experts (and MoD) chosen by the aux routers."""
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+            raise ValueError("generate: idx must be an int64 tensor of shape (B, T)")
+        if not self.cfg.aux_router:
+            raise ValueError("generate needs auxiliary routers (expert choice is not causal); set aux_router=True")
+        if idx.shape[1] + max_new_tokens > self.cfg.seq_len:
+            raise ValueError(f"generate: {idx.shape[1]} + {max_new_tokens} tokens > seq_len={self.cfg.seq_len}; "
+                             "shorten the prompt or generate fewer tokens")
+        was = self.training
+        self.eval()
+        caches = [dict() for _ in self.blocks]
+        B = idx.shape[0]
+        out, new, start = idx, idx, 0
+        for _ in range(max_new_tokens):
+            mod = self.modality_of(new)
+            self._check(new, mod)
+            pos = torch.arange(start, start + new.shape[1], device=idx.device).expand(B, -1)
+            x, _ = self.trunk(new, mod, "aux", pos=pos, caches=caches)
+            logits = self.lm_head(x[:, -1]).float()
+            new = (torch.multinomial(F.softmax(logits / temperature, -1), 1) if temperature > 0
+                   else logits.argmax(-1, keepdim=True))
+            start += pos.shape[1]
+            out = torch.cat([out, new], 1)
+        self.train(was)
+        return out
+
+    # --- Sec. 2.4, stage 2: refit the auxiliary routers with the main model frozen ---
+    def fit_aux_routers(self, batches, lr=3e-3):
+        """batches: iterable of data batches. Trains only the aux routers on EC targets; returns the last accuracy."""
+        aux = [p for n, p in self.named_parameters() if ".aux." in n or "mod_aux" in n]
+        opt, was, acc = torch.optim.AdamW(aux, lr=lr, weight_decay=0.0), self.training, 0.0
+        self.eval()  # no Gumbel noise; EC targets from the frozen main model
+        for batch in batches:
+            _, stats = self.trunk(batch["tokens"], batch["modality"], "ec")
+            loss = sum(s["aux_loss"] + s.get("mod_loss", 0.0) for s in stats)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            acc = sum(s["aux_acc"] for s in stats) / len(stats)
+        for p in self.parameters():
+            p.grad = None
+        self.train(was)
+        return acc
+
+    # --- Sec. 2.5: upcycling from a trained 1t1i model ---
+    @torch.no_grad()
+    def upcycle(self, path, noise=0.0):
+        """Copy a train.py checkpoint of a 1t1i MoMa into this model: shared weights as they are; each modality's
+        single expert (and its router column) into every expert of that group, down-projection scaled by
+        1 / capacity_factor (so the expected FFN output is the parent's), plus relative noise to break symmetry."""
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+            sd = ck["model"]
+        except (OSError, KeyError, RuntimeError) as e:
+            raise ValueError(f"upcycle_from={path!r}: cannot read a train.py checkpoint with a 'model' entry ({e})")
+        G, own = self.cfg.n_experts_total, self.state_dict()
+        n_par = sd["blocks.0.ffn.w_up"].shape[0] if "blocks.0.ffn.w_up" in sd else -1
+        if n_par != self.cfg.n_modalities:
+            raise ValueError(f"upcycle_from={path!r} is not a 1t1i MoMa checkpoint (it has {n_par} experts per "
+                             f"layer, need {self.cfg.n_modalities}); train one with --model moma-1t1i")
+        jitter = lambda w: w + noise * w.std() * torch.randn_like(w) if noise > 0 else w.clone()
+        idx = torch.tensor([m for m, e in enumerate(self.cfg.experts) for _ in range(e)])  # parent expert of each
+        for k, v in sd.items():
+            if k not in own:
+                continue
+            if k.endswith("ffn.w_up"):
+                v = torch.stack([jitter(v[i]) for i in idx])
+            elif k.endswith("ffn.w_down"):
+                v = torch.stack([jitter(v[i]) for i in idx]) / self.cfg.capacity_factor
+            elif ".ffn.router." in k:
+                v = jitter(v.expand(-1, own[k].shape[1]))
+            elif ".aux." in k or "mod_aux" in k:
+                continue  # fresh aux routers: the parent's learned a trivial (all-selected) target
+            if v.shape != own[k].shape:
+                raise ValueError(f"upcycle_from={path!r}: {k} has shape {tuple(v.shape)}, this model needs "
+                                 f"{tuple(own[k].shape)}; use the parent's d_model/n_layer/ffn_hidden")
+            own[k].copy_(v)
+
+    # --- logging: routed tokens per layer / expert and aux-router accuracy ---
+    def extra_plots(self, out_dir):
+        """Save out_dir/moma_routing.png from the eval records: the fraction of each group's tokens routed to each
+        expert under EC (exact, = capacity_factor / E_m) and under aux routers, and aux-router accuracy per layer."""
+        import os
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        recs = [r for r in self.history if r["mode"] == "ec"]
+        if not recs:
+            return
+        last, L, cfg = recs[-1], self.cfg.n_layer, self.cfg
+        names = [f"{('t', 'i', 's')[m]}{i}" for m, e in enumerate(cfg.experts) for i in range(e)]
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
+        w = 0.8 / (2 * L)
+        for l in range(L):
+            xs = torch.arange(len(names)).float()
+            ax[0].bar(xs + (2 * l) * w, last["counts"][l], w, label=f"L{l} EC", color=f"C{l}", alpha=0.45)
+            if "aux_counts" in last:
+                ax[0].bar(xs + (2 * l + 1) * w, last["aux_counts"][l], w, label=f"L{l} aux", color=f"C{l}")
+        ax[0].set_xticks(torch.arange(len(names)).tolist(), names)
+        ax[0].set_ylabel("fraction of the group's tokens")
+        ax[0].set_title("tokens routed per layer and expert (last eval)")
+        ax[0].legend(fontsize=7, ncol=2)
+        for l in range(L):
+            ax[1].plot([r["acc"][l] for r in recs], label=f"experts L{l}", color=f"C{l}")
+            if recs[0]["mod_acc"][l] is not None:
+                ax[1].plot([r["mod_acc"][l] for r in recs], "--", label=f"MoD L{l}", color=f"C{l}")
+        ax[1].set_xlabel("eval #")
+        ax[1].set_ylabel("aux-router accuracy")
+        ax[1].set_title("auxiliary routers vs expert choice")
+        ax[1].legend(fontsize=7)
+        fig.tight_layout()
+        os.makedirs(out_dir, exist_ok=True)
+        fig.savefig(os.path.join(out_dir, "moma_routing.png"), dpi=110)
+        plt.close(fig)
+
+
+MODELS = {
+    "moma": (Config, MoMa, "chameleon", dict()),                            # 4t4i (4 per modality)
+    "moma-1t1i": (Config, MoMa, "chameleon", dict(experts=(1,))),         # = FFN-only MoT (with a gate)
+    "moma-mod": (Config, MoMa, "chameleon", dict(mod=True)),               # 4t4i + mixture-of-depths
+    "moma-ec8": (Config, MoMa, "chameleon", dict(experts=(8,), modality_aware=False)),  # mixed-modal EC baseline
+}
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    B, T = 4, 64
+    for name, (C, M, _, over) in MODELS.items():
+        cfg = C(**over)
+        model = M(cfg)
+        tokens = torch.randint(0, cfg.vocab_size, (B, T))
+        batch = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1), modality=model.modality_of(tokens))
+        logits, loss, parts = model(batch)
+        loss.backward()
+        print(f"{name:9s} logits {tuple(logits.shape)} loss {loss.item():.3f} "
+              f"{ {k: round(v.item(), 3) for k, v in parts.items()} } params {model.num_params(False):,}")
+        print("          generate:", model.generate(tokens[:1, :8], 8)[0, 8:].tolist())

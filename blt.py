@@ -1,0 +1,618 @@
+"""Byte Latent Transformer (Pagnoni, Pasunuru, Rodriguez et al. 2024) -- arXiv 2412.09871.
+
+"BLT encodes bytes into dynamically sized patches, which serve as the primary units of computation. Patches are
+segmented based on the entropy of the next byte, allocating more compute and model capacity where increased data
+complexity demands it."  A small frozen byte LM (the entropy model) decides where patches start; a light local
+encoder pools the bytes of each patch into one vector; a large latent (global) Transformer runs over patches only;
+a light local decoder turns the patch states back into next-byte predictions.  Predictable bytes share long patches
+(few global steps), surprising bytes get short ones.
+
+Glossary (paper -> code):
+    bytes + specials BOE, BOS, EOS, BPE (Sec. 2) -> ids b + OFFSET (OFFSET = 4), vocab = cfg.vocab_size + 4 = 260
+    entropy model, H(x_i) (Sec. 2.3, Eq. 4)      -> EntropyModel (registered "blt-entropy"), entropies()
+    global threshold theta_g (Eq. 5)             -> cfg.patching = "entropy", cfg.threshold
+    approx. monotonic constraint theta_r (Eq. 6) -> cfg.patching = "monotonic", cfg.threshold
+    space patching (Sec. 2.2), strided (2.1)      -> cfg.patching = "space" | "static" (stride cfg.patch_size)
+    max patch length                             -> cfg.max_patch_len (0 = none)
+    threshold for a target mean patch size       -> tune_threshold(); cfg.tune_threshold = True tunes it once,
+                                                    on the first batch the model sees, to cfg.patch_size
+    hash n-gram embeddings (Sec. 3.2.1, Eq. 2-3) -> hash_ngram_ids(), BLT.hash_embs (n = cfg.hash_ngrams)
+    local encoder E, l_E layers (Sec. 3.2)       -> BLT.encoder (causal, sliding window cfg.local_window)
+    encoder cross-attention, k heads (Sec. 3.2.2)-> BLT.enc_cross, queries = max-pooled patch bytes -> cfg.cross_k
+                                                    query vectors per patch; keys/values = that patch's bytes only
+    latent global transformer G (Sec. 3.1)       -> BLT.global_blocks, causal over patches
+    local decoder D, l_D layers (Sec. 3.3)       -> BLT.dec_cross (before every layer) + BLT.decoder + BLT.head
+    patch / byte states                          -> p_j (B, P, d_global), h_i (B, T, d_local)
+
+Patch convention (the official code's): starts[:, i] says "byte i begins a patch", for i = 0..T (i = T is the next,
+unseen byte, decided from H(x_T), which the entropy model computes from x_<T).  Bytes 0 and 1 always start patches
+(the first patch is the first byte alone).  The decoder state at byte t predicts x_{t+1} and cross-attends to the
+global output of the LAST PATCH THAT ENDED AT OR BEFORE t (= ended before the predicted byte), so every logit at t
+depends on x_<=t only, including through the patch boundaries.  Rows of a batch have different patch counts: patches
+are right-padded per row (padded patches come after every real one, so the causal global model and the decoder
+never read them and rows stay independent).
+
+Left out / departures: the 8B scale, BPE delimiter patching and n-gram lookup-table embeddings (the hashed
+ones are the paper's main model); the local and global stacks are recomputed on the prefix at each generated
+byte (only the entropy model -- i.e. the patching -- is incremental, with a KV cache); MLPs are GELU, not SwiGLU.
+The 260-way head is the paper's; forward returns its 256 byte columns (specials never occur as targets here), and
+the loss is the 260-way cross-entropy in nats per byte.  The entropy model sits inside BLT as a frozen submodule
+(its weights are saved with BLT's checkpoint; the trainer counts only its forward FLOPs).
+Run:  python train.py --model blt-entropy --setting bytes                     (saves the entropy model)
+      python train.py --compare dense,megabyte,blt --setting bytes --entropy_ckpt PATH
+      python train.py --model blt --patching space                            (no entropy model needed)
+Read next: megabyte.py (fixed-size patches, the ancestor), and the official code facebookresearch/blt.
+"""
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OFFSET = 4                                   # Sec. 2: bytes are shifted past the special ids
+BOE_ID, BOS_ID, EOS_ID, BPE_ID = 0, 1, 2, 3
+# Sec. 3.2.1: the rolling polynomial hash's multipliers (official code: one per hash function)
+HASH_PRIMES = (1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899, 9576890767, 3628273133)
+PATCHINGS = ("entropy", "monotonic", "space", "static")
+
+
+@dataclass
+class EntropyConfig:
+    """The small causal byte LM of Sec. 2.3 (paper: 100M params, 14 layers, d 512, window 512)."""
+    vocab_size: int = 256                    # data bytes (data.py sets it); the model uses vocab_size + OFFSET ids
+    seq_len: int = 256
+    n_layer: int = 2
+    n_head: int = 2
+    d_model: int = 32
+    window: int = 128                        # sliding-window attention (bytes)
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class Config:
+    vocab_size: int = 256                    # data bytes (data.py sets it); ids inside are b + OFFSET
+    seq_len: int = 256
+    # Sec. 2: patching
+    patching: str = "entropy"                # entropy (global theta_g) | monotonic (theta_r) | space | static
+    entropy_ckpt: str = ""                   # train.py checkpoint of "blt-entropy" (entropy / monotonic patching)
+    threshold: float = 2.0                   # theta_g or theta_r, in nats (ignored while tune_threshold is pending)
+    tune_threshold: bool = True              # tune the threshold once, on the first batch, to mean patch_size
+    patch_size: float = 4.0                  # target mean patch size (entropy modes); the stride (static)
+    max_patch_len: int = 16                  # split longer patches (0 = no limit)
+    # Sec. 3.2.1: hash n-gram embeddings
+    hash_ngrams: tuple = (3, 4, 5, 6, 7, 8)  # () disables them
+    hash_vocab: int = 4096                   # buckets per table (paper: 500k)
+    hash_functions: int = 1                  # tables per n (official code: several hash functions)
+    # Sec. 3.2 / 3.3: local encoder and decoder (byte level, light)
+    d_local: int = 32
+    n_head_local: int = 2
+    n_layer_enc: int = 1                     # l_E (paper: 1)
+    n_layer_dec: int = 2                     # l_D (paper: 9 at 8B)
+    local_window: int = 64                   # sliding window of the local self-attention
+    cross_k: int = 4                         # query vectors per patch (paper: k = d_global / d_local)
+    n_head_cross: int = 2
+    enc_cross_all_layers: bool = False       # encoder cross-attention after every layer (default: last only)
+    dec_cross_all_layers: bool = True        # decoder cross-attention before every layer (default: all, as paper)
+    pool: str = "max"                        # how patch queries are initialised: max | mean
+    # Sec. 3.1: latent global transformer (the big one, over patches)
+    d_global: int = 128
+    n_head_global: int = 4
+    n_layer_global: int = 2
+    rope_theta: float = 10000.0
+
+
+def _check_config(cfg):
+    if cfg.patching not in PATCHINGS:
+        raise ValueError(f"patching={cfg.patching!r} is unknown; use one of {', '.join(PATCHINGS)}")
+    for d, h, name in ((cfg.d_local, cfg.n_head_local, "d_local/n_head_local"),
+                       (cfg.d_local, cfg.n_head_cross, "d_local/n_head_cross"),
+                       (cfg.d_global, cfg.n_head_global, "d_global/n_head_global")):
+        if d % h or (d // h) % 2:
+            raise ValueError(f"{name}: {d} must be a multiple of 2 * {h}; change one of them")
+    if cfg.patch_size < 1 or cfg.max_patch_len < 0 or cfg.cross_k < 1:
+        raise ValueError("patch_size must be >= 1, max_patch_len >= 0 and cross_k >= 1; fix the --key=value")
+    if any(n < 1 for n in cfg.hash_ngrams) or cfg.hash_vocab < 1:
+        raise ValueError(f"hash_ngrams={cfg.hash_ngrams} must be positive n-gram sizes and hash_vocab >= 1")
+    if cfg.pool not in ("max", "mean"):
+        raise ValueError(f"pool={cfg.pool!r} is unknown; use 'max' or 'mean'")
+
+
+# --- Shared Transformer pieces (pre-norm, RoPE, causal sliding-window attention) -------------------------------------
+
+def apply_rope(x, pos, theta):
+    # x: (B, H, T, hd), pos: (T,) -> x with each pair (x1[i], x2[i]) of the two halves rotated by pos * theta^(-2i/hd)
+    hd = x.shape[-1]
+    inv = theta ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    ang = pos.to(x.device, torch.float32)[:, None] * inv[None]
+    c, s = ang.cos(), ang.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d, n_head, window, theta):
+        super().__init__()
+        self.n_head, self.window, self.theta = n_head, window, theta
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, cache=None):
+        # x: (B, T, D) -> (B, T, D); cache: None or a dict {"k", "v": (B, H, T_past, hd)} updated in place
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.qkv(x).split(D, dim=-1))
+        past = 0 if cache is None or "k" not in cache else cache["k"].shape[2]
+        pos = torch.arange(past, past + T, device=x.device)
+        q, k = apply_rope(q, pos, self.theta), apply_rope(k, pos, self.theta)
+        if past:
+            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
+        if past == 0 and (self.window <= 0 or self.window >= T):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:   # causal sliding window: query i sees keys j with i - window < j <= i
+            kpos = torch.arange(k.shape[2], device=x.device)
+            mask = kpos[None, :] <= pos[:, None]
+            if self.window > 0:
+                mask = mask & (pos[:, None] - kpos[None, :] < self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    def __init__(self, d, n_head, window, theta):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(d, eps=1e-5), nn.RMSNorm(d, eps=1e-5)
+        self.attn = SelfAttention(d, n_head, window, theta)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d, bias=False), nn.GELU(), nn.Linear(4 * d, d, bias=False))
+
+    def forward(self, x, cache=None):
+        # x: (B, T, D) -> (B, T, D)
+        x = x + self.attn(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+
+def _init(module):
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+
+def _check_tokens(tokens, cfg, who):
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] < 1:
+        raise ValueError(f"{who}: tokens must be an int64 tensor of shape (B, T) with T >= 1; convert with .long()")
+    if tokens.shape[1] > cfg.seq_len:
+        raise ValueError(f"{who}: sequence length {tokens.shape[1]} > seq_len={cfg.seq_len}; crop it or raise --seq_len")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        raise ValueError(f"{who}: byte ids must be in [0, {cfg.vocab_size}); check the data or use --setting bytes")
+
+
+def _byte_loss(logits, targets):
+    # logits: (B, T, vocab + OFFSET), targets: (B, T) bytes or -1 -> mean cross-entropy in nats per byte
+    tgt = torch.where(targets >= 0, targets + OFFSET, torch.full_like(targets, -1))
+    return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-1)
+
+
+# --- Sec. 2.3: the entropy model, a small causal byte LM, trained first and then frozen ----------------------------
+
+class EntropyModel(nn.Module):
+    """Registered as "blt-entropy": train it like any byte LM, then hand its checkpoint to blt."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        V = cfg.vocab_size + OFFSET
+        self.emb = nn.Embedding(V, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.window, cfg.rope_theta)
+                                    for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
+        self.head = nn.Linear(cfg.d_model, V, bias=False)
+        _init(self)
+
+    def forward_ids(self, x, caches=None):
+        # x: (B, T) ids (bytes + OFFSET) -> logits (B, T, V): the distribution of the NEXT byte at every position
+        h = self.emb(x)
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, None if caches is None else caches[i])
+        return self.head(self.norm(h))
+
+    def entropies(self, x, caches=None):
+        # Eq. 4: H(x_{t+1}) = -sum_v p(v | x_<=t) log p(v | x_<=t), natural log; x: (B, T) ids -> (B, T) float32
+        logp = F.log_softmax(self.forward_ids(x, caches).float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    def forward(self, batch):
+        # batch["tokens"]: (B, T) bytes -> byte logits (B, T, 256), loss (nats per byte), parts
+        tokens = batch["tokens"]
+        _check_tokens(tokens, self.cfg, "blt-entropy")
+        logits = self.forward_ids(tokens + OFFSET)
+        targets = batch.get("targets")
+        if targets is None:
+            return logits[..., OFFSET:], None, {}
+        loss = _byte_loss(logits, targets)
+        return logits[..., OFFSET:], loss, {"loss_text": loss.detach()}
+
+
+def load_entropy_model(path, vocab_size):
+    """A frozen EntropyModel from a train.py checkpoint of "blt-entropy".  ValueError (one line) when it can't."""
+    hint = "train one with `python train.py --model blt-entropy --setting bytes` and pass --entropy_ckpt PATH " \
+           "(or use --patching space / static, which need no entropy model)"
+    if not path:
+        raise ValueError(f"blt: entropy patching needs a trained entropy model; {hint}")
+    if not os.path.isfile(path):
+        raise ValueError(f"blt: entropy_ckpt {path!r} is not a file; {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        conf = ckpt["config"]
+        name, mcfg, state = conf["model"], dict(conf["model_cfg"]), ckpt["model"]
+    except Exception as e:   # noqa: BLE001 -- any unreadable file gets the same one-line answer
+        raise ValueError(f"blt: cannot read entropy_ckpt {path!r} ({type(e).__name__}: {e}); {hint}") from None
+    if name != "blt-entropy":
+        raise ValueError(f"blt: entropy_ckpt {path!r} holds model {name!r}, not 'blt-entropy'; {hint}")
+    known = {f.name for f in fields(EntropyConfig)}
+    ecfg = EntropyConfig(**{k: v for k, v in mcfg.items() if k in known})
+    if ecfg.vocab_size != vocab_size:
+        raise ValueError(f"blt: entropy model vocab_size={ecfg.vocab_size} != blt vocab_size={vocab_size}; "
+                         "train the entropy model on the same setting")
+    model = EntropyModel(ecfg)
+    model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})
+    return model
+
+
+# --- Sec. 2: patching functions (all causal: starts[:, i] depends on x_<i only) ------------------------------------
+
+def patch_starts(x, mode, ent=None, threshold=0.0, patch_size=4.0, max_patch_len=0):
+    """x: (B, T) ids (bytes + OFFSET); ent: (B, T) entropies of the next byte (ent[:, t] = H(x_{t+1})).
+    -> starts: (B, T + 1) bool, starts[:, i] = byte i begins a patch (i = T: the next, not yet seen byte)."""
+    B, T = x.shape
+    starts = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
+    H = None if ent is None else torch.cat([ent.new_zeros(B, 1), ent], 1)     # H[:, i] = H(x_i), i = 1..T
+    if mode == "entropy":              # Eq. 5: global constraint H(x_i) > theta_g
+        starts[:, 2:] = H[:, 2:] > threshold
+    elif mode == "monotonic":          # Eq. 6: approximate monotonic constraint H(x_i) - H(x_{i-1}) > theta_r
+        starts[:, 2:] = H[:, 2:] - H[:, 1:-1] > threshold
+    elif mode == "space":              # Sec. 2.2: a new patch after a space-like byte (runs of them stay together)
+        b = x - OFFSET
+        alnum = ((b >= 48) & (b <= 57)) | ((b >= 65) & (b <= 90)) | ((b >= 97) & (b <= 122))
+        space_like = ~alnum & ~((b >= 0x80) & (b < 0xC0))        # not a letter, digit or UTF-8 continuation byte
+        end = space_like.clone()
+        end[:, 1:] &= ~space_like[:, :-1]
+        starts[:, 2:] = end[:, 1:]
+    elif mode == "static":             # Sec. 2.1: fixed stride (after the 1-byte first patch)
+        i = torch.arange(T + 1, device=x.device)
+        starts[:] = ((i - 1) % int(patch_size) == 0)[None]
+    else:
+        raise ValueError(f"patching={mode!r} is unknown; use one of {', '.join(PATCHINGS)}")
+    starts[:, :2] = True                                       # the first byte is a patch of its own
+    if max_patch_len > 0:              # split patches longer than max_patch_len (causal: a counter since the start)
+        i = torch.arange(T + 1, device=x.device).expand(B, T + 1)
+        last = torch.where(starts, i, torch.zeros_like(i)).cummax(1).values
+        starts = starts | ((i - last) % max_patch_len == 0)
+    return starts
+
+
+def patch_lengths(starts):
+    """starts: (B, T + 1) -> list of per-row lists of patch lengths over the T real bytes (each sums to T)."""
+    T = starts.shape[1] - 1
+    out = []
+    for row in starts[:, :T]:
+        s = row.nonzero().flatten().tolist() + [T]
+        out.append([b - a for a, b in zip(s[:-1], s[1:])])
+    return out
+
+
+def tune_threshold(ent, x, mode, target, max_patch_len=0, iters=40):
+    """Sec. 2.3: the threshold whose mean patch size on the sample (x, ent) is closest to `target` (bisection;
+    the mean patch size grows with the threshold)."""
+    lo, hi = (float(ent.min()) - 1.0, float(ent.max()) + 1.0) if mode == "entropy" else \
+             (float(-(ent.max() - ent.min())) - 1.0, float(ent.max() - ent.min()) + 1.0)
+    mean = lambda th: x.numel() / patch_starts(x, mode, ent, th, max_patch_len=max_patch_len)[:, :-1].sum().item()
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+# --- Sec. 3.2.1: hash n-gram embeddings ---------------------------------------------------------------------------
+
+def hash_ngram_ids(x, n, func, buckets):
+    """x: (B, T) ids -> (B, T) bucket of the n-gram x_{i-n+1..i} (left zero padding, as the official code):
+    sum_j x_{i-n+1+j} * prime^j (int64, wrapping) mod buckets.  Depends on that n-gram only."""
+    p = HASH_PRIMES[func % len(HASH_PRIMES)]
+    powers = [(p ** j) % 2 ** 64 for j in range(n)]
+    powers = torch.tensor([w - 2 ** 64 if w >= 2 ** 63 else w for w in powers], dtype=torch.long, device=x.device)
+    win = F.pad(x, (n - 1, 0)).unfold(1, n, 1)              # (B, T, n): bytes i-n+1 .. i
+    return (win * powers).sum(-1) % buckets
+
+
+# --- Sec. 3.2.2 / 3.3.1: cross-attention between patches and bytes -----------------------------------------------
+
+class CrossAttention(nn.Module):
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.q_norm, self.kv_norm = nn.RMSNorm(d, eps=1e-5), nn.RMSNorm(d, eps=1e-5)
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def forward(self, x, kv, mask):
+        # Dense form (encoder). x: (B, Q, D) queries, kv: (B, S, D), mask: (B, Q, S) bool -> (B, Q, D)
+        B, Q, D = x.shape
+        q = self.wq(self.q_norm(x)).view(B, Q, self.n_head, -1).transpose(1, 2)
+        kvn = self.kv_norm(kv)
+        k, v = (w(kvn).view(B, kv.shape[1], self.n_head, -1).transpose(1, 2) for w in (self.wk, self.wv))
+        mask = mask | ~mask.any(-1, keepdim=True)              # padded queries (no keys) read anything, unused
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        return self.wo(y.transpose(1, 2).reshape(B, Q, D))
+
+    def forward_gather(self, x, kv, index):
+        # Gathered form (decoder). x: (B, T, D), kv: (B, P, k, D) patch slots, index: (B, T) the one patch each byte
+        # reads -> (B, T, D).  Same result as the dense form with mask[b, t, s] = (slot s belongs to index[b, t]).
+        B, T, D = x.shape
+        P, K = kv.shape[1], kv.shape[2]
+        q = self.wq(self.q_norm(x)).view(B, T, self.n_head, -1)
+        kvn = self.kv_norm(kv)
+        k, v = (w(kvn).view(B, P, K, self.n_head, -1) for w in (self.wk, self.wv))
+        idx = index[:, :, None, None, None].expand(B, T, K, self.n_head, k.shape[-1])
+        k, v = k.gather(1, idx), v.gather(1, idx)               # (B, T, k, H, hd)
+        att = torch.einsum("bthd,btkhd->bthk", q, k) / math.sqrt(q.shape[-1])
+        y = torch.einsum("bthk,btkhd->bthd", att.softmax(-1), v)
+        return self.wo(y.reshape(B, T, D))
+
+
+# --- The model ---------------------------------------------------------------------------------------------------
+
+class BLT(nn.Module):
+    def __init__(self, cfg, entropy_model=None):
+        super().__init__()
+        _check_config(cfg)
+        self.cfg = cfg
+        V, D, G, K = cfg.vocab_size + OFFSET, cfg.d_local, cfg.d_global, cfg.cross_k
+        # Sec. 2.3: the frozen entropy model (only for the entropy-based patchings)
+        self.entropy_model = None
+        if cfg.patching in ("entropy", "monotonic"):
+            self.entropy_model = entropy_model if entropy_model is not None else \
+                load_entropy_model(cfg.entropy_ckpt, cfg.vocab_size)
+            self.entropy_model.requires_grad_(False).eval()
+        self.register_buffer("threshold", torch.tensor(float(cfg.threshold)))
+        self.register_buffer("tuned", torch.tensor(not cfg.tune_threshold))
+        # Sec. 3.2.1: byte embeddings + hash n-gram embeddings (one table per (hash function, n))
+        self.tok_emb = nn.Embedding(V, D)
+        self.hash_embs = nn.ModuleList(nn.Embedding(cfg.hash_vocab, D)
+                                       for _ in range(cfg.hash_functions) for _ in cfg.hash_ngrams)
+        # Sec. 3.2: local encoder + cross-attention pooling bytes into patches
+        self.encoder = nn.ModuleList(Block(D, cfg.n_head_local, cfg.local_window, cfg.rope_theta)
+                                     for _ in range(cfg.n_layer_enc))
+        self.enc_cross = nn.ModuleList(CrossAttention(D, cfg.n_head_cross)
+                                       for _ in range(cfg.n_layer_enc if cfg.enc_cross_all_layers else 1))
+        self.patch_query = nn.Linear(D, K * D, bias=False)       # pooled patch -> k query vectors
+        self.to_global = nn.Linear(K * D, G, bias=False) if K * D != G else nn.Identity()
+        # Sec. 3.1: latent global transformer over patches
+        self.global_blocks = nn.ModuleList(Block(G, cfg.n_head_global, 0, cfg.rope_theta)
+                                           for _ in range(cfg.n_layer_global))
+        self.global_norm = nn.RMSNorm(G, eps=1e-5)
+        # Sec. 3.3: local decoder, cross-attention to the patches before every layer, then the byte head
+        self.to_decoder = nn.Linear(G, K * D, bias=False)       # patch state -> k key/value slots
+        self.dec_cross = nn.ModuleList(CrossAttention(D, cfg.n_head_cross)
+                                       for _ in range(cfg.n_layer_dec if cfg.dec_cross_all_layers else 1))
+        self.decoder = nn.ModuleList(Block(D, cfg.n_head_local, cfg.local_window, cfg.rope_theta)
+                                     for _ in range(cfg.n_layer_dec))
+        self.norm = nn.RMSNorm(D, eps=1e-5)
+        self.head = nn.Linear(D, V, bias=False)
+        for m in (self.tok_emb, self.hash_embs, self.encoder, self.enc_cross, self.patch_query, self.to_global,
+                  self.global_blocks, self.to_decoder, self.dec_cross, self.decoder, self.head):
+            _init(m)
+        self._plot_sample = None
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.entropy_model is not None:
+            self.entropy_model.eval()                            # frozen: always in eval mode
+        return self
+
+    # -- Sec. 2: patching --------------------------------------------------------------------------------------------
+    def entropies(self, x):
+        # x: (B, T) ids -> (B, T) H(x_{t+1}) from the frozen entropy model (forward only)
+        with torch.no_grad():
+            return self.entropy_model.entropies(x)
+
+    def patch(self, x, ent=None):
+        """x: (B, T) ids -> starts (B, T + 1) bool.  Tunes the threshold on this batch if that is still pending."""
+        cfg = self.cfg
+        if self.entropy_model is not None and ent is None:
+            ent = self.entropies(x)
+        if self.entropy_model is not None and not bool(self.tuned):
+            th = torch.tensor(tune_threshold(ent, x, cfg.patching, cfg.patch_size, cfg.max_patch_len),
+                              device=self.threshold.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(th)                 # every rank patches with the same threshold
+                th /= torch.distributed.get_world_size()
+            self.threshold.fill_(float(th))
+            self.tuned.fill_(True)
+        return patch_starts(x, cfg.patching, ent, float(self.threshold), cfg.patch_size, cfg.max_patch_len)
+
+    # -- Sec. 3.2.1 -------------------------------------------------------------------------------------------------
+    def embed(self, x):
+        # Eq. 2-3: e_i = x_i embedding + sum over hash functions f and n of E_{f,n}[hash_f(n-gram ending at i)]
+        e = self.tok_emb(x)
+        i = 0
+        for f in range(self.cfg.hash_functions):
+            for n in self.cfg.hash_ngrams:
+                e = e + self.hash_embs[i](hash_ngram_ids(x, n, f, self.cfg.hash_vocab))
+                i += 1
+        return e
+
+    def encode_patches(self, h, layer, pid, P, patches=None):
+        """Sec. 3.2.2. h: (B, T, D) byte states, pid: (B, T) patch of each byte -> patches (B, P*k, D).
+        Queries start as the pooled bytes of each patch, projected to k vectors; each patch reads its own bytes."""
+        B, T, D = h.shape
+        K = self.cfg.cross_k
+        if patches is None:
+            idx = pid[..., None].expand(B, T, D)
+            if self.cfg.pool == "max":
+                pooled = h.new_full((B, P, D), float("-inf")).scatter_reduce(1, idx, h, "amax", include_self=True)
+                pooled = pooled.masked_fill(pooled == float("-inf"), 0.0)   # padded patches (no bytes)
+            else:
+                s = h.new_zeros(B, P, D).index_put_((torch.arange(B, device=h.device)[:, None], pid), h,
+                                                    accumulate=True)
+                cnt = torch.zeros(B, P, device=h.device).scatter_add_(1, pid, torch.ones_like(pid, dtype=torch.float))
+                pooled = s / cnt.clamp(min=1)[..., None].to(s.dtype)
+            patches = self.patch_query(pooled).view(B, P * K, D)
+        mask = torch.arange(P, device=h.device).repeat_interleave(K)[None, :, None] == pid[:, None, :]  # (B, P*k, T)
+        return patches + self.enc_cross[layer](patches, h, mask)
+
+    def forward_ids(self, x, starts):
+        """x: (B, T) ids, starts: (B, T + 1) -> logits (B, T, V) over the 260 ids."""
+        B, T = x.shape
+        D, K = self.cfg.d_local, self.cfg.cross_k
+        pid = starts[:, :T].long().cumsum(1) - 1                  # (B, T) patch of each byte
+        dec = starts[:, 1:].long().cumsum(1) - 1                  # (B, T) last patch ended at or before byte t
+        P = int(pid[:, -1].max()) + 1                             # patches per row, right-padded to the longest row
+        # Sec. 3.2: local encoder (causal, windowed) and cross-attention pooling into patches
+        h = self.embed(x)
+        patches = None
+        for i, blk in enumerate(self.encoder):
+            h = blk(h)
+            if self.cfg.enc_cross_all_layers or i == len(self.encoder) - 1:
+                patches = self.encode_patches(h, i if self.cfg.enc_cross_all_layers else 0, pid, P, patches)
+        # Sec. 3.1: the latent global transformer, causal over patches
+        g = self.to_global(patches.view(B, P, K * D))
+        for blk in self.global_blocks:
+            g = blk(g)
+        g = self.global_norm(g)                                   # (B, P, d_global)
+        # Sec. 3.3: local decoder; byte t reads the k slots of patch dec[t] (ended at or before t), then a block
+        slots = self.to_decoder(g).view(B, P, K, D)
+        for i, blk in enumerate(self.decoder):
+            if self.cfg.dec_cross_all_layers or i == 0:
+                h = h + self.dec_cross[i if self.cfg.dec_cross_all_layers else 0].forward_gather(h, slots, dec)
+            h = blk(h)
+        return self.head(self.norm(h))
+
+    def forward(self, batch):
+        # batch["tokens"]: (B, T) bytes -> byte logits (B, T, 256), loss (nats per byte), parts
+        tokens = batch["tokens"]
+        _check_tokens(tokens, self.cfg, "blt")
+        x = tokens + OFFSET
+        starts = self.patch(x)
+        logits = self.forward_ids(x, starts)
+        if not self.training:
+            self._plot_sample = tokens[:1].detach().cpu()
+        targets = batch.get("targets")
+        if targets is None:
+            return logits[..., OFFSET:], None, {}
+        loss = _byte_loss(logits, targets)
+        parts = {"loss_text": loss.detach(), **self.patch_stats(starts, batch.get("byte_kind"))}
+        return logits[..., OFFSET:], loss, parts
+
+    @staticmethod
+    def patch_stats(starts, byte_kind=None):
+        """Mean patch size (bytes per patch), overall and, when the data says how predictable each byte is
+        (data.py's byte_kind of the TARGET byte: 0 caption, 1 random, 2 predictable), per kind of stretch."""
+        T = starts.shape[1] - 1
+        s = starts[:, :T].float()
+        out = {"patch_size": (s.numel() / s.sum()).detach()}
+        if byte_kind is not None:
+            kind = byte_kind[:, :T - 1].to(s.device)               # kind of input byte t = kind of target t-1
+            for k, name in ((0, "text"), (1, "random"), (2, "predictable")):
+                sel = kind == k
+                if sel.any():
+                    out[f"patch_size_{name}"] = (sel.sum() / s[:, 1:][sel].sum().clamp(min=1)).detach()
+        return out
+
+    # -- generation: byte by byte, patch boundaries decided incrementally ----------------------------------------------
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0):
+        """idx: (B, Tp) bytes -> (B, Tp + max_new_tokens).  Greedy when temperature == 0.  The entropy model keeps a
+        KV cache, so each new byte costs one entropy-model step to decide whether the NEXT byte starts a patch; the
+        patches of the prefix never change (causal patching), the local / global stacks rerun on the prefix."""
+        _check_tokens(idx, self.cfg, "blt.generate")
+        if idx.shape[1] + max_new_tokens > self.cfg.seq_len:
+            raise ValueError(f"blt.generate: {idx.shape[1]} + {max_new_tokens} bytes > seq_len={self.cfg.seq_len}; "
+                             "shorten the prompt or generate fewer bytes")
+        was_training = self.training
+        self.eval()
+        x = idx + OFFSET
+        caches = ent = None
+        if self.entropy_model is not None:
+            caches = [dict() for _ in self.entropy_model.blocks]
+            ent = self.entropy_model.entropies(x, caches)        # (B, Tp)
+        for _ in range(max_new_tokens):
+            starts = self.patch(x, ent)
+            logits = self.forward_ids(x, starts)[:, -1, OFFSET:].float()   # (B, 256)
+            if temperature > 0:
+                new = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)
+            else:
+                new = logits.argmax(-1, keepdim=True)
+            x = torch.cat([x, new + OFFSET], 1)
+            if caches is not None:                               # one incremental entropy step for the new byte
+                ent = torch.cat([ent, self.entropy_model.entropies(new + OFFSET, caches)], 1)
+        self.train(was_training)
+        return x - OFFSET
+
+    # -- the paper's Fig. 4: a text with its per-byte entropy and patch boundaries ---------------------------------
+    def extra_plots(self, out_dir):
+        if self._plot_sample is not None:
+            plot_patches(self, self._plot_sample[0], os.path.join(out_dir, "blt_patches.png"))
+
+
+def plot_patches(model, tokens, path, n=96):
+    """Save a PNG of the first n bytes of `tokens` (1-D bytes) with H(x_i) and the patch starts of `model`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    x = tokens[:n].long()[None].to(model.threshold.device) + OFFSET
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        ent = model.entropies(x) if model.entropy_model is not None else None
+        starts = model.patch(x, ent)[0, :x.shape[1]].cpu()
+    model.train(was)
+    chars = [chr(b) if 32 <= b < 127 else "?" for b in tokens[:n].tolist()]
+    fig, ax = plt.subplots(figsize=(min(24, 0.22 * len(chars) + 2), 3.2))
+    if ent is not None:   # H(x_i) = ent[i - 1]: the entropy of the byte at i before seeing it
+        H = [float("nan")] + ent[0, :-1].cpu().tolist()
+        ax.plot(range(len(chars)), H, "-o", ms=3, color="tab:blue", label="H(x_i) (entropy model, nats)")
+        if model.cfg.patching == "entropy":
+            ax.axhline(float(model.threshold), color="tab:red", ls="--", lw=1, label=f"theta_g = {float(model.threshold):.2f}")
+    for i in starts.nonzero().flatten().tolist():
+        ax.axvline(i - 0.5, color="gray", lw=0.8)
+    ax.set_xticks(range(len(chars)))
+    ax.set_xticklabels(chars, fontsize=7, family="monospace")
+    ax.set_xlim(-0.5, len(chars) - 0.5)
+    ax.set_title(f"BLT {model.cfg.patching} patching: {int(starts.sum())} patches for {len(chars)} bytes "
+                 f"(grey lines = patch starts)")
+    ax.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+MODELS = {
+    "blt-entropy": (EntropyConfig, EntropyModel, "bytes", dict()),
+    "blt": (Config, BLT, "bytes", dict()),
+}
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    text = b"the cat sat on the mat. the cat sat on the mat. xq7#Lp2@zK9& the cat sat on the mat. 123 124 125 126"
+    tokens = torch.tensor(list(text[:96]))[None].repeat(2, 1)
+    batch = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:])
+    ent_model = EntropyModel(EntropyConfig(seq_len=128))
+    opt = torch.optim.AdamW(ent_model.parameters(), lr=3e-3)
+    for step in range(60):                                       # a quick entropy model on the demo text
+        _, loss, _ = ent_model(batch)
+        opt.zero_grad(); loss.backward(); opt.step()
+    print(f"entropy model loss {loss.item():.3f} nats/byte")
+    for mode in PATCHINGS:
+        model = BLT(Config(seq_len=128, patching=mode), entropy_model=ent_model)
+        logits, loss, parts = model(batch)
+        loss.backward()
+        lens = patch_lengths(model.patch(tokens[:, :-1] + OFFSET))[0]
+        print(f"{mode:9s} logits {tuple(logits.shape)} loss {loss.item():.3f} patches {len(lens)} {lens[:12]}...")
+    print("params:", sum(p.numel() for p in model.parameters() if p.requires_grad), "trainable")
+    print("generate:", bytes(model.generate(tokens[:1, :20], 12)[0].tolist()))

@@ -213,17 +213,19 @@ class MoMaFFN(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, D, H, G = cfg, cfg.d_model, cfg.expert_hidden, cfg.n_experts_total
-        self.first = [sum(cfg.experts[:m]) for m in range(cfg.n_modalities)]  # global id of group m's expert 0
+        self.first = [sum(cfg.experts[:m]) for m in range(len(cfg.experts))]  # global id of group m's expert 0
         std = cfg.init_std
         self.router = nn.ParameterList([nn.Parameter(torch.randn(D, e) * std) for e in cfg.experts])  # Eq. 2: W_m
         self.w_up = nn.Parameter(torch.randn(G, D, 2 * H) * std)                        # [w1 | w3] of every expert
         self.w_down = nn.Parameter(torch.randn(G, H, D) * std / math.sqrt(2 * cfg.n_layer))  # w2 of every expert
         self.aux = nn.ModuleList([AuxRouter(D, cfg.aux_hidden, e) for e in cfg.experts]) if cfg.aux_router else None
 
-    def forward(self, h, modality, mode):
-        """h (B, T, D) FFN input, modality (B, T), mode "ec" | "aux" -> y (B, T, D), stats dict."""
-        B, T, D = h.shape
-        cfg, xf, mf = self.cfg, h.reshape(-1, D), modality.reshape(-1)
+    def route(self, xf, mf, mode):
+        """Sec. 2.2 hierarchical routing. xf (N, D) tokens, mf (N,) modality, mode "ec" | "aux" ->
+        tok (P,) token index, exp (P,) global expert id, g (P,) gate of the (token, expert) pairs, sorted by expert;
+        stats (routed fraction per expert, aux-router BCE and accuracy)."""
+        cfg, D = self.cfg, xf.shape[1]
+        h = xf
         if not cfg.modality_aware:
             mf = torch.zeros_like(mf)  # one mixed-modal group
         toks, exps, gates, counts = [], [], [], torch.zeros(cfg.n_experts_total)
@@ -260,8 +262,16 @@ class MoMaFFN(nn.Module):
             counts[self.first[m]:self.first[m] + E] += torch.bincount(pair_e, minlength=E).float().cpu() / n
         stats = dict(counts=counts, aux_loss=aux_loss / max(aux_n, 1), aux_acc=aux_correct / max(aux_n, 1))
         if not toks:
+            return None, None, None, stats
+        return torch.cat(toks), torch.cat(exps), torch.cat(gates), stats
+
+    def forward(self, h, modality, mode):
+        """h (B, T, D) FFN input, modality (B, T), mode "ec" | "aux" -> y (B, T, D), stats dict."""
+        B, T, D = h.shape
+        cfg, xf = self.cfg, h.reshape(-1, D)
+        tok, exp, g, stats = self.route(xf, modality.reshape(-1), mode)
+        if tok is None:
             return torch.zeros_like(h), stats
-        tok, exp, g = torch.cat(toks), torch.cat(exps), torch.cat(gates)
         sizes = torch.bincount(exp, minlength=cfg.n_experts_total)
         dt = compute_dtype(xf)
         up = kernels.grouped_matmul(xf[tok].to(dt), self.w_up.to(dt), sizes)       # (P, 2H): [w1 | w3] per pair
@@ -495,7 +505,7 @@ class MoMa(nn.Module):
                 continue  # fresh aux routers: the parent's learned a trivial (all-selected) target
             if v.shape != own[k].shape:
                 raise ValueError(f"upcycle_from={path!r}: {k} has shape {tuple(v.shape)}, this model needs "
-                                 f"{tuple(own[k].shape)}; use the parent's d_model/n_layer/ffn_hidden")
+                                 f"{tuple(own[k].shape)}; use the parent's d_model/n_layer and expert_hidden")
             own[k].copy_(v)
 
     # --- logging: routed tokens per layer / expert and aux-router accuracy ---

@@ -1,0 +1,243 @@
+"""Tests for moma.py: modality isolation, exact expert-choice capacity, 1t1i == FFN-only MoT, (non-)causality of the
+two routings, MoD capacity, upcycling, KV-cached generation, FLOPs, learning, bad input. Tiny models, CPU, seconds."""
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import mot
+import moma
+
+torch.set_num_threads(1)
+OFFS = (0, 64)
+V = 128
+
+
+def cfg_(**kw):
+    base = dict(vocab_size=V, n_modalities=2, modality_offsets=OFFS, seq_len=64, d_model=32, n_head=2, n_layer=2)
+    base.update(kw)
+    return moma.Config(**base)
+
+
+def batch_(B=2, T=32, seed=0, text_only=False):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 64 if text_only else V, (B, T), generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    b = dict(tokens=tokens, targets=targets)
+    b["modality"] = torch.bucketize(tokens, torch.tensor(OFFS[1:]), right=True)
+    b["target_modality"] = torch.bucketize(targets, torch.tensor(OFFS[1:]), right=True)
+    b["loss_mask"] = targets != -1
+    return b
+
+
+@pytest.mark.parametrize("mode", ["ec", "aux"])
+def test_experts_of_group_m_only_get_modality_m_tokens(mode):
+    torch.manual_seed(0)
+    cfg = cfg_(experts=(3, 2), capacity_factor=1.5)
+    ffn = moma.MoMaFFN(cfg)
+    x, mf = torch.randn(70, cfg.d_model), (torch.rand(70) < 0.4).long()
+    tok, exp, g, _ = ffn.route(x, mf, mode)
+    group_of_expert = torch.tensor([0, 0, 0, 1, 1])
+    assert torch.equal(mf[tok], group_of_expert[exp])          # every pair: token modality == expert's group
+    assert torch.all(exp[1:] >= exp[:-1])                      # pairs sorted by expert (one grouped matmul)
+    if mode == "ec":                                           # each expert takes exactly k_e = ceil(c T_m / E_m)
+        n = [int((mf == m).sum()) for m in range(2)]
+        k = [math.ceil(1.5 * n[0] / 3)] * 3 + [math.ceil(1.5 * n[1] / 2)] * 2
+        assert torch.bincount(exp, minlength=5).tolist() == k
+        for e in range(5):                                     # ... k_e DISTINCT tokens: its top-k by gate score
+            assert len(set(tok[exp == e].tolist())) == k[e]
+
+
+def test_text_only_batch_gives_zero_gradient_to_image_experts():
+    torch.manual_seed(0)
+    model = moma.MoMa(cfg_())
+    _, loss, _ = model(batch_(text_only=True))
+    loss.backward()
+    for blk in model.blocks:
+        assert blk.ffn.w_up.grad[4:].abs().sum() == 0 and blk.ffn.w_down.grad[4:].abs().sum() == 0
+        assert blk.ffn.w_up.grad[:4].abs().sum() > 0
+        assert blk.ffn.router[1].grad is None or blk.ffn.router[1].grad.abs().sum() == 0
+
+
+def test_every_expert_processes_exactly_k_e_tokens_in_training(monkeypatch):
+    torch.manual_seed(0)
+    model = moma.MoMa(cfg_(capacity_factor=1.0))
+    b = batch_(B=3, T=40)
+    seen = []
+    real = moma.kernels.grouped_matmul
+    monkeypatch.setattr(moma.kernels, "grouped_matmul", lambda x, w, s, **k: (seen.append(s.tolist()), real(x, w, s, **k))[1])
+    model.train()
+    model(b)
+    n = [int((b["modality"] == m).sum()) for m in range(2)]
+    want = [math.ceil(n[0] / 4)] * 4 + [math.ceil(n[1] / 4)] * 4
+    assert len(seen) == 2 * cfg_().n_layer and all(s == want for s in seen)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_1t1i_full_capacity_equals_ffn_only_mot(norm):
+    """MoMa with one expert per modality takes every token (k_e = T_m): it is an FFN-only MoT. The sigmoid gate is
+    the one difference: with a zero router it is exactly 1/2, so MoMa's w_down = 2 * MoT's w2."""
+    torch.manual_seed(0)
+    kw = dict(vocab_size=V, n_modalities=2, modality_offsets=OFFS, seq_len=64, d_model=32, n_head=2, n_layer=2,
+              norm_placement=norm)
+    ref = mot.Transformer(mot.Config(untie_ffn=True, **kw))
+    model = moma.MoMa(moma.Config(experts=(1,), **kw))
+    with torch.no_grad():
+        model.tok_emb.weight.copy_(ref.tok_emb.weight)
+        model.lm_head.weight.copy_(ref.lm_head.weight)
+        model.norm_f.weight.copy_(ref.norm_f.weight[0])
+        for a, r in zip(model.blocks, ref.blocks):
+            a.attn.qkv.copy_(r.attn.qkv.weight[0])
+            a.attn.proj.copy_(r.attn.proj.weight[0])
+            a.norm_attn.weight.copy_(r.norm_attn.weight[0])
+            a.norm_ffn.weight.copy_(r.norm_ffn.weight[0])
+            for m in range(2):
+                a.ffn.w_up[m].copy_(r.ffn.w13.weight[m])
+                a.ffn.w_down[m].copy_(2 * r.ffn.w2.weight[m])
+                a.ffn.router[m].zero_()
+    b = batch_()
+    model.train()
+    l1, loss1, _ = model(b)
+    l2, loss2, _ = ref(b)
+    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss1, loss2)
+
+
+def _future_changes_past(model, routing, t=20):
+    b = batch_(B=2, T=32, seed=1)
+    b2 = {k: v.clone() for k, v in b.items()}
+    b2["tokens"][:, t:] = torch.randint(0, 64, b2["tokens"][:, t:].shape)  # new text tokens in the future
+    b2["modality"][:, t:] = 0
+    with torch.no_grad():
+        l1 = model(b, routing=routing)[0][:, :t]
+        l2 = model(b2, routing=routing)[0][:, :t]
+    return (l1 - l2).abs().max().item()
+
+
+@pytest.mark.parametrize("mod", [False, True])
+def test_expert_choice_is_not_causal_but_aux_routing_is(mod):
+    torch.manual_seed(0)
+    model = moma.MoMa(cfg_(mod=mod, mod_capacity=0.5))
+    model.eval()
+    # EC: the top-k_e of an expert looks at the whole batch, so future tokens change earlier tokens' routing/output
+    assert _future_changes_past(model, "ec") > 1e-4
+    # aux routers: every token decides from its own hidden state alone -> the past is untouched by the future
+    assert _future_changes_past(model, "aux") == 0.0
+
+
+def test_mod_passes_exactly_the_capacity_fraction():
+    torch.manual_seed(0)
+    cfg = cfg_(mod=True, mod_capacity=0.25, mod_every=1)
+    model = moma.MoMa(cfg)
+    T, passed = 32, []
+    for blk in model.blocks:
+        blk.register_forward_hook(lambda mod, inp, out: passed.append((out[0] != inp[0]).any(-1).sum(1).tolist()))
+    model.train()
+    model(batch_(B=3, T=T))
+    assert passed == [[round(0.25 * T)] * 3] * cfg.n_layer  # per row: exactly beta*T tokens changed, the rest skip
+
+
+@pytest.mark.parametrize("mod", [False, True])
+def test_cached_generation_equals_full_aux_forward(mod):
+    torch.manual_seed(0)
+    model = moma.MoMa(cfg_(mod=mod, mod_capacity=0.5, aux_threshold=0.5))
+    with torch.no_grad():  # biases so that aux routers pick some and skip some tokens
+        for blk in model.blocks:
+            for a in blk.ffn.aux:
+                a.fc2.bias.normal_(0, 1.0)
+            if blk.is_mod:
+                blk.mod_aux.fc2.bias.fill_(0.0)
+                blk.mod_aux.fc2.weight.normal_(0, 1.0)
+    prompt = batch_(B=2, T=6)["tokens"]
+    out = model.generate(prompt, 10)
+    full = dict(tokens=out[:, :-1], targets=None)
+    logits = model(full, routing="aux")[0]
+    torch.testing.assert_close(logits[:, 5:].argmax(-1), out[:, 6:])  # greedy tokens = full-forward argmax
+
+
+def test_upcycled_equals_parent_at_step_0_when_noise_off(tmp_path):
+    torch.manual_seed(0)
+    pcfg = cfg_(experts=(1,))
+    parent = moma.MoMa(pcfg)
+    opt = torch.optim.AdamW(parent.parameters(), lr=1e-2)
+    for i in range(3):  # a briefly trained parent, so that weights are not at their init
+        loss = parent(batch_(seed=i))[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": parent.state_dict(), "config": vars(pcfg)}, path)
+    b = batch_(seed=9)
+    parent.eval()
+    ref = parent(b)[0]
+    # every expert takes every token of its group (capacity factor = E_m): the upcycled model IS the parent
+    H = pcfg.expert_hidden  # the experts keep the parent expert's width
+    child = moma.MoMa(cfg_(experts=(4,), capacity_factor=4.0, expert_hidden=H, upcycle_from=str(path)))
+    child.eval()
+    torch.testing.assert_close(child(b)[0], ref, atol=1e-5, rtol=1e-5)
+    noisy = moma.MoMa(cfg_(experts=(4,), capacity_factor=4.0, expert_hidden=H, upcycle_from=str(path),
+                               upcycle_noise=0.05))
+    noisy.eval()
+    assert (noisy(b)[0] - ref).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="1t1i"):
+        torch.save({"model": noisy.state_dict(), "config": {}}, tmp_path / "bad.pt")
+        moma.MoMa(cfg_(upcycle_from=str(tmp_path / "bad.pt")))
+
+
+def _flops_per_token(model, b):
+    with FlopCounterMode(display=False) as fc:
+        model(b)[1].backward()
+    return fc.get_total_flops() / b["tokens"].numel()
+
+
+def test_active_flops_per_token_match_dense():
+    torch.manual_seed(0)
+    kw = dict(vocab_size=V, n_modalities=2, modality_offsets=OFFS, seq_len=64, d_model=32, n_head=2, n_layer=2)
+    b = batch_(B=4, T=64)
+    dense = _flops_per_token(mot.Transformer(mot.Config(**kw)), b)
+    ours = _flops_per_token(moma.MoMa(moma.Config(**kw)), b)
+    # routers + aux routers are the only extra matmuls; k_e rounding up adds at most E tokens per group
+    assert 1.0 <= ours / dense < 1.08, (ours, dense)
+
+
+def test_loss_falls_and_aux_routers_learn():
+    torch.manual_seed(0)
+    model = moma.MoMa(cfg_(mod=True))
+    b = batch_(B=4, T=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        _, loss, parts = model(b)
+        first = first or (loss.item(), parts["router_bce"].item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first[0] - 0.5
+    assert parts["router_bce"].item() < first[1]
+
+
+def test_eval_reports_aux_routing_losses_and_plot(tmp_path):
+    torch.manual_seed(0)
+    model = moma.MoMa(cfg_())
+    model.eval()
+    with torch.no_grad():
+        _, _, parts = model(batch_())
+    assert {"loss_text", "loss_image", "loss_text_aux", "loss_image_aux", "router_acc"} <= set(parts)
+    model.extra_plots(str(tmp_path))
+    assert (tmp_path / "moma_routing.png").stat().st_size > 0
+
+
+def test_bad_input_raises_one_line_value_error():
+    model = moma.MoMa(cfg_())
+    b = batch_()
+    with pytest.raises(ValueError, match="int64"):
+        model(dict(b, tokens=b["tokens"].float()))
+    with pytest.raises(ValueError, match="modality ids"):
+        model(dict(b, modality=b["modality"] + 2))
+    with pytest.raises(ValueError, match="seq_len"):
+        model(batch_(T=80))
+    with pytest.raises(ValueError, match="experts"):
+        cfg_(experts=(4, 4, 4))
+    with pytest.raises(ValueError, match="seq_len"):
+        model.generate(b["tokens"], 40)

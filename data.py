@@ -1,0 +1,446 @@
+"""The toy interleaved world that every model in nanomix trains on.
+
+Nothing downloads. A tiny world of *scenes* -- a 16x16 RGB image of one shape with four attributes
+(shape, colour, size, position) and a caption from a small grammar that states them -- is generated from a
+seed, and turned into documents that interleave modalities in both orders:
+
+    caption -> image   ("a large red circle in the top left ." <boi> img img ... <eoi>)   generation
+    image -> caption   (<boi> img img ... <eoi> "the circle is red and large , top left .")  captioning
+
+The settings (what `make_data(setting)` returns):
+    chameleon    text tokens + discrete image tokens (a fixed toy image tokenizer: a k-means codebook of 4x4 patches)
+    speech       the same + a third modality: discrete "speech" codes tied to the caption's words
+                 (each word has a fixed pronunciation of 2-4 codes; durations jitter, 8% of codes are noise)
+    transfusion  text tokens + images as 16 continuous 4x4x3 patches in [-1, 1] (no image token ids)
+    text         the text-only stream of the same world (captions only), e.g. to pretrain LMFusion's text model
+    bytes        a byte stream of captions, unpredictable stretches (random characters) and predictable ones
+                 (a phrase repeated, counting); `data_file=PATH` reads any local text file instead
+
+Why it looks like this (what the papers need to show up at toy scale): image tokens and text tokens have
+disjoint vocabularies and very different statistics (what modality-specific weights exploit); captions and
+images depend on each other (cross-modal learning can be measured, and generations scored); images carry
+jitter, background colour and pixel noise so that the model, not the data, is the limit; bytes mix stretches
+of very different predictability (what dynamic patching has to find).
+
+Token ids (shared by all settings except bytes); modality m owns ids [modality_offsets[m], modality_offsets[m+1]):
+    text    0 <pad>  1 <bos>  2 <boi>  3 <eoi>  4 <bosp>  5 <eosp>  6 "."  then words      -> ids [0, 64)
+    image   codebook entries                                                              -> ids [64, 320)
+    speech  speech codes                                                                  -> ids [320, 448)
+Markers are text (modality 0).
+
+Determinism: row r of split s is generated from numpy's SeedSequence([seed, s, r]) alone, and the batch for
+micro-step `index` on `rank` of `world_size` holds rows index*world_size*B + rank*B + [0, B). So a run is the
+same on every machine, each DDP rank gets its own disjoint shard, and the union of the ranks' rows at a step is
+exactly the single-process batch (what makes the DDP test and exact resume simple).
+"""
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+
+SETTINGS = ("chameleon", "speech", "transfusion", "text", "bytes")
+TEXT, IMAGE, SPEECH = 0, 1, 2
+
+# --- the world: attributes, words, grammar -------------------------------------------------------------------
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
+SIZES = ("small", "large")
+POSITIONS = (("top", "left"), ("top", "right"), ("bottom", "left"), ("bottom", "right"))
+ATTRS = ("shape", "colour", "size", "position")
+N_VALUES = (len(SHAPES), len(COLOURS), len(SIZES), len(POSITIONS))
+RGB = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.25, 0.95),
+       "yellow": (0.95, 0.9, 0.1), "magenta": (0.9, 0.1, 0.85), "cyan": (0.1, 0.9, 0.9)}
+
+PAD, BOS, BOI, EOI, BOSP, EOSP, SEP = range(7)
+SPECIALS = ("<pad>", "<bos>", "<boi>", "<eoi>", "<bosp>", "<eosp>", ".")
+WORDS = SPECIALS + ("a", "the", "there", "is", "in", "at", "and", "with", ",", "shape", "colour", "it", "one",
+                    "small", "large", "top", "bottom", "left", "right") + SHAPES + COLOURS
+WORD_ID = {w: i for i, w in enumerate(WORDS)}
+TEMPLATES = (  # {s}ize {c}olour {h}shape {v}ertical {p}osition-horizontal
+    "a {s} {c} {h} in the {v} {p}",
+    "there is a {c} {h} at the {v} {p} and it is {s}",
+    "the {h} is {c} and {s} , {v} {p}",
+    "{v} {p} , one {s} {c} {h}",
+    "a {h} with colour {c} , {s} , at the {v} {p}",
+)
+
+IMG, PATCH, CH = 16, 4, 3                      # image side, patch side, channels
+N_PATCHES, PATCH_DIM = (IMG // PATCH) ** 2, PATCH * PATCH * CH   # 16 patches of 48 values
+N_TEXT, N_CODES, N_SPEECH = 64, 256, 128
+OFFSETS = (0, N_TEXT, N_TEXT + N_CODES)         # first id of text, image, speech
+assert len(WORDS) <= N_TEXT
+
+
+def render(scene, rng=None, noise=0.06, jitter=(0, 0)):
+    """scene = (shape, colour, size, position) indices -> image (3, 16, 16) float32 in [0, 1].
+    With rng: the object jitters by up to 1 pixel, the background is a random dark colour, pixels get noise."""
+    shape, colour, size, pos = scene
+    jy, jx = (rng.integers(-1, 2, size=2) if rng is not None else jitter)
+    cy, cx = 3.5 + 8 * (pos // 2) + jy, 3.5 + 8 * (pos % 2) + jx
+    r = (2.2, 3.6)[size]
+    yy, xx = np.mgrid[0:IMG, 0:IMG].astype(np.float32)
+    dy, dx = yy - cy, xx - cx
+    mask = {"circle": dy ** 2 + dx ** 2 <= r ** 2,
+            "square": np.maximum(abs(dy), abs(dx)) <= 0.85 * r,
+            "triangle": (dy <= 0.8 * r) & (dy >= -r) & (abs(dx) <= (dy + r) * 0.55),
+            "cross": ((abs(dx) <= r / 3) & (abs(dy) <= r)) | ((abs(dy) <= r / 3) & (abs(dx) <= r))}[SHAPES[shape]]
+    bg = rng.uniform(0.0, 0.3, size=3) if rng is not None else np.full(3, 0.15)
+    img = np.where(mask[None], np.array(RGB[COLOURS[colour]])[:, None, None], bg[:, None, None])
+    if rng is not None:
+        img = img + rng.normal(0.0, noise, size=img.shape)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+def to_patches(img):
+    """(..., 3, 16, 16) -> (..., 16, 48): raster order of 4x4 patches, each flattened (channel last)."""
+    lead = img.shape[:-3]
+    x = img.reshape(*lead, CH, IMG // PATCH, PATCH, IMG // PATCH, PATCH)
+    x = np.moveaxis(x, -5, -1)                                      # (..., 4, 4, 4, 4, 3)
+    x = np.swapaxes(x, -4, -3)                                      # (..., py, px, 4, 4, 3)
+    return x.reshape(*lead, N_PATCHES, PATCH_DIM)
+
+
+def from_patches(p):
+    """(..., 16, 48) -> (..., 3, 16, 16): the inverse of to_patches."""
+    lead = p.shape[:-2]
+    x = p.reshape(*lead, IMG // PATCH, IMG // PATCH, PATCH, PATCH, CH)
+    x = np.swapaxes(x, -4, -3)                                      # (..., py, 4, px, 4, 3)
+    x = np.moveaxis(x, -1, -5)
+    return x.reshape(*lead, CH, IMG, IMG)
+
+
+@functools.lru_cache(maxsize=None)
+def codebook():
+    """The fixed toy image tokenizer: k-means (256 entries) on 4x4x3 patches of 3000 seeded scenes.
+    Fitted once per process (~1 s), identical everywhere (fixed seed, float64)."""
+    rng = np.random.default_rng(12345)
+    scenes = [tuple(int(rng.integers(n)) for n in N_VALUES) for _ in range(3000)]
+    x = to_patches(np.stack([render(s, rng) for s in scenes])).reshape(-1, PATCH_DIM).astype(np.float64)
+    c = x[rng.choice(len(x), N_CODES, replace=False)]
+    for _ in range(12):  # Lloyd iterations
+        assign = _nearest(x, c)
+        for k in range(N_CODES):
+            members = x[assign == k]
+            c[k] = members.mean(0) if len(members) else x[rng.integers(len(x))]
+    return c.astype(np.float32)
+
+
+def _nearest(x, c):
+    return np.argmin((x ** 2).sum(1, keepdims=True) - 2 * x @ c.T + (c ** 2).sum(1)[None], axis=1)
+
+
+def tokenize_image(img):
+    """(3, 16, 16) or (N, 3, 16, 16) -> image token ids (16,) / (N, 16), in the image id range."""
+    p = to_patches(img)
+    return _nearest(p.reshape(-1, PATCH_DIM).astype(np.float64), codebook()).reshape(p.shape[:-1]) + OFFSETS[IMAGE]
+
+
+def detokenize_image(ids):
+    """image token ids (16,) -> (3, 16, 16); ids outside the image range decode to grey."""
+    ids = np.asarray(ids)
+    c = np.concatenate([codebook(), np.full((1, PATCH_DIM), 0.5, np.float32)])
+    k = np.where((ids >= OFFSETS[IMAGE]) & (ids < OFFSETS[IMAGE] + N_CODES), ids - OFFSETS[IMAGE], N_CODES)
+    return from_patches(c[k])
+
+
+@functools.lru_cache(maxsize=None)
+def pronunciations():
+    """Each word's fixed speech pronunciation: 2-4 codes out of 128 (seeded, the same for every run)."""
+    rng = np.random.default_rng(777)
+    return {w: rng.integers(0, N_SPEECH, size=int(rng.integers(2, 5))) for w in WORDS[len(SPECIALS):]}
+
+
+def caption_words(scene, rng):
+    shape, colour, size, pos = scene
+    t = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+    return t.format(s=SIZES[size], c=COLOURS[colour], h=SHAPES[shape], v=POSITIONS[pos][0], p=POSITIONS[pos][1]).split()
+
+
+def speak(words, rng):
+    """Speech codes for a list of words: each code of the word's pronunciation held 1-2 steps, 8% noise."""
+    out = []
+    for w in words:
+        for code in pronunciations()[w]:
+            code = int(rng.integers(N_SPEECH)) if rng.random() < 0.08 else int(code)
+            out += [code + OFFSETS[SPEECH]] * int(rng.integers(1, 3))
+    return out
+
+
+# --- scoring: read a caption or an image back into attributes ------------------------------------------------
+def parse_caption(ids):
+    """text ids -> attribute tuple (None where the caption does not say); stops at the first "." or marker."""
+    got = [None, None, None, None]
+    v = h = None
+    for i in ids:
+        i = int(i)
+        if i in (SEP, BOI, EOI, BOS, BOSP) or not 0 <= i < len(WORDS):
+            break
+        w = WORDS[i]
+        for a, values in enumerate((SHAPES, COLOURS, SIZES)):
+            if w in values and got[a] is None:
+                got[a] = values.index(w)
+        v = w if w in ("top", "bottom") and v is None else v
+        h = w if w in ("left", "right") and h is None else h
+    if v and h:
+        got[3] = POSITIONS.index((v, h))
+    return tuple(got)
+
+
+@functools.lru_cache(maxsize=None)
+def _masks():
+    """Binary object masks for every (shape, size, position) and 1-pixel jitter: 4 * 2 * 4 * 9 templates."""
+    keys, masks = [], []
+    for h in range(4):
+        for s in range(2):
+            for p in range(4):
+                for jy in (-1, 0, 1):
+                    for jx in (-1, 0, 1):
+                        img = render((h, 0, s, p), jitter=(jy, jx))
+                        keys.append((h, s, p))
+                        masks.append(img[0] > 0.5)       # red channel: the object is red, the background 0.15
+    return keys, np.stack(masks).reshape(len(keys), -1).astype(np.float32)
+
+
+def classify_image(img):
+    """(3, 16, 16) in [0, 1] -> attributes: the foreground (bright pixels) is matched to the object mask templates
+    by IoU (shape, size, position), its mean colour to the nearest palette colour. An empty image -> all None."""
+    img = np.asarray(img, np.float32)
+    fg = (img.max(0) > 0.5).reshape(-1).astype(np.float32)
+    if fg.sum() == 0:
+        return (None, None, None, None)
+    keys, m = _masks()
+    iou = (m @ fg) / ((m + fg[None]) > 0).sum(1)
+    h, s, p = keys[int(np.argmax(iou))]
+    mean = img.reshape(3, -1)[:, fg > 0].mean(1)
+    c = int(np.argmin([((mean - np.array(RGB[name])) ** 2).sum() for name in COLOURS]))
+    return (h, c, s, p)
+
+
+def attribute_accuracy(pred, scenes):
+    """Mean over examples and the 4 attributes of pred == truth (None counts as wrong)."""
+    return float(np.mean([[p == t for p, t in zip(pr, sc)] for pr, sc in zip(pred, scenes)]))
+
+
+def shuffled_chance(pred, scenes, seed=0):
+    """Chance level: the same predictions scored against the attributes of other (shuffled) examples."""
+    perm = np.random.default_rng(seed).permutation(len(scenes))
+    perm = np.where(perm == np.arange(len(scenes)), (perm + 1) % len(scenes), perm)
+    return attribute_accuracy(pred, [scenes[j] for j in perm])
+
+
+# --- datasets ----------------------------------------------------------------------------------------------------
+class ToyWorld:
+    """Text + image (+ speech) documents.  See the module docstring for the layout."""
+
+    def __init__(self, setting, seq_len, seed):
+        self.setting, self.seq_len, self.seed = setting, seq_len, seed
+        self.n_modalities = {"chameleon": 2, "transfusion": 2, "speech": 3, "text": 1}[setting]
+        self.vocab_size = {"chameleon": OFFSETS[2], "transfusion": N_TEXT, "speech": OFFSETS[2] + N_SPEECH,
+                           "text": N_TEXT}[setting]
+        if setting in ("chameleon", "speech"):
+            codebook()  # fit the tokenizer now, not inside the first training step
+
+    def model_fields(self):
+        f = dict(vocab_size=self.vocab_size, n_modalities=self.n_modalities, seq_len=self.seq_len,
+                 modality_offsets=OFFSETS[:max(self.n_modalities, 2)] if self.setting != "text" else (0,),
+                 bos_id=BOS, boi_id=BOI, eoi_id=EOI, sep_id=SEP, pad_id=PAD)
+        if self.setting == "transfusion":
+            f.update(patch_dim=PATCH_DIM, n_patches=N_PATCHES, image_size=IMG, patch_size=PATCH, channels=CH)
+        return f
+
+    # A pair is a list of segments; a segment is (ids, modality) or, for continuous images, ("patches", array).
+    def _pair(self, rng):
+        scene = tuple(int(rng.integers(n)) for n in N_VALUES)
+        words = caption_words(scene, rng)
+        cap = [WORD_ID[w] for w in words] + [SEP]
+        segs = [("text", cap)]
+        if self.setting != "text":
+            img = render(scene, rng)
+            if self.setting == "transfusion":
+                segs.append(("patches", to_patches(img * 2 - 1)))
+            else:
+                segs.append(("image", [BOI] + list(tokenize_image(img)) + [EOI]))
+            if self.setting == "speech":
+                segs.append(("speech", [BOSP] + speak(words, rng) + [EOSP]))
+            order = rng.permutation(len(segs))  # both orders: caption->image (generation), image->caption
+            segs = [segs[i] for i in order]
+        return segs
+
+    def _row(self, split, r):
+        rng = np.random.default_rng([self.seed, {"train": 0, "val": 1}[split], r])
+        T = self.seq_len + 1
+        tok, mod, pat, img_idx, img_first = [BOS], [TEXT], [], [-1], [False]
+        n_img, caption_seen = 0, False
+        while len(tok) < T:
+            if rng.random() < 0.12:  # a new document
+                tok.append(BOS); mod.append(TEXT); img_idx.append(-1); img_first.append(False)
+            segs = self._pair(rng)
+            kinds = [k for k, _ in segs]
+            first = kinds.index("patches") < kinds.index("text") if "patches" in kinds else False
+            for kind, x in segs:
+                if kind == "patches":
+                    tok += [BOI] + [PAD] * N_PATCHES + [EOI]
+                    mod += [TEXT] + [IMAGE] * N_PATCHES + [TEXT]
+                    img_idx += [-1] + [n_img] * N_PATCHES + [-1]
+                    img_first += [False] + [first] * N_PATCHES + [False]
+                    pat.append((len(tok) - N_PATCHES - 1, x))
+                    n_img += 1
+                else:
+                    tok += x
+                    m = {"text": TEXT, "image": IMAGE, "speech": SPEECH}[kind]
+                    mod += [TEXT] + [m] * (len(x) - 2) + [TEXT] if kind != "text" else [TEXT] * len(x)
+                    img_idx += [-1] * len(x)
+                    img_first += [False] * len(x)
+        tok, mod, img_idx, img_first = (np.array(a[:T]) for a in (tok, mod, img_idx, img_first))
+        patches = None
+        if self.setting == "transfusion":
+            patches = np.zeros((T, PATCH_DIM), np.float32)
+            for start, x in pat:
+                n = min(N_PATCHES, T - start)
+                if n > 0:
+                    patches[start:start + n] = x[:n]
+        return tok, mod, patches, img_idx, img_first
+
+    def get_batch(self, split, batch_size, index, rank=0, world_size=1):
+        rows = [self._row(split, (index * world_size + rank) * batch_size + i) for i in range(batch_size)]
+        tok = torch.from_numpy(np.stack([r[0] for r in rows])).long()
+        mod = torch.from_numpy(np.stack([r[1] for r in rows])).long()
+        x, y = tok[:, :-1].contiguous(), tok[:, 1:].clone()
+        b = dict(tokens=x, modality=mod[:, :-1].contiguous(), target_modality=mod[:, 1:].contiguous())
+        if self.setting == "transfusion":
+            idx = torch.from_numpy(np.stack([r[3] for r in rows])).long()
+            # the LM loss covers text -> text/marker predictions only: no target at or into a patch
+            y[(idx[:, :-1] >= 0) | (idx[:, 1:] >= 0)] = -1
+            b.update(patches=torch.from_numpy(np.stack([r[2] for r in rows]))[:, :-1].contiguous(),
+                     image_index=idx[:, :-1].contiguous(),
+                     image_first=torch.from_numpy(np.stack([r[4] for r in rows]))[:, :-1].contiguous())
+        b.update(targets=y, loss_mask=y != -1)
+        return b
+
+    # --- generation prompts and scoring ---------------------------------------------------------------------
+    def scenes(self, n, seed=0):
+        """n fixed evaluation scenes (independent of the training stream), with their captions and images."""
+        rng = np.random.default_rng([self.seed, 2, seed])
+        out = []
+        for _ in range(n):
+            s = tuple(int(rng.integers(k)) for k in N_VALUES)
+            img = render(s, rng)
+            out.append(dict(scene=s, caption=[WORD_ID[w] for w in caption_words(s, rng)] + [SEP], image=img))
+        return out
+
+    def eval_generation(self, generate_fn, n=32):
+        """Caption -> image and image -> caption, greedy, scored against the scenes' attributes.
+        generate_fn(prompt (B, Tp) int64, max_new_tokens) -> (B, max_new_tokens) int64."""
+        ex = self.scenes(n)
+        truth = [e["scene"] for e in ex]
+        # caption -> image: <bos> caption . <boi>  => 16 image tokens (prompts grouped by length)
+        img_pred = [None] * n
+        by_len = {}
+        for i, e in enumerate(ex):
+            by_len.setdefault(len(e["caption"]), []).append(i)
+        for idx in by_len.values():
+            p = torch.tensor([[BOS] + ex[i]["caption"] + [BOI] for i in idx])
+            out = generate_fn(p, N_PATCHES).cpu().numpy()
+            for i, o in zip(idx, out):
+                img_pred[i] = classify_image(detokenize_image(o))
+        # image -> caption: <bos> <boi> image <eoi>  => caption words up to "."
+        p = torch.tensor([[BOS, BOI] + list(tokenize_image(e["image"])) + [EOI] for e in ex])
+        cap_pred = [parse_caption(o) for o in generate_fn(p, 14).cpu().numpy()]
+        return dict(gen_image_acc=attribute_accuracy(img_pred, truth), gen_image_chance=shuffled_chance(img_pred, truth),
+                    caption_acc=attribute_accuracy(cap_pred, truth), caption_chance=shuffled_chance(cap_pred, truth))
+
+    def score_image_pixels(self, images, scenes):
+        """Transfusion: images (N, 3, 16, 16) in [-1, 1] (or patches (N, 16, 48)) vs scene attributes ->
+        (accuracy, chance)."""
+        images = np.asarray(images, np.float32)
+        if images.ndim == 3:
+            images = from_patches(images)
+        pred = [classify_image((im + 1) / 2) for im in images]
+        return attribute_accuracy(pred, scenes), shuffled_chance(pred, scenes)
+
+    def score_captions(self, captions, scenes):
+        """Generated caption ids (list of sequences) vs scene attributes -> (accuracy, chance)."""
+        pred = [parse_caption(c) for c in captions]
+        return attribute_accuracy(pred, scenes), shuffled_chance(pred, scenes)
+
+
+class Bytes:
+    """Byte stream: captions, random stretches (unpredictable) and repeated phrases / counting (predictable).
+    Batches carry `byte_kind` (B, T): 0 caption text, 1 random, 2 predictable -- the ground truth of how
+    predictable each byte is, for BLT's patch-length analysis.  With data_file: windows of that file."""
+
+    RANDOM_CHARS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789#$%&*+-=?@", np.uint8)
+
+    def __init__(self, seq_len, seed, data_file=None):
+        self.setting, self.seq_len, self.seed = "bytes", seq_len, seed
+        self.vocab_size, self.n_modalities = 256, 1
+        self.file = None
+        if data_file is not None:
+            if not os.path.isfile(data_file):
+                raise ValueError(f"--data {data_file}: no such file; give the path of a local text file")
+            raw = np.fromfile(data_file, dtype=np.uint8)
+            if len(raw) < 2 * (seq_len + 1):
+                raise ValueError(f"--data {data_file}: {len(raw)} bytes is too short for seq_len={seq_len}; "
+                                 f"use a file of at least {2 * (seq_len + 1)} bytes or a smaller --seq_len")
+            cut = max(seq_len + 1, int(len(raw) * 0.9))       # last 10% is the validation split
+            self.file = {"train": raw[:cut], "val": raw[cut - seq_len - 1:] if len(raw) - cut < seq_len + 1 else raw[cut:]}
+
+    def model_fields(self):
+        return dict(vocab_size=256, n_modalities=1, seq_len=self.seq_len, modality_offsets=(0,))
+
+    def _row(self, split, r):
+        rng = np.random.default_rng([self.seed, {"train": 0, "val": 1}[split], r])
+        T = self.seq_len + 1
+        if self.file is not None:
+            data = self.file[split]
+            start = int(rng.integers(0, len(data) - T + 1))
+            return data[start:start + T].astype(np.int64), np.zeros(T, np.int64)
+        out, kind = [], []
+        while len(out) < T:
+            u = rng.random()
+            if u < 0.4:
+                s = " ".join(caption_words(tuple(int(rng.integers(n)) for n in N_VALUES), rng)) + ". "
+                b, k = s.encode(), 0
+            elif u < 0.65:
+                b, k = self.RANDOM_CHARS[rng.integers(0, len(self.RANDOM_CHARS), int(rng.integers(16, 80)))].tobytes() + b" ", 1
+            elif u < 0.9:
+                phrase = " ".join(caption_words(tuple(int(rng.integers(n)) for n in N_VALUES), rng)[:4])
+                b, k = ((phrase + " | ") * int(rng.integers(3, 7))).encode(), 2
+            else:
+                n0 = int(rng.integers(0, 900))
+                b, k = (" ".join(str(n0 + i) for i in range(int(rng.integers(6, 20)))) + " ").encode(), 2
+            out += list(b)
+            kind += [k] * len(b)
+        return np.array(out[:T], np.int64), np.array(kind[:T], np.int64)
+
+    def get_batch(self, split, batch_size, index, rank=0, world_size=1):
+        rows = [self._row(split, (index * world_size + rank) * batch_size + i) for i in range(batch_size)]
+        tok = torch.from_numpy(np.stack([r[0] for r in rows]))
+        kind = torch.from_numpy(np.stack([r[1] for r in rows]))
+        zeros = torch.zeros_like(tok[:, :-1])
+        y = tok[:, 1:].clone()
+        return dict(tokens=tok[:, :-1].contiguous(), targets=y, modality=zeros, target_modality=zeros.clone(),
+                    loss_mask=torch.ones_like(y, dtype=torch.bool), byte_kind=kind[:, 1:].contiguous())
+
+
+def make_data(setting, seq_len=256, seed=0, data_file=None):
+    """The dataset for a setting.  Raises ValueError with the fix on bad input."""
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
+    if not isinstance(seq_len, int) or seq_len < 8:
+        raise ValueError(f"seq_len={seq_len!r} is too small; use an integer >= 8")
+    if data_file is not None and setting != "bytes":
+        raise ValueError(f"--data reads a text file for the byte models; add --setting bytes (got --setting {setting})")
+    return Bytes(seq_len, seed, data_file) if setting == "bytes" else ToyWorld(setting, seq_len, seed)
+
+
+if __name__ == "__main__":
+    for s in ("chameleon", "speech", "transfusion", "bytes"):
+        ds = make_data(s, seq_len=96)
+        b = ds.get_batch("train", 2, 0)
+        print(s, {k: tuple(v.shape) for k, v in b.items()}, "vocab", ds.vocab_size)
+    b = make_data("speech", seq_len=96).get_batch("train", 1, 0)
+    print("row 0:", " ".join(WORDS[i] if i < len(WORDS) else ("I" if i < OFFSETS[2] else "S") for i in b["tokens"][0].tolist()))
+    print(bytes(make_data("bytes", 300).get_batch("train", 1, 0)["tokens"][0].tolist()).decode())

@@ -1,0 +1,117 @@
+"""data.py: determinism, disjoint DDP shards, batch layout, and the scorer on known-good and known-bad samples."""
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+@pytest.mark.parametrize("setting", ["chameleon", "speech", "transfusion", "text", "bytes"])
+def test_deterministic_and_shards_disjoint(setting):
+    a = data.make_data(setting, seq_len=64, seed=3)
+    b = data.make_data(setting, seq_len=64, seed=3)
+    x, y = a.get_batch("train", 4, 5), b.get_batch("train", 4, 5)
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.equal(x[k], y[k]), k
+    # another seed, another split: different data
+    assert not torch.equal(x["tokens"], data.make_data(setting, 64, seed=4).get_batch("train", 4, 5)["tokens"])
+    assert not torch.equal(x["tokens"], a.get_batch("val", 4, 5)["tokens"])
+    # two ranks: disjoint rows whose union is the single-process batch of the same global size
+    r0, r1 = a.get_batch("train", 2, 5, rank=0, world_size=2), a.get_batch("train", 2, 5, rank=1, world_size=2)
+    assert torch.equal(torch.cat([r0["tokens"], r1["tokens"]]), x["tokens"])
+    rows = {tuple(r.tolist()) for r in torch.cat([r0["tokens"], r1["tokens"]])}
+    assert len(rows) == 4
+
+
+@pytest.mark.parametrize("setting", ["chameleon", "speech", "transfusion", "bytes"])
+def test_batch_layout(setting):
+    ds = data.make_data(setting, seq_len=200, seed=0)
+    b = ds.get_batch("train", 3, 0)
+    B, T = b["tokens"].shape
+    assert (B, T) == (3, 200)
+    assert b["tokens"].dtype == torch.int64 and b["modality"].max() < ds.n_modalities
+    assert torch.equal(b["loss_mask"], b["targets"] != -1)
+    off = ds.model_fields()["modality_offsets"]
+    if setting in ("chameleon", "speech"):
+        # modality of every id is its vocabulary range; targets are the next inputs
+        m = torch.bucketize(b["tokens"], torch.tensor(off[1:]), right=True)
+        assert torch.equal(m, b["modality"])
+        assert torch.equal(b["targets"][:, :-1], b["tokens"][:, 1:])
+        assert torch.equal(b["target_modality"][:, :-1], b["modality"][:, 1:])
+        assert set(b["modality"].unique().tolist()) == set(range(ds.n_modalities))
+    if setting == "transfusion":
+        img = b["image_index"] >= 0
+        assert torch.equal(img, b["modality"] == 1)
+        assert (b["targets"][img] == -1).all()                   # no LM loss on patches
+        assert b["patches"][img].abs().max() <= 1 and (b["patches"][~img] == 0).all()
+        assert b["image_first"].any() and (b["image_first"] & img).any() and not (b["image_first"] & ~img).any()
+    if setting == "bytes":
+        assert b["tokens"].max() < 256 and set(b["byte_kind"].unique().tolist()) == {0, 1, 2}
+
+
+def test_scorer_known_good_and_bad():
+    ds = data.make_data("chameleon", seq_len=64)
+    ex = ds.scenes(64)
+    truth = [e["scene"] for e in ex]
+    # known good: the true captions parse perfectly; the true images (raw, and through the tokenizer) score high
+    assert data.attribute_accuracy([data.parse_caption(e["caption"]) for e in ex], truth) == 1.0
+    assert data.attribute_accuracy([data.classify_image(e["image"]) for e in ex], truth) > 0.9
+    good = ds.score_image_pixels(np.stack([e["image"] * 2 - 1 for e in ex]), truth)
+    tok = [data.classify_image(data.detokenize_image(data.tokenize_image(e["image"]))) for e in ex]
+    assert good[0] > 0.9 and data.attribute_accuracy(tok, truth) > 0.8 and good[1] < 0.5
+    # known bad: random image tokens and wrong captions score near chance; garbage ids parse to nothing
+    rng = np.random.default_rng(0)
+    bad = [data.classify_image(data.detokenize_image(rng.integers(64, 320, 16))) for _ in ex]
+    assert abs(data.attribute_accuracy(bad, truth) - data.shuffled_chance(bad, truth)) < 0.12
+    shifted = [ex[(i + 1) % len(ex)]["caption"] for i in range(len(ex))]
+    acc, chance = ds.score_captions(shifted, truth)
+    assert acc < 0.5 and abs(acc - chance) < 0.15
+    assert data.parse_caption([300, 301]) == (None, None, None, None)
+
+
+def test_eval_generation_scores_an_oracle_and_a_fool():
+    ds = data.make_data("chameleon", seq_len=64)
+    ex = {tuple(e["caption"]): e for e in ds.scenes(16)}
+    images = {tuple(data.tokenize_image(e["image"])): e for e in ds.scenes(16)}
+
+    def oracle(prompt, n):  # knows the world: draws the captioned scene, or captions the shown image
+        out = []
+        for p in prompt.tolist():
+            if p[-1] == data.BOI:
+                out.append(list(data.tokenize_image(ex[tuple(p[1:-1])]["image"]))[:n])
+            else:
+                cap = images[tuple(p[2:-1])]["caption"]
+                out.append((cap + [data.PAD] * n)[:n])
+        return torch.tensor(out)
+
+    m = ds.eval_generation(oracle, n=16)
+    assert m["caption_acc"] == 1.0 and m["gen_image_acc"] > 0.8 and m["gen_image_chance"] < 0.5
+    fool = ds.eval_generation(lambda p, n: torch.full((p.shape[0], n), data.SEP), n=16)
+    assert fool["caption_acc"] == 0.0 and fool["gen_image_acc"] == 0.0
+
+
+def test_speech_is_tied_to_words():
+    ds = data.make_data("speech", seq_len=256)
+    t = ds.get_batch("train", 1, 0)["tokens"][0].tolist()
+    i, j = t.index(data.BOSP), t.index(data.EOSP)
+    codes = t[i + 1:j]
+    assert all(data.OFFSETS[2] <= c < data.OFFSETS[2] + data.N_SPEECH for c in codes) and len(codes) > 8
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown setting"):
+        data.make_data("video")
+    with pytest.raises(ValueError, match="no such file"):
+        data.make_data("bytes", data_file="/nonexistent/file.txt")
+
+
+def test_data_file(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_bytes(b"hello world. " * 200)
+    ds = data.make_data("bytes", seq_len=32, data_file=str(p))
+    b = ds.get_batch("train", 2, 0)
+    assert bytes(b["tokens"][0].tolist()) in b"hello world. " * 200
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="too short"):
+        data.make_data("bytes", seq_len=32, data_file=str(tmp_path / "empty.txt"))

@@ -304,6 +304,13 @@ def patch_lengths(starts):
     return out
 
 
+def patch_index(starts):
+    """starts: (B, T + 1) -> pid (B, T) the patch of each byte, dec (B, T) the last patch that ENDED at or before
+    byte t (patch j ends at t when byte t + 1 starts patch j + 1), i.e. the patch the decoder at t may read."""
+    T = starts.shape[1] - 1
+    return starts[:, :T].long().cumsum(1) - 1, starts[:, 1:].long().cumsum(1) - 1
+
+
 def tune_threshold(ent, x, mode, target, max_patch_len=0, iters=40):
     """Sec. 2.3: the threshold whose mean patch size on the sample (x, ent) is closest to `target` (bisection;
     the mean patch size grows with the threshold)."""
@@ -313,7 +320,15 @@ def tune_threshold(ent, x, mode, target, max_patch_len=0, iters=40):
     for _ in range(iters):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if mean(mid) < target else (lo, mid)
-    return (lo + hi) / 2
+    # bisection ends ON a sample value; move to the middle of the gap around it so that float noise (a prefix vs the
+    # full sequence, a KV cache vs none) cannot flip a boundary of this sample
+    H = torch.cat([ent.new_zeros(ent.shape[0], 1), ent], 1)
+    stat = (H[:, 2:] if mode == "entropy" else H[:, 2:] - H[:, 1:-1]).flatten().float()
+    th = (lo + hi) / 2
+    below, above = stat[stat <= th], stat[stat > th]
+    if len(below) and len(above):
+        th = (float(below.max()) + float(above.min())) / 2
+    return th
 
 
 # --- Sec. 3.2.1: hash n-gram embeddings ---------------------------------------------------------------------------
@@ -467,8 +482,7 @@ class BLT(nn.Module):
         """x: (B, T) ids, starts: (B, T + 1) -> logits (B, T, V) over the 260 ids."""
         B, T = x.shape
         D, K = self.cfg.d_local, self.cfg.cross_k
-        pid = starts[:, :T].long().cumsum(1) - 1                  # (B, T) patch of each byte
-        dec = starts[:, 1:].long().cumsum(1) - 1                  # (B, T) last patch ended at or before byte t
+        pid, dec = patch_index(starts)
         P = int(pid[:, -1].max()) + 1                             # patches per row, right-padded to the longest row
         # Sec. 3.2: local encoder (causal, windowed) and cross-attention pooling into patches
         h = self.embed(x)

@@ -1,0 +1,244 @@
+"""Tests for blt.py: causality with the entropy model in the loop, incremental patching, hash n-grams, cross-attention
+isolation, patch bookkeeping, row independence, generation, the entropy checkpoint, and learning."""
+import math
+
+import pytest
+import torch
+
+import blt
+from blt import BLT, OFFSET, Config, EntropyConfig, EntropyModel
+
+torch.set_num_threads(1)
+T = 48
+TEXT = (b"the red cat sat on the mat | the red cat sat on the mat | 17 18 19 20 21 xQ#7p@Lz2&k9 the cat. " * 2)
+
+
+def text_batch(B=2, T=T, shift=0):
+    rows = [list(TEXT[shift + 7 * b: shift + 7 * b + T + 1]) for b in range(B)]
+    t = torch.tensor(rows)
+    return dict(tokens=t[:, :-1].contiguous(), targets=t[:, 1:].contiguous())
+
+
+def small_cfg(**kw):
+    base = dict(seq_len=64, d_local=16, n_head_local=2, n_head_cross=2, d_global=32, n_head_global=2,
+                n_layer_global=2, cross_k=2, hash_vocab=64, local_window=8, max_patch_len=6, patch_size=3.0)
+    base.update(kw)
+    return Config(**base)
+
+
+def entropy_model(seed=0):
+    torch.manual_seed(seed)
+    m = EntropyModel(EntropyConfig(seq_len=64, d_model=16, n_head=2, window=16))
+    with torch.no_grad():                       # spread its entropies so that thresholds cut at varied places
+        m.head.weight.mul_(40.0)
+    return m
+
+
+def make_model(mode="entropy", seed=0, **kw):
+    torch.manual_seed(seed)
+    ent = entropy_model(seed) if mode in ("entropy", "monotonic") else None
+    model = BLT(small_cfg(patching=mode, **kw), entropy_model=ent)
+    model.eval()
+    model(text_batch())                         # tunes the threshold on a sample batch (then fixed)
+    return model
+
+
+MODES = ["entropy", "monotonic", "space", "static"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_causal_including_patch_boundaries(mode):
+    model = make_model(mode)
+    x = text_batch(B=1)["tokens"]
+    starts = model.patch(x + OFFSET)[0]
+    ends = [t for t in range(T - 1) if starts[t + 1]]          # bytes that close a patch
+    inner = [t for t in range(1, T - 1) if not starts[t + 1]]
+    assert ends and (inner or mode == "static")
+    ref, _, _ = model(dict(tokens=x))
+    g = torch.Generator().manual_seed(1)
+    for t in sorted(set(ends[:6] + ends[-3:] + inner[:4])):
+        x2 = x.clone()
+        x2[0, t + 1:] = torch.randint(0, 256, (T - t - 1,), generator=g)
+        out, _, _ = model(dict(tokens=x2))
+        assert torch.allclose(out[0, :t + 1], ref[0, :t + 1], atol=1e-5), f"logits <= {t} changed"
+        assert torch.equal(model.patch(x2 + OFFSET)[0, :t + 2], starts[:t + 2])   # patches up to t+1 too
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_incremental_patching(mode):
+    model = make_model(mode)
+    x = text_batch(B=2)["tokens"] + OFFSET
+    full = model.patch(x)
+    for t in range(1, T + 1):
+        assert torch.equal(model.patch(x[:, :t]), full[:, :t + 1]), f"prefix {t}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_patch_lengths_sum_to_T_and_respect_max(mode):
+    model = make_model(mode, max_patch_len=5)
+    starts = model.patch(text_batch(B=3)["tokens"] + OFFSET)
+    for lens in blt.patch_lengths(starts):
+        assert sum(lens) == T and min(lens) >= 1 and max(lens) <= 5 and lens[0] == 1
+
+
+def test_patching_rules_by_hand():
+    x = torch.tensor([list(b"ab  cd,e")]) + OFFSET
+    s = blt.patch_starts(x, "space")[0].tolist()
+    assert [i for i, v in enumerate(s) if v] == [0, 1, 3, 7]          # "a" "b " " cd," "e"
+    s = blt.patch_starts(x, "static", patch_size=3)[0].tolist()
+    assert [i for i, v in enumerate(s) if v] == [0, 1, 4, 7]
+    ent = torch.tensor([[0.1, 3.0, 0.2, 0.3, 2.5, 2.6, 0.1, 5.0]])   # ent[t] = H(x_{t+1})
+    s = blt.patch_starts(x, "entropy", ent, threshold=1.0)[0].tolist()
+    assert [i for i, v in enumerate(s) if v] == [0, 1, 2, 5, 6, 8]
+    s = blt.patch_starts(x, "monotonic", ent, threshold=1.0)[0].tolist()
+    assert [i for i, v in enumerate(s) if v] == [0, 1, 2, 5, 8]
+    s = blt.patch_starts(x, "static", patch_size=100, max_patch_len=3)[0].tolist()
+    assert [i for i, v in enumerate(s) if v] == [0, 1, 4, 7]
+
+
+def test_threshold_tuner_hits_target():
+    torch.manual_seed(0)
+    ent = torch.rand(4, 200) * 4
+    x = torch.zeros(4, 200, dtype=torch.long)
+    for target in (2.0, 4.0, 6.0):
+        th = blt.tune_threshold(ent, x, "entropy", target)
+        n = blt.patch_starts(x, "entropy", ent, th)[:, :-1].sum().item()
+        assert abs(x.numel() / n - target) / target < 0.05
+
+
+def test_hash_ids_match_reference_and_depend_only_on_ngram():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 260, (2, 20), generator=g)
+    for n in (3, 5, 8):
+        for f in (0, 1):
+            ids = blt.hash_ngram_ids(x, n, f, 1000)
+            p = blt.HASH_PRIMES[f]
+            for b in range(2):
+                for i in range(20):
+                    win = [0] * max(0, n - 1 - i) + x[b, max(0, i - n + 1): i + 1].tolist()
+                    s = sum(v * p ** j for j, v in enumerate(win)) % 2 ** 64
+                    s = s - 2 ** 64 if s >= 2 ** 63 else s
+                    assert ids[b, i].item() == s % 1000
+    y = torch.randint(0, 260, (1, 20), generator=g)
+    y[0, 10:14] = x[0, 10:14]                                      # same 4-gram ending at 13, different elsewhere
+    assert blt.hash_ngram_ids(x[:1], 4, 0, 997)[0, 13] == blt.hash_ngram_ids(y, 4, 0, 997)[0, 13]
+
+
+def test_encoder_cross_attention_reads_only_own_bytes():
+    model = make_model("space")
+    x = text_batch(B=1)["tokens"] + OFFSET
+    pid, _ = blt.patch_index(model.patch(x))
+    P = int(pid.max()) + 1
+    torch.manual_seed(0)
+    h = torch.randn(1, T, 16)
+    ref = model.encode_patches(h, 0, pid, P).view(1, P, 2, 16)
+    for p in (1, P // 2, P - 1):
+        h2 = h.clone()
+        h2[pid != p] += torch.randn_like(h2[pid != p])             # change every byte outside patch p
+        out = model.encode_patches(h2, 0, pid, P).view(1, P, 2, 16)
+        assert torch.allclose(out[0, p], ref[0, p], atol=1e-5)
+        h3 = h.clone()
+        h3[pid == p] += 1.0                                          # its own bytes do matter
+        assert not torch.allclose(model.encode_patches(h3, 0, pid, P).view(1, P, 2, 16)[0, p], ref[0, p])
+
+
+def test_decoder_reads_only_patches_ended_before():
+    model = make_model("space")
+    x = text_batch(B=1)["tokens"] + OFFSET
+    starts = model.patch(x)
+    pid, dec = blt.patch_index(starts)
+    s = starts[0].nonzero().flatten().tolist()
+    for t in range(T):            # reference: the last patch whose end (next start - 1) is <= t
+        assert dec[0, t] == max(j for j in range(len(s) - 1) if s[j + 1] - 1 <= t)
+        assert dec[0, t] <= pid[0, t]
+    P = int(pid.max()) + 1
+    torch.manual_seed(0)
+    h, slots = torch.randn(1, T, 16), torch.randn(1, P, 2, 16)
+    ca = model.dec_cross[0]
+    ref = ca.forward_gather(h, slots, dec)
+    # the gathered form equals dense cross-attention masked to "slot belongs to patch dec[t]"
+    mask = torch.arange(P).repeat_interleave(2)[None, None, :] == dec[:, :, None]
+    assert torch.allclose(ca(h, slots.view(1, P * 2, 16), mask), ref, atol=1e-5)
+    for t in (3, T // 2, T - 1):
+        slots2 = slots.clone()
+        slots2[0, dec[0, t] + 1:] += 5.0                              # patches not yet ended at t
+        slots2[0, :dec[0, t]] += 5.0                                  # (and older ones: only the latest is read)
+        assert torch.allclose(ca.forward_gather(h, slots2, dec)[0, t], ref[0, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["entropy", "space"])
+def test_rows_independent(mode):
+    model = make_model(mode)
+    b = text_batch(B=3)
+    b["tokens"][2] = torch.tensor(list(b"x" * T))                 # very different patch count in row 2
+    out, _, _ = model(b)
+    for r in range(3):
+        alone, _, _ = model(dict(tokens=b["tokens"][r:r + 1]))
+        assert torch.allclose(out[r], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["entropy", "space"])
+def test_greedy_generation_equals_teacher_forced_argmax(mode):
+    model = make_model(mode)
+    prompt = text_batch(B=2)["tokens"][:, :10]
+    out = model.generate(prompt, 20)
+    assert out.shape == (2, 30) and torch.equal(out[:, :10], prompt)
+    logits, _, _ = model(dict(tokens=out[:, :-1]))
+    assert torch.equal(logits.argmax(-1)[:, 9:], out[:, 10:])
+
+
+def test_entropy_checkpoint_roundtrip_and_errors(tmp_path):
+    ent = entropy_model()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": ent.state_dict(), "config": {"model": "blt-entropy", "model_cfg": vars(ent.cfg)}}, path)
+    model = BLT(small_cfg(entropy_ckpt=str(path)))
+    x = text_batch()["tokens"] + OFFSET
+    assert torch.allclose(model.entropies(x), ent.entropies(x), atol=1e-6)
+    assert not any(p.requires_grad for p in model.entropy_model.parameters())
+    with pytest.raises(ValueError, match="entropy"):
+        BLT(small_cfg())                                            # no checkpoint given
+    with pytest.raises(ValueError, match="not a file"):
+        BLT(small_cfg(entropy_ckpt=str(tmp_path / "missing.pt")))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        BLT(small_cfg(entropy_ckpt=str(tmp_path / "junk.pt")))
+    torch.save({"model": {}, "config": {"model": "dense", "model_cfg": {}}}, tmp_path / "dense.pt")
+    with pytest.raises(ValueError, match="not 'blt-entropy'"):
+        BLT(small_cfg(entropy_ckpt=str(tmp_path / "dense.pt")))
+    BLT(small_cfg(patching="space"))                                # no entropy model needed
+
+
+def test_frozen_entropy_model_gets_no_gradient_and_loss_falls():
+    torch.manual_seed(0)
+    model = BLT(small_cfg(), entropy_model=entropy_model())
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    b = text_batch(B=2)
+    losses = []
+    for _ in range(30):
+        _, loss, parts = model(b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.grad is None for p in model.entropy_model.parameters())
+    assert losses[0] > math.log(200) and losses[-1] < 0.6 * losses[0]
+    assert set(parts) >= {"loss_text", "patch_size"}
+
+
+def test_entropy_model_and_bad_input():
+    em = entropy_model()
+    b = text_batch()
+    logits, loss, parts = em(b)
+    assert logits.shape == (2, T, 256) and loss.item() > 0 and "loss_text" in parts
+    model = make_model("space")
+    with pytest.raises(ValueError, match="int64"):
+        model(dict(tokens=b["tokens"].float()))
+    with pytest.raises(ValueError, match="seq_len"):
+        model(dict(tokens=torch.zeros(1, 65, dtype=torch.long)))
+    with pytest.raises(ValueError, match="byte ids"):
+        model(dict(tokens=torch.full((1, 4), 300)))
+    with pytest.raises(ValueError, match="patching"):
+        BLT(small_cfg(patching="bpe"))
+    with pytest.raises(ValueError, match="seq_len"):
+        model.generate(b["tokens"], 40)

@@ -1,0 +1,463 @@
+"""Megalodon: Efficient LLM Pretraining and Inference with Unlimited Context Length (Ma et al. 2024), arXiv 2404.08801
+
+Megalodon keeps Mega's recipe -- a moving average that carries information across the whole sequence, feeding a
+gated softmax attention that only looks inside fixed-length chunks -- so that cost grows linearly with length and
+the context is unlimited. It adds a complex EMA (CEMA), timestep normalization, normalized attention and a
+pre-norm with two-hop residual. Official code: github.com/XuezheMax/megalodon (this file follows it; facts only).
+
+Glossary (paper -> code)
+  u_t / X              layer input (B, L, D)                       D = cfg.d_model
+  alpha, delta         CEMA.alpha, CEMA.delta  (D, N, 1) raw; sigmoid() gives the paper's alpha, delta in (0, 1)
+  theta_j, omega(wav.) CEMA.theta (D, 1, 1) raw; theta_{j,n} = n * sigmoid(theta_j) * 2 pi / N,  n = 1..N
+  eta (output proj.)   CEMA.gamma (D, N, 2) = complex (D, N), scaled by N^-1/2
+  omega (skip)         CEMA.omega (D,): y_t = Re(eta . h_t) + omega * x_t
+  h (EMA dimension N)  cfg.cema_ndim = 16
+  X_hat (timestep norm) TimestepNorm: group norm with cumulative statistics over positions <= t
+  M' = CEMA out, X'    mx = RMSNorm(CEMA(X_hat))
+  Z, Q, K              z = W_z mx, per-head RMS-normalized; q, k = z * (gamma + 1)/sqrt(d_z) + beta
+  V, R (gate)          v = SiLU(W_v X_hat),  r = SiLU(W_r mx)
+  c (chunk length)     cfg.chunk_size: softmax attention only inside chunks; rotary positions restart per chunk
+  H = W_h1 M' + W_h2 (O * R)      out = X + H
+  two-hop residual     Y = FFN(LayerNorm(X + H)) + X   (the FFN's residual is the *block input*)
+
+CEMA, paper vs official code (this file follows the CODE):
+  paper, Sec. 3.1:  h_t = alpha (cos theta + i sin theta) u_t + (1 - alpha delta)(cos theta + i sin theta) h_{t-1}
+                    with Mega's expansion u = beta x (beta: D x N) and theta_j = 2 pi j / h * omega.
+  code:             h_t = p x_t + q h_{t-1},  p = sigmoid(alpha) (real),  q = (1 - sigmoid(alpha) sigmoid(delta)) e^{i theta}
+                    -- the phase only on the recurrence, no beta expansion; theta_{j,n} = n sigmoid(theta_j) 2pi/N
+                    (one learned base frequency per channel, harmonics n = 1..N); gamma complex, scaled by N^-1/2;
+                    init: theta from log-spaced frequencies exp(-j log D / D), randomly permuted over channels.
+  Hence |q| = 1 - sigmoid(alpha) sigmoid(delta) < 1 always: the recurrence is stable by construction.
+  The official code computes CEMA as a causal FFT convolution with kernel K_j = Re sum_n p gamma_n q_n^j, plus the
+  bias Re sum_n gamma_n q_n^{t+1} h0 when a state is carried. Here cema_impl="scan" runs the complex recurrence
+  with kernels.linear_scan (Triton on CUDA, torch on CPU) and cema_impl="fft" the FFT convolution; tests check
+  both against a float64 sequential loop.
+
+Timestep normalization (Sec. 3.2): statistics per group of D/G channels, cumulative over time, computed with a
+Welford merge (count, mean, M2) so that it is stable; the merge is associative, so the prefix over L steps is a
+log-depth parallel scan here (Hillis-Steele) and a single merge per step when decoding with carried statistics.
+
+Left out: 4-D parallelism (chunk/tensor/data/sequence parallel; Sec. 3.5) and the fused CUDA kernels; dropout
+(toy scale); the timestep-norm prior (prior_count = 0 in the official configs); padding masks (no padding here).
+Chunk-wise attention pads the last chunk instead of requiring L % c == 0 (same result, causal).
+
+Ablation switches (Config): cema_complex (False: real EMA, theta = 0, as Mega), timestep_norm (False: LayerNorm),
+normalized_attention (False: plain q, k projections with 1/sqrt(d) scaling), two_hop_residual (False: the FFN's
+residual is the attention output), chunk_size = seq_len (full attention), use_cema (False: no EMA at all).
+
+Run:  python train.py --compare dense,megalodon --setting bytes      python megalodon.py (demo)
+Read next: mom.py (selective scan), megabyte.py / blt.py (other byte-level models).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class Config:
+    vocab_size: int = 256
+    n_modalities: int = 1
+    seq_len: int = 2048              # longest training sequence (forward(batch) checks it; generate does not)
+    d_model: int = 64                # D (model_dim); toy size matched to mot.py's dense baseline
+    n_layers: int = 2
+    n_heads: int = 1                 # heads share z; z_dim and v_dim are split across them (official 200M: 1)
+    z_dim: int = 32                  # shared query/key dimension (official: D / 4)
+    v_dim: int = 128                 # value / gate dimension (official: 2 D)
+    ffn_dim: int = 128               # FFN hidden size (official SwiGLU configs: 2 D)
+    cema_ndim: int = 16              # N, EMA dimensions per channel
+    chunk_size: int = 256            # c, attention chunk length
+    norm_groups: int = 8             # G, timestep-norm groups
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    swiglu: bool = True              # SwiGLU FFN (official 7B); False: SiLU FFN
+    rescale_nffn: bool = False       # layer scale 0.1 * 0.5^layer on the FFN output (official option)
+    scale_emb: bool = False          # multiply embeddings by sqrt(D) (official option)
+    share_emb: bool = False          # tie the output layer to the embedding (official option)
+    cema_impl: str = "fft"           # "scan" (kernels.linear_scan) | "fft" (causal FFT convolution, official)
+    scan_backend: str = "auto"       # kernels.linear_scan backend: "auto" | "triton" | "torch"
+    # ablations (paper components, all on by default)
+    use_cema: bool = True            # False: no moving average (mx = RMSNorm(X_hat))
+    cema_complex: bool = True        # False: theta = 0, a real damped EMA (Mega)
+    timestep_norm: bool = True       # False: per-token LayerNorm instead (Mega / Transformer)
+    normalized_attention: bool = True
+    two_hop_residual: bool = True
+
+    def __post_init__(self):
+        if self.z_dim % self.n_heads or self.v_dim % self.n_heads or (self.z_dim // self.n_heads) % 2:
+            raise ValueError(f"z_dim={self.z_dim} and v_dim={self.v_dim} must split into n_heads={self.n_heads} "
+                             "heads with an even z head size; change z_dim, v_dim or n_heads")
+        if self.d_model % self.norm_groups:
+            raise ValueError(f"d_model={self.d_model} is not divisible by norm_groups={self.norm_groups}; change one")
+        if self.cema_impl not in ("scan", "fft"):
+            raise ValueError(f"cema_impl={self.cema_impl!r} is unknown; use 'scan' or 'fft'")
+        if self.scan_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"scan_backend={self.scan_backend!r} is unknown; use 'auto', 'triton' or 'torch'")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size={self.chunk_size} must be >= 1")
+
+
+# ----- Sec. 3.1: complex exponential moving average (CEMA) -----------------------------------------------------
+class CEMA(nn.Module):
+    """Multi-dimensional damped complex EMA, one per channel: h_t = p x_t + q h_{t-1} (N-dim complex state),
+    y_t = Re(gamma . h_t) + omega x_t. State h: (B, D, N) complex64."""
+
+    def __init__(self, dim, ndim, complex_=True):
+        super().__init__()
+        self.dim, self.ndim, self.complex = dim, ndim, complex_
+        self.alpha = nn.Parameter(torch.randn(dim, ndim, 1) * 0.2)
+        self.delta = nn.Parameter(torch.randn(dim, ndim, 1) * 0.2)
+        # theta: log-spaced base frequencies f_j = exp(-j log D / D), permuted over channels, stored as logit(f)
+        freqs = torch.exp(-torch.arange(1, dim + 1) * (math.log(dim) / dim))[torch.randperm(dim)]
+        self.theta = nn.Parameter(torch.log(freqs / (1 - freqs)).view(dim, 1, 1))
+        gamma = torch.randn(dim, ndim, 2)
+        gamma[..., 1] = 0.0                                  # imaginary part of eta starts at 0
+        self.gamma = nn.Parameter(gamma)
+        self.omega = nn.Parameter(nn.init.trunc_normal_(torch.empty(dim), std=0.25, a=-1.0, b=1.0))
+
+    def coeffs(self):
+        """p (D, N, 1) real, q (D, N, 1) complex with |q| < 1, gamma (D, N) complex."""
+        wavelets = torch.arange(1, self.ndim + 1, dtype=torch.float32, device=self.theta.device).view(1, -1, 1)
+        theta = torch.sigmoid(self.theta.float()) * (2 * math.pi / self.ndim) * wavelets      # (D, N, 1)
+        if not self.complex:
+            theta = torch.zeros_like(theta)
+        p = torch.sigmoid(self.alpha.float())
+        q = torch.polar(1.0 - p * torch.sigmoid(self.delta.float()), theta)
+        gamma = torch.view_as_complex(self.gamma.float().contiguous()) * self.ndim ** -0.5
+        return p, q, gamma
+
+    def forward(self, x, h0=None, impl="fft", want_state=False, backend="auto"):
+        # x: (B, L, D) -> y (B, L, D), h_L (B, D, N) complex or None
+        with torch.autocast(x.device.type, enabled=False):                  # complex math stays in fp32
+            return self._forward(x, h0, impl, want_state, backend)
+
+    def _forward(self, x, h0, impl, want_state, backend):
+        B, L, D = x.shape
+        u = x.float().transpose(1, 2)                                        # (B, D, L)
+        p, q, gamma = self.coeffs()
+        if impl == "scan":
+            b = (p * u.unsqueeze(2)).to(torch.complex64)                     # (B, D, N, L)
+            a = q.expand(B, D, self.ndim, L)
+            h = kernels.linear_scan(a, b, h0, backend=backend)               # (B, D, N, L) complex
+            y = (gamma.unsqueeze(-1) * h).sum(2).real                        # Re(gamma . h_t)
+            h_last = h[..., -1] if want_state else None
+        else:
+            # causal FFT convolution with K_j = Re sum_n p gamma q^j (the official computation)
+            j = torch.arange(L + 1, device=x.device, dtype=torch.float32)
+            vander = torch.exp(torch.log(q) * j)                             # (D, N, L + 1): q^j
+            k = ((p * gamma.unsqueeze(-1)) * vander[..., :L]).sum(1).real   # (D, L)
+            n = 2 * L
+            y = torch.fft.irfft(torch.fft.rfft(u, n) * torch.fft.rfft(k, n), n)[..., :L]
+            h_last = None
+            if h0 is not None:                                               # carried state: + Re sum gamma q^{t+1} h0
+                y = y + ((gamma * h0).unsqueeze(-1) * vander[:, :, 1:]).sum(2).real
+            if want_state:                                                   # h_L = q^L h0 + sum_j p q^{L-1-j} x_j
+                w = (p * vander[..., :L].flip(-1))                           # (D, N, L)
+                h_last = (w.unsqueeze(0) * u.unsqueeze(2)).sum(-1)          # (B, D, N) complex
+                if h0 is not None:
+                    h_last = h_last + vander[..., L] * h0
+        y = y + self.omega.float().unsqueeze(-1) * u                         # + omega x_t
+        return y.transpose(1, 2), h_last
+
+
+# ----- Sec. 3.2: timestep normalization ------------------------------------------------------------------------
+def welford_merge(a, b):
+    """Merge two sets of statistics (count, mean, M2) -- Chan et al.'s pairwise form; associative."""
+    (na, ma, m2a), (nb, mb, m2b) = a, b
+    n = na + nb
+    d = mb - ma
+    frac = nb / n.clamp_min(1e-12)
+    return n, ma + d * frac, m2a + m2b + d * d * na * frac
+
+
+def welford_prefix(n, mean, m2):
+    """Inclusive prefix merge along dim 1 (time) in log2(L) vectorised steps (Hillis-Steele scan)."""
+    L, off = n.shape[1], 1
+    while off < L:
+        shifted = [torch.cat([torch.zeros_like(t[:, :off]), t[:, :-off]], 1) for t in (n, mean, m2)]
+        n, mean, m2 = welford_merge(shifted, (n, mean, m2))
+        off *= 2
+    return n, mean, m2
+
+
+class TimestepNorm(nn.Module):
+    """Group norm whose mean/variance at step t are those of all positions <= t in the group (population var).
+    State (carried between calls): count (B,) in time steps, mean (B, G), var (B, G)."""
+
+    def __init__(self, dim, groups, eps=1e-5):
+        super().__init__()
+        self.dim, self.groups, self.eps = dim, groups, eps
+        self.weight = nn.Parameter(torch.zeros(dim))                        # used as (1 + weight)
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, state=None):
+        # x: (B, L, D) -> y (B, L, D), new state
+        B, L, D = x.shape
+        xg = x.float().view(B, L, self.groups, D // self.groups)
+        step_mean = xg.mean(-1)                                              # (B, L, G) statistics of one step
+        step_m2 = xg.var(-1, unbiased=False)                                 # M2 of one step, in units of steps
+        n, mean, m2 = welford_prefix(torch.ones_like(step_mean), step_mean, step_m2)
+        if state is not None:
+            c0, mu0, var0 = state
+            c0 = c0.float().view(B, 1, 1).expand_as(n)
+            n, mean, m2 = welford_merge((c0, mu0.unsqueeze(1), var0.unsqueeze(1) * c0), (n, mean, m2))
+        var = m2 / n
+        y = (xg - mean.unsqueeze(-1)) * torch.rsqrt(var.unsqueeze(-1) + self.eps)
+        y = y.view(B, L, D) * (1 + self.weight.float()) + self.bias.float()
+        return y.to(x.dtype), (n[:, -1, 0], mean[:, -1], var[:, -1])
+
+
+class LayerNormStateless(nn.LayerNorm):
+    """Ablation: per-token LayerNorm in place of timestep norm (same call signature, no state)."""
+
+    def forward(self, x, state=None):
+        return super().forward(x), None
+
+
+# ----- Sec. 3.3: normalized attention within chunks, rotary positions reset per chunk --------------------------
+def rotary(x, pos, base):
+    # x: (B, L, H, d), pos: (L,) positions inside the chunk -> x rotated by pos * base^(-2i/d), pairs interleaved
+    d = x.shape[-1]
+    freqs = 1.0 / base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    rot = torch.polar(torch.ones(1, device=x.device), pos.float().unsqueeze(1) * freqs)       # (L, d/2)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    return torch.view_as_real(xc * rot.unsqueeze(1)).flatten(-2).to(x.dtype)
+
+
+def chunk_attention(q, k, v, c, base):
+    """Training path: softmax attention inside each chunk of c positions (block-diagonal, causal).
+    q, k: (B, L, H, dz), v: (B, L, H, dv) -> (B, L, H, dv). Scores are q.k (scale folded into q, k)."""
+    B, L, H, dz = q.shape
+    c = min(c, L)
+    pad = (-L) % c
+    if pad:                                                                   # pad the last chunk at the end
+        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+    Lp = L + pad
+    pos = torch.arange(Lp, device=q.device) % c                               # rotary positions restart per chunk
+    q, k = rotary(q, pos, base), rotary(k, pos, base)
+    split = lambda t: t.reshape(B * (Lp // c), c, H, t.shape[-1]).transpose(1, 2)    # (B * nc, H, c, d)
+    o = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True, scale=1.0)
+    return o.transpose(1, 2).reshape(B, Lp, H, -1)[:, :L]
+
+
+def cached_chunk_attention(q, k, v, cache, start, c, base):
+    """Streaming path: the new positions start..start+L-1 attend to the cached keys of the current chunk plus
+    themselves. cache = (k, v) of positions chunk_start..start-1 (already rotated). Returns o and the new cache,
+    which keeps only the keys of the chunk that the next position falls in (memory bounded by c)."""
+    B, L, H, _ = q.shape
+    pos = start + torch.arange(L, device=q.device)
+    q, k = rotary(q, pos % c, base), rotary(k, pos % c, base)
+    k_all, v_all = (torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1)) if cache is not None else (k, v)
+    kstart = start - k_all.shape[1] + L
+    kpos = kstart + torch.arange(k_all.shape[1], device=q.device)
+    mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] // c == pos[:, None] // c)       # (L, Lk)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+                                       attn_mask=mask, scale=1.0).transpose(1, 2)
+    keep = ((start + L) // c) * c - kstart                                    # first index of the next chunk's keys
+    keep = max(keep, 0)
+    return o, (k_all[:, keep:], v_all[:, keep:])
+
+
+class MovingAverageGatedAttention(nn.Module):
+    """One Megalodon attention layer: timestep norm -> CEMA -> RMSNorm -> shared z -> q, k; v; gate r;
+    chunk-wise attention; H = W_h1 mx + W_h2 (o * r); returns X + H."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        D, H = cfg.d_model, cfg.n_heads
+        self.dz, self.dv = cfg.z_dim // H, cfg.v_dim // H
+        self.timenorm = (TimestepNorm(D, cfg.norm_groups, cfg.norm_eps) if cfg.timestep_norm
+                         else LayerNormStateless(D, eps=cfg.norm_eps))
+        self.cema = CEMA(D, cfg.cema_ndim, cfg.cema_complex) if cfg.use_cema else None
+        self.rmsnorm = nn.RMSNorm(D, eps=cfg.norm_eps)
+        self.wz = nn.Linear(D, cfg.z_dim)
+        self.wv = nn.Linear(D, cfg.v_dim)
+        self.wr = nn.Linear(D, cfg.v_dim)
+        self.wh1 = nn.Linear(D, D)
+        self.wh2 = nn.Linear(cfg.v_dim, D, bias=False)
+        self.qk_gamma = nn.Parameter(torch.zeros(2, cfg.z_dim))                # per-channel scale (used as 1 + gamma)
+        self.qk_beta = nn.Parameter(torch.zeros(2, cfg.z_dim))                 # per-channel offset
+        for lin in (self.wz, self.wv, self.wr, self.wh1):
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x, cache=None):
+        # x: (B, L, D) -> (B, L, D), new cache (None when cache is None)
+        cfg, (B, L, D) = self.cfg, x.shape
+        state = cache or {}
+        # Sec. 3.2: X_hat = TimestepNorm(X)
+        xn, norm_state = self.timenorm(x, state.get("norm"))
+        # Sec. 3.1: M' = CEMA(X_hat); mx = RMSNorm(M')
+        h_last = None
+        if self.cema is not None:
+            m, h_last = self.cema(xn, state.get("h"), impl=cfg.cema_impl, want_state=cache is not None,
+                                  backend=cfg.scan_backend)
+        else:
+            m = xn
+        mx = self.rmsnorm(m)
+        # Sec. 3.3: shared representation z, normalized per head, then q, k = z * (gamma + 1) / sqrt(dz) + beta
+        z = self.wz(mx).view(B, L, cfg.n_heads, self.dz)
+        if cfg.normalized_attention:
+            z = F.rms_norm(z, (self.dz,), eps=cfg.norm_eps).view(B, L, cfg.z_dim)
+            g = (self.qk_gamma + 1.0) / math.sqrt(self.dz)
+        else:
+            z = z.view(B, L, cfg.z_dim)
+            g = (self.qk_gamma + 1.0) / self.dz ** 0.25                        # q.k scaled by 1/sqrt(dz) overall
+        v = F.silu(self.wv(xn)).view(B, L, cfg.n_heads, self.dv)             # V from X_hat
+        q = (z * g[0] + self.qk_beta[0]).view(B, L, cfg.n_heads, self.dz).to(v.dtype)
+        k = (z * g[1] + self.qk_beta[1]).view(B, L, cfg.n_heads, self.dz).to(v.dtype)
+        r = F.silu(self.wr(mx))                                               # gate R from mx
+        if cache is None:
+            o = chunk_attention(q, k, v, cfg.chunk_size, cfg.rope_base)
+            new_cache = None
+        else:
+            o, kv = cached_chunk_attention(q, k, v, state.get("kv"), state["pos"], cfg.chunk_size, cfg.rope_base)
+            new_cache = {"norm": norm_state, "h": h_last, "kv": kv, "pos": state["pos"] + L}
+        h = self.wh1(mx) + self.wh2(o.reshape(B, L, cfg.v_dim) * r)          # H = W_h1 M' + W_h2 (O * R)
+        return x + h, new_cache
+
+
+# ----- Sec. 3.4: normalized FFN with the two-hop residual ------------------------------------------------------
+class NormalizedFFN(nn.Module):
+    def __init__(self, cfg: Config, layer_id: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.fc3 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False) if cfg.swiglu else None
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.alpha = nn.Parameter(torch.full((cfg.d_model,), 0.1 * 0.5 ** layer_id)) if cfg.rescale_nffn else None
+
+    def forward(self, y, residual):
+        # y: (B, L, D) attention output, residual: (B, L, D) -> (B, L, D)
+        x = self.norm(y)
+        hidden = F.silu(self.fc1(x)) * self.fc3(x) if self.fc3 is not None else F.silu(self.fc1(x))
+        out = self.fc2(hidden)
+        return (out if self.alpha is None else self.alpha * out) + residual
+
+
+class MegalodonBlock(nn.Module):
+    def __init__(self, cfg: Config, layer_id: int):
+        super().__init__()
+        self.two_hop = cfg.two_hop_residual
+        self.mega = MovingAverageGatedAttention(cfg)
+        self.nffn = NormalizedFFN(cfg, layer_id)
+
+    def forward(self, x, cache=None):
+        # x: (B, L, D) -> (B, L, D).  Two-hop: Y = FFN(Norm(Y_hat)) + X, Y_hat = X + H
+        y, cache = self.mega(x, cache)
+        return self.nffn(y, x if self.two_hop else y), cache
+
+
+# ----- the language model ----------------------------------------------------------------------------------------
+LOSS_NAMES = ("loss_text", "loss_image", "loss_speech")
+
+
+class Megalodon(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        std = cfg.d_model ** -0.5
+        nn.init.trunc_normal_(self.embed.weight, std=std, a=-3 * std, b=3 * std)
+        self.layers = nn.ModuleList(MegalodonBlock(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = (TimestepNorm(cfg.d_model, cfg.norm_groups, cfg.norm_eps) if cfg.timestep_norm
+                           else LayerNormStateless(cfg.d_model, eps=cfg.norm_eps))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.share_emb:
+            self.lm_head.weight = self.embed.weight
+        else:
+            nn.init.trunc_normal_(self.lm_head.weight, std=std, a=-3 * std, b=3 * std)
+
+    def _check_tokens(self, idx, limit=True):
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+            raise ValueError("tokens must be an int64 tensor of shape (B, T); convert with .long() and add a batch dim")
+        if idx.shape[1] == 0:
+            raise ValueError("tokens are empty (T = 0); pass at least one token")
+        if limit and idx.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"sequence length {idx.shape[1]} > cfg.seq_len={self.cfg.seq_len}; "
+                             "raise --seq_len or use generate() for unlimited streaming")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); check the data or vocab_size")
+
+    def forward_tokens(self, idx, cache=None):
+        # idx: (B, T) -> logits (B, T, V), new cache (or None)
+        x = self.embed(idx)
+        if self.cfg.scale_emb:
+            x = x * math.sqrt(self.cfg.d_model)
+        new = None if cache is None else {"layers": [], "norm": None}
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, None if cache is None else cache["layers"][i])
+            if cache is not None:
+                new["layers"].append(c)
+        x, norm_state = self.final_norm(x, None if cache is None else cache["norm"])
+        if cache is not None:
+            new["norm"] = norm_state
+        return self.lm_head(x), new
+
+    def forward(self, batch):
+        # batch["tokens"], ["targets"]: (B, T) -> logits (B, T, V), loss (mean CE in nats), parts
+        idx, targets = batch["tokens"], batch["targets"]
+        self._check_tokens(idx)
+        if "modality" in batch and batch["modality"].numel() and int(batch["modality"].max()) >= self.cfg.n_modalities:
+            raise ValueError(f"modality ids must be < n_modalities={self.cfg.n_modalities}; check the data setting")
+        logits, _ = self.forward_tokens(idx)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+        mask = (targets.flatten() != -1).float()
+        loss = (ce * mask).sum() / mask.sum().clamp_min(1)
+        parts = {}
+        tm = batch.get("target_modality", torch.zeros_like(targets)).flatten()
+        for m in range(min(self.cfg.n_modalities, len(LOSS_NAMES))):
+            sel = mask * (tm == m).float()
+            if sel.sum() > 0:
+                parts[LOSS_NAMES[m]] = ((ce * sel).sum() / sel.sum()).detach()
+        return logits, loss, parts
+
+    def init_cache(self):
+        return {"layers": [{"pos": 0} for _ in self.layers], "norm": None}
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0):
+        """Streaming decoding: the cache holds the current chunk's keys/values, the CEMA state and the
+        timestep-norm statistics per layer, so its size does not grow with the sequence. idx (B, T) -> (B, T + n)."""
+        self._check_tokens(idx, limit=False)
+        c, cache, pos = self.cfg.chunk_size, self.init_cache(), 0
+        while pos < idx.shape[1]:                                            # prefill chunk-aligned pieces
+            n = min(c - pos % c, idx.shape[1] - pos)
+            logits, cache = self.forward_tokens(idx[:, pos:pos + n], cache)
+            pos += n
+        out = [idx]
+        for i in range(max_new_tokens):
+            last = logits[:, -1].float()
+            if temperature > 0:
+                nxt = torch.multinomial(F.softmax(last / temperature, -1), 1)
+            else:
+                nxt = last.argmax(-1, keepdim=True)
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                logits, cache = self.forward_tokens(nxt, cache)
+        return torch.cat(out, 1)
+
+
+MODELS = {"megalodon": (Config, Megalodon, "bytes", dict())}
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    cfg = Config(seq_len=512, chunk_size=128)
+    model = Megalodon(cfg)
+    print(f"megalodon: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{cfg.seq_len // cfg.chunk_size} chunks of {cfg.chunk_size}")
+    tokens = torch.randint(0, 256, (2, cfg.seq_len + 1))
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(5):
+        logits, loss, parts = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        print(f"step {step} | loss {loss.item():.3f} nats | bpb {loss.item() / math.log(2):.3f}")
+    print("logits", tuple(logits.shape), "| generated:", model.generate(tokens[:, :8], 8)[0, 8:].tolist())

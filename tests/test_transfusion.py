@@ -1,0 +1,335 @@
+"""Tests for transfusion.py: the mask, the losses, isolation of the image modules, the schedule and samplers,
+guidance, causality, cached decoding, and LMFusion's frozen text model. Tiny models, CPU, a few seconds."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import data  # noqa: E402
+import transfusion as tf  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def tiny_cfg(**over):
+    ds = data.make_data("transfusion", seq_len=64)
+    cfg = tf.Config(d_model=32, n_layer=1, n_head=2, unet_channels=8, sample_steps=4)
+    for k, v in ds.model_fields().items():
+        if hasattr(cfg, k):
+            setattr(cfg, k, v)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg, ds
+
+
+def tiny(**over):
+    torch.manual_seed(0)
+    cfg, ds = tiny_cfg(**over)
+    return tf.Transfusion(cfg), ds
+
+
+# --- the attention mask ----------------------------------------------------------------------------------------
+def reference_mask(gid, drop=None):
+    """allowed[i, j] = j <= i or same image; a dropped image's patches see only their image and their <boi>."""
+    B, T = gid.shape
+    m = torch.zeros(B, T, T, dtype=torch.bool)
+    for b in range(B):
+        for i in range(T):
+            for j in range(T):
+                same = gid[b, i] >= 0 and gid[b, i] == gid[b, j]
+                ok = j <= i or same
+                if drop is not None and drop[b, i]:
+                    is_boi = j + 1 < T and gid[b, j] < 0 and gid[b, j + 1] == gid[b, i]
+                    ok = same or (is_boi and j <= i)
+                m[b, i, j] = ok
+    return m
+
+
+@pytest.mark.parametrize("backbone", ["dense", "mot"])
+def test_mask_position_by_position(backbone):
+    model, ds = tiny(backbone=backbone)
+    b = ds.get_batch("train", 2, 0)
+    gid, slot, n_img = model._images(b["image_index"])
+    assert n_img >= 2
+    m = model.attention_mask(gid)[:, 0]
+    assert torch.equal(m, reference_mask(gid))
+    # spot checks in the paper's words: <boi> sees only its past; text after <eoi> sees the whole image
+    row = gid[0]
+    first = int((row >= 0).nonzero()[0])
+    boi, last = first - 1, first + model.cfg.n_patches - 1
+    assert not m[0, boi, first:].any() and m[0, boi, :boi + 1].all()
+    assert m[0, first, first:last + 1].all()                       # first patch sees the last patch of its image
+    assert m[0, last + 1, :last + 2].all()                         # <eoi> sees everything before it
+    drop = (gid >= 0) & (gid == gid[0, first])
+    assert torch.equal(model.attention_mask(gid, drop)[:, 0], reference_mask(gid, drop))
+    causal = tf.Transfusion(tiny_cfg(image_attn="causal")[0]).attention_mask(gid)[:, 0]
+    assert torch.equal(causal, torch.ones(gid.shape[1], gid.shape[1], dtype=torch.bool).tril().expand_as(causal))
+
+
+def test_images_gathered_with_truncation():
+    model, ds = tiny()
+    b = ds.get_batch("train", 4, 3)
+    gid, slot, n_img = model._images(b["image_index"])
+    assert n_img == sum(int(r.max()) + 1 for r in b["image_index"] if r.max() >= 0)
+    for g in range(n_img):                                        # each image: consecutive slots 0..k-1
+        s = slot[gid == g]
+        assert torch.equal(s, torch.arange(len(s)))
+
+
+def test_patchify_matches_data():
+    cfg, ds = tiny_cfg()
+    img = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    p = tf.patchify(torch.from_numpy(img), cfg)
+    assert np.allclose(p.numpy(), data.to_patches(img))
+    assert torch.equal(tf.unpatchify(p, cfg), torch.from_numpy(img))
+
+
+# --- the losses ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("codec", ["linear", "unet"])
+def test_losses_on_the_right_positions(codec):
+    model, ds = tiny(patch_codec=codec)
+    model.eval()                                                   # fixed noise draws and t
+    b = ds.get_batch("train", 2, 0)
+    logits, loss, parts = model(b)
+    # LM loss = cross-entropy on text positions with a target, computed independently
+    sel = (b["targets"] != -1) & (b["image_index"] < 0)
+    ref = F.cross_entropy(logits[sel], b["targets"][sel])
+    assert torch.allclose(parts["loss_text"], ref, atol=1e-6)
+    assert torch.allclose(loss, parts["loss_text"] + model.cfg.lam * parts["loss_image"], atol=1e-5)
+    # targets at / into patches never count; patches outside images are never read
+    b2 = dict(b)
+    b2["targets"] = b["targets"].clone()
+    b2["targets"][b["image_index"] >= 0] = 5
+    b2["patches"] = b["patches"].clone()
+    b2["patches"][b["image_index"] < 0] = 7.0
+    _, loss2, parts2 = model(b2)
+    assert torch.equal(parts2["loss_text"], parts["loss_text"]) or torch.allclose(parts2["loss_text"], parts["loss_text"])
+    # lambda = 0: the diffusion loss does not enter the objective
+    model.cfg.lam = 0.0
+    assert torch.allclose(model(b)[1], parts["loss_text"], atol=1e-6)
+
+
+def test_text_only_batch_gives_no_grad_to_image_modules():
+    model, ds = tiny()
+    b = ds.get_batch("train", 2, 0)
+    text = {k: b[k] for k in ("tokens", "targets", "modality", "target_modality", "loss_mask")}
+    sel = b["image_index"] < 0                                     # keep a text-only batch: drop image positions
+    text = {k: v[:, :20] for k, v in text.items()}
+    text["modality"] = torch.zeros_like(text["tokens"])
+    text["tokens"] = text["tokens"].clamp(min=1)
+    _, loss, parts = model(text)
+    assert "loss_image" not in parts
+    loss.backward()
+    for name, p in model.codec.named_parameters():                # patch encoder/decoder and timestep MLP
+        assert p.grad is None or not p.grad.any(), name
+    assert model.backbone.tok_emb.weight.grad.abs().sum() > 0
+    assert sel.any()
+
+
+# --- schedule and samplers -----------------------------------------------------------------------------------------
+def test_schedule_and_q_sample():
+    d = tf.Diffusion(1000, "cosine")
+    ab = d.alpha_bar
+    assert ab.shape == (1000,) and (ab[1:] < ab[:-1]).all()
+    assert ab[0] > 0.999 and ab[-1] < 1e-4
+    x0 = torch.rand(4, 16, 48) * 2 - 1
+    noise = torch.randn_like(x0)
+    xt = d.q_sample(x0, torch.zeros(4, dtype=torch.long), noise)
+    assert (xt - x0).abs().max() < 0.03
+    xT = d.q_sample(x0, torch.full((4,), 999, dtype=torch.long), noise)
+    assert (xT - noise).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("steps", [1000, 7])
+def test_sampler_with_true_noise_recovers_x0(sampler, steps):
+    d = tf.Diffusion(1000, "cosine")
+    x0 = torch.rand(3, 16, 48) * 2 - 1
+
+    def oracle(xt, t):                                            # the noise actually present in x_t
+        ab = d.alpha_bar[t].view(-1, 1, 1)
+        return (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    g = torch.Generator().manual_seed(0)
+    out = d.sample(oracle, torch.randn(x0.shape, generator=g), steps, sampler, clip=True, generator=g)
+    assert (out - x0).abs().max() < 1e-3
+
+
+def test_guidance_one_equals_conditional_and_uncond_ignores_caption():
+    model, ds = tiny()
+    model.eval()
+    cfg = model.cfg
+    cap = ds.scenes(2)
+    prefix = torch.tensor([[cfg.bos_id] + cap[0]["caption"][:6] + [cfg.boi_id],
+                           [cfg.bos_id] + cap[1]["caption"][:6] + [cfg.boi_id]])
+    xt = torch.randn(2, cfg.n_patches, cfg.patch_dim)
+    t = torch.tensor([300, 700])
+    with torch.no_grad():
+        # independent conditional pass: the B rows alone, plain Transfusion mask
+        B, Tp = prefix.shape
+        ii = torch.cat([torch.full((B, Tp), -1), torch.zeros(B, cfg.n_patches, dtype=torch.long)], 1)
+        gid, slot, n = model._images(ii)
+        x, skips = model._embed(torch.cat([prefix, torch.zeros_like(ii[:, Tp:])], 1), (ii >= 0).long(), xt, t, gid, slot)
+        eps_c = model._eps(model.backbone.forward_hidden(x, (ii >= 0).long(), model.attention_mask(gid)), gid, slot, n, skips)
+        assert torch.allclose(model.predict_eps(prefix, xt, t, guidance=1.0), eps_c, atol=1e-5)
+        # unconditional = the image after a bare <boi> (RoPE is relative: the masked prefix must not matter)
+        short = prefix[:, -1:]
+        eps_u = model.predict_eps(short, xt, t, guidance=1.0)
+        g = 3.0
+        assert torch.allclose(model.predict_eps(prefix, xt, t, guidance=g), eps_c + (g - 1) * (eps_c - eps_u), atol=1e-4)
+        out = model.generate_image(prefix, guidance=1.0, steps=3)
+    assert out.shape == (2, cfg.n_patches, cfg.patch_dim) and out.abs().max() <= 1.0
+
+
+# --- causality, decoding ---------------------------------------------------------------------------------------------
+def test_causality_of_text_and_bidirectional_images():
+    model, ds = tiny()
+    model.eval()
+    b = ds.get_batch("train", 1, 0)
+    gid, _, _ = model._images(b["image_index"])
+    first = int((gid[0] >= 0).nonzero()[0])
+    last = first + model.cfg.n_patches - 1
+    with torch.no_grad():
+        logits0, _, _ = model(b)
+        b2 = dict(b, tokens=b["tokens"].clone())
+        t = last + 3                                             # a text position after the first image
+        b2["tokens"][0, t] = (b["tokens"][0, t] + 1) % model.cfg.vocab_size
+        logits1, _, _ = model(b2)
+        assert torch.equal(logits0[0, :t], logits1[0, :t]) and not torch.equal(logits0[0, t:], logits1[0, t:])
+        # a change in the image's LAST patch reaches its first patch (bidirectional), but not the text before it
+        b3 = dict(b, patches=b["patches"].clone())
+        b3["patches"][0, last] += 0.5
+        h0 = hidden(model, b)
+        h1 = hidden(model, b3)
+        assert torch.equal(h0[0, :first], h1[0, :first])
+        assert not torch.allclose(h0[0, first], h1[0, first])
+        assert not torch.allclose(h0[0, last + 1], h1[0, last + 1])   # <eoi> sees the image
+
+
+def hidden(model, b):
+    gid, slot, n = model._images(b["image_index"])
+    x0 = torch.zeros(n, model.cfg.n_patches, model.cfg.patch_dim).index_put(
+        (gid[gid >= 0], slot[gid >= 0]), b["patches"][gid >= 0])
+    t = torch.full((n,), 100)
+    x, _ = model._embed(b["tokens"], b["modality"], x0, t, gid, slot)
+    return model.backbone.forward_hidden(x, b["modality"], model.attention_mask(gid))
+
+
+@pytest.mark.parametrize("backbone", ["dense", "mot"])
+def test_cached_captioning_equals_recompute(backbone):
+    model, ds = tiny(backbone=backbone)
+    cfg = model.cfg
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    n_pre = 3 + cfg.n_patches
+    idx = torch.tensor([[cfg.bos_id, cfg.boi_id] + [0] * cfg.n_patches + [cfg.eoi_id]] * 2)
+    ii = torch.full_like(idx, -1)
+    ii[:, 2:2 + cfg.n_patches] = 0
+    pp = torch.zeros(2, n_pre, cfg.patch_dim)
+    pp[:, 2:2 + cfg.n_patches] = tf.patchify(img, cfg)
+    out = model.generate(idx, 8, patches=pp, image_index=ii)
+    ref = idx
+    with torch.no_grad():                                     # greedy loop, full recompute every step
+        for _ in range(8):
+            iir = torch.cat([ii, torch.full((2, ref.shape[1] - idx.shape[1]), -1)], 1)
+            ppr = torch.cat([pp, torch.zeros(2, ref.shape[1] - idx.shape[1], cfg.patch_dim)], 1)
+            h = model._hidden_of(ref, iir, ppr)
+            ref = torch.cat([ref, model.backbone.lm_head(h[:, -1]).argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref)
+
+
+def test_generate_switches_to_diffusion_on_boi():
+    model, ds = tiny()
+    cfg = model.cfg
+    # a head that always says <boi>: decoding must switch to diffusion, emit n patches, then <eoi>
+    model.backbone.lm_head.register_forward_hook(
+        lambda m, i, o: torch.nn.functional.one_hot(torch.full(o.shape[:-1], cfg.boi_id), o.shape[-1]).float())
+    out = model.generate(torch.tensor([[cfg.bos_id]]), cfg.n_patches + 3)
+    assert out[0, 1] == cfg.boi_id and out[0, 2 + cfg.n_patches] == cfg.eoi_id
+    assert len(model.last_images) == 1 and model.last_images[0].shape == (1, cfg.n_patches, cfg.patch_dim)
+
+
+def test_loss_falls():
+    model, ds = tiny()
+    b = ds.get_batch("train", 4, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        _, loss, _ = model(b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+# --- LMFusion ------------------------------------------------------------------------------------------------------
+def test_lmfusion_text_frozen_and_text_logits_unchanged(tmp_path):
+    torch.manual_seed(0)
+    text_ds = data.make_data("text", seq_len=64)
+    base_cfg, _ = tiny_cfg(backbone="mot")
+    for k, v in text_ds.model_fields().items():
+        if hasattr(base_cfg, k):
+            setattr(base_cfg, k, v)
+    base = tf.Transfusion(base_cfg)
+    opt = torch.optim.AdamW(base.parameters(), lr=1e-2)
+    for i in range(3):                                            # a little text-only training
+        base(text_ds.get_batch("train", 2, i))[1].backward()
+        opt.step()
+        opt.zero_grad()
+    path = tmp_path / "ckpt.pt"
+    torch.save(dict(model=base.state_dict(), config={}), path)
+
+    cfg, ds = tiny_cfg(backbone="mot", lmfusion=str(path))
+    model = tf.Transfusion(cfg)
+    text_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    image_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("backbone.") and n.endswith(".weight.1") for n in image_before)
+    assert "backbone.tok_emb.weight" in text_before and "backbone.lm_head.weight" in text_before
+    # image modules start as copies of the text modules
+    qkv = model.backbone.blocks[0].attn.qkv.weight
+    assert torch.equal(qkv[0], qkv[1])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    for i in range(3):
+        model(ds.get_batch("train", 2, i))[1].backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if n in text_before:
+            assert torch.equal(p, text_before[n]), n            # bit-identical
+    assert any(not torch.equal(p, image_before[n]) for n, p in model.named_parameters() if n in image_before)
+    # on text-only input the LMFusion model is the base text model
+    model.eval(), base.eval()
+    tb = text_ds.get_batch("val", 2, 0)
+    tb = dict(tb, modality=torch.zeros_like(tb["tokens"]))
+    with torch.no_grad():
+        assert torch.allclose(model(tb)[0], base(tb)[0], atol=1e-5)
+
+
+def test_lmfusion_errors(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        tf.Transfusion(tiny_cfg(backbone="mot", lmfusion=str(tmp_path / "nope.pt"))[0])
+    with pytest.raises(ValueError, match="backbone"):
+        tf.Transfusion(tiny_cfg(backbone="dense", lmfusion="x.pt")[0])
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------------
+def test_bad_input_raises_one_line_value_error():
+    model, ds = tiny()
+    b = ds.get_batch("train", 1, 0)
+    with pytest.raises(ValueError, match="int64"):
+        model(dict(b, tokens=b["tokens"].float()))
+    with pytest.raises(ValueError, match="seq_len"):
+        model(dict(b, tokens=torch.zeros(1, 100, dtype=torch.long), modality=torch.zeros(1, 100, dtype=torch.long)))
+    with pytest.raises(ValueError, match="n_modalities"):
+        model(dict(b, modality=b["modality"] + 2))
+    with pytest.raises(ValueError, match="patches"):
+        model({k: v for k, v in b.items() if k != "patches"})
+    with pytest.raises(ValueError, match="boi"):
+        model.generate_image(torch.tensor([[1, 5]]))
+    with pytest.raises(ValueError, match="backbone"):
+        tf.Transfusion(tiny_cfg(backbone="rnn")[0])

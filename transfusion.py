@@ -1,0 +1,657 @@
+"""Transfusion (Zhou, Yu, Babu et al. 2024) -- arXiv 2408.11039, and LMFusion (Shi, Han, Zhou et al. 2024) --
+arXiv 2412.15188.
+
+"Transfusion combines the language modeling loss function (next token prediction) with diffusion to train a single
+transformer over mixed-modality sequences." Text is a sequence of discrete tokens; each image is a sequence of
+continuous patch vectors between <boi> and <eoi>. One transformer reads both. Text positions are trained with
+next-token cross-entropy; image patches are noised with DDPM and the same transformer predicts the noise. Attention
+is causal everywhere except inside an image, where patches see each other (Sec. 3.2, Fig. 4).
+LMFusion starts from a text-only LM, adds image copies of every transformer module (MoT-style, attention computed
+jointly), freezes all text modules, embeddings and head, and trains only the image side with this objective.
+
+Glossary (paper -> code):
+    x_0 (clean latent patches)         -> batch["patches"] at image positions (toy: raw 4x4x3 pixel patches)
+    t ~ U{0..T-1}, T = 1000            -> t (one per image), cfg.diffusion_steps; cosine schedule (Nichol & Dhariwal)
+    alpha_bar_t, x_t (Eq. 3)           -> Diffusion.alpha_bar, Diffusion.q_sample
+    eps_theta(x_t, t, context) (Eq. 4) -> Transfusion.predict_eps (backbone + patch decoder)
+    L_LM (Eq. 1), L_DDPM (Eq. 4)       -> parts["loss_text"], parts["loss_image"] (MSE averaged per image)
+    L = L_LM + lambda L_DDPM (Eq. 5)   -> cfg.lam = 5
+    E (patch encoder/decoder, Sec.3.2)  -> PatchCodec: "linear" or "unet" (cfg.patch_codec); timestep MLP -> t_mlp
+    BOI / EOI                          -> cfg.boi_id / cfg.eoi_id (text tokens, modality 0)
+    CFG (condition dropout, guidance)  -> cfg.cond_dropout, cfg.guidance
+    noise limiting (Sec. 4.3 captioning) -> cfg.noise_limit: images that precede their caption get t < 500
+    MoT backbone (MoT paper Sec. 5)    -> cfg.backbone = "mot" (mot.py); "mamba" / "mom" from mom.py
+    LMFusion theta_text, theta_img     -> modality 0 / 1 weights of the MoT backbone; cfg.lmfusion = base ckpt path
+
+The attention mask (Sec. 3.2):  allowed[i, j] = (j <= i) or (i and j are patches of the same image).
+So a text token sees only its past (an image counts as soon as its <eoi> is behind), <boi> sees only its past, and
+every patch sees its whole image. For classifier-free guidance the "unconditional" image additionally sees only its
+own patches and its <boi> (the condition, everything before, is masked out); training drops the condition this way
+with probability cfg.cond_dropout, so the same mask gives the unconditional prediction at sampling time.
+
+Where this departs from the paper, and why:
+  * no VAE: the toy images are 16x16x3 pixels in [-1, 1] cut into 16 patches of 4x4x3, standing in for latents.
+  * the dense backbone is mot.Transformer with every untie_* off (the repo's dense baseline: RoPE, SwiGLU, RMSNorm,
+    Chameleon norm placement), so dense vs MoT differs only in the untied weights; the paper uses Llama-2 blocks.
+  * U-Net codec: the paper's U-Net down/up blocks condition on t with AdaLayerNorm; ours is a two-level conv U-Net
+    with AdaGroupNorm (scale/shift from the t embedding), skip connections around the transformer, ~50k params.
+  * sampling defaults to 50 DDIM steps (paper: 250 DDPM-family steps) to keep CPU evaluation fast;
+    cfg.sampler = "ddpm" and cfg.sample_steps = 250 give the paper's setting.
+  * a partial image at the end of a packed row (data.py truncates) gets a diffusion loss on its present patches.
+Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics (a pixel scorer stands in).
+
+Run:   python train.py --model transfusion                         (dense, default setting "transfusion")
+       python train.py --compare transfusion,transfusion-mot       (MoT backbone vs dense at equal FLOPs)
+       python train.py --model lmfusion-base                       (text-only LM on data.py's "text" stream)
+       python train.py --model lmfusion --lmfusion=out/lmfusion-base/ckpt.pt
+       python transfusion.py                                       (a 20-line demo)
+Read first: mot.py (the backbone).  Read next: mom.py (the Mamba backbones).
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mot
+
+
+@dataclass
+class Config:
+    # data (train.py copies these from ds.model_fields())
+    vocab_size: int = 64
+    n_modalities: int = 2
+    modality_offsets: tuple = (0, 64)
+    seq_len: int = 256
+    bos_id: int = 1
+    boi_id: int = 2
+    eoi_id: int = 3
+    sep_id: int = 6
+    patch_dim: int = 48                 # p*p*C values per patch
+    n_patches: int = 16                 # patches per image
+    image_size: int = 16
+    patch_size: int = 4
+    channels: int = 3
+    # backbone (Sec. 3.2: one transformer; MoT / Mamba / MoM via their files)
+    backbone: str = "dense"             # dense | mot | mamba | mom
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    # Sec. 3.2 / 4.2: patch encoder/decoder
+    patch_codec: str = "unet"           # linear | unet
+    unet_channels: int = 32             # U-Net width at full resolution (x2 after the down block)
+    # Sec. 3.3 / 4.1: diffusion
+    diffusion_steps: int = 1000         # T
+    schedule: str = "cosine"            # cosine (paper) | linear (DDPM's)
+    lam: float = 5.0                    # lambda in L = L_LM + lambda * L_DDPM
+    noise_limit: int = 500              # Sec. 4.3: t < noise_limit for images before their caption (0 = off)
+    image_attn: str = "bidirectional"   # bidirectional (paper) | causal (the paper's ablation, Table 5)
+    cond_dropout: float = 0.2           # P(drop the condition) for classifier-free guidance
+    # sampling
+    sampler: str = "ddim"               # ddim (deterministic, eta=0) | ddpm (ancestral)
+    sample_steps: int = 50              # denoising steps at inference (paper: 250)
+    guidance: float = 3.0               # classifier-free guidance scale (1 = conditional only)
+    clip_x0: bool = True                # clip the predicted x_0 to [-1, 1] at every sampling step
+    # LMFusion
+    lmfusion: str = ""                  # path to a text-only ckpt.pt (lmfusion-base); freezes text, trains image
+
+
+def _check_config(cfg):
+    choices = dict(backbone=("dense", "mot", "mamba", "mom"), patch_codec=("linear", "unet"),
+                   schedule=("cosine", "linear"), image_attn=("bidirectional", "causal"), sampler=("ddim", "ddpm"))
+    for k, allowed in choices.items():
+        if getattr(cfg, k) not in allowed:
+            raise ValueError(f"{k}={getattr(cfg, k)!r} is unknown; use one of {', '.join(allowed)}")
+    if cfg.patch_dim != cfg.patch_size ** 2 * cfg.channels or cfg.n_patches != (cfg.image_size // cfg.patch_size) ** 2:
+        raise ValueError(f"patch_dim={cfg.patch_dim}, n_patches={cfg.n_patches} do not match image_size="
+                         f"{cfg.image_size}, patch_size={cfg.patch_size}, channels={cfg.channels}; take them from data.py")
+    if not 0 <= cfg.noise_limit <= cfg.diffusion_steps or not 0 < cfg.sample_steps <= cfg.diffusion_steps:
+        raise ValueError(f"need 0 <= noise_limit <= diffusion_steps and 0 < sample_steps <= diffusion_steps "
+                         f"(got {cfg.noise_limit}, {cfg.sample_steps}, {cfg.diffusion_steps})")
+    if cfg.lmfusion and cfg.backbone != "mot":
+        raise ValueError("LMFusion adds MoT-style image modules: use --backbone=mot (or --model lmfusion)")
+
+
+# --- Sec. 3.3: DDPM forward process, cosine schedule; DDPM and DDIM samplers --------------------------------------
+
+class Diffusion(nn.Module):
+    """Noise schedule (buffers only) + q_sample + the two samplers. Time t is an integer in [0, T)."""
+
+    def __init__(self, T=1000, schedule="cosine"):
+        super().__init__()
+        if schedule == "cosine":   # Nichol & Dhariwal 2021, Eq. 17: alpha_bar(t) = f(t) / f(0), beta clipped at 0.999
+            s = 0.008
+            f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        else:                      # Ho et al. 2020
+            betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+        self.T = T
+        self.register_buffer("alpha_bar", torch.cumprod(1 - betas, 0).float(), persistent=False)   # (T,)
+
+    # Eq. 3: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+    def q_sample(self, x0, t, noise):
+        # x0, noise: (N, ...), t: (N,) int64 -> x_t (N, ...)
+        ab = self.alpha_bar[t].view(-1, *([1] * (x0.dim() - 1)))
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def timesteps(self, n_steps):
+        """The n_steps timesteps a sampler visits, from T-1 down to 0 (evenly spaced: "respacing")."""
+        return torch.linspace(self.T - 1, 0, n_steps).round().long().unique_consecutive()
+
+    @torch.no_grad()
+    def sample(self, eps_fn, x, n_steps, sampler="ddim", clip=True, generator=None):
+        """Reverse process from x = x_T (pure noise). eps_fn(x_t, t: (N,) int64) -> eps prediction like x.
+        DDIM (eta = 0, Song et al. 2021 Eq. 12) is deterministic; DDPM draws the posterior q(x_s | x_t, x0_hat)."""
+        ts = self.timesteps(n_steps).tolist()
+        for i, t in enumerate(ts):
+            s = ts[i + 1] if i + 1 < len(ts) else -1                 # next (smaller) timestep; -1 = done
+            ab_t = self.alpha_bar[t]
+            ab_s = self.alpha_bar[s] if s >= 0 else torch.ones_like(ab_t)
+            eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+            x0 = (x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()          # predicted x_0
+            if clip:
+                x0 = x0.clamp(-1, 1)
+                eps = (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()     # the noise consistent with the clipped x_0
+            if sampler == "ddim":
+                x = ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps
+            else:   # posterior of the respaced chain, beta' = 1 - ab_t / ab_s (Ho et al. Eq. 6-7)
+                beta = 1 - ab_t / ab_s
+                mean = ab_s.sqrt() * beta / (1 - ab_t) * x0 + (1 - beta).sqrt() * (1 - ab_s) / (1 - ab_t) * x
+                var = beta * (1 - ab_s) / (1 - ab_t)
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = mean + (var.sqrt() * noise if s >= 0 else 0)
+        return x
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps (Transformer / DDPM). t: (N,) -> (N, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    ang = t.float()[:, None] * freqs[None]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+# --- Sec. 3.2 / 4.2: patch encoder and decoder (linear, or U-Net down/up blocks), conditioned on t ------------------
+
+def unpatchify(p, cfg):
+    """(N, n_patches, p*p*C) -> (N, C, H, W), data.py's layout: raster order of patches, each (p, p, C) channel last."""
+    g, ps, C = cfg.image_size // cfg.patch_size, cfg.patch_size, cfg.channels
+    return p.reshape(-1, g, g, ps, ps, C).permute(0, 5, 1, 3, 2, 4).reshape(-1, C, g * ps, g * ps)
+
+
+def patchify(img, cfg):
+    """(N, C, H, W) -> (N, n_patches, p*p*C), the inverse of unpatchify."""
+    g, ps, C = cfg.image_size // cfg.patch_size, cfg.patch_size, cfg.channels
+    return img.reshape(-1, C, g, ps, g, ps).permute(0, 2, 4, 3, 5, 1).reshape(-1, g * g, ps * ps * C)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> AdaGN(t) scale/shift -> SiLU -> conv -> GroupNorm -> SiLU -> conv, plus a 1x1 skip."""
+
+    def __init__(self, c_in, c_out, d_t):
+        super().__init__()
+        self.n1, self.n2 = nn.GroupNorm(min(8, c_in), c_in), nn.GroupNorm(min(8, c_out), c_out)
+        self.ada = nn.Linear(d_t, 2 * c_in)                 # AdaGN: the timestep sets the norm's scale and shift
+        self.c1, self.c2 = nn.Conv2d(c_in, c_out, 3, padding=1), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, temb):
+        # x: (N, c_in, h, w), temb: (N, d_t) -> (N, c_out, h, w)
+        scale, shift = self.ada(temb)[:, :, None, None].chunk(2, dim=1)
+        h = self.c1(F.silu(self.n1(x) * (1 + scale) + shift))
+        return self.skip(x) + self.c2(F.silu(self.n2(h)))
+
+
+class PatchCodec(nn.Module):
+    """encode(x_t patches, t) -> transformer inputs; decode(transformer outputs, t) -> eps patches.
+    linear: one Linear each way, plus the timestep embedding added to every patch vector (Sec. 3.2).
+    unet:   image -> conv + ResBlock (full res) -> strided conv down to one cell per patch -> ResBlock -> 1x1 to D;
+            decode mirrors it (up blocks), with skip connections from the down blocks around the transformer."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, D = cfg, cfg.d_model
+        self.t_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))   # the timestep MLP
+        if cfg.patch_codec == "linear":
+            self.enc, self.dec = nn.Linear(cfg.patch_dim, D), nn.Linear(D, cfg.patch_dim)
+            return
+        c, C, ps = cfg.unet_channels, cfg.channels, cfg.patch_size
+        self.conv_in = nn.Conv2d(C, c, 3, padding=1)
+        self.down1 = ResBlock(c, c, D)
+        self.down = nn.Conv2d(c, 2 * c, ps, stride=ps)                  # H x W -> (H/p) x (W/p): one cell per patch
+        self.down2 = ResBlock(2 * c, 2 * c, D)
+        self.to_d = nn.Conv2d(2 * c, D, 1)
+        self.from_d = nn.Conv2d(D, 2 * c, 1)
+        self.up2 = ResBlock(4 * c, 2 * c, D)                             # concat with down2's output
+        self.up = nn.ConvTranspose2d(2 * c, c, ps, stride=ps)
+        self.up1 = ResBlock(2 * c, c, D)                                 # concat with down1's output
+        self.conv_out = nn.Sequential(nn.GroupNorm(min(8, c), c), nn.SiLU(), nn.Conv2d(c, C, 3, padding=1))
+
+    def temb(self, t):
+        return self.t_mlp(timestep_embedding(t, self.cfg.d_model))        # (N, D)
+
+    def encode(self, x, t):
+        # x: (N, n_patches, patch_dim) noisy patches, t: (N,) -> tokens (N, n_patches, D), skips for decode
+        temb = self.temb(t)
+        if self.cfg.patch_codec == "linear":
+            return self.enc(x) + temb[:, None], None
+        h1 = self.down1(self.conv_in(unpatchify(x, self.cfg)), temb)      # (N, c, H, W)
+        h2 = self.down2(self.down(h1), temb)                              # (N, 2c, g, g)
+        return self.to_d(h2).flatten(2).transpose(1, 2), (h1, h2, temb)   # raster order = patch order
+
+    def decode(self, h, skips):
+        # h: (N, n_patches, D) transformer outputs -> eps (N, n_patches, patch_dim)
+        if self.cfg.patch_codec == "linear":
+            return self.dec(h)
+        h1, h2, temb = skips
+        g = self.cfg.image_size // self.cfg.patch_size
+        u = self.from_d(h.transpose(1, 2).reshape(h.shape[0], -1, g, g))
+        u = self.up(self.up2(torch.cat([u, h2], 1), temb))
+        u = self.up1(torch.cat([u, h1], 1), temb)
+        return patchify(self.conv_out(u), self.cfg)
+
+
+# --- The model ----------------------------------------------------------------------------------------------------
+
+MODALITY_NAMES = ("text", "image", "speech")
+
+
+def _build_backbone(cfg):
+    """The transformer (or Mamba) that reads the mixed sequence: an LM with tok_emb, lm_head and forward_hidden."""
+    # modality_offsets: only the backbones' own generate() maps ids to modalities; here routing comes from
+    # batch["modality"] and images have no token ids (data.py's offsets (0, 64) with vocab 64), so pass dummies.
+    offsets = tuple(range(cfg.n_modalities))
+    if cfg.backbone in ("dense", "mot"):
+        untie = cfg.backbone == "mot"
+        bc = mot.Config(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, modality_offsets=offsets, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, d_model=cfg.d_model, untie_attn=untie, untie_ffn=untie, untie_norm=untie)
+        return mot.Transformer(bc)
+    import mom                                   # only needed for the Mamba backbones
+    split = cfg.backbone == "mom"
+    bc = mom.Config(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, modality_offsets=offsets, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
+                    d_model=cfg.d_model, split_in_proj=split, split_x_proj=split, split_dt_proj=split,
+                    split_out_proj=split)
+    return mom.MixtureOfMamba(bc)
+
+
+class Transfusion(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        _check_config(cfg)
+        self.cfg = cfg
+        self.backbone = _build_backbone(cfg)            # tok_emb, blocks, norm, lm_head (shared by modalities)
+        self.codec = PatchCodec(cfg)                    # image-only modules: patch encoder/decoder + timestep MLP
+        self.diffusion = Diffusion(cfg.diffusion_steps, cfg.schedule)
+        self._bucket_history = []                       # (label, per-bucket eval diffusion loss) for extra_plots
+        if cfg.lmfusion:
+            self.load_lmfusion(cfg.lmfusion)
+
+    # -- Sec. 3.2: the attention mask --------------------------------------------------------------------------------
+    def attention_mask(self, gid, drop=None):
+        """gid: (B, T) global image id of each position (-1 for text); drop: (B, T) bool, True on patches of images
+        whose condition is dropped. Returns (B, 1, T, T) bool, True = may attend (what F.scaled_dot_product_attention
+        takes). Row i is the query, column j the key."""
+        B, T = gid.shape
+        pos = torch.arange(T, device=gid.device)
+        allowed = (pos[None, :] <= pos[:, None]).expand(B, T, T)             # causal: j <= i
+        same = (gid[:, :, None] == gid[:, None, :]) & (gid[:, :, None] >= 0)   # i and j in the same image
+        if self.cfg.image_attn == "bidirectional":
+            allowed = allowed | same                                          # a patch sees its whole image
+        if drop is not None and bool(drop.any()):
+            # unconditional image (CFG): its patches see only their own image and their <boi>
+            nxt = torch.cat([gid[:, 1:], gid.new_full((B, 1), -1)], 1)
+            boi_of = torch.where((gid < 0) & (nxt >= 0), nxt, gid.new_full((B, T), -2))   # <boi> -> its image id
+            own = (same | (boi_of[:, None, :] == gid[:, :, None])) & allowed
+            allowed = torch.where(drop[:, :, None], own, allowed)
+        return allowed[:, None]
+
+    # -- images in a batch: gather patches of each image into (N_img, n_patches, patch_dim) ---------------------------
+    def _images(self, image_index):
+        """image_index: (B, T) -> gid (B, T) global image id, slot (B, T) patch index inside its image, N_img."""
+        B, T = image_index.shape
+        is_img = image_index >= 0
+        per_row = (image_index.max(1).values + 1).clamp(min=0)                      # images per row
+        row_base = torch.cumsum(per_row, 0) - per_row
+        gid = torch.where(is_img, image_index + row_base[:, None], torch.full_like(image_index, -1))
+        n_img = int(per_row.sum())
+        pos = torch.arange(T, device=image_index.device).expand(B, T)
+        first = torch.full((n_img + 1,), T, dtype=torch.long, device=image_index.device)
+        first = first.scatter_reduce(0, (gid % (n_img + 1))[is_img], pos[is_img], "amin")
+        slot = torch.where(is_img, pos - first[gid.clamp(min=0)], torch.full_like(pos, -1))
+        if is_img.any() and int(slot.max()) >= self.cfg.n_patches:
+            raise ValueError(f"an image has more than n_patches={self.cfg.n_patches} patches; check image_index")
+        return gid, slot, n_img
+
+    def _embed(self, tokens, modality, xt, t, gid, slot):
+        """Input vectors: token embeddings at text positions, encoded noisy patches at image positions."""
+        x = self.backbone.tok_emb(tokens)                                             # (B, T, D)
+        skips = None
+        if xt is not None:
+            e, skips = self.codec.encode(xt, t)                                      # (N_img, n_patches, D)
+            is_img = gid >= 0
+            x = x.masked_scatter(is_img[..., None], e[gid[is_img], slot[is_img]].to(x.dtype))
+        return x, skips
+
+    def _eps(self, h, gid, slot, n_img, skips):
+        """Gather the transformer outputs of every image back into (N_img, n_patches, D), decode to eps."""
+        hi = h.new_zeros(n_img, self.cfg.n_patches, h.shape[-1])
+        is_img = gid >= 0
+        hi = hi.index_put((gid[is_img], slot[is_img]), h[is_img])
+        return self.codec.decode(hi, skips)
+
+    def _check(self, batch):
+        tokens, modality = batch.get("tokens"), batch.get("modality")
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
+            raise ValueError("batch['tokens'] must be an int64 tensor of shape (B, T); convert with .long()")
+        if tokens.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} > seq_len={self.cfg.seq_len}; crop it or raise --seq_len")
+        if modality is None or modality.shape != tokens.shape or modality.dtype != torch.long:
+            raise ValueError("batch['modality'] must be an int64 (B, T) tensor like tokens (data.py provides it)")
+        if modality.numel() and int(modality.max()) >= self.cfg.n_modalities:
+            raise ValueError(f"modality id {int(modality.max())} >= n_modalities={self.cfg.n_modalities}; "
+                             "use the transfusion setting's data or set --n_modalities")
+        if "image_index" in batch and bool((batch["image_index"] >= 0).any()):
+            p = batch.get("patches")
+            if p is None or p.shape[:2] != tokens.shape or p.shape[2] != self.cfg.patch_dim:
+                raise ValueError(f"batch['patches'] must be (B, T, {self.cfg.patch_dim}) float at image positions; "
+                                 "use data.make_data('transfusion')")
+
+    # -- forward: L = L_LM + lambda * L_DDPM (Eq. 5) -----------------------------------------------------------------
+    def forward(self, batch):
+        # batch: tokens/modality/targets (B, T), patches (B, T, patch_dim), image_index (B, T), image_first (B, T)
+        # -> logits (B, T, V), loss, parts {loss_text, loss_image}
+        self._check(batch)
+        cfg, tokens, modality = self.cfg, batch["tokens"], batch["modality"]
+        dev = tokens.device
+        image_index = batch.get("image_index", torch.full_like(tokens, -1))
+        gid, slot, n_img = self._images(image_index)
+        is_img = gid >= 0
+        xt = t = noise = x0 = drop = None
+        if n_img:
+            x0 = batch["patches"].new_zeros(n_img, cfg.n_patches, cfg.patch_dim)
+            x0 = x0.index_put((gid[is_img], slot[is_img]), batch["patches"][is_img].float())
+            valid = torch.zeros(n_img, cfg.n_patches, dtype=torch.bool, device=dev)
+            valid = valid.index_put((gid[is_img], slot[is_img]), torch.ones_like(gid[is_img], dtype=torch.bool))
+            # eval: a fixed set of noise draws and timesteps (same seed every call), so runs and models compare
+            g = None if self.training else torch.Generator(device=dev).manual_seed(1234)
+            # Sec. 3.3: every image gets its own t ~ U{0..T-1}
+            u = torch.rand(n_img, generator=g, device=dev)
+            t_max = torch.full((n_img,), cfg.diffusion_steps, device=dev)
+            if cfg.noise_limit and "image_first" in batch:
+                # Sec. 4.3: an image that precedes its caption is noised at most to t = noise_limit (500), so the
+                # caption learns from a recognisable image
+                first = torch.zeros(n_img, dtype=torch.bool, device=dev)
+                first = first.index_put((gid[is_img],), batch["image_first"][is_img])
+                t_max = torch.where(first, torch.full_like(t_max, cfg.noise_limit), t_max)
+            t = (u * t_max).long().clamp(max=cfg.diffusion_steps - 1)
+            if "diffusion_t" in batch:                       # evaluation at one fixed t (loss per timestep bucket)
+                t = torch.full_like(t, int(batch["diffusion_t"]))
+            noise = torch.randn(x0.shape, generator=g, device=dev)
+            xt = self.diffusion.q_sample(x0, t, noise)
+            if self.training and cfg.cond_dropout > 0:       # classifier-free guidance: drop the caption sometimes
+                d_img = torch.rand(n_img, device=dev) < cfg.cond_dropout
+                drop = d_img[gid.clamp(min=0)] & is_img
+        x, skips = self._embed(tokens, modality, xt, t, gid, slot)
+        mask = self.attention_mask(gid, drop) if n_img else None   # None = plain causal (text-only batch)
+        h = self.backbone.forward_hidden(x, modality, mask)
+        logits = self.backbone.lm_head(h)                           # (B, T, V)
+        parts, loss = {}, None
+        targets = batch.get("targets")
+        if targets is not None:
+            # Eq. 1: LM loss on text positions only (text -> text / marker), never at or into a patch
+            lm_mask = (targets != -1) & (modality == 0) & ~is_img
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
+            loss_lm = (ce * lm_mask.flatten()).sum() / lm_mask.sum().clamp(min=1)
+            loss = loss_lm
+            if lm_mask.any():
+                parts["loss_text"] = loss_lm.detach()
+            if n_img:
+                # Eq. 4: epsilon-prediction MSE, averaged over each image's present patches, then over images
+                eps = self._eps(h, gid, slot, n_img, skips)
+                se = ((eps.float() - noise) ** 2).mean(-1) * valid
+                per_img = se.sum(1) / valid.sum(1).clamp(min=1)
+                loss_img = per_img.mean()
+                loss = loss + cfg.lam * loss_img
+                parts["loss_image"] = loss_img.detach()
+        return logits, loss, parts
+
+    # -- inference: noise prediction with classifier-free guidance ----------------------------------------------------
+    def predict_eps(self, prefix, xt, t, guidance=None):
+        """prefix: (B, Tp) int64 ending with <boi>; xt: (B, n_patches, patch_dim); t: (B,) -> guided eps (B, n, pd).
+        eps = eps_uncond + g (eps_cond - eps_uncond), written eps_cond + (g - 1)(eps_cond - eps_uncond) so g = 1 is
+        exactly the conditional prediction. Both passes run as one batch of 2B."""
+        cfg, g = self.cfg, self.cfg.guidance if guidance is None else guidance
+        B, Tp = prefix.shape
+        n = cfg.n_patches
+        tokens = torch.cat([prefix, prefix.new_zeros(B, n)], 1).repeat(2, 1)
+        image_index = torch.cat([prefix.new_full((B, Tp), -1), prefix.new_zeros(B, n)], 1).repeat(2, 1)
+        modality = (image_index >= 0).long()
+        gid, slot, n_img = self._images(image_index)
+        drop = (image_index >= 0) & (torch.arange(2 * B, device=prefix.device) >= B)[:, None]  # 2nd half: uncond
+        x, skips = self._embed(tokens, modality, xt.repeat(2, 1, 1), t.repeat(2), gid, slot)
+        h = self.backbone.forward_hidden(x, modality, self.attention_mask(gid, drop))
+        eps_c, eps_u = self._eps(h, gid, slot, n_img, skips).float().chunk(2)
+        return eps_c + (g - 1) * (eps_c - eps_u)
+
+    @torch.no_grad()
+    def generate_image(self, prefix, guidance=None, sampler=None, steps=None, generator=None):
+        """Text -> image. prefix: (B, Tp) int64 ending with <boi> -> patches (B, n_patches, patch_dim) in [-1, 1]."""
+        cfg = self.cfg
+        if prefix.dim() != 2 or prefix.dtype != torch.long or int(prefix[0, -1]) != cfg.boi_id:
+            raise ValueError(f"generate_image: prefix must be an int64 (B, T) ending with <boi> (id {cfg.boi_id})")
+        was = self.training
+        self.eval()
+        B, dev = prefix.shape[0], prefix.device
+        x = torch.randn(B, cfg.n_patches, cfg.patch_dim, generator=generator, device=dev)   # x_T
+        out = self.diffusion.sample(lambda xt, t: self.predict_eps(prefix, xt, t, guidance), x,
+                                    steps or cfg.sample_steps, sampler or cfg.sampler, cfg.clip_x0, generator)
+        self.train(was)
+        return out
+
+    def _hidden_of(self, tokens, image_index, patches, caches=None, pos0=0):
+        """Clean-context forward for text decoding: images in the context enter at t = 0 (no noise)."""
+        gid, slot, n_img = self._images(image_index)
+        is_img = gid >= 0
+        xt = t = None
+        if n_img:
+            xt = patches.new_zeros(n_img, self.cfg.n_patches, self.cfg.patch_dim)
+            xt = xt.index_put((gid[is_img], slot[is_img]), patches[is_img])
+            t = torch.zeros(n_img, dtype=torch.long, device=tokens.device)
+        modality = is_img.long()
+        x, _ = self._embed(tokens, modality, xt, t, gid, slot)
+        mask = self.attention_mask(gid) if n_img else None
+        if caches is None:
+            return self.backbone.forward_hidden(x, modality, mask)
+        return self.backbone.forward_hidden(x, modality, mask, caches=caches, pos0=pos0)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, patches=None, image_index=None):
+        """Text decoding (greedy at temperature 0), optionally after images given as patches (captioning).
+        idx: (B, Tp) int64; patches: (B, Tp, patch_dim) and image_index: (B, Tp) where idx holds images.
+        When a <boi> is generated, the whole image is generated by diffusion, then <eoi>, then text again.
+        Returns tokens (B, Tp + max_new_tokens) (placeholder id 0 at generated patch positions); the generated
+        images are kept in self.last_images. With the dense/MoT backbone, text steps use the KV cache."""
+        cfg = self.cfg
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+            raise ValueError("generate: idx must be an int64 tensor of shape (B, T)")
+        if idx.shape[1] + max_new_tokens > cfg.seq_len:
+            raise ValueError(f"generate: {idx.shape[1]} + {max_new_tokens} > seq_len={cfg.seq_len}; generate less")
+        B, dev = idx.shape[0], idx.device
+        if image_index is None:
+            image_index = torch.full_like(idx, -1)
+            patches = torch.zeros(*idx.shape, cfg.patch_dim, device=dev)
+        was = self.training
+        self.eval()
+        self.last_images = []
+        cached = cfg.backbone in ("dense", "mot")
+        out, ii, pp = idx, image_index, patches
+        caches, done = ([dict() for _ in self.backbone.blocks], 0) if cached else (None, 0)
+        while out.shape[1] < idx.shape[1] + max_new_tokens:
+            if cached:   # feed only what the cache has not seen yet
+                h = self._hidden_of(out[:, done:], ii[:, done:], pp[:, done:], caches, done)
+                done = out.shape[1]
+            else:
+                h = self._hidden_of(out, ii, pp)
+            logits = self.backbone.lm_head(h[:, -1]).float()
+            nxt = (torch.multinomial(F.softmax(logits / temperature, -1), 1) if temperature > 0
+                   else logits.argmax(-1, keepdim=True))
+            out = torch.cat([out, nxt], 1)
+            ii = torch.cat([ii, ii.new_full((B, 1), -1)], 1)
+            pp = torch.cat([pp, pp.new_zeros(B, 1, cfg.patch_dim)], 1)
+            room = idx.shape[1] + max_new_tokens - out.shape[1]
+            if bool((nxt == cfg.boi_id).all()) and room >= cfg.n_patches + 1:
+                # decoding switches to diffusion mode: n noise patches denoised in full, then <eoi>
+                img = self.generate_image(out)
+                self.last_images.append(img)
+                n_prev = int(ii.max()) + 1
+                out = torch.cat([out, out.new_zeros(B, cfg.n_patches), out.new_full((B, 1), cfg.eoi_id)], 1)
+                ii = torch.cat([ii, ii.new_full((B, cfg.n_patches), n_prev), ii.new_full((B, 1), -1)], 1)
+                pp = torch.cat([pp, img, pp.new_zeros(B, 1, cfg.patch_dim)], 1)
+                caches, done = ([dict() for _ in self.backbone.blocks], 0) if cached else (None, 0)
+        self.train(was)
+        return out[:, :idx.shape[1] + max_new_tokens]
+
+    # -- evaluation: generation scored by data.py, diffusion loss per timestep bucket ---------------------------------
+    @torch.no_grad()
+    def gen_metrics(self, ds, n=32):
+        """Caption -> image (scored by ds.score_image_pixels) and image -> caption (ds.score_captions), on n fixed
+        scenes with fixed sampler noise; plus the eval diffusion loss in 10 timestep buckets (for extra_plots)."""
+        if getattr(ds, "setting", None) != "transfusion":
+            return {}
+        dev = next(self.parameters()).device
+        ex = ds.scenes(n)
+        truth = [e["scene"] for e in ex]
+        imgs = self.images_for_captions([e["caption"] for e in ex])
+        gen_acc, gen_chance = ds.score_image_pixels(imgs.float().cpu().numpy(), truth)
+        # image -> caption: <bos> <boi> clean image <eoi> => caption (greedy), image given clean (t = 0)
+        cfg = self.cfg
+        img = torch.stack([torch.as_tensor(e["image"]) for e in ex]).to(dev) * 2 - 1
+        n_pre = 2 + cfg.n_patches + 1
+        idx = torch.tensor([[cfg.bos_id, cfg.boi_id] + [0] * cfg.n_patches + [cfg.eoi_id]] * n, device=dev)
+        ii = torch.full_like(idx, -1)
+        ii[:, 2:2 + cfg.n_patches] = 0
+        pp = torch.zeros(n, n_pre, cfg.patch_dim, device=dev)
+        pp[:, 2:2 + cfg.n_patches] = patchify(img, cfg)
+        caps = self.generate(idx, 14, patches=pp, image_index=ii)[:, n_pre:]
+        cap_acc, cap_chance = ds.score_captions(caps.cpu().numpy(), truth)
+        out = dict(gen_image_acc=gen_acc, gen_image_chance=gen_chance, caption_acc=cap_acc, caption_chance=cap_chance)
+        out.update(self.loss_by_t(ds.get_batch("val", 8, 0)))
+        return out
+
+    @torch.no_grad()
+    def images_for_captions(self, captions, guidance=None, seed=0):
+        """captions: list of text id lists (ending with ".") -> images (N, C, H, W) in [-1, 1]; prompts
+        "<bos> caption <boi>" grouped by length; fixed sampler noise (seed) so evaluations compare."""
+        dev = next(self.parameters()).device
+        cfg = self.cfg
+        out = [None] * len(captions)
+        by_len = {}
+        for i, c in enumerate(captions):
+            by_len.setdefault(len(c), []).append(i)
+        g = torch.Generator(device=dev).manual_seed(seed)
+        for idxs in by_len.values():
+            prefix = torch.tensor([[cfg.bos_id] + list(captions[i]) + [cfg.boi_id] for i in idxs], device=dev)
+            p = self.generate_image(prefix, guidance=guidance, generator=g)
+            for i, im in zip(idxs, unpatchify(p, cfg)):
+                out[i] = im
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def loss_by_t(self, batch, n_buckets=10):
+        """Eval diffusion loss at the centre t of each of n_buckets equal timestep buckets (fixed noise draws)."""
+        was = self.training
+        self.eval()
+        dev = next(self.parameters()).device
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        T = self.cfg.diffusion_steps
+        res = {}
+        for k in range(n_buckets):
+            t = int((k + 0.5) * T / n_buckets)
+            res[f"loss_image_t{t:04d}"] = float(self({**batch, "diffusion_t": t})[2]["loss_image"])
+        self._bucket_history.append(res)
+        self.train(was)
+        return res
+
+    def extra_plots(self, out_dir, ds=None):
+        """Diffusion loss per timestep bucket (first and last evaluation) -> out_dir/transfusion_loss_by_t.png."""
+        if not self._bucket_history:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for label, res in (("first eval", self._bucket_history[0]), ("last eval", self._bucket_history[-1])):
+            ts = [int(k[-4:]) for k in res]
+            ax.plot(ts, list(res.values()), marker="o", label=label)
+        ax.set(xlabel="diffusion timestep t (bucket centre)", ylabel="eval eps-MSE", yscale="log",
+               title=f"Transfusion ({self.cfg.backbone}): diffusion loss by t")
+        ax.legend()
+        fig.tight_layout()
+        os.makedirs(out_dir, exist_ok=True)
+        fig.savefig(os.path.join(out_dir, "transfusion_loss_by_t.png"), dpi=120)
+        plt.close(fig)
+
+    # -- LMFusion: a frozen text LM + trainable image copies of every module -----------------------------------------
+    def load_lmfusion(self, path):
+        """Load the text model (a ckpt.pt of `lmfusion-base`), initialise every image module as a copy of its text
+        module (LMFusion Sec. 3), freeze all text modules, embeddings and the head. Trainable afterwards: the image
+        modules of the backbone, the patch encoder/decoder and the timestep MLP."""
+        if not os.path.isfile(path):
+            raise ValueError(f"lmfusion={path!r}: no such file; train the text model first: "
+                             "python train.py --model lmfusion-base")
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        sd = ck.get("model", ck) if isinstance(ck, dict) else None
+        if not isinstance(sd, dict):
+            raise ValueError(f"lmfusion={path!r} is not a train.py checkpoint (a dict with 'model')")
+        own = self.backbone.state_dict()
+        text = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        bad = [k for k in own if not k.endswith(tuple(f".weight.{m}" for m in range(1, 8)))
+               and (k not in text or text[k].shape != own[k].shape)]
+        if bad:
+            raise ValueError(f"lmfusion={path!r} does not match this model ({bad[0]} missing or of another shape); "
+                             "train lmfusion-base with the same d_model / n_layer / n_head")
+        with torch.no_grad():
+            for k, v in text.items():
+                if k in own and own[k].shape == v.shape:
+                    own[k].copy_(v)
+            for mod in self.backbone.modules():
+                if isinstance(mod, (mot.ModalityLinear, mot.ModalityRMSNorm)) and mod.n > 1:
+                    for m in range(1, mod.n):
+                        mod.weight[m].copy_(mod.weight[0])        # theta_img starts as a copy of theta_text
+        image = {id(p) for m in range(1, self.cfg.n_modalities) for p in self.backbone.modality_parameters(m)}
+        for p in self.backbone.parameters():
+            p.requires_grad_(id(p) in image)
+
+
+MODELS = {
+    "transfusion": (Config, Transfusion, "transfusion", dict()),
+    "transfusion-mot": (Config, Transfusion, "transfusion", dict(backbone="mot")),
+    "transfusion-mamba": (Config, Transfusion, "transfusion", dict(backbone="mamba")),
+    "transfusion-mom": (Config, Transfusion, "transfusion", dict(backbone="mom")),
+    # LMFusion: 1) a text-only LM on data.py's text stream (the MoT backbone with one modality = a dense LM);
+    #           2) its weights frozen as the text half of a 2-modality MoT, image half trained with Transfusion's loss
+    "lmfusion-base": (Config, Transfusion, "text", dict(backbone="mot")),
+    "lmfusion": (Config, Transfusion, "transfusion", dict(backbone="mot", lmfusion="out/lmfusion-base/ckpt.pt")),
+}
+
+
+if __name__ == "__main__":
+    import data
+    torch.manual_seed(0)
+    ds = data.make_data("transfusion", seq_len=128)
+    batch = ds.get_batch("train", 4, 0)
+    for name in ("transfusion", "transfusion-mot"):
+        C, M, _, over = MODELS[name]
+        cfg = C(**{**over, **{k: v for k, v in ds.model_fields().items() if hasattr(C, k)}})
+        model = M(cfg)
+        logits, loss, parts = model(batch)
+        loss.backward()
+        print(f"{name:16s} logits {tuple(logits.shape)} loss {loss.item():.3f} "
+              f"{ {k: round(v.item(), 3) for k, v in parts.items()} } params {sum(p.numel() for p in model.parameters()):,}")
+    prefix = torch.tensor([[cfg.bos_id] + ds.scenes(1)[0]["caption"] + [cfg.boi_id]])
+    print("generate_image:", tuple(model.generate_image(prefix, steps=5).shape), "(untrained: noise)")
+    print("mask of a toy row (1 = may attend):")
+    gid = torch.tensor([[-1, -1, 0, 0, 0, -1, -1]])     # <bos> <boi> p p p <eoi> word
+    print(model.attention_mask(gid)[0, 0].int())

@@ -12,7 +12,7 @@ picked it (Sec. 2.4). Mixture-of-depths (MoD, Sec. 2.3) adds a per-layer router 
 the tokens through a layer. Upcycling (Sec. 2.5) starts a 4t4i model from a trained 1t1i one.
 
 Glossary (paper -> code)
-    modality groups / "4t4i"      cfg.experts = (4, 4)   experts per group, group m = modality m (0 text, 1 image)
+    modality groups / "4t4i"      cfg.experts = (4,)     experts per group, group m = modality m (0 text, 1 image)
     E_m, expert e_{m,i}           MoMaFFN.w_up[g], w_down[g]   g = global expert id (groups laid out in order)
     router W_m, gate sigmoid      MoMaFFN.router[m]  (D, E_m);  g_{m,i}(x) = sigmoid(x W_m)_i          (Eq. 2)
     capacity factor c, k_e        cfg.capacity_factor;  k_e = ceil(c * T_m / E_m), T_m = modality-m tokens (Eq. 3)
@@ -72,7 +72,7 @@ class Config:
     norm_eps: float = 1e-5
     norm_placement: str = "post"  # "post": Chameleon's h = x + Norm(Attn(x)), out = h + Norm(FFN(h)); "pre": pre-norm
     # Sec. 2.2: modality-aware experts with expert-choice routing
-    experts: tuple = (4, 4)      # experts per modality group ("4t4i"); a 1-tuple is used for every modality
+    experts: tuple = (4,)        # experts per modality group: (4,) = 4 in every group ("4t4i"), or e.g. (4, 2)
     modality_aware: bool = True   # False: ONE group of experts[0] experts for all tokens (the paper's mixed-modal EC MoE)
     capacity_factor: float = 1.0  # c: each expert takes k_e = ceil(c * T_m / E_m) tokens of its modality
     expert_hidden: int = 0        # hidden size of one expert; 0 = ffn_hidden / capacity_factor: dense FLOPs/token
@@ -92,34 +92,37 @@ class Config:
     upcycle_noise: float = 0.0    # relative std of the noise added to copied experts/routers (symmetry breaking)
     init_std: float = 0.02
 
-    def __post_init__(self):
+    def __post_init__(self):  # checks only (the trainer calls it again after its overrides): derived sizes are properties
         n_groups = self.n_modalities if self.modality_aware else 1
-        if len(self.experts) == 1:
-            self.experts = tuple(self.experts) * n_groups
-        self.experts = tuple(int(e) for e in self.experts)
-        if len(self.experts) != n_groups or min(self.experts) < 1:
-            raise ValueError(f"experts={self.experts} must give >= 1 expert for each of the {self.n_modalities} "
-                             f"modalities; pass e.g. --experts=(4,4) for chameleon or (4,4,4) for speech")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}; change one of them")
+        if len(self.experts) not in (1, n_groups) or min(self.experts) < 1:
+            raise ValueError(f"experts={self.experts} must give >= 1 expert for each of the {n_groups} groups "
+                             f"(or one number for all); e.g. --experts=(4,4) for chameleon, (4,4,4) for speech")
+        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise ValueError(f"d_model={self.d_model} must be a multiple of 2*n_head={2 * self.n_head}; change one of them")
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
         if self.routing not in ("ec", "aux"):
             raise ValueError(f"routing={self.routing!r} is unknown; use 'ec' or 'aux'")
+        if self.routing == "aux" and not self.aux_router:
+            raise ValueError("routing='aux' needs the auxiliary routers; set aux_router=True")
         if self.norm_placement not in ("post", "pre"):
             raise ValueError(f"norm_placement={self.norm_placement!r} is unknown; use 'post' or 'pre'")
         if not 0 < self.mod_capacity <= 1:
             raise ValueError(f"mod_capacity={self.mod_capacity} must be in (0, 1]")
-        if self.routing == "aux" and not self.aux_router:
-            raise ValueError("routing='aux' needs the auxiliary routers; set aux_router=True")
-        if self.ffn_hidden == 0:
-            self.ffn_hidden = 16 * math.ceil(8 * self.d_model / 3 / 16)
-        if self.expert_hidden == 0:
-            self.expert_hidden = max(1, round(self.ffn_hidden / self.capacity_factor))
+
+    @property
+    def group_experts(self):  # E_m for every group m (experts broadcast over the groups)
+        n_groups = self.n_modalities if self.modality_aware else 1
+        return tuple(int(e) for e in self.experts) * (n_groups if len(self.experts) == 1 else 1)
 
     @property
     def n_experts_total(self):
-        return sum(self.experts)
+        return sum(self.group_experts)
+
+    @property
+    def d_expert(self):  # one expert's hidden size: the dense FFN's / capacity_factor (equal active FLOPs)
+        dense = self.ffn_hidden or 16 * math.ceil(8 * self.d_model / 3 / 16)
+        return self.expert_hidden or max(1, round(dense / self.capacity_factor))
 
     def is_mod_layer(self, layer):
         return self.mod and (layer + 1) % self.mod_every == 0
@@ -212,13 +215,13 @@ class MoMaFFN(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, D, H, G = cfg, cfg.d_model, cfg.expert_hidden, cfg.n_experts_total
-        self.first = [sum(cfg.experts[:m]) for m in range(len(cfg.experts))]  # global id of group m's expert 0
+        self.cfg, D, H, G = cfg, cfg.d_model, cfg.d_expert, cfg.n_experts_total
+        self.first = [sum(cfg.group_experts[:m]) for m in range(len(cfg.group_experts))]  # global id of group m's expert 0
         std = cfg.init_std
-        self.router = nn.ParameterList([nn.Parameter(torch.randn(D, e) * std) for e in cfg.experts])  # Eq. 2: W_m
+        self.router = nn.ParameterList([nn.Parameter(torch.randn(D, e) * std) for e in cfg.group_experts])  # Eq. 2: W_m
         self.w_up = nn.Parameter(torch.randn(G, D, 2 * H) * std)                        # [w1 | w3] of every expert
         self.w_down = nn.Parameter(torch.randn(G, H, D) * std / math.sqrt(2 * cfg.n_layer))  # w2 of every expert
-        self.aux = nn.ModuleList([AuxRouter(D, cfg.aux_hidden, e) for e in cfg.experts]) if cfg.aux_router else None
+        self.aux = nn.ModuleList([AuxRouter(D, cfg.aux_hidden, e) for e in cfg.group_experts]) if cfg.aux_router else None
 
     def route(self, xf, mf, mode):
         """Sec. 2.2 hierarchical routing. xf (N, D) tokens, mf (N,) modality, mode "ec" | "aux" ->
@@ -230,7 +233,7 @@ class MoMaFFN(nn.Module):
             mf = torch.zeros_like(mf)  # one mixed-modal group
         toks, exps, gates, counts = [], [], [], torch.zeros(cfg.n_experts_total)
         aux_loss, aux_correct, aux_n = h.new_zeros(()).float(), 0.0, 0
-        for m, E in enumerate(cfg.experts):
+        for m, E in enumerate(cfg.group_experts):
             idx = (mf == m).nonzero().squeeze(1)  # Sec. 2.2 stage 1: modality-aware grouping (deterministic)
             n = idx.numel()
             if n == 0:
@@ -481,7 +484,7 @@ class MoMa(nn.Module):
         single expert (and its router column) into every expert of that group, down-projection scaled by
         1 / capacity_factor (so the expected FFN output is the parent's), plus relative noise to break symmetry."""
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
+            ck = torch.load(path, map_location="cpu", weights_only=True)
             sd = ck["model"]
         except (OSError, KeyError, RuntimeError) as e:
             raise ValueError(f"upcycle_from={path!r}: cannot read a train.py checkpoint with a 'model' entry ({e})")
@@ -491,7 +494,7 @@ class MoMa(nn.Module):
             raise ValueError(f"upcycle_from={path!r} is not a 1t1i MoMa checkpoint (it has {n_par} experts per "
                              f"layer, need {self.cfg.n_modalities}); train one with --model moma-1t1i")
         jitter = lambda w: w + noise * w.std() * torch.randn_like(w) if noise > 0 else w.clone()
-        idx = torch.tensor([m for m, e in enumerate(self.cfg.experts) for _ in range(e)])  # parent expert of each
+        idx = torch.tensor([m for m, e in enumerate(self.cfg.group_experts) for _ in range(e)])  # parent expert of each
         for k, v in sd.items():
             if k not in own:
                 continue
@@ -520,7 +523,7 @@ class MoMa(nn.Module):
         if not recs:
             return
         last, L, cfg = recs[-1], self.cfg.n_layer, self.cfg
-        names = [f"{('t', 'i', 's')[m]}{i}" for m, e in enumerate(cfg.experts) for i in range(e)]
+        names = [f"{('t', 'i', 's')[m]}{i}" for m, e in enumerate(cfg.group_experts) for i in range(e)]
         fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
         w = 0.8 / (2 * L)
         for l in range(L):

@@ -172,7 +172,7 @@ def test_upcycled_equals_parent_at_step_0_when_noise_off(tmp_path):
     parent.eval()
     ref = parent(b)[0]
     # every expert takes every token of its group (capacity factor = E_m): the upcycled model IS the parent
-    H = pcfg.expert_hidden  # the experts keep the parent expert's width
+    H = pcfg.d_expert  # the experts keep the parent expert's width
     child = moma.MoMa(cfg_(experts=(4,), capacity_factor=4.0, expert_hidden=H, upcycle_from=str(path)))
     child.eval()
     torch.testing.assert_close(child(b)[0], ref, atol=1e-5, rtol=1e-5)

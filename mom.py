@@ -61,8 +61,9 @@ class Config:
     n_modalities: int = 2
     seq_len: int = 256
     modality_offsets: tuple = (0, 256)  # first token id of each modality (for generate)
-    # Mamba block (Gu & Dao 2023, Sec. 3.4); the official defaults except the toy width
-    d_model: int = 128
+    # Mamba block (Gu & Dao 2023, Sec. 3.4); the official defaults except the toy size. Two Mamba blocks hold about
+    # the parameters of one Transformer block, so 4 x 64 matches mot.py's dense default (2 x 64) in parameters.
+    d_model: int = 64
     n_layer: int = 4
     d_state: int = 16           # N
     d_conv: int = 4             # width of the causal depthwise conv1d

@@ -131,6 +131,25 @@ def apply_rope(x, pos, theta):
     return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).type_as(x)
 
 
+def window_attention(q, k, v, W):
+    """Causal sliding-window attention computed in blocks of W queries, each against its own and the previous block
+    of keys: T * 2W scores instead of T * T (what makes the local models cheap).  q, k, v: (B, H, T, hd)."""
+    B, H, T, hd = q.shape
+    n = -(-T // W)
+    pad = n * W - T
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    q = q.view(B, H * n, W, hd)
+    k, v = (torch.cat([F.pad(t, (0, 0, W, 0))[:, :, :n * W], t], -1).view(B, H, n, W, 2, hd)
+            .permute(0, 1, 2, 4, 3, 5).reshape(B, H * n, 2 * W, hd) for t in (k, v))   # previous block, own block
+    i = torch.arange(W, device=q.device)[:, None] + W              # query position inside its 2W key span
+    j = torch.arange(2 * W, device=q.device)[None, :]
+    first = torch.zeros(n, 1, 1, dtype=torch.bool, device=q.device)
+    first[0] = True                                                 # block 0 has no previous block
+    mask = (j <= i) & (i - j < W) & ~(first & (j < W))              # (n, W, 2W)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(H, 1, 1)[None])
+    return y.view(B, H, n * W, hd)[:, :, :T]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, d, n_head, window, theta):
         super().__init__()
@@ -151,6 +170,8 @@ class SelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         if past == 0 and (self.window <= 0 or self.window >= T):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif past == 0 and T > 2 * self.window:
+            y = window_attention(q, k, v, self.window)
         else:   # causal sliding window: query i sees keys j with i - window < j <= i
             kpos = torch.arange(k.shape[2], device=x.device)
             mask = kpos[None, :] <= pos[:, None]
@@ -362,19 +383,22 @@ class CrossAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         return self.wo(y.transpose(1, 2).reshape(B, Q, D))
 
-    def forward_gather(self, x, kv, index):
-        # Gathered form (decoder). x: (B, T, D), kv: (B, P, k, D) patch slots, index: (B, T) the one patch each byte
-        # reads -> (B, T, D).  Same result as the dense form with mask[b, t, s] = (slot s belongs to index[b, t]).
-        B, T, D = x.shape
-        P, K = kv.shape[1], kv.shape[2]
-        q = self.wq(self.q_norm(x)).view(B, T, self.n_head, -1)
+    def forward_gather(self, x, kv, index, valid=None):
+        # Gathered form. x: (B, N, Q, D) queries in N groups, kv: (B, S, D), index: (B, N, L) the kv positions each
+        # group reads, valid: (B, N, L) bool or None -> (B, N, Q, D).  Same result as the dense form with
+        # mask = "s is a valid entry of index[group]", at N * L instead of N * S scores.
+        B, N, Q, D = x.shape
+        L, H = index.shape[-1], self.n_head
+        q = self.wq(self.q_norm(x)).view(B, N, Q, H, D // H)
         kvn = self.kv_norm(kv)
-        k, v = (w(kvn).view(B, P, K, self.n_head, -1) for w in (self.wk, self.wv))
-        idx = index[:, :, None, None, None].expand(B, T, K, self.n_head, k.shape[-1])
-        k, v = k.gather(1, idx), v.gather(1, idx)               # (B, T, k, H, hd)
-        att = torch.einsum("bthd,btkhd->bthk", q, k) / math.sqrt(q.shape[-1])
-        y = torch.einsum("bthk,btkhd->bthd", att.softmax(-1), v)
-        return self.wo(y.reshape(B, T, D))
+        idx = index.reshape(B, N * L, 1).expand(B, N * L, D)
+        k, v = (w(kvn).gather(1, idx).view(B, N, L, H, D // H) for w in (self.wk, self.wv))
+        att = torch.einsum("bnqhd,bnlhd->bnhql", q, k) / math.sqrt(D // H)
+        if valid is not None:
+            valid = valid | ~valid.any(-1, keepdim=True)          # padded groups (no entries) read anything, unused
+            att = att.masked_fill(~valid[:, :, None, None, :], float("-inf"))
+        y = torch.einsum("bnhql,bnlhd->bnqhd", att.softmax(-1), v)
+        return self.wo(y.reshape(B, N, Q, D))
 
 
 # --- The model ---------------------------------------------------------------------------------------------------
@@ -475,7 +499,17 @@ class BLT(nn.Module):
                 cnt = torch.zeros(B, P, device=h.device).scatter_add_(1, pid, torch.ones_like(pid, dtype=torch.float))
                 pooled = s / cnt.clamp(min=1)[..., None].to(s.dtype)
             patches = self.patch_query(pooled).view(B, P * K, D)
-        mask = torch.arange(P, device=h.device).repeat_interleave(K)[None, :, None] == pid[:, None, :]  # (B, P*k, T)
+        L = self.cfg.max_patch_len
+        if L > 0:   # gathered: patch p reads its own <= L bytes, first[p] .. first[p] + len[p] - 1
+            ar = torch.arange(T, device=h.device).expand(B, T)
+            first = torch.full((B, P), T - 1, device=h.device, dtype=torch.long).scatter_reduce(1, pid, ar, "amin")
+            n = torch.zeros(B, P, device=h.device, dtype=torch.long).scatter_add_(1, pid, torch.ones_like(pid))
+            off = torch.arange(L, device=h.device)
+            index = (first[..., None] + off).clamp(max=T - 1)                       # (B, P, L)
+            cross = self.enc_cross[layer].forward_gather(patches.view(B, P, K, D), h, index, off < n[..., None])
+            return patches + cross.view(B, P * K, D)
+        # dense reference (no max patch length): a (B, P*k, T) mask "byte t belongs to patch p"
+        mask = torch.arange(P, device=h.device).repeat_interleave(K)[None, :, None] == pid[:, None, :]
         return patches + self.enc_cross[layer](patches, h, mask)
 
     def forward_ids(self, x, starts):
@@ -497,10 +531,11 @@ class BLT(nn.Module):
             g = blk(g)
         g = self.global_norm(g)                                   # (B, P, d_global)
         # Sec. 3.3: local decoder; byte t reads the k slots of patch dec[t] (ended at or before t), then a block
-        slots = self.to_decoder(g).view(B, P, K, D)
+        slots = self.to_decoder(g).view(B, P * K, D)                 # k key/value slots per patch
         for i, blk in enumerate(self.decoder):
             if self.cfg.dec_cross_all_layers or i == 0:
-                h = h + self.dec_cross[i if self.cfg.dec_cross_all_layers else 0].forward_gather(h, slots, dec)
+                ca = self.dec_cross[i if self.cfg.dec_cross_all_layers else 0]
+                h = h + ca.forward_gather(h[:, :, None], slots, dec[..., None] * K + torch.arange(K, device=h.device))[:, :, 0]
             h = blk(h)
         return self.head(self.norm(h))
 

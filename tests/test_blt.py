@@ -124,22 +124,36 @@ def test_hash_ids_match_reference_and_depend_only_on_ngram():
     assert blt.hash_ngram_ids(x[:1], 4, 0, 997)[0, 13] == blt.hash_ngram_ids(y, 4, 0, 997)[0, 13]
 
 
-def test_encoder_cross_attention_reads_only_own_bytes():
-    model = make_model("space")
-    x = text_batch(B=1)["tokens"] + OFFSET
+@pytest.mark.parametrize("max_len", [6, 0])                        # gathered form, dense reference
+def test_encoder_cross_attention_reads_only_own_bytes(max_len):
+    model = make_model("space", max_patch_len=max_len)
+    x = text_batch(B=2)["tokens"] + OFFSET
     pid, _ = blt.patch_index(model.patch(x))
     P = int(pid.max()) + 1
     torch.manual_seed(0)
-    h = torch.randn(1, T, 16)
-    ref = model.encode_patches(h, 0, pid, P).view(1, P, 2, 16)
-    for p in (1, P // 2, P - 1):
+    h = torch.randn(2, T, 16)
+    enc = lambda h: model.encode_patches(h, 0, pid, P).view(2, P, 2, 16)
+    ref = enc(h)
+    for p in (1, int(pid[0, -1]) // 2, int(pid[0, -1])):
         h2 = h.clone()
         h2[pid != p] += torch.randn_like(h2[pid != p])             # change every byte outside patch p
-        out = model.encode_patches(h2, 0, pid, P).view(1, P, 2, 16)
-        assert torch.allclose(out[0, p], ref[0, p], atol=1e-5)
+        assert torch.allclose(enc(h2)[0, p], ref[0, p], atol=1e-5)
         h3 = h.clone()
         h3[pid == p] += 1.0                                          # its own bytes do matter
-        assert not torch.allclose(model.encode_patches(h3, 0, pid, P).view(1, P, 2, 16)[0, p], ref[0, p])
+        assert not torch.allclose(enc(h3)[0, p], ref[0, p])
+    if max_len:                   # the gathered form equals the dense masked cross-attention
+        model.cfg.max_patch_len = 0
+        assert torch.allclose(enc(h)[:, :int(pid[:, -1].min()) + 1], ref[:, :int(pid[:, -1].min()) + 1], atol=1e-5)
+
+
+def test_window_attention_equals_masked_reference():
+    torch.manual_seed(0)
+    for T_, W in ((50, 8), (33, 5)):
+        q, k, v = (torch.randn(2, 3, T_, 4) for _ in range(3))
+        pos = torch.arange(T_)
+        mask = (pos[None] <= pos[:, None]) & (pos[:, None] - pos[None] < W)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert torch.allclose(blt.window_attention(q, k, v, W), ref, atol=1e-5)
 
 
 def test_decoder_reads_only_patches_ended_before():
@@ -153,17 +167,18 @@ def test_decoder_reads_only_patches_ended_before():
         assert dec[0, t] <= pid[0, t]
     P = int(pid.max()) + 1
     torch.manual_seed(0)
-    h, slots = torch.randn(1, T, 16), torch.randn(1, P, 2, 16)
+    h, slots = torch.randn(1, T, 16), torch.randn(1, P * 2, 16)
     ca = model.dec_cross[0]
-    ref = ca.forward_gather(h, slots, dec)
+    read = lambda sl: ca.forward_gather(h[:, :, None], sl, dec[..., None] * 2 + torch.arange(2))[:, :, 0]
+    ref = read(slots)
     # the gathered form equals dense cross-attention masked to "slot belongs to patch dec[t]"
     mask = torch.arange(P).repeat_interleave(2)[None, None, :] == dec[:, :, None]
-    assert torch.allclose(ca(h, slots.view(1, P * 2, 16), mask), ref, atol=1e-5)
+    assert torch.allclose(ca(h, slots, mask), ref, atol=1e-5)
     for t in (3, T // 2, T - 1):
-        slots2 = slots.clone()
+        slots2 = slots.clone().view(1, P, 2, 16)
         slots2[0, dec[0, t] + 1:] += 5.0                              # patches not yet ended at t
         slots2[0, :dec[0, t]] += 5.0                                  # (and older ones: only the latest is read)
-        assert torch.allclose(ca.forward_gather(h, slots2, dec)[0, t], ref[0, t], atol=1e-5)
+        assert torch.allclose(read(slots2.view(1, P * 2, 16))[0, t], ref[0, t], atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["entropy", "space"])

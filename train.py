@@ -173,7 +173,8 @@ def build(name, setting=None, overrides=None, data_file=None, device="cpu", trai
 
 # --- FLOPs: one counting method for all models ------------------------------------------------------------------
 def _register_cpu_sdpa_flops():
-    """torch's FLOP counter knows the CUDA attention kernels but not the CPU one; count it the same way."""
+    """torch's FLOP counter knows the CUDA attention kernels but not the CPU one. Count it as the math path
+    would: 2*T*S*hd for Q K^T and as much for P V forward, twice that backward (like any matmul)."""
     from torch.utils import flop_counter as fc
     aten = torch.ops.aten
     if aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
@@ -181,7 +182,7 @@ def _register_cpu_sdpa_flops():
     fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(
         lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q.shape, k.shape, v.shape))
     fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)(
-        lambda g, q, k, v, *a, **kw: fc.sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape))
+        lambda g, q, k, v, *a, **kw: 2 * fc.sdpa_flop_count(q.shape, k.shape, v.shape))  # 2x fwd, as for any matmul
 
 
 def count_flops(model, batch, backward=True):

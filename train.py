@@ -331,6 +331,9 @@ def train(name, over, resume=False, quiet=False):
                          f"not {name} on {tc.setting}; use another --out")
     if rank == 0:
         os.makedirs(out, exist_ok=True)
+        for f in os.listdir(out):  # a run killed while saving leaves its temp file: remove it
+            if f.startswith("ckpt.pt.tmp"):
+                os.remove(os.path.join(out, f))
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         if not quiet:

@@ -4,7 +4,7 @@ An early-fusion (Chameleon-style) transformer whose attention is shared by all t
 layer is split into *modality-aware expert groups*: text tokens may only visit text experts, image tokens only
 image experts. Routing is hierarchical (Sec. 2.2): first deterministically by the token's modality, then, inside
 the group, by learned *expert-choice* (EC) routing: every expert scores the group's tokens with a sigmoid gate
-and takes its top k_e of them (Eq. 2-4), so the load is balanced by construction. A token can be chosen by
+and takes its top k_e of them, so the load is balanced by construction. A token can be chosen by
 0, 1 or several experts; their outputs are gate-weighted and summed; an unchosen token rides the residual.
 EC is not causal (an expert's top-k looks at the whole batch, future tokens included), so for autoregressive
 inference small *auxiliary routers* predict, from a token's own hidden state, whether each expert would have
@@ -14,9 +14,11 @@ the tokens through a layer. Upcycling (Sec. 2.5) starts a 4t4i model from a trai
 Glossary (paper -> code)
     modality groups / "4t4i"      cfg.experts = (4,)     experts per group, group m = modality m (0 text, 1 image)
     E_m, expert e_{m,i}           MoMaFFN.w_up[g], w_down[g]   g = global expert id (groups laid out in order)
-    router W_m, gate sigmoid      MoMaFFN.router[m]  (D, E_m);  g_{m,i}(x) = sigmoid(x W_m)_i          (Eq. 2)
-    capacity factor c, k_e        cfg.capacity_factor;  k_e = ceil(c * T_m / E_m), T_m = modality-m tokens (Eq. 3)
-    Gumbel noise (training)       cfg.gumbel  (scale; 0 = off), added to the selection logits only
+    router W_m, gate sigmoid      MoMaFFN.router[m]  (D, E_m);  g_{m,i}(x) = sigmoid(x W_m)_i      (Sec. 2.2)
+    output sum_i g_{m,i} E_i(x)   MoMaFFN.forward: gate-weighted sum over the experts that chose x    (Eq. 1)
+    capacity factor c, k_e        cfg.capacity_factor;  k_e = ceil(c * T_m / E_m), T_m = modality-m tokens
+                                  (the paper writes c_e = 1/|E_m| for c = 1)
+    Gumbel-sigmoid (training)     cfg.gumbel: sigmoid(logits + s (G' - G'')), G', G'' ~ Gumbel(0, 1)    (Eq. 5)
     auxiliary router              AuxRouter  (2-layer MLP, D -> cfg.aux_hidden -> E_m), BCE on the EC choices
     MoD router, capacity beta     Layer.mod_router (D -> 1), cfg.mod_capacity; MoD on every cfg.mod_every-th layer
     upcycling                     cfg.upcycle_from (a train.py ckpt.pt of a 1t1i model), cfg.upcycle_noise
@@ -76,7 +78,7 @@ class Config:
     modality_aware: bool = True   # False: ONE group of experts[0] experts for all tokens (the paper's mixed-modal EC MoE)
     capacity_factor: float = 1.0  # c: each expert takes k_e = ceil(c * T_m / E_m) tokens of its modality
     expert_hidden: int = 0        # hidden size of one expert; 0 = ffn_hidden / capacity_factor: dense FLOPs/token
-    gumbel: float = 0.0           # scale of Gumbel noise on the selection logits in training (0 = off)
+    gumbel: float = 0.0           # scale s of the Gumbel-sigmoid noise in training (Eq. 5; 0 = off)
     # Sec. 2.4: auxiliary routers for causal inference
     aux_router: bool = True
     aux_hidden: int = 16
@@ -218,7 +220,7 @@ class MoMaFFN(nn.Module):
         self.cfg, D, H, G = cfg, cfg.d_model, cfg.d_expert, cfg.n_experts_total
         self.first = [sum(cfg.group_experts[:m]) for m in range(len(cfg.group_experts))]  # global id of group m's expert 0
         std = cfg.init_std
-        self.router = nn.ParameterList([nn.Parameter(torch.randn(D, e) * std) for e in cfg.group_experts])  # Eq. 2: W_m
+        self.router = nn.ParameterList([nn.Parameter(torch.randn(D, e) * std) for e in cfg.group_experts])  # W_m
         self.w_up = nn.Parameter(torch.randn(G, D, 2 * H) * std)                        # [w1 | w3] of every expert
         self.w_down = nn.Parameter(torch.randn(G, H, D) * std / math.sqrt(2 * cfg.n_layer))  # w2 of every expert
         self.aux = nn.ModuleList([AuxRouter(D, cfg.aux_hidden, e) for e in cfg.group_experts]) if cfg.aux_router else None
@@ -240,14 +242,14 @@ class MoMaFFN(nn.Module):
                 continue
             x_m = xf[idx]
             logits = (x_m @ self.router[m]).float()          # (n, E)
-            gate = torch.sigmoid(logits)                      # Eq. 2: sigmoid gate
-            if mode == "ec":                                  # Eq. 3: every expert takes its top k_e tokens
+            gate = torch.sigmoid(logits)                      # Sec. 2.2: sigmoid gate, independent per expert
+            if mode == "ec":                                  # expert choice: every expert takes its top k_e tokens
                 k = min(n, math.ceil(cfg.capacity_factor * n / E))
-                sel = logits
-                if self.training and cfg.gumbel > 0:
-                    u = torch.rand_like(logits).clamp_(1e-9, 1 - 1e-9)
-                    sel = logits - cfg.gumbel * torch.log(-torch.log(u))
-                top = sel.detach().t().topk(k, dim=1).indices  # (E, k) row positions inside the group
+                if self.training and cfg.gumbel > 0:         # Eq. 5: Gumbel-sigmoid noise, training only
+                    u = torch.rand(2, *logits.shape, device=h.device).clamp_(1e-9, 1 - 1e-9)
+                    g2 = -torch.log(-torch.log(u))
+                    gate = torch.sigmoid(logits + cfg.gumbel * (g2[0] - g2[1]))
+                top = gate.detach().t().topk(k, dim=1).indices  # (E, k) row positions inside the group
                 top = top.sort(dim=1).values
                 pair_e = torch.arange(E, device=h.device).repeat_interleave(k)
                 pair_i = top.reshape(-1)
@@ -280,7 +282,7 @@ class MoMaFFN(nn.Module):
         up = kernels.grouped_matmul(xf[tok].to(dt), self.w_up.to(dt), sizes)       # (P, 2H): [w1 | w3] per pair
         a, b = up.chunk(2, dim=-1)
         y = kernels.grouped_matmul(F.silu(a) * b, self.w_down.to(dt), sizes)      # (P, D): SwiGLU expert outputs
-        y = y * g[:, None].to(y.dtype)                                              # Eq. 4: gate-weighted ...
+        y = y * g[:, None].to(y.dtype)                                              # Eq. 1: gate-weighted ...
         out = torch.zeros_like(xf).index_add_(0, tok, y.to(xf.dtype))              # ... and summed per token
         return out.view(B, T, D), stats
 

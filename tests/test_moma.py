@@ -31,11 +31,11 @@ def batch_(B=2, T=32, seed=0, text_only=False):
     return b
 
 
-@pytest.mark.parametrize("mode", ["ec", "aux"])
-def test_experts_of_group_m_only_get_modality_m_tokens(mode):
+@pytest.mark.parametrize("mode,gumbel", [("ec", 0.0), ("ec", 1.0), ("aux", 0.0)])
+def test_experts_of_group_m_only_get_modality_m_tokens(mode, gumbel):
     torch.manual_seed(0)
-    cfg = cfg_(experts=(3, 2), capacity_factor=1.5)
-    ffn = moma.MoMaFFN(cfg)
+    cfg = cfg_(experts=(3, 2), capacity_factor=1.5, gumbel=gumbel)
+    ffn = moma.MoMaFFN(cfg).train()
     x, mf = torch.randn(70, cfg.d_model), (torch.rand(70) < 0.4).long()
     tok, exp, g, _ = ffn.route(x, mf, mode)
     group_of_expert = torch.tensor([0, 0, 0, 1, 1])

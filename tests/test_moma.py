@@ -241,3 +241,15 @@ def test_bad_input_raises_one_line_value_error():
         cfg_(experts=(4, 4, 4))
     with pytest.raises(ValueError, match="seq_len"):
         model.generate(b["tokens"], 40)
+
+
+def test_stage2_fit_aux_routers_trains_only_the_aux_routers():
+    torch.manual_seed(0)
+    model = moma.MoMa(cfg_(mod=True))
+    main = {n: p.detach().clone() for n, p in model.named_parameters() if ".aux." not in n and "mod_aux" not in n}
+    b = batch_(B=4, T=32)
+    model.eval()
+    acc0 = model(b, routing="ec")[2]["router_acc"].item()
+    acc = model.fit_aux_routers([b] * 40, lr=1e-2)
+    assert acc > acc0 + 0.05
+    assert all(torch.equal(p, main[n]) for n, p in model.named_parameters() if n in main)

@@ -229,12 +229,11 @@ class MoMaFFN(nn.Module):
         """Sec. 2.2 hierarchical routing. xf (N, D) tokens, mf (N,) modality, mode "ec" | "aux" ->
         tok (P,) token index, exp (P,) global expert id, g (P,) gate of the (token, expert) pairs, sorted by expert;
         stats (routed fraction per expert, aux-router BCE and accuracy)."""
-        cfg, D = self.cfg, xf.shape[1]
-        h = xf
+        cfg, dev = self.cfg, xf.device
         if not cfg.modality_aware:
             mf = torch.zeros_like(mf)  # one mixed-modal group
         toks, exps, gates, counts = [], [], [], torch.zeros(cfg.n_experts_total)
-        aux_loss, aux_correct, aux_n = h.new_zeros(()).float(), 0.0, 0
+        aux_loss, aux_correct, aux_n = xf.new_zeros((), dtype=torch.float32), 0.0, 0
         for m, E in enumerate(cfg.group_experts):
             idx = (mf == m).nonzero().squeeze(1)  # Sec. 2.2 stage 1: modality-aware grouping (deterministic)
             n = idx.numel()
@@ -246,16 +245,16 @@ class MoMaFFN(nn.Module):
             if mode == "ec":                                  # expert choice: every expert takes its top k_e tokens
                 k = min(n, math.ceil(cfg.capacity_factor * n / E))
                 if self.training and cfg.gumbel > 0:         # Eq. 5: Gumbel-sigmoid noise, training only
-                    u = torch.rand(2, *logits.shape, device=h.device).clamp_(1e-9, 1 - 1e-9)
+                    u = torch.rand(2, *logits.shape, device=dev).clamp_(1e-9, 1 - 1e-9)
                     g2 = -torch.log(-torch.log(u))
                     gate = torch.sigmoid(logits + cfg.gumbel * (g2[0] - g2[1]))
                 top = gate.detach().t().topk(k, dim=1).indices  # (E, k) row positions inside the group
                 top = top.sort(dim=1).values
-                pair_e = torch.arange(E, device=h.device).repeat_interleave(k)
+                pair_e = torch.arange(E, device=dev).repeat_interleave(k)
                 pair_i = top.reshape(-1)
                 if self.aux is not None:                      # Sec. 2.4: learn to predict the EC choice
-                    target = torch.zeros(n, E, dtype=torch.bool, device=h.device)
-                    target[top, torch.arange(E, device=h.device)[:, None]] = True
+                    target = torch.zeros(n, E, dtype=torch.bool, device=dev)
+                    target[top, torch.arange(E, device=dev)[:, None]] = True
                     l, acc = bce_and_acc(self.aux[m](x_m.detach()), target)
                     aux_loss, aux_correct, aux_n = aux_loss + l * n, aux_correct + acc.item() * n, aux_n + n
             else:                                             # causal: each token decides alone
@@ -541,7 +540,9 @@ class MoMa(nn.Module):
             ax[1].plot([r["acc"][l] for r in recs], label=f"experts L{l}", color=f"C{l}")
             if recs[0]["mod_acc"][l] is not None:
                 ax[1].plot([r["mod_acc"][l] for r in recs], "--", label=f"MoD L{l}", color=f"C{l}")
-        ax[1].set_xlabel("eval #")
+        ax[1].axhline(1 - min(1.0, cfg.capacity_factor / max(cfg.group_experts)), color="gray", ls=":",
+                      label="always 'not chosen'")
+        ax[1].set_xlabel("eval batch #")
         ax[1].set_ylabel("aux-router accuracy")
         ax[1].set_title("auxiliary routers vs expert choice")
         ax[1].legend(fontsize=7)

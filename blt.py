@@ -640,6 +640,56 @@ def plot_patches(model, tokens, path, n=96):
     return path
 
 
+def plot_bytes_compare(base, path="docs/blt_bytes.png"):
+    """The toy reproduction figure from finished runs under `base` (train.py outputs): dense/, megabyte/, blt/ and
+    any blt_ps*/ (BLT at other patch sizes).  Left: eval bpb vs training FLOPs.  Middle: final eval bpb vs inference
+    FLOPs per byte (train.count_flops(..., backward=False) on a val batch, the trained threshold loaded).  Right:
+    BLT's mean patch size on the data's random / caption / predictable stretches.  Returns the numbers it plots."""
+    import json
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import train                                               # only for this reporting helper, never at import
+    runs = sorted(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "metrics.jsonl")))
+    res = {}
+    for d in runs:
+        out = os.path.join(base, d)
+        conf = json.load(open(os.path.join(out, "config.json")))
+        ev = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "eval_bpb" in r]
+        mcfg = {k: tuple(v) if isinstance(v, list) else v for k, v in conf["model_cfg"].items()}
+        model, _, _, ds = train.build(conf["model"], conf["setting"], mcfg)
+        ck = os.path.join(out, "ckpt.pt")
+        if os.path.isfile(ck):
+            model.load_state_dict(torch.load(ck, map_location="cpu", weights_only=False)["model"])
+        b = ds.get_batch("val", 4, 0)
+        res[d] = dict(model=conf["model"], curve=[(r["flops"], r["eval_bpb"]) for r in ev], bpb=ev[-1]["eval_bpb"],
+                      infer_flops_per_byte=train.count_flops(model, b, backward=False),
+                      train_flops_per_byte=train.count_flops(model, b),
+                      **{k[5:]: v for k, v in ev[-1].items() if k.startswith("eval_patch_size")})
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    for d, r in res.items():
+        f, y = zip(*r["curve"])
+        ax[0].plot(f, y, "o-", ms=3, label=d)
+        ax[1].scatter(r["infer_flops_per_byte"], r["bpb"], s=30)
+        ax[1].annotate(d, (r["infer_flops_per_byte"], r["bpb"]), fontsize=8)
+    ax[0].set(xscale="log", xlabel="training FLOPs", ylabel="eval bits per byte", title="bpb vs training FLOPs")
+    ax[0].legend(fontsize=8)
+    ax[1].set(xscale="log", xlabel="inference FLOPs per byte", ylabel="final eval bpb", title="bpb vs inference cost")
+    blts = [d for d, r in res.items() if r["model"] == "blt" and "patch_size_random" in r]
+    kinds = ("random", "text", "predictable")
+    for i, d in enumerate(blts):
+        ax[2].bar([j + i / (len(blts) + 1) for j in range(3)], [res[d][f"patch_size_{k}"] for k in kinds],
+                  width=1 / (len(blts) + 1), label=d)
+    ax[2].set_xticks([j + 0.3 for j in range(3)], [f"{k} bytes" for k in kinds])
+    ax[2].set(ylabel="mean patch size (bytes)", title="BLT entropy patches by stretch")
+    ax[2].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {d: {k: v for k, v in r.items() if k != "curve"} for d, r in res.items()}
+
+
 MODELS = {
     "blt-entropy": (EntropyConfig, EntropyModel, "bytes", dict()),
     "blt": (Config, BLT, "bytes", dict()),
@@ -647,6 +697,11 @@ MODELS = {
 
 
 if __name__ == "__main__":
+    import sys
+    if len(sys.argv) >= 2 and sys.argv[1] == "plot":   # python blt.py plot RUNS_DIR [PNG]: the reproduction figure
+        import json
+        print(json.dumps(plot_bytes_compare(*sys.argv[2:4]), indent=1))
+        sys.exit(0)
     torch.manual_seed(0)
     text = b"the cat sat on the mat. the cat sat on the mat. xq7#Lp2@zK9& the cat sat on the mat. 123 124 125 126"
     tokens = torch.tensor(list(text[:96]))[None].repeat(2, 1)

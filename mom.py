@@ -18,8 +18,8 @@ Glossary (paper -> code)
     h_t = exp(Delta A) h_{t-1} + Delta B x_t;  y_t = C h_t + D x_t     -> kernels.selective_scan / MoMMixer.step
     d_state N, d_conv, expand E, dt_rank R -> cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank
 
-Switches (Sec. 4 ablation, "decoupling" each projection): cfg.split_in_proj, split_x_proj, split_dt_proj,
-split_out_proj. All four True = MoM; all False = exactly the Mamba baseline (a test checks that a one-modality
+Switches (the MoM ablation "decoupling projection components", one at a time or jointly): cfg.split_in_proj,
+split_x_proj, split_dt_proj, split_out_proj. All four True = MoM; all False = exactly the Mamba baseline (a test checks that a one-modality
 MoM with Mamba's weights gives Mamba's outputs). Registered names: mamba, mom, mom-in, mom-x, mom-dt, mom-out.
 
 Where this departs from the official code (Weixin-Liang/Mixture-of-Mamba, MixtureOfMamba.py), on purpose:
@@ -77,7 +77,7 @@ class Config:
     bias: bool = False          # bias of in_proj / out_proj
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    # Mixture-of-Mamba (Sec. 2): modality-specific copies of each projection (Sec. 4 ablates them one by one)
+    # Mixture-of-Mamba (method section, Fig. 1): per-modality copies of each projection (ablated one by one)
     split_in_proj: bool = True
     split_x_proj: bool = True
     split_dt_proj: bool = True
@@ -97,7 +97,7 @@ class Config:
         return self.expand * self.d_model
 
 
-# --- Sec. 2: modality-specific parameters, routed by the modality id of each token --------------------------
+# --- MoM method: modality-specific parameters, routed by the modality id of each token ---------------------
 
 class Route:
     """Tokens sorted by modality once per forward; every split projection reuses the same permutation."""
@@ -135,7 +135,7 @@ class ModalityLinear(nn.Module):
         return y
 
 
-# --- Mamba block (Gu & Dao Sec. 3.4, Fig. 3) with MoM's split projections (MoM Sec. 2, Fig. 1) --------------
+# --- Mamba block (Gu & Dao Sec. 3.4, Fig. 3) with MoM's split projections (MoM Fig. 1) ---------------------
 
 class MoMMixer(nn.Module):
     def __init__(self, cfg: Config):
@@ -200,7 +200,8 @@ class MoMMixer(nn.Module):
         dt, Bm, Cm = self.x_proj(x, route).split([R, N, N], dim=-1)
         dt = F.softplus(self.dt_proj(dt, route)).float()                     # (B, di)
         A = -torch.exp(self.A_log)
-        # h_t = exp(Delta A) h_{t-1} + Delta B x_t ;  y_t = C h_t + D x_t  (zero-order hold, Mamba Eq. 4)
+        # h_t = exp(Delta A) h_{t-1} + Delta B x_t ;  y_t = C h_t + D x_t  (A by zero-order hold, Mamba Eq. 4;
+        # B by the Euler step Delta B, as in the official kernel and kernels.selective_scan)
         ssm_state = torch.exp(dt.unsqueeze(-1) * A) * ssm_state + (dt * x).unsqueeze(-1) * Bm.unsqueeze(1)
         y = (ssm_state @ Cm.unsqueeze(-1)).squeeze(-1) + self.D * x
         y = (y * F.silu(z)).to(u.dtype)
@@ -365,7 +366,7 @@ _SHARED = dict(split_in_proj=False, split_x_proj=False, split_dt_proj=False, spl
 MODELS = {
     "mamba": (Config, MixtureOfMamba, "chameleon", dict(_SHARED)),
     "mom": (Config, MixtureOfMamba, "chameleon", dict()),
-    # Sec. 4 ablation: decouple one projection at a time
+    # MoM ablation: decouple one projection at a time ("mom" decouples all four jointly)
     "mom-in": (Config, MixtureOfMamba, "chameleon", dict(_SHARED, split_in_proj=True)),
     "mom-x": (Config, MixtureOfMamba, "chameleon", dict(_SHARED, split_x_proj=True)),
     "mom-dt": (Config, MixtureOfMamba, "chameleon", dict(_SHARED, split_dt_proj=True)),

@@ -410,8 +410,8 @@ class MoMa(nn.Module):
             if mode == "ec" and self.cfg.eval_aux and self.cfg.aux_router:
                 with torch.no_grad():  # the same batch under causal aux-router routing: what inference loses
                     xa, st_a = self.trunk(tokens, modality, "aux")
-                    _, parts_a = self._lm_loss(self.lm_head(xa), batch)
-                parts.update({k + "_aux": v for k, v in parts_a.items()})
+                    loss_a, parts_a = self._lm_loss(self.lm_head(xa), batch)
+                parts.update({k + "_aux": v for k, v in dict(loss=loss_a, **parts_a).items()})
                 rec.update(aux_counts=[s["counts"].tolist() for s in st_a],
                            aux_mod_frac=[s.get("mod_frac", 1.0) for s in st_a])
             self.history.append(rec)
@@ -560,7 +560,72 @@ MODELS = {
 }
 
 
+def report(base_out, docs="docs"):
+    """Read the runs in base_out/NAME/metrics.jsonl (dense, mot, moma, moma-mod, moma-ec8: whichever exist), print
+    the FLOPs each needs to reach dense's final eval losses and what aux-router routing costs, and save
+    docs/moma_chameleon.png (and copy base_out/moma/moma_routing.png to docs/)."""
+    import json
+    import os
+    import shutil
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {}
+    for n in ("dense", "mot", "moma", "moma-mod", "moma-ec8", "moma-upcycled"):
+        p = os.path.join(base_out, n, "metrics.jsonl")
+        if os.path.exists(p):
+            runs[n] = [r for r in map(json.loads, open(p)) if "eval_loss" in r]
+    if "dense" not in runs:
+        raise ValueError(f"no {base_out}/dense/metrics.jsonl; run python train.py --compare dense,mot,moma first")
+
+    def reach(ev, key, target):  # first FLOPs at which the eval curve reaches target (linear interpolation)
+        prev = None
+        for r in ev:
+            if key in r and r[key] <= target:
+                if prev is None:
+                    return r["flops"]
+                return prev["flops"] + (prev[key] - target) / (prev[key] - r[key]) * (r["flops"] - prev["flops"])
+            prev = r if key in r else prev
+        return None
+
+    dense, keys = runs["dense"], ("eval_loss", "eval_loss_text", "eval_loss_image")
+    total = dense[-1]["flops"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, k in zip(axes, keys):
+        for j, (n, ev) in enumerate(runs.items()):
+            ax.plot([r["flops"] for r in ev], [r[k] for r in ev], "o-", ms=2.5, color=f"C{j}", label=n)
+            if k + "_aux" in ev[-1]:
+                ax.plot([r["flops"] for r in ev], [r[k + "_aux"] for r in ev], "--", color=f"C{j}", alpha=0.7,
+                        label=f"{n} (aux routers)")
+        ax.axhline(dense[-1][k], color="gray", ls=":", lw=0.8)
+        ax.set_title(k.replace("eval_", "eval ")); ax.set_xlabel("training FLOPs"); ax.set_xscale("log")
+        ax.set_ylim(top=dense[len(dense) // 4][k])
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(docs, exist_ok=True)
+    fig.savefig(os.path.join(docs, "moma_chameleon.png"), dpi=110)
+    plt.close(fig)
+    print(f"FLOPs to reach dense's final eval loss (fraction of dense's {total:.3g}); final losses; aux = causal routing")
+    for n, ev in runs.items():
+        row = []
+        for k in keys:
+            f = reach(ev, k, dense[-1][k])
+            row.append(f"{k[5:]:10s} " + (f"{100 * f / total:5.1f}%" if f else "  n/r ") + f" ({ev[-1][k]:.4f}")
+            if k + "_aux" in ev[-1]:
+                row[-1] += f", aux {ev[-1][k + '_aux']:.4f}"
+            row[-1] += ")"
+        gen = " ".join(f"{g}={ev[-1][g]:.3f}" for g in ("gen_image_acc", "caption_acc") if g in ev[-1])
+        print(f"  {n:14s} " + " | ".join(row) + f" | {gen}")
+    src = os.path.join(base_out, "moma", "moma_routing.png")
+    if os.path.exists(src):
+        shutil.copy(src, os.path.join(docs, "moma_routing.png"))
+
+
 if __name__ == "__main__":
+    import sys
+    if len(sys.argv) > 1 and sys.argv[1] == "report":   # python moma.py report out/cmp_moma
+        report(sys.argv[2] if len(sys.argv) > 2 else "out/compare")
+        sys.exit(0)
     torch.manual_seed(0)
     B, T = 4, 64
     for name, (C, M, _, over) in MODELS.items():

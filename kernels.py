@@ -123,15 +123,15 @@ def linear_scan(a, b, h0=None, *, backend="auto"):
     Real (fp32, bf16, fp64; 16-bit inputs are scanned in fp32) or complex (complex64/128). Differentiable in a, b, h0."""
     _check_scan_args(a, b, h0)
     shape, dtype = a.shape, a.dtype
+    R, L = a.numel() // shape[-1], shape[-1]
+    if _use_triton(backend, a, b, h0):   # the kernels load 16-bit inputs and compute in fp32 themselves
+        h0_ = None if h0 is None else h0.reshape(R).contiguous()
+        return _LinearScanTriton.apply(a.reshape(R, L).contiguous(), b.reshape(R, L).contiguous(), h0_).reshape(shape)
     cdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    a2 = a.reshape(-1, shape[-1]).to(cdtype).contiguous()
-    b2 = b.reshape(-1, shape[-1]).to(cdtype).contiguous()
-    h02 = None if h0 is None else h0.reshape(-1).to(cdtype).contiguous()
-    if _use_triton(backend, a, b, h0):
-        h = _LinearScanTriton.apply(a2, b2, h02)
-    else:
-        h = _LinearScanTorch.apply(a2, b2, h02)
-    return h.reshape(shape).to(dtype)
+    a2 = a.reshape(R, L).to(cdtype).contiguous()
+    b2 = b.reshape(R, L).to(cdtype).contiguous()
+    h02 = None if h0 is None else h0.reshape(R).to(cdtype).contiguous()
+    return _LinearScanTorch.apply(a2, b2, h02).reshape(shape).to(dtype)
 
 
 # =====================================================================================================
@@ -238,7 +238,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         deltaf = deltaf + delta_bias.to(cd)[:, None]
     if delta_softplus:
         deltaf = F.softplus(deltaf)
-    if _use_triton(backend, u, delta, A, B, C, D, z, delta_bias):
+    use = _use_triton(backend, u, delta, A, B, C, D, z, delta_bias)
+    if use and backend == "auto" and (cd == torch.float64 or A.shape[1] > 64):
+        use = False                                   # the GPU kernels compute in fp32 with N <= 64
+    if use:
         y, last = _SelectiveScanTriton.apply(uf.contiguous(), deltaf.contiguous(), A.to(cd).contiguous(),
                                              B.to(cd).contiguous(), C.to(cd).contiguous())
     else:
@@ -294,23 +297,570 @@ def grouped_matmul(x, w, group_sizes, *, backend="auto"):
     Any group may be empty. Differentiable in x and w. The torch path is a per-group loop of matmuls (so
     FlopCounterMode counts exactly the FLOPs executed); the Triton path never syncs with the host."""
     _check_gmm_args(x, w, group_sizes)
-    if _use_triton(backend, x, w):
+    use = _use_triton(backend, x, w)
+    if use and backend == "auto" and x.dtype not in (torch.bfloat16, torch.float32):
+        use = False                                   # the GPU kernels take bf16 / fp32 (tf32)
+    if use:
         return _GroupedMatmulTriton.apply(x, w, group_sizes)
     if not group_sizes.is_cuda and int(group_sizes.sum()) != x.shape[0]:
         raise ValueError(f"grouped_matmul: group_sizes sum to {int(group_sizes.sum())} but x has {x.shape[0]} rows")
     return grouped_matmul_ref(x, w, group_sizes.cpu())
 
 
-# Triton paths: defined below (section 4); placeholders keep the torch paths importable on their own.
+# =====================================================================================================
+# 4. Triton kernels (GPU; on CPU tensors under TRITON_INTERPRET=1)
+# =====================================================================================================
+# Launch parameters come from one function, `launch_config(kernel, target, ...)`, for a GPU target (its compute
+# capability) or the interpreter; tests/test_gpu_compile.py compiles exactly what `compile_specs(target)` lists.
+
+POISON = False          # tests set True: kernel outputs start as NaN, so an element a kernel forgets to write fails
+
+
+def _empty(shape, like, dtype=None):
+    dtype = dtype or like.dtype
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _target(t):
+    """(major, minor) compute capability of a CUDA tensor's device, or 'interpreter'."""
+    return tuple(torch.cuda.get_device_capability(t.device)) if t.is_cuda else "interpreter"
+
+
+def _pow2(n, lo=1):
+    return max(lo, 1 << (max(1, n) - 1).bit_length())
+
+
+def launch_config(kernel, target, *, dtype=torch.float32, n_state=16):
+    """The launch parameters of `kernel` on `target` ((major, minor) or 'interpreter'): a dict of constexprs plus
+    num_warps / num_stages. Interpreter tiles are small (each program costs ~20 ms there, a scan element ~0.1 ms)
+    and short in time so that tests at L = 64 or 100 cross several chunks."""
+    interp = target == "interpreter"
+    if interp:
+        major = 0
+    else:
+        major = target[0]
+        if major < 8:
+            raise ValueError(f"kernels need compute capability >= 8.0 (bf16, cp.async); got {target}")
+    if kernel in ("scan_fwd", "scan_bwd"):
+        if interp:
+            return dict(BLOCK_R=4, BLOCK_T=16, num_warps=1, num_stages=1)
+        return dict(BLOCK_R=4, BLOCK_T=256 if kernel == "scan_fwd" else 128, num_warps=4, num_stages=1)
+    if kernel in ("selective_fwd", "selective_bwd"):
+        if interp:
+            return dict(BLOCK_D=4, BLOCK_N=_pow2(n_state, 2), BLOCK_T=16, num_warps=1, num_stages=1)
+        if n_state > 64:
+            raise ValueError(f"selective_scan: the Triton kernels support N <= 64 state dims, got {n_state}")
+        if dtype == torch.float64:
+            raise ValueError("selective_scan: the Triton kernels on GPU compute in fp32; use backend='torch' for fp64")
+        # 3-D tiles (BLOCK_D, BLOCK_N, BLOCK_T) of 2048 (fwd) / 1024 (bwd) elements: the sizes that compile with no
+        # stack on sm_80 and sm_90 (tests/test_gpu_compile.py); fwd and bwd share BLOCK_T (the bwd reuses the
+        # fwd's chunk checkpoints)
+        bn = _pow2(n_state, 16)
+        bt = 32 if bn <= 32 else 16
+        elems = 2048 if kernel == "selective_fwd" else 1024
+        return dict(BLOCK_D=max(1, elems // (bn * bt)), BLOCK_N=bn, BLOCK_T=bt, num_warps=4, num_stages=1)
+    if kernel in ("gmm", "gmm_dw"):
+        if interp:
+            cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) if kernel == "gmm" else dict(BLOCK_K=16, BLOCK_N=16, BLOCK_R=16)
+            return dict(cfg, DOT_DTYPE=tl.float32 if dtype != torch.float64 else tl.float64, num_warps=1, num_stages=1)
+        if dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"grouped_matmul: Triton on GPU takes bf16/fp32, got {dtype}; use backend='torch'")
+        half = dtype == torch.bfloat16
+        dot = tl.bfloat16 if half else tl.float32
+        if kernel == "gmm":   # 16-bit: 128x128 tiles, K step 64 (sm_90, wgmma) or 32 (sm_80, mma.sync); fp32: tf32
+            bk = (64 if major >= 9 else 32) if half else 32
+            return dict(BLOCK_M=128, BLOCK_N=128 if half else 64, BLOCK_K=bk, DOT_DTYPE=dot, num_warps=8 if half else 4,
+                        num_stages=3)
+        return dict(BLOCK_K=128 if half else 64, BLOCK_N=128 if half else 64, BLOCK_R=32, DOT_DTYPE=dot,
+                    num_warps=8 if half else 4, num_stages=3)
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def _launch_args(cfg):
+    meta = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    if not _INTERPRET:
+        meta.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return meta
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _cd(dtype):   # the compute dtype (a triton dtype) for an input dtype
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _combine(a1, b1, a2, b2):
+        """Compose two steps of h -> a h + b: first (a1, b1), then (a2, b2). Associative, not commutative."""
+        return a2 * a1, a2 * b1 + b2
+
+    @triton.jit
+    def _combine_complex(ar1, ai1, br1, bi1, ar2, ai2, br2, bi2):
+        """_combine on complex numbers held as (real, imag) pairs."""
+        return (ar2 * ar1 - ai2 * ai1, ar2 * ai1 + ai2 * ar1,
+                ar2 * br1 - ai2 * bi1 + br2, ar2 * bi1 + ai2 * br1 + bi2)
+
+    @triton.jit
+    def _pick(x, cols, j, AXIS: tl.constexpr):
+        """Column j along AXIS of a tile (the carry between chunks)."""
+        if AXIS == 1:
+            return tl.sum(tl.where(cols[None, :] == j, x, 0.0), axis=1)
+        else:
+            return tl.sum(tl.where(cols[None, None, :] == j, x, 0.0), axis=2)
+
+    # --- linear scan ----------------------------------------------------------------------------------
+    @triton.jit
+    def scan_fwd_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, R, L, HAS_H0: tl.constexpr, COMPLEX: tl.constexpr,
+                        CD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+        """h = scan(a, b) for BLOCK_R rows of (R, L); chunks of BLOCK_T along L, the state carried in registers.
+        Complex inputs come as their real view (R, L, 2)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_T)
+        rmask = rows < R
+        rows64 = rows.to(tl.int64)
+        hr = tl.zeros([BLOCK_R], dtype=CD)
+        hi = tl.zeros([BLOCK_R], dtype=CD)
+        if HAS_H0:
+            if COMPLEX:
+                hr = tl.load(h0_ptr + 2 * rows64, mask=rmask, other=0.0).to(CD)
+                hi = tl.load(h0_ptr + 2 * rows64 + 1, mask=rmask, other=0.0).to(CD)
+            else:
+                hr = tl.load(h0_ptr + rows64, mask=rmask, other=0.0).to(CD)
+        for start in range(0, L, BLOCK_T):
+            t = start + cols
+            m = rmask[:, None] & (t < L)[None, :]
+            off = rows64[:, None] * L + t[None, :]
+            if COMPLEX:   # padding: a = 1, b = 0 keeps the state, so the last column is the carry
+                ar = tl.load(a_ptr + 2 * off, mask=m, other=1.0).to(CD)
+                ai = tl.load(a_ptr + 2 * off + 1, mask=m, other=0.0).to(CD)
+                br = tl.load(b_ptr + 2 * off, mask=m, other=0.0).to(CD)
+                bi = tl.load(b_ptr + 2 * off + 1, mask=m, other=0.0).to(CD)
+                Ar, Ai, Br, Bi = tl.associative_scan((ar, ai, br, bi), 1, _combine_complex)
+                nr = Ar * hr[:, None] - Ai * hi[:, None] + Br
+                ni = Ar * hi[:, None] + Ai * hr[:, None] + Bi
+                tl.store(h_ptr + 2 * off, nr, mask=m)
+                tl.store(h_ptr + 2 * off + 1, ni, mask=m)
+                hr = _pick(nr, cols, BLOCK_T - 1, 1)
+                hi = _pick(ni, cols, BLOCK_T - 1, 1)
+            else:
+                a = tl.load(a_ptr + off, mask=m, other=1.0).to(CD)
+                b = tl.load(b_ptr + off, mask=m, other=0.0).to(CD)
+                Ac, Bc = tl.associative_scan((a, b), 1, _combine)
+                h = Ac * hr[:, None] + Bc
+                tl.store(h_ptr + off, h, mask=m)
+                hr = _pick(h, cols, BLOCK_T - 1, 1)
+
+    @triton.jit
+    def scan_bwd_kernel(a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, R, L, HAS_H0: tl.constexpr,
+                        COMPLEX: tl.constexpr, CD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Reverse scan g_t = dh_t + a_{t+1} g_{t+1} (conj(a) for complex), chunks from the end, then
+        db = g, da = g * conj(h_{t-1}) with h_{t-1} read from the forward output (h0 at t = 0)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_T)
+        rmask = rows < R
+        rows64 = rows.to(tl.int64)
+        gr = tl.zeros([BLOCK_R], dtype=CD)       # g at the first position of the chunk after this one
+        gi = tl.zeros([BLOCK_R], dtype=CD)
+        n_chunks = tl.cdiv(L, BLOCK_T)
+        for k in range(0, n_chunks):
+            t = (n_chunks - 1 - k) * BLOCK_T + cols
+            m = rmask[:, None] & (t < L)[None, :]
+            mn = rmask[:, None] & (t + 1 < L)[None, :]               # a_{t+1} exists (0 past the end)
+            mp = rmask[:, None] & (t >= 1)[None, :] & (t < L)[None, :]
+            off = rows64[:, None] * L + t[None, :]
+            first = (t == 0)[None, :]
+            if COMPLEX:
+                anr = tl.load(a_ptr + 2 * (off + 1), mask=mn, other=0.0).to(CD)
+                ani = -tl.load(a_ptr + 2 * (off + 1) + 1, mask=mn, other=0.0).to(CD)
+                dr = tl.load(dh_ptr + 2 * off, mask=m, other=0.0).to(CD)
+                di = tl.load(dh_ptr + 2 * off + 1, mask=m, other=0.0).to(CD)
+                Ar, Ai, Gr, Gi = tl.associative_scan((anr, ani, dr, di), 1, _combine_complex, reverse=True)
+                g_r = Gr + Ar * gr[:, None] - Ai * gi[:, None]
+                g_i = Gi + Ar * gi[:, None] + Ai * gr[:, None]
+                pr = tl.load(h_ptr + 2 * (off - 1), mask=mp, other=0.0).to(CD)
+                pi = tl.load(h_ptr + 2 * (off - 1) + 1, mask=mp, other=0.0).to(CD)
+                if HAS_H0:
+                    h0r = tl.load(h0_ptr + 2 * rows64, mask=rmask, other=0.0).to(CD)
+                    h0i = tl.load(h0_ptr + 2 * rows64 + 1, mask=rmask, other=0.0).to(CD)
+                    pr = tl.where(first, h0r[:, None], pr)
+                    pi = tl.where(first, h0i[:, None], pi)
+                tl.store(da_ptr + 2 * off, g_r * pr + g_i * pi, mask=m)         # g * conj(h_{t-1})
+                tl.store(da_ptr + 2 * off + 1, g_i * pr - g_r * pi, mask=m)
+                tl.store(db_ptr + 2 * off, g_r, mask=m)
+                tl.store(db_ptr + 2 * off + 1, g_i, mask=m)
+                gr = _pick(g_r, cols, 0, 1)
+                gi = _pick(g_i, cols, 0, 1)
+            else:
+                an = tl.load(a_ptr + off + 1, mask=mn, other=0.0).to(CD)
+                dh = tl.load(dh_ptr + off, mask=m, other=0.0).to(CD)
+                Ac, Gc = tl.associative_scan((an, dh), 1, _combine, reverse=True)
+                g = Gc + Ac * gr[:, None]
+                hp = tl.load(h_ptr + off - 1, mask=mp, other=0.0).to(CD)
+                if HAS_H0:
+                    h0 = tl.load(h0_ptr + rows64, mask=rmask, other=0.0).to(CD)
+                    hp = tl.where(first, h0[:, None], hp)
+                tl.store(da_ptr + off, g * hp, mask=m)
+                tl.store(db_ptr + off, g, mask=m)
+                gr = _pick(g, cols, 0, 1)
+
+    # --- selective scan -------------------------------------------------------------------------------
+    @triton.jit
+    def selective_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, y_ptr, last_ptr, ckpt_ptr, D, L, N, n_chunks,
+                             CD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One program = one batch row x BLOCK_D channels. Per chunk of BLOCK_T steps: discretise in registers
+        (exp(delta A), delta B u as (BLOCK_D, BLOCK_N, BLOCK_T) tiles), scan along time from the carried state,
+        contract with C; only y, the state entering each chunk (ckpt) and the last state are written."""
+        pid_b = tl.program_id(0)
+        dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        nn = tl.arange(0, BLOCK_N)
+        tt = tl.arange(0, BLOCK_T)
+        dm = dd < D
+        dn_mask = dm[:, None] & (nn < N)[None, :]
+        A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(CD)
+        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=CD)
+        ub = pid_b.to(tl.int64) * D * L
+        bb = pid_b.to(tl.int64) * N * L
+        for c in range(0, n_chunks):
+            ck = ((pid_b.to(tl.int64) * n_chunks + c) * D + dd[:, None]) * N + nn[None, :]
+            tl.store(ckpt_ptr + ck, h, mask=dn_mask)
+            t = c * BLOCK_T + tt
+            m_dt = dm[:, None] & (t < L)[None, :]
+            m_nt = (nn < N)[:, None] & (t < L)[None, :]
+            dl = tl.load(delta_ptr + ub + dd[:, None] * L + t[None, :], mask=m_dt, other=0.0).to(CD)
+            u = tl.load(u_ptr + ub + dd[:, None] * L + t[None, :], mask=m_dt, other=0.0).to(CD)
+            Bt = tl.load(B_ptr + bb + nn[:, None] * L + t[None, :], mask=m_nt, other=0.0).to(CD)
+            Ct = tl.load(C_ptr + bb + nn[:, None] * L + t[None, :], mask=m_nt, other=0.0).to(CD)
+            dA = tl.exp(dl[:, None, :] * A[:, :, None])                 # padding: delta = 0 -> a = 1, b = 0
+            dBu = (dl * u)[:, None, :] * Bt[None, :, :]
+            Ac, Bc = tl.associative_scan((dA, dBu), 2, _combine)
+            hs = Ac * h[:, :, None] + Bc
+            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            tl.store(y_ptr + ub + dd[:, None] * L + t[None, :], y, mask=m_dt)
+            h = _pick(hs, tt, BLOCK_T - 1, 2)
+        tl.store(last_ptr + (pid_b.to(tl.int64) * D + dd[:, None]) * N + nn[None, :], h, mask=dn_mask)
+
+    @triton.jit
+    def selective_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, ckpt_ptr, dy_ptr, dlast_ptr,
+                             du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, D, L, N, n_chunks,
+                             HAS_DLAST: tl.constexpr, CD: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Chunks from the end. In each: recompute h_{t-1} from the chunk's checkpoint (a scan of the inputs
+        shifted by one), reverse-scan g_t = dy_t C_t + a_{t+1} g_{t+1}, then every gradient from (g, h) in
+        registers. dA is written per batch row, dB and dC per channel block (summed by the caller)."""
+        pid_b = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        n_b = tl.num_programs(0)
+        dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        nn = tl.arange(0, BLOCK_N)
+        tt = tl.arange(0, BLOCK_T)
+        dm = dd < D
+        nm = nn < N
+        dn_mask = dm[:, None] & nm[None, :]
+        A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(CD)
+        st = (pid_b.to(tl.int64) * D + dd[:, None]) * N + nn[None, :]
+        dlast = tl.zeros([BLOCK_D, BLOCK_N], dtype=CD)
+        if HAS_DLAST:
+            dlast = tl.load(dlast_ptr + st, mask=dn_mask, other=0.0).to(CD)
+        g_next = tl.zeros([BLOCK_D, BLOCK_N], dtype=CD)   # g at the first step of the following chunk
+        dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=CD)
+        ub = pid_b.to(tl.int64) * D * L
+        bb = pid_b.to(tl.int64) * N * L
+        pb = (pid_d.to(tl.int64) * n_b + pid_b) * N * L                  # partial dB / dC of this channel block
+        for k in range(0, n_chunks):
+            c = n_chunks - 1 - k
+            t = c * BLOCK_T + tt
+            tm = t < L
+            tp = (tt >= 1) & tm                                          # t-1 inside this chunk
+            tn = t + 1 < L
+            dt_off = ub + dd[:, None] * L + t[None, :]
+            nt_off = bb + nn[:, None] * L + t[None, :]
+            m_dt = dm[:, None] & tm[None, :]
+            m_nt = nm[:, None] & tm[None, :]
+            dl = tl.load(delta_ptr + dt_off, mask=m_dt, other=0.0).to(CD)
+            u = tl.load(u_ptr + dt_off, mask=m_dt, other=0.0).to(CD)
+            dy = tl.load(dy_ptr + dt_off, mask=m_dt, other=0.0).to(CD)
+            Bt = tl.load(B_ptr + nt_off, mask=m_nt, other=0.0).to(CD)
+            Ct = tl.load(C_ptr + nt_off, mask=m_nt, other=0.0).to(CD)
+            dlp = tl.load(delta_ptr + dt_off - 1, mask=dm[:, None] & tp[None, :], other=0.0).to(CD)
+            up = tl.load(u_ptr + dt_off - 1, mask=dm[:, None] & tp[None, :], other=0.0).to(CD)
+            Bp = tl.load(B_ptr + nt_off - 1, mask=nm[:, None] & tp[None, :], other=0.0).to(CD)
+            dln = tl.load(delta_ptr + dt_off + 1, mask=dm[:, None] & tn[None, :], other=0.0).to(CD)
+            h_ck = tl.load(ckpt_ptr + ((pid_b.to(tl.int64) * n_chunks + c) * D + dd[:, None]) * N + nn[None, :],
+                           mask=dn_mask, other=0.0).to(CD)
+            # h_{t-1}: the chunk's scan over the inputs shifted by one step, from the checkpoint
+            Ap, Bcp = tl.associative_scan((tl.exp(dlp[:, None, :] * A[:, :, None]), (dlp * up)[:, None, :] * Bp[None, :, :]),
+                                          2, _combine)
+            hprev = Ap * h_ck[:, :, None] + Bcp
+            dA = tl.exp(dl[:, None, :] * A[:, :, None])
+            h = dA * hprev + (dl * u)[:, None, :] * Bt[None, :, :]
+            # g_t = dL/dh_t = dy_t C_t (+ dlast at L-1) + a_{t+1} g_{t+1}
+            an = tl.where(tn[None, None, :], tl.exp(dln[:, None, :] * A[:, :, None]), 0.0)
+            bg = dy[:, None, :] * Ct[None, :, :]
+            if HAS_DLAST:
+                bg = bg + tl.where((t == L - 1)[None, None, :], dlast[:, :, None], 0.0)
+            Ag, Gg = tl.associative_scan((an, bg), 2, _combine, reverse=True)
+            g = Gg + Ag * g_next[:, :, None]
+            g_next = _pick(g, tt, 0, 2)
+            q = g * hprev * dA                                           # dL/d(delta_t A)
+            gB = tl.sum(g * Bt[None, :, :], axis=1)                      # dL/d(delta_t u_t)
+            tl.store(ddelta_ptr + dt_off, tl.sum(q * A[:, :, None], axis=1) + gB * u, mask=m_dt)
+            tl.store(du_ptr + dt_off, gB * dl, mask=m_dt)
+            dA_acc += tl.sum(q * dl[:, None, :], axis=2)
+            p_off = pb + nn[:, None] * L + t[None, :]
+            tl.store(dB_ptr + p_off, tl.sum(g * (dl * u)[:, None, :], axis=0), mask=m_nt)
+            tl.store(dC_ptr + p_off, tl.sum(h * dy[:, None, :], axis=0), mask=m_nt)
+        tl.store(dA_ptr + st, dA_acc, mask=dn_mask)
+
+    # --- grouped matmul -------------------------------------------------------------------------------
+    @triton.jit
+    def gmm_kernel(x_ptr, w_ptr, y_ptr, tile_group_ptr, tile_row_ptr, group_end_ptr, K, M, G,
+                   stride_wg, stride_wk, stride_wm, DOT_DTYPE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[rows of g] = x[rows of g] @ w[g] on one (BLOCK_M rows of one group) x (BLOCK_N cols) tile.
+        The tile table (group, first row) is built on the device; a tile never spans two groups. Used with
+        w's strides swapped for dX = dY w^T."""
+        tile = tl.program_id(0)
+        g = tl.load(tile_group_ptr + tile)
+        active = g < G                                                    # tiles past the last are idle:
+        g = tl.minimum(g, G - 1)                                          # no rows, no K steps
+        row0 = tl.load(tile_row_ptr + tile)
+        row_end = tl.where(active, tl.load(group_end_ptr + g), row0)
+        k_end = tl.where(active, K, 0)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        rmask = rows < row_end
+        cmask = cols < M
+        rows64 = rows.to(tl.int64)
+        x_ptrs = x_ptr + rows64[:, None] * K + ks[None, :]
+        w_ptrs = w_ptr + g.to(tl.int64) * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wm
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32 if DOT_DTYPE != tl.float64 else tl.float64)
+        for k0 in range(0, k_end, BLOCK_K):
+            x = tl.load(x_ptrs, mask=rmask[:, None] & (ks[None, :] < K - k0), other=0.0)
+            w = tl.load(w_ptrs, mask=(ks[:, None] < K - k0) & cmask[None, :], other=0.0)
+            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        tl.store(y_ptr + rows64[:, None] * M + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def gmm_dw_kernel(x_ptr, dy_ptr, dw_ptr, group_start_ptr, group_end_ptr, K, M, DOT_DTYPE: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """dW[g] = X_g^T dY_g for one (BLOCK_K x BLOCK_N) tile of one group, looping over the group's rows
+        (an empty group writes zeros)."""
+        g = tl.program_id(0)
+        n_n = tl.cdiv(M, BLOCK_N)
+        kk = (tl.program_id(1) // n_n) * BLOCK_K + tl.arange(0, BLOCK_K)
+        nn = (tl.program_id(1) % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        km = kk < K
+        nm = nn < M
+        start = tl.load(group_start_ptr + g)
+        end = tl.load(group_end_ptr + g)
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32 if DOT_DTYPE != tl.float64 else tl.float64)
+        for r0 in range(start, end, BLOCK_R):
+            rr = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            rm = rr < end
+            xt = tl.load(x_ptr + rr[None, :] * K + kk[:, None], mask=km[:, None] & rm[None, :], other=0.0)
+            dy = tl.load(dy_ptr + rr[:, None] * M + nn[None, :], mask=rm[:, None] & nm[None, :], other=0.0)
+            acc = tl.dot(xt.to(DOT_DTYPE), dy.to(DOT_DTYPE), acc)
+        tl.store(dw_ptr + (g.to(tl.int64) * K + kk[:, None]) * M + nn[None, :], acc.to(dw_ptr.dtype.element_ty),
+                 mask=km[:, None] & nm[None, :])
+
+
+# --- autograd wrappers around the kernels ---------------------------------------------------------------
+
+def _real(t):
+    return torch.view_as_real(t) if t is not None and t.is_complex() else t
+
+
 class _LinearScanTriton(torch.autograd.Function):
+    """a, b (R, L) contiguous (fp32/bf16/fp64/complex), h0 (R,) or None -> h (R, L) in a's dtype."""
+
     @staticmethod
-    def forward(ctx, *args):
-        raise NotImplementedError("Triton linear scan lands in step 2")
+    def forward(ctx, a, b, h0):
+        R, L = a.shape
+        cfg = launch_config("scan_fwd", _target(a))
+        h = _empty((R, L), a)
+        cplx = a.is_complex()
+        grid = (triton.cdiv(R, cfg["BLOCK_R"]),)
+        scan_fwd_kernel[grid](_real(a), _real(b), _real(h0) if h0 is not None else _real(a), _real(h), R, L,
+                              HAS_H0=h0 is not None, COMPLEX=cplx, CD=_cd(_real(a).dtype), **_launch_args(cfg))
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h, h0 = ctx.saved_tensors
+        R, L = a.shape
+        dh = dh.contiguous()
+        cfg = launch_config("scan_bwd", _target(a))
+        da, db = _empty((R, L), a), _empty((R, L), a)
+        scan_bwd_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
+            _real(a), _real(h), _real(h0) if h0 is not None else _real(a), _real(dh), _real(da), _real(db), R, L,
+            HAS_H0=h0 is not None, COMPLEX=a.is_complex(), CD=_cd(_real(a).dtype), **_launch_args(cfg))
+        dh0 = None
+        if h0 is not None:
+            dh0 = ((a[:, 0].conj() if a.is_complex() else a[:, 0]) * db[:, 0]).to(h0.dtype)
+        return da, db, dh0
 
 
-class _SelectiveScanTriton(_LinearScanTriton):
-    pass
+class _SelectiveScanTriton(torch.autograd.Function):
+    """u, delta (b, d, L), A (d, n), B, C (b, n, L), all fp32 or fp64 contiguous -> y (b, d, L), last (b, d, n)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        b, d, L = u.shape
+        n = A.shape[1]
+        cfg = launch_config("selective_fwd", _target(u), dtype=u.dtype, n_state=n)
+        n_chunks = triton.cdiv(L, cfg["BLOCK_T"])
+        y = _empty((b, d, L), u)
+        last = _empty((b, d, n), u)
+        ckpt = _empty((b, n_chunks, d, n), u)                             # state entering each chunk
+        grid = (b, triton.cdiv(d, cfg["BLOCK_D"]))
+        selective_fwd_kernel[grid](u, delta, A, B, C, y, last, ckpt, d, L, n, n_chunks, CD=_cd(u.dtype),
+                                   **_launch_args(cfg))
+        ctx.save_for_backward(u, delta, A, B, C, ckpt)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, ckpt = ctx.saved_tensors
+        b, d, L = u.shape
+        n = A.shape[1]
+        cfg = launch_config("selective_bwd", _target(u), dtype=u.dtype, n_state=n)
+        n_chunks = ckpt.shape[1]
+        assert triton.cdiv(L, cfg["BLOCK_T"]) == n_chunks, "fwd and bwd must share BLOCK_T"
+        n_db = triton.cdiv(d, cfg["BLOCK_D"])
+        du, ddelta = _empty((b, d, L), u), _empty((b, d, L), u)
+        dA = _empty((b, d, n), u)
+        dB, dC = _empty((n_db, b, n, L), u), _empty((n_db, b, n, L), u)
+        dy = dy.contiguous()
+        selective_bwd_kernel[(b, n_db)](
+            u, delta, A, B, C, ckpt, dy, dlast.contiguous() if dlast is not None else dy,
+            du, ddelta, dA, dB, dC, d, L, n, n_chunks, HAS_DLAST=dlast is not None, CD=_cd(u.dtype),
+            **_launch_args(cfg))
+        return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0)
 
 
-class _GroupedMatmulTriton(_LinearScanTriton):
-    pass
+def _gmm_schedule(group_sizes, T, block_m):
+    """Tile table on the device, no host sync: tile i -> (group, first row); groups' [start, end) rows.
+    The number of tiles is bounded by cdiv(T, BLOCK_M) + G without reading the sizes; tiles past the
+    real count get group G (idle)."""
+    sizes = group_sizes.to(torch.int64)
+    G = sizes.numel()
+    ends = torch.cumsum(sizes, 0).clamp(max=T)
+    starts = ends - sizes.clamp(min=0)
+    n_tiles = (ends - starts + block_m - 1) // block_m
+    tile_end = torch.cumsum(n_tiles, 0)
+    ids = torch.arange(triton.cdiv(T, block_m) + G, device=sizes.device)
+    tile_group = torch.searchsorted(tile_end, ids, right=True)
+    tg = tile_group.clamp(max=G - 1)
+    tile_row = starts[tg] + (ids - (tile_end - n_tiles)[tg]) * block_m
+    i32 = lambda t: t.to(torch.int32).contiguous()
+    return i32(tile_group), i32(tile_row), i32(starts), i32(ends)
+
+
+def _gmm_launch(x, w, sched, transpose_w):
+    """y = x @ w[g] (or w[g]^T) per group with the schedule's tiles."""
+    tile_group, tile_row, starts, ends = sched
+    G = w.shape[0]
+    K = x.shape[1]
+    M = w.shape[1] if transpose_w else w.shape[2]
+    sg, sk, sm = (w.stride(0), w.stride(2), w.stride(1)) if transpose_w else w.stride()
+    cfg = launch_config("gmm", _target(x), dtype=x.dtype)
+    y = _empty((x.shape[0], M), x)
+    grid = (tile_group.numel(), triton.cdiv(M, cfg["BLOCK_N"]))
+    gmm_kernel[grid](x, w, y, tile_group, tile_row, ends, K, M, G, sg, sk, sm, **_launch_args(cfg))
+    return y
+
+
+class _GroupedMatmulTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, group_sizes):
+        x, w = x.contiguous(), w.contiguous()
+        cfg = launch_config("gmm", _target(x), dtype=x.dtype)
+        sched = _gmm_schedule(group_sizes, x.shape[0], cfg["BLOCK_M"])
+        ctx.save_for_backward(x, w, *sched)
+        return _gmm_launch(x, w, sched, transpose_w=False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, *sched = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _gmm_launch(dy, w, sched, transpose_w=True)             # dX = dY W_g^T
+        if ctx.needs_input_grad[1]:
+            G, K, M = w.shape
+            cfg = launch_config("gmm_dw", _target(x), dtype=x.dtype)
+            dw = _empty((G, K, M), w)
+            grid = (G, triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(M, cfg["BLOCK_N"]))
+            gmm_dw_kernel[grid](x, dy, dw, sched[2], sched[3], K, M, **_launch_args(cfg))
+        return dx, dw, None
+
+
+# --- what a GPU can launch: every (kernel, dtype, flags, config), for the ahead-of-time compile test -----
+
+_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def compile_specs(target):
+    """Every configuration the launchers above can launch on `target` ((8, 0), (9, 0), ...): a list of dicts
+    (name, fn, signature, constexprs, num_warps, num_stages) for triton.compile(ASTSource(...)). Built with the
+    same launch_config, so the compile test compiles what a GPU would run."""
+    specs = []
+
+    def add(name, fn, ptrs, ints, cfg, flags, div16=()):
+        # div16: the int arguments that are multiples of 16 at the bench sizes; with the pointers (torch
+        # allocations are 16-byte aligned) they get the divisibility hint a real launch would specialise on
+        sig = {**{p: "*" + t for p, t in ptrs.items()}, **{i: "i32" for i in ints}}
+        const = {**{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}, **flags}
+        sig.update({k: "constexpr" for k in const})
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in list(ptrs) + list(div16)}
+        specs.append(dict(name=name, fn=fn, signature=sig, constexprs=const, attrs=attrs,
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+
+    # linear scan: fp32 / bf16 / fp64 real, complex64 / complex128 through their real views; with and without h0
+    for dt, cplx in [(torch.float32, False), (torch.bfloat16, False), (torch.float64, False),
+                     (torch.float32, True), (torch.float64, True)]:
+        t = _TL[dt]
+        for has_h0 in (False, True):
+            tag = f"{'c' if cplx else ''}{t}{'+h0' if has_h0 else ''}"
+            cd = _cd(dt)
+            add(f"scan_fwd[{tag}]", scan_fwd_kernel, dict(a_ptr=t, b_ptr=t, h0_ptr=t, h_ptr=t), ["R", "L"],
+                launch_config("scan_fwd", target), dict(HAS_H0=has_h0, COMPLEX=cplx, CD=cd), div16=("L",))
+            add(f"scan_bwd[{tag}]", scan_bwd_kernel, dict(a_ptr=t, h_ptr=t, h0_ptr=t, dh_ptr=t, da_ptr=t, db_ptr=t),
+                ["R", "L"], launch_config("scan_bwd", target), dict(HAS_H0=has_h0, COMPLEX=cplx, CD=cd),
+                div16=("L",))
+    # selective scan: fp32 (what selective_scan passes for fp32/bf16 inputs; fp64 runs on the torch path on GPU);
+    # N up to 16, 32, 64
+    for dt in (torch.float32,):
+        t = _TL[dt]
+        for n in (16, 32, 64):
+            add(f"selective_fwd[{t},N<={n}]", selective_fwd_kernel,
+                {p: t for p in ("u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr", "y_ptr", "last_ptr", "ckpt_ptr")},
+                ["D", "L", "N", "n_chunks"], launch_config("selective_fwd", target, n_state=n), dict(CD=_cd(dt)),
+                div16=("D", "L", "N"))
+            for has_dlast in (False, True):
+                add(f"selective_bwd[{t},N<={n}{',dlast' if has_dlast else ''}]", selective_bwd_kernel,
+                    {p: t for p in ("u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr", "ckpt_ptr", "dy_ptr", "dlast_ptr",
+                                    "du_ptr", "ddelta_ptr", "dA_ptr", "dB_ptr", "dC_ptr")},
+                    ["D", "L", "N", "n_chunks"], launch_config("selective_bwd", target, n_state=n),
+                    dict(HAS_DLAST=has_dlast, CD=_cd(dt)), div16=("D", "L", "N"))
+    # grouped matmul: bf16 / fp16 / fp32 (tf32 tensor cores)
+    for dt in (torch.bfloat16, torch.float32):
+        t = _TL[dt]
+        add(f"gmm[{t}]", gmm_kernel, dict(x_ptr=t, w_ptr=t, y_ptr=t, tile_group_ptr="i32", tile_row_ptr="i32",
+                                          group_end_ptr="i32"),
+            ["K", "M", "G", "stride_wg", "stride_wk", "stride_wm"], launch_config("gmm", target, dtype=dt), {},
+            div16=("K", "M", "stride_wg", "stride_wk"))
+        add(f"gmm_dw[{t}]", gmm_dw_kernel, dict(x_ptr=t, dy_ptr=t, dw_ptr=t, group_start_ptr="i32",
+                                                group_end_ptr="i32"),
+            ["K", "M"], launch_config("gmm_dw", target, dtype=dt), {}, div16=("K", "M"))
+    return specs

@@ -9,17 +9,18 @@ a light local decoder turns the patch states back into next-byte predictions.  P
 
 Glossary (paper -> code):
     bytes + specials BOE, BOS, EOS, BPE (Sec. 2) -> ids b + OFFSET (OFFSET = 4), vocab = cfg.vocab_size + 4 = 260
-    entropy model, H(x_i) (Sec. 2.3, Eq. 4)      -> EntropyModel (registered "blt-entropy"), entropies()
-    global threshold theta_g (Eq. 5)             -> cfg.patching = "entropy", cfg.threshold
-    approx. monotonic constraint theta_r (Eq. 6) -> cfg.patching = "monotonic", cfg.threshold
+    entropy model, H(x_i) (Sec. 2.3)             -> EntropyModel (registered "blt-entropy"), entropies()
+    global constraint theta_g (Sec. 2.3)         -> cfg.patching = "entropy", cfg.threshold
+    approx. monotonic constraint theta_r (2.3)   -> cfg.patching = "monotonic", cfg.threshold
     space patching (Sec. 2.2), strided (2.1)      -> cfg.patching = "space" | "static" (stride cfg.patch_size)
     max patch length                             -> cfg.max_patch_len (0 = none)
     threshold for a target mean patch size       -> tune_threshold(); cfg.tune_threshold = True tunes it once,
                                                     on the first batch the model sees, to cfg.patch_size
-    hash n-gram embeddings (Sec. 3.2.1, Eq. 2-3) -> hash_ngram_ids(), BLT.hash_embs (n = cfg.hash_ngrams)
+    hash n-gram embeddings (Sec. 3.2.1)          -> hash_ngram_ids(), BLT.hash_embs (n = cfg.hash_ngrams)
     local encoder E, l_E layers (Sec. 3.2)       -> BLT.encoder (causal, sliding window cfg.local_window)
-    encoder cross-attention, k heads (Sec. 3.2.2)-> BLT.enc_cross, queries = max-pooled patch bytes -> cfg.cross_k
-                                                    query vectors per patch; keys/values = that patch's bytes only
+    encoder cross-attention (Sec. 3.2.2)         -> BLT.enc_cross: queries = the patch's max-pooled bytes projected
+                                                    to cfg.cross_k vectors (official cross_attn_k); keys/values = that
+                                                    patch's bytes only (gathered, <= max_patch_len of them)
     latent global transformer G (Sec. 3.1)       -> BLT.global_blocks, causal over patches
     local decoder D, l_D layers (Sec. 3.3)       -> BLT.dec_cross (before every layer) + BLT.decoder + BLT.head
     patch / byte states                          -> p_j (B, P, d_global), h_i (B, T, d_local)
@@ -34,7 +35,9 @@ never read them and rows stay independent).
 
 Left out / departures: the 8B scale, BPE delimiter patching and n-gram lookup-table embeddings (the hashed
 ones are the paper's main model); the local and global stacks are recomputed on the prefix at each generated
-byte (only the entropy model -- i.e. the patching -- is incremental, with a KV cache); MLPs are GELU, not SwiGLU.
+byte (only the entropy model -- i.e. the patching -- is incremental, with a KV cache); MLPs are GELU, not SwiGLU;
+no entropy-context reset at newlines.  Local attention is a blocked sliding window (window_attention: T x 2W scores,
+so the trainer's FLOP count sees the window); the decoder's cross-attention gathers the k slots of its one patch.
 The 260-way head is the paper's; forward returns its 256 byte columns (specials never occur as targets here), and
 the loss is the 260-way cross-entropy in nats per byte.  The entropy model sits inside BLT as a frozen submodule
 (its weights are saved with BLT's checkpoint; the trainer counts only its forward FLOPs).
@@ -241,7 +244,7 @@ class EntropyModel(nn.Module):
         return self.head(self.norm(h))
 
     def entropies(self, x, caches=None):
-        # Eq. 4: H(x_{t+1}) = -sum_v p(v | x_<=t) log p(v | x_<=t), natural log; x: (B, T) ids -> (B, T) float32
+        # Sec. 2.3: H(x_{t+1}) = -sum_v p(v | x_<=t) log p(v | x_<=t), natural log; x: (B, T) ids -> (B, T) float32
         logp = F.log_softmax(self.forward_ids(x, caches).float(), dim=-1)
         return -(logp.exp() * logp).sum(-1)
 
@@ -291,9 +294,9 @@ def patch_starts(x, mode, ent=None, threshold=0.0, patch_size=4.0, max_patch_len
     B, T = x.shape
     starts = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
     H = None if ent is None else torch.cat([ent.new_zeros(B, 1), ent], 1)     # H[:, i] = H(x_i), i = 1..T
-    if mode == "entropy":              # Eq. 5: global constraint H(x_i) > theta_g
+    if mode == "entropy":              # Sec. 2.3 global constraint H(x_i) > theta_g
         starts[:, 2:] = H[:, 2:] > threshold
-    elif mode == "monotonic":          # Eq. 6: approximate monotonic constraint H(x_i) - H(x_{i-1}) > theta_r
+    elif mode == "monotonic":          # Sec. 2.3 approximate monotonic constraint H(x_i) - H(x_{i-1}) > theta_r
         starts[:, 2:] = H[:, 2:] - H[:, 1:-1] > threshold
     elif mode == "space":              # Sec. 2.2: a new patch after a space-like byte (runs of them stay together)
         b = x - OFFSET
@@ -474,7 +477,7 @@ class BLT(nn.Module):
 
     # -- Sec. 3.2.1 -------------------------------------------------------------------------------------------------
     def embed(self, x):
-        # Eq. 2-3: e_i = x_i embedding + sum over hash functions f and n of E_{f,n}[hash_f(n-gram ending at i)]
+        # Sec. 3.2.1: e_i = x_i embedding + sum over hash functions f and n of E_{f,n}[hash_f(n-gram ending at i)]
         e = self.tok_emb(x)
         i = 0
         for f in range(self.cfg.hash_functions):

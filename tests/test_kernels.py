@@ -1,0 +1,324 @@
+"""kernels.py: Triton (under TRITON_INTERPRET=1) vs torch path vs a float64 sequential oracle, forward and every
+gradient, on fresh random inputs, with every kernel output poisoned (NaN) before the kernel writes it.
+
+Tolerances: float64 1e-9 (relative to the largest reference value); float32 1e-4; bfloat16 inputs 3e-2
+(bf16 keeps 8 bits of mantissa: one rounding of the output is 4e-3 relative, and the interpreter truncates
+where a GPU rounds). Interpreted sizes stay small (each program ~20 ms, each scan element ~0.1 ms there)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")   # conftest sets it too; it must precede the import of kernels
+
+import pytest
+import torch
+
+import kernels as K
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    K.POISON = True
+    yield
+    K.POISON = False
+
+
+def rel_err(x, ref):
+    x, ref = torch.view_as_real(x) if x.is_complex() else x, torch.view_as_real(ref) if ref.is_complex() else ref
+    x, ref = x.double(), ref.double()
+    assert not torch.isnan(x).any(), "NaN in the output: an element was never written"
+    return ((x - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item() if ref.numel() else 0.0
+
+
+def scan_inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_complex:
+        real = F64 if dtype == torch.complex128 else torch.float32
+        a = torch.polar(torch.rand(shape, generator=g, dtype=real) * 0.9 + 0.05,
+                        torch.randn(shape, generator=g, dtype=real))
+        b = torch.randn(shape, generator=g, dtype=dtype)
+        h0 = torch.randn(shape[:-1], generator=g, dtype=dtype)
+    else:
+        a = (torch.rand(shape, generator=g, dtype=F64) * 0.9 + 0.05).to(dtype)
+        b = torch.randn(shape, generator=g, dtype=F64).to(dtype)
+        h0 = torch.randn(shape[:-1], generator=g, dtype=F64).to(dtype)
+    return a, b, h0
+
+
+def grads(out, inputs, gout):
+    """Gradients of <out, gout> (real part) w.r.t. the inputs that are tensors."""
+    ins = [t for t in inputs if t is not None]
+    loss = sum(((o * go.conj()).real if o.is_complex() else o * go).sum() for o, go in zip(out, gout))
+    return torch.autograd.grad(loss, ins, retain_graph=True)
+
+
+# ------------------------------------------------------------------------------------------------ linear scan
+
+def test_combine_is_associative_and_matches_two_steps():
+    """The kernels' combine functions (called on torch tensors) compose steps and are associative."""
+    g = torch.Generator().manual_seed(1)
+    x = [torch.randn(5, generator=g, dtype=F64) for _ in range(6)]
+    left = K._combine.fn(*K._combine.fn(x[0], x[1], x[2], x[3]), x[4], x[5])
+    right = K._combine.fn(x[0], x[1], *K._combine.fn(x[2], x[3], x[4], x[5]))
+    for l_, r_ in zip(left, right):
+        torch.testing.assert_close(l_, r_)
+    h = torch.randn(5, generator=g, dtype=F64)
+    a, b = K._combine.fn(x[0], x[1], x[2], x[3])
+    torch.testing.assert_close(a * h + b, x[2] * (x[0] * h + x[1]) + x[3])
+    c = [torch.randn(5, generator=g, dtype=F64) for _ in range(12)]
+    left = K._combine_complex.fn(*K._combine_complex.fn(*c[:8]), *c[8:])
+    right = K._combine_complex.fn(*c[:4], *K._combine_complex.fn(*c[4:]))
+    for l_, r_ in zip(left, right):
+        torch.testing.assert_close(l_, r_)
+    z = [torch.complex(c[i], c[i + 1]) for i in range(0, 8, 2)]         # (a1, b1), (a2, b2) as complex numbers
+    ar, ai, br, bi = K._combine_complex.fn(*c[:8])
+    torch.testing.assert_close(torch.complex(ar, ai), z[2] * z[0])
+    torch.testing.assert_close(torch.complex(br, bi), z[2] * z[1] + z[3])
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.complex128])
+@pytest.mark.parametrize("L", [1, 7, 64, 100])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_linear_scan_backends_match_oracle(dtype, L, with_h0):
+    a, b, h0 = scan_inputs((2, 3, L), dtype, seed=L)                    # 6 rows: not a multiple of BLOCK_R
+    h0 = h0 if with_h0 else None
+    ins = [t.requires_grad_() for t in (a, b, h0) if t is not None]
+    ref = K.linear_scan_ref(a, b, h0)
+    gout = torch.randn_like(ref)
+    g_ref = grads([ref], ins, [gout])
+    for backend in ("torch", "triton"):
+        h = K.linear_scan(a, b, h0, backend=backend)
+        assert h.dtype == dtype and h.shape == a.shape
+        assert rel_err(h, ref) < 1e-9, backend
+        for g, gr in zip(grads([h], ins, [gout]), g_ref):
+            assert rel_err(g, gr) < 1e-9, backend
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.complex64, 1e-4)])
+def test_linear_scan_low_precision(dtype, tol):
+    a, b, h0 = scan_inputs((3, 40), dtype, seed=3)
+    ins = [t.requires_grad_() for t in (a, b, h0)]
+    up = (lambda t: t.to(torch.complex128)) if dtype.is_complex else (lambda t: t.to(F64))
+    ref = K.linear_scan_ref(up(a), up(b), up(h0))
+    gout = torch.randn_like(ref)
+    g_ref = grads([ref], ins, [gout])
+    for backend in ("torch", "triton"):
+        h = K.linear_scan(a, b, h0, backend=backend)
+        assert h.dtype == dtype
+        assert rel_err(h, ref) < tol, backend
+        for g, gr in zip(grads([h], ins, [gout.to(dtype)]), g_ref):
+            assert rel_err(g, gr) < tol, backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_scan_gradcheck(backend):
+    for dtype in (F64, torch.complex128):
+        a, b, h0 = scan_inputs((3, 20), dtype, seed=4)                  # 20 > one interpreter chunk (16)
+        ins = tuple(t.requires_grad_() for t in (a, b, h0))
+        # fast mode (random projections of the Jacobian): a few forwards instead of one per input element,
+        # which the interpreter (~20 ms per program) needs
+        assert torch.autograd.gradcheck(lambda *x: K.linear_scan(*x, backend=backend), ins,
+                                        fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_scan_is_causal(backend):
+    a, b, _ = scan_inputs((4, 50), F64, seed=5)
+    h = K.linear_scan(a, b, backend=backend)
+    b2 = b.clone()
+    b2[:, 30] += 1.0
+    h2 = K.linear_scan(a, b2, backend=backend)
+    assert torch.equal(h[:, :30], h2[:, :30]) and (h[:, 30:] != h2[:, 30:]).all()
+
+
+# --------------------------------------------------------------------------------------------- selective scan
+
+def ss_inputs(b, d, n, L, softplus, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)
+    u = r(b, d, L)
+    # without softplus, delta must be positive (as it is in Mamba) or exp(delta A) > 1 and the state explodes
+    delta = r(b, d, L) if softplus else torch.rand(b, d, L, generator=g, dtype=F64) * 0.5 + 0.01
+    A = -torch.rand(d, n, generator=g, dtype=F64) - 0.1
+    B, C, D, z, bias = r(b, n, L), r(b, n, L), r(d), r(b, d, L), r(d) * 0.1
+    return [t.to(dtype) for t in (u, delta, A, B, C, D, z, bias)]
+
+
+SS_CASES = [  # (b, d, n, L, use_D, use_z, use_bias, softplus)
+    (2, 3, 4, 1, True, True, True, True),
+    (2, 3, 4, 7, False, False, False, False),
+    (1, 5, 3, 40, True, False, True, True),
+    (2, 3, 2, 100, False, True, False, False),
+    (1, 6, 4, 33, True, True, False, True),
+]
+
+
+@pytest.mark.parametrize("case", SS_CASES)
+def test_selective_scan_backends_match_oracle(case):
+    b, d, n, L, use_D, use_z, use_bias, softplus = case
+    u, delta, A, B, C, D, z, bias = ss_inputs(b, d, n, L, softplus, seed=L)
+    D, z, bias = (D if use_D else None), (z if use_z else None), (bias if use_bias else None)
+    args = [u, delta, A, B, C, D, z, bias]
+    ins = [t.requires_grad_() for t in args if t is not None]
+    out_ref, last_ref = K.selective_scan_ref(*args, delta_softplus=softplus, return_last_state=True)
+    gy, gl = torch.randn_like(out_ref), torch.randn_like(last_ref)
+    g_ref = grads([out_ref, last_ref], ins, [gy, gl])
+    g_ref_y = grads([out_ref], ins, [gy])
+    for backend in ("torch", "triton"):
+        out, last = K.selective_scan(*args, delta_softplus=softplus, return_last_state=True, backend=backend)
+        assert out.shape == (b, d, L) and last.shape == (b, d, n)
+        assert rel_err(out, out_ref) < 1e-9 and rel_err(last, last_ref) < 1e-9, backend
+        for i, (g, gr) in enumerate(zip(grads([out, last], ins, [gy, gl]), g_ref)):
+            assert rel_err(g, gr) < 1e-9, (backend, i)
+        out = K.selective_scan(*args, delta_softplus=softplus, backend=backend)    # no last-state gradient
+        for i, (g, gr) in enumerate(zip(grads([out], ins, [gy]), g_ref_y)):
+            assert rel_err(g, gr) < 1e-9, (backend, i)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_selective_scan_gradcheck(backend):
+    u, delta, A, B, C, D, z, bias = ss_inputs(1, 2, 2, 18, True, seed=7)
+    ins = tuple(t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias))
+    f = lambda *x: K.selective_scan(*x, delta_softplus=True, return_last_state=True, backend=backend)
+    assert torch.autograd.gradcheck(f, ins, atol=1e-6, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_selective_scan_low_precision(dtype, tol):
+    args = ss_inputs(2, 3, 4, 20, True, dtype=dtype, seed=8)
+    ins = [t.requires_grad_() for t in args]
+    ref = K.selective_scan_ref(*[t.double() for t in args], delta_softplus=True)
+    gy = torch.randn_like(ref)
+    g_ref = grads([ref], ins, [gy])
+    for backend in ("torch", "triton"):
+        out = K.selective_scan(*args, delta_softplus=True, backend=backend)
+        assert out.dtype == dtype
+        assert rel_err(out, ref) < tol, backend
+        for g, gr in zip(grads([out], ins, [gy.to(dtype)]), g_ref):
+            assert rel_err(g, gr) < tol, backend
+
+
+def test_selective_scan_matches_linear_scan():
+    """S6 = a linear scan per (channel, state) with a = exp(delta A), b = delta B u, then y = sum_n C h."""
+    u, delta, A, B, C, *_ = ss_inputs(2, 3, 4, 30, False, seed=9)
+    a = torch.exp(delta[:, :, None, :] * A[None, :, :, None])
+    bb = (delta * u)[:, :, None, :] * B[:, None, :, :]
+    h = K.linear_scan(a, bb, backend="torch")
+    y = (h * C[:, None, :, :]).sum(2)
+    torch.testing.assert_close(K.selective_scan(u, delta, A, B, C, backend="torch"), y)
+
+
+# -------------------------------------------------------------------------------------------- grouped matmul
+
+GROUPS = [[5, 0, 17], [22], [0, 0, 9, 13], [3, 1, 1], [0, 4, 0]]
+
+
+@pytest.mark.parametrize("sizes", GROUPS)
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_grouped_matmul_backends_match_oracle(sizes, dtype, tol):
+    g = torch.Generator().manual_seed(sum(sizes))
+    gs = torch.tensor(sizes)
+    T = int(gs.sum())
+    x = torch.randn(T, 20, generator=g, dtype=F64).to(dtype).requires_grad_()        # K, M not multiples of 16
+    w = torch.randn(len(sizes), 20, 18, generator=g, dtype=F64).to(dtype).requires_grad_()
+    ref = K.grouped_matmul_ref(x.double(), w.double(), gs)
+    gy = torch.randn_like(ref)
+    g_ref = grads([ref], [x, w], [gy])
+    for backend in ("torch", "triton"):
+        y = K.grouped_matmul(x, w, gs, backend=backend)
+        assert y.dtype == dtype and y.shape == (T, 18)
+        assert rel_err(y, ref) < tol, backend
+        dx, dw = grads([y], [x, w], [gy.to(dtype)])
+        assert rel_err(dx, g_ref[0]) < tol and rel_err(dw, g_ref[1]) < tol, backend
+        for gi, n in enumerate(sizes):
+            if n == 0:
+                assert (dw[gi] == 0).all()                              # an empty group's weight gets zero
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_grouped_matmul_gradcheck(backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(3, 5, 4, generator=g, dtype=F64, requires_grad=True)
+    gs = torch.tensor([4, 0, 5])
+    assert torch.autograd.gradcheck(lambda x, w: K.grouped_matmul(x, w, gs, backend=backend), (x, w),
+                                    fast_mode=backend == "triton")
+
+
+def test_gmm_schedule_tiles_cover_rows_once_within_one_group():
+    sizes = torch.tensor([5, 0, 33, 16, 1])
+    bm = 16
+    tile_group, tile_row, starts, ends = K._gmm_schedule(sizes, int(sizes.sum()), bm)
+    assert tile_group.numel() == -(-55 // bm) + 5                        # the bound known without reading sizes
+    seen = torch.zeros(55, dtype=torch.int64)
+    for g, r in zip(tile_group.tolist(), tile_row.tolist()):
+        if g >= len(sizes):
+            continue                                                     # idle tile
+        rows = torch.arange(r, min(r + bm, int(ends[g])))
+        assert int(starts[g]) <= r < int(ends[g])                        # the tile starts inside its group
+        seen[rows] += 1
+    assert (seen == 1).all()
+
+
+def test_sort_by_group_and_unsort():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 4, (3, 7), generator=g)
+    ids[ids == 2] = 1                                                    # group 2 empty
+    order, sizes = K.sort_by_group(ids, 4)
+    assert sizes.tolist() == [int((ids == k).sum()) for k in range(4)]
+    flat = ids.reshape(-1)
+    assert (flat[order][1:] >= flat[order][:-1]).all()                   # sorted
+    for k in range(4):                                                    # stable inside a group
+        pos = order[flat[order] == k]
+        assert (pos[1:] > pos[:-1]).all()
+    x = torch.randn(21, 5, generator=g, requires_grad=True)
+    y = K.unsort(x[order] * 2, order)
+    torch.testing.assert_close(y, x * 2)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
+def test_moe_style_roundtrip_equals_per_token_weights():
+    """sort -> grouped_matmul -> unsort equals applying each token's own group weight."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 3, (2, 8), generator=g)
+    x = torch.randn(2, 8, 6, generator=g)
+    w = torch.randn(3, 6, 5, generator=g)
+    order, sizes = K.sort_by_group(ids, 3)
+    for backend in ("torch", "triton"):
+        y = K.unsort(K.grouped_matmul(x.reshape(-1, 6)[order], w, sizes, backend=backend), order).reshape(2, 8, 5)
+        torch.testing.assert_close(y, torch.einsum("btk,btkm->btm", x, w[ids]), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def test_bad_input_raises_value_error():
+    a = torch.rand(2, 5)
+    with pytest.raises(ValueError, match="same shape"):
+        K.linear_scan(a, torch.rand(2, 4))
+    with pytest.raises(ValueError, match="h0"):
+        K.linear_scan(a, a, torch.rand(3))
+    with pytest.raises(ValueError, match="backend"):
+        K.linear_scan(a, a, backend="cuda")
+    with pytest.raises(ValueError, match="dtype"):
+        K.linear_scan(a.long(), a.long())
+    u = torch.rand(2, 3, 5)
+    with pytest.raises(ValueError, match="A"):
+        K.selective_scan(u, u, torch.rand(4, 2), torch.rand(2, 2, 5), torch.rand(2, 2, 5))
+    with pytest.raises(ValueError, match="B"):
+        K.selective_scan(u, u, torch.rand(3, 2), torch.rand(2, 3, 5), torch.rand(2, 2, 5))
+    with pytest.raises(ValueError, match="sum"):
+        K.grouped_matmul(torch.rand(5, 3), torch.rand(2, 3, 4), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="group_sizes"):
+        K.grouped_matmul(torch.rand(5, 3), torch.rand(2, 3, 4), torch.tensor([5]))
+    with pytest.raises(ValueError, match="integer"):
+        K.sort_by_group(torch.rand(4), 2)
+
+
+def test_launch_config_rejects_unsupported_gpu_settings():
+    with pytest.raises(ValueError, match="capability"):
+        K.launch_config("gmm", (7, 5), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16/fp32"):
+        K.launch_config("gmm", (9, 0), dtype=torch.float64)
+    with pytest.raises(ValueError, match="N <= 64"):
+        K.launch_config("selective_fwd", (9, 0), n_state=128)

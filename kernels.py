@@ -20,8 +20,14 @@ Backward of a linear recurrence (used by all paths): with g_t = dL/dh_t (total),
     g_t = dh_t + a_{t+1} g_{t+1}        (a reverse scan with the gates shifted by one)
     db_t = g_t,   da_t = g_t h_{t-1},   dh0 = a_0 g_0        (complex: conjugate a and h, PyTorch's convention)
 """
+import json
 import math
 import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
@@ -864,3 +870,51 @@ def compile_specs(target):
                                                 group_end_ptr="i32"),
             ["K", "M"], launch_config("gmm_dw", target, dtype=dt), {}, div16=("K", "M"))
     return specs
+
+
+SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}   # max shared memory per block (opt-in), bytes
+
+
+def static_report(targets=((8, 0), (9, 0))):
+    """Compile every entry of compile_specs(target) ahead of time for each GPU target (no GPU needed) and read
+    the cubin's resources with the cuobjdump shipped in the triton wheel. Returns one dict per (spec, target):
+    name, kernel, target, num_warps, num_stages, regs, stack, local (spill bytes), static_shared,
+    dynamic_shared, mma (mma.sync in the PTX), wgmma, compile_s, or error. Under TRITON_INTERPRET=1 the
+    @triton.jit objects are interpreter stubs, so it runs itself in a child process without it."""
+    if _INTERPRET:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        code = f"import json, kernels; print('@@REPORT@@' + json.dumps(kernels.static_report({tuple(targets)!r})))"
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        if r.returncode:
+            raise RuntimeError("static_report child failed:\n" + r.stderr[-3000:])
+        return json.loads(r.stdout.split("@@REPORT@@")[-1])
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    out = []
+    for cap in targets:
+        for s in compile_specs(cap):
+            rec = dict(name=s["name"], kernel=s["fn"].__name__, target=f"sm_{cap[0]}{cap[1]}",
+                       num_warps=s["num_warps"], num_stages=s["num_stages"])
+            t0 = time.time()
+            try:
+                src = ASTSource(fn=s["fn"], signature=s["signature"], constexprs=s["constexprs"], attrs=s["attrs"])
+                c = triton.compile(src, target=GPUTarget("cuda", cap[0] * 10 + cap[1], 32),
+                                   options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
+            except Exception as e:  # reported, and failed on by tests/test_gpu_compile.py
+                rec["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                out.append(rec)
+                continue
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "k.cubin")
+                with open(path, "wb") as f:
+                    f.write(c.asm["cubin"])
+                res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+            m = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
+            ptx = c.asm["ptx"]
+            rec.update(regs=m.get("REG"), stack=m.get("STACK"), local=m.get("LOCAL"), static_shared=m.get("SHARED"),
+                       dynamic_shared=c.metadata.shared, mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
+                       compile_s=round(time.time() - t0, 2))
+            out.append(rec)
+    return out

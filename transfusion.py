@@ -81,7 +81,7 @@ class Config:
     d_model: int = 64
     # Sec. 3.2 / 4.2: patch encoder/decoder
     patch_codec: str = "unet"           # linear | unet
-    unet_channels: int = 32             # U-Net width at full resolution (x2 after the down block)
+    unet_channels: int = 16             # U-Net width at full resolution (x2 after the down block)
     # Sec. 3.3 / 4.1: diffusion
     diffusion_steps: int = 1000         # T
     schedule: str = "cosine"            # cosine (paper) | linear (DDPM's)
@@ -94,12 +94,16 @@ class Config:
     sample_steps: int = 50              # denoising steps at inference (paper: 250)
     guidance: float = 3.0               # classifier-free guidance scale (1 = conditional only)
     clip_x0: bool = True                # clip the predicted x_0 to [-1, 1] at every sampling step
+    eps_param: str = "direct"           # direct: the network outputs eps (paper) | v: eps = sqrt(ab) v + sqrt(1-ab) x_t
+    loss_weight: str = "uniform"        # uniform: plain eps-MSE (paper) | min_snr: Min-SNR-5 weights (training only)
+    patch_pos_emb: bool = True          # a learned embedding of each patch's place in the image, added by the encoder
     # LMFusion
     lmfusion: str = ""                  # path to a text-only ckpt.pt (lmfusion-base); freezes text, trains image
 
 
 def _check_config(cfg):
     choices = dict(backbone=("dense", "mot", "mamba", "mom"), patch_codec=("linear", "unet"),
+                   eps_param=("direct", "v"), loss_weight=("uniform", "min_snr"),
                    schedule=("cosine", "linear"), image_attn=("bidirectional", "causal"), sampler=("ddim", "ddpm"))
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
@@ -214,6 +218,7 @@ class PatchCodec(nn.Module):
         super().__init__()
         self.cfg, D = cfg, cfg.d_model
         self.t_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))   # the timestep MLP
+        self.pos = nn.Parameter(torch.randn(cfg.n_patches, D) * 0.02) if cfg.patch_pos_emb else None
         if cfg.patch_codec == "linear":
             self.enc, self.dec = nn.Linear(cfg.patch_dim, D), nn.Linear(D, cfg.patch_dim)
             return
@@ -235,17 +240,22 @@ class PatchCodec(nn.Module):
     def encode(self, x, t):
         # x: (N, n_patches, patch_dim) noisy patches, t: (N,) -> tokens (N, n_patches, D), skips for decode
         temb = self.temb(t)
+        ctx = dict(xt=x, t=t, temb=temb)
         if self.cfg.patch_codec == "linear":
-            return self.enc(x) + temb[:, None], None
-        h1 = self.down1(self.conv_in(unpatchify(x, self.cfg)), temb)      # (N, c, H, W)
-        h2 = self.down2(self.down(h1), temb)                              # (N, 2c, g, g)
-        return self.to_d(h2).flatten(2).transpose(1, 2), (h1, h2, temb)   # raster order = patch order
+            e = self.enc(x) + temb[:, None]
+        else:
+            ctx["h1"] = self.down1(self.conv_in(unpatchify(x, self.cfg)), temb)      # (N, c, H, W)
+            ctx["h2"] = self.down2(self.down(ctx["h1"]), temb)                       # (N, 2c, g, g)
+            e = self.to_d(ctx["h2"]).flatten(2).transpose(1, 2)                      # raster order = patch order
+        if self.pos is not None:
+            e = e + self.pos                                                         # which patch of the image
+        return e, ctx
 
-    def decode(self, h, skips):
-        # h: (N, n_patches, D) transformer outputs -> eps (N, n_patches, patch_dim)
+    def decode(self, h, ctx):
+        # h: (N, n_patches, D) transformer outputs, ctx from encode -> (N, n_patches, patch_dim)
         if self.cfg.patch_codec == "linear":
             return self.dec(h)
-        h1, h2, temb = skips
+        h1, h2, temb = ctx["h1"], ctx["h2"], ctx["temb"]
         g = self.cfg.image_size // self.cfg.patch_size
         u = self.from_d(h.transpose(1, 2).reshape(h.shape[0], -1, g, g))
         u = self.up(self.up2(torch.cat([u, h2], 1), temb))
@@ -334,12 +344,18 @@ class Transfusion(nn.Module):
             x = x.masked_scatter(is_img[..., None], e[gid[is_img], slot[is_img]].to(x.dtype))
         return x, skips
 
-    def _eps(self, h, gid, slot, n_img, skips):
+    def _eps(self, h, gid, slot, n_img, ctx):
         """Gather the transformer outputs of every image back into (N_img, n_patches, D), decode to eps."""
         hi = h.new_zeros(n_img, self.cfg.n_patches, h.shape[-1])
         is_img = gid >= 0
         hi = hi.index_put((gid[is_img], slot[is_img]), h[is_img])
-        return self.codec.decode(hi, skips)
+        out = self.codec.decode(hi, ctx).float()
+        if self.cfg.eps_param == "v":
+            # eps = sqrt(ab) v + sqrt(1 - ab) x_t: the network predicts v (Salimans & Ho 2022); the identity part of
+            # eps at high noise is exact, so x_0 = sqrt(ab) x_t - sqrt(1 - ab) v has no 1/sqrt(ab) error blow-up
+            ab = self.diffusion.alpha_bar[ctx["t"]].view(-1, 1, 1)
+            out = ab.sqrt() * out + (1 - ab).sqrt() * ctx["xt"].float()
+        return out
 
     def _check(self, batch):
         tokens, modality = batch.get("tokens"), batch.get("modality")
@@ -412,6 +428,11 @@ class Transfusion(nn.Module):
                 eps = self._eps(h, gid, slot, n_img, skips)
                 se = ((eps.float() - noise) ** 2).mean(-1) * valid
                 per_img = se.sum(1) / valid.sum(1).clamp(min=1)
+                if cfg.loss_weight == "min_snr" and "diffusion_t" not in batch and self.training:
+                    # Min-SNR-5 (Hang et al. 2023): w(t) = min(SNR_t, 5) / SNR_t shifts weight to noisier t
+                    ab = self.diffusion.alpha_bar[t]
+                    snr = ab / (1 - ab)
+                    per_img = per_img * snr.clamp(max=5.0) / snr
                 loss_img = per_img.mean()
                 loss = loss + cfg.lam * loss_img
                 parts["loss_image"] = loss_img.detach()
@@ -520,6 +541,7 @@ class Transfusion(nn.Module):
         scenes with fixed sampler noise; plus the eval diffusion loss in 10 timestep buckets (for extra_plots)."""
         if getattr(ds, "setting", None) != "transfusion":
             return {}
+        self._ds = ds                                   # extra_plots draws its sample grid from the same scenes
         dev = next(self.parameters()).device
         ex = ds.scenes(n)
         truth = [e["scene"] for e in ex]
@@ -574,10 +596,14 @@ class Transfusion(nn.Module):
         self.train(was)
         return res
 
-    def extra_plots(self, out_dir, ds=None):
-        """Diffusion loss per timestep bucket (first and last evaluation) -> out_dir/transfusion_loss_by_t.png."""
+    def extra_plots(self, out_dir):
+        """Diffusion loss per timestep bucket (first and last evaluation) -> out_dir/transfusion_loss_by_t.png,
+        and generated samples beside their captions -> out_dir/transfusion_samples.png."""
         if not self._bucket_history:
             return
+        os.makedirs(out_dir, exist_ok=True)
+        if getattr(self, "_ds", None) is not None:
+            self.save_samples(self._ds, os.path.join(out_dir, "transfusion_samples.png"))
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -591,6 +617,29 @@ class Transfusion(nn.Module):
         fig.tight_layout()
         os.makedirs(out_dir, exist_ok=True)
         fig.savefig(os.path.join(out_dir, "transfusion_loss_by_t.png"), dpi=120)
+        plt.close(fig)
+
+    @torch.no_grad()
+    def save_samples(self, ds, path, n=8, guidance=None):
+        """A PNG grid: for n fixed eval captions, the generated image (top) above the data's own image (bottom)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import data
+        ex = ds.scenes(n)
+        imgs = self.images_for_captions([e["caption"] for e in ex], guidance=guidance).float().cpu()
+        fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.9))
+        for k, e in enumerate(ex):
+            words = [data.WORDS[i] for i in e["caption"] if i < len(data.WORDS)]
+            axes[0, k].imshow(((imgs[k] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy())
+            axes[0, k].set_title("\n".join([" ".join(words[j:j + 4]) for j in range(0, len(words), 4)]), fontsize=6)
+            axes[1, k].imshow(e["image"].transpose(1, 2, 0))
+            for a in axes[:, k]:
+                a.set_xticks([]), a.set_yticks([])
+        axes[0, 0].set_ylabel("generated", fontsize=8)
+        axes[1, 0].set_ylabel("data", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
         plt.close(fig)
 
     # -- LMFusion: a frozen text LM + trainable image copies of every module -----------------------------------------

@@ -170,45 +170,85 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, x) if return_last_state else out
 
 
+_LOG2E = 1.4426950408889634
+CPU_CHUNK = 16   # time steps per chunk of the CPU selective scan: its (chunk, b, d, n) temporaries stay in cache
+
+
 class _SelectiveScanTorch(torch.autograd.Function):
     """The recurrence core y_t = C_t . h_t with h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, time-major.
 
-    Inputs (L, b, d) / (L, b, n) contiguous, A (d, n). The loops hold one fused op per step; everything else
-    (discretisation, the C contraction, all the gradients) is a bulk op over the whole sequence."""
+    Inputs (L, b, d) / (L, b, n) contiguous, A (d, n). Never materialises (b, d, n, L): time runs in chunks of
+    CPU_CHUNK steps whose (chunk, b, d, n) temporaries stay in cache; one fused addcmul per step, bulk ops per
+    chunk. Only the state entering each chunk is saved; the backward recomputes a chunk's states from it
+    (the official CUDA kernel's memory choice), runs g_t = a_{t+1} g_{t+1} + C_t dy_t in the step loop, and
+    takes every gradient in bulk per chunk. exp2 with A log2(e): 4x faster than exp on this CPU."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
         L, b, d = u.shape
         n = A.shape[1]
-        dA = torch.mul(delta[..., None], A).exp_()                         # (L, b, d, n) exp(delta_t A)
-        dBu = (delta * u)[..., None] * B[:, :, None, :]                    # (L, b, d, n) delta_t B_t u_t
-        hs = dA.new_empty(L + 1, b, d, n)                                  # hs[t+1] = h_t, hs[0] = 0
-        hs[0].zero_()
-        for t in range(L):
-            torch.addcmul(dBu[t], dA[t], hs[t], out=hs[t + 1])
-        y = torch.bmm(hs[1:].reshape(L * b, d, n), C.reshape(L * b, n, 1)).view(L, b, d)   # C_t . h_t
-        ctx.save_for_backward(u, delta, A, B, C, hs, dA)
-        return y, hs[L]
+        T = min(CPU_CHUNK, L)
+        nc = -(-L // T)
+        A2 = A * _LOG2E
+        du = delta * u
+        y = u.new_empty(L, b, d)
+        ck = u.new_empty(nc + 1, b, d, n)                                  # state entering chunk c; ck[nc] = last
+        ck[0].zero_()
+        bA, bB, bh = (u.new_empty(T, b, d, n) for _ in range(3))
+        for c in range(nc):
+            s, e = c * T, min(L, (c + 1) * T)
+            m = e - s
+            dA = torch.mul(delta[s:e, :, :, None], A2, out=bA[:m]).exp2_()        # exp(delta_t A)
+            dBu = torch.mul(du[s:e, :, :, None], B[s:e, :, None, :], out=bB[:m])  # delta_t B_t u_t
+            hs = bh[:m]
+            h = ck[c]
+            for a_t, b_t, h_t in zip(dA.unbind(0), dBu.unbind(0), hs.unbind(0)):
+                h = torch.addcmul(b_t, a_t, h, out=h_t)
+            # y_t = C_t . h_t as (1, n) @ (n, d) per (t, batch row)
+            torch.bmm(C[s:e].reshape(m * b, 1, n), hs.view(m * b, d, n).transpose(1, 2), out=y[s:e].view(m * b, 1, d))
+            ck[c + 1].copy_(h)
+        ctx.save_for_backward(u, delta, A, B, C, ck)
+        return y, ck[nc].clone()
 
     @staticmethod
     def backward(ctx, dy, dlast):
-        u, delta, A, B, C, hs, dA = ctx.saved_tensors
+        u, delta, A, B, C, ck = ctx.saved_tensors
         L, b, d = u.shape
         n = A.shape[1]
+        T = min(CPU_CHUNK, L)
+        nc = ck.shape[0] - 1
+        A2 = A * _LOG2E
         dy = dy.contiguous()
-        gs = dy[..., None] * C[:, :, None, :]                              # dL/dh_t through y_t ...
-        if dlast is not None:
-            gs[L - 1] += dlast
-        for t in range(L - 2, -1, -1):                                     # ... plus the reverse scan
-            gs[t].addcmul_(dA[t + 1], gs[t + 1])                           # g_t += a_{t+1} g_{t+1}
-        bmm = lambda x, y: torch.bmm(x, y)
-        dC = bmm(dy.view(L * b, 1, d), hs[1:].reshape(L * b, d, n)).view(L, b, n)
-        gB = bmm(gs.view(L * b, d, n), B.reshape(L * b, n, 1)).view(L, b, d)         # dL/d(delta_t u_t)
-        dB = bmm((delta * u).view(L * b, 1, d), gs.view(L * b, d, n)).view(L, b, n)
-        q = gs.mul_(hs[:-1]).mul_(dA)                                      # dL/d(delta_t A), in gs's memory
-        ddelta = torch.einsum("lbdn,dn->lbd", q, A) + gB * u
-        dAm = q.mul_(delta[..., None]).sum((0, 1))
-        du = gB * delta
+        du_ = delta * u
+        ddelta, du = u.new_empty(L, b, d), u.new_empty(L, b, d)
+        dB, dC = u.new_empty(L, b, n), u.new_empty(L, b, n)
+        dAm = A.new_zeros(d, n)
+        carry = dlast.clone() if dlast is not None else u.new_zeros(b, d, n)   # dL/dh at the chunk's end from later
+        bA, bg = (u.new_empty(T, b, d, n) for _ in range(2))
+        bh = u.new_empty(T + 1, b, d, n)
+        for c in range(nc - 1, -1, -1):
+            s, e = c * T, min(L, (c + 1) * T)
+            m, mb = e - s, (e - s) * b
+            dA = torch.mul(delta[s:e, :, :, None], A2, out=bA[:m]).exp2_()
+            hs = bh[:m + 1]                                                # hs[i] = h_{s+i-1}, recomputed
+            hs[0].copy_(ck[c])
+            gs = torch.mul(du_[s:e, :, :, None], B[s:e, :, None, :], out=bg[:m])  # dBu (then reused for g)
+            h = hs[0]
+            for a_t, b_t, h_t in zip(dA.unbind(0), gs.unbind(0), hs[1:].unbind(0)):
+                h = torch.addcmul(b_t, a_t, h, out=h_t)
+            torch.mul(dy[s:e, :, :, None], C[s:e, :, None, :], out=gs)    # g_t = C_t dy_t ...
+            gs[m - 1] += carry
+            g_list, a_list = gs.unbind(0), dA.unbind(0)
+            for t in range(m - 2, -1, -1):                                 # ... + a_{t+1} g_{t+1}
+                g_list[t].addcmul_(a_list[t + 1], g_list[t + 1])
+            carry = dA[0] * gs[0]
+            torch.bmm(dy[s:e].view(mb, 1, d), hs[1:].view(mb, d, n), out=dC[s:e].view(mb, 1, n))
+            gB = torch.bmm(B[s:e].reshape(mb, 1, n), gs.view(mb, d, n).transpose(1, 2)).view(m, b, d)
+            torch.bmm(du_[s:e].view(mb, 1, d), gs.view(mb, d, n), out=dB[s:e].view(mb, 1, n))
+            q = gs.mul_(hs[:-1]).mul_(dA)                                  # dL/d(delta_t A)
+            torch.add((q * A).sum(-1), gB * u[s:e], out=ddelta[s:e])
+            torch.mul(gB, delta[s:e], out=du[s:e])
+            dAm += q.mul_(delta[s:e, :, :, None]).sum((0, 1))
         return du, ddelta, dAm, dB, dC
 
 

@@ -198,6 +198,9 @@ class Megabyte(nn.Module):
                                        use_rope=cfg.cross_patch > 0)
         self.lm_head = None if cfg.tie_local_embed else nn.Linear(DL, cfg.vocab_size, bias=False)
         self.apply(self._init)
+        # w^GL reads a LayerNorm-ed slot (unit scale): start its output at the embeddings' scale (0.02), so the
+        # previous-byte embedding is not drowned by untrained global noise (without this, a long loss plateau)
+        nn.init.normal_(self.w_gl.weight, std=0.02 / math.sqrt(DG))
         nn.init.normal_(self.global_pad, std=0.02)
         nn.init.normal_(self.local_pad, std=0.02)
         self.register_buffer("patch_pos_loss", torch.zeros(2, P), persistent=False)  # eval loss by p (plot)
@@ -297,7 +300,12 @@ class Megabyte(nn.Module):
             m = tgt != -1
             loss = (ce * m).sum() / m.sum().clamp(min=1)
             parts["loss_text"] = loss.detach()
-            if not self.training:                                 # loss by index in patch (paper position t+1)
+            if self.training:
+                self._fresh_eval = True
+            else:                                                 # loss by index in patch (paper position t+1)
+                if getattr(self, "_fresh_eval", False):           # keep only the latest evaluation
+                    self.patch_pos_loss.zero_()
+                    self._fresh_eval = False
                 p = (torch.arange(1, T + 1, device=x.device) % P).expand(B, T)[m]
                 self.patch_pos_loss[0].index_add_(0, p, ce[m].detach().to(self.patch_pos_loss.dtype))
                 self.patch_pos_loss[1].index_add_(0, p, torch.ones_like(p, dtype=self.patch_pos_loss.dtype))

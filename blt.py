@@ -265,21 +265,21 @@ def load_entropy_model(path, vocab_size):
     hint = "train one with `python train.py --model blt-entropy --setting bytes` and pass --entropy_ckpt PATH " \
            "(or use --patching space / static, which need no entropy model)"
     if not path:
-        raise ValueError(f"blt: entropy patching needs a trained entropy model; {hint}")
+        raise ValueError(f"entropy patching needs a trained entropy model; {hint}")
     if not os.path.isfile(path):
-        raise ValueError(f"blt: entropy_ckpt {path!r} is not a file; {hint}")
+        raise ValueError(f"entropy_ckpt {path!r} is not a file; {hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         conf = ckpt["config"]
         name, mcfg, state = conf["model"], dict(conf["model_cfg"]), ckpt["model"]
     except Exception as e:   # noqa: BLE001 -- any unreadable file gets the same one-line answer
-        raise ValueError(f"blt: cannot read entropy_ckpt {path!r} ({type(e).__name__}: {e}); {hint}") from None
+        raise ValueError(f"cannot read entropy_ckpt {path!r} ({type(e).__name__}: {e}); {hint}") from None
     if name != "blt-entropy":
-        raise ValueError(f"blt: entropy_ckpt {path!r} holds model {name!r}, not 'blt-entropy'; {hint}")
+        raise ValueError(f"entropy_ckpt {path!r} holds model {name!r}, not 'blt-entropy'; {hint}")
     known = {f.name for f in fields(EntropyConfig)}
     ecfg = EntropyConfig(**{k: v for k, v in mcfg.items() if k in known})
     if ecfg.vocab_size != vocab_size:
-        raise ValueError(f"blt: entropy model vocab_size={ecfg.vocab_size} != blt vocab_size={vocab_size}; "
+        raise ValueError(f"entropy model vocab_size={ecfg.vocab_size} != blt vocab_size={vocab_size}; "
                          "train the entropy model on the same setting")
     model = EntropyModel(ecfg)
     model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})

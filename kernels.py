@@ -461,22 +461,20 @@ if HAS_TRITON:
 
     # --- linear scan ----------------------------------------------------------------------------------
     @triton.jit
-    def scan_fwd_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, R, L, HAS_H0: tl.constexpr, COMPLEX: tl.constexpr,
+    def scan_fwd_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, R, L, COMPLEX: tl.constexpr,
                         CD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
         """h = scan(a, b) for BLOCK_R rows of (R, L); chunks of BLOCK_T along L, the state carried in registers.
-        Complex inputs come as their real view (R, L, 2)."""
+        Complex inputs come as their real view (R, L, 2); h0 (R,) is always given (zeros when absent)."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_T)
         rmask = rows < R
         rows64 = rows.to(tl.int64)
-        hr = tl.zeros([BLOCK_R], dtype=CD)
         hi = tl.zeros([BLOCK_R], dtype=CD)
-        if HAS_H0:
-            if COMPLEX:
-                hr = tl.load(h0_ptr + 2 * rows64, mask=rmask, other=0.0).to(CD)
-                hi = tl.load(h0_ptr + 2 * rows64 + 1, mask=rmask, other=0.0).to(CD)
-            else:
-                hr = tl.load(h0_ptr + rows64, mask=rmask, other=0.0).to(CD)
+        if COMPLEX:
+            hr = tl.load(h0_ptr + 2 * rows64, mask=rmask, other=0.0).to(CD)
+            hi = tl.load(h0_ptr + 2 * rows64 + 1, mask=rmask, other=0.0).to(CD)
+        else:
+            hr = tl.load(h0_ptr + rows64, mask=rmask, other=0.0).to(CD)
         for start in range(0, L, BLOCK_T):
             t = start + cols
             m = rmask[:, None] & (t < L)[None, :]
@@ -502,8 +500,7 @@ if HAS_TRITON:
                 hr = _pick(h, cols, BLOCK_T - 1, 1)
 
     @triton.jit
-    def scan_bwd_kernel(a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, R, L, HAS_H0: tl.constexpr,
-                        COMPLEX: tl.constexpr, CD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+    def scan_bwd_kernel(a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, R, L, COMPLEX: tl.constexpr, CD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
         """Reverse scan g_t = dh_t + a_{t+1} g_{t+1} (conj(a) for complex), chunks from the end, then
         db = g, da = g * conj(h_{t-1}) with h_{t-1} read from the forward output (h0 at t = 0)."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -530,11 +527,10 @@ if HAS_TRITON:
                 g_i = Gi + Ar * gi[:, None] + Ai * gr[:, None]
                 pr = tl.load(h_ptr + 2 * (off - 1), mask=mp, other=0.0).to(CD)
                 pi = tl.load(h_ptr + 2 * (off - 1) + 1, mask=mp, other=0.0).to(CD)
-                if HAS_H0:
-                    h0r = tl.load(h0_ptr + 2 * rows64, mask=rmask, other=0.0).to(CD)
-                    h0i = tl.load(h0_ptr + 2 * rows64 + 1, mask=rmask, other=0.0).to(CD)
-                    pr = tl.where(first, h0r[:, None], pr)
-                    pi = tl.where(first, h0i[:, None], pi)
+                h0r = tl.load(h0_ptr + 2 * rows64, mask=rmask, other=0.0).to(CD)
+                h0i = tl.load(h0_ptr + 2 * rows64 + 1, mask=rmask, other=0.0).to(CD)
+                pr = tl.where(first, h0r[:, None], pr)
+                pi = tl.where(first, h0i[:, None], pi)
                 tl.store(da_ptr + 2 * off, g_r * pr + g_i * pi, mask=m)         # g * conj(h_{t-1})
                 tl.store(da_ptr + 2 * off + 1, g_i * pr - g_r * pi, mask=m)
                 tl.store(db_ptr + 2 * off, g_r, mask=m)
@@ -547,9 +543,8 @@ if HAS_TRITON:
                 Ac, Gc = tl.associative_scan((an, dh), 1, _combine, reverse=True)
                 g = Gc + Ac * gr[:, None]
                 hp = tl.load(h_ptr + off - 1, mask=mp, other=0.0).to(CD)
-                if HAS_H0:
-                    h0 = tl.load(h0_ptr + rows64, mask=rmask, other=0.0).to(CD)
-                    hp = tl.where(first, h0[:, None], hp)
+                h0 = tl.load(h0_ptr + rows64, mask=rmask, other=0.0).to(CD)
+                hp = tl.where(first, h0[:, None], hp)
                 tl.store(da_ptr + off, g * hp, mask=m)
                 tl.store(db_ptr + off, g, mask=m)
                 gr = _pick(g, cols, 0, 1)
@@ -593,7 +588,7 @@ if HAS_TRITON:
     @triton.jit
     def selective_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, ckpt_ptr, dy_ptr, dlast_ptr,
                              du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, D, L, N, n_chunks,
-                             HAS_DLAST: tl.constexpr, CD: tl.constexpr, BLOCK_D: tl.constexpr,
+                             CD: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
         """Chunks from the end. In each: recompute h_{t-1} from the chunk's checkpoint (a scan of the inputs
         shifted by one), reverse-scan g_t = dy_t C_t + a_{t+1} g_{t+1}, then every gradient from (g, h) in
@@ -609,9 +604,7 @@ if HAS_TRITON:
         dn_mask = dm[:, None] & nm[None, :]
         A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(CD)
         st = (pid_b.to(tl.int64) * D + dd[:, None]) * N + nn[None, :]
-        dlast = tl.zeros([BLOCK_D, BLOCK_N], dtype=CD)
-        if HAS_DLAST:
-            dlast = tl.load(dlast_ptr + st, mask=dn_mask, other=0.0).to(CD)
+        dlast = tl.load(dlast_ptr + st, mask=dn_mask, other=0.0).to(CD)      # zeros when not used
         g_next = tl.zeros([BLOCK_D, BLOCK_N], dtype=CD)   # g at the first step of the following chunk
         dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=CD)
         ub = pid_b.to(tl.int64) * D * L
@@ -647,8 +640,7 @@ if HAS_TRITON:
             # g_t = dL/dh_t = dy_t C_t (+ dlast at L-1) + a_{t+1} g_{t+1}
             an = tl.where(tn[None, None, :], tl.exp(dln[:, None, :] * A[:, :, None]), 0.0)
             bg = dy[:, None, :] * Ct[None, :, :]
-            if HAS_DLAST:
-                bg = bg + tl.where((t == L - 1)[None, None, :], dlast[:, :, None], 0.0)
+            bg = bg + tl.where((t == L - 1)[None, None, :], dlast[:, :, None], 0.0)
             Ag, Gg = tl.associative_scan((an, bg), 2, _combine, reverse=True)
             g = Gg + Ag * g_next[:, :, None]
             g_next = _pick(g, tt, 0, 2)
@@ -735,8 +727,10 @@ class _LinearScanTriton(torch.autograd.Function):
         h = _empty((R, L), a)
         cplx = a.is_complex()
         grid = (triton.cdiv(R, cfg["BLOCK_R"]),)
-        scan_fwd_kernel[grid](_real(a), _real(b), _real(h0) if h0 is not None else _real(a), _real(h), R, L,
-                              HAS_H0=h0 is not None, COMPLEX=cplx, CD=_cd(_real(a).dtype), **_launch_args(cfg))
+        ctx.has_h0 = h0 is not None
+        h0 = torch.zeros(R, dtype=a.dtype, device=a.device) if h0 is None else h0.to(a.dtype).contiguous()
+        scan_fwd_kernel[grid](_real(a), _real(b), _real(h0), _real(h), R, L, COMPLEX=cplx, CD=_cd(_real(a).dtype),
+                              **_launch_args(cfg))
         ctx.save_for_backward(a, h, h0)
         return h
 
@@ -748,10 +742,10 @@ class _LinearScanTriton(torch.autograd.Function):
         cfg = launch_config("scan_bwd", _target(a))
         da, db = _empty((R, L), a), _empty((R, L), a)
         scan_bwd_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
-            _real(a), _real(h), _real(h0) if h0 is not None else _real(a), _real(dh), _real(da), _real(db), R, L,
-            HAS_H0=h0 is not None, COMPLEX=a.is_complex(), CD=_cd(_real(a).dtype), **_launch_args(cfg))
+            _real(a), _real(h), _real(h0), _real(dh), _real(da), _real(db), R, L, COMPLEX=a.is_complex(),
+            CD=_cd(_real(a).dtype), **_launch_args(cfg))
         dh0 = None
-        if h0 is not None:
+        if ctx.has_h0:
             dh0 = ((a[:, 0].conj() if a.is_complex() else a[:, 0]) * db[:, 0]).to(h0.dtype)
         return da, db, dh0
 
@@ -787,9 +781,9 @@ class _SelectiveScanTriton(torch.autograd.Function):
         dA = _empty((b, d, n), u)
         dB, dC = _empty((n_db, b, n, L), u), _empty((n_db, b, n, L), u)
         dy = dy.contiguous()
+        dlast = torch.zeros(b, d, n, dtype=u.dtype, device=u.device) if dlast is None else dlast.contiguous()
         selective_bwd_kernel[(b, n_db)](
-            u, delta, A, B, C, ckpt, dy, dlast.contiguous() if dlast is not None else dy,
-            du, ddelta, dA, dB, dC, d, L, n, n_chunks, HAS_DLAST=dlast is not None, CD=_cd(u.dtype),
+            u, delta, A, B, C, ckpt, dy, dlast, du, ddelta, dA, dB, dC, d, L, n, n_chunks, CD=_cd(u.dtype),
             **_launch_args(cfg))
         return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0)
 
@@ -876,30 +870,26 @@ def compile_specs(target):
     for dt, cplx in [(torch.float32, False), (torch.bfloat16, False), (torch.float64, False),
                      (torch.float32, True), (torch.float64, True)]:
         t = _TL[dt]
-        for has_h0 in (False, True):
-            tag = f"{'c' if cplx else ''}{t}{'+h0' if has_h0 else ''}"
-            cd = _cd(dt)
-            add(f"scan_fwd[{tag}]", scan_fwd_kernel, dict(a_ptr=t, b_ptr=t, h0_ptr=t, h_ptr=t), ["R", "L"],
-                launch_config("scan_fwd", target), dict(HAS_H0=has_h0, COMPLEX=cplx, CD=cd), div16=("L",))
-            add(f"scan_bwd[{tag}]", scan_bwd_kernel, dict(a_ptr=t, h_ptr=t, h0_ptr=t, dh_ptr=t, da_ptr=t, db_ptr=t),
-                ["R", "L"], launch_config("scan_bwd", target), dict(HAS_H0=has_h0, COMPLEX=cplx, CD=cd),
-                div16=("L",))
+        tag = f"{'c' if cplx else ''}{t}"
+        cd = _cd(dt)
+        add(f"scan_fwd[{tag}]", scan_fwd_kernel, dict(a_ptr=t, b_ptr=t, h0_ptr=t, h_ptr=t), ["R", "L"],
+            launch_config("scan_fwd", target), dict(COMPLEX=cplx, CD=cd), div16=("L",))
+        add(f"scan_bwd[{tag}]", scan_bwd_kernel, dict(a_ptr=t, h_ptr=t, h0_ptr=t, dh_ptr=t, da_ptr=t, db_ptr=t),
+            ["R", "L"], launch_config("scan_bwd", target), dict(COMPLEX=cplx, CD=cd), div16=("L",))
     # selective scan: fp32 (what selective_scan passes for fp32/bf16 inputs; fp64 runs on the torch path on GPU);
-    # N up to 16, 32, 64
-    for dt in (torch.float32,):
-        t = _TL[dt]
-        for n in (16, 32, 64):
-            add(f"selective_fwd[{t},N<={n}]", selective_fwd_kernel,
-                {p: t for p in ("u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr", "y_ptr", "last_ptr", "ckpt_ptr")},
-                ["D", "L", "N", "n_chunks"], launch_config("selective_fwd", target, n_state=n), dict(CD=_cd(dt)),
-                div16=("D", "L", "N"))
-            for has_dlast in (False, True):
-                add(f"selective_bwd[{t},N<={n}{',dlast' if has_dlast else ''}]", selective_bwd_kernel,
-                    {p: t for p in ("u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr", "ckpt_ptr", "dy_ptr", "dlast_ptr",
-                                    "du_ptr", "ddelta_ptr", "dA_ptr", "dB_ptr", "dC_ptr")},
-                    ["D", "L", "N", "n_chunks"], launch_config("selective_bwd", target, n_state=n),
-                    dict(HAS_DLAST=has_dlast, CD=_cd(dt)), div16=("D", "L", "N"))
-    # grouped matmul: bf16 / fp16 / fp32 (tf32 tensor cores)
+    # state sizes N up to 16, 32, 64
+    f32 = "fp32"
+    for n in (16, 32, 64):
+        add(f"selective_fwd[N<={n}]", selective_fwd_kernel,
+            {p: f32 for p in ("u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr", "y_ptr", "last_ptr", "ckpt_ptr")},
+            ["D", "L", "N", "n_chunks"], launch_config("selective_fwd", target, n_state=n), dict(CD=tl.float32),
+            div16=("D", "L", "N"))
+        add(f"selective_bwd[N<={n}]", selective_bwd_kernel,
+            {p: f32 for p in ("u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr", "ckpt_ptr", "dy_ptr", "dlast_ptr",
+                              "du_ptr", "ddelta_ptr", "dA_ptr", "dB_ptr", "dC_ptr")},
+            ["D", "L", "N", "n_chunks"], launch_config("selective_bwd", target, n_state=n), dict(CD=tl.float32),
+            div16=("D", "L", "N"))
+    # grouped matmul: bf16 / fp32 (tf32 tensor cores)
     for dt in (torch.bfloat16, torch.float32):
         t = _TL[dt]
         add(f"gmm[{t}]", gmm_kernel, dict(x_ptr=t, w_ptr=t, y_ptr=t, tile_group_ptr="i32", tile_row_ptr="i32",
@@ -929,32 +919,40 @@ def static_report(targets=((8, 0), (9, 0))):
         if r.returncode:
             raise RuntimeError("static_report child failed:\n" + r.stderr[-3000:])
         return json.loads(r.stdout.split("@@REPORT@@")[-1])
+    jobs = [(tuple(cap), i) for cap in targets for i in range(len(compile_specs(tuple(cap))))]
+    workers = min(4, os.cpu_count() or 1)
+    if workers > 1:   # compiles are independent: a process pool (fork keeps this non-interpreted import)
+        import concurrent.futures
+        import multiprocessing
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
+            return list(ex.map(_compile_one, *zip(*jobs)))
+    return [_compile_one(cap, i) for cap, i in jobs]
+
+
+def _compile_one(cap, i):
+    """Compile compile_specs(cap)[i] for the GPU target cap and read its resource usage (see static_report)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    out = []
-    for cap in targets:
-        for s in compile_specs(cap):
-            rec = dict(name=s["name"], kernel=s["fn"].__name__, target=f"sm_{cap[0]}{cap[1]}",
-                       num_warps=s["num_warps"], num_stages=s["num_stages"])
-            t0 = time.time()
-            try:
-                src = ASTSource(fn=s["fn"], signature=s["signature"], constexprs=s["constexprs"], attrs=s["attrs"])
-                c = triton.compile(src, target=GPUTarget("cuda", cap[0] * 10 + cap[1], 32),
-                                   options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
-            except Exception as e:  # reported, and failed on by tests/test_gpu_compile.py
-                rec["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-                out.append(rec)
-                continue
-            with tempfile.TemporaryDirectory() as d:
-                path = os.path.join(d, "k.cubin")
-                with open(path, "wb") as f:
-                    f.write(c.asm["cubin"])
-                res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-            m = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
-            ptx = c.asm["ptx"]
-            rec.update(regs=m.get("REG"), stack=m.get("STACK"), local=m.get("LOCAL"), static_shared=m.get("SHARED"),
-                       dynamic_shared=c.metadata.shared, mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
-                       compile_s=round(time.time() - t0, 2))
-            out.append(rec)
-    return out
+    s = compile_specs(cap)[i]
+    rec = dict(name=s["name"], kernel=s["fn"].__name__, target=f"sm_{cap[0]}{cap[1]}", num_warps=s["num_warps"],
+               num_stages=s["num_stages"])
+    t0 = time.time()
+    try:
+        src = ASTSource(fn=s["fn"], signature=s["signature"], constexprs=s["constexprs"], attrs=s["attrs"])
+        c = triton.compile(src, target=GPUTarget("cuda", cap[0] * 10 + cap[1], 32),
+                           options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
+    except Exception as e:  # reported, and failed on by tests/test_gpu_compile.py
+        rec["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        return rec
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(c.asm["cubin"])
+        res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    m = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
+    ptx = c.asm["ptx"]
+    rec.update(regs=m.get("REG"), stack=m.get("STACK"), local=m.get("LOCAL"), static_shared=m.get("SHARED"),
+               dynamic_shared=c.metadata.shared, mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
+               compile_s=round(time.time() - t0, 2))
+    return rec

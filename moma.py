@@ -38,14 +38,19 @@ exactly what it would be without them; `MoMa.fit_aux_routers(batches)` runs the 
 frozen) after training. Their accuracy is logged as parts["router_acc"] (and "mod_router_acc").
 
 Equal FLOPs with the dense model (the README's comparison): with capacity factor c every group token is processed
-by c experts on average, so an expert of hidden size d_ff / c gives the dense model's FFN FLOPs per token;
-cfg.expert_hidden = 0 picks exactly that. The extra active FLOPs are the routers (D x E_m per token) and the aux
-routers (trained alongside: D x aux_hidden x 2 per token, forward + backward): about 3% at the toy scale.
+by c experts on average, so experts of hidden size ffn_hidden / c run the dense model's FFN FLOPs per token;
+cfg.expert_hidden = 0 picks exactly that. Default c = 2: 4 experts of half the dense width per modality (2x the
+dense FFN parameters per modality, each token seen by 2 experts on average, few dropped tokens). At the toy scale
+c = 1 with full-width experts drops ~20% of the tokens of each layer and learned more slowly (see the README).
+The extra active FLOPs are the routers (D x E_m per token) and the aux routers (trained alongside, forward +
+weight gradients): +1.1% over dense as counted by train.count_flops (1.130 vs 1.118 MFLOPs/token).
 
 Departures: the EC batch is the whole micro-batch (B x T tokens of a modality), not per sequence; norms are
-shared (only the FFN is modality-aware, as in the paper); the upcycled down-projections are scaled by
-1 / capacity_factor so the expected FFN output equals the parent's (exactly equal when every expert takes every
-token); the MoD block output is scaled by sigmoid(router) (Raposo et al. use the raw router weight).
+shared (only the FFN is modality-aware, as in the paper); upcycling splits the parent FFN's hidden units into
+the experts when they are narrower and scales down-projections by s / c (see MoMa.upcycle) so the expected FFN
+output equals the parent's; the MoD block output is scaled by sigmoid(router) (Raposo et al. use the raw weight).
+The eval pass runs the model twice (EC and aux routing) when cfg.eval_aux: measure inference FLOPs with
+--eval_aux=false --routing=aux.
 Run:  python train.py --compare dense,mot,moma --setting chameleon          Read next: mot.py (the dense/MoT baselines)
 """
 import math
@@ -76,7 +81,7 @@ class Config:
     # Sec. 2.2: modality-aware experts with expert-choice routing
     experts: tuple = (4,)        # experts per modality group: (4,) = 4 in every group ("4t4i"), or e.g. (4, 2)
     modality_aware: bool = True   # False: ONE group of experts[0] experts for all tokens (the paper's mixed-modal EC MoE)
-    capacity_factor: float = 1.0  # c: each expert takes k_e = ceil(c * T_m / E_m) tokens of its modality
+    capacity_factor: float = 2.0  # c: each expert takes k_e = ceil(c * T_m / E_m) tokens of its modality
     expert_hidden: int = 0        # hidden size of one expert; 0 = ffn_hidden / capacity_factor: dense FLOPs/token
     gumbel: float = 0.0           # scale s of the Gumbel-sigmoid noise in training (Eq. 5; 0 = off)
     # Sec. 2.4: auxiliary routers for causal inference
@@ -481,35 +486,40 @@ class MoMa(nn.Module):
     # --- Sec. 2.5: upcycling from a trained 1t1i model ---
     @torch.no_grad()
     def upcycle(self, path, noise=0.0):
-        """Copy a train.py checkpoint of a 1t1i MoMa into this model: shared weights as they are; each modality's
-        single expert (and its router column) into every expert of that group, down-projection scaled by
-        1 / capacity_factor (so the expected FFN output is the parent's), plus relative noise to break symmetry."""
+        """Initialise from a train.py checkpoint of a 1t1i MoMa: shared weights as they are; expert j of group m gets
+        chunk j mod s of the hidden units of the parent's modality-m FFN (s = parent width / expert width; s = 1: a
+        full copy; a SwiGLU FFN is the sum of its hidden-unit chunks), its down-projection scaled by s / c, and the
+        parent's router column; plus relative noise to break symmetry. A token picked by c experts on average then
+        gets the parent's FFN output in expectation, and exactly when every expert takes every token (c = E_m)."""
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-            sd = ck["model"]
-        except (OSError, KeyError, RuntimeError) as e:
+            sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        except (OSError, KeyError, RuntimeError, TypeError) as e:
             raise ValueError(f"upcycle_from={path!r}: cannot read a train.py checkpoint with a 'model' entry ({e})")
-        G, own = self.cfg.n_experts_total, self.state_dict()
+        cfg, own = self.cfg, self.state_dict()
         n_par = sd["blocks.0.ffn.w_up"].shape[0] if "blocks.0.ffn.w_up" in sd else -1
-        if n_par != self.cfg.n_modalities:
+        if n_par != len(cfg.group_experts):
             raise ValueError(f"upcycle_from={path!r} is not a 1t1i MoMa checkpoint (it has {n_par} experts per "
-                             f"layer, need {self.cfg.n_modalities}); train one with --model moma-1t1i")
+                             f"layer, need {len(cfg.group_experts)}); train one with --model moma-1t1i")
+        Hp, H = sd["blocks.0.ffn.w_down"].shape[1], cfg.d_expert
+        if Hp % H:
+            raise ValueError(f"upcycle_from={path!r}: the parent's expert width {Hp} is not a multiple of "
+                             f"expert_hidden={H}; pick --expert_hidden dividing {Hp}")
+        s = Hp // H
         jitter = lambda w: w + noise * w.std() * torch.randn_like(w) if noise > 0 else w.clone()
-        idx = torch.tensor([m for m, e in enumerate(self.cfg.group_experts) for _ in range(e)])  # parent expert of each
+        par = [(m, j % s) for m, e in enumerate(cfg.group_experts) for j in range(e)]  # (parent group, chunk)
         for k, v in sd.items():
-            if k not in own:
-                continue
-            if k.endswith("ffn.w_up"):
-                v = torch.stack([jitter(v[i]) for i in idx])
+            if k not in own or ".aux." in k or "mod_aux" in k:
+                continue  # fresh aux routers: the parent's learned a trivial (all-selected) target
+            if k.endswith("ffn.w_up"):  # [w1 | w3]: take the same hidden chunk from both halves
+                v = torch.stack([jitter(torch.cat([v[m][:, q * H:(q + 1) * H], v[m][:, Hp + q * H:Hp + (q + 1) * H]], 1))
+                                 for m, q in par])
             elif k.endswith("ffn.w_down"):
-                v = torch.stack([jitter(v[i]) for i in idx]) / self.cfg.capacity_factor
+                v = torch.stack([jitter(v[m][q * H:(q + 1) * H]) for m, q in par]) * (s / cfg.capacity_factor)
             elif ".ffn.router." in k:
                 v = jitter(v.expand(-1, own[k].shape[1]))
-            elif ".aux." in k or "mod_aux" in k:
-                continue  # fresh aux routers: the parent's learned a trivial (all-selected) target
             if v.shape != own[k].shape:
                 raise ValueError(f"upcycle_from={path!r}: {k} has shape {tuple(v.shape)}, this model needs "
-                                 f"{tuple(own[k].shape)}; use the parent's d_model/n_layer and expert_hidden")
+                                 f"{tuple(own[k].shape)}; use the parent's d_model, n_layer and vocabulary")
             own[k].copy_(v)
 
     # --- logging: routed tokens per layer / expert and aux-router accuracy ---
@@ -554,7 +564,7 @@ class MoMa(nn.Module):
 
 MODELS = {
     "moma": (Config, MoMa, "chameleon", dict()),                            # 4t4i (4 per modality)
-    "moma-1t1i": (Config, MoMa, "chameleon", dict(experts=(1,))),         # = FFN-only MoT (with a gate)
+    "moma-1t1i": (Config, MoMa, "chameleon", dict(experts=(1,), capacity_factor=1.0)),  # = FFN-only MoT (+ gate)
     "moma-mod": (Config, MoMa, "chameleon", dict(mod=True)),               # 4t4i + mixture-of-depths
     "moma-ec8": (Config, MoMa, "chameleon", dict(experts=(8,), modality_aware=False)),  # mixed-modal EC baseline
 }

@@ -82,7 +82,7 @@ def test_1t1i_full_capacity_equals_ffn_only_mot(norm):
     kw = dict(vocab_size=V, n_modalities=2, modality_offsets=OFFS, seq_len=64, d_model=32, n_head=2, n_layer=2,
               norm_placement=norm)
     ref = mot.Transformer(mot.Config(untie_ffn=True, **kw))
-    model = moma.MoMa(moma.Config(experts=(1,), **kw))
+    model = moma.MoMa(moma.Config(experts=(1,), capacity_factor=1.0, **kw))
     with torch.no_grad():
         model.tok_emb.weight.copy_(ref.tok_emb.weight)
         model.lm_head.weight.copy_(ref.lm_head.weight)
@@ -156,9 +156,10 @@ def test_cached_generation_equals_full_aux_forward(mod):
     torch.testing.assert_close(logits[:, 5:].argmax(-1), out[:, 6:])  # greedy tokens = full-forward argmax
 
 
-def test_upcycled_equals_parent_at_step_0_when_noise_off(tmp_path):
+@pytest.mark.parametrize("split", [1, 2])
+def test_upcycled_equals_parent_at_step_0_when_noise_off(tmp_path, split):
     torch.manual_seed(0)
-    pcfg = cfg_(experts=(1,))
+    pcfg = cfg_(experts=(1,), capacity_factor=1.0)
     parent = moma.MoMa(pcfg)
     opt = torch.optim.AdamW(parent.parameters(), lr=1e-2)
     for i in range(3):  # a briefly trained parent, so that weights are not at their init
@@ -167,18 +168,15 @@ def test_upcycled_equals_parent_at_step_0_when_noise_off(tmp_path):
         loss.backward()
         opt.step()
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": parent.state_dict(), "config": vars(pcfg)}, path)
+    torch.save({"model": parent.state_dict(), "config": {}}, path)
     b = batch_(seed=9)
     parent.eval()
     ref = parent(b)[0]
     # every expert takes every token of its group (capacity factor = E_m): the upcycled model IS the parent
-    H = pcfg.d_expert  # the experts keep the parent expert's width
-    child = moma.MoMa(cfg_(experts=(4,), capacity_factor=4.0, expert_hidden=H, upcycle_from=str(path)))
-    child.eval()
+    kw = dict(experts=(4,), capacity_factor=4.0, expert_hidden=pcfg.d_expert // split, upcycle_from=str(path))
+    child = moma.MoMa(cfg_(**kw)).eval()
     torch.testing.assert_close(child(b)[0], ref, atol=1e-5, rtol=1e-5)
-    noisy = moma.MoMa(cfg_(experts=(4,), capacity_factor=4.0, expert_hidden=H, upcycle_from=str(path),
-                               upcycle_noise=0.05))
-    noisy.eval()
+    noisy = moma.MoMa(cfg_(**kw, upcycle_noise=0.05)).eval()
     assert (noisy(b)[0] - ref).abs().max() > 1e-4
     with pytest.raises(ValueError, match="1t1i"):
         torch.save({"model": noisy.state_dict(), "config": {}}, tmp_path / "bad.pt")

@@ -61,7 +61,7 @@ class Config:
     cross_patch: int = 0           # Sec. 2.3.2: r bytes of the previous patch the local model attends to (0 = off)
     strided_inference: bool = False  # Sec. 2.3.3: two passes offset by P/2 at eval (doubles eval cost)
 
-    def __post_init__(self):
+    def check(self):                 # called by Megabyte(): bad values -> one-line ValueError with the fix
         P = self.patch_size
         if P < 1 or (self.strided_inference and P % 2):
             raise ValueError(f"patch_size={P} must be >= 1 (and even for strided_inference); set --patch_size")
@@ -181,6 +181,7 @@ class CausalConvStack(nn.Module):
 class Megabyte(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
+        cfg.check()
         self.cfg = cfg
         P, DG, DL = cfg.patch_size, cfg.d_global, cfg.d_local
         # Sec. 2.2.1 patch embedder: h^embed_t = E^global-embed_{x_t} + E^pos_t

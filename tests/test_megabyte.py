@@ -191,9 +191,11 @@ def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="n_modalities"):
         m(dict(tokens=torch.zeros(1, 4, dtype=torch.long), modality=torch.ones(1, 4, dtype=torch.long)))
     with pytest.raises(ValueError, match="even"):
-        Config(patch_size=3, strided_inference=True)
+        Megabyte(Config(patch_size=3, strided_inference=True))
     with pytest.raises(ValueError, match="cross_patch"):
-        Config(patch_size=4, cross_patch=5)
+        Megabyte(Config(patch_size=4, cross_patch=5))
+    with pytest.raises(ValueError, match="heads"):
+        Megabyte(Config(d_local=30, n_head_local=4))
 
 
 def test_registry():

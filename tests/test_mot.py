@@ -162,6 +162,8 @@ def test_flops_equal_for_dense_and_mot():
     b = make_batch(dense)
     fd, fm = _flops(dense, b), _flops(moe, b)
     assert fd == fm and fd > 0
+    import train  # the trainer's counter (attention included) gives the same equality
+    assert train.count_flops(dense, b) == train.count_flops(moe, b) > fd / b["tokens"].numel()
     masked = mot.MoT(tiny(3, **untied(routing="masked")))   # the counter sees the M x cost of the reference
     assert _flops(masked, b) > 1.5 * fd
 
@@ -231,3 +233,15 @@ def test_registry_builds():
         model = M(C(**over))
         assert setting == "chameleon"
         assert (len(model.modality_parameters(1)) > 0) == (name == "mot")
+
+
+@pytest.mark.parametrize("setting,n_mod", [("chameleon", 2), ("speech", 3), ("bytes", 1)])
+def test_trainer_builds_dense_and_mot(setting, n_mod):
+    import train
+    for name in ("dense", "mot"):
+        model, cfg, tc, ds = train.build(name, setting, overrides=dict(seq_len=64), train_overrides=dict(seq_len=64))
+        assert cfg.n_modalities == n_mod and cfg.vocab_size == ds.vocab_size
+        b = ds.get_batch("train", 2, 0)
+        logits, loss, parts = model(b)
+        assert logits.shape == (2, 64, ds.vocab_size) and torch.isfinite(loss)
+        assert set(parts) <= {"loss_text", "loss_image", "loss_speech"} and len(parts) >= 1

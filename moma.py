@@ -580,11 +580,16 @@ def report(base_out, docs="docs"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = {}
-    for n in ("dense", "mot", "moma", "moma-mod", "moma-ec8", "moma-upcycled"):
+    runs, plotted = {}, ("dense", "mot", "moma", "moma-mod", "moma-ec8", "moma-upcycled")
+    names = plotted + tuple(sorted(set(os.listdir(base_out)) - set(plotted)))  # other runs: table only
+    for n in names:
         p = os.path.join(base_out, n, "metrics.jsonl")
         if os.path.exists(p):
             runs[n] = [r for r in map(json.loads, open(p)) if "eval_loss" in r]
+            parent = json.load(open(os.path.join(base_out, n, "config.json")))["model_cfg"].get("upcycle_from")
+            if parent:  # an upcycled run: count the parent's training FLOPs too
+                prev = [json.loads(l) for l in open(os.path.join(os.path.dirname(parent), "metrics.jsonl"))]
+                runs[n] = [dict(r, flops=r["flops"] + prev[-1]["flops"]) for r in runs[n]]
     if "dense" not in runs:
         raise ValueError(f"no {base_out}/dense/metrics.jsonl; run python train.py --compare dense,mot,moma first")
 
@@ -602,7 +607,7 @@ def report(base_out, docs="docs"):
     total = dense[-1]["flops"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, k in zip(axes, keys):
-        for j, (n, ev) in enumerate(runs.items()):
+        for j, (n, ev) in enumerate((n, ev) for n, ev in runs.items() if n in plotted):
             ax.plot([r["flops"] for r in ev], [r[k] for r in ev], "o-", ms=2.5, color=f"C{j}", label=n)
             if k + "_aux" in ev[-1]:
                 ax.plot([r["flops"] for r in ev], [r[k + "_aux"] for r in ev], "--", color=f"C{j}", alpha=0.7,

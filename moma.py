@@ -584,7 +584,7 @@ def report(base_out, docs="docs"):
     names = plotted + tuple(sorted(set(os.listdir(base_out)) - set(plotted)))  # other runs: table only
     for n in names:
         p = os.path.join(base_out, n, "metrics.jsonl")
-        if os.path.exists(p):
+        if os.path.exists(p) and any("eval_loss" in l for l in open(p)):
             runs[n] = [r for r in map(json.loads, open(p)) if "eval_loss" in r]
             parent = json.load(open(os.path.join(base_out, n, "config.json")))["model_cfg"].get("upcycle_from")
             if parent:  # an upcycled run: count the parent's training FLOPs too

@@ -592,10 +592,10 @@ if HAS_TRITON:
                              BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
         """Chunks from the end. In each: recompute h_{t-1} from the chunk's checkpoint (a scan of the inputs
         shifted by one), reverse-scan g_t = dy_t C_t + a_{t+1} g_{t+1}, then every gradient from (g, h) in
-        registers. dA is written per batch row, dB and dC per channel block (summed by the caller)."""
+        registers. dA is written per batch row (summed by the caller); dB and dC, shared by all channels, are
+        accumulated with atomic adds (a partial buffer per channel block would be d/BLOCK_D times their size)."""
         pid_b = tl.program_id(0)
         pid_d = tl.program_id(1)
-        n_b = tl.num_programs(0)
         dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         nn = tl.arange(0, BLOCK_N)
         tt = tl.arange(0, BLOCK_T)
@@ -609,7 +609,6 @@ if HAS_TRITON:
         dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=CD)
         ub = pid_b.to(tl.int64) * D * L
         bb = pid_b.to(tl.int64) * N * L
-        pb = (pid_d.to(tl.int64) * n_b + pid_b) * N * L                  # partial dB / dC of this channel block
         for k in range(0, n_chunks):
             c = n_chunks - 1 - k
             t = c * BLOCK_T + tt
@@ -649,9 +648,8 @@ if HAS_TRITON:
             tl.store(ddelta_ptr + dt_off, tl.sum(q * A[:, :, None], axis=1) + gB * u, mask=m_dt)
             tl.store(du_ptr + dt_off, gB * dl, mask=m_dt)
             dA_acc += tl.sum(q * dl[:, None, :], axis=2)
-            p_off = pb + nn[:, None] * L + t[None, :]
-            tl.store(dB_ptr + p_off, tl.sum(g * (dl * u)[:, None, :], axis=0), mask=m_nt)
-            tl.store(dC_ptr + p_off, tl.sum(h * dy[:, None, :], axis=0), mask=m_nt)
+            tl.atomic_add(dB_ptr + nt_off, tl.sum(g * (dl * u)[:, None, :], axis=0), mask=m_nt)
+            tl.atomic_add(dC_ptr + nt_off, tl.sum(h * dy[:, None, :], axis=0), mask=m_nt)
         tl.store(dA_ptr + st, dA_acc, mask=dn_mask)
 
     # --- grouped matmul -------------------------------------------------------------------------------
@@ -779,13 +777,13 @@ class _SelectiveScanTriton(torch.autograd.Function):
         n_db = triton.cdiv(d, cfg["BLOCK_D"])
         du, ddelta = _empty((b, d, L), u), _empty((b, d, L), u)
         dA = _empty((b, d, n), u)
-        dB, dC = _empty((n_db, b, n, L), u), _empty((n_db, b, n, L), u)
+        dB, dC = torch.zeros(b, n, L, dtype=u.dtype, device=u.device), torch.zeros_like(B)   # atomic sums
         dy = dy.contiguous()
         dlast = torch.zeros(b, d, n, dtype=u.dtype, device=u.device) if dlast is None else dlast.contiguous()
         selective_bwd_kernel[(b, n_db)](
             u, delta, A, B, C, ckpt, dy, dlast, du, ddelta, dA, dB, dC, d, L, n, n_chunks, CD=_cd(u.dtype),
             **_launch_args(cfg))
-        return du, ddelta, dA.sum(0), dB.sum(0), dC.sum(0)
+        return du, ddelta, dA.sum(0), dB, dC
 
 
 def _gmm_schedule(group_sizes, T, block_m):

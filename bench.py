@@ -1,0 +1,302 @@
+"""bench.py — benchmarks for nanomix: the models (default), the kernels, and a static GPU resource report.
+
+    python bench.py                      # model benchmarks (bench_models: filled in by the lead)
+    python bench.py --kernels            # each kernel vs its naive baseline and the torch path (+ Triton on GPU)
+    python bench.py --static             # compile every Triton kernel for sm_80 / sm_90: registers, shared memory,
+                                         # spills, tensor-core instructions, roofline floor at the bench sizes
+    python bench.py --kernels --static --out bench.json
+
+Results are merged into --out (bench.json) under "models", "kernels" and "static".
+On CPU the naive baselines (a Python loop over time with autograd; materialising (batch, dim, N, L)) would take
+minutes and gigabytes at the GPU sizes, so the CPU kernel benchmarks run at reduced sizes, printed with each row.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+import kernels
+
+# Roofline figures of issue 11: HBM bandwidth (B/s) and dense bf16 matrix throughput (FLOP/s, achievable)
+GPUS = {"H100 SXM": dict(target="sm_90", bw=3.35e12, flops=790e12), "A100": dict(target="sm_80", bw=2.0e12, flops=312e12)}
+
+
+# ------------------------------------------------------------------------------------------------ models (lead)
+
+def bench_models(args):
+    """Model benchmarks (the default mode). ---- filled in by the lead ----"""
+    raise NotImplementedError("lead")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def timeit(fn, reps=5, warmup=1, device="cpu"):
+    """Minimum wall time of fn() over reps (after warmup), seconds; synchronises CUDA around each call."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def fwd_bwd(f, inputs):
+    """A closure running f(*inputs) forward and backward (sum of outputs) with fresh grads."""
+    def run():
+        for t in inputs:
+            t.grad = None
+        out = f(*inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        (out.real if out.is_complex() else out).float().sum().backward()
+    return run
+
+
+def fwd_only(f, inputs):
+    def run():
+        with torch.no_grad():
+            f(*inputs)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+
+def sizes(device):
+    """Benchmark sizes: the issue's realistic GPU sizes; reduced on CPU where the naive baseline needs them."""
+    if device == "cuda":
+        return dict(selective=dict(b=8, d=1536, n=16, L=2048), scan=dict(b=8, d=1536, L=2048),
+                    cema=dict(b=8, d=128, n=16, L=2048), gmm=dict(groups=(2048, 1536, 512), K=1024, M=1024),
+                    naive_selective=dict(b=1, d=256, n=16, L=256))
+    return dict(selective=dict(b=8, d=256, n=16, L=256), scan=dict(b=8, d=256, L=1024),
+                cema=dict(b=2, d=64, n=16, L=512), gmm=dict(groups=(2048, 1536, 512), K=1024, M=1024),
+                naive_selective=dict(b=8, d=256, n=16, L=256))
+
+
+def selective_inputs(b, d, n, L, device, dtype=torch.float32, grad=True):
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype).requires_grad_(grad)
+    u, delta, B, C, z = mk(b, d, L), mk(b, d, L), mk(b, n, L), mk(b, n, L), mk(b, d, L)
+    A = (-torch.rand(d, n, generator=g) - 0.5).to(device).requires_grad_(grad)
+    D, bias = mk(d), mk(d)
+    return [u, delta, A, B, C, D, z, bias]
+
+
+def gmm_inputs(groups, K, M, device, dtype):
+    g = torch.Generator().manual_seed(0)
+    T = sum(groups)
+    x = (torch.randn(T, K, generator=g) / K ** 0.5).to(device, dtype).requires_grad_()
+    w = torch.randn(len(groups), K, M, generator=g).to(device, dtype).requires_grad_()
+    return x, w, torch.tensor(groups, device=device)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+def bench_kernels(args):
+    """Each kernel against its naive baseline and the torch path, forward and forward+backward; on a GPU also the
+    Triton kernels with achieved GB/s or TFLOP/s as a fraction of the measured ceiling (copy bandwidth, dense mm)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    S = sizes(device)
+    reps = args.reps
+    rows = []
+
+    def row(kernel, impl, size, fwd_s, fb_s, note="", work=None):
+        r = dict(kernel=kernel, impl=impl, size=size, fwd_ms=round(fwd_s * 1e3, 2) if fwd_s else None,
+                 fwd_bwd_ms=round(fb_s * 1e3, 2) if fb_s else None, note=note)
+        if work and fwd_s:   # achieved rate of the forward
+            r.update({k: round(v / fwd_s / 1e9, 1) for k, v in work.items()})
+        rows.append(r)
+        print(f"  {kernel:16s} {impl:28s} {size:34s} fwd {r['fwd_ms']!s:>9} ms  fwd+bwd {r['fwd_bwd_ms']!s:>9} ms  {note}",
+              flush=True)
+
+    impls = [("torch", "torch path")]
+    if device == "cuda":
+        impls.append(("triton", "triton"))
+
+    # --- selective scan (Mamba's S6) ---
+    p = S["selective"]
+    size = "b={b} d={d} N={n} L={L}".format(**p)
+    ins = selective_inputs(p["b"], p["d"], p["n"], p["L"], device)
+    f_bytes = 4 * (3 * p["b"] * p["d"] * p["L"] + 2 * p["b"] * p["n"] * p["L"])      # u, delta, y; B, C (fp32)
+    q = S["naive_selective"]
+    nins = selective_inputs(q["b"], q["d"], q["n"], q["L"], device)
+    naive = lambda *x: kernels.selective_scan_ref(*x, delta_softplus=True)
+    row("selective_scan", "naive: loop + autograd, (b,d,L,N)", "b={b} d={d} N={n} L={L}".format(**q),
+        timeit(fwd_only(naive, nins), reps), timeit(fwd_bwd(naive, nins), max(1, reps // 2)),
+        "mamba_ssm selective_scan_ref semantics")
+    for backend, name in impls:
+        f = lambda *x, backend=backend: kernels.selective_scan(*x, delta_softplus=True, backend=backend)
+        row("selective_scan", name, size, timeit(fwd_only(f, ins), reps, device=device),
+            timeit(fwd_bwd(f, ins), reps, device=device), work=dict(GBps=f_bytes) if device == "cuda" else None)
+        if q == p and device == "cpu" and backend == "torch":
+            nb = rows[-2]
+            rows[-1]["speedup_vs_naive_fwd_bwd"] = round(nb["fwd_bwd_ms"] / rows[-1]["fwd_bwd_ms"], 1)
+
+    # --- linear scan, real (Mamba-style diagonal recurrence) and complex (Megalodon's CEMA) ---
+    for kind in ("scan", "cema"):
+        p = S[kind]
+        if kind == "scan":
+            shape, dt, size = (p["b"], p["d"], p["L"]), torch.float32, "real fp32 b={b} d={d} L={L}".format(**p)
+        else:
+            shape, dt = (p["b"], p["d"], p["n"], p["L"]), torch.complex64
+            size = "complex64 b={b} d={d} N={n} L={L}".format(**p)
+        g = torch.Generator().manual_seed(0)
+        mag = torch.rand(shape, generator=g) * 0.5 + 0.45
+        a = (torch.polar(mag, torch.randn(shape, generator=g) * 0.1) if dt.is_complex else mag).to(device)
+        b = torch.randn(shape, generator=g, dtype=dt).to(device)
+        a.requires_grad_(), b.requires_grad_()
+        nbytes = 3 * a.numel() * a.element_size()                                  # read a, b; write h
+        if device == "cpu":
+            row("linear_scan", "naive: loop + autograd", size, timeit(fwd_only(kernels.linear_scan_ref, [a, b]), reps),
+                timeit(fwd_bwd(kernels.linear_scan_ref, [a, b]), max(1, reps // 2)))
+        for backend, name in impls:
+            f = lambda a, b, backend=backend: kernels.linear_scan(a, b, backend=backend)
+            row("linear_scan", name, size, timeit(fwd_only(f, [a, b]), reps, device=device),
+                timeit(fwd_bwd(f, [a, b]), reps, device=device), work=dict(GBps=nbytes) if device == "cuda" else None)
+
+    # --- grouped matmul: 3 uneven groups ---
+    p = S["gmm"]
+    for dt in ([torch.float32] if device == "cpu" else [torch.bfloat16, torch.float32]):
+        x, w, gs = gmm_inputs(p["groups"], p["K"], p["M"], device, dt)
+        T = x.shape[0]
+        size = f"{str(dt)[6:]} T={T} groups={list(p['groups'])} K={p['K']} M={p['M']}"
+        flops = 2 * T * p["K"] * p["M"]
+        dense = lambda x, w: x @ w[0]
+        row("grouped_matmul", "dense x @ w[0] (same shape)", size, timeit(fwd_only(dense, [x, w]), reps, device=device),
+            timeit(fwd_bwd(dense, [x, w]), reps, device=device), "the ceiling to compare with",
+            work=dict(TFLOPs=flops / 1e3))
+        masked = lambda x, w: torch.einsum("tk,gkm->gtm", x, w)[torch.repeat_interleave(torch.arange(len(p["groups"]), device=device), gs), torch.arange(T, device=device)]
+        row("grouped_matmul", "naive: every group on all rows", size, timeit(fwd_only(masked, [x, w]), reps, device=device),
+            timeit(fwd_bwd(masked, [x, w]), max(1, reps // 2), device=device), "G x the FLOPs",
+            work=dict(TFLOPs=flops / 1e3))
+        if device == "cpu":
+            row("grouped_matmul", "per-group loop (= torch path)", size,
+                timeit(fwd_only(kernels.grouped_matmul_ref, [x, w, gs]), reps),
+                timeit(fwd_bwd(lambda x, w: kernels.grouped_matmul_ref(x, w, gs), [x, w]), reps),
+                work=dict(TFLOPs=flops / 1e3))
+        for backend, name in impls:
+            f = lambda x, w, backend=backend: kernels.grouped_matmul(x, w, gs, backend=backend)
+            row("grouped_matmul", name, size, timeit(fwd_only(f, [x, w]), reps, device=device),
+                timeit(fwd_bwd(f, [x, w]), reps, device=device), work=dict(TFLOPs=flops / 1e3))
+
+    result = dict(device=device, machine=machine(), rows=rows)
+    if device == "cuda":
+        result["ceilings"] = measure_ceilings()
+        for r in rows:
+            if "GBps" in r:
+                r["frac_of_copy_bw"] = round(r["GBps"] / result["ceilings"]["copy_GBps"], 2)
+            if "TFLOPs" in r:
+                r["frac_of_dense_mm"] = round(r["TFLOPs"] / result["ceilings"]["mm_bf16_TFLOPs"], 2)
+    return result
+
+
+def measure_ceilings():
+    """Measured device ceilings: device-to-device copy bandwidth and a large bf16 matmul."""
+    x = torch.empty(256 * 2 ** 20, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    t = timeit(lambda: y.copy_(x), 10, device="cuda")
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    tm = timeit(lambda: a @ a, 10, device="cuda")
+    return dict(copy_GBps=round(2 * x.numel() * 4 / t / 1e9, 1), mm_bf16_TFLOPs=round(2 * 8192 ** 3 / tm / 1e12, 1))
+
+
+def machine():
+    info = dict(python=platform.python_version(), torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                threads=torch.get_num_threads())
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ static
+
+def floors():
+    """Roofline floor of each kernel at the GPU bench sizes: compulsory HBM bytes / bandwidth and matmul FLOPs /
+    tensor-core throughput, per GPU of GPUS. Bytes count each input read once and each output written once."""
+    S = sizes("cuda")
+    s, l_, c, gm = S["selective"], S["scan"], S["cema"], S["gmm"]
+    b, d, n, L = s["b"], s["d"], s["n"], s["L"]
+    nck = -(-L // 32)
+    sel_f = 4 * (3 * b * d * L + 2 * b * n * L + b * d * n * (nck + 1))                  # u, delta, y, B, C, ckpt
+    sel_b = 4 * (5 * b * d * L + 4 * b * n * L + b * d * n * (nck + 1))                  # + dy, du, ddelta, dB, dC
+    R, Lr = l_["b"] * l_["d"], l_["L"]
+    Rc = c["b"] * c["d"] * c["n"]
+    T, K, M = sum(gm["groups"]), gm["K"], gm["M"]
+    G = len(gm["groups"])
+    work = {  # kernel -> (size, bytes, matmul flops)
+        "scan_fwd": (f"fp32 R={R} L={Lr}", 3 * 4 * R * Lr, 0),
+        "scan_bwd": (f"fp32 R={R} L={Lr}", 5 * 4 * R * Lr, 0),                           # a, h, dh in; da, db out
+        "scan_fwd[complex]": (f"complex64 R={Rc} L={c['L']}", 3 * 8 * Rc * c["L"], 0),
+        "selective_fwd": (f"b={b} d={d} N={n} L={L}", sel_f, 0),
+        "selective_bwd": (f"b={b} d={d} N={n} L={L}", sel_b, 0),
+        "gmm": (f"bf16 T={T} G={G} K={K} M={M}", 2 * (T * K + G * K * M + T * M), 2 * T * K * M),
+        "gmm_dw": (f"bf16 T={T} G={G} K={K} M={M}", 2 * (T * K + T * M + G * K * M), 2 * T * K * M),
+    }
+    out = {}
+    for k, (size, nbytes, flops) in work.items():
+        out[k] = dict(size=size, bytes=nbytes, flops=flops)
+        for gpu, spec in GPUS.items():
+            out[k][f"floor_us_{spec['target']}"] = round(max(nbytes / spec["bw"], flops / spec["flops"]) * 1e6, 1)
+    return out
+
+
+def bench_static(args):
+    """Resource report of every compiled kernel configuration for sm_80 and sm_90 plus the roofline floors."""
+    t = time.time()
+    rep = kernels.static_report(((8, 0), (9, 0)))
+    print(f"  compiled {len(rep)} kernel configurations in {time.time() - t:.0f} s")
+    print(f"  {'kernel[config]':28s} {'target':6s} {'regs':>4s} {'stack':>5s} {'spill':>5s} {'shared':>7s} "
+          f"{'warps':>5s} {'mma':>4s} {'wgmma':>5s}")
+    for r in rep:
+        if "error" in r:
+            print(f"  {r['name']:28s} {r['target']:6s} ERROR {r['error'][:80]}")
+            continue
+        print(f"  {r['name']:28s} {r['target']:6s} {r['regs']:4d} {r['stack']:5d} {r['local']:5d} "
+              f"{r['static_shared'] + r['dynamic_shared']:7d} {r['num_warps']:5d} {str(r['mma'])[0]:>4s} "
+              f"{str(r['wgmma'])[0]:>5s}")
+    fl = floors()
+    print(f"\n  roofline floor at the GPU bench sizes (H100 SXM {GPUS['H100 SXM']['bw'] / 1e12} TB/s, "
+          f"{GPUS['H100 SXM']['flops'] / 1e12:.0f} TFLOP/s bf16; A100 {GPUS['A100']['bw'] / 1e12} TB/s, "
+          f"{GPUS['A100']['flops'] / 1e12:.0f} TFLOP/s)")
+    for k, v in fl.items():
+        print(f"  {k:20s} {v['size']:34s} {v['bytes'] / 1e6:9.1f} MB {v['flops'] / 1e9:8.1f} GFLOP   "
+              f"H100 {v['floor_us_sm_90']:8.1f} us   A100 {v['floor_us_sm_80']:8.1f} us")
+    return dict(report=rep, floors=fl, gpus=GPUS)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="*", default=None, help="model names to benchmark (default mode)")
+    ap.add_argument("--kernels", action="store_true", help="kernel benchmarks")
+    ap.add_argument("--static", action="store_true", help="static GPU resource report (no GPU needed)")
+    ap.add_argument("--reps", type=int, default=5, help="timing repetitions (the minimum is reported)")
+    ap.add_argument("--out", default="bench.json", help="JSON file the results are merged into")
+    args = ap.parse_args(argv)
+    results = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f)
+    if args.kernels:
+        print("== kernels ==")
+        results["kernels"] = bench_kernels(args)
+    if args.static:
+        print("== static ==")
+        results["static"] = bench_static(args)
+    if not (args.kernels or args.static) or args.models is not None:
+        print("== models ==")
+        results["models"] = bench_models(args)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

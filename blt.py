@@ -669,6 +669,11 @@ def plot_bytes_compare(base, path="docs/blt_bytes.png"):
                       infer_flops_per_byte=train.count_flops(model, b, backward=False),
                       train_flops_per_byte=train.count_flops(model, b),
                       **{k[5:]: v for k, v in ev[-1].items() if k.startswith("eval_patch_size")})
+    if "dense" in res:            # the goal: training FLOPs to reach the byte Transformer's final bpb
+        total, target = res["dense"]["curve"][-1][0], res["dense"]["bpb"]
+        for r in res.values():
+            f = train.flops_to_reach([{"flops": x, "eval_bpb": y} for x, y in r["curve"]], "eval_bpb", target)
+            r["flops_to_dense_final_bpb"] = None if f is None else f / total
     fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
     for d, r in res.items():
         f, y = zip(*r["curve"])
@@ -684,7 +689,7 @@ def plot_bytes_compare(base, path="docs/blt_bytes.png"):
         ax[2].bar([j + i / (len(blts) + 1) for j in range(3)], [res[d][f"patch_size_{k}"] for k in kinds],
                   width=1 / (len(blts) + 1), label=d)
     ax[2].set_xticks([j + 0.3 for j in range(3)], [f"{k} bytes" for k in kinds])
-    ax[2].set(ylabel="mean patch size (bytes)", title="BLT entropy patches by stretch")
+    ax[2].set(ylabel="mean patch size (bytes)", title="BLT mean patch size by stretch")
     ax[2].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -5,25 +5,25 @@ arXiv 2412.15188.
 transformer over mixed-modality sequences." Text is a sequence of discrete tokens; each image is a sequence of
 continuous patch vectors between <boi> and <eoi>. One transformer reads both. Text positions are trained with
 next-token cross-entropy; image patches are noised with DDPM and the same transformer predicts the noise. Attention
-is causal everywhere except inside an image, where patches see each other (Sec. 3.2, Fig. 4).
+is causal everywhere except inside an image, where patches see each other (Sec. 3.3, Fig. 4).
 LMFusion starts from a text-only LM, adds image copies of every transformer module (MoT-style, attention computed
 jointly), freezes all text modules, embeddings and head, and trains only the image side with this objective.
 
 Glossary (paper -> code):
     x_0 (clean latent patches)         -> batch["patches"] at image positions (toy: raw 4x4x3 pixel patches)
     t ~ U{0..T-1}, T = 1000            -> t (one per image), cfg.diffusion_steps; cosine schedule (Nichol & Dhariwal)
-    alpha_bar_t, x_t (Eq. 3)           -> Diffusion.alpha_bar, Diffusion.q_sample
+    alpha_bar_t, x_t (Sec. 2.2, Eq. 3) -> Diffusion.alpha_bar, Diffusion.q_sample
     eps_theta(x_t, t, context) (Eq. 4) -> Transfusion.predict_eps (backbone + patch decoder)
-    L_LM (Eq. 1), L_DDPM (Eq. 4)       -> parts["loss_text"], parts["loss_image"] (MSE averaged per image)
-    L = L_LM + lambda L_DDPM (Eq. 5)   -> cfg.lam = 5
-    E (patch encoder/decoder, Sec.3.2)  -> PatchCodec: "linear" or "unet" (cfg.patch_codec); timestep MLP -> t_mlp
+    L_LM (Sec. 2.1), L_DDPM (Sec. 2.2) -> parts["loss_text"], parts["loss_image"] (MSE averaged per image)
+    L = L_LM + lambda L_DDPM (Sec. 3.4) -> cfg.lam = 5
+    E (patch encoder/decoder, Sec. 3.2) -> PatchCodec: "linear" or "unet" (cfg.patch_codec); timestep MLP -> t_mlp
     BOI / EOI                          -> cfg.boi_id / cfg.eoi_id (text tokens, modality 0)
     CFG (condition dropout, guidance)  -> cfg.cond_dropout, cfg.guidance
-    noise limiting (Sec. 4.3 captioning) -> cfg.noise_limit: images that precede their caption get t < 500
+    noise limiting (Sec. 4 ablations) -> cfg.noise_limit: images that precede their caption get t < 500
     MoT backbone (MoT paper Sec. 5)    -> cfg.backbone = "mot" (mot.py); "mamba" / "mom" from mom.py
     LMFusion theta_text, theta_img     -> modality 0 / 1 weights of the MoT backbone; cfg.lmfusion = base ckpt path
 
-The attention mask (Sec. 3.2):  allowed[i, j] = (j <= i) or (i and j are patches of the same image).
+The attention mask (Sec. 3.3, "Transfusion attention"):  allowed[i, j] = (j <= i) or (i and j are patches of the same image).
 So a text token sees only its past (an image counts as soon as its <eoi> is behind), <boi> sees only its past, and
 every patch sees its whole image. For classifier-free guidance the "unconditional" image additionally sees only its
 own patches and its <boi> (the condition, everything before, is masked out); training drops the condition this way
@@ -79,14 +79,14 @@ class Config:
     n_layer: int = 2
     n_head: int = 4
     d_model: int = 64
-    # Sec. 3.2 / 4.2: patch encoder/decoder
+    # Sec. 3.2: patch encoder/decoder (Sec. 4 compares linear vs U-Net)
     patch_codec: str = "unet"           # linear | unet
     unet_channels: int = 16             # U-Net width at full resolution (x2 after the down block)
-    # Sec. 3.3 / 4.1: diffusion
+    # Sec. 2.2 / 3.4: diffusion
     diffusion_steps: int = 1000         # T
     schedule: str = "cosine"            # cosine (paper) | linear (DDPM's)
     lam: float = 5.0                    # lambda in L = L_LM + lambda * L_DDPM
-    noise_limit: int = 500              # Sec. 4.3: t < noise_limit for images before their caption (0 = off)
+    noise_limit: int = 500              # Sec. 4: t < noise_limit for images before their caption (0 = off)
     image_attn: str = "bidirectional"   # bidirectional (paper) | causal (the paper's ablation, Table 5)
     cond_dropout: float = 0.2           # P(drop the condition) for classifier-free guidance
     # sampling
@@ -118,7 +118,7 @@ def _check_config(cfg):
         raise ValueError("LMFusion adds MoT-style image modules: use --backbone=mot (or --model lmfusion)")
 
 
-# --- Sec. 3.3: DDPM forward process, cosine schedule; DDPM and DDIM samplers --------------------------------------
+# --- Sec. 2.2: DDPM forward process, cosine schedule; DDPM and DDIM samplers --------------------------------------
 
 class Diffusion(nn.Module):
     """Noise schedule (buffers only) + q_sample + the two samplers. Time t is an integer in [0, T)."""
@@ -177,7 +177,7 @@ def timestep_embedding(t, dim):
     return torch.cat([ang.cos(), ang.sin()], dim=-1)
 
 
-# --- Sec. 3.2 / 4.2: patch encoder and decoder (linear, or U-Net down/up blocks), conditioned on t ------------------
+# --- Sec. 3.2: patch encoder and decoder (linear, or U-Net down/up blocks), conditioned on t ------------------
 
 def unpatchify(p, cfg):
     """(N, n_patches, p*p*C) -> (N, C, H, W), data.py's layout: raster order of patches, each (p, p, C) channel last."""
@@ -298,7 +298,7 @@ class Transfusion(nn.Module):
         if cfg.lmfusion:
             self.load_lmfusion(cfg.lmfusion)
 
-    # -- Sec. 3.2: the attention mask --------------------------------------------------------------------------------
+    # -- Sec. 3.3: the attention mask --------------------------------------------------------------------------------
     def attention_mask(self, gid, drop=None):
         """gid: (B, T) global image id of each position (-1 for text); drop: (B, T) bool, True on patches of images
         whose condition is dropped. Returns (B, 1, T, T) bool, True = may attend (what F.scaled_dot_product_attention
@@ -374,7 +374,7 @@ class Transfusion(nn.Module):
                 raise ValueError(f"batch['patches'] must be (B, T, {self.cfg.patch_dim}) float at image positions; "
                                  "use data.make_data('transfusion')")
 
-    # -- forward: L = L_LM + lambda * L_DDPM (Eq. 5) -----------------------------------------------------------------
+    # -- Sec. 3.4: L = L_LM + lambda * L_DDPM (Eq. 5) ---------------------------------------------------------------
     def forward(self, batch):
         # batch: tokens/modality/targets (B, T), patches (B, T, patch_dim), image_index (B, T), image_first (B, T)
         # -> logits (B, T, V), loss, parts {loss_text, loss_image}
@@ -392,11 +392,11 @@ class Transfusion(nn.Module):
             valid = valid.index_put((gid[is_img], slot[is_img]), torch.ones_like(gid[is_img], dtype=torch.bool))
             # eval: a fixed set of noise draws and timesteps (same seed every call), so runs and models compare
             g = None if self.training else torch.Generator(device=dev).manual_seed(1234)
-            # Sec. 3.3: every image gets its own t ~ U{0..T-1}
+            # Sec. 3.4: every image gets its own t ~ U{0..T-1}
             u = torch.rand(n_img, generator=g, device=dev)
             t_max = torch.full((n_img,), cfg.diffusion_steps, device=dev)
             if cfg.noise_limit and "image_first" in batch:
-                # Sec. 4.3: an image that precedes its caption is noised at most to t = noise_limit (500), so the
+                # Sec. 4 (image noising): an image that precedes its caption is noised at most to t = noise_limit (500), so the
                 # caption learns from a recognisable image
                 first = torch.zeros(n_img, dtype=torch.bool, device=dev)
                 first = first.index_put((gid[is_img],), batch["image_first"][is_img])
@@ -416,7 +416,7 @@ class Transfusion(nn.Module):
         parts, loss = {}, None
         targets = batch.get("targets")
         if targets is not None:
-            # Eq. 1: LM loss on text positions only (text -> text / marker), never at or into a patch
+            # Sec. 2.1: LM loss on text positions only (text -> text / marker), never at or into a patch
             lm_mask = (targets != -1) & (modality == 0) & ~is_img
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
             loss_lm = (ce * lm_mask.flatten()).sum() / lm_mask.sum().clamp(min=1)
@@ -424,7 +424,7 @@ class Transfusion(nn.Module):
             if lm_mask.any():
                 parts["loss_text"] = loss_lm.detach()
             if n_img:
-                # Eq. 4: epsilon-prediction MSE, averaged over each image's present patches, then over images
+                # Sec. 2.2: epsilon-prediction MSE, averaged over each image's present patches, then over images
                 eps = self._eps(h, gid, slot, n_img, skips)
                 se = ((eps.float() - noise) ** 2).mean(-1) * valid
                 per_img = se.sum(1) / valid.sum(1).clamp(min=1)

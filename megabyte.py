@@ -5,15 +5,17 @@ is over T/P positions and its feed-forward layers, of width P*D_G, are applied T
 *local* Transformer runs inside each patch and predicts its bytes one by one. The global model sees only earlier
 patches (a trainable pad patch is prepended and the last patch dropped), so the whole model stays autoregressive.
 
-Glossary (paper -> code), Sec. 2.2:
+Glossary (paper -> code), Sec. 2.2, Eq. 1-6:
     x_t                      -> `u[:, t]` (bytes; paper position t predicts x_t from x_{<t})
     P, K = T/P               -> cfg.patch_size, n_patches
     D_G, D_L                 -> cfg.d_global (global width is P*D_G), cfg.d_local
-    E^global-embed, E^pos    -> self.global_embed, self.pos_embed
+    E^global-embed, E^pos    -> self.global_embed, self.pos_embed (Eq. 1: h^embed_t = E^global-embed_x_t + E^pos_t)
     E^global-pad             -> self.global_pad  (P*D_G, the patch fed to global position 0)
     transformer^global       -> self.global_model (causal over the K patches)
     w^GL                     -> self.w_gl        (D_G -> D_L, applied to each of the P slots)
-    E^local-embed, E^local-pad -> self.local_embed, self.local_pad
+    E^local-embed, E^local-pad -> self.local_embed, self.local_pad (the pad replaces the previous byte at p = 0 of
+                                  every patch, Eq. 4 and the paper's appendix pseudocode: the first byte of a patch
+                                  sees the previous byte only through the global model)
     transformer^local        -> self.local_model (causal within a patch; all B*K patches as one batch)
     softmax(E^local-embed h) -> tied output head (cfg.tie_local_embed)
     Sec. 2.3.1 conv patch encoder  -> cfg.conv_encoder, cfg.conv_kernels (causal convs of widths 3, 5, 7)
@@ -213,7 +215,7 @@ class Megabyte(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    # Sec. 2.2.1: bytes -> global inputs (pad patch prepended, last patch dropped)
+    # Sec. 2.2.1, Eq. 1-2: bytes -> global inputs (pad patch prepended, last patch dropped)
     def embed_bytes(self, u, start=0):
         """u (B, L) bytes at absolute positions start..start+L-1 -> h^embed (B, L, D_G)."""
         pos = torch.arange(start, start + u.shape[1], device=u.device)
@@ -227,6 +229,7 @@ class Megabyte(nn.Module):
         patches = self.embed_bytes(u).reshape(B, K, -1)
         return torch.cat((self.global_pad.expand(B, 1, -1).to(patches.dtype), patches[:, :-1]), 1)
 
+    # Sec. 2.2.3, Eq. 4: h^local-in_{k,p} = w^GL h^global-out_{k, p*D_G:(p+1)*D_G} + E^local-embed_{x_(kP+p-1)}
     def local_inputs(self, g_out, u):
         """g_out (B, K, P*D_G), u (B, K*P) -> h^local-in (B*K, P, D_L): w^GL slot p + E^local-embed x_{kP+p-1}."""
         B, K, _ = g_out.shape
@@ -236,6 +239,7 @@ class Megabyte(nn.Module):
         prev = torch.cat((self.local_pad.expand(B, K, 1, -1).to(prev.dtype), prev), 2)
         return (slots + prev).view(B * K, P, -1)
 
+    # Eq. 6: p(x_t | x_<t) = softmax(E^local-embed h^local-out_{k,p})
     def head(self, h):
         return h @ self.local_embed.weight.t() if self.lm_head is None else self.lm_head(h)
 
@@ -244,11 +248,11 @@ class Megabyte(nn.Module):
         values of both models (used to fill the decoding caches), and the global output (B, K, P*D_G)."""
         B, L = u.shape
         P, K = self.cfg.patch_size, L // self.cfg.patch_size
-        g_out, g_kv = self.global_model(self.global_inputs(u))                  # (B, K, P*D_G)
+        g_out, g_kv = self.global_model(self.global_inputs(u))                  # Eq. 3: (B, K, P*D_G)
         x = self.local_inputs(g_out, u)                                           # (B*K, P, D_L)
         r = self.cfg.cross_patch
         pos = torch.arange(L, device=u.device).view(1, K, P).expand(B, K, P).reshape(B * K, P)
-        h, l_kv = self.local_model(x, pos, cross=(K, r) if r else None)          # (B*K, P, D_L)
+        h, l_kv = self.local_model(x, pos, cross=(K, r) if r else None)          # Eq. 5: (B*K, P, D_L)
         return self.head(h).view(B, L, -1), g_out, g_kv, l_kv
 
     def _paper_logits(self, x):

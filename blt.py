@@ -282,7 +282,11 @@ def load_entropy_model(path, vocab_size):
         raise ValueError(f"entropy model vocab_size={ecfg.vocab_size} != blt vocab_size={vocab_size}; "
                          "train the entropy model on the same setting")
     model = EntropyModel(ecfg)
-    model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})
+    try:
+        model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})
+    except RuntimeError as e:
+        msg = str(e).splitlines()[0]
+        raise ValueError(f"entropy_ckpt {path!r} does not match EntropyModel ({msg}); {hint}") from None
     return model
 
 

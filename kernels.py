@@ -835,7 +835,7 @@ class _GroupedMatmulTriton(torch.autograd.Function):
     def forward(ctx, x, w, group_sizes):
         x, w = x.contiguous(), w.contiguous()
         cfg = launch_config("gmm", _target(x), dtype=x.dtype)
-        sched = _gmm_schedule(group_sizes, x.shape[0], cfg["BLOCK_M"])
+        sched = _gmm_schedule(group_sizes.to(x.device), x.shape[0], cfg["BLOCK_M"])   # no sync if already there
         ctx.save_for_backward(x, w, *sched)
         return _gmm_launch(x, w, sched, transpose_w=False)
 

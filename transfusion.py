@@ -80,7 +80,7 @@ class Config:
     n_head: int = 4
     d_model: int = 64
     # Sec. 3.2: patch encoder/decoder (Sec. 4 compares linear vs U-Net)
-    patch_codec: str = "unet"           # linear | unet
+    patch_codec: str = "linear"         # linear | unet (the paper's better codec; slower on CPU, see README)
     unet_channels: int = 16             # U-Net width at full resolution (x2 after the down block)
     # Sec. 2.2 / 3.4: diffusion
     diffusion_steps: int = 1000         # T
@@ -94,7 +94,7 @@ class Config:
     sample_steps: int = 50              # denoising steps at inference (paper: 250)
     guidance: float = 3.0               # classifier-free guidance scale (1 = conditional only)
     clip_x0: bool = True                # clip the predicted x_0 to [-1, 1] at every sampling step
-    eps_param: str = "direct"           # direct: the network outputs eps (paper) | v: eps = sqrt(ab) v + sqrt(1-ab) x_t
+    eps_param: str = "v"                # direct: the network outputs eps | v: eps = sqrt(ab) v + sqrt(1-ab) x_t
     loss_weight: str = "uniform"        # uniform: plain eps-MSE (paper) | min_snr: Min-SNR-5 weights (training only)
     patch_pos_emb: bool = True          # a learned embedding of each patch's place in the image, added by the encoder
     # LMFusion

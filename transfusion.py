@@ -35,16 +35,26 @@ Where this departs from the paper, and why:
     Chameleon norm placement), so dense vs MoT differs only in the untied weights; the paper uses Llama-2 blocks.
   * U-Net codec: the paper's U-Net down/up blocks condition on t with AdaLayerNorm; ours is a two-level conv U-Net
     with AdaGroupNorm (scale/shift from the t embedding), skip connections around the transformer, ~50k params.
+  * the eps head is v-parametrized by default: the network outputs v and eps = sqrt(ab) v + sqrt(1 - ab) x_t
+    (cfg.eps_param = "v"; "direct" is the paper's plain eps output). The LOSS is still the paper's eps-MSE; only the
+    head changes. Why: at toy scale a plain eps head is ~0.01 off at t near T, and x_0 = (x_t - sqrt(1-ab) eps) /
+    sqrt(ab) multiplies that by up to 1/sqrt(ab) ~ 30-30000, so samples came out as saturated colour noise.
+  * each patch gets a learned embedding of its place in the image (cfg.patch_pos_emb), beside RoPE.
+  * the default codec is linear (cfg.patch_codec = "unet" is the paper's better one: ~2x slower per step on CPU,
+    and in our 600-step runs it captioned worse; see the README).
   * sampling defaults to 50 DDIM steps (paper: 250 DDPM-family steps) to keep CPU evaluation fast;
     cfg.sampler = "ddpm" and cfg.sample_steps = 250 give the paper's setting.
+  * cfg.loss_weight = "min_snr" (Min-SNR-5) is an optional extra, off by default (it did not help here).
   * a partial image at the end of a packed row (data.py truncates) gets a diffusion loss on its present patches.
 Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics (a pixel scorer stands in).
 
 Run:   python train.py --model transfusion                         (dense, default setting "transfusion")
+       python train.py --model transfusion --patch_codec=unet --eps_param=direct    (the paper's choices)
        python train.py --compare transfusion,transfusion-mot       (MoT backbone vs dense at equal FLOPs)
        python train.py --model lmfusion-base                       (text-only LM on data.py's "text" stream)
        python train.py --model lmfusion --lmfusion=out/lmfusion-base/ckpt.pt
        python transfusion.py                                       (a 20-line demo)
+       python transfusion.py plot OUT.png RUN_DIR RUN_DIR ...      (eval curves of runs vs FLOPs)
 Read first: mot.py (the backbone).  Read next: mom.py (the Mamba backbones).
 """
 import math
@@ -686,7 +696,44 @@ MODELS = {
 }
 
 
+def plot_runs(run_dirs, path, keys=("eval_loss_image", "eval_loss_text", "gen_image_acc", "caption_acc")):
+    """Eval curves of several train.py runs (their metrics.jsonl) against training FLOPs, one panel per key; the
+    accuracy panels show the chance level dashed. Prints the FLOPs each run needs to reach the FIRST run's final
+    eval_loss_image. Used for docs/transfusion_compare.png and docs/transfusion_lmfusion.png."""
+    import json
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = {}
+    for d in run_dirs:
+        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+        runs[os.path.basename(os.path.normpath(d))] = [r for r in rows if "eval_loss" in r]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2))
+    for ax, k in zip(axes, keys):
+        for name, ev in runs.items():
+            ev = [r for r in ev if k in r]
+            line, = ax.plot([r["flops"] for r in ev], [r[k] for r in ev], "o-", ms=3, label=name)
+            chance = k.replace("_acc", "_chance")
+            if chance != k and ev and chance in ev[-1]:
+                ax.plot([r["flops"] for r in ev], [r[chance] for r in ev], "--", color=line.get_color(), alpha=0.5)
+        ax.set(title=k, xlabel="training FLOPs")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    first = list(runs.values())[0]
+    target, total = first[-1]["eval_loss_image"], first[-1]["flops"]
+    for name, ev in runs.items():
+        hit = next((r["flops"] for r in ev if r.get("eval_loss_image", 1e9) <= target), None)
+        print(f"{name:18s} final eval_loss_image {ev[-1]['eval_loss_image']:.4f}  reaches {target:.4f} at "
+              + (f"{hit / total:.0%} of the first run's FLOPs" if hit is not None else "- (not reached)"))
+
+
 if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] == ["plot"]:       # python transfusion.py plot OUT.png RUN_DIR RUN_DIR ...
+        plot_runs(sys.argv[3:], sys.argv[2])
+        sys.exit(0)
     import data
     torch.manual_seed(0)
     ds = data.make_data("transfusion", seq_len=128)

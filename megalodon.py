@@ -150,7 +150,7 @@ class CEMA(nn.Module):
             h_last = h[..., -1] if want_state else None
         else:
             # causal FFT convolution with K_j = Re sum_n p gamma q^j (the official computation)
-            # in real arithmetic (4x faster on CPU than complex autograd): Re(c q^j) = |q|^j (Re c cos j.th - Im c sin j.th)
+            # built in real arithmetic (4x faster on CPU than a complex exp): Re(c q^j) = |q|^j (Re c cos jth - Im c sin jth)
             j = torch.arange(L + 1, device=x.device, dtype=torch.float32)
             c = p * gamma.unsqueeze(-1)                                      # (D, N, 1) complex
             ang = theta * j[:L]                                              # (D, N, L)

@@ -613,7 +613,7 @@ def report(base_out, docs="docs"):
                 ax.plot([r["flops"] for r in ev], [r[k + "_aux"] for r in ev], "--", color=f"C{j}", alpha=0.7,
                         label=f"{n} (aux routers)")
         ax.axhline(dense[-1][k], color="gray", ls=":", lw=0.8)
-        ax.set_title(k.replace("eval_", "eval ")); ax.set_xlabel("training FLOPs"); ax.set_xscale("log")
+        ax.set_title(k.replace("eval_", "eval ") + " (chameleon toy)"); ax.set_xlabel("training FLOPs")
         ax.set_ylim(top=dense[len(dense) // 4][k])
     axes[0].legend(fontsize=7)
     fig.tight_layout()

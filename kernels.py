@@ -291,21 +291,25 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     _check_selective_args(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
     cd = torch.float64 if u.dtype == torch.float64 else torch.float32
+    use = _use_triton(backend, u, delta, A, B, C, D, z, delta_bias)
+    if use and backend == "auto" and (cd == torch.float64 or A.shape[1] > 64):
+        use = False                                   # the GPU kernels compute in fp32 with N <= 64
+    if use:   # one fused kernel per direction: delta_bias, softplus, D and z included
+        kd = u.dtype if u.dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
+        act = lambda t: t.to(kd).contiguous()
+        par = lambda t: (torch.zeros(u.shape[1], dtype=cd, device=u.device) if t is None else t.to(cd).contiguous())
+        out, last = _SelectiveScanTriton.apply(act(u), act(delta), A.to(cd).contiguous(), act(B), act(C), par(D),
+                                               None if z is None else act(z), par(delta_bias), bool(delta_softplus))
+        out = out.to(dtype_in)
+        return (out, last) if return_last_state else out
     uf, deltaf = u.to(cd), delta.to(cd)
     if delta_bias is not None:
         deltaf = deltaf + delta_bias.to(cd)[:, None]
     if delta_softplus:
         deltaf = F.softplus(deltaf)
-    use = _use_triton(backend, u, delta, A, B, C, D, z, delta_bias)
-    if use and backend == "auto" and (cd == torch.float64 or A.shape[1] > 64):
-        use = False                                   # the GPU kernels compute in fp32 with N <= 64
-    if use:
-        y, last = _SelectiveScanTriton.apply(uf.contiguous(), deltaf.contiguous(), A.to(cd).contiguous(),
-                                             B.to(cd).contiguous(), C.to(cd).contiguous())
-    else:
-        tm = lambda t: t.to(cd).permute(2, 0, 1).contiguous()              # (b, x, L) -> (L, b, x)
-        y, last = _SelectiveScanTorch.apply(tm(uf), tm(deltaf), A.to(cd).contiguous(), tm(B), tm(C))
-        y = y.permute(1, 2, 0)
+    tm = lambda t: t.to(cd).permute(2, 0, 1).contiguous()                  # (b, x, L) -> (L, b, x)
+    y, last = _SelectiveScanTorch.apply(tm(uf), tm(deltaf), A.to(cd).contiguous(), tm(B), tm(C))
+    y = y.permute(1, 2, 0)
     out = y if D is None else y + uf * D.to(cd)[:, None]
     if z is not None:
         out = out * F.silu(z.to(cd))
@@ -412,12 +416,12 @@ def launch_config(kernel, target, *, dtype=torch.float32, n_state=16):
             raise ValueError(f"selective_scan: the Triton kernels support N <= 64 state dims, got {n_state}")
         if dtype == torch.float64:
             raise ValueError("selective_scan: the Triton kernels on GPU compute in fp32; use backend='torch' for fp64")
-        # 3-D tiles (BLOCK_D, BLOCK_N, BLOCK_T) of 2048 (fwd) / 1024 (bwd) elements: the sizes that compile with no
-        # stack on sm_80 and sm_90 (tests/test_gpu_compile.py); fwd and bwd share BLOCK_T (the bwd reuses the
-        # fwd's chunk checkpoints)
+        # 3-D register tiles (BLOCK_D, BLOCK_N, BLOCK_T) of 1024 elements: what compiles with no stack on sm_80 and
+        # sm_90 (tests/test_gpu_compile.py; 2048 for the fwd left 8 bytes of stack on sm_90 once delta_bias,
+        # softplus, D and z were fused in). fwd and bwd share BLOCK_T: the bwd reuses the fwd's checkpoints.
         bn = _pow2(n_state, 16)
         bt = 32 if bn <= 32 else 16
-        elems = 2048 if kernel == "selective_fwd" else 1024
+        elems = 1024
         return dict(BLOCK_D=max(1, elems // (bn * bt)), BLOCK_N=bn, BLOCK_T=bt, num_warps=4, num_stages=1)
     if kernel in ("gmm", "gmm_dw"):
         if interp:
@@ -563,11 +567,24 @@ if HAS_TRITON:
 
     # --- selective scan -------------------------------------------------------------------------------
     @triton.jit
-    def selective_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, y_ptr, last_ptr, ckpt_ptr, D, L, N, n_chunks,
-                             CD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-        """One program = one batch row x BLOCK_D channels. Per chunk of BLOCK_T steps: discretise in registers
-        (exp(delta A), delta B u as (BLOCK_D, BLOCK_N, BLOCK_T) tiles), scan along time from the carried state,
-        contract with C; only y, the state entering each chunk (ckpt) and the last state are written."""
+    def _delta(delta_ptr, bias_ptr, off, dd, D, mask, softplus, CD: tl.constexpr):
+        """delta' = softplus(delta + delta_bias) (softplus if asked; torch's threshold 20) and d delta'/d delta."""
+        bias = tl.load(bias_ptr + dd, mask=dd < D, other=0.0).to(CD)
+        x = tl.load(delta_ptr + off, mask=mask, other=0.0).to(CD) + bias[:, None]
+        e = tl.exp(tl.minimum(x, 20.0))
+        sp = tl.where(x > 20.0, x, tl.log(1.0 + e))
+        dl = tl.where(mask, tl.where(softplus != 0, sp, x), 0.0)       # padding: delta' = 0 -> a = 1, b = 0
+        ddl = tl.where(softplus != 0, tl.where(x > 20.0, 1.0, e / (1.0 + e)), 1.0)
+        return dl, ddl
+
+    @triton.jit
+    def selective_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr,
+                             ckpt_ptr, D, L, N, n_chunks, has_z, softplus, CD: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One program = one batch row x BLOCK_D channels, the whole of mamba_ssm's selective_scan_fn: per chunk of
+        BLOCK_T steps, delta' = softplus(delta + bias), the discretisation exp(delta' A), delta' B u as
+        (BLOCK_D, BLOCK_N, BLOCK_T) register tiles, a scan along time from the carried state, the C contraction,
+        + D u, * silu(z). Only out, the state entering each chunk (ckpt) and the last state are written."""
         pid_b = tl.program_id(0)
         dd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         nn = tl.arange(0, BLOCK_N)
@@ -575,6 +592,7 @@ if HAS_TRITON:
         dm = dd < D
         dn_mask = dm[:, None] & (nn < N)[None, :]
         A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(CD)
+        Dv = tl.load(D_ptr + dd, mask=dm, other=0.0).to(CD)
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=CD)
         ub = pid_b.to(tl.int64) * D * L
         bb = pid_b.to(tl.int64) * N * L
@@ -584,28 +602,32 @@ if HAS_TRITON:
             t = c * BLOCK_T + tt
             m_dt = dm[:, None] & (t < L)[None, :]
             m_nt = (nn < N)[:, None] & (t < L)[None, :]
-            dl = tl.load(delta_ptr + ub + dd[:, None] * L + t[None, :], mask=m_dt, other=0.0).to(CD)
-            u = tl.load(u_ptr + ub + dd[:, None] * L + t[None, :], mask=m_dt, other=0.0).to(CD)
+            dt_off = ub + dd[:, None] * L + t[None, :]
+            dl, _ = _delta(delta_ptr, bias_ptr, dt_off, dd, D, m_dt, softplus, CD)
+            u = tl.load(u_ptr + dt_off, mask=m_dt, other=0.0).to(CD)
             Bt = tl.load(B_ptr + bb + nn[:, None] * L + t[None, :], mask=m_nt, other=0.0).to(CD)
             Ct = tl.load(C_ptr + bb + nn[:, None] * L + t[None, :], mask=m_nt, other=0.0).to(CD)
-            dA = tl.exp(dl[:, None, :] * A[:, :, None])                 # padding: delta = 0 -> a = 1, b = 0
+            dA = tl.exp(dl[:, None, :] * A[:, :, None])
             dBu = (dl * u)[:, None, :] * Bt[None, :, :]
             Ac, Bc = tl.associative_scan((dA, dBu), 2, _combine)
             hs = Ac * h[:, :, None] + Bc
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
-            tl.store(y_ptr + ub + dd[:, None] * L + t[None, :], y, mask=m_dt)
+            out = tl.sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * u
+            if has_z != 0:
+                z = tl.load(z_ptr + dt_off, mask=m_dt, other=0.0).to(CD)
+                out = out * z / (1.0 + tl.exp(-z))
+            tl.store(out_ptr + dt_off, out, mask=m_dt)
             h = _pick(hs, tt, BLOCK_T - 1, 2)
         tl.store(last_ptr + (pid_b.to(tl.int64) * D + dd[:, None]) * N + nn[None, :], h, mask=dn_mask)
 
     @triton.jit
-    def selective_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, ckpt_ptr, dy_ptr, dlast_ptr,
-                             du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, D, L, N, n_chunks,
-                             CD: tl.constexpr, BLOCK_D: tl.constexpr,
+    def selective_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr,
+                             dlast_ptr, du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+                             D, L, N, n_chunks, has_z, softplus, CD: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
         """Chunks from the end. In each: recompute h_{t-1} from the chunk's checkpoint (a scan of the inputs
         shifted by one), reverse-scan g_t = dy_t C_t + a_{t+1} g_{t+1}, then every gradient from (g, h) in
-        registers. dA is written per batch row (summed by the caller); dB and dC, shared by all channels, are
-        accumulated with atomic adds (a partial buffer per channel block would be d/BLOCK_D times their size)."""
+        registers. dA, dD and d(delta_bias) are written per batch row (summed by the caller); dB and dC, shared
+        by all channels, are accumulated with atomic adds."""
         pid_b = tl.program_id(0)
         pid_d = tl.program_id(1)
         dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -615,10 +637,13 @@ if HAS_TRITON:
         nm = nn < N
         dn_mask = dm[:, None] & nm[None, :]
         A = tl.load(A_ptr + dd[:, None] * N + nn[None, :], mask=dn_mask, other=0.0).to(CD)
+        Dv = tl.load(D_ptr + dd, mask=dm, other=0.0).to(CD)
         st = (pid_b.to(tl.int64) * D + dd[:, None]) * N + nn[None, :]
         dlast = tl.load(dlast_ptr + st, mask=dn_mask, other=0.0).to(CD)      # zeros when not used
         g_next = tl.zeros([BLOCK_D, BLOCK_N], dtype=CD)   # g at the first step of the following chunk
         dA_acc = tl.zeros([BLOCK_D, BLOCK_N], dtype=CD)
+        dD_acc = tl.zeros([BLOCK_D], dtype=CD)
+        dbias_acc = tl.zeros([BLOCK_D], dtype=CD)
         ub = pid_b.to(tl.int64) * D * L
         bb = pid_b.to(tl.int64) * N * L
         for k in range(0, n_chunks):
@@ -631,15 +656,15 @@ if HAS_TRITON:
             nt_off = bb + nn[:, None] * L + t[None, :]
             m_dt = dm[:, None] & tm[None, :]
             m_nt = nm[:, None] & tm[None, :]
-            dl = tl.load(delta_ptr + dt_off, mask=m_dt, other=0.0).to(CD)
+            dl, ddl = _delta(delta_ptr, bias_ptr, dt_off, dd, D, m_dt, softplus, CD)
+            dlp, _ = _delta(delta_ptr, bias_ptr, dt_off - 1, dd, D, dm[:, None] & tp[None, :], softplus, CD)
+            dln, _ = _delta(delta_ptr, bias_ptr, dt_off + 1, dd, D, dm[:, None] & tn[None, :], softplus, CD)
             u = tl.load(u_ptr + dt_off, mask=m_dt, other=0.0).to(CD)
-            dy = tl.load(dy_ptr + dt_off, mask=m_dt, other=0.0).to(CD)
-            Bt = tl.load(B_ptr + nt_off, mask=m_nt, other=0.0).to(CD)
-            Ct = tl.load(C_ptr + nt_off, mask=m_nt, other=0.0).to(CD)
-            dlp = tl.load(delta_ptr + dt_off - 1, mask=dm[:, None] & tp[None, :], other=0.0).to(CD)
             up = tl.load(u_ptr + dt_off - 1, mask=dm[:, None] & tp[None, :], other=0.0).to(CD)
+            Bt = tl.load(B_ptr + nt_off, mask=m_nt, other=0.0).to(CD)
             Bp = tl.load(B_ptr + nt_off - 1, mask=nm[:, None] & tp[None, :], other=0.0).to(CD)
-            dln = tl.load(delta_ptr + dt_off + 1, mask=dm[:, None] & tn[None, :], other=0.0).to(CD)
+            Ct = tl.load(C_ptr + nt_off, mask=m_nt, other=0.0).to(CD)
+            dout = tl.load(dout_ptr + dt_off, mask=m_dt, other=0.0).to(CD)
             h_ck = tl.load(ckpt_ptr + ((pid_b.to(tl.int64) * n_chunks + c) * D + dd[:, None]) * N + nn[None, :],
                            mask=dn_mask, other=0.0).to(CD)
             # h_{t-1}: the chunk's scan over the inputs shifted by one step, from the checkpoint
@@ -648,21 +673,33 @@ if HAS_TRITON:
             hprev = Ap * h_ck[:, :, None] + Bcp
             dA = tl.exp(dl[:, None, :] * A[:, :, None])
             h = dA * hprev + (dl * u)[:, None, :] * Bt[None, :, :]
+            # out = (y + D u) * silu(z): dy = dL/dy, dz
+            dy = dout
+            if has_z != 0:
+                z = tl.load(z_ptr + dt_off, mask=m_dt, other=0.0).to(CD)
+                sz = 1.0 / (1.0 + tl.exp(-z))
+                y = tl.sum(h * Ct[None, :, :], axis=1) + Dv[:, None] * u
+                tl.store(dz_ptr + dt_off, dout * y * sz * (1.0 + z * (1.0 - sz)), mask=m_dt)
+                dy = dout * z * sz
             # g_t = dL/dh_t = dy_t C_t (+ dlast at L-1) + a_{t+1} g_{t+1}
             an = tl.where(tn[None, None, :], tl.exp(dln[:, None, :] * A[:, :, None]), 0.0)
-            bg = dy[:, None, :] * Ct[None, :, :]
-            bg = bg + tl.where((t == L - 1)[None, None, :], dlast[:, :, None], 0.0)
+            bg = dy[:, None, :] * Ct[None, :, :] + tl.where((t == L - 1)[None, None, :], dlast[:, :, None], 0.0)
             Ag, Gg = tl.associative_scan((an, bg), 2, _combine, reverse=True)
             g = Gg + Ag * g_next[:, :, None]
             g_next = _pick(g, tt, 0, 2)
-            q = g * hprev * dA                                           # dL/d(delta_t A)
-            gB = tl.sum(g * Bt[None, :, :], axis=1)                      # dL/d(delta_t u_t)
-            tl.store(ddelta_ptr + dt_off, tl.sum(q * A[:, :, None], axis=1) + gB * u, mask=m_dt)
-            tl.store(du_ptr + dt_off, gB * dl, mask=m_dt)
+            q = g * hprev * dA                                           # dL/d(delta'_t A)
+            gB = tl.sum(g * Bt[None, :, :], axis=1)                      # dL/d(delta'_t u_t)
+            ddelta = (tl.sum(q * A[:, :, None], axis=1) + gB * u) * ddl  # through softplus(delta + bias)
+            tl.store(ddelta_ptr + dt_off, ddelta, mask=m_dt)
+            tl.store(du_ptr + dt_off, gB * dl + dy * Dv[:, None], mask=m_dt)
             dA_acc += tl.sum(q * dl[:, None, :], axis=2)
+            dD_acc += tl.sum(dy * u, axis=1)
+            dbias_acc += tl.sum(ddelta, axis=1)
             tl.atomic_add(dB_ptr + nt_off, tl.sum(g * (dl * u)[:, None, :], axis=0), mask=m_nt)
             tl.atomic_add(dC_ptr + nt_off, tl.sum(h * dy[:, None, :], axis=0), mask=m_nt)
         tl.store(dA_ptr + st, dA_acc, mask=dn_mask)
+        tl.store(dD_ptr + pid_b.to(tl.int64) * D + dd, dD_acc, mask=dm)
+        tl.store(dbias_ptr + pid_b.to(tl.int64) * D + dd, dbias_acc, mask=dm)
 
     # --- grouped matmul -------------------------------------------------------------------------------
     @triton.jit
@@ -761,41 +798,49 @@ class _LinearScanTriton(torch.autograd.Function):
 
 
 class _SelectiveScanTriton(torch.autograd.Function):
-    """u, delta (b, d, L), A (d, n), B, C (b, n, L), all fp32 or fp64 contiguous -> y (b, d, L), last (b, d, n)."""
+    """The whole selective_scan_fn in two kernels. u, delta, z (b, d, L) and B, C (b, n, L) in the input dtype
+    (fp32 / bf16; fp64 in the interpreter), A (d, n), D, delta_bias (d,) (zeros when absent), z or None
+    -> out (b, d, L) in u's dtype, last state (b, d, n) fp32."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
         b, d, L = u.shape
         n = A.shape[1]
         cfg = launch_config("selective_fwd", _target(u), dtype=u.dtype, n_state=n)
         n_chunks = triton.cdiv(L, cfg["BLOCK_T"])
-        y = _empty((b, d, L), u)
-        last = _empty((b, d, n), u)
-        ckpt = _empty((b, n_chunks, d, n), u)                             # state entering each chunk
+        cd = torch.float64 if u.dtype == torch.float64 else torch.float32
+        out = _empty((b, d, L), u)
+        last = _empty((b, d, n), u, cd)
+        ckpt = _empty((b, n_chunks, d, n), u, cd)                          # state entering each chunk
         grid = (b, triton.cdiv(d, cfg["BLOCK_D"]))
-        selective_fwd_kernel[grid](u, delta, A, B, C, y, last, ckpt, d, L, n, n_chunks, CD=_cd(u.dtype),
+        selective_fwd_kernel[grid](u, delta, A, B, C, D, u if z is None else z, delta_bias, out, last, ckpt,
+                                   d, L, n, n_chunks, int(z is not None), int(softplus), CD=_cd(u.dtype),
                                    **_launch_args(cfg))
-        ctx.save_for_backward(u, delta, A, B, C, ckpt)
-        return y, last
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        ctx.softplus = softplus
+        return out, last
 
     @staticmethod
-    def backward(ctx, dy, dlast):
-        u, delta, A, B, C, ckpt = ctx.saved_tensors
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
         b, d, L = u.shape
         n = A.shape[1]
         cfg = launch_config("selective_bwd", _target(u), dtype=u.dtype, n_state=n)
         n_chunks = ckpt.shape[1]
         assert triton.cdiv(L, cfg["BLOCK_T"]) == n_chunks, "fwd and bwd must share BLOCK_T"
-        n_db = triton.cdiv(d, cfg["BLOCK_D"])
-        du, ddelta = _empty((b, d, L), u), _empty((b, d, L), u)
-        dA = _empty((b, d, n), u)
-        dB, dC = torch.zeros(b, n, L, dtype=u.dtype, device=u.device), torch.zeros_like(B)   # atomic sums
-        dy = dy.contiguous()
-        dlast = torch.zeros(b, d, n, dtype=u.dtype, device=u.device) if dlast is None else dlast.contiguous()
-        selective_bwd_kernel[(b, n_db)](
-            u, delta, A, B, C, ckpt, dy, dlast, du, ddelta, dA, dB, dC, d, L, n, n_chunks, CD=_cd(u.dtype),
-            **_launch_args(cfg))
-        return du, ddelta, dA.sum(0), dB, dC
+        cd = ckpt.dtype
+        du, ddelta = _empty((b, d, L), u), _empty((b, d, L), delta)
+        dz = _empty((b, d, L), z) if z is not None else None
+        dA, dD, dbias = _empty((b, d, n), u, cd), _empty((b, d), u, cd), _empty((b, d), u, cd)   # per batch row
+        dB = torch.zeros(b, n, L, dtype=cd, device=u.device)                # atomic sums
+        dC = torch.zeros(b, n, L, dtype=cd, device=u.device)
+        dlast = torch.zeros(b, d, n, dtype=cd, device=u.device) if dlast is None else dlast.contiguous()
+        selective_bwd_kernel[(b, triton.cdiv(d, cfg["BLOCK_D"]))](
+            u, delta, A, B, C, D, u if z is None else z, delta_bias, ckpt, dout.contiguous(), dlast,
+            du, ddelta, dA, dB, dC, dD, u if z is None else dz, dbias, d, L, n, n_chunks,
+            int(z is not None), int(ctx.softplus), CD=_cd(u.dtype), **_launch_args(cfg))
+        return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.sum(0).to(D.dtype), dz,
+                dbias.sum(0).to(delta_bias.dtype), None)
 
 
 def _gmm_schedule(group_sizes, T, block_m):
@@ -886,19 +931,22 @@ def compile_specs(target):
             launch_config("scan_fwd", target), dict(COMPLEX=cplx, CD=cd), div16=("L",))
         add(f"scan_bwd[{tag}]", scan_bwd_kernel, dict(a_ptr=t, h_ptr=t, h0_ptr=t, dh_ptr=t, da_ptr=t, db_ptr=t),
             ["R", "L"], launch_config("scan_bwd", target), dict(COMPLEX=cplx, CD=cd), div16=("L",))
-    # selective scan: fp32 (what selective_scan passes for fp32/bf16 inputs; fp64 runs on the torch path on GPU);
-    # state sizes N up to 16, 32, 64
-    f32 = "fp32"
-    for n in (16, 32, 64):
-        add(f"selective_fwd[N<={n}]", selective_fwd_kernel,
-            {p: f32 for p in ("u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr", "y_ptr", "last_ptr", "ckpt_ptr")},
-            ["D", "L", "N", "n_chunks"], launch_config("selective_fwd", target, n_state=n), dict(CD=tl.float32),
-            div16=("D", "L", "N"))
-        add(f"selective_bwd[N<={n}]", selective_bwd_kernel,
-            {p: f32 for p in ("u_ptr", "delta_ptr", "A_ptr", "B_ptr", "C_ptr", "ckpt_ptr", "dy_ptr", "dlast_ptr",
-                              "du_ptr", "ddelta_ptr", "dA_ptr", "dB_ptr", "dC_ptr")},
-            ["D", "L", "N", "n_chunks"], launch_config("selective_bwd", target, n_state=n), dict(CD=tl.float32),
-            div16=("D", "L", "N"))
+    # selective scan: fp32 or bf16 activations (u, delta, B, C, z, out), fp32 parameters and state; N up to 16,
+    # 32, 64 (fp64 runs on the torch path on a GPU)
+    for dt in (torch.float32, torch.bfloat16):
+        t, f32 = _TL[dt], "fp32"
+        for n in (16, 32, 64):
+            add(f"selective_fwd[{t},N<={n}]", selective_fwd_kernel,
+                dict(u_ptr=t, delta_ptr=t, A_ptr=f32, B_ptr=t, C_ptr=t, D_ptr=f32, z_ptr=t, bias_ptr=f32, out_ptr=t,
+                     last_ptr=f32, ckpt_ptr=f32),
+                ["D", "L", "N", "n_chunks", "has_z", "softplus"], launch_config("selective_fwd", target, n_state=n),
+                dict(CD=tl.float32), div16=("D", "L", "N"))
+            add(f"selective_bwd[{t},N<={n}]", selective_bwd_kernel,
+                dict(u_ptr=t, delta_ptr=t, A_ptr=f32, B_ptr=t, C_ptr=t, D_ptr=f32, z_ptr=t, bias_ptr=f32, ckpt_ptr=f32,
+                     dout_ptr=t, dlast_ptr=f32, du_ptr=t, ddelta_ptr=t, dA_ptr=f32, dB_ptr=f32, dC_ptr=f32,
+                     dD_ptr=f32, dz_ptr=t, dbias_ptr=f32),
+                ["D", "L", "N", "n_chunks", "has_z", "softplus"], launch_config("selective_bwd", target, n_state=n),
+                dict(CD=tl.float32), div16=("D", "L", "N"))
     # grouped matmul: bf16 / fp32 (tf32 tensor cores)
     for dt in (torch.bfloat16, torch.float32):
         t = _TL[dt]

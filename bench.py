@@ -223,8 +223,10 @@ def floors():
     s, l_, c, gm = S["selective"], S["scan"], S["cema"], S["gmm"]
     b, d, n, L = s["b"], s["d"], s["n"], s["L"]
     nck = -(-L // 32)
-    sel_f = 4 * (3 * b * d * L + 2 * b * n * L + b * d * n * (nck + 1))                  # u, delta, y, B, C, ckpt
-    sel_b = 4 * (5 * b * d * L + 4 * b * n * L + b * d * n * (nck + 1))                  # + dy, du, ddelta, dB, dC
+    # fp32 activations: fwd reads u, delta, z, B, C and writes out, the chunk checkpoints and the last state;
+    # bwd reads u, delta, z, dout, B, C, checkpoints and writes du, ddelta, dz, dB, dC
+    sel_f = 4 * (4 * b * d * L + 2 * b * n * L + b * d * n * (nck + 1))
+    sel_b = 4 * (7 * b * d * L + 4 * b * n * L + b * d * n * nck)
     R, Lr = l_["b"] * l_["d"], l_["L"]
     Rc = c["b"] * c["d"] * c["n"]
     T, K, M = sum(gm["groups"]), gm["K"], gm["M"]

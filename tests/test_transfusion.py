@@ -342,3 +342,15 @@ def test_bad_input_raises_one_line_value_error():
         model.generate_image(torch.tensor([[1, 5]]))
     with pytest.raises(ValueError, match="backbone"):
         tf.Transfusion(tiny_cfg(backbone="rnn")[0])
+
+
+@pytest.mark.parametrize("backbone", ["mamba", "mom"])
+def test_mamba_backbones_train_and_sample(backbone):
+    """mom.py's forward_hidden plugs in: the loss has both parts, the image modules train, sampling runs."""
+    model, ds = tiny(backbone=backbone)
+    _, loss, parts = model(ds.get_batch("train", 1, 0))
+    assert set(parts) == {"loss_text", "loss_image"}
+    loss.backward()
+    assert model.codec.enc.weight.grad.abs().sum() > 0 if model.cfg.patch_codec == "linear" else True
+    out = model.generate_image(torch.tensor([[model.cfg.bos_id, 9, model.cfg.boi_id]]), steps=2)
+    assert out.shape == (1, model.cfg.n_patches, model.cfg.patch_dim)

@@ -44,7 +44,8 @@ Where this departs from the paper, and why:
     and in our 600-step runs it captioned worse; see the README).
   * sampling defaults to 50 DDIM steps (paper: 250 DDPM-family steps) to keep CPU evaluation fast;
     cfg.sampler = "ddpm" and cfg.sample_steps = 250 give the paper's setting.
-  * cfg.loss_weight = "min_snr" (Min-SNR-5) is an optional extra, off by default (it did not help here).
+  * cfg.loss_weight = "min_snr" (Min-SNR-5) or "trunc_snr" (max(SNR, 1) / SNR) reweight the per-image eps-MSE over
+    t (training only; eval losses stay the plain eps-MSE); optional extras, off by default.
   * a partial image at the end of a packed row (data.py truncates) gets a diffusion loss on its present patches.
 Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics (a pixel scorer stands in).
 
@@ -105,7 +106,7 @@ class Config:
     guidance: float = 3.0               # classifier-free guidance scale (1 = conditional only)
     clip_x0: bool = True                # clip the predicted x_0 to [-1, 1] at every sampling step
     eps_param: str = "v"                # direct: the network outputs eps | v: eps = sqrt(ab) v + sqrt(1-ab) x_t
-    loss_weight: str = "uniform"        # uniform: plain eps-MSE (paper) | min_snr: Min-SNR-5 weights (training only)
+    loss_weight: str = "uniform"        # uniform: plain eps-MSE (paper) | min_snr | trunc_snr (training only)
     patch_pos_emb: bool = True          # a learned embedding of each patch's place in the image, added by the encoder
     # LMFusion
     lmfusion: str = ""                  # path to a text-only ckpt.pt (lmfusion-base); freezes text, trains image
@@ -113,7 +114,7 @@ class Config:
 
 def _check_config(cfg):
     choices = dict(backbone=("dense", "mot", "mamba", "mom"), patch_codec=("linear", "unet"),
-                   eps_param=("direct", "v"), loss_weight=("uniform", "min_snr"),
+                   eps_param=("direct", "v"), loss_weight=("uniform", "min_snr", "trunc_snr"),
                    schedule=("cosine", "linear"), image_attn=("bidirectional", "causal"), sampler=("ddim", "ddpm"))
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
@@ -438,11 +439,13 @@ class Transfusion(nn.Module):
                 eps = self._eps(h, gid, slot, n_img, skips)
                 se = ((eps.float() - noise) ** 2).mean(-1) * valid
                 per_img = se.sum(1) / valid.sum(1).clamp(min=1)
-                if cfg.loss_weight == "min_snr" and "diffusion_t" not in batch and self.training:
-                    # Min-SNR-5 (Hang et al. 2023): w(t) = min(SNR_t, 5) / SNR_t shifts weight to noisier t
+                if cfg.loss_weight != "uniform" and "diffusion_t" not in batch and self.training:
                     ab = self.diffusion.alpha_bar[t]
                     snr = ab / (1 - ab)
-                    per_img = per_img * snr.clamp(max=5.0) / snr
+                    if cfg.loss_weight == "min_snr":   # Min-SNR-5 (Hang et al. 2023): w = min(SNR, 5) / SNR
+                        per_img = per_img * snr.clamp(max=5.0) / snr
+                    else:   # truncated SNR (Salimans & Ho 2022): w = max(SNR, 1) / SNR, an x_0-loss at high noise
+                        per_img = per_img * snr.clamp(min=1.0) / snr
                 loss_img = per_img.mean()
                 loss = loss + cfg.lam * loss_img
                 parts["loss_image"] = loss_img.detach()

@@ -1,6 +1,8 @@
 """bench.py — benchmarks for nanomix: the models (default), the kernels, and a static GPU resource report.
 
-    python bench.py                      # model benchmarks (bench_models: filled in by the lead)
+    python bench.py                      # every model at its default config: ms/step, tokens/s, peak memory, MFU,
+                                         # ratio to the dense Transformer, time per token at 4 doubling lengths
+    python bench.py --models dense mamba # some models
     python bench.py --kernels            # each kernel vs its naive baseline and the torch path (+ Triton on GPU)
     python bench.py --static             # compile every Triton kernel for sm_80 / sm_90: registers, shared memory,
                                          # spills, tensor-core instructions, roofline floor at the bench sizes
@@ -14,6 +16,8 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import sys
 import time
 
 import torch
@@ -26,9 +30,98 @@ GPUS = {"H100 SXM": dict(target="sm_90", bw=3.35e12, flops=790e12), "A100": dict
 
 # ------------------------------------------------------------------------------------------------ models (lead)
 
+DEFAULT_MODELS = ("dense", "mot", "mamba", "mom", "moma", "transfusion", "transfusion-mot", "megabyte", "blt",
+                  "megalodon")
+
+
+def matmul_peak(device, n=1024, reps=10):
+    """FLOP/s of a large fp32 (bf16 on CUDA) matmul on this device, measured now: the MFU denominator."""
+    dt = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    times = []
+    for _ in range(reps + 2):
+        t = _now(device)
+        a @ b
+        times.append(_now(device) - t)
+    return 2 * n ** 3 / statistics.median(times[2:])
+
+
+def _now(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _step_time(model, batch, reps, device):
+    """Median seconds of a forward + backward + AdamW step, after 2 warm-up steps."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for i in range(reps + 2):
+        t = _now(device)
+        model(batch)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(_now(device) - t)
+    return statistics.median(times[2:])
+
+
+def bench_one(name, device, reps, scale_tokens):
+    """One model at its default config and setting, in this (child) process. Returns a dict."""
+    import resource
+    import train
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    model, cfg, tc, ds = train.build(name, device=device)
+    batch = train.to(ds.get_batch("train", tc.batch_size, 0), device)
+    fpt = train.count_flops(model, batch)
+    s = _step_time(model, batch, reps, device)
+    tokens = tc.batch_size * tc.seq_len
+    mem = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
+           else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
+    out = dict(model=name, setting=tc.setting, params=sum(p.numel() for p in model.parameters()),
+               batch=f"{tc.batch_size}x{tc.seq_len}", ms_step=1000 * s, tokens_s=tokens / s, peak_mem_mb=mem / 2 ** 20,
+               flops_per_token=fpt, flops_s=fpt * tokens / s, scaling={})
+    base = tc.seq_len if tc.setting != "bytes" else tc.seq_len // 2   # 256..2048 tokens; 1024..8192 bytes
+    for L in (base, 2 * base, 4 * base, 8 * base):  # time per token as the sequence length doubles
+        model, cfg, tc2, ds = train.build(name, device=device, train_overrides=dict(seq_len=L))
+        b = max(1, scale_tokens // L)
+        out["scaling"][L] = 1e6 * _step_time(model, train.to(ds.get_batch("train", b, 0), device), max(2, reps // 2),
+                                             device) / (b * L)
+    return out
+
+
 def bench_models(args):
-    """Model benchmarks (the default mode). ---- filled in by the lead ----"""
-    raise NotImplementedError("lead")
+    import subprocess
+    import train
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    reg = train.registry()
+    names = args.models if args.models else [n for n in DEFAULT_MODELS if n in reg]
+    peak = matmul_peak(device)
+    rows = []
+    for n in names:  # each model in its own process, so that its peak memory is its own
+        r = subprocess.run([sys.executable, __file__, "--_one", n, "--device", device, "--reps", str(args.reps),
+                            "--scale_tokens", str(args.scale_tokens)], capture_output=True, text=True)
+        if r.returncode:
+            print(f"{n}: failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            continue
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(f"  {n} done", file=sys.stderr, flush=True)
+    dense = {r["setting"]: r for r in rows if r["model"] == "dense"}
+    print(f"\ndevice {device}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'model':16s} {'setting':12s} {'params':>8s} {'batch':>8s} {'ms/step':>9s} {'x dense':>8s} {'tok/s':>9s} "
+          f"{'MiB':>7s} {'MFU':>6s}   us/token at 4 doubling lengths (ratio last/first)")
+    for r in rows:
+        d = dense.get(r["setting"])
+        sc = r["scaling"]
+        ls = sorted(sc, key=int)
+        r["mfu"] = r["flops_s"] / peak
+        r["x_dense"] = r["ms_step"] / d["ms_step"] if d else None
+        xd = f"{r['x_dense']:.2f}" if d else "-"
+        print(f"{r['model']:16s} {r['setting']:12s} {r['params'] / 1e6:7.2f}M {r['batch']:>8s} {r['ms_step']:9.1f} "
+              f"{xd:>8s} {r['tokens_s']:9,.0f} {r['peak_mem_mb']:7.0f} {100 * r['mfu']:5.1f}%   "
+              + " ".join(f"{L}:{sc[L]:.1f}" for L in ls) + f"  ({sc[ls[-1]] / sc[ls[0]]:.2f}x)")
+    return dict(device=device, threads=torch.get_num_threads(), matmul_peak_flops=peak, models=rows)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -281,7 +374,13 @@ def main(argv=None):
     ap.add_argument("--static", action="store_true", help="static GPU resource report (no GPU needed)")
     ap.add_argument("--reps", type=int, default=5, help="timing repetitions (the minimum is reported)")
     ap.add_argument("--out", default="bench.json", help="JSON file the results are merged into")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda (model benchmarks)")
+    ap.add_argument("--scale_tokens", type=int, default=4096, help="tokens per batch in the length-scaling runs")
+    ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one model, in a child process
     args = ap.parse_args(argv)
+    if args._one:
+        print(json.dumps(bench_one(args._one, args.device, args.reps, args.scale_tokens)))
+        return
     results = {}
     if os.path.exists(args.out):
         with open(args.out) as f:

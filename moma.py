@@ -606,6 +606,7 @@ def report(base_out, docs="docs"):
         return None
 
     dense, keys = runs["dense"], ("eval_loss", "eval_loss_text", "eval_loss_image")
+    seed = json.load(open(os.path.join(base_out, "dense", "config.json")))["train"]["seed"]
     total = dense[-1]["flops"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, k in zip(axes, keys):
@@ -615,7 +616,7 @@ def report(base_out, docs="docs"):
                 ax.plot([r["flops"] for r in ev], [r[k + "_aux"] for r in ev], "--", color=f"C{j}", alpha=0.7,
                         label=f"{n} (aux routers)")
         ax.axhline(dense[-1][k], color="gray", ls=":", lw=0.8)
-        ax.set_title(k.replace("eval_", "eval ") + " (chameleon toy)"); ax.set_xlabel("training FLOPs")
+        ax.set_title(k.replace("eval_", "eval ") + f" (chameleon toy, seed {seed})"); ax.set_xlabel("training FLOPs")
         ax.set_ylim(top=dense[len(dense) // 4][k])
     axes[0].legend(fontsize=7)
     fig.tight_layout()

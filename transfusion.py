@@ -31,8 +31,11 @@ with probability cfg.cond_dropout, so the same mask gives the unconditional pred
 
 Where this departs from the paper, and why:
   * no VAE: the toy images are 16x16x3 pixels in [-1, 1] cut into 16 patches of 4x4x3, standing in for latents.
-  * the dense backbone is mot.Transformer with every untie_* off (the repo's dense baseline: RoPE, SwiGLU, RMSNorm,
-    Chameleon norm placement), so dense vs MoT differs only in the untied weights; the paper uses Llama-2 blocks.
+  * the dense backbone is mot.Transformer with every untie_* off (the repo's dense baseline: RoPE, SwiGLU, RMSNorm),
+    so dense vs MoT differs only in the untied weights. Pre-norm by default (the paper's Llama-2 blocks): with
+    mot.py's Chameleon post-norm the first attention sees raw embeddings, the encoded patches (norm ~6) outscale the
+    text embeddings (~1), and the patches learned to attend only to their own image (99% of the attention mass
+    after 600 steps): the caption was ignored and text -> image stayed at chance.
   * U-Net codec: the paper's U-Net down/up blocks condition on t with AdaLayerNorm; ours is a two-level conv U-Net
     with AdaGroupNorm (scale/shift from the t embedding), skip connections around the transformer, ~50k params.
   * the eps head is v-parametrized by default: the network outputs v and eps = sqrt(ab) v + sqrt(1 - ab) x_t
@@ -90,6 +93,7 @@ class Config:
     n_layer: int = 2
     n_head: int = 4
     d_model: int = 64
+    norm_placement: str = "pre"         # pre-norm, as the paper's Llama-2 blocks | post (Chameleon / MoT's default)
     # Sec. 3.2: patch encoder/decoder (Sec. 4 compares linear vs U-Net)
     patch_codec: str = "linear"         # linear | unet (the paper's better codec; slower on CPU, see README)
     unet_channels: int = 16             # U-Net width at full resolution (x2 after the down block)
@@ -287,7 +291,8 @@ def _build_backbone(cfg):
     if cfg.backbone in ("dense", "mot"):
         untie = cfg.backbone == "mot"
         bc = mot.Config(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, modality_offsets=offsets, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
-                        n_head=cfg.n_head, d_model=cfg.d_model, untie_attn=untie, untie_ffn=untie, untie_norm=untie)
+                        n_head=cfg.n_head, d_model=cfg.d_model, norm_placement=cfg.norm_placement,
+                        untie_attn=untie, untie_ffn=untie, untie_norm=untie)
         return mot.Transformer(bc)
     import mom                                   # only needed for the Mamba backbones
     split = cfg.backbone == "mom"

@@ -179,6 +179,7 @@ def test_guidance_one_equals_conditional_and_uncond_ignores_caption():
         # unconditional = the image after a bare <boi> (RoPE is relative: the masked prefix must not matter)
         short = prefix[:, -1:]
         eps_u = model.predict_eps(short, xt, t, guidance=1.0)
+        assert not torch.allclose(eps_c, eps_u, atol=1e-4)          # the caption does reach the patches
         g = 3.0
         assert torch.allclose(model.predict_eps(prefix, xt, t, guidance=g), eps_c + (g - 1) * (eps_c - eps_u), atol=1e-4)
         out = model.generate_image(prefix, guidance=1.0, steps=3)

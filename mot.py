@@ -42,8 +42,8 @@ needs a model-limited regime: at 128 x 4 both models reach the toy data's noise 
 this scale (600 steps, one seed): MoT's edge is largest where the dense baseline suffers most from modality competition.
 With norm_placement="pre" or qk_norm=True the dense model trains much better (final image loss 2.09 / 2.21 vs 2.86)
 and MoT then only matches it (image at 86% of the FLOPs with pre-norm; no gain with QK-norm) -- the same competition
-that Chameleon fixed with QK-norm and norm reordering, which MoT's untied weights fix too; at 7B the paper finds MoT
-still ahead of a QK-normed dense model. Try: --norm_placement=pre, --qk_norm=True, --untie_ffn=False.
+that Chameleon fixed with QK-norm and norm reordering, which MoT's untied weights fix too. Whether the gain
+survives a stabilised baseline is a question of scale this toy cannot answer. Try: --norm_placement=pre, --qk_norm=True, --untie_ffn=False.
 
 Left out: the paper's 7B scale and its data; Transfusion's diffusion head lives in transfusion.py (MoT backbone via
 forward_hidden). Departures: the embedding and the LM head are untied from each other (as in Chameleon); q, k and v

@@ -65,6 +65,9 @@ def _step_time(model, batch, reps, device):
     return statistics.median(times[2:])
 
 
+BENCH_OVERRIDES = {"blt": dict(patching="space")}  # blt's default entropy patching needs a trained entropy model
+
+
 def bench_one(name, device, reps, scale_tokens):
     """One model at its default config and setting, in this (child) process. Returns a dict."""
     import resource
@@ -72,7 +75,7 @@ def bench_one(name, device, reps, scale_tokens):
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    model, cfg, tc, ds = train.build(name, device=device)
+    model, cfg, tc, ds = train.build(name, device=device, overrides=BENCH_OVERRIDES.get(name))
     batch = train.to(ds.get_batch("train", tc.batch_size, 0), device)
     fpt = train.count_flops(model, batch)
     s = _step_time(model, batch, reps, device)
@@ -84,7 +87,8 @@ def bench_one(name, device, reps, scale_tokens):
                flops_per_token=fpt, flops_s=fpt * tokens / s, scaling={})
     base = tc.seq_len if tc.setting != "bytes" else tc.seq_len // 2   # 256..2048 tokens; 1024..8192 bytes
     for L in (base, 2 * base, 4 * base, 8 * base):  # time per token as the sequence length doubles
-        model, cfg, tc2, ds = train.build(name, device=device, train_overrides=dict(seq_len=L))
+        model, cfg, tc2, ds = train.build(name, device=device, overrides=BENCH_OVERRIDES.get(name),
+                                          train_overrides=dict(seq_len=L))
         b = max(1, scale_tokens // L)
         out["scaling"][L] = 1e6 * _step_time(model, train.to(ds.get_batch("train", b, 0), device), max(2, reps // 2),
                                              device) / (b * L)

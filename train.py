@@ -10,7 +10,7 @@ Every `--key=value` (or `--key value`) overrides a field of the training config 
 type-checked against its default. Outputs in OUT (default out/MODEL): config.json, metrics.jsonl, ckpt.pt, loss.png.
 
 FLOPs, one method for every model (`count_flops`): the matmul FLOPs actually executed by one forward + backward
-pass on a training batch, counted by torch.utils.flop_counter (linear layers, grouped matmuls, attention with
+pass on the first four training batches, counted by torch.utils.flop_counter (linear layers, grouped matmuls, attention with
 the full T x T score matrix as counted for sdpa), divided by the tokens in the batch. Sparse models are charged
 for what they run, frozen modules for their forward only; elementwise work (scans, norms, softmax) is not counted.
 """
@@ -185,19 +185,22 @@ def _register_cpu_sdpa_flops():
         lambda g, q, k, v, *a, **kw: 2 * fc.sdpa_flop_count(q.shape, k.shape, v.shape))  # 2x fwd, as for any matmul
 
 
-def count_flops(model, batch, backward=True):
-    """Matmul FLOPs per input token of one forward (+ backward) pass, counted on a copy of the model."""
+def count_flops(model, batches, backward=True):
+    """Matmul FLOPs per input token of one forward (+ backward) pass, counted on a copy of the model and averaged
+    over the batches given (a batch or a list: a model whose work depends on the data, like BLT's patches, needs a few)."""
     from torch.utils.flop_counter import FlopCounterMode
     _register_cpu_sdpa_flops()
+    batches = [batches] if isinstance(batches, dict) else batches
     m = copy.deepcopy(model)
     m.train(backward)
     with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
-        if backward:
-            m(batch)[1].backward()
-        else:
-            with torch.no_grad():
-                m(batch)
-    return counter.get_total_flops() / batch["tokens"].numel()
+        for batch in batches:
+            if backward:
+                m(batch)[1].backward()
+            else:
+                with torch.no_grad():
+                    m(batch)
+    return counter.get_total_flops() / sum(b["tokens"].numel() for b in batches)
 
 
 # --- distributed helpers ----------------------------------------------------------------------------------------
@@ -273,9 +276,12 @@ def evaluate(model, ds, tc, rank, world, device, autocast):
             _, loss, parts = model(to(ds.get_batch("val", tc.batch_size // world, i, rank, world), device))
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-    keys = sorted(sums)
-    vec = all_mean(torch.tensor([sums[k] / tc.eval_batches for k in keys], device=device), world)
-    out = {f"eval_{k}": float(v) for k, v in zip(keys, vec)}
+    mine = {k: v / tc.eval_batches for k, v in sums.items()}
+    if world > 1:  # average each key over the ranks that report it (a model may log a part on some ranks only)
+        every = [None] * world
+        torch.distributed.all_gather_object(every, mine)
+        mine = {k: sum(d[k] for d in every if k in d) / sum(k in d for d in every) for k in set().union(*every)}
+    out = {f"eval_{k}": float(v) for k, v in sorted(mine.items())}
     if ds.setting == "bytes":
         out["eval_bpb"] = out["eval_loss"] / math.log(2)
     model.train()
@@ -342,7 +348,7 @@ def train(name, over, resume=False, quiet=False):
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     raw = model
     n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = count_flops(model, to(ds.get_batch("train", micro, 0), dev))
+    flops_per_token = count_flops(model, [to(ds.get_batch("train", micro, i), dev) for i in range(4)])
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

@@ -32,6 +32,9 @@ predictions of positions 1..T. The paper's prediction of x_0 (from the pad alone
 Departures: byte 0 pads the tail when T+1 is not a multiple of P (only future positions see it). The conv encoder's
 layers are residual with a GELU (the paper names the widths, not the wiring). Strided inference drops the first
 P/2 bytes for the shifted pass (instead of inventing filler bytes), so that pass loses P/2 bytes of context.
+w^GL starts at the embeddings' scale (a toy-scale need: with the default init the untrained global slots drown the
+previous-byte embedding and training stalls for ~100 steps). At toy scale the loss is highest at p = 0, not at the
+end of a patch as in the paper (Fig. 5), so strided inference does not help here (docs/megabyte_patch_position.png).
 Left out: the paper's model sizes and data (PG-19, ImageNet-64, audio); here toy sizes on toy bytes.
 Run:  python train.py --compare dense,megabyte --setting bytes      Read next: blt.py (dynamic patches)
 """

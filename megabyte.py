@@ -402,7 +402,7 @@ if __name__ == "__main__":
     x = torch.tensor(list(text[:129]), dtype=torch.long)[None]
     batch = dict(tokens=x[:, :-1], targets=x[:, 1:])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(30):
+    for step in range(80):
         _, loss, _ = model(batch)
         opt.zero_grad()
         loss.backward()
@@ -410,6 +410,6 @@ if __name__ == "__main__":
     n_g = sum(p.numel() for p in model.global_model.parameters())
     n_l = sum(p.numel() for p in model.local_model.parameters())
     print(f"params global {n_g:,} local {n_l:,} total {sum(p.numel() for p in model.parameters()):,}")
-    print(f"loss after 30 steps {loss.item():.3f} nats = {loss.item() / math.log(2):.3f} bits/byte")
+    print(f"loss after 80 steps {loss.item():.3f} nats = {loss.item() / math.log(2):.3f} bits/byte")
     model.eval()
     print(bytes(model.generate(x[:, :20], 60)[0].tolist()))

@@ -102,8 +102,8 @@ class Config:
     schedule: str = "cosine"            # cosine (paper) | linear (DDPM's)
     lam: float = 5.0                    # lambda in L = L_LM + lambda * L_DDPM
     noise_limit: int = 500              # Sec. 4: t < noise_limit for images before their caption (0 = off)
-    image_attn: str = "bidirectional"   # bidirectional (paper) | causal (the paper's ablation, Table 5)
-    cond_dropout: float = 0.2           # P(drop the condition) for classifier-free guidance
+    image_attn: str = "bidirectional"   # bidirectional (paper) | causal (the paper's attention ablation)
+    cond_dropout: float = 0.2           # P(drop the caption) for classifier-free guidance (toy choice)
     # sampling
     sampler: str = "ddim"               # ddim (deterministic, eta=0) | ddpm (ancestral)
     sample_steps: int = 50              # denoising steps at inference (paper: 250)
@@ -279,9 +279,6 @@ class PatchCodec(nn.Module):
 
 
 # --- The model ----------------------------------------------------------------------------------------------------
-
-MODALITY_NAMES = ("text", "image", "speech")
-
 
 def _build_backbone(cfg):
     """The transformer (or Mamba) that reads the mixed sequence: an LM with tok_emb, lm_head and forward_hidden."""

@@ -23,7 +23,8 @@ Glossary (paper -> code):
     MoT backbone (MoT paper Sec. 5)    -> cfg.backbone = "mot" (mot.py); "mamba" / "mom" from mom.py
     LMFusion theta_text, theta_img     -> modality 0 / 1 weights of the MoT backbone; cfg.lmfusion = base ckpt path
 
-The attention mask (Sec. 3.3, "Transfusion attention"):  allowed[i, j] = (j <= i) or (i and j are patches of the same image).
+The attention mask (Sec. 3.3, "Transfusion attention"):
+    allowed[i, j] = (j <= i) or (i and j are patches of the same image).
 So a text token sees only its past (an image counts as soon as its <eoi> is behind), <boi> sees only its past, and
 every patch sees its whole image. For classifier-free guidance the "unconditional" image additionally sees only its
 own patches and its <boi> (the condition, everything before, is masked out); training drops the condition this way
@@ -287,15 +288,16 @@ def _build_backbone(cfg):
     offsets = tuple(range(cfg.n_modalities))
     if cfg.backbone in ("dense", "mot"):
         untie = cfg.backbone == "mot"
-        bc = mot.Config(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, modality_offsets=offsets, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
+        bc = mot.Config(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, modality_offsets=offsets,
+                        seq_len=cfg.seq_len, n_layer=cfg.n_layer,
                         n_head=cfg.n_head, d_model=cfg.d_model, norm_placement=cfg.norm_placement,
                         untie_attn=untie, untie_ffn=untie, untie_norm=untie)
         return mot.Transformer(bc)
     import mom                                   # only needed for the Mamba backbones
     split = cfg.backbone == "mom"
-    bc = mom.Config(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, modality_offsets=offsets, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
-                    d_model=cfg.d_model, split_in_proj=split, split_x_proj=split, split_dt_proj=split,
-                    split_out_proj=split)
+    bc = mom.Config(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, modality_offsets=offsets,
+                    seq_len=cfg.seq_len, n_layer=cfg.n_layer, d_model=cfg.d_model, split_in_proj=split,
+                    split_x_proj=split, split_dt_proj=split, split_out_proj=split)
     return mom.MixtureOfMamba(bc)
 
 
@@ -409,8 +411,8 @@ class Transfusion(nn.Module):
             u = torch.rand(n_img, generator=g, device=dev)
             t_max = torch.full((n_img,), cfg.diffusion_steps, device=dev)
             if cfg.noise_limit and "image_first" in batch:
-                # Sec. 4 (image noising): an image that precedes its caption is noised at most to t = noise_limit (500), so the
-                # caption learns from a recognisable image
+                # Sec. 4 (image noising): an image that precedes its caption is noised at most to t = noise_limit
+                # (500), so the caption that follows learns from a recognisable image
                 first = torch.zeros(n_img, dtype=torch.bool, device=dev)
                 first = first.index_put((gid[is_img],), batch["image_first"][is_img])
                 t_max = torch.where(first, torch.full_like(t_max, cfg.noise_limit), t_max)

@@ -19,6 +19,7 @@ VARIANTS = {
 
 
 def tiny(**kw):
+    kw.setdefault("cross_patch", 0)
     torch.manual_seed(0)
     cfg = Config(seq_len=32, patch_size=P, d_global=8, n_layer_global=2, n_head_global=2, d_local=16,
                  n_layer_local=2, n_head_local=2, **kw)

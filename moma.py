@@ -641,8 +641,8 @@ def report(base_out, docs="docs"):
 
 if __name__ == "__main__":
     import sys
-    if len(sys.argv) > 1 and sys.argv[1] == "report":   # python moma.py report out/cmp_moma
-        report(sys.argv[2] if len(sys.argv) > 2 else "out/compare")
+    if len(sys.argv) > 1 and sys.argv[1] == "report":   # python moma.py report OUT_DIR [DOCS_DIR]
+        report(*(sys.argv[2:4] or ["out/compare"]))
         sys.exit(0)
     torch.manual_seed(0)
     B, T = 4, 64

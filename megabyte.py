@@ -84,14 +84,17 @@ class Config:
 
 # --- Transformer blocks shared by the global and the local model -----------------------------------------------
 
-def rope(x, pos):
-    """Rotary embedding. x (N, H, T, hd), pos (N or 1, T) absolute positions -> (N, H, T, hd)."""
-    hd = x.shape[-1]
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
-    ang = pos.to(torch.float32)[:, None, :, None] * inv          # (N, 1, T, hd/2)
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+def rope_angles(pos, inv_freq):
+    """Rotary angles for absolute positions pos (N or 1, T) -> (cos, sin), each (N, 1, T, hd/2)."""
+    ang = pos.to(torch.float32)[:, None, :, None] * inv_freq
+    return ang.cos(), ang.sin()
+
+
+def rope(x, rot):
+    """Rotary embedding (rotate-half form). x (N, H, T, hd), rot = rope_angles(...) -> (N, H, T, hd)."""
+    cos, sin = (t.to(x.dtype) for t in rot)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class Attention(nn.Module):
@@ -101,15 +104,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, pos=None, cache=None, cross=None):
-        """x (N, T, D); pos (N or 1, T) for rotary; cache: dict(k, v) extended in place (decoding);
+    def forward(self, x, rot=None, cache=None, cross=None):
+        """x (N, T, D); rot: rotary (cos, sin) of the absolute positions; cache: dict(k, v) extended in place (decoding);
         cross = (K, r): rows of x are the K patches of each sequence in order, and each patch also attends to the
         last r keys/values of the previous patch (Sec. 2.3.2). Returns y (N, T, D) and this call's (k, v)."""
         N, T, D = x.shape
         H = self.n_head
         q, k, v = (t.view(N, T, H, D // H).transpose(1, 2) for t in self.qkv(x).split(D, dim=-1))  # (N, H, T, hd)
         if self.use_rope:
-            q, k = rope(q, pos), rope(k, pos)
+            q, k = rope(q, rot), rope(k, rot)
         kv = (k, v)
         mask, causal = None, True
         if cross is not None:                                     # Sec. 2.3.2: prepend the previous patch's last r
@@ -142,8 +145,8 @@ class Block(nn.Module):
                                  nn.Linear(mlp_ratio * d, d, bias=False))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, pos=None, cache=None, cross=None):
-        a, kv = self.attn(self.ln1(x), pos, cache, cross)
+    def forward(self, x, rot=None, cache=None, cross=None):
+        a, kv = self.attn(self.ln1(x), rot, cache, cross)
         x = x + self.drop(a)
         return x + self.drop(self.mlp(self.ln2(x))), kv
 
@@ -153,13 +156,18 @@ class Transformer(nn.Module):
 
     def __init__(self, d, n_layer, n_head, mlp_ratio, dropout, use_rope=False):
         super().__init__()
+        self.use_rope = use_rope
+        hd = d // n_head
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd),
+                             persistent=False)
         self.blocks = nn.ModuleList(Block(d, n_head, mlp_ratio, dropout, use_rope) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d)
 
     def forward(self, x, pos=None, caches=None, cross=None):
+        rot = rope_angles(pos, self.inv_freq) if self.use_rope else None   # once for all layers
         kvs = []
         for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, pos, None if caches is None else caches[i], cross)
+            x, kv = blk(x, rot, None if caches is None else caches[i], cross)
             kvs.append(kv)
         return self.ln_f(x), kvs
 

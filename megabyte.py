@@ -410,7 +410,7 @@ if __name__ == "__main__":
     text = b"MEGABYTE predicts bytes: a global model over patches and a local model inside each patch. " * 3
     x = torch.tensor(list(text[:129]), dtype=torch.long)[None]
     batch = dict(tokens=x[:, :-1], targets=x[:, 1:])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(80):
         _, loss, _ = model(batch)
         opt.zero_grad()

@@ -37,13 +37,15 @@ API used by transfusion.py (import mot):
         token comes from its id via cfg.modality_offsets (so it switches to image weights after BOI).
     Classes: Config, RMSNorm-style ModalityRMSNorm, ModalityLinear, Attention, FeedForward, Block, Transformer, MoT.
 
-Toy scale (Config defaults): d_model 64, n_layer 2, post-norm without QK-norm (the official code's defaults). The effect
-needs a model-limited regime: at 128 x 4 both models reach the toy data's noise floor and the gap closes. Measured at
-this scale (600 steps, one seed): MoT's edge is largest where the dense baseline suffers most from modality competition.
-With norm_placement="pre" or qk_norm=True the dense model trains much better (final image loss 2.09 / 2.21 vs 2.86)
-and MoT then only matches it (image at 86% of the FLOPs with pre-norm; no gain with QK-norm) -- the same competition
-that Chameleon fixed with QK-norm and norm reordering, which MoT's untied weights fix too. Whether the gain
-survives a stabilised baseline is a question of scale this toy cannot answer. Try: --norm_placement=pre, --qk_norm=True, --untie_ffn=False.
+Toy scale (Config defaults): d_model 64, n_layer 2, post-norm without QK-norm (the official code's defaults); a
+model-limited regime (in the calibration note, at 128 x 4 both models hit the toy data's noise floor and the gap
+closes). Measured with train.py (chameleon, 600 steps, one seed), fraction of dense FLOPs at which MoT reaches the
+dense final eval loss -- image / text: default 71% / 57%; --norm_placement=pre 90% / not reached (MoT text worse);
+--qk_norm=True image not reached / 76%. Pre-norm or QK-norm make the DENSE model train much better (final image loss
+2.08 / 2.14 vs 2.86): without them the dense model suffers from the modality competition that Chameleon fixed with
+QK-norm and norm reordering, and MoT's untied weights fix it too. Against a stabilised dense baseline this toy shows
+no MoT gain; whether one appears with scale is what the paper measures (7B) and this toy cannot.
+Try: --norm_placement=pre, --qk_norm=True, --untie_ffn=False.
 
 Left out: the paper's 7B scale and its data; Transfusion's diffusion head lives in transfusion.py (MoT backbone via
 forward_hidden). Departures: the embedding and the LM head are untied from each other (as in Chameleon); q, k and v

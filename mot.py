@@ -42,8 +42,8 @@ model-limited regime (in the calibration note, at 128 x 4 both models hit the to
 closes). Measured with train.py (chameleon, 600 steps, one seed), fraction of dense FLOPs at which MoT reaches the
 dense final eval loss -- image / text: default 71% / 57%; --norm_placement=pre 90% / not reached (MoT text worse);
 --qk_norm=True image not reached / 76%. Pre-norm or QK-norm make the DENSE model train much better (final image loss
-2.08 / 2.14 vs 2.86): without them the dense model suffers from the modality competition that Chameleon fixed with
-QK-norm and norm reordering, and MoT's untied weights fix it too. Against a stabilised dense baseline this toy shows
+2.08 / 2.14 vs 2.86); plausibly (not verified here) the dense model's loss is the modality competition that
+Chameleon fixed with QK-norm and norm reordering, which MoT's untied weights fix too. Against a stabilised dense baseline this toy shows
 no MoT gain; whether one appears with scale is what the paper measures (7B) and this toy cannot.
 Try: --norm_placement=pre, --qk_norm=True, --untie_ffn=False.
 

@@ -79,7 +79,7 @@ class Config:
     ffn_hidden: int = 0          # the dense model's SwiGLU hidden size; 0 -> 8/3 * d_model rounded up to 16 (as mot.py)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    norm_placement: str = "post"  # "post": Chameleon's h = x + Norm(Attn(x)), out = h + Norm(FFN(h)); "pre": pre-norm
+    norm_placement: str = "pre"   # "pre": pre-norm (as mot.py's default); "post": Chameleon's h = x + Norm(Attn(x)), ...
     # Sec. 2.2: modality-aware experts with expert-choice routing
     experts: tuple = (4,)        # experts per modality group: (4,) = 4 in every group ("4t4i"), or e.g. (4, 2)
     modality_aware: bool = True   # False: ONE group of experts[0] experts for all tokens (the paper's mixed-modal EC MoE)

@@ -37,15 +37,15 @@ API used by transfusion.py (import mot):
         token comes from its id via cfg.modality_offsets (so it switches to image weights after BOI).
     Classes: Config, RMSNorm-style ModalityRMSNorm, ModalityLinear, Attention, FeedForward, Block, Transformer, MoT.
 
-Toy scale (Config defaults): d_model 64, n_layer 2, post-norm without QK-norm (the official code's defaults); a
-model-limited regime (in the calibration note, at 128 x 4 both models hit the toy data's noise floor and the gap
-closes). Measured with train.py (chameleon, 600 steps, one seed), fraction of dense FLOPs at which MoT reaches the
-dense final eval loss -- image / text: default 71% / 57%; --norm_placement=pre 90% / not reached (MoT text worse);
---qk_norm=True image not reached / 76%. Pre-norm or QK-norm make the DENSE model train much better (final image loss
-2.08 / 2.14 vs 2.86); plausibly (not verified here) the dense model's loss is the modality competition that
-Chameleon fixed with QK-norm and norm reordering, which MoT's untied weights fix too. Against a stabilised dense baseline this toy shows
-no MoT gain; whether one appears with scale is what the paper measures (7B) and this toy cannot.
-Try: --norm_placement=pre, --qk_norm=True, --untie_ffn=False.
+Toy scale (Config defaults): d_model 64, n_layer 2, pre-norm without QK-norm. The official code's default is
+Chameleon's post-norm reordering (--norm_placement=post); here pre-norm is the default because it makes the DENSE
+baseline much stronger at toy scale (chameleon final image loss 2.08 vs 2.86 after 600 steps), and a sparse model
+must be measured against the strongest baseline of its FLOPs. Measured with train.py (chameleon, 600 steps, one seed),
+fraction of dense FLOPs at which MoT reaches the dense final eval loss -- image / text: post-norm 71% / 57%;
+pre-norm 90% / not reached; --qk_norm=True image not reached / 76%. Plausibly (not verified here) the post-norm dense
+model suffers the modality competition that Chameleon fixed with QK-norm and norm reordering, which MoT's untied
+weights fix too; against a stabilised dense baseline this toy shows little MoT gain. See README for the runs.
+Try: --norm_placement=post, --qk_norm=True, --untie_ffn=False.
 
 Left out: the paper's 7B scale and its data; Transfusion's diffusion head lives in transfusion.py (MoT backbone via
 forward_hidden). Departures: the embedding and the LM head are untied from each other (as in Chameleon); q, k and v
@@ -78,7 +78,7 @@ class Config:
     ffn_hidden: int = 0                      # SwiGLU hidden size; 0 -> 8/3 * d_model rounded up to a multiple of 16
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    norm_placement: str = "post"             # "post": Chameleon reordering (official MoT default); "pre": pre-norm
+    norm_placement: str = "pre"              # "pre": pre-norm (the strong baseline); "post": Chameleon reordering (official MoT code)
     qk_norm: bool = False                    # RMSNorm on q and k per head (Chameleon); per modality if untie_attn
     untie_attn: bool = False                 # per-modality W_Q, W_K, W_V, W_O (and q/k norms)
     untie_ffn: bool = False                  # per-modality SwiGLU feed-forward

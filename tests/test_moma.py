@@ -123,7 +123,8 @@ def test_expert_choice_is_not_causal_but_aux_routing_is(mod):
     # EC: the top-k_e of an expert looks at the whole batch, so future tokens change earlier tokens' routing/output
     assert _future_changes_past(model, "ec") > 1e-4
     # aux routers: every token decides from its own hidden state alone -> the past is untouched by the future
-    assert _future_changes_past(model, "aux") == 0.0
+    # (up to float rounding: the future changes which rows share a matmul, and so BLAS's blocking)
+    assert _future_changes_past(model, "aux") < 1e-6
 
 
 def test_mod_passes_exactly_the_capacity_fraction():

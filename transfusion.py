@@ -55,7 +55,8 @@ Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics 
 Status at toy scale (README): image -> caption is learned (caption_acc 0.56 at 600 steps, 0.84 at 1500, chance
 ~0.27); caption -> image is NOT: samples are plausible scenes that ignore their caption (gen_image_acc at chance,
 eps-MSE identical with the right, a wrong or no caption), also with the U-Net codec and with Min-SNR / truncated-SNR
-loss weights. Everything else (MoT backbone, LMFusion's frozen text model) behaves as the papers describe.
+loss weights. MoT reaches the dense final image loss at 67% of the FLOPs; LMFusion keeps its text model exactly
+(text-only loss unchanged) but trails Transfusion-from-scratch at equal FLOPs here (the paper reports the reverse).
 
 Run:   python train.py --model transfusion                         (dense, default setting "transfusion")
        python train.py --model transfusion --patch_codec=unet --eps_param=direct    (the paper's choices)

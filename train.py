@@ -398,7 +398,8 @@ def train(name, over, resume=False, quiet=False):
         print(f"{name} on {tc.setting}: {n_params / 1e6:.3f}M params, {flops_per_token / 1e6:.3f} MFLOPs/token "
               f"(fwd+bwd), {world} rank(s) x {accum} micro-step(s) of {micro} x {tc.seq_len}, device {dev}")
     from tqdm import tqdm
-    bar = tqdm(total=tc.steps, initial=step, disable=quiet or rank != 0, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=tc.steps, initial=step, disable=quiet or rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True,
+               leave=False)
     model.train()
     while step < tc.steps:
         t0 = time.perf_counter()

@@ -161,10 +161,10 @@ def build(name, setting=None, overrides=None, data_file=None, device="cpu", trai
         if k in names:
             setattr(cfg, k, v)
     apply(cfg, dict(overrides or {}), f"model {name}")
-    if hasattr(cfg, "__post_init__"):
-        cfg.__post_init__()
     torch.manual_seed(tc.seed)
     try:
+        if hasattr(cfg, "__post_init__"):
+            cfg.__post_init__()  # derived fields and checks, after the overrides
         model = model_cls(cfg).to(device)
     except ValueError as e:
         raise UsageError(f"model {name}: {e}") from None

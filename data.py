@@ -330,9 +330,10 @@ class ToyWorld:
             out.append(dict(scene=s, caption=[WORD_ID[w] for w in caption_words(s, rng)] + [SEP], image=img))
         return out
 
-    def eval_generation(self, generate_fn, n=32):
-        """Caption -> image and image -> caption, greedy, scored against the scenes' attributes.
-        generate_fn(prompt (B, Tp) int64, max_new_tokens) -> (B, max_new_tokens) int64."""
+    def eval_generation(self, generate_fn, n=32, image_temperature=1.0):
+        """Caption -> image (sampled at image_temperature: greedy decoding of an image picks the likeliest token at
+        every patch -- background -- and erases the object) and image -> caption (greedy), scored against the
+        scenes' attributes.  generate_fn(prompt (B, Tp) int64, max_new_tokens, temperature) -> (B, max_new_tokens)."""
         ex = self.scenes(n)
         truth = [e["scene"] for e in ex]
         # caption -> image: <bos> caption . <boi>  => 16 image tokens (prompts grouped by length)
@@ -342,12 +343,12 @@ class ToyWorld:
             by_len.setdefault(len(e["caption"]), []).append(i)
         for idx in by_len.values():
             p = torch.tensor([[BOS] + ex[i]["caption"] + [BOI] for i in idx])
-            out = generate_fn(p, N_PATCHES).cpu().numpy()
+            out = generate_fn(p, N_PATCHES, image_temperature).cpu().numpy()
             for i, o in zip(idx, out):
                 img_pred[i] = classify_image(detokenize_image(o))
         # image -> caption: <bos> <boi> image <eoi>  => caption words up to "."
         p = torch.tensor([[BOS, BOI] + list(tokenize_image(e["image"])) + [EOI] for e in ex])
-        cap_pred = [parse_caption(o) for o in generate_fn(p, 14).cpu().numpy()]
+        cap_pred = [parse_caption(o) for o in generate_fn(p, 14, 0.0).cpu().numpy()]
         return dict(gen_image_acc=attribute_accuracy(img_pred, truth), gen_image_chance=shuffled_chance(img_pred, truth),
                     caption_acc=attribute_accuracy(cap_pred, truth), caption_chance=shuffled_chance(cap_pred, truth))
 

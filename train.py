@@ -296,7 +296,8 @@ def generation_metrics(model, ds, tc):
             m = model.gen_metrics(ds)
         elif hasattr(model, "generate") and hasattr(ds, "eval_generation"):
             dev = next(model.parameters()).device
-            m = ds.eval_generation(lambda p, n: model.generate(p.to(dev), n)[:, p.shape[1]:], n=tc.gen_n)
+            m = ds.eval_generation(lambda p, n, temp: model.generate(p.to(dev), n, temperature=temp)[:, p.shape[1]:],
+                                   n=tc.gen_n)
         else:
             m = {}
     model.train()

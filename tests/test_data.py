@@ -75,7 +75,7 @@ def test_eval_generation_scores_an_oracle_and_a_fool():
     ex = {tuple(e["caption"]): e for e in ds.scenes(16)}
     images = {tuple(data.tokenize_image(e["image"])): e for e in ds.scenes(16)}
 
-    def oracle(prompt, n):  # knows the world: draws the captioned scene, or captions the shown image
+    def oracle(prompt, n, temperature):  # knows the world: draws the captioned scene, or captions the shown image
         out = []
         for p in prompt.tolist():
             if p[-1] == data.BOI:
@@ -87,7 +87,7 @@ def test_eval_generation_scores_an_oracle_and_a_fool():
 
     m = ds.eval_generation(oracle, n=16)
     assert m["caption_acc"] == 1.0 and m["gen_image_acc"] > 0.8 and m["gen_image_chance"] < 0.5
-    fool = ds.eval_generation(lambda p, n: torch.full((p.shape[0], n), data.SEP), n=16)
+    fool = ds.eval_generation(lambda p, n, t: torch.full((p.shape[0], n), data.SEP), n=16)
     assert fool["caption_acc"] == 0.0 and fool["gen_image_acc"] == 0.0
 
 

@@ -507,6 +507,8 @@ def compare(names, over, base_out):
         train(n, {**per[n], "setting": setting, "out": os.path.join(base_out, n)})
     runs = {n: read_metrics(os.path.join(base_out, n))[1] for n in names}
     keys = [k for k in runs[names[0]][-1] if k.startswith("eval_loss") or k == "eval_bpb"]
+    if "eval_bpb" in keys:  # bytes: one modality, and bpb says it all
+        keys = ["eval_bpb"]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

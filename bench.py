@@ -30,8 +30,8 @@ GPUS = {"H100 SXM": dict(target="sm_90", bw=3.35e12, flops=790e12), "A100": dict
 
 # ------------------------------------------------------------------------------------------------ models (lead)
 
-DEFAULT_MODELS = ("dense", "mot", "mamba", "mom", "moma", "transfusion", "transfusion-mot", "megabyte", "blt",
-                  "megalodon")
+DEFAULT_MODELS = ("dense", "mot", "mamba", "mom", "moma", "transfusion", "transfusion-mot", "dense@bytes", "megabyte",
+                  "blt", "megalodon")  # NAME@SETTING runs a model on another setting than its default
 
 
 def matmul_peak(device, n=1024, reps=10):
@@ -75,7 +75,8 @@ def bench_one(name, device, reps, scale_tokens):
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    model, cfg, tc, ds = train.build(name, device=device, overrides=BENCH_OVERRIDES.get(name))
+    name, _, setting = name.partition("@")
+    model, cfg, tc, ds = train.build(name, setting or None, device=device, overrides=BENCH_OVERRIDES.get(name))
     batch = train.to(ds.get_batch("train", tc.batch_size, 0), device)
     fpt = train.count_flops(model, batch)
     s = _step_time(model, batch, reps, device)
@@ -87,7 +88,7 @@ def bench_one(name, device, reps, scale_tokens):
                flops_per_token=fpt, flops_s=fpt * tokens / s, scaling={})
     base = tc.seq_len if tc.setting != "bytes" else tc.seq_len // 2   # 256..2048 tokens; 1024..8192 bytes
     for L in (base, 2 * base, 4 * base, 8 * base):  # time per token as the sequence length doubles
-        model, cfg, tc2, ds = train.build(name, device=device, overrides=BENCH_OVERRIDES.get(name),
+        model, cfg, tc2, ds = train.build(name, setting or None, device=device, overrides=BENCH_OVERRIDES.get(name),
                                           train_overrides=dict(seq_len=L))
         b = max(1, scale_tokens // L)
         out["scaling"][L] = 1e6 * _step_time(model, train.to(ds.get_batch("train", b, 0), device), max(2, reps // 2),
@@ -100,7 +101,7 @@ def bench_models(args):
     import train
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     reg = train.registry()
-    names = args.models if args.models else [n for n in DEFAULT_MODELS if n in reg]
+    names = args.models if args.models else [n for n in DEFAULT_MODELS if n.partition("@")[0] in reg]
     peak = matmul_peak(device)
     rows = []
     for n in names:  # each model in its own process, so that its peak memory is its own

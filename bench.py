@@ -96,6 +96,33 @@ def bench_one(name, device, reps, scale_tokens):
     return out
 
 
+# The sizes at which other implementations were timed on these CPUs (batch 8 x 256, fwd + bwd): what a user gets elsewhere.
+PEERS = (  # (label, model, setting, Config overrides, the peer's figure)
+    ("Transformer d128 x 4", "dense", "chameleon", dict(d_model=128, n_layer=4), "93 ms/step"),
+    ("Mamba d128 x 4", "mamba", "chameleon", dict(d_model=128, n_layer=4), "mamba.py 23x, HF CPU path 350x the Transformer"),
+    ("MEGABYTE", "megabyte", "bytes", dict(), "MEGABYTE-pytorch 14.7k tokens/s at 2.3M"),
+    ("Megalodon d128 x 2", "megalodon", "bytes", dict(d_model=128, n_layers=2, z_dim=32, v_dim=256, ffn_dim=256,
+                                                     norm_groups=16, chunk_size=256), "megalodon-hf 10.5k tokens/s at 0.5M"),
+)
+
+
+def bench_peers(args):
+    """Our models at the peers' sizes, batch 8 x 256, fwd + bwd + AdamW (median step)."""
+    import train
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    rows, base = [], None
+    for label, name, setting, over, peer in PEERS:
+        model, cfg, tc, ds = train.build(name, setting, overrides=over, device=device, train_overrides=dict(seq_len=256))
+        s = _step_time(model, train.to(ds.get_batch("train", 8, 0), device), args.reps, device)
+        base = base or s
+        r = dict(label=label, params=sum(p.numel() for p in model.parameters()), ms_step=1000 * s,
+                 tokens_s=8 * 256 / s, x_transformer=s / base, peer=peer)
+        rows.append(r)
+        print(f"  {label:22s} {r['params'] / 1e6:5.2f}M {r['ms_step']:8.1f} ms/step {r['tokens_s']:9,.0f} tokens/s "
+              f"{r['x_transformer']:5.2f}x the Transformer   peer: {peer}")
+    return rows
+
+
 def bench_models(args):
     import subprocess
     import train
@@ -377,6 +404,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="*", default=None, help="model names to benchmark (default mode)")
     ap.add_argument("--kernels", action="store_true", help="kernel benchmarks")
     ap.add_argument("--static", action="store_true", help="static GPU resource report (no GPU needed)")
+    ap.add_argument("--peers", action="store_true", help="our models at the sizes other implementations were timed at")
     ap.add_argument("--reps", type=int, default=5, help="timing repetitions (the minimum is reported)")
     ap.add_argument("--out", default="bench.json", help="JSON file the results are merged into")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (model benchmarks)")
@@ -396,7 +424,10 @@ def main(argv=None):
     if args.static:
         print("== static ==")
         results["static"] = bench_static(args)
-    if not (args.kernels or args.static) or args.models is not None:
+    if args.peers:
+        print("== peers (batch 8 x 256) ==")
+        results["peers"] = bench_peers(args)
+    if not (args.kernels or args.static or args.peers) or args.models is not None:
         print("== models ==")
         results["models"] = bench_models(args)
     with open(args.out, "w") as f:

@@ -243,14 +243,15 @@ def load_ckpt(path):
 
 
 def rng_state():
-    return dict(torch=torch.get_rng_state(), python=repr(random.getstate()),
+    return dict(torch=torch.get_rng_state(), python=json.dumps(random.getstate()),
                 numpy=json.dumps([x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()]),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    random.setstate(eval(s["python"]))  # a repr of tuples of ints, written by rng_state above
+    version, state, gauss = json.loads(s["python"])
+    random.setstate((version, tuple(state), gauss))
     st = json.loads(s["numpy"])
     np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
     if s["cuda"] and torch.cuda.is_available():
@@ -404,8 +405,6 @@ def train(name, over, resume=False, quiet=False):
     model.train()
     while step < tc.steps:
         t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
         parts_sum, loss_sum = {}, 0.0
         for m in range(accum):
             batch = to(ds.get_batch("train", micro, step * accum + m, rank, world), dev)

@@ -650,7 +650,7 @@ def plot_patches(model, tokens, path, n=96):
 def plot_bytes_compare(base, path="docs/blt_bytes.png"):
     """The toy reproduction figure from finished runs under `base` (train.py outputs): dense/, megabyte/, blt/ and
     any blt_ps*/ (BLT at other patch sizes).  Left: eval bpb vs training FLOPs.  Middle: final eval bpb vs inference
-    FLOPs per byte (train.count_flops(..., backward=False) on a val batch, the trained threshold loaded).  Right:
+    FLOPs per byte (train.count_flops(..., backward=False) on 4 val batches, the trained threshold loaded).  Right:
     BLT's mean patch size on the data's random / caption / predictable stretches.  Returns the numbers it plots."""
     import json
     import matplotlib
@@ -667,11 +667,13 @@ def plot_bytes_compare(base, path="docs/blt_bytes.png"):
         model, _, _, ds = train.build(conf["model"], conf["setting"], mcfg)
         ck = os.path.join(out, "ckpt.pt")
         if os.path.isfile(ck):
-            model.load_state_dict(torch.load(ck, map_location="cpu", weights_only=False)["model"])
-        b = ds.get_batch("val", 4, 0)
-        res[d] = dict(model=conf["model"], curve=[(r["flops"], r["eval_bpb"]) for r in ev], bpb=ev[-1]["eval_bpb"],
-                      infer_flops_per_byte=train.count_flops(model, b, backward=False),
-                      train_flops_per_byte=train.count_flops(model, b),
+            model.load_state_dict(torch.load(ck, map_location="cpu", weights_only=True)["model"])
+        # the trainer's FLOPs method on 4 batches; training curves re-counted with it, so every run is counted alike
+        fpt = train.count_flops(model, [ds.get_batch("train", 4, i) for i in range(4)])
+        res[d] = dict(model=conf["model"], curve=[(r["tokens"] * fpt, r["eval_bpb"]) for r in ev], bpb=ev[-1]["eval_bpb"],
+                      infer_flops_per_byte=train.count_flops(model, [ds.get_batch("val", 4, i) for i in range(4)],
+                                                             backward=False),
+                      train_flops_per_byte=fpt,
                       **{k[5:]: v for k, v in ev[-1].items() if k.startswith("eval_patch_size")})
     if "dense" in res:            # the issue's goal: training FLOPs to reach the byte Transformer's final bpb
         total, target = res["dense"]["curve"][-1][0], res["dense"]["bpb"]

@@ -38,31 +38,18 @@ def matmul_peak(device, n=1024, reps=10):
     """FLOP/s of a large fp32 (bf16 on CUDA) matmul on this device, measured now: the MFU denominator."""
     dt = torch.bfloat16 if device.startswith("cuda") else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
-    times = []
-    for _ in range(reps + 2):
-        t = _now(device)
-        a @ b
-        times.append(_now(device) - t)
-    return 2 * n ** 3 / statistics.median(times[2:])
-
-
-def _now(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter()
+    return 2 * n ** 3 / timeit(lambda: a @ b, reps, 2, device, statistics.median)
 
 
 def _step_time(model, batch, reps, device):
     """Median seconds of a forward + backward + AdamW step, after 2 warm-up steps."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    times = []
-    for i in range(reps + 2):
-        t = _now(device)
+
+    def step():
         model(batch)[1].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(_now(device) - t)
-    return statistics.median(times[2:])
+    return timeit(step, reps, 2, device, statistics.median)
 
 
 BENCH_OVERRIDES = {"blt": dict(patching="space")}  # blt's default entropy patching needs a trained entropy model
@@ -158,19 +145,20 @@ def bench_models(args):
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def timeit(fn, reps=5, warmup=1, device="cpu"):
-    """Minimum wall time of fn() over reps (after warmup), seconds; synchronises CUDA around each call."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def timeit(fn, reps=5, warmup=1, device="cpu", stat=min):
+    """stat (minimum, or e.g. statistics.median) of fn()'s wall time over reps after warmup, in seconds;
+    synchronises CUDA around each call."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         fn()
-    best = float("inf")
+    times = []
     for _ in range(reps):
         sync()
         t = time.perf_counter()
         fn()
         sync()
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return stat(times)
 
 
 def fwd_bwd(f, inputs):

@@ -582,6 +582,7 @@ def report(base_out, docs="docs"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from train import flops_to_reach as reach  # only for this reporting helper, never at import
     runs, plotted = {}, ("dense", "mot", "moma", "moma-mod", "moma-ec8", "moma-upcycled")
     names = plotted + tuple(sorted(set(os.listdir(base_out)) - set(plotted)))  # other runs: table only
     for n in names:
@@ -594,16 +595,6 @@ def report(base_out, docs="docs"):
                 runs[n] = [dict(r, flops=r["flops"] + prev[-1]["flops"]) for r in runs[n]]
     if "dense" not in runs:
         raise ValueError(f"no {base_out}/dense/metrics.jsonl; run python train.py --compare dense,mot,moma first")
-
-    def reach(ev, key, target):  # first FLOPs at which the eval curve reaches target (linear interpolation)
-        prev = None
-        for r in ev:
-            if key in r and r[key] <= target:
-                if prev is None:
-                    return r["flops"]
-                return prev["flops"] + (prev[key] - target) / (prev[key] - r[key]) * (r["flops"] - prev["flops"])
-            prev = r if key in r else prev
-        return None
 
     dense, keys = runs["dense"], ("eval_loss", "eval_loss_text", "eval_loss_image")
     seed = json.load(open(os.path.join(base_out, "dense", "config.json")))["train"]["seed"]

@@ -149,8 +149,6 @@ def build(name, setting=None, overrides=None, data_file=None, device="cpu", trai
         if not getattr(tc, k):
             setattr(tc, k, v)
     data_file = data_file or tc.data or None
-    if data_file is not None and not os.path.isfile(data_file):
-        raise UsageError(f"--data {data_file}: no such file; give the path of a local text file")
     try:
         ds = data.make_data(tc.setting, seq_len=tc.seq_len, seed=tc.seed, data_file=data_file)
     except ValueError as e:

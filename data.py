@@ -7,20 +7,29 @@ seed, and turned into documents that interleave modalities in both orders:
     caption -> image   ("a large red circle in the top left ." <boi> img img ... <eoi>)   generation
     image -> caption   (<boi> img img ... <eoi> "the circle is red and large , top left .")  captioning
 
+and, as in Chameleon's data mix, text-only documents: text in a made-up language (a fixed random second-order
+Markov chain over the same words, see `language()`), with statistics of its own that no image shares.
+
 The settings (what `make_data(setting)` returns):
-    chameleon    text tokens + discrete image tokens (a fixed toy image tokenizer: a k-means codebook of 4x4 patches)
+    chameleon    text tokens + discrete image tokens (a fixed toy image tokenizer: a k-means codebook of 4x4 patches);
+                 30% of the document slots are text-only documents
     speech       the same + a third modality: discrete "speech" codes tied to the caption's words
                  (each word has a fixed pronunciation of 2-4 codes; durations jitter, 8% of codes are noise)
-    transfusion  text tokens + images as 16 continuous 4x4x3 patches in [-1, 1] (no image token ids)
-    text         the text-only stream of the same world (captions only), e.g. to pretrain LMFusion's text model
+    transfusion  text tokens + images as 16 continuous 4x4x3 patches in [-1, 1] (no image token ids); pairs only
+    text         the text-only stream of the transfusion setting (captions only), e.g. to pretrain LMFusion's text model
     bytes        a byte stream of captions, unpredictable stretches (random characters) and predictable ones
                  (a phrase repeated, counting); `data_file=PATH` reads any local text file instead
 
 Why it looks like this (what the papers need to show up at toy scale): image tokens and text tokens have
 disjoint vocabularies and very different statistics (what modality-specific weights exploit); captions and
 images depend on each other (cross-modal learning can be measured, and generations scored); images carry
-jitter, background colour and pixel noise so that the model, not the data, is the limit; bytes mix stretches
-of very different predictability (what dynamic patching has to find).
+jitter and one of four background colours but no pixel noise (noise no model can predict only lifts the loss
+floor: with it, 2.0 of the 2.1 nats per image token were noise, and every model sat on that floor); bytes mix
+stretches of very different predictability (what dynamic patching has to find).
+Why text-only documents (MoT, issue #4): when every text token is a caption, text and image carry the same
+information, and a dense model's shared weights are the better deal -- the circuits that read one modality from
+the other are learned once. Per-modality weights pay off when each modality also has much of its own to model,
+as in real data; the text-only share gives the text side that.
 
 Token ids (shared by all settings except bytes); modality m owns ids [modality_offsets[m], modality_offsets[m+1]):
     text    0 <pad>  1 <bos>  2 <boi>  3 <eoi>  4 <bosp>  5 <eosp>  6 "."  then words      -> ids [0, 64)
@@ -41,6 +50,8 @@ import numpy as np
 import torch
 
 SETTINGS = ("chameleon", "speech", "transfusion", "text", "bytes")
+# P(the next document slot is a text-only document) per setting; see the module docstring for why
+TEXT_DOCS = {"chameleon": 0.3, "speech": 0.3, "transfusion": 0.0, "text": 0.0}
 TEXT, IMAGE, SPEECH = 0, 1, 2
 
 # --- the world: attributes, words, grammar -------------------------------------------------------------------
@@ -73,9 +84,13 @@ OFFSETS = (0, N_TEXT, N_TEXT + N_CODES)         # first id of text, image, speec
 assert len(WORDS) <= N_TEXT
 
 
-def render(scene, rng=None, noise=0.06, jitter=(0, 0)):
+BACKGROUNDS = ((0.05, 0.05, 0.05), (0.05, 0.05, 0.3), (0.05, 0.28, 0.08), (0.3, 0.15, 0.05))  # dark: never foreground
+
+
+def render(scene, rng=None, noise=0.0, jitter=(0, 0)):
     """scene = (shape, colour, size, position) indices -> image (3, 16, 16) float32 in [0, 1].
-    With rng: the object jitters by up to 1 pixel, the background is a random dark colour, pixels get noise."""
+    With rng: the object jitters by up to 1 pixel and the background is one of 4 dark colours; `noise` adds
+    Gaussian pixel noise (off in the world: noise the model cannot predict only raises the loss floor)."""
     shape, colour, size, pos = scene
     jy, jx = (rng.integers(-1, 2, size=2) if rng is not None else jitter)
     cy, cx = 3.5 + 8 * (pos // 2) + jy, 3.5 + 8 * (pos % 2) + jx
@@ -86,9 +101,9 @@ def render(scene, rng=None, noise=0.06, jitter=(0, 0)):
             "square": np.maximum(abs(dy), abs(dx)) <= 0.85 * r,
             "triangle": (dy <= 0.8 * r) & (dy >= -r) & (abs(dx) <= (dy + r) * 0.55),
             "cross": ((abs(dx) <= r / 3) & (abs(dy) <= r)) | ((abs(dy) <= r / 3) & (abs(dx) <= r))}[SHAPES[shape]]
-    bg = rng.uniform(0.0, 0.3, size=3) if rng is not None else np.full(3, 0.15)
+    bg = np.array(BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]) if rng is not None else np.full(3, 0.15)
     img = np.where(mask[None], np.array(RGB[COLOURS[colour]])[:, None, None], bg[:, None, None])
-    if rng is not None:
+    if rng is not None and noise > 0:
         img = img + rng.normal(0.0, noise, size=img.shape)
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
@@ -150,6 +165,27 @@ def pronunciations():
     """Each word's fixed speech pronunciation: 2-4 codes out of 128 (seeded, the same for every run)."""
     rng = np.random.default_rng(777)
     return {w: rng.integers(0, N_SPEECH, size=int(rng.integers(2, 5))) for w in WORDS[len(SPECIALS):]}
+
+
+@functools.lru_cache(maxsize=None)
+def language():
+    """The text-only documents' made-up language: a fixed random second-order Markov chain over the caption words.
+    Every word pair (w1, w2) allows 3 next words, with probabilities 0.7 / 0.2 / 0.1 (entropy floor 0.80 nats).
+    -> (n, n, 3) word ids, n = number of non-special words (seeded, the same for every run)."""
+    rng = np.random.default_rng(4242)
+    n = len(WORDS) - len(SPECIALS)
+    return rng.integers(0, n, size=(n, n, 3)) + len(SPECIALS)
+
+
+def story(rng, n_words):
+    """A text-only document of n_words words of language(), ended by "."."""
+    nxt, k0 = language(), len(SPECIALS)
+    a, b = (int(x) for x in rng.integers(k0, len(WORDS), size=2))
+    out = [a, b]
+    for _ in range(n_words - 2):
+        a, b = b, int(nxt[a - k0, b - k0, rng.choice(3, p=(0.7, 0.2, 0.1))])
+        out.append(b)
+    return out + [SEP]
 
 
 def caption_words(scene, rng):
@@ -236,6 +272,7 @@ class ToyWorld:
 
     def __init__(self, setting, seq_len, seed):
         self.setting, self.seq_len, self.seed = setting, seq_len, seed
+        self.text_docs = TEXT_DOCS[setting]
         self.n_modalities = {"chameleon": 2, "transfusion": 2, "speech": 3, "text": 1}[setting]
         self.vocab_size = {"chameleon": OFFSETS[2], "transfusion": N_TEXT, "speech": OFFSETS[2] + N_SPEECH,
                            "text": N_TEXT}[setting]
@@ -276,6 +313,10 @@ class ToyWorld:
         while len(tok) < T:
             if rng.random() < 0.12:  # a new document
                 tok.append(BOS); mod.append(TEXT); img_idx.append(-1); img_first.append(False)
+            if self.text_docs and rng.random() < self.text_docs:  # a text-only document (its own statistics; no image to read)
+                x = story(rng, int(rng.integers(16, 48)))
+                tok += x; mod += [TEXT] * len(x); img_idx += [-1] * len(x); img_first += [False] * len(x)
+                continue
             segs = self._pair(rng)
             kinds = [k for k, _ in segs]
             first = kinds.index("patches") < kinds.index("text") if "patches" in kinds else False

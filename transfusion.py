@@ -100,6 +100,7 @@ class Config:
     n_head: int = 4
     d_model: int = 64
     norm_placement: str = "pre"         # pre-norm, as the paper's Llama-2 blocks | post (Chameleon / MoT's default)
+    qk_norm: bool = False               # RMSNorm on queries and keys per head (Chameleon's fix for logit growth)
     # Sec. 3.2: patch encoder/decoder (Sec. 4 compares linear vs U-Net)
     patch_codec: str = "linear"         # linear | unet (the paper's better codec; slower on CPU, see README)
     unet_channels: int = 16             # U-Net width at full resolution (x2 after the down block)
@@ -295,7 +296,7 @@ def _build_backbone(cfg):
         untie = cfg.backbone == "mot"
         bc = mot.Config(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, modality_offsets=offsets,
                         seq_len=cfg.seq_len, n_layer=cfg.n_layer,
-                        n_head=cfg.n_head, d_model=cfg.d_model, norm_placement=cfg.norm_placement,
+                        n_head=cfg.n_head, d_model=cfg.d_model, norm_placement=cfg.norm_placement, qk_norm=cfg.qk_norm,
                         untie_attn=untie, untie_ffn=untie, untie_norm=untie)
         return mot.Transformer(bc)
     import mom                                   # only needed for the Mamba backbones
@@ -581,8 +582,39 @@ class Transfusion(nn.Module):
         caps = self.generate(idx, 14, patches=pp, image_index=ii)[:, n_pre:]
         cap_acc, cap_chance = ds.score_captions(caps.cpu().numpy(), truth)
         out = dict(gen_image_acc=gen_acc, gen_image_chance=gen_chance, caption_acc=cap_acc, caption_chance=cap_chance)
+        out.update(self.caption_dependence(ex))
         out.update(self.loss_by_t(ds.get_batch("val", 8, 0)))
         return out
+
+    @torch.no_grad()
+    def caption_dependence(self, ex, ts=(700, 900)):
+        """Does the image prediction use its caption? x_0-MSE of "<bos> caption <boi>" + x_t (conditional branch,
+        fixed noise) with the image's own caption and with another scene's caption (captions rolled by one), at a
+        few high t where the caption decides what the image shows. Equal values = the caption is ignored.
+        ex: ds.scenes(n) -> {x0_mse_tXXXX: own caption, x0_mse_tXXXX_wrong: another caption}."""
+        cfg, dev = self.cfg, next(self.parameters()).device
+        was = self.training
+        self.eval()
+        x0 = patchify(torch.stack([torch.as_tensor(e["image"]) for e in ex]).to(dev) * 2 - 1, cfg)
+        caps = [e["caption"] for e in ex]
+        noise = torch.randn(x0.shape, generator=torch.Generator(device=dev).manual_seed(4321), device=dev)
+        res = {}
+        for t in ts:
+            tt = torch.full((len(ex),), t, dtype=torch.long, device=dev)
+            xt = self.diffusion.q_sample(x0, tt, noise)
+            ab = self.diffusion.alpha_bar[t]
+            for name, cc in (("", caps), ("_wrong", caps[1:] + caps[:1])):
+                by_len, se = {}, 0.0
+                for i, c in enumerate(cc):
+                    by_len.setdefault(len(c), []).append(i)
+                for idxs in by_len.values():
+                    prefix = torch.tensor([[cfg.bos_id] + list(cc[i]) + [cfg.boi_id] for i in idxs], device=dev)
+                    eps = self.predict_eps(prefix, xt[idxs], tt[idxs], guidance=1.0)
+                    x0_hat = (xt[idxs] - (1 - ab).sqrt() * eps) / ab.sqrt()
+                    se += float(((x0_hat - x0[idxs]) ** 2).mean(dim=(1, 2)).sum())
+                res[f"x0_mse_t{t:04d}{name}"] = se / len(ex)
+        self.train(was)
+        return res
 
     @torch.no_grad()
     def images_for_captions(self, captions, guidance=None, seed=0):

@@ -355,3 +355,23 @@ def test_mamba_backbones_train_and_sample(backbone):
     assert model.codec.enc.weight.grad.abs().sum() > 0 if model.cfg.patch_codec == "linear" else True
     out = model.generate_image(torch.tensor([[model.cfg.bos_id, 9, model.cfg.boi_id]]), steps=2)
     assert out.shape == (1, model.cfg.n_patches, model.cfg.patch_dim)
+
+
+def test_qk_norm_switch_reaches_the_backbone():
+    model, ds = tiny(qk_norm=True)
+    assert all(b.attn.qk_norm for b in model.backbone.blocks)
+    assert not any(b.attn.qk_norm for b in tiny()[0].backbone.blocks)
+    _, loss, _ = model(ds.get_batch("train", 2, 0))
+    loss.backward()
+    assert model.backbone.blocks[0].attn.q_norm.weight[0].grad.abs().sum() > 0
+
+
+def test_caption_dependence_sees_the_caption_and_is_exact_for_a_fixed_caption():
+    model, ds = tiny()
+    ex = ds.scenes(6)
+    res = model.caption_dependence(ex, ts=(900,))
+    assert set(res) == {"x0_mse_t0900", "x0_mse_t0900_wrong"}
+    assert res["x0_mse_t0900"] != res["x0_mse_t0900_wrong"]         # another caption changes the prediction
+    same = [dict(e, caption=ex[0]["caption"]) for e in ex]          # all captions equal: rolling changes nothing
+    res = model.caption_dependence(same, ts=(900,))
+    assert res["x0_mse_t0900"] == pytest.approx(res["x0_mse_t0900_wrong"], abs=1e-6)

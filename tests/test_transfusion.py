@@ -375,3 +375,17 @@ def test_caption_dependence_sees_the_caption_and_is_exact_for_a_fixed_caption():
     same = [dict(e, caption=ex[0]["caption"]) for e in ex]          # all captions equal: rolling changes nothing
     res = model.caption_dependence(same, ts=(900,))
     assert res["x0_mse_t0900"] == pytest.approx(res["x0_mse_t0900_wrong"], abs=1e-6)
+
+
+def test_trunc_snr_weights_training_only_and_never_below_one():
+    losses = {}
+    for lw in ("uniform", "trunc_snr"):
+        model, ds = tiny(loss_weight=lw, cond_dropout=0.0)
+        b = ds.get_batch("train", 2, 0)
+        torch.manual_seed(1)
+        model.train()
+        tr = model(b)[2]["loss_image"].item()
+        model.eval()
+        losses[lw] = (tr, model(b)[2]["loss_image"].item())
+    assert losses["trunc_snr"][0] > losses["uniform"][0]             # w = max(SNR, 1) / SNR >= 1, > 1 for t > 500
+    assert losses["trunc_snr"][1] == pytest.approx(losses["uniform"][1])   # eval: the plain eps-MSE

@@ -44,8 +44,9 @@ Where this departs from the paper, and why:
     head changes. Why: at toy scale a plain eps head is ~0.01 off at t near T, and x_0 = (x_t - sqrt(1-ab) eps) /
     sqrt(ab) multiplies that by up to 1/sqrt(ab) ~ 30-30000, so samples came out as saturated colour noise.
   * each patch gets a learned embedding of its place in the image (cfg.patch_pos_emb), beside RoPE.
-  * the default codec is linear (cfg.patch_codec = "unet" is the paper's better one: ~2x slower per step on CPU,
-    and in our 600-step runs it captioned worse; see the README).
+  * the default codec is linear (cfg.patch_codec = "unet" is the paper's better one, ~1.4x slower per step on CPU):
+    the U-Net's eval diffusion loss is far lower (0.024 vs 0.061 at 2000 steps) but its images never used the
+    caption within 2000 steps (x_0-MSE with own = another caption), while the linear codec's began to at ~1500.
   * sampling defaults to 50 DDIM steps (paper: 250 DDPM-family steps) to keep CPU evaluation fast;
     cfg.sampler = "ddpm" and cfg.sample_steps = 250 give the paper's setting.
   * the per-image eps-MSE is reweighted over t in training by default: cfg.loss_weight = "trunc_snr" (truncated SNR,
@@ -62,10 +63,12 @@ Status at toy scale (README): image -> caption is learned; caption -> image is N
 samples are plausible scenes that ignore their caption (gen_image_acc at chance; x_0-MSE the same with the right or a
 wrong caption). Why (measured): the patches attend to their own image (88-94% of their attention at t = 900, 0.3% on
 their caption): the low-t denoising, the LM and the image-first captioning losses all train that pattern first, and
-the caption path only appears after ~1500 steps (with trunc_snr). Not fixed by a 4x larger model, QK-norm
+the caption path only appears after ~1500 steps (with trunc_snr). Not fixed by a d_model = 128, 4-layer model, QK-norm
 (cfg.qk_norm), 8 heads, lambda = 20, smaller patch/timestep embeddings, or training every caption-first image at
-t >= 500; an isolated caption -> image task with the same model learns it in ~400 steps. MoT reaches the dense final image loss at 67% of the FLOPs; LMFusion keeps its text model exactly
-(text-only loss unchanged) but trails Transfusion-from-scratch at equal FLOPs here (the paper reports the reverse).
+t >= 500, or the U-Net codec; an isolated caption -> image task with the same model learns it in ~400 steps.
+MoT reaches the dense final image loss at 81% of the FLOPs (73% with the paper's uniform loss weight); LMFusion keeps
+its text model exactly (text-only loss unchanged) but trails Transfusion-MoT from scratch at equal FLOPs here (the
+paper reports the reverse).
 
 Run:   python train.py --model transfusion                         (dense, default setting "transfusion")
        python train.py --model transfusion --patch_codec=unet --eps_param=direct    (the paper's choices)

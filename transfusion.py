@@ -49,29 +49,25 @@ Where this departs from the paper, and why:
     caption within 2000 steps (x_0-MSE with own = another caption), while the linear codec's began to at ~1500.
   * sampling defaults to 50 DDIM steps (paper: 250 DDPM-family steps) to keep CPU evaluation fast;
     cfg.sampler = "ddpm" and cfg.sample_steps = 250 give the paper's setting.
-  * the per-image eps-MSE is reweighted over t in training by default: cfg.loss_weight = "trunc_snr" (truncated SNR,
-    Salimans & Ho 2022: w = max(SNR, 1) / SNR, i.e. eps-MSE for t < 500 and x_0-MSE above); "uniform" is the paper's
-    plain eps-MSE, "min_snr" is Min-SNR-5. Eval losses stay the plain eps-MSE. Why: at high t, where the caption
-    decides what the image shows, eps ~ x_t and the plain eps-MSE of a wrong x_0 is ~SNR (0.02 at t = 900) times
-    its x_0-MSE, so the caption earns almost no loss. Measured (eval metric x0_mse_t0900 vs x0_mse_t0900_wrong, own
-    vs another scene's caption): with "uniform" the two are equal to 4 decimals after 600 AND after 2000 steps
-    (no conditioning at all); with "trunc_snr" they separate after ~1500 steps (x_0-MSE at t = 800: 0.099 vs 0.111
-    at 2000 steps; gen_image_acc 0.44 vs chance 0.27). At the default 600 steps neither conditions (README).
+  * training reweights the per-image eps-MSE over t: cfg.loss_weight = "trunc_snr" (Salimans & Ho 2022, w =
+    max(SNR, 1) / SNR: eps-MSE below t = 500, x_0-MSE above; "uniform" = the paper, "min_snr" = Min-SNR-5; eval losses
+    stay plain eps-MSE). Why: at high t, where the caption decides the image, the eps-MSE of a wrong x_0 is ~SNR
+    (0.02 at t = 900) times its x_0-MSE. Measured with the eval metrics x0_mse_t0900 (own caption) vs ..._wrong
+    (another scene's): "uniform" leaves them equal to 4 decimals after 600 and 2000 steps; "trunc_snr" separates them
+    after ~1500 steps (gen_image_acc 0.44 vs chance 0.27 at 2000). Neither conditions in 600 steps.
   * a partial image at the end of a packed row (data.py truncates) gets a diffusion loss on its present patches.
 Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics (a pixel scorer stands in).
-Status at toy scale (README): image -> caption is learned; caption -> image is NOT at the trainer's 600 steps:
-samples are plausible scenes that ignore their caption (gen_image_acc at chance; x_0-MSE the same with the right or a
-wrong caption). Why (measured): the patches attend to their own image (88-94% of their attention at t = 900, 0.3% on
-their caption): the low-t denoising, the LM and the image-first captioning losses all train that pattern first, and
-the caption path only appears after ~1500 steps (with trunc_snr). Not fixed by a d_model = 128, 4-layer model, QK-norm
-(cfg.qk_norm), 8 heads, lambda = 20, smaller patch/timestep embeddings, or training every caption-first image at
-t >= 500, or the U-Net codec; an isolated caption -> image task with the same model learns it in ~400 steps.
-MoT reaches the dense final image loss at 81% of the FLOPs (73% with the paper's uniform loss weight); LMFusion keeps
-its text model exactly (text-only loss unchanged) but trails Transfusion-MoT from scratch at equal FLOPs here (the
-paper reports the reverse).
+Status at toy scale (README): image -> caption is learned; caption -> image is NOT in the trainer's 600 steps
+(gen_image_acc at chance, x_0-MSE the same with the right or a wrong caption). Measured why: the patches attend to
+their own image (88-94% of their attention at t = 900, 0.3% on their caption), the pattern that low-t denoising, the
+LM and captioning train first; the caption path appears after ~1500 steps (trunc_snr). Not fixed at 600 steps by
+d_model 128 x 4 layers, qk_norm, 8 heads, lambda 20, smaller patch embeddings, caption-first images all at t >= 500,
+or the U-Net; the caption -> image task alone (same model) is learned in ~400 steps. MoT reaches the dense final
+image loss at 81% of the FLOPs (73% with uniform loss weight); LMFusion keeps its text model exactly but trails
+Transfusion-MoT from scratch at equal FLOPs (the paper reports the reverse).
 
 Run:   python train.py --model transfusion                         (dense, default setting "transfusion")
-       python train.py --model transfusion --patch_codec=unet --eps_param=direct    (the paper's choices)
+       python train.py --model transfusion --patch_codec=unet --eps_param=direct --loss_weight=uniform
        python train.py --compare transfusion,transfusion-mot       (MoT backbone vs dense at equal FLOPs)
        python train.py --model lmfusion-base                       (text-only LM on data.py's "text" stream)
        python train.py --model lmfusion --lmfusion=out/lmfusion-base/ckpt.pt
@@ -600,10 +596,8 @@ class Transfusion(nn.Module):
 
     @torch.no_grad()
     def caption_dependence(self, ex, ts=(700, 900)):
-        """Does the image prediction use its caption? x_0-MSE of "<bos> caption <boi>" + x_t (conditional branch,
-        fixed noise) with the image's own caption and with another scene's caption (captions rolled by one), at a
-        few high t where the caption decides what the image shows. Equal values = the caption is ignored.
-        ex: ds.scenes(n) -> {x0_mse_tXXXX: own caption, x0_mse_tXXXX_wrong: another caption}."""
+        """Does the image use its caption? ex: ds.scenes(n) -> {x0_mse_tXXXX, x0_mse_tXXXX_wrong}: x_0-MSE of the
+        conditional branch (fixed noise) with each image's own caption / another scene's, at high t. Equal = ignored."""
         cfg, dev = self.cfg, next(self.parameters()).device
         was = self.training
         self.eval()

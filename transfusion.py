@@ -58,9 +58,9 @@ Where this departs from the paper, and why:
   * a partial image at the end of a packed row (data.py truncates) gets a diffusion loss on its present patches.
 Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics (a pixel scorer stands in).
 Status at toy scale (README): image -> caption is learned; caption -> image is NOT in the trainer's 600 steps
-(gen_image_acc at chance, x_0-MSE the same with the right or a wrong caption). Measured why: the patches attend to
-their own image (88-94% of their attention at t = 900, 0.3% on their caption), the pattern that low-t denoising, the
-LM and captioning train first; the caption path appears after ~1500 steps (trunc_snr). Not fixed at 600 steps by
+(gen_image_acc at chance, x_0-MSE the same with the right or a wrong caption). Measured: at t = 900 the patches
+give their caption 4-10% of their attention (own image 24-75%, earlier images and text the rest), but what they read
+there does not depend on the words; the caption path appears only after ~1500 steps (trunc_snr). Not fixed at 600 by
 d_model 128 x 4 layers, qk_norm, 8 heads, lambda 20, smaller patch embeddings, caption-first images all at t >= 500,
 or the U-Net; the caption -> image task alone (same model) is learned in ~400 steps. MoT reaches the dense final
 image loss at 81% of the FLOPs (73% with uniform loss weight); LMFusion keeps its text model exactly but trails

@@ -57,7 +57,7 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 50
+    eval_every: int = 0        # 0 = every max(50, steps // 16) steps
     eval_batches: int = 4
     ckpt_every: int = 100
     log_every: int = 10
@@ -69,7 +69,7 @@ class TrainConfig:
 SETTING_DEFAULTS = {
     "chameleon":   dict(seq_len=256, batch_size=16, steps=600),
     "speech":      dict(seq_len=256, batch_size=16, steps=600),
-    "transfusion": dict(seq_len=256, batch_size=16, steps=600),
+    "transfusion": dict(seq_len=256, batch_size=16, steps=4000),   # diffusion learns to read the caption late: README
     "text":        dict(seq_len=256, batch_size=16, steps=300),
     "bytes":       dict(seq_len=2048, batch_size=4, steps=400),
 }
@@ -148,6 +148,7 @@ def build(name, setting=None, overrides=None, data_file=None, device="cpu", trai
     for k, v in SETTING_DEFAULTS[tc.setting].items():
         if not getattr(tc, k):
             setattr(tc, k, v)
+    tc.eval_every = tc.eval_every or max(50, tc.steps // 16)
     data_file = data_file or tc.data or None
     try:
         ds = data.make_data(tc.setting, seq_len=tc.seq_len, seed=tc.seed, data_file=data_file)

@@ -15,7 +15,8 @@ The settings (what `make_data(setting)` returns):
                  30% of the document slots are text-only documents
     speech       the same + a third modality: discrete "speech" codes tied to the caption's words
                  (each word has a fixed pronunciation of 2-4 codes; each code lasts 1 or 2 steps)
-    transfusion  text tokens + images as 16 continuous 4x4x3 patches in [-1, 1] (no image token ids); pairs only
+    transfusion  text tokens + images as 16 continuous 4x4x3 patches in [-1, 1] (no image token ids); pairs only,
+                 the caption first 80% of the time (as the Transfusion paper orders its pairs)
     text         the text-only stream of the transfusion setting (captions only), e.g. to pretrain LMFusion's text model
     bytes        a byte stream of captions, unpredictable stretches (random characters) and predictable ones
                  (a phrase repeated, counting); `data_file=PATH` reads any local text file instead
@@ -302,7 +303,10 @@ class ToyWorld:
                 segs.append(("image", [BOI] + list(tokenize_image(img)) + [EOI]))
             if self.setting == "speech":
                 segs.append(("speech", [BOSP] + speak(words, rng) + [EOSP]))
-            order = rng.permutation(len(segs))  # both orders: caption->image (generation), image->caption
+            if self.setting == "transfusion":  # Transfusion Sec. 4.1: "ordering the caption first 80% of the time"
+                order = [0, 1] if rng.random() < 0.8 else [1, 0]
+            else:                              # both orders: caption->image (generation), image->caption
+                order = rng.permutation(len(segs))
             segs = [segs[i] for i in order]
         return segs
 

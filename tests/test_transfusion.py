@@ -381,7 +381,7 @@ def test_trunc_snr_weights_training_only_and_never_below_one():
     losses = {}
     for lw in ("uniform", "trunc_snr"):
         model, ds = tiny(loss_weight=lw, cond_dropout=0.0)
-        b = ds.get_batch("train", 2, 0)
+        b = ds.get_batch("train", 8, 0)   # enough images that some draw t > 500
         torch.manual_seed(1)
         model.train()
         tr = model(b)[2]["loss_image"].item()

@@ -57,16 +57,12 @@ Where this departs from the paper, and why:
     after ~1500 steps (gen_image_acc 0.44 vs chance 0.27 at 2000). Neither conditions in 600 steps.
   * a partial image at the end of a packed row (data.py truncates) gets a diffusion loss on its present patches.
 Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics (a pixel scorer stands in).
-Status at toy scale (README): caption -> image is learned late. In 600 steps the caption is ignored (gen_image_acc at
-chance, x_0-MSE the same with the right or a wrong caption: the patches give the caption 4-10% of their attention but
-what they read does not depend on the words); the caption path appears after ~1250-1500 steps with trunc_snr (not in
-2000 with the plain eps-MSE), which is why train.py's transfusion setting trains 4000 steps (~7 min on 2 CPU cores):
-gen_image_acc 0.59 / 0.69 vs chance 0.25 / 0.32 (seeds 0 / 1; colour and rough place follow the caption, shapes do
-not), captions 0.72 / 0.65 vs 0.31 / 0.28 (data.py puts the caption first 80% of the time, as the paper does).
-Not fixed at 600 by d_model 128 x 4 layers, qk_norm, 8 heads, lambda 20, smaller patch embeddings, caption-first images
-all at t >= 500, or the U-Net; the caption -> image task alone (same model) is learned in ~400 steps. At 600 steps MoT
-reaches the dense final image loss at 87% of the FLOPs (81% with the caption first in half the pairs); LMFusion keeps
-its text model exactly but trails Transfusion-MoT from scratch at equal FLOPs (the paper reports the reverse).
+Status at toy scale (README): caption -> image is learned late: in 600 steps the caption is ignored (x_0-MSE the same
+with the right or a wrong caption); the caption path appears after ~1250-1500 steps with trunc_snr, so train.py's
+transfusion setting trains 4000 steps (~7 min on 2 CPU cores): gen_image_acc 0.59 / 0.69 vs chance 0.25 / 0.32
+(seeds 0 / 1; colour and rough place follow the caption, shapes do not), captions 0.72 / 0.65 vs 0.31 / 0.28.
+At 600 steps MoT reaches the dense final image loss at 87% of the FLOPs; LMFusion keeps its text model exactly but
+trails Transfusion-MoT from scratch at equal FLOPs (the paper reports the reverse).
 
 Run:   python train.py --model transfusion                         (dense, default setting "transfusion")
        python train.py --model transfusion --patch_codec=unet --eps_param=direct --loss_weight=uniform
@@ -596,27 +592,29 @@ class Transfusion(nn.Module):
         out.update(self.loss_by_t(ds.get_batch("val", 8, 0)))
         return out
 
+    def _caption_prompts(self, captions):
+        """-> [(indices, prompts "<bos> caption <boi>" (n, Tp) int64)], one batch per caption length."""
+        by_len, dev = {}, next(self.parameters()).device
+        for i, c in enumerate(captions):
+            by_len.setdefault(len(c), []).append(i)
+        return [(idxs, torch.tensor([[self.cfg.bos_id] + list(captions[i]) + [self.cfg.boi_id] for i in idxs],
+                                    device=dev)) for idxs in by_len.values()]
+
     @torch.no_grad()
     def caption_dependence(self, ex, ts=(700, 900)):
         """Does the image use its caption? ex: ds.scenes(n) -> {x0_mse_tXXXX, x0_mse_tXXXX_wrong}: x_0-MSE of the
         conditional branch (fixed noise) with each image's own caption / another scene's, at high t. Equal = ignored."""
-        cfg, dev = self.cfg, next(self.parameters()).device
-        was = self.training
+        dev, was, caps, res = next(self.parameters()).device, self.training, [e["caption"] for e in ex], {}
         self.eval()
-        x0 = patchify(torch.stack([torch.as_tensor(e["image"]) for e in ex]).to(dev) * 2 - 1, cfg)
-        caps = [e["caption"] for e in ex]
+        x0 = patchify(torch.stack([torch.as_tensor(e["image"]) for e in ex]).to(dev) * 2 - 1, self.cfg)
         noise = torch.randn(x0.shape, generator=torch.Generator(device=dev).manual_seed(4321), device=dev)
-        res = {}
         for t in ts:
             tt = torch.full((len(ex),), t, dtype=torch.long, device=dev)
             xt = self.diffusion.q_sample(x0, tt, noise)
             ab = self.diffusion.alpha_bar[t]
             for name, cc in (("", caps), ("_wrong", caps[1:] + caps[:1])):
-                by_len, se = {}, 0.0
-                for i, c in enumerate(cc):
-                    by_len.setdefault(len(c), []).append(i)
-                for idxs in by_len.values():
-                    prefix = torch.tensor([[cfg.bos_id] + list(cc[i]) + [cfg.boi_id] for i in idxs], device=dev)
+                se = 0.0
+                for idxs, prefix in self._caption_prompts(cc):
                     eps = self.predict_eps(prefix, xt[idxs], tt[idxs], guidance=1.0)
                     x0_hat = (xt[idxs] - (1 - ab).sqrt() * eps) / ab.sqrt()
                     se += float(((x0_hat - x0[idxs]) ** 2).mean(dim=(1, 2)).sum())
@@ -631,12 +629,8 @@ class Transfusion(nn.Module):
         dev = next(self.parameters()).device
         cfg = self.cfg
         out = [None] * len(captions)
-        by_len = {}
-        for i, c in enumerate(captions):
-            by_len.setdefault(len(c), []).append(i)
         g = torch.Generator(device=dev).manual_seed(seed)
-        for idxs in by_len.values():
-            prefix = torch.tensor([[cfg.bos_id] + list(captions[i]) + [cfg.boi_id] for i in idxs], device=dev)
+        for idxs, prefix in self._caption_prompts(captions):
             p = self.generate_image(prefix, guidance=guidance, generator=g)
             for i, im in zip(idxs, unpatchify(p, cfg)):
                 out[i] = im

@@ -40,10 +40,11 @@ API used by transfusion.py (import mot):
 Toy scale (Config defaults): d_model 64, n_layer 2, pre-norm without QK-norm. The official code's default is
 Chameleon's post-norm reordering (--norm_placement=post); here pre-norm is the default because it makes the DENSE
 baseline much stronger at toy scale (chameleon final image loss 0.72 vs 1.10 after 600 steps), and a sparse model
-must be measured against the strongest baseline of its FLOPs. What the toy shows (README has the runs): MoT's image
-loss gain is consistent (it reaches the dense final image loss at 64-90% of the FLOPs over seeds, settings and
-batch sizes); its text is not better, because at this scale the circuits that text needs -- reading the image for a
-caption, the text-only language's lookup -- form faster in shared weights, which learn them from every token.
+must be measured against the strongest baseline of its FLOPs. What the toy shows (README has the runs): at 1800
+steps (train.py's chameleon default) MoT reaches the dense final image loss at 58-64% of the FLOPs and ends lower on
+text too; at 600 steps the image gain is smaller (73-90%) and text is not better, because the circuits that text needs
+-- reading the image for a caption, the text-only language's lookup -- form sooner in shared weights, which every
+token trains.
 Try: --norm_placement=post, --qk_norm=True, --untie_ffn=False.
 
 Left out: the paper's 7B scale and its data; Transfusion's diffusion head lives in transfusion.py (MoT backbone via

@@ -68,7 +68,7 @@ class TrainConfig:
 # Training defaults per *setting*, never per model: compared models get identical training.
 SETTING_DEFAULTS = {
     "chameleon":   dict(seq_len=256, batch_size=16, steps=1800),  # per-modality weights pay off after ~600: README
-    "speech":      dict(seq_len=256, batch_size=16, steps=600),
+    "speech":      dict(seq_len=256, batch_size=16, steps=1800),
     "transfusion": dict(seq_len=256, batch_size=16, steps=4000),   # diffusion learns to read the caption late: README
     "text":        dict(seq_len=256, batch_size=16, steps=300),
     "bytes":       dict(seq_len=2048, batch_size=4, steps=400),

@@ -67,7 +67,7 @@ class TrainConfig:
 
 # Training defaults per *setting*, never per model: compared models get identical training.
 SETTING_DEFAULTS = {
-    "chameleon":   dict(seq_len=256, batch_size=16, steps=1800),  # per-modality weights pay off after ~600: README
+    "chameleon":   dict(seq_len=256, batch_size=16, steps=1800),  # MoT's gain shows after ~3x 600 steps: README
     "speech":      dict(seq_len=256, batch_size=16, steps=1800),
     "transfusion": dict(seq_len=256, batch_size=16, steps=4000),   # diffusion learns to read the caption late: README
     "text":        dict(seq_len=256, batch_size=16, steps=300),

@@ -115,3 +115,20 @@ def test_data_file(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(ValueError, match="too short"):
         data.make_data("bytes", seq_len=32, data_file=str(tmp_path / "empty.txt"))
+
+
+def test_text_only_documents_follow_the_language_and_transfusion_puts_captions_first():
+    ds = data.make_data("chameleon", seq_len=256)
+    rng = np.random.default_rng(0)
+    nxt, k0 = data.language(), len(data.SPECIALS)
+    for _ in range(20):                                   # every word of a story is one of its pair's 3 successors
+        s = data.story(rng, 30)
+        assert s[-1] == data.SEP and all(c in nxt[a - k0, b - k0] for a, b, c in zip(s, s[1:], s[2:-1]))
+    b = ds.get_batch("train", 8, 0)
+    text_only = (b["modality"] == 0).float().mean()        # 0.44 without stories, 0.56 with them
+    assert text_only > 0.5
+    assert data.make_data("transfusion").text_docs == 0 and ds.text_docs == data.TEXT_DOCS["chameleon"] > 0
+    tf = data.make_data("transfusion", seq_len=256).get_batch("train", 32, 0)
+    first = [bool(tf["image_first"][r][tf["image_index"][r] == g][0]) for r in range(32)
+             for g in set(tf["image_index"][r].tolist()) - {-1}]
+    assert 0.1 < np.mean(first) < 0.3                        # the paper's 80% caption first

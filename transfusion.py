@@ -706,7 +706,12 @@ class Transfusion(nn.Module):
         if not os.path.isfile(path):
             raise ValueError(f"lmfusion={path!r}: no such file; train the text model first: "
                              "python train.py --model lmfusion-base")
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        try:   # weights_only: a checkpoint is tensors and plain types; a pickled object could run code on load
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"lmfusion={path!r} is refused: it is not a checkpoint of tensors and plain types "
+                             f"({type(e).__name__} under weights_only=True); retrain it with "
+                             "python train.py --model lmfusion-base") from None
         sd = ck.get("model", ck) if isinstance(ck, dict) else None
         if not isinstance(sd, dict):
             raise ValueError(f"lmfusion={path!r} is not a train.py checkpoint (a dict with 'model')")

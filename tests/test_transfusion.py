@@ -290,8 +290,10 @@ def test_lmfusion_text_frozen_and_text_logits_unchanged(tmp_path):
         base(text_ds.get_batch("train", 2, i))[1].backward()
         opt.step()
         opt.zero_grad()
-    path = tmp_path / "ckpt.pt"
-    torch.save(dict(model=base.state_dict(), config={}), path)
+    path = tmp_path / "ckpt.pt"                                  # the checkpoint exactly as train.py writes it
+    import train
+    train.save_ckpt(str(path), dict(model=base.state_dict(), optimizer=opt.state_dict(), step=3, time=0.0,
+                                    config=dict(model="lmfusion-base", model_cfg=vars(base_cfg)), rng=train.rng_state()))
 
     cfg, ds = tiny_cfg(backbone="mot", lmfusion=str(path))
     model = tf.Transfusion(cfg)
@@ -318,6 +320,28 @@ def test_lmfusion_text_frozen_and_text_logits_unchanged(tmp_path):
     tb = dict(tb, modality=torch.zeros_like(tb["tokens"]))
     with torch.no_grad():
         assert torch.allclose(model(tb)[0], base(tb)[0], atol=1e-5)
+
+
+class _Payload:
+    """Unpickling this object runs open(marker, "w"): the marker file appears iff pickled code ran."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_lmfusion_refuses_a_checkpoint_with_a_pickled_object(tmp_path):
+    base, _ = tiny(backbone="mot")
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    torch.save(dict(model=base.state_dict(), config={}, extra=_Payload(str(marker))), path)
+    with pytest.raises(ValueError, match="weights_only") as e:
+        tf.Transfusion(tiny_cfg(backbone="mot", lmfusion=str(path))[0])
+    assert "\n" not in str(e.value) and "lmfusion-base" in str(e.value)   # one line, naming the fix
+    assert not marker.exists()                                             # nothing ran
+    torch.load(path, weights_only=False)                                   # the unsafe load would have run it
+    assert marker.exists()
 
 
 def test_lmfusion_errors(tmp_path):

@@ -268,12 +268,16 @@ def load_entropy_model(path, vocab_size):
         raise ValueError(f"entropy patching needs a trained entropy model; {hint}")
     if not os.path.isfile(path):
         raise ValueError(f"entropy_ckpt {path!r} is not a file; {hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:   # tensors and plain types only: a pickled Python object in the file is refused, never run
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         conf = ckpt["config"]
         name, mcfg, state = conf["model"], dict(conf["model_cfg"]), ckpt["model"]
     except Exception as e:   # noqa: BLE001 -- any unreadable file gets the same one-line answer
-        raise ValueError(f"cannot read entropy_ckpt {path!r} ({type(e).__name__}: {e}); {hint}") from None
+        if "Unsupported global" in str(e):
+            raise ValueError(f"entropy_ckpt {path!r} holds pickled Python objects, which are never loaded "
+                             f"(weights_only=True); {hint}") from None
+        raise ValueError(f"cannot read entropy_ckpt {path!r} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}); {hint}") from None
     if name != "blt-entropy":
         raise ValueError(f"entropy_ckpt {path!r} holds model {name!r}, not 'blt-entropy'; {hint}")
     known = {f.name for f in fields(EntropyConfig)}

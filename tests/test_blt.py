@@ -223,6 +223,25 @@ def test_entropy_checkpoint_roundtrip_and_errors(tmp_path):
     BLT(small_cfg(patching="space"))                                # no entropy model needed
 
 
+class _Marker:
+    """Unpickling this object would create a file: proof that code in a checkpoint ran."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_entropy_checkpoint_with_pickled_object_is_refused_and_nothing_runs(tmp_path):
+    ent, marker = entropy_model(), tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    cfg = {"model": "blt-entropy", "model_cfg": vars(ent.cfg), "extra": _Marker(str(marker))}
+    torch.save({"model": ent.state_dict(), "config": cfg}, path)
+    with pytest.raises(ValueError, match="pickled Python objects.*weights_only=True.*blt-entropy") as e:
+        BLT(small_cfg(entropy_ckpt=str(path)))
+    assert "\n" not in str(e.value) and not marker.exists()
+
+
 def test_frozen_entropy_model_gets_no_gradient_and_loss_falls():
     torch.manual_seed(0)
     model = BLT(small_cfg(), entropy_model=entropy_model())

@@ -42,7 +42,12 @@ Markers are text (modality 0).
 Determinism: row r of split s is generated from numpy's SeedSequence([seed, s, r]) alone, and the batch for
 micro-step `index` on `rank` of `world_size` holds rows index*world_size*B + rank*B + [0, B). So a run is the
 same on every machine, each DDP rank gets its own disjoint shard, and the union of the ranks' rows at a step is
-exactly the single-process batch (what makes the DDP test and exact resume simple).
+exactly the single-process batch (what makes the DDP test and exact resume simple). Every batch carries
+`row_id` (int64, (B,)): SPLITS[split] * 2**40 + the global row number, the same whatever the rank / micro-batch
+split, for models that draw per-row random numbers (Transfusion's diffusion time and noise).
+
+Modalities are named once, here: MODALITIES[m] is the name of modality id m; `ds.model_fields()` gives models
+n_modalities, modality_names and modality_offsets, so no model hard-codes them.
 """
 import functools
 import math
@@ -52,9 +57,13 @@ import numpy as np
 import torch
 
 SETTINGS = ("chameleon", "speech", "transfusion", "text", "bytes")
+MODALITIES = ("text", "image", "speech")   # the modality names, indexed by modality id (batch["modality"])
+TEXT, IMAGE, SPEECH = 0, 1, 2
+assert MODALITIES[TEXT] == "text" and MODALITIES[IMAGE] == "image" and MODALITIES[SPEECH] == "speech"
+SPLITS = {"train": 0, "val": 1}
+ROW_ID_SPLIT = 2 ** 40                      # batch["row_id"] = SPLITS[split] * ROW_ID_SPLIT + global row number
 # P(the next document slot is a text-only document) per setting; see the module docstring for why
 TEXT_DOCS = {"chameleon": 0.3, "speech": 0.3, "transfusion": 0.0, "text": 0.0}
-TEXT, IMAGE, SPEECH = 0, 1, 2
 
 # --- the world: attributes, words, grammar -------------------------------------------------------------------
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -270,6 +279,20 @@ def shuffled_chance(pred, scenes, seed=0):
 
 
 # --- datasets ----------------------------------------------------------------------------------------------------
+def global_rows(split, batch_size, index, rank=0, world_size=1):
+    """The global row numbers of the batch for micro-step `index` on `rank` of `world_size` (module docstring)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    start = (index * world_size + rank) * batch_size
+    return range(start, start + batch_size)
+
+
+def row_ids(split, rows):
+    """batch["row_id"]: int64 (B,), one id per row that depends only on (split, global row), never on how the rows
+    are split over ranks or micro-batches: models that draw per-row randomness seed it from this (DDP = one process)."""
+    return torch.tensor([SPLITS[split] * ROW_ID_SPLIT + r for r in rows], dtype=torch.int64)
+
+
 class ToyWorld:
     """Text + image (+ speech) documents.  See the module docstring for the layout."""
 
@@ -277,13 +300,15 @@ class ToyWorld:
         self.setting, self.seq_len, self.seed = setting, seq_len, seed
         self.text_docs = TEXT_DOCS[setting]
         self.n_modalities = {"chameleon": 2, "transfusion": 2, "speech": 3, "text": 1}[setting]
+        self.modality_names = MODALITIES[:self.n_modalities]
         self.vocab_size = {"chameleon": OFFSETS[2], "transfusion": N_TEXT, "speech": OFFSETS[2] + N_SPEECH,
                            "text": N_TEXT}[setting]
         if setting in ("chameleon", "speech"):
             codebook()  # fit the tokenizer now, not inside the first training step
 
     def model_fields(self):
-        f = dict(vocab_size=self.vocab_size, n_modalities=self.n_modalities, seq_len=self.seq_len,
+        f = dict(vocab_size=self.vocab_size, n_modalities=self.n_modalities, modality_names=self.modality_names,
+                 seq_len=self.seq_len,
                  modality_offsets=OFFSETS[:max(self.n_modalities, 2)] if self.setting != "text" else (0,),
                  bos_id=BOS, boi_id=BOI, eoi_id=EOI, sep_id=SEP, pad_id=PAD)
         if self.setting == "transfusion":
@@ -312,7 +337,7 @@ class ToyWorld:
         return segs
 
     def _row(self, split, r):
-        rng = np.random.default_rng([self.seed, {"train": 0, "val": 1}[split], r])
+        rng = np.random.default_rng([self.seed, SPLITS[split], r])
         T = self.seq_len + 1
         tok, mod, pat, img_idx, img_first = [BOS], [TEXT], [], [-1], [False]
         n_img, caption_seen = 0, False
@@ -351,7 +376,8 @@ class ToyWorld:
         return tok, mod, patches, img_idx, img_first
 
     def get_batch(self, split, batch_size, index, rank=0, world_size=1):
-        rows = [self._row(split, (index * world_size + rank) * batch_size + i) for i in range(batch_size)]
+        ids = global_rows(split, batch_size, index, rank, world_size)
+        rows = [self._row(split, r) for r in ids]
         tok = torch.from_numpy(np.stack([r[0] for r in rows])).long()
         mod = torch.from_numpy(np.stack([r[1] for r in rows])).long()
         x, y = tok[:, :-1].contiguous(), tok[:, 1:].clone()
@@ -363,7 +389,7 @@ class ToyWorld:
             b.update(patches=torch.from_numpy(np.stack([r[2] for r in rows]))[:, :-1].contiguous(),
                      image_index=idx[:, :-1].contiguous(),
                      image_first=torch.from_numpy(np.stack([r[4] for r in rows]))[:, :-1].contiguous())
-        b.update(targets=y, loss_mask=y != -1)
+        b.update(targets=y, loss_mask=y != -1, row_id=row_ids(split, ids))
         return b
 
     # --- generation prompts and scoring ---------------------------------------------------------------------
@@ -423,7 +449,7 @@ class Bytes:
 
     def __init__(self, seq_len, seed, data_file=None):
         self.setting, self.seq_len, self.seed = "bytes", seq_len, seed
-        self.vocab_size, self.n_modalities = 256, 1
+        self.vocab_size, self.n_modalities, self.modality_names = 256, 1, MODALITIES[:1]   # bytes of text
         self.file = None
         if data_file is not None:
             if not os.path.isfile(data_file):
@@ -436,10 +462,11 @@ class Bytes:
             self.file = {"train": raw[:cut], "val": raw[cut - seq_len - 1:] if len(raw) - cut < seq_len + 1 else raw[cut:]}
 
     def model_fields(self):
-        return dict(vocab_size=256, n_modalities=1, seq_len=self.seq_len, modality_offsets=(0,))
+        return dict(vocab_size=256, n_modalities=1, modality_names=self.modality_names, seq_len=self.seq_len,
+                    modality_offsets=(0,))
 
     def _row(self, split, r):
-        rng = np.random.default_rng([self.seed, {"train": 0, "val": 1}[split], r])
+        rng = np.random.default_rng([self.seed, SPLITS[split], r])
         T = self.seq_len + 1
         if self.file is not None:
             data = self.file[split]
@@ -464,13 +491,15 @@ class Bytes:
         return np.array(out[:T], np.int64), np.array(kind[:T], np.int64)
 
     def get_batch(self, split, batch_size, index, rank=0, world_size=1):
-        rows = [self._row(split, (index * world_size + rank) * batch_size + i) for i in range(batch_size)]
+        ids = global_rows(split, batch_size, index, rank, world_size)
+        rows = [self._row(split, r) for r in ids]
         tok = torch.from_numpy(np.stack([r[0] for r in rows]))
         kind = torch.from_numpy(np.stack([r[1] for r in rows]))
         zeros = torch.zeros_like(tok[:, :-1])
         y = tok[:, 1:].clone()
         return dict(tokens=tok[:, :-1].contiguous(), targets=y, modality=zeros, target_modality=zeros.clone(),
-                    loss_mask=torch.ones_like(y, dtype=torch.bool), byte_kind=kind[:, 1:].contiguous())
+                    loss_mask=torch.ones_like(y, dtype=torch.bool), byte_kind=kind[:, 1:].contiguous(),
+                    row_id=row_ids(split, ids))
 
 
 def make_data(setting, seq_len=256, seed=0, data_file=None):

@@ -132,3 +132,28 @@ def test_text_only_documents_follow_the_language_and_transfusion_puts_captions_f
     first = [bool(tf["image_first"][r][tf["image_index"][r] == g][0]) for r in range(32)
              for g in set(tf["image_index"][r].tolist()) - {-1}]
     assert 0.1 < np.mean(first) < 0.3                        # the paper's 80% caption first
+
+
+@pytest.mark.parametrize("setting", ["chameleon", "bytes"])
+def test_row_id_is_the_same_whatever_the_split(setting):
+    ds = data.make_data(setting, seq_len=32, seed=1)
+    one = ds.get_batch("train", 8, 3)                                       # one process, one micro-batch
+    assert one["row_id"].dtype == torch.int64 and one["row_id"].shape == (8,)
+    # 2 ranks x 2 micro-batches of 2 rows (train.py's order: micro-step index = step * accum + m)
+    split = [ds.get_batch("train", 2, 3 * 2 + m, rank, 2) for m in range(2) for rank in range(2)]
+    assert torch.equal(torch.cat([b["row_id"] for b in split]), one["row_id"])
+    for b in split:                                                         # the id names the row's content
+        for i, r in enumerate(b["row_id"].tolist()):
+            j = one["row_id"].tolist().index(r)
+            assert torch.equal(b["tokens"][i], one["tokens"][j])
+    val = ds.get_batch("val", 8, 3)["row_id"]
+    ids = set(one["row_id"].tolist()) | set(val.tolist()) | set(ds.get_batch("train", 8, 4)["row_id"].tolist())
+    assert len(ids) == 24                                                   # unique across batches and splits
+
+
+def test_modality_names_come_from_one_place():
+    assert data.MODALITIES[data.TEXT] == "text" and data.MODALITIES[data.IMAGE] == "image"
+    assert data.MODALITIES[data.SPEECH] == "speech"
+    for setting in data.SETTINGS:
+        f = data.make_data(setting, seq_len=16).model_fields()
+        assert f["modality_names"] == data.MODALITIES[:f["n_modalities"]]

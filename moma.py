@@ -20,40 +20,50 @@ Glossary (paper -> code)
                                   (the paper writes c_e = 1/|E_m| for c = 1)
     Gumbel-sigmoid (training)     cfg.gumbel: sigmoid(logits + s (G' - G'')), G', G'' ~ Gumbel(0, 1)    (Eq. 5)
     auxiliary router              AuxRouter  (2-layer MLP, D -> cfg.aux_hidden -> E_m), BCE on the EC choices
-    MoD router, capacity beta     Layer.mod_router (D -> 1), cfg.mod_capacity; MoD on every cfg.mod_every-th layer
+    MoD router, capacity beta     Block.mod_router (D -> 1), cfg.mod_capacity; MoD on every cfg.mod_every-th layer
     upcycling                     cfg.upcycle_from (a train.py ckpt.pt of a 1t1i model), cfg.upcycle_noise
 
 How training and inference route (cfg.routing picks the routing used outside training):
     training          EC inside each modality group (and EC top-k per row for MoD): exact, batch-level, non-causal
-    "ec"  (eval)      the same EC routing: the number the paper's pre-training losses are measured with
-    "aux" (eval/gen)  each token decides alone: expert i takes it iff aux_router_i(x) > cfg.aux_threshold
-                      (MoD likewise): causal, what `generate` uses with its KV cache
-    With cfg.eval_aux the eval pass also reports loss_*_aux (aux-router routing) beside the EC losses: the
-    quality lost by causal inference.
+    "aux" (default)   each token decides alone: expert i takes it iff aux_router_i(x) > cfg.aux_threshold
+                      (MoD likewise): causal, what `generate` uses with its KV cache. The headline eval loss.
+    "ec"              the training routing at eval: the paper's pre-training loss, which a model that generates
+                      token by token cannot reach (an expert's top-k sees future tokens and the other rows).
+    With cfg.eval_both the eval also runs the other routing and reports it under its own name: loss_ec,
+    loss_<modality>_ec beside the causal loss, loss_<modality> (loss_*_aux when routing="ec"). The gap between the
+    two is the quality that causal inference loses.
+Expert choice's capacity k_e is computed over the tokens of ONE forward pass (all its rows), so the training loss
+depends on how the batch is split into micro-batches or DDP ranks: training equals another run exactly only when
+both see the same forward batches. The causal aux routing is per token, so its loss does not depend on the split.
 
 Auxiliary routers (Sec. 2.4): the paper trains them in a second stage with the main model frozen. Here they
 train *alongside* the main model by default, on detached hidden states with a straight-through-valued loss
-(loss value = LM loss, gradient of the BCE reaches only the aux routers), so the main model's training is
-exactly what it would be without them; `MoMa.fit_aux_routers(batches)` runs the paper's stage 2 (main model
-frozen) after training, e.g. `model.fit_aux_routers(ds.get_batch("train", 16, 10**4 + i) for i in range(150))`:
-on the toy run it cut the EC -> aux-routing loss gap from 0.012 to 0.002 nats (0.039 to 0.010 with MoD).
+(loss value = LM loss, gradient of the BCE reaches only the aux routers). The main model then trains exactly as
+it would without them: their weights are drawn from a side random stream (the main model's init is the same
+with aux_router on or off), and MoMa.clip_grad_norm_ clips their gradients apart from the main model's (a global
+clip over both would let the aux routers' gradient shrink the main model's steps). `MoMa.fit_aux_routers(batches)`
+runs the paper's stage 2 (main model frozen) after training, e.g.
+`model.fit_aux_routers(ds.get_batch("train", 16, 10**4 + i) for i in range(150))`.
 Their accuracy is logged as parts["router_acc"] (and "mod_router_acc").
 
-Equal FLOPs with the dense model (the README's comparison): with capacity factor c every group token is processed
-by c experts on average, so experts of hidden size ffn_hidden / c run the dense model's FFN FLOPs per token;
-cfg.expert_hidden = 0 picks exactly that. Default c = 2: 4 experts of half the dense width per modality (2x the
-dense FFN parameters per modality, each token seen by 2 experts on average, few dropped tokens). At the toy scale
-c = 1 with full-width experts drops ~20% of the tokens of each layer and learned more slowly (see the README).
-The extra active FLOPs are the routers (D x E_m per token) and the aux routers (trained alongside, forward +
-weight gradients): +1.1% over dense as counted by train.count_flops (1.130 vs 1.118 MFLOPs/token).
+Experts and capacity ("4t4i"). The paper's 4t4i has four FULL-width experts per modality (each the size of the
+dense FFN) at capacity 1/|E_m|: each expert takes T_m / E_m tokens, a token is processed once on average, so the
+active FLOPs are the dense model's. That is `--capacity_factor=1` here (registered as `moma-paper`). The default
+here is different: four HALF-width experts at capacity factor c = 2 (expert_hidden = 0 picks ffn_hidden / c), so a
+token is still processed at the dense FFN's FLOPs on average (by 2 experts of half the width), with fewer dropped
+tokens at toy scale; the total FFN parameters per modality are 2x the dense FFN's instead of 4x. The extra active
+FLOPs are the routers (D x E_m per token) and the aux routers (trained alongside, forward + weight gradients).
 
-Departures: the EC batch is the whole micro-batch (B x T tokens of a modality), not per sequence; norms are
+Departures: the EC batch is the whole forward batch (B x T tokens of a modality), not per sequence; norms are
 shared (only the FFN is modality-aware, as in the paper); upcycling splits the parent FFN's hidden units into
 the experts when they are narrower and scales down-projections by s / c (see MoMa.upcycle) so the expected FFN
 output equals the parent's; the MoD block output is scaled by sigmoid(router) (Raposo et al. use the raw weight).
-The eval pass runs the model twice (EC and aux routing) when cfg.eval_aux: measure inference FLOPs with
---eval_aux=false --routing=aux.
-Run:  python train.py --compare dense,mot,moma --setting chameleon          Read next: mot.py (the dense/MoT baselines)
+The eval pass runs the model twice (aux and EC routing) when cfg.eval_both: measure inference FLOPs with
+--eval_both=false.
+For plots: MoMa.history holds one record per eval forward (routed fraction per layer and expert under each
+routing, aux-router accuracy per layer); MoMa.aux_parameters() lists the auxiliary routers' parameters.
+Run:  python train.py --compare dense,mot,moma --setting chameleon
+Read first: mot.py (the dense and MoT baselines).  Read next: mom.py (the same idea for state-space models).
 """
 import math
 from dataclasses import dataclass
@@ -72,6 +82,7 @@ class Config:
     n_modalities: int = 2
     seq_len: int = 256
     modality_offsets: tuple = (0, 64)
+    modality_names: tuple = ("text", "image")  # for the loss names (loss_<name>); unnamed modalities: "modality<m>"
     # backbone: mot.py's dense defaults, so that the comparison is compute-matched
     n_layer: int = 2
     n_head: int = 4
@@ -83,15 +94,16 @@ class Config:
     # Sec. 2.2: modality-aware experts with expert-choice routing
     experts: tuple = (4,)        # experts per modality group: (4,) = 4 in every group ("4t4i"), or e.g. (4, 2)
     modality_aware: bool = True   # False: ONE group of experts[0] experts for all tokens (the paper's mixed-modal EC MoE)
-    capacity_factor: float = 2.0  # c: each expert takes k_e = ceil(c * T_m / E_m) tokens of its modality
+    capacity_factor: float = 2.0  # c: each expert takes k_e = ceil(c * T_m / E_m) tokens of its modality; 1 = the
+                                  # paper's 4t4i (full-width experts at capacity 1/|E_m|, `moma-paper`), 2 = half-width
     expert_hidden: int = 0        # hidden size of one expert; 0 = ffn_hidden / capacity_factor: dense FLOPs/token
     gumbel: float = 0.0           # scale s of the Gumbel-sigmoid noise in training (Eq. 5; 0 = off)
     # Sec. 2.4: auxiliary routers for causal inference
     aux_router: bool = True
     aux_hidden: int = 16
     aux_threshold: float = 0.5
-    routing: str = "ec"           # routing outside training: "ec" (paper's pre-training loss) or "aux" (causal)
-    eval_aux: bool = True         # at eval also report the losses under aux-router routing (loss_*_aux)
+    routing: str = "aux"          # routing outside training: "aux" (causal, generate's) or "ec" (non-causal)
+    eval_both: bool = True        # eval also reports the other routing's losses: loss*_ec (or loss*_aux)
     # Sec. 2.3: mixture-of-depths
     mod: bool = False
     mod_capacity: float = 0.25    # fraction of each row's tokens that go through a MoD layer
@@ -113,7 +125,10 @@ class Config:
         if self.routing not in ("ec", "aux"):
             raise ValueError(f"routing={self.routing!r} is unknown; use 'ec' or 'aux'")
         if self.routing == "aux" and not self.aux_router:
-            raise ValueError("routing='aux' needs the auxiliary routers; set aux_router=True")
+            raise ValueError("routing='aux' (causal) needs the auxiliary routers; set aux_router=True "
+                             "(or routing='ec' for the non-causal loss only)")
+        if len(set(self.modality_names)) != len(self.modality_names):
+            raise ValueError(f"modality_names={self.modality_names} must be distinct")
         if self.norm_placement not in ("post", "pre"):
             raise ValueError(f"norm_placement={self.norm_placement!r} is unknown; use 'post' or 'pre'")
         if not 0 < self.mod_capacity <= 1:
@@ -135,6 +150,20 @@ class Config:
 
     def is_mod_layer(self, layer):
         return self.mod and (layer + 1) % self.mod_every == 0
+
+
+def modality_names(cfg):
+    """One name per modality: cfg.modality_names (the data fills it), "modality<m>" for any it does not name."""
+    return tuple(cfg.modality_names[m] if m < len(cfg.modality_names) else f"modality{m}"
+                 for m in range(cfg.n_modalities))
+
+
+def side_stream(make):
+    """make() run on a side random stream seeded from the global one, which is then restored: modules built so
+    (the auxiliary routers) leave the main model's init, and every later draw, as they would be without them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2 ** 62, ())) ^ 0x5EED)
+        return make()
 
 
 # --- shared attention: RMSNorm, RoPE, causal SDPA (the same numerics and names as mot.py's dense model) --------
@@ -230,7 +259,8 @@ class MoMaFFN(nn.Module):
         self.router = nn.ParameterList([nn.Parameter(torch.randn(D, e) * std) for e in cfg.group_experts])  # W_m
         self.w_up = nn.Parameter(torch.randn(G, D, 2 * H) * std)                        # [w1 | w3] of every expert
         self.w_down = nn.Parameter(torch.randn(G, H, D) * std / math.sqrt(2 * cfg.n_layer))  # w2 of every expert
-        self.aux = nn.ModuleList([AuxRouter(D, cfg.aux_hidden, e) for e in cfg.group_experts]) if cfg.aux_router else None
+        self.aux = (side_stream(lambda: nn.ModuleList([AuxRouter(D, cfg.aux_hidden, e) for e in cfg.group_experts]))
+                    if cfg.aux_router else None)
 
     def route(self, xf, mf, mode):
         """Sec. 2.2 hierarchical routing. xf (N, D) tokens, mf (N,) modality, mode "ec" | "aux" ->
@@ -302,7 +332,7 @@ class Block(nn.Module):
         self.attn, self.ffn = Attention(cfg), MoMaFFN(cfg)
         if is_mod:
             self.mod_router = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std)    # Sec. 2.3: w_MoD
-            self.mod_aux = AuxRouter(cfg.d_model, cfg.aux_hidden, 1) if cfg.aux_router else None
+            self.mod_aux = side_stream(lambda: AuxRouter(cfg.d_model, cfg.aux_hidden, 1)) if cfg.aux_router else None
 
     def block(self, x, modality, pos, mode, key_ok=None, cache=None):
         """The transformer block proper: x (B, T, D) -> (B, T, D), stats. Shared norms (only the FFN is split)."""
@@ -406,23 +436,43 @@ class MoMa(nn.Module):
         if mode == "ec" and self.cfg.aux_router:  # aux routers: their BCE's gradient reaches only them, value unchanged
             aux = sum(s["aux_loss"] + s.get("mod_loss", 0.0) for s in stats)
             loss = loss + (aux - aux.detach())
-            parts["router_acc"] = torch.tensor(sum(s["aux_acc"] for s in stats) / len(stats))
-            parts["router_bce"] = (aux / len(stats)).detach()
-            mods = [s["mod_acc"] for s in stats if "mod_acc" in s]
-            if mods:
-                parts["mod_router_acc"] = torch.tensor(sum(mods) / len(mods))
-        if not self.training and routing is None:
-            rec = dict(mode=mode, counts=[s["counts"].tolist() for s in stats], acc=[s["aux_acc"] for s in stats],
-                       mod_acc=[s.get("mod_acc") for s in stats], mod_frac=[s.get("mod_frac", 1.0) for s in stats])
-            if mode == "ec" and self.cfg.eval_aux and self.cfg.aux_router:
-                with torch.no_grad():  # the same batch under causal aux-router routing: what inference loses
-                    xa, st_a = self.trunk(tokens, modality, "aux")
-                    loss_a, parts_a = self._lm_loss(self.lm_head(xa), batch)
-                parts.update({k + "_aux": v for k, v in dict(loss=loss_a, **parts_a).items()})
-                rec.update(aux_counts=[s["counts"].tolist() for s in st_a],
-                           aux_mod_frac=[s.get("mod_frac", 1.0) for s in st_a])
+            parts.update(self._router_parts(stats))
+        if not self.training and routing is None:  # an eval: the other routing beside, and a record for the plots
+            rec = {"mode": mode, **self._record(mode, stats)}
+            if self.cfg.eval_both and self.cfg.aux_router:
+                other = "aux" if mode == "ec" else "ec"
+                with torch.no_grad():
+                    xo, st_o = self.trunk(tokens, modality, other)
+                    loss_o, parts_o = self._lm_loss(self.lm_head(xo), batch)
+                parts.update({f"{k}_{other}": v for k, v in dict(loss=loss_o, **parts_o).items()})
+                rec.update(self._record(other, st_o))
+                if other == "ec":
+                    parts.update(self._router_parts(st_o))
             self.history.append(rec)
         return logits, loss, parts
+
+    @staticmethod
+    def _router_parts(stats):
+        """Aux routers against the EC choices of one EC pass: accuracy and BCE (and MoD's accuracy)."""
+        aux = sum(s["aux_loss"] + s.get("mod_loss", 0.0) for s in stats)
+        parts = dict(router_acc=torch.tensor(sum(s["aux_acc"] for s in stats) / len(stats)),
+                     router_bce=(aux / len(stats)).detach())
+        mods = [s["mod_acc"] for s in stats if "mod_acc" in s]
+        if mods:
+            parts["mod_router_acc"] = torch.tensor(sum(mods) / len(mods))
+        return parts
+
+    @staticmethod
+    def _record(mode, stats):
+        """One routing's entry in self.history: per layer, the fraction of each group's tokens each expert took
+        (counts under EC, aux_counts under aux routing), the fraction of tokens through MoD layers, and under EC the
+        aux routers' accuracy against the EC choices (acc, mod_acc)."""
+        pre = "" if mode == "ec" else "aux_"
+        rec = {pre + "counts": [s["counts"].tolist() for s in stats],
+               pre + "mod_frac": [s.get("mod_frac", 1.0) for s in stats]}
+        if mode == "ec":
+            rec.update(acc=[s["aux_acc"] for s in stats], mod_acc=[s.get("mod_acc") for s in stats])
+        return rec
 
     def _lm_loss(self, logits, batch):
         targets = batch["targets"]
@@ -432,7 +482,7 @@ class MoMa(nn.Module):
         valid = targets.flatten() != -1
         loss = ce.sum() / valid.sum().clamp(min=1)
         parts = {}
-        for m, name in enumerate(("text", "image", "speech")[: self.cfg.n_modalities]):
+        for m, name in enumerate(modality_names(self.cfg)):
             sel = valid & (tmod.flatten() == m)
             if sel.any():
                 parts[f"loss_{name}"] = ce[sel].mean().detach()
@@ -467,10 +517,25 @@ class MoMa(nn.Module):
         self.train(was)
         return out
 
+    # --- Sec. 2.4: the auxiliary routers train on their own loss, clipped apart from the main model ---
+    def aux_parameters(self):
+        """The auxiliary routers' parameters (experts' and MoD's)."""
+        return [p for n, p in self.named_parameters() if ".aux." in n or "mod_aux" in n]
+
+    def clip_grad_norm_(self, max_norm):
+        """Clip the main model's gradients and the aux routers' separately, each to max_norm; -> the main model's
+        norm. (The trainer calls this instead of one global clip: the main model then steps exactly as without aux
+        routers.)"""
+        aux = {id(p) for p in self.aux_parameters()}
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if id(p) not in aux], max_norm)
+        if aux:
+            torch.nn.utils.clip_grad_norm_(self.aux_parameters(), max_norm)
+        return norm
+
     # --- Sec. 2.4, stage 2: refit the auxiliary routers with the main model frozen ---
     def fit_aux_routers(self, batches, lr=3e-3):
         """batches: iterable of data batches. Trains only the aux routers on EC targets; returns the last accuracy."""
-        aux = [p for n, p in self.named_parameters() if ".aux." in n or "mod_aux" in n]
+        aux = self.aux_parameters()
         opt, was, acc = torch.optim.AdamW(aux, lr=lr, weight_decay=0.0), self.training, 0.0
         self.eval()  # no Gumbel noise; EC targets from the frozen main model
         for batch in batches:
@@ -524,117 +589,17 @@ class MoMa(nn.Module):
                                  f"{tuple(own[k].shape)}; use the parent's d_model, n_layer and vocabulary")
             own[k].copy_(v)
 
-    # --- logging: routed tokens per layer / expert and aux-router accuracy ---
-    def extra_plots(self, out_dir):
-        """Save out_dir/moma_routing.png from the eval records: the fraction of each group's tokens routed to each
-        expert under EC (exact, = capacity_factor / E_m) and under aux routers, and aux-router accuracy per layer."""
-        import os
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        recs = [r for r in self.history if r["mode"] == "ec"]
-        if not recs:
-            return
-        last, L, cfg = recs[-1], self.cfg.n_layer, self.cfg
-        names = [f"{('t', 'i', 's')[m]}{i}" for m, e in enumerate(cfg.group_experts) for i in range(e)]
-        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-        w = 0.8 / (2 * L)
-        for l in range(L):
-            xs = torch.arange(len(names)).float()
-            ax[0].bar(xs + (2 * l) * w, last["counts"][l], w, label=f"L{l} EC", color=f"C{l}", alpha=0.45)
-            if "aux_counts" in last:
-                ax[0].bar(xs + (2 * l + 1) * w, last["aux_counts"][l], w, label=f"L{l} aux", color=f"C{l}")
-        ax[0].set_xticks(torch.arange(len(names)).tolist(), names)
-        ax[0].set_ylabel("fraction of the group's tokens")
-        ax[0].set_title("tokens routed per layer and expert (last eval)")
-        ax[0].legend(fontsize=7, ncol=2)
-        for l in range(L):
-            ax[1].plot([r["acc"][l] for r in recs], label=f"experts L{l}", color=f"C{l}")
-            if recs[0]["mod_acc"][l] is not None:
-                ax[1].plot([r["mod_acc"][l] for r in recs], "--", label=f"MoD L{l}", color=f"C{l}")
-        ax[1].axhline(1 - min(1.0, cfg.capacity_factor / max(cfg.group_experts)), color="gray", ls=":",
-                      label="always 'not chosen'")
-        ax[1].set_xlabel("eval batch #")
-        ax[1].set_ylabel("aux-router accuracy")
-        ax[1].set_title("auxiliary routers vs expert choice")
-        ax[1].legend(fontsize=7)
-        fig.tight_layout()
-        os.makedirs(out_dir, exist_ok=True)
-        fig.savefig(os.path.join(out_dir, "moma_routing.png"), dpi=110)
-        plt.close(fig)
-
 
 MODELS = {
-    "moma": (Config, MoMa, "chameleon", dict()),                            # 4t4i (4 per modality)
+    "moma": (Config, MoMa, "chameleon", dict()),                            # 4t4i: 4 half-width experts, c = 2
+    "moma-paper": (Config, MoMa, "chameleon", dict(capacity_factor=1.0)),   # the paper's 4t4i: full width, c = 1
     "moma-1t1i": (Config, MoMa, "chameleon", dict(experts=(1,), capacity_factor=1.0)),  # = FFN-only MoT (+ gate)
     "moma-mod": (Config, MoMa, "chameleon", dict(mod=True)),               # 4t4i + mixture-of-depths
     "moma-ec8": (Config, MoMa, "chameleon", dict(experts=(8,), modality_aware=False)),  # mixed-modal EC baseline
 }
 
 
-def report(base_out, docs="docs"):
-    """Read the runs in base_out/NAME/metrics.jsonl (dense, mot, moma, moma-mod, moma-ec8: whichever exist), print
-    the FLOPs each needs to reach dense's final eval losses and what aux-router routing costs, and save
-    docs/moma_chameleon.png (and copy base_out/moma/moma_routing.png to docs/)."""
-    import json
-    import os
-    import shutil
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from train import flops_to_reach as reach  # only for this reporting helper, never at import
-    runs, plotted = {}, ("dense", "mot", "moma", "moma-mod", "moma-ec8", "moma-upcycled")
-    names = plotted + tuple(sorted(set(os.listdir(base_out)) - set(plotted)))  # other runs: table only
-    for n in names:
-        p = os.path.join(base_out, n, "metrics.jsonl")
-        if os.path.exists(p) and any("eval_loss" in l for l in open(p)):
-            runs[n] = [r for r in map(json.loads, open(p)) if "eval_loss" in r]
-            parent = json.load(open(os.path.join(base_out, n, "config.json")))["model_cfg"].get("upcycle_from")
-            if parent:  # an upcycled run: count the parent's training FLOPs too
-                prev = [json.loads(l) for l in open(os.path.join(os.path.dirname(parent), "metrics.jsonl"))]
-                runs[n] = [dict(r, flops=r["flops"] + prev[-1]["flops"]) for r in runs[n]]
-    if "dense" not in runs:
-        raise ValueError(f"no {base_out}/dense/metrics.jsonl; run python train.py --compare dense,mot,moma first")
-
-    dense, keys = runs["dense"], ("eval_loss", "eval_loss_text", "eval_loss_image")
-    seed = json.load(open(os.path.join(base_out, "dense", "config.json")))["train"]["seed"]
-    total = dense[-1]["flops"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, k in zip(axes, keys):
-        for j, (n, ev) in enumerate((n, ev) for n, ev in runs.items() if n in plotted):
-            ax.plot([r["flops"] for r in ev], [r[k] for r in ev], "o-", ms=2.5, color=f"C{j}", label=n)
-            if k + "_aux" in ev[-1]:
-                ax.plot([r["flops"] for r in ev], [r[k + "_aux"] for r in ev], "--", color=f"C{j}", alpha=0.7,
-                        label=f"{n} (aux routers)")
-        ax.axhline(dense[-1][k], color="gray", ls=":", lw=0.8)
-        ax.set_title(k.replace("eval_", "eval ") + f" (chameleon toy, seed {seed})"); ax.set_xlabel("training FLOPs")
-        ax.set_ylim(top=dense[len(dense) // 4][k])
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(docs, exist_ok=True)
-    fig.savefig(os.path.join(docs, "moma_chameleon.png"), dpi=110)
-    plt.close(fig)
-    print(f"FLOPs to reach dense's final eval loss (fraction of dense's {total:.3g}); final losses; aux = causal routing")
-    for n, ev in runs.items():
-        row = []
-        for k in keys:
-            f = reach(ev, k, dense[-1][k])
-            row.append(f"{k[5:]:10s} " + (f"{100 * f / total:5.1f}%" if f else "  n/r ") + f" ({ev[-1][k]:.4f}")
-            if k + "_aux" in ev[-1]:
-                row[-1] += f", aux {ev[-1][k + '_aux']:.4f}"
-            row[-1] += ")"
-        gen = " ".join(f"{g}={ev[-1][g]:.3f}" for g in ("gen_image_acc", "caption_acc") if g in ev[-1])
-        print(f"  {n:14s} " + " | ".join(row) + f" | {gen}")
-    src = os.path.join(base_out, "moma", "moma_routing.png")
-    if os.path.exists(src):
-        shutil.copy(src, os.path.join(docs, "moma_routing.png"))
-
-
 if __name__ == "__main__":
-    import sys
-    if len(sys.argv) > 1 and sys.argv[1] == "report":   # python moma.py report OUT_DIR [DOCS_DIR]
-        report(*(sys.argv[2:4] or ["out/compare"]))
-        sys.exit(0)
     torch.manual_seed(0)
     B, T = 4, 64
     for name, (C, M, _, over) in MODELS.items():

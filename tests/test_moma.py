@@ -172,13 +172,13 @@ def test_upcycled_equals_parent_at_step_0_when_noise_off(tmp_path, split):
     torch.save({"model": parent.state_dict(), "config": {}}, path)
     b = batch_(seed=9)
     parent.eval()
-    ref = parent(b)[0]
+    ref = parent(b, routing="ec")[0]
     # every expert takes every token of its group (capacity factor = E_m): the upcycled model IS the parent
     kw = dict(experts=(4,), capacity_factor=4.0, expert_hidden=pcfg.d_expert // split, upcycle_from=str(path))
     child = moma.MoMa(cfg_(**kw)).eval()
-    torch.testing.assert_close(child(b)[0], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(child(b, routing="ec")[0], ref, atol=1e-5, rtol=1e-5)
     noisy = moma.MoMa(cfg_(**kw, upcycle_noise=0.05)).eval()
-    assert (noisy(b)[0] - ref).abs().max() > 1e-4
+    assert (noisy(b, routing="ec")[0] - ref).abs().max() > 1e-4
     with pytest.raises(ValueError, match="1t1i"):
         torch.save({"model": noisy.state_dict(), "config": {}}, tmp_path / "bad.pt")
         moma.MoMa(cfg_(upcycle_from=str(tmp_path / "bad.pt")))
@@ -216,15 +216,27 @@ def test_loss_falls_and_aux_routers_learn():
     assert parts["router_bce"].item() < first[1]
 
 
-def test_eval_reports_aux_routing_losses_and_plot(tmp_path):
+def test_headline_eval_is_causal_with_expert_choice_beside():
+    """Eval's loss is the aux-router (causal) routing's; the expert-choice figure is reported as loss*_ec."""
     torch.manual_seed(0)
-    model = moma.MoMa(cfg_())
-    model.eval()
+    model = moma.MoMa(cfg_()).eval()
+    b = batch_()
     with torch.no_grad():
-        _, _, parts = model(batch_())
-    assert {"loss_text", "loss_image", "loss_text_aux", "loss_image_aux", "router_acc"} <= set(parts)
-    model.extra_plots(str(tmp_path))
-    assert (tmp_path / "moma_routing.png").stat().st_size > 0
+        for blk in model.blocks:  # aux routers that pick no expert: the two routings differ clearly
+            for a in blk.ffn.aux:
+                a.fc2.bias.fill_(-10.0)
+        _, loss, parts = model(b)
+        aux_loss, ec_loss = model(b, routing="aux")[1], model(b, routing="ec")[1]
+    assert {"loss_text", "loss_image", "loss_ec", "loss_text_ec", "loss_image_ec", "router_acc"} <= set(parts)
+    torch.testing.assert_close(loss, aux_loss)
+    torch.testing.assert_close(parts["loss_ec"], ec_loss)
+    assert abs(parts["loss_ec"] - loss) > 1e-6  # two routings, two numbers (small at init: tiny FFN outputs)
+    rec = model.history[-1]  # the record the routing figure is drawn from: both routings, per layer and expert
+    assert len(rec["counts"]) == len(rec["aux_counts"]) == len(rec["acc"]) == model.cfg.n_layer
+    assert len(rec["counts"][0]) == model.cfg.n_experts_total
+    ec = moma.MoMa(cfg_(routing="ec")).eval()  # the paper's figure as the headline: the causal one beside it
+    with torch.no_grad():
+        assert {"loss_aux", "loss_text_aux", "loss_image_aux"} <= set(ec(b)[2])
 
 
 def test_bad_input_raises_one_line_value_error():
@@ -252,3 +264,27 @@ def test_stage2_fit_aux_routers_trains_only_the_aux_routers():
     acc = model.fit_aux_routers([b] * 40, lr=1e-2)
     assert acc > acc0 + 0.05
     assert all(torch.equal(p, main[n]) for n, p in model.named_parameters() if n in main)
+
+
+@pytest.mark.parametrize("mod", [False, True])
+def test_main_model_trains_exactly_as_without_aux_routers(mod):
+    """Aux routers are drawn from a side random stream and clipped apart (MoMa.clip_grad_norm_): the main model's
+    init, its Gumbel noise and every training step are bit-identical with and without them. The clip is tight, so
+    it is active at every step (one global clip over both would differ here)."""
+    runs = []
+    for aux in (False, True):
+        torch.manual_seed(0)
+        model = moma.MoMa(cfg_(aux_router=aux, routing="ec", gumbel=1.0, mod=mod, mod_every=1))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for i in range(4):
+            loss = model(batch_(seed=i))[1]
+            opt.zero_grad()
+            loss.backward()
+            norm = model.clip_grad_norm_(0.05)
+            opt.step()
+        runs.append(({n: p.detach().clone() for n, p in model.named_parameters()}, norm))
+    (plain, norm0), (with_aux, norm1) = runs
+    assert norm0 > 0.05 and torch.equal(norm0, norm1)
+    assert set(plain) < set(with_aux)
+    for n, p in plain.items():
+        assert torch.equal(p, with_aux[n]), n

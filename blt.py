@@ -14,8 +14,9 @@ Glossary (paper -> code):
     approx. monotonic constraint theta_r (2.3)   -> cfg.patching = "monotonic", cfg.threshold
     space patching (Sec. 2.2), strided (2.1)      -> cfg.patching = "space" | "static" (stride cfg.patch_size)
     max patch length                             -> cfg.max_patch_len (0 = none)
-    threshold for a target mean patch size       -> tune_threshold(); cfg.tune_threshold = True tunes it once,
-                                                    on the first batch the model sees, to cfg.patch_size
+    threshold for a target mean patch size       -> BLT.tune_threshold(bytes): cfg.threshold = 0 tunes it ONCE, at
+                                                    build, to mean cfg.patch_size on sample_bytes() (a fixed-seed
+                                                    sample of the entropy model: the same on every rank)
     hash n-gram embeddings (Sec. 3.2.1)          -> hash_ngram_ids(), BLT.hash_embs (n = cfg.hash_ngrams)
     local encoder E, l_E layers (Sec. 3.2)       -> BLT.encoder (causal, sliding window cfg.local_window)
     encoder cross-attention (Sec. 3.2.2)         -> BLT.enc_cross: queries = the patch's max-pooled bytes projected
@@ -72,6 +73,9 @@ class EntropyConfig:
     window: int = 128                        # sliding-window attention (bytes)
     rope_theta: float = 10000.0
 
+    def __post_init__(self):
+        _check_heads((self.d_model, self.n_head, "d_model/n_head"))
+
 
 @dataclass
 class Config:
@@ -80,9 +84,8 @@ class Config:
     # Sec. 2: patching
     patching: str = "entropy"                # entropy (global theta_g) | monotonic (theta_r) | space | static
     entropy_ckpt: str = ""                   # train.py checkpoint of "blt-entropy" (entropy / monotonic patching)
-    threshold: float = 2.0                   # theta_g or theta_r, in nats (ignored while tune_threshold is pending)
-    tune_threshold: bool = True              # tune the threshold once, on the first batch, to mean patch_size
-    patch_size: float = 4.0                  # target mean patch size (entropy modes); the stride (static)
+    threshold: float = 0.0                   # theta_g / theta_r in nats; 0 = tuned at build time to mean patch_size
+    patch_size: float = 4.0                  # target mean patch size of the tuning (entropy modes); stride (static)
     max_patch_len: int = 16                  # split longer patches (0 = no limit)
     # Sec. 3.2.1: hash n-gram embeddings
     hash_ngrams: tuple = (3, 4, 5, 6, 7, 8)  # () disables them
@@ -105,21 +108,35 @@ class Config:
     n_layer_global: int = 2
     rope_theta: float = 10000.0
 
+    def __post_init__(self):   # relations between fields (the trainer checks each field's own range)
+        if self.patching not in PATCHINGS:
+            raise ValueError(f"patching={self.patching!r} is unknown; use one of {', '.join(PATCHINGS)}")
+        _check_heads((self.d_local, self.n_head_local, "d_local/n_head_local"),
+                     (self.d_local, self.n_head_cross, "d_local/n_head_cross"),
+                     (self.d_global, self.n_head_global, "d_global/n_head_global"))
+        if self.patch_size < 1 or self.max_patch_len < 0 or self.cross_k < 1:
+            raise ValueError("patch_size must be >= 1, max_patch_len >= 0 and cross_k >= 1; fix the --key=value")
+        if any(n < 1 for n in self.hash_ngrams) or self.hash_vocab < 1:
+            raise ValueError(f"hash_ngrams={self.hash_ngrams} must be positive n-gram sizes and hash_vocab >= 1")
+        if not 1 <= self.hash_functions <= len(HASH_PRIMES):
+            raise ValueError(f"hash_functions={self.hash_functions}: use 1..{len(HASH_PRIMES)} (one prime each)")
+        if self.pool not in ("max", "mean"):
+            raise ValueError(f"pool={self.pool!r} is unknown; use 'max' or 'mean'")
+        # no silent flags: a key that cannot act in this configuration is an error naming the key that enables it
+        if self.patching in ("space", "static") and (self.threshold or self.entropy_ckpt):
+            raise ValueError(f"threshold and entropy_ckpt act only with --patching entropy or monotonic, "
+                             f"not {self.patching}; drop them or change --patching")
+        if self.patching == "space" and self.patch_size != Config.patch_size:
+            raise ValueError("patch_size has no effect with --patching space; use entropy (target) or static (stride)")
+        if self.patching in ("entropy", "monotonic") and self.threshold and self.patch_size != Config.patch_size:
+            raise ValueError("patch_size (the tuning target) has no effect with a fixed --threshold; "
+                             "set --threshold 0 to tune the threshold to patch_size, or drop --patch_size")
 
-def _check_config(cfg):
-    if cfg.patching not in PATCHINGS:
-        raise ValueError(f"patching={cfg.patching!r} is unknown; use one of {', '.join(PATCHINGS)}")
-    for d, h, name in ((cfg.d_local, cfg.n_head_local, "d_local/n_head_local"),
-                       (cfg.d_local, cfg.n_head_cross, "d_local/n_head_cross"),
-                       (cfg.d_global, cfg.n_head_global, "d_global/n_head_global")):
-        if d % h or (d // h) % 2:
+
+def _check_heads(*triples):
+    for d, h, name in triples:
+        if h < 1 or d % h or (d // h) % 2:
             raise ValueError(f"{name}: {d} must be a multiple of 2 * {h}; change one of them")
-    if cfg.patch_size < 1 or cfg.max_patch_len < 0 or cfg.cross_k < 1:
-        raise ValueError("patch_size must be >= 1, max_patch_len >= 0 and cross_k >= 1; fix the --key=value")
-    if any(n < 1 for n in cfg.hash_ngrams) or cfg.hash_vocab < 1:
-        raise ValueError(f"hash_ngrams={cfg.hash_ngrams} must be positive n-gram sizes and hash_vocab >= 1")
-    if cfg.pool not in ("max", "mean"):
-        raise ValueError(f"pool={cfg.pool!r} is unknown; use 'max' or 'mean'")
 
 
 # --- Shared Transformer pieces (pre-norm, RoPE, causal sliding-window attention) -------------------------------------
@@ -343,7 +360,7 @@ def patch_index(starts):
     return starts[:, :T].long().cumsum(1) - 1, starts[:, 1:].long().cumsum(1) - 1
 
 
-def tune_threshold(ent, x, mode, target, max_patch_len=0, iters=40):
+def threshold_for(ent, x, mode, target, max_patch_len=0, iters=40):
     """Sec. 2.3: the threshold whose mean patch size on the sample (x, ent) is closest to `target` (bisection;
     the mean patch size grows with the threshold)."""
     lo, hi = (float(ent.min()) - 1.0, float(ent.max()) + 1.0) if mode == "entropy" else \
@@ -417,7 +434,7 @@ class CrossAttention(nn.Module):
 class BLT(nn.Module):
     def __init__(self, cfg, entropy_model=None):
         super().__init__()
-        _check_config(cfg)
+        cfg.__post_init__()
         self.cfg = cfg
         V, D, G, K = cfg.vocab_size + OFFSET, cfg.d_local, cfg.d_global, cfg.cross_k
         # Sec. 2.3: the frozen entropy model (only for the entropy-based patchings)
@@ -426,8 +443,7 @@ class BLT(nn.Module):
             self.entropy_model = entropy_model if entropy_model is not None else \
                 load_entropy_model(cfg.entropy_ckpt, cfg.vocab_size)
             self.entropy_model.requires_grad_(False).eval()
-        self.register_buffer("threshold", torch.tensor(float(cfg.threshold)))
-        self.register_buffer("tuned", torch.tensor(not cfg.tune_threshold))
+        self.register_buffer("threshold", torch.tensor(float(cfg.threshold)))   # saved with the checkpoint
         # Sec. 3.2.1: byte embeddings + hash n-gram embeddings (one table per (hash function, n))
         self.tok_emb = nn.Embedding(V, D)
         self.hash_embs = nn.ModuleList(nn.Embedding(cfg.hash_vocab, D)
@@ -454,7 +470,8 @@ class BLT(nn.Module):
         for m in (self.tok_emb, self.hash_embs, self.encoder, self.enc_cross, self.patch_query, self.to_global,
                   self.global_blocks, self.to_decoder, self.dec_cross, self.decoder, self.head):
             _init(m)
-        self._plot_sample = None
+        if self.entropy_model is not None and not cfg.threshold:
+            self.tune_threshold(self.sample_bytes())            # build time, once; never in forward / generate
 
     def train(self, mode=True):
         super().train(mode)
@@ -468,19 +485,35 @@ class BLT(nn.Module):
         with torch.no_grad():
             return self.entropy_model.entropies(x)
 
+    @torch.no_grad()
+    def sample_bytes(self, rows=16, length=256, seed=0):
+        """(rows, min(length, seq_len)) bytes sampled from the entropy model at temperature 1 with a fixed seed: a
+        stand-in for the training data it was trained on, the same on every rank and at every build."""
+        em, g = self.entropy_model, torch.Generator(device=self.threshold.device).manual_seed(seed)
+        x = torch.full((rows, 1), ord(" ") + OFFSET, device=self.threshold.device)
+        caches = [dict() for _ in em.blocks]
+        logits = em.forward_ids(x, caches)
+        for _ in range(min(length, self.cfg.seq_len) - 1):
+            new = torch.multinomial(F.softmax(logits[:, -1, OFFSET:].float(), -1), 1, generator=g) + OFFSET
+            x = torch.cat([x, new], 1)
+            logits = em.forward_ids(new, caches)
+        return x - OFFSET
+
+    @torch.no_grad()
+    def tune_threshold(self, tokens):
+        """Sec. 2.3: set the threshold so that the mean patch size on `tokens` (B, T) bytes is cfg.patch_size.
+        Done once at build time on sample_bytes(); call it with training bytes to tune on the data itself (give every
+        rank the same bytes).  Returns the threshold.  forward and generate never change it."""
+        x = tokens.to(self.threshold.device) + OFFSET
+        cfg = self.cfg
+        self.threshold.fill_(threshold_for(self.entropies(x), x, cfg.patching, cfg.patch_size, cfg.max_patch_len))
+        return float(self.threshold)
+
     def patch(self, x, ent=None):
-        """x: (B, T) ids -> starts (B, T + 1) bool.  Tunes the threshold on this batch if that is still pending."""
+        """x: (B, T) ids -> starts (B, T + 1) bool (the threshold is fixed: see tune_threshold)."""
         cfg = self.cfg
         if self.entropy_model is not None and ent is None:
             ent = self.entropies(x)
-        if self.entropy_model is not None and not bool(self.tuned):
-            th = torch.tensor(tune_threshold(ent, x, cfg.patching, cfg.patch_size, cfg.max_patch_len),
-                              device=self.threshold.device)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(th)                 # every rank patches with the same threshold
-                th /= torch.distributed.get_world_size()
-            self.threshold.fill_(float(th))
-            self.tuned.fill_(True)
         return patch_starts(x, cfg.patching, ent, float(self.threshold), cfg.patch_size, cfg.max_patch_len)
 
     # -- Sec. 3.2.1 -------------------------------------------------------------------------------------------------
@@ -557,8 +590,6 @@ class BLT(nn.Module):
         x = tokens + OFFSET
         starts = self.patch(x)
         logits = self.forward_ids(x, starts)
-        if not self.training:
-            self._plot_sample = tokens[:1].detach().cpu()
         targets = batch.get("targets")
         if targets is None:
             return logits[..., OFFSET:], None, {}
@@ -611,102 +642,6 @@ class BLT(nn.Module):
         self.train(was_training)
         return x - OFFSET
 
-    # -- the paper's Fig. 4: a text with its per-byte entropy and patch boundaries ---------------------------------
-    def extra_plots(self, out_dir):
-        if self._plot_sample is not None:
-            plot_patches(self, self._plot_sample[0], os.path.join(out_dir, "blt_patches.png"))
-
-
-def plot_patches(model, tokens, path, n=96):
-    """Save a PNG of the first n bytes of `tokens` (1-D bytes) with H(x_i) and the patch starts of `model`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    x = tokens[:n].long()[None].to(model.threshold.device) + OFFSET
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        ent = model.entropies(x) if model.entropy_model is not None else None
-        starts = model.patch(x, ent)[0, :x.shape[1]].cpu()
-    model.train(was)
-    chars = [chr(b) if 32 <= b < 127 else "?" for b in tokens[:n].tolist()]
-    fig, ax = plt.subplots(figsize=(min(24, 0.22 * len(chars) + 2), 3.2))
-    if ent is not None:   # H(x_i) = ent[i - 1]: the entropy of the byte at i before seeing it
-        H = [float("nan")] + ent[0, :-1].cpu().tolist()
-        ax.plot(range(len(chars)), H, "-o", ms=3, color="tab:blue", label="H(x_i) (entropy model, nats)")
-        if model.cfg.patching == "entropy":
-            ax.axhline(float(model.threshold), color="tab:red", ls="--", lw=1, label=f"theta_g = {float(model.threshold):.2f}")
-    for i in starts.nonzero().flatten().tolist():
-        ax.axvline(i - 0.5, color="gray", lw=0.8)
-    ax.set_xticks(range(len(chars)))
-    ax.set_xticklabels(chars, fontsize=7, family="monospace")
-    ax.set_xlim(-0.5, len(chars) - 0.5)
-    ax.set_title(f"BLT {model.cfg.patching} patching: {int(starts.sum())} patches for {len(chars)} bytes "
-                 f"(grey lines = patch starts)")
-    ax.legend(loc="upper right", fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_bytes_compare(base, path="docs/blt_bytes.png"):
-    """The toy reproduction figure from finished runs under `base` (train.py outputs): dense/, megabyte/, blt/ and
-    any blt_ps*/ (BLT at other patch sizes).  Left: eval bpb vs training FLOPs.  Middle: final eval bpb vs inference
-    FLOPs per byte (train.count_flops(..., backward=False) on 4 val batches, the trained threshold loaded).  Right:
-    BLT's mean patch size on the data's random / caption / predictable stretches.  Returns the numbers it plots."""
-    import json
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import train                                               # only for this reporting helper, never at import
-    runs = sorted(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "metrics.jsonl")))
-    res = {}
-    for d in runs:
-        out = os.path.join(base, d)
-        conf = json.load(open(os.path.join(out, "config.json")))
-        ev = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "eval_bpb" in r]
-        mcfg = {k: tuple(v) if isinstance(v, list) else v for k, v in conf["model_cfg"].items()}
-        model, _, _, ds = train.build(conf["model"], conf["setting"], mcfg)
-        ck = os.path.join(out, "ckpt.pt")
-        if os.path.isfile(ck):
-            model.load_state_dict(torch.load(ck, map_location="cpu", weights_only=True)["model"])
-        # the trainer's FLOPs method on 4 batches; training curves re-counted with it, so every run is counted alike
-        fpt = train.count_flops(model, [ds.get_batch("train", 4, i) for i in range(4)])
-        res[d] = dict(model=conf["model"], curve=[(r["tokens"] * fpt, r["eval_bpb"]) for r in ev], bpb=ev[-1]["eval_bpb"],
-                      infer_flops_per_byte=train.count_flops(model, [ds.get_batch("val", 4, i) for i in range(4)],
-                                                             backward=False),
-                      train_flops_per_byte=fpt,
-                      **{k[5:]: v for k, v in ev[-1].items() if k.startswith("eval_patch_size")})
-    if "dense" in res:            # the issue's goal: training FLOPs to reach the byte Transformer's final bpb
-        total, target = res["dense"]["curve"][-1][0], res["dense"]["bpb"]
-        for r in res.values():
-            f = train.flops_to_reach([{"flops": x, "eval_bpb": y} for x, y in r["curve"]], "eval_bpb", target)
-            r["flops_to_dense_final_bpb"] = None if f is None else f / total
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
-    for d, r in res.items():
-        f, y = zip(*r["curve"])
-        ax[0].plot(f, y, "o-", ms=3, label=d)
-        ax[1].scatter(r["infer_flops_per_byte"], r["bpb"], s=30)
-        ax[1].annotate(d, (r["infer_flops_per_byte"], r["bpb"]), fontsize=8)
-    ax[0].set(xscale="log", xlabel="training FLOPs", ylabel="eval bits per byte", title="bpb vs training FLOPs")
-    ax[0].legend(fontsize=8)
-    ax[1].set(xscale="log", xlabel="inference FLOPs per byte", ylabel="final eval bpb", title="bpb vs inference cost")
-    blts = [d for d, r in res.items() if r["model"] == "blt" and "patch_size_random" in r]
-    kinds = ("random", "text", "predictable")
-    for i, d in enumerate(blts):
-        ax[2].bar([j + i / (len(blts) + 1) for j in range(3)], [res[d][f"patch_size_{k}"] for k in kinds],
-                  width=1 / (len(blts) + 1), label=d)
-    ax[2].set_xticks([j + 0.3 for j in range(3)], [f"{k} bytes" for k in kinds])
-    ax[2].set(ylabel="mean patch size (bytes)", title="BLT mean patch size by stretch")
-    ax[2].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return {d: {k: v for k, v in r.items() if k != "curve"} for d, r in res.items()}
-
 
 MODELS = {
     "blt-entropy": (EntropyConfig, EntropyModel, "bytes", dict()),
@@ -715,11 +650,6 @@ MODELS = {
 
 
 if __name__ == "__main__":
-    import sys
-    if len(sys.argv) >= 2 and sys.argv[1] == "plot":   # python blt.py plot RUNS_DIR [PNG]: the reproduction figure
-        import json
-        print(json.dumps(plot_bytes_compare(*sys.argv[2:4]), indent=1))
-        sys.exit(0)
     torch.manual_seed(0)
     text = b"the cat sat on the mat. the cat sat on the mat. xq7#Lp2@zK9& the cat sat on the mat. 123 124 125 126"
     tokens = torch.tensor(list(text[:96]))[None].repeat(2, 1)

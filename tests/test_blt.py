@@ -23,6 +23,8 @@ def small_cfg(**kw):
     base = dict(seq_len=64, d_local=16, n_head_local=2, n_head_cross=2, d_global=32, n_head_global=2,
                 n_layer_global=2, cross_k=2, hash_vocab=64, local_window=8, max_patch_len=6, patch_size=3.0)
     base.update(kw)
+    if base.get("patching") == "space" and "patch_size" not in kw:
+        del base["patch_size"]                  # no effect with space patching (an error if given)
     return Config(**base)
 
 
@@ -39,7 +41,8 @@ def make_model(mode="entropy", seed=0, **kw):
     ent = entropy_model(seed) if mode in ("entropy", "monotonic") else None
     model = BLT(small_cfg(patching=mode, **kw), entropy_model=ent)
     model.eval()
-    model(text_batch())                         # tunes the threshold on a sample batch (then fixed)
+    if ent is not None:
+        model.tune_threshold(text_batch()["tokens"])   # the explicit tuning step, on "training" text
     return model
 
 
@@ -101,9 +104,45 @@ def test_threshold_tuner_hits_target():
     ent = torch.rand(4, 200) * 4
     x = torch.zeros(4, 200, dtype=torch.long)
     for target in (2.0, 4.0, 6.0):
-        th = blt.tune_threshold(ent, x, "entropy", target)
+        th = blt.threshold_for(ent, x, "entropy", target)
         n = blt.patch_starts(x, "entropy", ent, th)[:, :-1].sum().item()
         assert abs(x.numel() / n - target) / target < 0.05
+
+
+@pytest.mark.parametrize("mode", ["entropy", "monotonic"])
+def test_threshold_tuned_once_at_build_same_on_every_rank_and_never_by_forward(mode):
+    ths = []
+    for rank in range(2):                       # two ranks / builds: different global RNG states, same threshold
+        torch.manual_seed(100 + rank)
+        model = BLT(small_cfg(patching=mode), entropy_model=entropy_model())
+        ths.append(float(model.threshold))
+    assert ths[0] == ths[1] and ths[0] != 0.0
+    sample = model.sample_bytes()               # the build-time sample: bytes from the entropy model, fixed seed
+    assert torch.equal(sample, model.sample_bytes()) and sample.shape == (16, 64) and int(sample.max()) < 256
+    x = sample + OFFSET                         # tuned on it: the mean patch size there is patch_size
+    n = blt.patch_starts(x, mode, model.entropies(x), ths[0], max_patch_len=6)[:, :-1].sum().item()
+    assert abs(x.numel() / n - 3.0) < 0.3
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for train_mode in (True, False):            # forward (train / eval) and generation never touch the threshold
+        model.train(train_mode)
+        model(text_batch(shift=train_mode))[1]
+    model.generate(text_batch(B=1)["tokens"][:, :8], 8)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    th = model.tune_threshold(text_batch(B=3)["tokens"])   # retuning is explicit (e.g. on training bytes)
+    assert th == float(model.threshold) and th != ths[0]
+
+
+def test_config_refuses_flags_without_effect():
+    with pytest.raises(ValueError, match="threshold 0"):
+        small_cfg(threshold=3.0, patch_size=6.0)            # explicit threshold: no tuning, patch_size unused
+    with pytest.raises(ValueError, match="--patching entropy or monotonic"):
+        small_cfg(patching="space", threshold=3.0)
+    with pytest.raises(ValueError, match="--patching entropy or monotonic"):
+        small_cfg(patching="static", entropy_ckpt="x.pt")
+    with pytest.raises(ValueError, match="no effect with --patching space"):
+        small_cfg(patching="space", patch_size=6.0)
+    model = BLT(small_cfg(threshold=1.5, patch_size=4.0), entropy_model=entropy_model())
+    assert float(model.threshold) == 1.5                    # a fixed threshold is used as given
 
 
 def test_hash_ids_match_reference_and_depend_only_on_ngram():

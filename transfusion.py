@@ -30,52 +30,41 @@ every patch sees its whole image. For classifier-free guidance the "unconditiona
 own patches and its <boi> (the condition, everything before, is masked out); training drops the condition this way
 with probability cfg.cond_dropout, so the same mask gives the unconditional prediction at sampling time.
 
-Where this departs from the paper, and why:
+Where this departs from the paper, and why (the measurements behind each choice: RESULTS.md):
   * no VAE: the toy images are 16x16x3 pixels in [-1, 1] cut into 16 patches of 4x4x3, standing in for latents.
   * the dense backbone is mot.Transformer with every untie_* off (the repo's dense baseline: RoPE, SwiGLU, RMSNorm),
     so dense vs MoT differs only in the untied weights. Pre-norm by default (the paper's Llama-2 blocks): with
-    mot.py's Chameleon post-norm the first attention sees raw embeddings, the encoded patches (norm ~6) outscale the
-    text embeddings (~1), and the patches learned to attend only to their own image (99% of the attention mass
-    after 600 steps): the caption was ignored and text -> image stayed at chance.
+    Chameleon's post-norm the first attention sees raw embeddings, the encoded patches outscale the text embeddings,
+    and the patches learned to attend only to their own image, ignoring the caption.
   * U-Net codec: the paper's U-Net down/up blocks condition on t with AdaLayerNorm; ours is a two-level conv U-Net
-    with AdaGroupNorm (scale/shift from the t embedding), skip connections around the transformer, ~50k params.
+    with AdaGroupNorm (scale/shift from the t embedding) and skip connections around the transformer.
   * the eps head is v-parametrized by default: the network outputs v and eps = sqrt(ab) v + sqrt(1 - ab) x_t
-    (cfg.eps_param = "v"; "direct" is the paper's plain eps output). The LOSS is still the paper's eps-MSE; only the
-    head changes. Why: at toy scale a plain eps head is ~0.01 off at t near T, and x_0 = (x_t - sqrt(1-ab) eps) /
-    sqrt(ab) multiplies that by up to 1/sqrt(ab) ~ 30-30000, so samples came out as saturated colour noise.
+    (cfg.eps_param = "v"; "direct" is the paper's plain eps output). The LOSS is still the paper's eps-MSE. Why: a
+    small error of a plain eps head at t near T is multiplied by 1/sqrt(ab) in x_0, and samples saturate.
   * each patch gets a learned embedding of its place in the image (cfg.patch_pos_emb), beside RoPE.
-  * the default codec is linear (cfg.patch_codec = "unet" is the paper's better one, ~1.4x slower per step on CPU):
-    the U-Net's eval diffusion loss is far lower (0.024 vs 0.061 at 2000 steps) but its images never used the
-    caption within 2000 steps (x_0-MSE with own = another caption), while the linear codec's began to at ~1500.
-  * sampling defaults to 50 DDIM steps (paper: 250 DDPM-family steps) to keep CPU evaluation fast;
-    cfg.sampler = "ddpm" and cfg.sample_steps = 250 give the paper's setting.
+  * the default codec is linear (cfg.patch_codec = "unet" is the paper's better one, slower on CPU): at toy scale
+    the U-Net reached a lower diffusion loss but its images began to use the caption later than the linear codec's.
+  * sampling defaults to 50 DDIM steps (paper: 250) to keep CPU evaluation fast; sampler="ddpm", sample_steps=250.
   * training reweights the per-image eps-MSE over t: cfg.loss_weight = "trunc_snr" (Salimans & Ho 2022, w =
-    max(SNR, 1) / SNR: eps-MSE below t = 500, x_0-MSE above; "uniform" = the paper, "min_snr" = Min-SNR-5; eval losses
-    stay plain eps-MSE). Why: at high t, where the caption decides the image, the eps-MSE of a wrong x_0 is ~SNR
-    (0.02 at t = 900) times its x_0-MSE. Measured with the eval metrics x0_mse_t0900 (own caption) vs ..._wrong
-    (another scene's): "uniform" leaves them equal to 4 decimals after 600 and 2000 steps; "trunc_snr" separates them
-    after ~1500 steps (gen_image_acc 0.44 vs chance 0.27 at 2000). Neither conditions in 600 steps.
+    max(SNR, 1) / SNR: eps-MSE below t = 500, x_0-MSE above; "uniform" = the paper, "min_snr" = Min-SNR-5; eval
+    losses stay plain eps-MSE). Why: at high t, where the caption decides the image, the eps-MSE of a wrong x_0 is
+    only ~SNR times its x_0-MSE, so with "uniform" the caption path was not learned at toy scale.
   * a partial image at the end of a packed row (data.py truncates) gets a diffusion loss on its present patches.
+  * each row's diffusion draws (t, noise, condition dropout) come from a generator seeded by the model's seed and
+    batch["row_id"], so any split of a batch (micro-batches, DDP ranks) trains on the same noise.
 Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics (a pixel scorer stands in).
-Status at toy scale (README): caption -> image is learned late: in 600 steps the caption is ignored (x_0-MSE the same
-with the right or a wrong caption); the caption path appears after ~1250-1500 steps with trunc_snr, so train.py's
-transfusion setting trains 4000 steps (~7 min on 2 CPU cores): gen_image_acc 0.59 / 0.69 vs chance 0.25 / 0.32
-(seeds 0 / 1; colour and rough place follow the caption, shapes do not), captions 0.72 / 0.65 vs 0.31 / 0.28.
-At 600 steps MoT reaches the dense final image loss at 87% of the FLOPs; LMFusion keeps its text model exactly but
-trails Transfusion-MoT from scratch at equal FLOPs (the paper reports the reverse).
 
 Run:   python train.py --model transfusion                         (dense, default setting "transfusion")
        python train.py --model transfusion --patch_codec=unet --eps_param=direct --loss_weight=uniform
        python train.py --compare transfusion,transfusion-mot --steps 600   (MoT backbone vs dense, equal FLOPs)
        python train.py --model lmfusion-base                       (text-only LM on data.py's "text" stream)
        python train.py --model lmfusion --lmfusion=out/lmfusion-base/ckpt.pt
-       python transfusion.py                                       (a 20-line demo)
-       python transfusion.py plot OUT.png RUN_DIR RUN_DIR ...      (eval curves of runs vs FLOPs)
-Read first: mot.py (the backbone).  Read next: mom.py (the Mamba backbones).
+       python transfusion.py                                       (a short demo)
+Read first: mot.py (the Transformer backbone), mom.py (the Mamba backbones).  Read next: megabyte.py.
 """
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -84,11 +73,20 @@ import torch.nn.functional as F
 import mot
 
 
+IMAGE = 1   # the modality id of image patches (data.py's IMAGE); every other position is a discrete token
+
+# image-only keys: on a text-only setting (n_modalities = 1) they have no effect
+IMAGE_KEYS = ("patch_codec", "unet_channels", "diffusion_steps", "schedule", "lam", "noise_limit", "image_attn",
+              "cond_dropout", "sampler", "sample_steps", "guidance", "clip_x0", "eps_param", "loss_weight",
+              "patch_pos_emb", "lmfusion")
+
+
 @dataclass
 class Config:
     # data (train.py copies these from ds.model_fields())
     vocab_size: int = 64
     n_modalities: int = 2
+    modality_names: tuple = ("text", "image")   # loss names in parts: loss_<name>; IMAGE names the image modality
     modality_offsets: tuple = (0, 64)
     seq_len: int = 256
     bos_id: int = 1
@@ -103,13 +101,13 @@ class Config:
     # backbone (Sec. 3.2: one transformer; MoT / Mamba / MoM via their files)
     backbone: str = "dense"             # dense | mot | mamba | mom
     n_layer: int = 2
-    n_head: int = 4
+    n_head: int = 4                     # attention heads (dense / mot)
     d_model: int = 64
     norm_placement: str = "pre"         # pre-norm, as the paper's Llama-2 blocks | post (Chameleon / MoT's default)
     qk_norm: bool = False               # RMSNorm on queries and keys per head (Chameleon's fix for logit growth)
     # Sec. 3.2: patch encoder/decoder (Sec. 4 compares linear vs U-Net)
-    patch_codec: str = "linear"         # linear | unet (the paper's better codec; slower on CPU, see README)
-    unet_channels: int = 16             # U-Net width at full resolution (x2 after the down block)
+    patch_codec: str = "linear"         # linear | unet (the paper's better codec; slower on CPU)
+    unet_channels: int = 16             # U-Net width at full resolution (x2 after the down block); patch_codec=unet
     # Sec. 2.2 / 3.4: diffusion
     diffusion_steps: int = 1000         # T
     schedule: str = "cosine"            # cosine (paper) | linear (DDPM's)
@@ -123,27 +121,41 @@ class Config:
     guidance: float = 3.0               # classifier-free guidance scale (1 = conditional only)
     clip_x0: bool = True                # clip the predicted x_0 to [-1, 1] at every sampling step
     eps_param: str = "v"                # direct: the network outputs eps | v: eps = sqrt(ab) v + sqrt(1-ab) x_t
-    loss_weight: str = "trunc_snr"      # uniform: plain eps-MSE (paper) | min_snr | trunc_snr (training only; README)
+    loss_weight: str = "trunc_snr"      # uniform: plain eps-MSE (paper) | min_snr | trunc_snr (training only)
     patch_pos_emb: bool = True          # a learned embedding of each patch's place in the image, added by the encoder
     # LMFusion
     lmfusion: str = ""                  # path to a text-only ckpt.pt (lmfusion-base); freezes text, trains image
 
-
-def _check_config(cfg):
-    choices = dict(backbone=("dense", "mot", "mamba", "mom"), patch_codec=("linear", "unet"),
-                   eps_param=("direct", "v"), loss_weight=("uniform", "min_snr", "trunc_snr"),
-                   schedule=("cosine", "linear"), image_attn=("bidirectional", "causal"), sampler=("ddim", "ddpm"))
-    for k, allowed in choices.items():
-        if getattr(cfg, k) not in allowed:
-            raise ValueError(f"{k}={getattr(cfg, k)!r} is unknown; use one of {', '.join(allowed)}")
-    if cfg.patch_dim != cfg.patch_size ** 2 * cfg.channels or cfg.n_patches != (cfg.image_size // cfg.patch_size) ** 2:
-        raise ValueError(f"patch_dim={cfg.patch_dim}, n_patches={cfg.n_patches} do not match image_size="
-                         f"{cfg.image_size}, patch_size={cfg.patch_size}, channels={cfg.channels}; take them from data.py")
-    if not 0 <= cfg.noise_limit <= cfg.diffusion_steps or not 0 < cfg.sample_steps <= cfg.diffusion_steps:
-        raise ValueError(f"need 0 <= noise_limit <= diffusion_steps and 0 < sample_steps <= diffusion_steps "
-                         f"(got {cfg.noise_limit}, {cfg.sample_steps}, {cfg.diffusion_steps})")
-    if cfg.lmfusion and cfg.backbone != "mot":
-        raise ValueError("LMFusion adds MoT-style image modules: use --backbone=mot (or --model lmfusion)")
+    def __post_init__(self):
+        choices = dict(backbone=("dense", "mot", "mamba", "mom"), patch_codec=("linear", "unet"),
+                       eps_param=("direct", "v"), loss_weight=("uniform", "min_snr", "trunc_snr"),
+                       schedule=("cosine", "linear"), image_attn=("bidirectional", "causal"), sampler=("ddim", "ddpm"))
+        for k, allowed in choices.items():
+            if getattr(self, k) not in allowed:
+                raise ValueError(f"{k}={getattr(self, k)!r} is unknown; use one of {', '.join(allowed)}")
+        if self.patch_dim != self.patch_size ** 2 * self.channels or \
+                self.n_patches != (self.image_size // self.patch_size) ** 2:
+            raise ValueError(f"patch_dim={self.patch_dim}, n_patches={self.n_patches} do not match image_size="
+                             f"{self.image_size}, patch_size={self.patch_size}, channels={self.channels}; take them "
+                             "from data.py")
+        if not 0 <= self.noise_limit <= self.diffusion_steps or not 0 < self.sample_steps <= self.diffusion_steps:
+            raise ValueError(f"need 0 <= noise_limit <= diffusion_steps and 0 < sample_steps <= diffusion_steps "
+                             f"(got {self.noise_limit}, {self.sample_steps}, {self.diffusion_steps})")
+        if len(self.modality_names) < self.n_modalities:
+            raise ValueError(f"modality_names={self.modality_names} names fewer than n_modalities="
+                             f"{self.n_modalities} modalities; take both from data.py's model_fields()")
+        if self.lmfusion and self.backbone != "mot":
+            raise ValueError("LMFusion adds MoT-style image modules: use --backbone=mot (or --model lmfusion)")
+        # a key that has no effect in this configuration is an error that names what enables it
+        default = {f.name: f.default for f in fields(self)}
+        for off, keys, needs in ((self.patch_codec != "unet", ("unet_channels",), "--patch_codec=unet"),
+                                 (self.backbone in ("mamba", "mom"), ("n_head", "norm_placement", "qk_norm",
+                                  "image_attn"), "an attention backbone (--backbone=dense or mot)"),
+                                 (self.n_modalities < 2, IMAGE_KEYS, "a setting with images (--setting transfusion)")):
+            bad = [k for k in keys if off and getattr(self, k) != default[k]]
+            if bad:
+                raise ValueError(f"--{bad[0]}={getattr(self, bad[0])} has no effect in this configuration; "
+                                 f"it needs {needs}")
 
 
 # --- Sec. 2.2: DDPM forward process, cosine schedule; DDPM and DDIM samplers --------------------------------------
@@ -192,9 +204,23 @@ class Diffusion(nn.Module):
                 beta = 1 - ab_t / ab_s
                 mean = ab_s.sqrt() * beta / (1 - ab_t) * x0 + (1 - beta).sqrt() * (1 - ab_s) / (1 - ab_t) * x
                 var = beta * (1 - ab_s) / (1 - ab_t)
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = mean + (var.sqrt() * noise if s >= 0 else 0)
+                x = mean + (var.sqrt() * randn(x.shape, generator, x.device) if s >= 0 else 0)
         return x
+
+
+def randn(shape, generator, device):
+    """torch.randn, or with a list of per-row generators one draw per row (so a batch equals its rows one by one)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def _groups(rows, key):
+    """rows grouped by key(row), in first-seen order."""
+    out = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return list(out.values())
 
 
 def timestep_embedding(t, dim):
@@ -316,12 +342,12 @@ def _build_backbone(cfg):
 class Transfusion(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        _check_config(cfg)
+        cfg.__post_init__()                             # checks a config changed after construction
         self.cfg = cfg
         self.backbone = _build_backbone(cfg)            # tok_emb, blocks, norm, lm_head (shared by modalities)
         self.codec = PatchCodec(cfg)                    # image-only modules: patch encoder/decoder + timestep MLP
         self.diffusion = Diffusion(cfg.diffusion_steps, cfg.schedule)
-        self._bucket_history = []                       # (label, per-bucket eval diffusion loss) for extra_plots
+        self.noise_seed = int(torch.randint(2 ** 31, ()))   # the model's seed for per-row diffusion draws (_draws)
         if cfg.lmfusion:
             self.load_lmfusion(cfg.lmfusion)
 
@@ -361,7 +387,12 @@ class Transfusion(nn.Module):
             raise ValueError(f"an image has more than n_patches={self.cfg.n_patches} patches; check image_index")
         return gid, slot, n_img
 
-    def _embed(self, tokens, modality, xt, t, gid, slot):
+    def _gather(self, v, gid, slot, n_img):
+        """Per-position values v (B, T, F) of every image -> (N_img, n_patches, F) (zeros where a patch is absent)."""
+        is_img = gid >= 0
+        return v.new_zeros(n_img, self.cfg.n_patches, v.shape[-1]).index_put((gid[is_img], slot[is_img]), v[is_img])
+
+    def _embed(self, tokens, xt, t, gid, slot):
         """Input vectors: token embeddings at text positions, encoded noisy patches at image positions."""
         x = self.backbone.tok_emb(tokens)                                             # (B, T, D)
         skips = None
@@ -373,10 +404,7 @@ class Transfusion(nn.Module):
 
     def _eps(self, h, gid, slot, n_img, ctx):
         """Gather the transformer outputs of every image back into (N_img, n_patches, D), decode to eps."""
-        hi = h.new_zeros(n_img, self.cfg.n_patches, h.shape[-1])
-        is_img = gid >= 0
-        hi = hi.index_put((gid[is_img], slot[is_img]), h[is_img])
-        out = self.codec.decode(hi, ctx).float()
+        out = self.codec.decode(self._gather(h, gid, slot, n_img), ctx).float()
         if self.cfg.eps_param == "v":
             # eps = sqrt(ab) v + sqrt(1 - ab) x_t: the network predicts v (Salimans & Ho 2022); the identity part of
             # eps at high noise is exact, so x_0 = sqrt(ab) x_t - sqrt(1 - ab) v has no 1/sqrt(ab) error blow-up
@@ -400,61 +428,75 @@ class Transfusion(nn.Module):
             if p is None or p.shape[:2] != tokens.shape or p.shape[2] != self.cfg.patch_dim:
                 raise ValueError(f"batch['patches'] must be (B, T, {self.cfg.patch_dim}) float at image positions; "
                                  "use data.make_data('transfusion')")
+        rid = batch.get("row_id")
+        if rid is not None and (rid.dtype != torch.long or tuple(rid.shape) != tokens.shape[:1]):
+            raise ValueError(f"batch['row_id'] must be an int64 tensor of shape ({tokens.shape[0]},); data.py makes it")
+
+    def _draws(self, batch, per_row, dev):
+        """The random numbers of every image (in gid order): u (N,) -> t, noise (N, n_patches, patch_dim) and
+        u_drop (N,) -> condition dropout. With batch["row_id"], each row draws from its own generator seeded by
+        (the model's seed, row_id), so a row gets the same draws in any split of the batch (micro-batches, DDP
+        ranks) and resume is exact; without it, torch's global RNG. Eval: fixed draws (seed 1234) either way."""
+        shape, rid = (self.cfg.n_patches, self.cfg.patch_dim), batch.get("row_id")
+        if rid is None:
+            g, n = (None if self.training else torch.Generator(device=dev).manual_seed(1234)), int(per_row.sum())
+            return (torch.rand(n, generator=g, device=dev), torch.randn(n, *shape, generator=g, device=dev),
+                    torch.rand(n, generator=g, device=dev))
+        base, draws = (self.noise_seed if self.training else 1234), []
+        for r, k in zip(rid.tolist(), per_row.tolist()):
+            g = torch.Generator().manual_seed(base * 2 ** 32 + r % 2 ** 32)   # on the CPU: the same on any device
+            draws.append((torch.rand(k, generator=g), torch.randn(k, *shape, generator=g), torch.rand(k, generator=g)))
+        return tuple(torch.cat(d).to(dev) for d in zip(*draws))
 
     # -- Sec. 3.4: L = L_LM + lambda * L_DDPM (Eq. 5) ---------------------------------------------------------------
     def forward(self, batch):
-        # batch: tokens/modality/targets (B, T), patches (B, T, patch_dim), image_index (B, T), image_first (B, T)
-        # -> logits (B, T, V), loss, parts {loss_text, loss_image}
+        # batch: tokens/modality/targets (B, T), patches (B, T, patch_dim), image_index (B, T), image_first (B, T),
+        # optional row_id (B,) -> logits (B, T, V), loss, parts {loss_<modality name>}
         self._check(batch)
         cfg, tokens, modality = self.cfg, batch["tokens"], batch["modality"]
-        dev = tokens.device
+        dev, names = tokens.device, cfg.modality_names
         image_index = batch.get("image_index", torch.full_like(tokens, -1))
         gid, slot, n_img = self._images(image_index)
         is_img = gid >= 0
         xt = t = noise = x0 = drop = None
         if n_img:
-            x0 = batch["patches"].new_zeros(n_img, cfg.n_patches, cfg.patch_dim)
-            x0 = x0.index_put((gid[is_img], slot[is_img]), batch["patches"][is_img].float())
-            valid = torch.zeros(n_img, cfg.n_patches, dtype=torch.bool, device=dev)
-            valid = valid.index_put((gid[is_img], slot[is_img]), torch.ones_like(gid[is_img], dtype=torch.bool))
-            # eval: a fixed set of noise draws and timesteps (same seed every call), so runs and models compare
-            g = None if self.training else torch.Generator(device=dev).manual_seed(1234)
+            x0 = self._gather(batch["patches"].float(), gid, slot, n_img)
+            valid = self._gather(is_img[..., None].float(), gid, slot, n_img)[..., 0]   # present patches
+            u, noise, u_drop = self._draws(batch, (image_index.max(1).values + 1).clamp(min=0), dev)
             # Sec. 3.4: every image gets its own t ~ U{0..T-1}
-            u = torch.rand(n_img, generator=g, device=dev)
             t_max = torch.full((n_img,), cfg.diffusion_steps, device=dev)
             if cfg.noise_limit and "image_first" in batch:
                 # Sec. 4 (image noising): an image that precedes its caption is noised at most to t = noise_limit
                 # (500), so the caption that follows learns from a recognisable image
-                first = torch.zeros(n_img, dtype=torch.bool, device=dev)
-                first = first.index_put((gid[is_img],), batch["image_first"][is_img])
+                first = self._gather(batch["image_first"][..., None].float(), gid, slot, n_img)[:, 0, 0] > 0
                 t_max = torch.where(first, torch.full_like(t_max, cfg.noise_limit), t_max)
             t = (u * t_max).long().clamp(max=cfg.diffusion_steps - 1)
             if "diffusion_t" in batch:                       # evaluation at one fixed t (loss per timestep bucket)
                 t = torch.full_like(t, int(batch["diffusion_t"]))
-            noise = torch.randn(x0.shape, generator=g, device=dev)
             xt = self.diffusion.q_sample(x0, t, noise)
             if self.training and cfg.cond_dropout > 0:       # classifier-free guidance: drop the caption sometimes
-                d_img = torch.rand(n_img, device=dev) < cfg.cond_dropout
-                drop = d_img[gid.clamp(min=0)] & is_img
-        x, skips = self._embed(tokens, modality, xt, t, gid, slot)
+                drop = (u_drop < cfg.cond_dropout)[gid.clamp(min=0)] & is_img
+        x, skips = self._embed(tokens, xt, t, gid, slot)
         mask = self.attention_mask(gid, drop) if n_img else None   # None = plain causal (text-only batch)
         h = self.backbone.forward_hidden(x, modality, mask)
         logits = self.backbone.lm_head(h)                           # (B, T, V)
         parts, loss = {}, None
         targets = batch.get("targets")
         if targets is not None:
-            # Sec. 2.1: LM loss on text positions only (text -> text / marker), never at or into a patch
-            lm_mask = (targets != -1) & (modality == 0) & ~is_img
+            # Sec. 2.1: LM loss on discrete positions (text -> text / marker), never at or into a patch
+            lm_mask = (targets != -1) & ~is_img
             ce = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
-            loss_lm = (ce * lm_mask.flatten()).sum() / lm_mask.sum().clamp(min=1)
-            loss = loss_lm
-            if lm_mask.any():
-                parts["loss_text"] = loss_lm.detach()
+            ce = ce.view_as(targets) * lm_mask
+            loss = ce.sum() / lm_mask.sum().clamp(min=1)
+            tm = batch.get("target_modality", modality)
+            for m in range(cfg.n_modalities):                  # reported per modality of the predicted token
+                sel = lm_mask & (tm == m)
+                if sel.any():
+                    parts[f"loss_{names[m]}"] = (ce[sel].sum() / sel.sum()).detach()
             if n_img:
                 # Sec. 2.2: epsilon-prediction MSE, averaged over each image's present patches, then over images
                 eps = self._eps(h, gid, slot, n_img, skips)
-                se = ((eps.float() - noise) ** 2).mean(-1) * valid
-                per_img = se.sum(1) / valid.sum(1).clamp(min=1)
+                per_img = (((eps - noise) ** 2).mean(-1) * valid).sum(1) / valid.sum(1).clamp(min=1)
                 if cfg.loss_weight != "uniform" and "diffusion_t" not in batch and self.training:
                     ab = self.diffusion.alpha_bar[t]
                     snr = ab / (1 - ab)
@@ -464,128 +506,144 @@ class Transfusion(nn.Module):
                         per_img = per_img * snr.clamp(min=1.0) / snr
                 loss_img = per_img.mean()
                 loss = loss + cfg.lam * loss_img
-                parts["loss_image"] = loss_img.detach()
+                parts[f"loss_{names[IMAGE]}"] = loss_img.detach()
         return logits, loss, parts
 
     # -- inference: noise prediction with classifier-free guidance ----------------------------------------------------
-    def predict_eps(self, prefix, xt, t, guidance=None):
-        """prefix: (B, Tp) int64 ending with <boi>; xt: (B, n_patches, patch_dim); t: (B,) -> guided eps (B, n, pd).
+    def predict_eps(self, prefix, xt, t, guidance=None, image_index=None, patches=None):
+        """prefix: (B, Tp) int64 ending with <boi>, with earlier images given by image_index (B, Tp) and clean
+        patches (B, Tp, patch_dim); xt: (B, n_patches, patch_dim) the new image at time t (B,) -> guided eps.
+        Earlier images enter as images (clean, t = 0, with the image mask), as in training.
         eps = eps_uncond + g (eps_cond - eps_uncond), written eps_cond + (g - 1)(eps_cond - eps_uncond) so g = 1 is
         exactly the conditional prediction. Both passes run as one batch of 2B."""
         cfg, g = self.cfg, self.cfg.guidance if guidance is None else guidance
-        B, Tp = prefix.shape
-        n = cfg.n_patches
+        (B, Tp), n = prefix.shape, cfg.n_patches
+        ii = prefix.new_full((B, Tp), -1) if image_index is None else image_index
+        pp = xt.new_zeros(B, Tp, cfg.patch_dim) if patches is None else patches.to(xt.dtype)
+        new_id = (ii.max(1).values + 1).clamp(min=0)                       # index of the new image in its row
+        ii = torch.cat([ii, new_id[:, None].expand(B, n)], 1).repeat(2, 1)
         tokens = torch.cat([prefix, prefix.new_zeros(B, n)], 1).repeat(2, 1)
-        image_index = torch.cat([prefix.new_full((B, Tp), -1), prefix.new_zeros(B, n)], 1).repeat(2, 1)
-        modality = (image_index >= 0).long()
-        gid, slot, n_img = self._images(image_index)
-        drop = (image_index >= 0) & (torch.arange(2 * B, device=prefix.device) >= B)[:, None]  # 2nd half: uncond
-        x, skips = self._embed(tokens, modality, xt.repeat(2, 1, 1), t.repeat(2), gid, slot)
-        h = self.backbone.forward_hidden(x, modality, self.attention_mask(gid, drop))
-        eps_c, eps_u = self._eps(h, gid, slot, n_img, skips).float().chunk(2)
+        gid, slot, n_img = self._images(ii)
+        x_img = self._gather(torch.cat([pp, xt.new_zeros(B, n, cfg.patch_dim)], 1).repeat(2, 1, 1), gid, slot, n_img)
+        new = gid[:, -1]                                                   # global id of each row's new image
+        x_img[new] = xt.repeat(2, 1, 1)
+        t_img = torch.zeros(n_img, dtype=torch.long, device=xt.device).index_put((new,), t.repeat(2))
+        drop = (gid == new[:, None]) & (torch.arange(2 * B, device=xt.device) >= B)[:, None]   # 2nd half: uncond
+        x, skips = self._embed(tokens, x_img, t_img, gid, slot)
+        h = self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, self.attention_mask(gid, drop))
+        eps_c, eps_u = self._eps(h, gid, slot, n_img, skips)[new].chunk(2)
         return eps_c + (g - 1) * (eps_c - eps_u)
 
     @torch.no_grad()
-    def generate_image(self, prefix, guidance=None, sampler=None, steps=None, generator=None):
-        """Text -> image. prefix: (B, Tp) int64 ending with <boi> -> patches (B, n_patches, patch_dim) in [-1, 1]."""
+    def generate_image(self, prefix, guidance=None, sampler=None, steps=None, generator=None, image_index=None,
+                       patches=None):
+        """Text (and earlier images) -> image. prefix: (B, Tp) int64, every row ending with <boi>; image_index,
+        patches: earlier images (see predict_eps). generator: one torch.Generator, or a list with one per row (a row
+        then gets the same image in any batch). -> patches (B, n_patches, patch_dim) in [-1, 1]."""
         cfg = self.cfg
-        if prefix.dim() != 2 or prefix.dtype != torch.long or int(prefix[0, -1]) != cfg.boi_id:
+        if prefix.dim() != 2 or prefix.dtype != torch.long or bool((prefix[:, -1] != cfg.boi_id).any()):
             raise ValueError(f"generate_image: prefix must be an int64 (B, T) ending with <boi> (id {cfg.boi_id})")
         was = self.training
         self.eval()
-        B, dev = prefix.shape[0], prefix.device
-        x = torch.randn(B, cfg.n_patches, cfg.patch_dim, generator=generator, device=dev)   # x_T
-        out = self.diffusion.sample(lambda xt, t: self.predict_eps(prefix, xt, t, guidance), x,
-                                    steps or cfg.sample_steps, sampler or cfg.sampler, cfg.clip_x0, generator)
+        x = randn((prefix.shape[0], cfg.n_patches, cfg.patch_dim), generator, prefix.device)   # x_T
+        out = self.diffusion.sample(lambda xt, t: self.predict_eps(prefix, xt, t, guidance, image_index, patches),
+                                    x, steps or cfg.sample_steps, sampler or cfg.sampler, cfg.clip_x0, generator)
         self.train(was)
         return out
 
     def _hidden_of(self, tokens, image_index, patches, caches=None, pos0=0):
         """Clean-context forward for text decoding: images in the context enter at t = 0 (no noise)."""
         gid, slot, n_img = self._images(image_index)
-        is_img = gid >= 0
         xt = t = None
         if n_img:
-            xt = patches.new_zeros(n_img, self.cfg.n_patches, self.cfg.patch_dim)
-            xt = xt.index_put((gid[is_img], slot[is_img]), patches[is_img])
+            xt = self._gather(patches, gid, slot, n_img)
             t = torch.zeros(n_img, dtype=torch.long, device=tokens.device)
-        modality = is_img.long()
-        x, _ = self._embed(tokens, modality, xt, t, gid, slot)
+        x, _ = self._embed(tokens, xt, t, gid, slot)
         mask = self.attention_mask(gid) if n_img else None
-        if caches is None:
-            return self.backbone.forward_hidden(x, modality, mask)
-        return self.backbone.forward_hidden(x, modality, mask, caches=caches, pos0=pos0)
+        return self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, mask,
+                                            **(dict(caches=caches, pos0=pos0) if caches is not None else {}))
+
+    def _text_step(self, grp, temperature):
+        """One decoding step for rows of equal length and equal cached length (one batch): the KV cache (dense /
+        MoT) holds what each row has already read; a row's cache is dropped after an image, which is read again
+        whole with its bidirectional mask."""
+        done = grp[0]["done"]
+        tok, ii, pp = (torch.stack([r[k] for r in grp])[:, done:] for k in ("tok", "ii", "pp"))
+        caches = None
+        if self.cfg.backbone in ("dense", "mot"):
+            caches = [{k: torch.cat([r["cache"][i][k] for r in grp]) for k in ("k", "v")} if done else {}
+                      for i in range(len(self.backbone.blocks))]
+        logits = self.backbone.lm_head(self._hidden_of(tok, ii, pp, caches, done)[:, -1]).float()
+        for j, r in enumerate(grp):
+            nxt = (torch.multinomial(F.softmax(logits[j] / temperature, -1), 1, generator=r["g"]) if temperature > 0
+                   else logits[j].argmax(-1, keepdim=True))
+            if caches is not None:
+                r["cache"], r["done"] = [{k: c[k][j:j + 1] for k in c} for c in caches], len(r["tok"])
+            r["tok"], r["ii"] = torch.cat([r["tok"], nxt]), torch.cat([r["ii"], r["ii"].new_full((1,), -1)])
+            r["pp"] = torch.cat([r["pp"], r["pp"].new_zeros(1, self.cfg.patch_dim)])
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, patches=None, image_index=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0, patches=None, image_index=None, seeds=None):
         """Text decoding (greedy at temperature 0), optionally after images given as patches (captioning).
         idx: (B, Tp) int64; patches: (B, Tp, patch_dim) and image_index: (B, Tp) where idx holds images.
-        When a <boi> is generated, the whole image is generated by diffusion, then <eoi>, then text again.
-        Returns tokens (B, Tp + max_new_tokens) (placeholder id 0 at generated patch positions); the generated
-        images are kept in self.last_images. With the dense/MoT backbone, text steps use the KV cache."""
+        Each row decodes on its own: when a row's last token is <boi> (and the image fits), that row switches to
+        diffusion mode (n_patches noise patches denoised in full, its earlier images read as images), then <eoi>,
+        then text again. Rows of equal length run as one batch, so a batch gives what each row gives alone.
+        seeds: one int per row for its sampling and sampler noise (default: drawn from torch's RNG).
+        Returns tokens (B, Tp + max_new_tokens) (placeholder id 0 at generated patch positions); self.last_images[b]
+        lists row b's generated images (n_patches, patch_dim). With the dense/MoT backbone, text uses the KV cache."""
         cfg = self.cfg
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
             raise ValueError("generate: idx must be an int64 tensor of shape (B, T)")
         if idx.shape[1] + max_new_tokens > cfg.seq_len:
             raise ValueError(f"generate: {idx.shape[1]} + {max_new_tokens} > seq_len={cfg.seq_len}; generate less")
-        B, dev = idx.shape[0], idx.device
+        (B, Tp), dev, end, n = idx.shape, idx.device, idx.shape[1] + max_new_tokens, cfg.n_patches
         if image_index is None:
-            image_index = torch.full_like(idx, -1)
-            patches = torch.zeros(*idx.shape, cfg.patch_dim, device=dev)
+            image_index, patches = torch.full_like(idx, -1), torch.zeros(B, Tp, cfg.patch_dim, device=dev)
+        seeds = torch.randint(2 ** 62, (B,)).tolist() if seeds is None else [int(s) for s in seeds]
+        rows = [dict(b=b, tok=idx[b], ii=image_index[b], pp=patches[b].float(), done=0,
+                     g=torch.Generator(device=dev).manual_seed(seeds[b])) for b in range(B)]
+        self.last_images = [[] for _ in range(B)]
         was = self.training
         self.eval()
-        self.last_images = []
-        cached = cfg.backbone in ("dense", "mot")
-        out, ii, pp = idx, image_index, patches
-        caches, done = ([dict() for _ in self.backbone.blocks], 0) if cached else (None, 0)
-        while out.shape[1] < idx.shape[1] + max_new_tokens:
-            if cached:   # feed only what the cache has not seen yet
-                h = self._hidden_of(out[:, done:], ii[:, done:], pp[:, done:], caches, done)
-                done = out.shape[1]
-            else:
-                h = self._hidden_of(out, ii, pp)
-            logits = self.backbone.lm_head(h[:, -1]).float()
-            nxt = (torch.multinomial(F.softmax(logits / temperature, -1), 1) if temperature > 0
-                   else logits.argmax(-1, keepdim=True))
-            out = torch.cat([out, nxt], 1)
-            ii = torch.cat([ii, ii.new_full((B, 1), -1)], 1)
-            pp = torch.cat([pp, pp.new_zeros(B, 1, cfg.patch_dim)], 1)
-            room = idx.shape[1] + max_new_tokens - out.shape[1]
-            if bool((nxt == cfg.boi_id).all()) and room >= cfg.n_patches + 1:
-                # decoding switches to diffusion mode: n noise patches denoised in full, then <eoi>
-                img = self.generate_image(out)
-                self.last_images.append(img)
-                n_prev = int(ii.max()) + 1
-                out = torch.cat([out, out.new_zeros(B, cfg.n_patches), out.new_full((B, 1), cfg.eoi_id)], 1)
-                ii = torch.cat([ii, ii.new_full((B, cfg.n_patches), n_prev), ii.new_full((B, 1), -1)], 1)
-                pp = torch.cat([pp, img, pp.new_zeros(B, 1, cfg.patch_dim)], 1)
-                caches, done = ([dict() for _ in self.backbone.blocks], 0) if cached else (None, 0)
+        while True:
+            boi = [r for r in rows if int(r["tok"][-1]) == cfg.boi_id and end - len(r["tok"]) >= n + 1]
+            for grp in _groups(boi, lambda r: len(r["tok"])):       # diffusion mode, rows of one length batched
+                st = {k: torch.stack([r[k] for r in grp]) for k in ("tok", "ii", "pp")}
+                imgs = self.generate_image(st["tok"], generator=[r["g"] for r in grp], image_index=st["ii"],
+                                           patches=st["pp"])
+                for r, img in zip(grp, imgs):
+                    k = int(r["ii"].max()) + 1
+                    r["tok"] = torch.cat([r["tok"], r["tok"].new_zeros(n), r["tok"].new_full((1,), cfg.eoi_id)])
+                    r["ii"] = torch.cat([r["ii"], r["ii"].new_full((n,), k), r["ii"].new_full((1,), -1)])
+                    r["pp"] = torch.cat([r["pp"], img, img.new_zeros(1, cfg.patch_dim)])
+                    r["done"] = 0                                     # read the image again, whole (its mask)
+                    self.last_images[r["b"]].append(img)
+            live = [r for r in rows if len(r["tok"]) < end]
+            if not live:
+                break
+            for grp in _groups(live, lambda r: (len(r["tok"]), r["done"])):
+                self._text_step(grp, temperature)
         self.train(was)
-        return out[:, :idx.shape[1] + max_new_tokens]
+        return torch.stack([r["tok"] for r in rows])
 
     # -- evaluation: generation scored by data.py, diffusion loss per timestep bucket ---------------------------------
     @torch.no_grad()
     def gen_metrics(self, ds, n=32):
         """Caption -> image (scored by ds.score_image_pixels) and image -> caption (ds.score_captions), on n fixed
-        scenes with fixed sampler noise; plus the eval diffusion loss in 10 timestep buckets (for extra_plots)."""
+        scenes with fixed sampler noise; the caption dependence; the eval diffusion loss in 10 timestep buckets."""
         if getattr(ds, "setting", None) != "transfusion":
             return {}
-        self._ds = ds                                   # extra_plots draws its sample grid from the same scenes
-        dev = next(self.parameters()).device
-        ex = ds.scenes(n)
+        cfg, dev, ex = self.cfg, next(self.parameters()).device, ds.scenes(n)
         truth = [e["scene"] for e in ex]
         imgs = self.images_for_captions([e["caption"] for e in ex])
         gen_acc, gen_chance = ds.score_image_pixels(imgs.float().cpu().numpy(), truth)
-        # image -> caption: <bos> <boi> clean image <eoi> => caption (greedy), image given clean (t = 0)
-        cfg = self.cfg
-        img = torch.stack([torch.as_tensor(e["image"]) for e in ex]).to(dev) * 2 - 1
-        n_pre = 2 + cfg.n_patches + 1
+        # image -> caption: <bos> <boi> clean image <eoi> => caption (greedy, batched, KV cache), image at t = 0
         idx = torch.tensor([[cfg.bos_id, cfg.boi_id] + [0] * cfg.n_patches + [cfg.eoi_id]] * n, device=dev)
-        ii = torch.full_like(idx, -1)
-        ii[:, 2:2 + cfg.n_patches] = 0
-        pp = torch.zeros(n, n_pre, cfg.patch_dim, device=dev)
-        pp[:, 2:2 + cfg.n_patches] = patchify(img, cfg)
-        caps = self.generate(idx, 14, patches=pp, image_index=ii)[:, n_pre:]
+        ii = torch.where((idx == 0), 0, -1)
+        pp = torch.zeros(n, idx.shape[1], cfg.patch_dim, device=dev)
+        pp[:, 2:2 + cfg.n_patches] = patchify(torch.stack([torch.as_tensor(e["image"]) for e in ex]).to(dev) * 2 - 1, cfg)
+        caps = self.generate(idx, 14, patches=pp, image_index=ii, seeds=range(n))[:, idx.shape[1]:]
         cap_acc, cap_chance = ds.score_captions(caps.cpu().numpy(), truth)
         out = dict(gen_image_acc=gen_acc, gen_image_chance=gen_chance, caption_acc=cap_acc, caption_chance=cap_chance)
         out.update(self.caption_dependence(ex))
@@ -639,64 +697,14 @@ class Transfusion(nn.Module):
     @torch.no_grad()
     def loss_by_t(self, batch, n_buckets=10):
         """Eval diffusion loss at the centre t of each of n_buckets equal timestep buckets (fixed noise draws)."""
-        was = self.training
+        was, dev, name, res = self.training, next(self.parameters()).device, self.cfg.modality_names[IMAGE], {}
         self.eval()
-        dev = next(self.parameters()).device
         batch = {k: v.to(dev) for k, v in batch.items()}
-        T = self.cfg.diffusion_steps
-        res = {}
         for k in range(n_buckets):
-            t = int((k + 0.5) * T / n_buckets)
-            res[f"loss_image_t{t:04d}"] = float(self({**batch, "diffusion_t": t})[2]["loss_image"])
-        self._bucket_history.append(res)
+            t = int((k + 0.5) * self.cfg.diffusion_steps / n_buckets)
+            res[f"loss_{name}_t{t:04d}"] = float(self({**batch, "diffusion_t": t})[2][f"loss_{name}"])
         self.train(was)
         return res
-
-    def extra_plots(self, out_dir):
-        """Diffusion loss per timestep bucket (first and last evaluation) -> out_dir/transfusion_loss_by_t.png,
-        and generated samples beside their captions -> out_dir/transfusion_samples.png."""
-        if not self._bucket_history:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        if getattr(self, "_ds", None) is not None:
-            self.save_samples(self._ds, os.path.join(out_dir, "transfusion_samples.png"))
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for label, res in (("first eval", self._bucket_history[0]), ("last eval", self._bucket_history[-1])):
-            ts = [int(k[-4:]) for k in res]
-            ax.plot(ts, list(res.values()), marker="o", label=label)
-        ax.set(xlabel="diffusion timestep t (bucket centre)", ylabel="eval eps-MSE", yscale="log",
-               title=f"Transfusion ({self.cfg.backbone}): diffusion loss by t")
-        ax.legend()
-        fig.tight_layout()
-        os.makedirs(out_dir, exist_ok=True)
-        fig.savefig(os.path.join(out_dir, "transfusion_loss_by_t.png"), dpi=120)
-        plt.close(fig)
-
-    @torch.no_grad()
-    def save_samples(self, ds, path, n=8, guidance=None):
-        """A PNG grid: for n fixed eval captions, the generated image (top) above the data's own image (bottom)."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import data
-        ex = ds.scenes(n)
-        imgs = self.images_for_captions([e["caption"] for e in ex], guidance=guidance).float().cpu()
-        fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.9))
-        for k, e in enumerate(ex):
-            words = [data.WORDS[i] for i in e["caption"] if i < len(data.WORDS)]
-            axes[0, k].imshow(((imgs[k] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy())
-            axes[0, k].set_title("\n".join([" ".join(words[j:j + 4]) for j in range(0, len(words), 4)]), fontsize=6)
-            axes[1, k].imshow(e["image"].transpose(1, 2, 0))
-            for a in axes[:, k]:
-                a.set_xticks([]), a.set_yticks([])
-        axes[0, 0].set_ylabel("generated", fontsize=8)
-        axes[1, 0].set_ylabel("data", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
 
     # -- LMFusion: a frozen text LM + trainable image copies of every module -----------------------------------------
     def load_lmfusion(self, path):
@@ -745,46 +753,12 @@ MODELS = {
     "lmfusion-base": (Config, Transfusion, "text", dict(backbone="mot")),
     "lmfusion": (Config, Transfusion, "transfusion", dict(backbone="mot", lmfusion="out/lmfusion-base/ckpt.pt")),
 }
-
-
-def plot_runs(run_dirs, path, keys=("eval_loss_image", "eval_loss_text", "gen_image_acc", "caption_acc")):
-    """Eval curves of several train.py runs (their metrics.jsonl) against training FLOPs, one panel per key; the
-    accuracy panels show the chance level dashed. Prints the FLOPs each run needs to reach the FIRST run's final
-    eval_loss_image. Used for docs/transfusion_compare.png and docs/transfusion_lmfusion.png."""
-    import json
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = {}
-    for d in run_dirs:
-        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
-        runs[os.path.basename(os.path.normpath(d))] = [r for r in rows if "eval_loss" in r]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2))
-    for ax, k in zip(axes, keys):
-        for name, ev in runs.items():
-            ev = [r for r in ev if k in r]
-            line, = ax.plot([r["flops"] for r in ev], [r[k] for r in ev], "o-", ms=3, label=name)
-            chance = k.replace("_acc", "_chance")
-            if chance != k and ev and chance in ev[-1]:
-                ax.plot([r["flops"] for r in ev], [r[chance] for r in ev], "--", color=line.get_color(), alpha=0.5)
-        ax.set(title=k, xlabel="training FLOPs")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    first = list(runs.values())[0]
-    target, total = first[-1]["eval_loss_image"], first[-1]["flops"]
-    for name, ev in runs.items():
-        hit = next((r["flops"] for r in ev if r.get("eval_loss_image", 1e9) <= target), None)
-        print(f"{name:18s} final eval_loss_image {ev[-1]['eval_loss_image']:.4f}  reaches {target:.4f} at "
-              + (f"{hit / total:.0%} of the first run's FLOPs" if hit is not None else "- (not reached)"))
+# train.py refuses other settings: Transfusion needs continuous images (only data.py's "transfusion" setting has
+# them; on "chameleon" / "speech" it would silently train a text-only LM), and lmfusion-base is the text-only LM
+SUPPORTED_SETTINGS = {name: (setting,) for name, (_, _, setting, _) in MODELS.items()}
 
 
 if __name__ == "__main__":
-    import sys
-    if sys.argv[1:2] == ["plot"]:       # python transfusion.py plot OUT.png RUN_DIR RUN_DIR ...
-        plot_runs(sys.argv[3:], sys.argv[2])
-        sys.exit(0)
     import data
     torch.manual_seed(0)
     ds = data.make_data("transfusion", seq_len=128)

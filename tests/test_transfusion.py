@@ -15,15 +15,15 @@ import transfusion as tf  # noqa: E402
 torch.set_num_threads(1)
 
 
-def tiny_cfg(**over):
-    ds = data.make_data("transfusion", seq_len=64)
-    cfg = tf.Config(d_model=32, n_layer=1, n_head=2, unet_channels=8, sample_steps=4)
-    for k, v in ds.model_fields().items():
-        if hasattr(cfg, k):
-            setattr(cfg, k, v)
-    for k, v in over.items():
-        setattr(cfg, k, v)
-    return cfg, ds
+def tiny_cfg(setting="transfusion", **over):
+    ds = data.make_data(setting, seq_len=64)
+    size = dict(d_model=32, n_layer=1, **(dict(sample_steps=4) if setting == "transfusion" else {}))
+    if over.get("backbone") not in ("mamba", "mom"):
+        size["n_head"] = 2
+    if over.get("patch_codec") == "unet":
+        size["unet_channels"] = 8
+    fields = {k: v for k, v in ds.model_fields().items() if hasattr(tf.Config, k)}
+    return tf.Config(**{**size, **fields, **over}), ds
 
 
 def tiny(**over):
@@ -173,7 +173,7 @@ def test_guidance_one_equals_conditional_and_uncond_ignores_caption():
         B, Tp = prefix.shape
         ii = torch.cat([torch.full((B, Tp), -1), torch.zeros(B, cfg.n_patches, dtype=torch.long)], 1)
         gid, slot, n = model._images(ii)
-        x, skips = model._embed(torch.cat([prefix, torch.zeros_like(ii[:, Tp:])], 1), (ii >= 0).long(), xt, t, gid, slot)
+        x, skips = model._embed(torch.cat([prefix, torch.zeros_like(ii[:, Tp:])], 1), xt, t, gid, slot)
         eps_c = model._eps(model.backbone.forward_hidden(x, (ii >= 0).long(), model.attention_mask(gid)), gid, slot, n, skips)
         assert torch.allclose(model.predict_eps(prefix, xt, t, guidance=1.0), eps_c, atol=1e-5)
         # unconditional = the image after a bare <boi> (RoPE is relative: the masked prefix must not matter)
@@ -216,7 +216,7 @@ def hidden(model, b):
     x0 = torch.zeros(n, model.cfg.n_patches, model.cfg.patch_dim).index_put(
         (gid[gid >= 0], slot[gid >= 0]), b["patches"][gid >= 0])
     t = torch.full((n,), 100)
-    x, _ = model._embed(b["tokens"], b["modality"], x0, t, gid, slot)
+    x, _ = model._embed(b["tokens"], x0, t, gid, slot)
     return model.backbone.forward_hidden(x, b["modality"], model.attention_mask(gid))
 
 
@@ -250,7 +250,7 @@ def test_generate_switches_to_diffusion_on_boi():
         lambda m, i, o: torch.nn.functional.one_hot(torch.full(o.shape[:-1], cfg.boi_id), o.shape[-1]).float())
     out = model.generate(torch.tensor([[cfg.bos_id]]), cfg.n_patches + 3)
     assert out[0, 1] == cfg.boi_id and out[0, 2 + cfg.n_patches] == cfg.eoi_id
-    assert len(model.last_images) == 1 and model.last_images[0].shape == (1, cfg.n_patches, cfg.patch_dim)
+    assert len(model.last_images[0]) == 1 and model.last_images[0][0].shape == (cfg.n_patches, cfg.patch_dim)
 
 
 def test_loss_falls():
@@ -280,10 +280,7 @@ def test_loss_falls():
 def test_lmfusion_text_frozen_and_text_logits_unchanged(tmp_path):
     torch.manual_seed(0)
     text_ds = data.make_data("text", seq_len=64)
-    base_cfg, _ = tiny_cfg(backbone="mot")
-    for k, v in text_ds.model_fields().items():
-        if hasattr(base_cfg, k):
-            setattr(base_cfg, k, v)
+    base_cfg, _ = tiny_cfg("text", backbone="mot")
     base = tf.Transfusion(base_cfg)
     opt = torch.optim.AdamW(base.parameters(), lr=1e-2)
     for i in range(3):                                            # a little text-only training

@@ -29,7 +29,7 @@ How training and inference route (cfg.routing picks the routing used outside tra
                       (MoD likewise): causal, what `generate` uses with its KV cache. The headline eval loss.
     "ec"              the training routing at eval: the paper's pre-training loss, which a model that generates
                       token by token cannot reach (an expert's top-k sees future tokens and the other rows).
-    With cfg.eval_both the eval also runs the other routing and reports it under its own name: loss_ec,
+    Every eval (with aux routers) also runs the other routing and reports it under its own name: loss_ec,
     loss_<modality>_ec beside the causal loss, loss_<modality> (loss_*_aux when routing="ec"). The gap between the
     two is the quality that causal inference loses.
 Expert choice's capacity k_e is computed over the tokens of ONE forward pass (all its rows), so the training loss
@@ -58,8 +58,7 @@ Departures: the EC batch is the whole forward batch (B x T tokens of a modality)
 shared (only the FFN is modality-aware, as in the paper); upcycling splits the parent FFN's hidden units into
 the experts when they are narrower and scales down-projections by s / c (see MoMa.upcycle) so the expected FFN
 output equals the parent's; the MoD block output is scaled by sigmoid(router) (Raposo et al. use the raw weight).
-The eval pass runs the model twice (aux and EC routing) when cfg.eval_both: measure inference FLOPs with
---eval_both=false.
+The eval pass runs the model twice (aux and EC routing); train.py counts FLOPs on training passes only.
 For plots: MoMa.history holds one record per eval forward (routed fraction per layer and expert under each
 routing, aux-router accuracy per layer); MoMa.aux_parameters() lists the auxiliary routers' parameters.
 Run:  python train.py --compare dense,mot,moma --setting chameleon
@@ -103,7 +102,6 @@ class Config:
     aux_hidden: int = 16
     aux_threshold: float = 0.5
     routing: str = "aux"          # routing outside training: "aux" (causal, generate's) or "ec" (non-causal)
-    eval_both: bool = True        # eval also reports the other routing's losses: loss*_ec (or loss*_aux)
     # Sec. 2.3: mixture-of-depths
     mod: bool = False
     mod_capacity: float = 0.25    # fraction of each row's tokens that go through a MoD layer
@@ -439,7 +437,7 @@ class MoMa(nn.Module):
             parts.update(self._router_parts(stats))
         if not self.training and routing is None:  # an eval: the other routing beside, and a record for the plots
             rec = {"mode": mode, **self._record(mode, stats)}
-            if self.cfg.eval_both and self.cfg.aux_router:
+            if self.cfg.aux_router:
                 other = "aux" if mode == "ec" else "ec"
                 with torch.no_grad():
                     xo, st_o = self.trunk(tokens, modality, other)

@@ -33,8 +33,9 @@ Departures: byte 0 pads the tail when T+1 is not a multiple of P (only future po
 layers are residual with a GELU (the paper names the widths, not the wiring). Strided inference drops the first
 P/2 bytes for the shifted pass (instead of inventing filler bytes), so that pass loses P/2 bytes of context.
 w^GL starts at the embeddings' scale (a toy-scale need: with the default init the untrained global slots drown the
-previous-byte embedding and training stalls for ~100 steps). At toy scale the loss is highest at p = 0, not at the
-end of a patch as in the paper (Fig. 5), so strided inference does not help here (docs/megabyte_patch_position.png).
+previous-byte embedding and training stalls at first). Whether strided inference helps depends on where in a patch
+the loss is highest (the paper's Fig. 5): `patch_position_bits()` returns the latest eval's loss by p.
+`patch_layout(T)` says, for each trainer position, which patch and slot predicts it and what each model reads.
 Left out: the paper's model sizes and data (PG-19, ImageNet-64, audio); here toy sizes on toy bytes.
 Run:  python train.py --compare dense,megabyte --setting bytes      Read next: blt.py (dynamic patches)
 """
@@ -218,7 +219,8 @@ class Megabyte(nn.Module):
         nn.init.normal_(self.w_gl.weight, std=0.02 / math.sqrt(DG))
         nn.init.normal_(self.global_pad, std=0.02)
         nn.init.normal_(self.local_pad, std=0.02)
-        self.register_buffer("patch_pos_loss", torch.zeros(2, P), persistent=False)  # eval loss by p (plot)
+        # latest eval's summed loss (nats) [0] and count [1] by paper index p in patch: patch_position_bits()
+        self.register_buffer("patch_pos_loss", torch.zeros(2, P), persistent=False)
 
     @staticmethod
     def _init(m):
@@ -381,26 +383,26 @@ class Megabyte(nn.Module):
             step_logits.append(self.head(hl[:, 0]))
         return out, torch.stack(step_logits, 1)
 
-    def extra_plots(self, out_dir):
-        """Eval loss by byte index within a patch (the paper's reason for strided inference, Sec. 2.3.3)."""
+    # --- public views for figures and teaching (no plotting here: plots.py draws them) -----------------------
+    def patch_position_bits(self):
+        """Latest evaluation's loss in bits per byte by index p of the predicted byte in its patch (P,), or None
+        before any eval: the quantity behind the paper's Fig. 5 and its reason for strided inference (Sec. 2.3.3)."""
         s, n = self.patch_pos_loss.cpu()
-        if n.sum() == 0:
-            return
-        import os
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        plt.figure(figsize=(4, 3))
-        plt.plot(range(len(s)), (s / n.clamp(min=1) / math.log(2)).numpy(), "o-")
-        plt.xlabel("byte index p within patch")
-        plt.ylabel("eval bits per byte")
-        plt.title("MEGABYTE loss by patch position")
-        plt.tight_layout()
-        plt.savefig(os.path.join(out_dir, "megabyte_patch_position.png"), dpi=100)
-        plt.close()
+        return None if n.sum() == 0 else s / n.clamp(min=1) / math.log(2)
+
+    def patch_layout(self, T):
+        """Where each of T trainer positions sits in the paper's layout (trainer position t predicts byte t+1 =
+        paper position t+1). Returns int64 tensors (T,): `patch` k and `slot` p of the prediction; `global_sees`
+        = kP, the bytes [0, kP) the global model has read (earlier patches only); `local_reads` = the input byte
+        the local model reads at that slot (kP + p - 1; -1 = E^local-pad at p = 0)."""
+        P = self.cfg.patch_size
+        j = torch.arange(1, T + 1)
+        k, p = j // P, j % P
+        return dict(patch=k, slot=p, global_sees=k * P, local_reads=torch.where(p == 0, -1, j - 1))
 
 
 MODELS = {"megabyte": (Config, Megabyte, "bytes", dict())}
+SUPPORTED_SETTINGS = {"megabyte": ("bytes", "text")}   # one token stream; train.py refuses others
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ CEMA, paper vs official code (this file follows the CODE):
   bias Re sum_n gamma_n q_n^{t+1} h0 when a state is carried. Here cema_impl="scan" runs the complex recurrence
   with kernels.linear_scan (Triton on CUDA, torch on CPU) and cema_impl="fft" the FFT convolution; tests check
   both against a float64 sequential loop. Default "fft": the scan materializes the (B, D, N, L) complex state
-  (N = 16 times the activations) and ran 3x slower on this CPU at the 0.5M-parameter size; decoding with the
-  cache works with either (one step of the recurrence is cheap in both).
+  (N = 16 times the activations) and is the slower of the two on CPU (bench.py, RESULTS.md); decoding with the
+  cache works with either (one step of the recurrence is cheap in both). `CEMA.kernel(L)` returns K (D, L), the
+  impulse response of each channel (what the FFT path convolves with).
 
 Timestep normalization (Sec. 3.2): statistics per group of D/G channels, cumulative over time, computed with a
 Welford merge (count, mean, M2) so that it is stable; the merge is associative, so the prefix over L steps is a
@@ -47,8 +48,12 @@ Ablation switches (Config): cema_complex (False: real EMA, theta = 0, as Mega), 
 normalized_attention (False: plain q, k projections with 1/sqrt(d) scaling), two_hop_residual (False: the FFN's
 residual is the attention output), chunk_size = seq_len (full attention), use_cema (False: no EMA at all).
 
+Initialization (official init_mode="he"): the attention and FFN linear layers draw kaiming_normal_(a=sqrt(5)),
+i.e. N(0, 1/(3 fan_in)), biases zero; embedding and output layer truncated N(0, 1/D) within 3 std. cfg.init_mode =
+"torch" keeps nn.Linear's default uniform init instead (same std, a uniform shape; what this file used before).
+
 Run:  python train.py --compare dense,megalodon --setting bytes      python megalodon.py (demo)
-Read next: mom.py (selective scan), megabyte.py / blt.py (other byte-level models).
+Read next: kernels.py (the scans and grouped matmul every model above calls).
 """
 import math
 from dataclasses import dataclass
@@ -64,6 +69,7 @@ import kernels
 class Config:
     vocab_size: int = 256
     n_modalities: int = 1
+    modality_names: tuple = ("text",)   # loss part names (data.py's model_fields fills it)
     seq_len: int = 2048              # longest training sequence (forward(batch) checks it; generate does not)
     d_model: int = 64                # D (model_dim); toy size matched to mot.py's dense baseline
     n_layers: int = 2
@@ -82,6 +88,7 @@ class Config:
     share_emb: bool = False          # tie the output layer to the embedding (official option)
     cema_impl: str = "fft"           # "scan" (kernels.linear_scan) | "fft" (causal FFT convolution, official)
     scan_backend: str = "auto"       # kernels.linear_scan backend: "auto" | "triton" | "torch"
+    init_mode: str = "he"            # linear layers: "he" (kaiming normal, official) | "torch" (nn.Linear uniform)
     # ablations (paper components, all on by default)
     use_cema: bool = True            # False: no moving average (mx = RMSNorm(X_hat))
     cema_complex: bool = True        # False: theta = 0, a real damped EMA (Mega)
@@ -99,6 +106,10 @@ class Config:
             raise ValueError(f"cema_impl={self.cema_impl!r} is unknown; use 'scan' or 'fft'")
         if self.scan_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"scan_backend={self.scan_backend!r} is unknown; use 'auto', 'triton' or 'torch'")
+        if self.init_mode not in ("he", "torch"):
+            raise ValueError(f"init_mode={self.init_mode!r} is unknown; use 'he' (official) or 'torch'")
+        if len(self.modality_names) < self.n_modalities:
+            raise ValueError(f"modality_names={self.modality_names} names fewer than n_modalities={self.n_modalities}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size} must be >= 1")
 
@@ -132,6 +143,22 @@ class CEMA(nn.Module):
         gamma = torch.view_as_complex(self.gamma.float().contiguous()) * self.ndim ** -0.5
         return p, ((mag, theta) if polar else torch.polar(mag, theta)), gamma
 
+    @staticmethod
+    def _kernel(L, p, mag, theta, gamma):
+        """K_j = Re sum_n p_n gamma_n q_n^j, j < L -> (D, L); built in real arithmetic (faster on CPU than a complex
+        exp): Re(c q^j) = |q|^j (Re c cos(j theta) - Im c sin(j theta))."""
+        j = torch.arange(L, device=mag.device, dtype=torch.float32)
+        c = p * gamma.unsqueeze(-1)                                          # (D, N, 1) complex
+        ang = theta * j                                                      # (D, N, L)
+        return (mag ** j * (c.real * torch.cos(ang) - c.imag * torch.sin(ang))).sum(1)
+
+    def kernel(self, L):
+        """The impulse response of each channel over L steps, (D, L): y_t = sum_j K_j x_{t-j} + omega x_t, so an
+        input impulse at step 0 comes out as K (plus omega at t = 0). Decays as |q|^j, oscillates at the n theta."""
+        with torch.no_grad():
+            p, (mag, theta), gamma = self.coeffs(polar=True)
+            return self._kernel(L, p, mag, theta, gamma)
+
     def forward(self, x, h0=None, impl="fft", want_state=False, backend="auto"):
         # x: (B, L, D) -> y (B, L, D), h_L (B, D, N) complex or None
         with torch.autocast(x.device.type, enabled=False):                  # complex math stays in fp32
@@ -150,13 +177,10 @@ class CEMA(nn.Module):
             h_last = h[..., -1] if want_state else None
         else:
             # causal FFT convolution with K_j = Re sum_n p gamma q^j (the official computation)
-            # built in real arithmetic (4x faster on CPU than a complex exp): Re(c q^j) = |q|^j (Re c cos jth - Im c sin jth)
-            j = torch.arange(L + 1, device=x.device, dtype=torch.float32)
-            c = p * gamma.unsqueeze(-1)                                      # (D, N, 1) complex
-            ang = theta * j[:L]                                              # (D, N, L)
-            k = (mag ** j[:L] * (c.real * torch.cos(ang) - c.imag * torch.sin(ang))).sum(1)   # (D, L)
+            k = self._kernel(L, p, mag, theta, gamma)                       # (D, L)
             n = 2 * L
             y = torch.fft.irfft(torch.fft.rfft(u, n) * torch.fft.rfft(k, n), n)[..., :L]
+            j = torch.arange(L + 1, device=x.device, dtype=torch.float32)
             h_last = None
             if h0 is not None or want_state:
                 vander = torch.polar(mag ** j, theta * j)                    # (D, N, L + 1): q^j
@@ -360,9 +384,6 @@ class MegalodonBlock(nn.Module):
 
 
 # ----- the language model ----------------------------------------------------------------------------------------
-LOSS_NAMES = ("loss_text", "loss_image", "loss_speech")
-
-
 class Megalodon(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -378,6 +399,11 @@ class Megalodon(nn.Module):
             self.lm_head.weight = self.embed.weight
         else:
             nn.init.trunc_normal_(self.lm_head.weight, std=std, a=-3 * std, b=3 * std)
+        if cfg.init_mode == "he":             # official get_init_fn('he'): kaiming_normal_(a=sqrt(5)), biases zero
+            for layer in self.layers:
+                for m in layer.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.kaiming_normal_(m.weight, a=math.sqrt(5))
 
     def _check_tokens(self, idx, limit=True):
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
@@ -417,10 +443,10 @@ class Megalodon(nn.Module):
         loss = (ce * mask).sum() / mask.sum().clamp_min(1)
         parts = {}
         tm = batch.get("target_modality", torch.zeros_like(targets)).flatten()
-        for m in range(min(self.cfg.n_modalities, len(LOSS_NAMES))):
+        for m, name in enumerate(self.cfg.modality_names[:self.cfg.n_modalities]):
             sel = mask * (tm == m).float()
             if sel.sum() > 0:
-                parts[LOSS_NAMES[m]] = ((ce * sel).sum() / sel.sum()).detach()
+                parts[f"loss_{name}"] = ((ce * sel).sum() / sel.sum()).detach()
         return logits, loss, parts
 
     def init_cache(self):
@@ -450,6 +476,7 @@ class Megalodon(nn.Module):
 
 
 MODELS = {"megalodon": (Config, Megalodon, "bytes", dict())}
+SUPPORTED_SETTINGS = {"megalodon": ("bytes", "text")}   # one token stream; train.py refuses others
 
 
 if __name__ == "__main__":

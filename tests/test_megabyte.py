@@ -202,3 +202,49 @@ def test_bad_input_raises_value_error():
 def test_registry():
     cfg_cls, model_cls, setting, over = megabyte.MODELS["megabyte"]
     assert (cfg_cls, model_cls, setting) == (Config, Megabyte, "bytes") and cfg_cls(**over).vocab_size == 256
+
+
+def test_patch_layout_is_what_the_model_reads():
+    """patch_layout(T) against the model's gradients: the prediction at trainer position t depends on the global
+    embeddings of bytes [0, global_sees) exactly, and on the local embeddings of bytes [global_sees, local_reads]."""
+    m = tiny()                                      # cross_patch = 0, no conv: the paper's plain layout
+    T = 11
+    lay = m.patch_layout(T)
+    seen = {}
+
+    def keep(name):
+        def hook(mod, inputs, out):
+            out.retain_grad()
+            seen[name] = out
+        return hook
+    hooks = [m.global_embed.register_forward_hook(keep("global")), m.local_embed.register_forward_hook(keep("local"))]
+    x = torch.randint(0, 256, (1, T))
+    for t in range(T):
+        m.zero_grad()
+        logits, _, _ = m(dict(tokens=x))
+        logits[0, t].sum().backward()
+        g = seen["global"].grad[0].abs().sum(-1)[:T]
+        loc = seen["local"].grad[0].abs().sum(-1)[:T]
+        assert (g > 0).nonzero().flatten().tolist() == list(range(int(lay["global_sees"][t]))), t
+        assert (loc > 0).nonzero().flatten().tolist() == list(range(int(lay["global_sees"][t]),
+                                                                   int(lay["local_reads"][t]) + 1)), t
+        assert int(lay["patch"][t]) * P + int(lay["slot"][t]) == t + 1
+    for h in hooks:
+        h.remove()
+
+
+def test_patch_position_bits_is_the_eval_loss_by_slot():
+    m = tiny()
+    assert m.patch_position_bits() is None                  # no eval yet
+    torch.manual_seed(2)
+    b = batch_of(torch.randint(0, 256, (2, 14)))
+    logits, _, _ = m(b)                                     # eval mode (tiny() returns .eval())
+    ce = F.cross_entropy(logits.reshape(-1, 256), b["targets"].reshape(-1), reduction="none").view(2, 13)
+    slot = m.patch_layout(13)["slot"]
+    want = torch.stack([ce[:, slot == p].mean() for p in range(P)]) / math.log(2)
+    assert torch.allclose(m.patch_position_bits().double(), want)
+
+
+def test_supported_settings_are_single_stream():
+    assert megabyte.SUPPORTED_SETTINGS == {"megabyte": ("bytes", "text")}
+    assert not hasattr(Megabyte, "extra_plots")

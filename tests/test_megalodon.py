@@ -328,3 +328,49 @@ def test_bad_input_raises_value_error():
 def test_registry():
     cfg_cls, model_cls, setting, over = M.MODELS["megalodon"]
     assert cfg_cls is M.Config and model_cls is M.Megalodon and setting == "bytes"
+
+
+@pytest.mark.parametrize("mode", ["he", "torch"])
+def test_linear_init_matches_the_official_he_mode(mode):
+    """Official get_init_fn('he') = kaiming_normal_(a=sqrt(5)): N(0, 1/(3 fan_in)). nn.Linear's default has the same
+    std but is uniform in [-1/sqrt(fan_in), 1/sqrt(fan_in)]: a normal draw lands outside that bound 8.3% of the time."""
+    torch.manual_seed(0)
+    model = M.Megalodon(tiny(d_model=128, z_dim=64, v_dim=256, ffn_dim=256, norm_groups=8, n_heads=1, init_mode=mode))
+    lins = [mod for layer in model.layers for mod in layer.modules() if isinstance(mod, torch.nn.Linear)]
+    assert len(lins) == 2 * 8                                   # wz wv wr wh1 wh2 fc1 fc2 fc3 per layer
+    for lin in lins:
+        w, fan_in = lin.weight.detach(), lin.weight.shape[1]
+        outside = (w.abs() > fan_in ** -0.5).float().mean().item()
+        assert abs(w.std().item() * math.sqrt(3 * fan_in) - 1) < 0.06
+        if mode == "he":
+            assert 0.06 < outside < 0.11
+        else:
+            assert outside == 0.0
+        if lin.bias is not None:
+            assert (lin.bias == 0).all()
+    with pytest.raises(ValueError, match="init_mode"):
+        tiny(init_mode="xavier")
+
+
+def test_cema_kernel_is_the_impulse_response():
+    torch.manual_seed(0)
+    cema = M.CEMA(6, 4)
+    L = 20
+    x = torch.zeros(1, L, 6)
+    x[:, 0] = 1.0
+    y, _ = cema_oracle(cema, x)                                # float64 recurrence, independent of the FFT path
+    want = y[0].T.detach().clone()                             # (D, L): response to an impulse at t = 0 ...
+    want[:, 0] -= cema.omega.double().detach()                 # ... less the omega skip
+    assert torch.allclose(cema.kernel(L).double(), want, atol=1e-6)
+
+
+def test_loss_parts_are_named_from_the_config():
+    torch.manual_seed(0)
+    model = M.Megalodon(tiny(n_modalities=2, modality_names=("text", "image")))
+    tok = torch.randint(0, 32, (2, 17))
+    tm = (torch.arange(16) % 2).expand(2, 16)
+    _, _, parts = model({"tokens": tok[:, :-1], "targets": tok[:, 1:], "target_modality": tm})
+    assert set(parts) == {"loss_text", "loss_image"}
+    with pytest.raises(ValueError, match="modality_names"):
+        tiny(n_modalities=2)
+    assert M.SUPPORTED_SETTINGS == {"megalodon": ("bytes", "text")}

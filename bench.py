@@ -363,9 +363,11 @@ def floors():
 
 def bench_static(args):
     """Resource report of every compiled kernel configuration for sm_80 and sm_90 plus the roofline floors."""
+    import triton
     t = time.time()
     rep = kernels.static_report(((8, 0), (9, 0)))
-    print(f"  compiled {len(rep)} kernel configurations in {time.time() - t:.0f} s")
+    print(f"  compiled {len(rep)} kernel configurations with Triton {triton.__version__} (torch {torch.__version__}) "
+          f"in {time.time() - t:.0f} s")
     print(f"  {'kernel[config]':28s} {'target':6s} {'regs':>4s} {'stack':>5s} {'spill':>5s} {'shared':>7s} "
           f"{'warps':>5s} {'mma':>4s} {'wgmma':>5s}")
     for r in rep:
@@ -382,7 +384,7 @@ def bench_static(args):
     for k, v in fl.items():
         print(f"  {k:20s} {v['size']:34s} {v['bytes'] / 1e6:9.1f} MB {v['flops'] / 1e9:8.1f} GFLOP   "
               f"H100 {v['floor_us_sm_90']:8.1f} us   A100 {v['floor_us_sm_80']:8.1f} us")
-    return dict(report=rep, floors=fl, gpus=GPUS)
+    return dict(triton=triton.__version__, torch=torch.__version__, report=rep, floors=fl, gpus=GPUS)
 
 
 # ------------------------------------------------------------------------------------------------ main

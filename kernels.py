@@ -413,12 +413,15 @@ def launch_config(kernel, target, *, dtype=torch.float32, n_state=16):
         if dtype == torch.float64:
             raise ValueError("selective_scan: the Triton kernels on GPU compute in fp32; use backend='torch' for fp64")
         # 3-D register tiles (BLOCK_D, BLOCK_N, BLOCK_T) of 1024 elements: what compiles with no stack on sm_80 and
-        # sm_90 (tests/test_gpu_compile.py; 2048 for the fwd left 8 bytes of stack on sm_90 once delta_bias,
-        # softplus, D and z were fused in). fwd and bwd share BLOCK_T: the bwd reuses the fwd's checkpoints.
+        # sm_90 under Triton 3.8 and 3.9 (tests/test_gpu_compile.py; 2048 for the fwd left 8 bytes of stack on sm_90
+        # once delta_bias, softplus, D and z were fused in). The bwd holds ~3x the fwd's live tiles (h, h_{t-1}, g,
+        # exp(delta A), ...), so it spreads them over 8 warps (with 4, Triton 3.8 left 8 bytes of stack at N = 32
+        # on sm_90). fwd and bwd share BLOCK_T: the bwd reuses the fwd's checkpoints.
         bn = _pow2(n_state, 16)
         bt = 32 if bn <= 32 else 16
         elems = 1024
-        return dict(BLOCK_D=max(1, elems // (bn * bt)), BLOCK_N=bn, BLOCK_T=bt, num_warps=4, num_stages=1)
+        return dict(BLOCK_D=max(1, elems // (bn * bt)), BLOCK_N=bn, BLOCK_T=bt,
+                    num_warps=8 if kernel == "selective_bwd" else 4, num_stages=1)
     if kernel in ("gmm", "gmm_dw"):
         if interp:
             cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) if kernel == "gmm" else dict(BLOCK_K=16, BLOCK_N=16, BLOCK_R=16)

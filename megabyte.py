@@ -51,6 +51,7 @@ import torch.nn.functional as F
 class Config:
     vocab_size: int = 256          # V: bytes
     n_modalities: int = 1          # bytes setting: one modality (text)
+    modality_names: tuple = ("text",)  # its name, for the loss part (data.py's model_fields fills it)
     seq_len: int = 2048            # longest input the model accepts (bytes)
     patch_size: int = 8            # P
     d_global: int = 32             # D_G; the global model's width is P * D_G
@@ -318,7 +319,7 @@ class Megabyte(nn.Module):
                                  ignore_index=-1, reduction="none").view(B, T)
             m = tgt != -1
             loss = (ce * m).sum() / m.sum().clamp(min=1)
-            parts["loss_text"] = loss.detach()
+            parts[f"loss_{self.cfg.modality_names[0]}"] = loss.detach()
             if self.training:
                 self._fresh_eval = True
             else:                                                 # loss by index in patch (paper position t+1)

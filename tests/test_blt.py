@@ -145,13 +145,19 @@ def test_config_refuses_flags_without_effect():
     assert float(model.threshold) == 1.5                    # a fixed threshold is used as given
 
 
+# the official code's hash multipliers (facebookresearch/blt, bytelatent/model/blt.py), one per hash function
+OFFICIAL_PRIMES = (1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899, 9576890767, 3628273133,
+                   2860486313, 5463458053, 3367900313)
+
+
 def test_hash_ids_match_reference_and_depend_only_on_ngram():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 260, (2, 20), generator=g)
+    assert blt.HASH_PRIMES == OFFICIAL_PRIMES
     for n in (3, 5, 8):
-        for f in (0, 1):
+        for f in (0, 1, 8, 10):                                    # functions 9..11 no longer wrap to 1..3
             ids = blt.hash_ngram_ids(x, n, f, 1000)
-            p = blt.HASH_PRIMES[f]
+            p = OFFICIAL_PRIMES[f]
             for b in range(2):
                 for i in range(20):
                     win = [0] * max(0, n - 1 - i) + x[b, max(0, i - n + 1): i + 1].tolist()
@@ -161,6 +167,76 @@ def test_hash_ids_match_reference_and_depend_only_on_ngram():
     y = torch.randint(0, 260, (1, 20), generator=g)
     y[0, 10:14] = x[0, 10:14]                                      # same 4-gram ending at 13, different elsewhere
     assert blt.hash_ngram_ids(x[:1], 4, 0, 997)[0, 13] == blt.hash_ngram_ids(y, 4, 0, 997)[0, 13]
+    small_cfg(hash_functions=11)
+    with pytest.raises(ValueError, match="1..11"):
+        small_cfg(hash_functions=12)
+
+
+def test_static_layout_equals_official_in_real_bytes():
+    # official: ps - 1 BOE ids prepended, lengths [ps, ps, ..., rest] over BOEs + T bytes + the next byte
+    for T_, ps in ((20, 3), (21, 4), (9, 5), (4, 4)):
+        L = ps - 1 + T_ + 1
+        official = [ps] * (L // ps) + ([L % ps] if L % ps else [])
+        official[0] -= ps - 1                                      # drop the BOE padding ...
+        official[-1] -= 1                                          # ... and the next byte
+        official = [n for n in official if n]
+        x = torch.zeros(1, T_, dtype=torch.long) + OFFSET
+        assert blt.patch_lengths(blt.patch_starts(x, "static", patch_size=ps))[0] == official
+
+
+def test_monotonic_byte_2_follows_the_rule():
+    # documented departure: the official code always starts a patch at byte 2; here H(x_2) - H(x_1) > theta decides
+    x = torch.zeros(2, 6, dtype=torch.long) + OFFSET
+    ent = torch.tensor([[3.0, 0.5, 0.6, 0.7, 0.8, 0.9], [0.5, 3.0, 0.6, 0.7, 0.8, 0.9]])   # ent[t] = H(x_{t+1})
+    s = blt.patch_starts(x, "monotonic", ent, threshold=1.0)
+    assert s[:, :2].all() and s[:, 2].tolist() == [False, True]
+
+
+def _decoder_and_global_io(model, b):
+    """The input and output of the first decoder cross-attention, the next block's input, the global model's last
+    output and what the decoder projection reads."""
+    rec, ca = {}, model.dec_cross[0]
+    orig = ca.forward_gather
+
+    def wrap(x, *a, **kw):
+        out = orig(x, *a, **kw)
+        rec["x"], rec["out"] = x[:, :, 0], out[:, :, 0]
+        return out
+    ca.forward_gather = wrap
+    hooks = [model.decoder[0].register_forward_pre_hook(lambda m, a: rec.__setitem__("block_in", a[0])),
+             model.global_blocks[-1].register_forward_hook(lambda m, a, o: rec.__setitem__("g", o)),
+             model.to_decoder.register_forward_pre_hook(lambda m, a: rec.__setitem__("dec_in", a[0]))]
+    model(b)
+    for h in hooks:
+        h.remove()
+    del ca.forward_gather
+    return rec
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_cross_residual_switch(r):
+    model = make_model("space", cross_residual=r)
+    rec = _decoder_and_global_io(model, text_batch())               # decoder: r * h + cross(h)
+    assert torch.allclose(rec["block_in"], r * rec["x"] + rec["out"], atol=1e-6)
+    x = text_batch()["tokens"] + OFFSET                             # encoder: r * queries + cross(queries)
+    pid, _ = blt.patch_index(model.patch(x))
+    P = int(pid.max()) + 1
+    torch.manual_seed(0)
+    h, q = torch.randn(2, T, 16), torch.randn(2, P * 2, 16)
+    out = model.encode_patches(h, 0, pid, P, q)
+    model.cfg.cross_residual = 1
+    assert torch.allclose(out - model.encode_patches(h, 0, pid, P, q), (r - 1) * q, atol=1e-6)
+    with pytest.raises(ValueError, match="cross_residual"):
+        small_cfg(cross_residual=3)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_global_norm_switch(norm):
+    model = make_model("space", global_norm=norm)
+    rec = _decoder_and_global_io(model, text_batch())
+    g = rec["g"]
+    ref = torch.nn.functional.rms_norm(g, (g.shape[-1],), eps=1e-5) if norm else g   # official: no norm (False)
+    assert torch.allclose(rec["dec_in"], ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("max_len", [6, 0])                        # gathered form, dense reference

@@ -1,0 +1,849 @@
+"""Every figure in nanomix: training curves, compares, the papers' mechanisms, the toy world.
+
+The paper files hold the method only; this file draws what they do. It reads run outputs (a train.py output directory:
+config.json + metrics.jsonl) and models' public methods and attributes. One command per figure:
+
+    python plots.py list                                  # every figure in docs/ and the command that makes it
+    python plots.py docs NAME                             # remake docs/NAME.png (from docs/runs/ or the code itself)
+    python plots.py run OUT_DIR                           # OUT_DIR/loss.png of one training run
+    python plots.py compare BASE_OUT dense,mot [PNG]      # eval curves of several runs (BASE_OUT/NAME/metrics.jsonl)
+    python plots.py mechanism MODEL [CKPT] [PNG]          # the mechanism figure of one model on a real batch
+    python plots.py toy_world [PNG]                       # scenes, captions and a token stream of every setting
+
+The trainer calls plot_run(out) and model_figures(model, ds, out) at the end of a run, and plot_compare(base, names)
+after --compare; data.py's demo calls toy_world(path). Every figure is at most 1600 px wide, has axis labels with
+units and a title that says what is compared, on which setting, for how many steps.
+"""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+DPI = 100
+MAX_PX = 1600
+DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
+RUNS = os.path.join(DOCS, "runs")
+
+# --- names a reader sees (never a raw metric key or an internal run name) ----------------------------------------
+MODEL_NAMES = {
+    "dense": "dense Transformer", "mot": "MoT", "mamba": "Mamba", "mom": "MoM (all four projections)",
+    "mom-in": "MoM (in_proj only)", "mom-x": "MoM (x_proj only)", "mom-dt": "MoM (dt_proj only)",
+    "mom-out": "MoM (out_proj only)", "moma": "MoMa 4t4i", "moma-1t1i": "MoMa 1t1i", "moma-mod": "MoMa 4t4i + MoD",
+    "moma-ec8": "MoMa, 8 mixed-modal experts", "moma-upcycled": "MoMa upcycled from 1t1i",
+    "transfusion": "Transfusion (dense)", "transfusion-mot": "Transfusion, MoT backbone",
+    "transfusion-mamba": "Transfusion, Mamba backbone", "transfusion-mom": "Transfusion, MoM backbone",
+    "lmfusion-base": "LMFusion text LM", "lmfusion": "LMFusion", "megabyte": "MEGABYTE", "blt": "BLT",
+    "blt-entropy": "BLT entropy model", "megalodon": "Megalodon",
+}
+METRIC_NAMES = {
+    "eval_loss": ("eval loss, all tokens", "loss (nats / token)"),
+    "eval_loss_text": ("eval loss on text tokens", "loss (nats / token)"),
+    "eval_loss_image": ("eval loss on image tokens", "loss (nats / token)"),
+    "eval_loss_speech": ("eval loss on speech tokens", "loss (nats / token)"),
+    "eval_bpb": ("eval bits per byte", "bits per byte"),
+    "gen_image_acc": ("caption -> image: attributes right", "accuracy (fraction)"),
+    "caption_acc": ("image -> caption: attributes right", "accuracy (fraction)"),
+}
+SETTING_NAMES = {"chameleon": "chameleon setting (text + image tokens)",
+                 "speech": "speech setting (text + image + speech tokens)",
+                 "transfusion": "transfusion setting (text + continuous images)", "text": "text setting",
+                 "bytes": "bytes setting"}
+
+
+def model_name(n):
+    return MODEL_NAMES.get(n, n)
+
+
+def metric_name(k):
+    if k in METRIC_NAMES:
+        return METRIC_NAMES[k]
+    if k.endswith("_aux") and k[:-4] in METRIC_NAMES:
+        t, u = METRIC_NAMES[k[:-4]]
+        return t + " (causal aux routers)", u
+    return k.replace("_", " "), k.split("_")[-1]
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    """Save at <= MAX_PX wide (the DPI drops for a wide figure) and close it. Returns the path."""
+    plt = _plt()
+    w = fig.get_size_inches()[0]
+    d = min(DPI, MAX_PX / w)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=d)
+    plt.close(fig)
+    return path
+
+
+def _flops_axis(ax, xs):
+    """Training FLOPs on a linear axis in a readable unit: no overlapping log-scale labels."""
+    top = max([x for x in xs if x] or [1.0])
+    e = int(math.floor(math.log10(top))) if top > 0 else 0
+    ax.set_xlabel(f"training FLOPs (x 1e{e})")
+    return 10.0 ** e
+
+
+# --- reading runs ------------------------------------------------------------------------------------------------
+def read_run(out):
+    """-> (train rows, eval rows, config dict or {}) of a train.py output directory."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if line.strip()]
+    conf = {}
+    p = os.path.join(out, "config.json")
+    if os.path.isfile(p):
+        conf = json.load(open(p))
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r], conf
+
+
+def _describe(conf, tr, ev):
+    """'chameleon setting ..., 1800 steps, seed 0' from a run's config (or its metrics when there is none)."""
+    t = conf.get("train", {})
+    steps = t.get("steps") or max([r.get("step", 0) for r in tr + ev] or [0])
+    setting = conf.get("setting") or t.get("setting")
+    s = SETTING_NAMES.get(setting, f"{setting} setting") if setting else "toy data"
+    s += f", {steps} steps"
+    if "seed" in t:
+        s += f", seed {t['seed']}"
+    return s
+
+
+def flops_to_reach(ev, key, target):
+    """First training FLOPs at which the eval curve reaches target (linear interpolation between evals), or None."""
+    prev = None
+    for r in ev:
+        if key not in r:
+            continue
+        if r[key] <= target:
+            if prev is None or prev[key] == r[key]:
+                return r["flops"]
+            f = (prev[key] - target) / (prev[key] - r[key])
+            return prev["flops"] + f * (r["flops"] - prev["flops"])
+        prev = r
+    return None
+
+
+# --- one run, several runs ---------------------------------------------------------------------------------------
+def plot_run(out_dir, path=None):
+    """out_dir/loss.png: training loss per modality (light) and eval losses (dots) against training FLOPs."""
+    plt = _plt()
+    tr, ev, conf = read_run(out_dir)
+    if not tr and not ev:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xs = [r["flops"] for r in tr + ev]
+    u = _flops_axis(ax, xs)
+    for j, k in enumerate(k for k in (tr[0] if tr else {}) if k.startswith("loss")):
+        part = k[5:] or "all tokens"
+        ax.plot([r["flops"] / u for r in tr if k in r], [r[k] for r in tr if k in r], color=f"C{j}", alpha=0.35,
+                lw=1, label=f"train, {part}")
+    for j, k in enumerate(k for k in (ev[0] if ev else {}) if k.startswith("eval_loss") and not k.endswith("_aux")):
+        part = k[10:] or "all tokens"
+        ax.plot([r["flops"] / u for r in ev if k in r], [r[k] for r in ev if k in r], "o-", ms=3, color=f"C{j}",
+                label=f"eval, {part}")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_yscale("log")
+    name = conf.get("model") or os.path.basename(os.path.normpath(out_dir))
+    ax.set_title(f"{model_name(name)}: training and eval loss, {_describe(conf, tr, ev)}", fontsize=10)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return _save(fig, path or os.path.join(out_dir, "loss.png"))
+
+
+def plot_compare(base_out, names, path=None, keys=None, labels=None, title=None, baseline=None, chance=True,
+                 aux=True, verbose=False):
+    """Eval curves of the runs base_out/NAME (NAME in names) against training FLOPs, one panel per metric, saved to
+    path (default base_out/compare.png). keys: the metrics (default: every eval loss, or bits per byte on bytes);
+    labels: {run name: legend label}; accuracy panels draw the chance level dashed; a run that logged the same metric
+    under causal auxiliary routing (MoMa's `_aux` keys) draws it dashed. The dotted line is the baseline's (the first
+    run's) final value. Returns {run: {key: fraction of the baseline's FLOPs to reach its final value or None}}."""
+    plt = _plt()
+    labels = dict(labels or {})
+    runs = {}
+    for n in names:
+        d = os.path.join(base_out, n)
+        if os.path.isfile(os.path.join(d, "metrics.jsonl")):
+            runs[n] = read_run(d)
+    if not runs:
+        raise FileNotFoundError(f"no metrics.jsonl under {base_out}/{{{','.join(names)}}}")
+    base = baseline or next(iter(runs))
+    last = runs[base][1][-1] if runs[base][1] else {}
+    if keys is None:
+        keys = [k for k in last if k.startswith("eval_loss") and not k.endswith("_aux")]
+        if "eval_bpb" in last:
+            keys = ["eval_bpb"]
+        if len(keys) > 1 and "eval_loss" in keys:       # the per-modality panels say it; overall is in the table
+            keys.remove("eval_loss")
+    keys = [k for k in keys if any(k in r for _, ev, _ in runs.values() for r in ev)]
+    n = len(keys)
+    fig, axes = plt.subplots(1, n, figsize=(min(15.5, 4.6 * n + 0.6), 4.0), squeeze=False)
+    allx = [r["flops"] for _, ev, _ in runs.values() for r in ev]
+    for ax, k in zip(axes[0], keys):
+        u = _flops_axis(ax, allx)
+        for j, (rn, (_, ev, _)) in enumerate(runs.items()):
+            e = [r for r in ev if k in r]
+            if not e:
+                continue
+            lab = labels.get(rn, model_name(rn))
+            ax.plot([r["flops"] / u for r in e], [r[k] for r in e], "o-", ms=3, color=f"C{j}", label=lab)
+            if aux and any(k + "_aux" in r for r in e):
+                ea = [r for r in e if k + "_aux" in r]
+                ax.plot([r["flops"] / u for r in ea], [r[k + "_aux"] for r in ea], "--", color=f"C{j}", alpha=0.8,
+                        label=f"{lab}, causal aux routers")
+            ck = k.replace("_acc", "_chance")
+            if chance and ck != k and any(ck in r for r in e):
+                ax.plot([r["flops"] / u for r in e if ck in r], [r[ck] for r in e if ck in r], ":", color=f"C{j}",
+                        alpha=0.6, label=f"{lab}, chance")
+        if k in last and not k.endswith("acc"):
+            ax.axhline(last[k], color="gray", ls=":", lw=0.9)
+            lo = min(r[k] for _, ev, _ in runs.values() for r in ev if k in r)
+            hi = [r[k] for r in runs[base][1] if k in r]
+            if len(hi) > 4:        # zoom on the part of the curves where they differ
+                ax.set_ylim(lo - 0.05 * (hi[len(hi) // 5] - lo), hi[len(hi) // 5])
+        t, unit = metric_name(k)
+        ax.set_title(t, fontsize=10)
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    conf, tr, ev = runs[base][2], runs[base][0], runs[base][1]
+    what = " vs ".join(labels.get(rn, model_name(rn)) for rn in runs)
+    fig.suptitle(title or f"{what}: eval curves at equal training FLOPs, {_describe(conf, tr, ev)}", fontsize=11)
+    fig.tight_layout()
+    _save(fig, path or os.path.join(base_out, "compare.png"))
+    res = {}
+    for rn, (_, ev, _) in runs.items():
+        res[rn] = {}
+        for k in keys:
+            if k in last and ev and k in ev[-1] and not k.endswith("acc"):
+                f = flops_to_reach(ev, k, last[k])
+                res[rn][k] = None if f is None else f / last["flops"]
+    if verbose:
+        print(f"FLOPs to reach {model_name(base)}'s final value (fraction of its {last.get('flops', 0):.3g} FLOPs):")
+        for rn, d in res.items():
+            print(f"  {labels.get(rn, model_name(rn)):32s} " + " | ".join(
+                f"{metric_name(k)[0]} " + ("not reached" if v is None else f"{100 * v:.1f}%") +
+                f" (final {runs[rn][1][-1].get(k, float('nan')):.4f})" for k, v in d.items()))
+    return res
+
+
+# --- the toy world -------------------------------------------------------------------------------------------------
+def _token_label(t, m, offsets):
+    import data
+    if m == 0 or len(offsets) < 2 or t < offsets[1]:
+        return data.WORDS[t] if t < len(data.WORDS) else str(t)
+    k = max(i for i, o in enumerate(offsets) if t >= o)
+    return ("", "i", "s")[min(k, 2)] + str(t - offsets[k])
+
+
+MOD_COLOURS = ("#cfe3ff", "#ffd9b3", "#d5f5d0", "#f0d0f5")
+
+
+def _stream(ax, labels, mods, names, width=30, title=""):
+    """Tokens as boxes coloured by modality, `width` per line."""
+    rows = math.ceil(len(labels) / width)
+    for i, (s, m) in enumerate(zip(labels, mods)):
+        r, c = divmod(i, width)
+        ax.add_patch(__import__("matplotlib").patches.Rectangle((c, -r - 0.9), 0.95, 0.8, color=MOD_COLOURS[m % 4]))
+        ax.text(c + 0.47, -r - 0.5, s[:6], ha="center", va="center", fontsize=6.5, family="monospace")
+    ax.set_xlim(0, width)
+    ax.set_ylim(-rows - 0.1, 0.1)
+    ax.axis("off")
+    handles = [__import__("matplotlib").patches.Patch(color=MOD_COLOURS[i], label=n) for i, n in enumerate(names)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=9, loc="left")
+
+
+def toy_world(path="docs/toy_world.png", n_scenes=10, seed=0):
+    """The toy world in one picture: rendered scenes with their captions (top) and the first tokens of a training
+    row of every setting, coloured by modality (bottom)."""
+    import data
+    plt = _plt()
+    ds = data.make_data("chameleon", seq_len=256, seed=seed)
+    ex = ds.scenes(n_scenes)
+    fig = plt.figure(figsize=(15, 11))
+    gs = fig.add_gridspec(6, n_scenes, height_ratios=[1.5, 1.05, 1.05, 1.05, 1.05, 1.2])
+    for k, e in enumerate(ex):
+        a = fig.add_subplot(gs[0, k])
+        a.imshow(np.asarray(e["image"]).transpose(1, 2, 0))
+        words = [data.WORDS[i] for i in e["caption"] if i < len(data.WORDS)]
+        a.set_title("\n".join(" ".join(words[j:j + 4]) for j in range(0, len(words), 4)), fontsize=7)
+        a.set_xticks([]), a.set_yticks([])
+    fig.text(0.01, 0.985, "Scenes (16 x 16 RGB) and a caption of each, from data.ToyWorld.scenes", fontsize=11)
+    names = list(getattr(data, "MODALITIES", ("text", "image", "speech")))
+    for j, s in enumerate(("chameleon", "speech", "transfusion")):
+        d = data.make_data(s, seq_len=96, seed=seed)
+        b = d.get_batch("train", 1, 0)
+        tok, mod = b["tokens"][0].tolist(), b["modality"][0].tolist()
+        offs = d.model_fields().get("modality_offsets", (0,))
+        if s == "transfusion":
+            lab = ["patch" if m else _token_label(t, 0, (0,)) for t, m in zip(tok, mod)]
+        else:
+            lab = [_token_label(t, m, offs) for t, m in zip(tok, mod)]
+        ax = fig.add_subplot(gs[1 + j, :])
+        _stream(ax, lab[:90], mod[:90], names[:d.n_modalities], width=30,
+                title=f"setting '{s}': the first 90 tokens of training row 0 (i12 = image code 12, s3 = speech code 3"
+                      + (", patch = one continuous 4 x 4 x 3 image patch" if s == "transfusion" else "") + ")")
+    d = data.make_data("bytes", seq_len=512, seed=seed)
+    b = d.get_batch("train", 1, 0)
+    raw = bytes(b["tokens"][0, :240].tolist())
+    kinds = b.get("byte_kind")
+    ax = fig.add_subplot(gs[4, :])
+    if kinds is not None:
+        kinds = kinds[0, :240].tolist()
+        _stream(ax, [chr(c) if 32 <= c < 127 else "?" for c in raw], kinds, ["caption text", "random", "predictable"],
+                width=60, title="setting 'bytes': 240 bytes of training row 0, by kind (the ground truth of predictability)")
+    else:
+        ax.text(0, 0.5, raw.decode("latin-1"), fontsize=8, family="monospace", wrap=True)
+        ax.axis("off")
+    ax = fig.add_subplot(gs[5, :])
+    ax.axis("off")
+    ax.text(0, 0.9, "Every row is drawn from (seed, split, row index) alone. A document: <bos>, then caption/image pairs "
+            "in either order (caption -> image = generation,\nimage -> caption = captioning); in chameleon and speech "
+            "30% of the slots are text-only documents in a made-up language. Images are 16 tokens\nof a fixed k-means "
+            "tokenizer of 4 x 4 patches (chameleon, speech) or 16 continuous patches (transfusion); speech codes follow "
+            "the caption's words.", fontsize=9, va="top")
+    fig.tight_layout(rect=(0, 0, 1, 0.975))
+    return _save(fig, path)
+
+
+# --- mechanism figures: the code's own objects on a real batch ---------------------------------------------------
+def _row_labels(ds, batch, n):
+    tok, mod = batch["tokens"][0, :n].tolist(), batch["modality"][0, :n].tolist()
+    offs = ds.model_fields().get("modality_offsets", (0,))
+    if "patches" in batch:
+        return ["p" if m else _token_label(t, 0, (0,)) for t, m in zip(tok, mod)], mod
+    return [_token_label(t, m, offs) for t, m in zip(tok, mod)], mod
+
+
+def _weight_grid(ax, rows, copies, mod, labels, title):
+    """rows: names of weight tensors; copies[r]: number of copies of row r. Cell (r, t) = the copy token t uses."""
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+    grid = np.array([[m if c > 1 else -1 for m in mod] for c in copies], float)
+    cmap = ListedColormap(["#9a9a9a", "#4c8be0", "#f08a24", "#3aa655"])
+    ax.imshow(grid + 1, cmap=cmap, vmin=0, vmax=3, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=6.5, rotation=90, family="monospace")
+    ax.set_xlabel("the first tokens of an eval row of the toy data, in order")
+    ax.set_title(title, fontsize=10)
+
+
+def mot_weights(model, ds, path, n=64):
+    """MoT: which copy of every weight tensor of block 0 each token of a real row uses (grey = shared)."""
+    plt = _plt()
+    batch = ds.get_batch("val", 1, 0)
+    labels, mod = _row_labels(ds, batch, n)
+    rows, copies = [], []
+    block = model.blocks[0] if hasattr(model, "blocks") else model
+    for name, m in block.named_modules():
+        if hasattr(m, "n") and hasattr(m, "weight") and isinstance(m.weight, torch.nn.ParameterList):
+            w = m.weight[0]
+            rows.append(f"{name} ({w.shape[0]} -> {w.shape[1]})" if w.dim() == 2 else f"{name} (gain, {w.shape[0]})")
+            copies.append(m.n)
+    names = getattr(model.cfg, "modality_names", ("text", "image", "speech"))
+    fig, ax = plt.subplots(figsize=(15, 0.35 * len(rows) + 2.6))
+    _weight_grid(ax, rows, copies, mod, labels,
+                 f"MoT block 0: the weight copy each token uses (colour = {', '.join(names[:model.cfg.n_modalities])}"
+                 f" copy; grey = shared). Attention stays global over all tokens.")
+    _legend_modalities(ax, names[:model.cfg.n_modalities], shared=True)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _legend_modalities(ax, names, shared=False):
+    import matplotlib.patches as mp
+    cols = ["#4c8be0", "#f08a24", "#3aa655"]
+    h = [mp.Patch(color=cols[i], label=f"{n} weights") for i, n in enumerate(names)]
+    if shared:
+        h.append(mp.Patch(color="#9a9a9a", label="shared weights"))
+    ax.legend(handles=h, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+
+
+def mom_projections(model, ds, path, n=64):
+    """MoM: which projections of a Mamba block are per-modality (in/x/dt/out_proj) and which shared (conv, A, D)."""
+    plt = _plt()
+    batch = ds.get_batch("val", 1, 0)
+    labels, mod = _row_labels(ds, batch, n)
+    mixer = next(m for m in model.modules() if hasattr(m, "in_proj") and hasattr(m, "A_log"))
+    rows, copies = [], []
+    for name in ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj"):
+        m = getattr(mixer, name)
+        if hasattr(m, "weights"):
+            w = m.weights[0]
+            rows.append(f"{name} ({w.shape[0]} -> {w.shape[1]})")
+            copies.append(len(m.weights))
+        else:
+            rows.append(f"{name} {tuple((m.weight if hasattr(m, 'weight') else m).shape)}")
+            copies.append(1)
+    names = getattr(model.cfg, "modality_names", ("text", "image", "speech"))
+    fig, ax = plt.subplots(figsize=(15, 4.8))
+    _weight_grid(ax, rows, copies, mod, labels,
+                 f"Mixture-of-Mamba, one block: the projection copy each token uses (grey = shared by all modalities). "
+                 f"The selective scan runs over all tokens in order.")
+    _legend_modalities(ax, names[:model.cfg.n_modalities], shared=True)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def transfusion_mask(model, ds, path, n=56):
+    """Transfusion: model.attention_mask on a real row -- causal, and bidirectional inside each image."""
+    plt = _plt()
+    batch = ds.get_batch("val", 1, 0)
+    idx = batch["image_index"][:, :n]
+    mask = model.attention_mask(idx)[0, 0].cpu().numpy()
+    labels, mod = _row_labels(ds, batch, n)
+    fig, ax = plt.subplots(figsize=(9.5, 9))
+    ax.imshow(mask, cmap="Blues", vmin=0, vmax=1.4, interpolation="nearest")
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=6.5, family="monospace")
+    ax.set_yticks(range(n), labels, fontsize=6.5, family="monospace")
+    ax.set_xlabel("key position j (p = an image patch)")
+    ax.set_ylabel("query position i")
+    ax.set_title(f"Transfusion attention mask on a transfusion-setting row (first {n} positions)\n"
+                 f"blue = query i may attend to key j: causal everywhere, the whole image inside an image", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def moma_routing_tokens(model, ds, path, n=64):
+    """MoMa: which expert each token goes to in every layer, under expert choice (training) and under the auxiliary
+    routers (causal, inference), on a real batch (block.ffn.route on the hidden states that reach each FFN)."""
+    plt = _plt()
+    batch = ds.get_batch("val", 8, 0)
+    ffns = [m for m in model.modules() if hasattr(m, "route") and hasattr(m, "router")]
+    seen = []
+    hooks = [f.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0].detach(), inp[1]))) for f in ffns]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batch, routing="ec")
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    cfg = model.cfg
+    modes = ["ec"] + (["aux"] if getattr(cfg, "aux_router", False) else [])
+    L = len(seen)
+    labels, mod = _row_labels(ds, batch, n)
+    fig, axes = plt.subplots(L, len(modes), figsize=(15, 2.2 * L + 1.4), squeeze=False)
+    E = cfg.n_experts_total
+    names = getattr(cfg, "modality_names", ("text", "image", "speech"))
+    ylab = [f"{names[m][0] if m < len(names) else m}{i}" for m, e in enumerate(cfg.group_experts) for i in range(e)]
+    for l, (ffn, h, m_) in enumerate(seen):
+        B, T, D = h.shape
+        for c, mode in enumerate(modes):
+            with torch.no_grad():
+                tok, exp, g, _ = ffn.route(h.reshape(-1, D), m_.reshape(-1), mode)
+            grid = np.zeros((E, n))
+            if tok is not None:
+                for t, e, gg in zip(tok.tolist(), exp.tolist(), g.tolist()):
+                    if t < n:           # row 0's first n tokens
+                        grid[e, t] = gg
+            ax = axes[l][c]
+            ax.imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+            ax.set_yticks(range(E), ylab, fontsize=7)
+            ax.set_ylabel(f"layer {l}: expert")
+            ax.set_xticks(range(n), labels if l == L - 1 else [""] * n, rotation=90, fontsize=5.5, family="monospace")
+            if l == 0:
+                ax.set_title("expert choice (training; sees the whole batch)" if mode == "ec" else
+                             "auxiliary routers (causal: each token decides alone)", fontsize=10)
+    fig.suptitle(f"MoMa routing of the first {n} tokens of a chameleon-setting row: green = the expert takes the token "
+                 f"(shade = its gate); t = text experts, i = image experts", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def moma_history(model, path):
+    """MoMa: tokens routed per layer and expert at the last eval (expert choice vs aux routers) and aux-router
+    accuracy over the evals, from model.history."""
+    plt = _plt()
+    recs = [r for r in getattr(model, "history", []) if r.get("mode") == "ec"]
+    if not recs:
+        return None
+    last, cfg = recs[-1], model.cfg
+    L = len(last["counts"])
+    names = getattr(cfg, "modality_names", ("text", "image", "speech"))
+    xl = [f"{names[m] if m < len(names) else m} {i}" for m, e in enumerate(cfg.group_experts) for i in range(e)]
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.2))
+    w = 0.8 / (2 * L)
+    xs = np.arange(len(xl))
+    for l in range(L):
+        ax[0].bar(xs + 2 * l * w, last["counts"][l], w, label=f"layer {l}, expert choice", color=f"C{l}", alpha=0.45)
+        if "aux_counts" in last:
+            ax[0].bar(xs + (2 * l + 1) * w, last["aux_counts"][l], w, label=f"layer {l}, aux routers", color=f"C{l}")
+    ax[0].set_xticks(xs + 0.4 - w / 2, xl, fontsize=8, rotation=30)
+    ax[0].set_xlabel("expert (modality group, index)")
+    ax[0].set_ylabel("fraction of the group's tokens")
+    ax[0].set_title("tokens routed per layer and expert (last eval)", fontsize=10)
+    ax[0].legend(fontsize=7, ncol=2)
+    for l in range(L):
+        ax[1].plot(range(1, len(recs) + 1), [r["acc"][l] for r in recs], "o-", ms=3, label=f"experts, layer {l}",
+                   color=f"C{l}")
+        if recs[0]["mod_acc"][l] is not None:
+            ax[1].plot(range(1, len(recs) + 1), [r["mod_acc"][l] for r in recs], "--", label=f"MoD, layer {l}",
+                       color=f"C{l}")
+    ax[1].axhline(1 - min(1.0, cfg.capacity_factor / max(cfg.group_experts)), color="gray", ls=":",
+                  label="always 'not chosen'")
+    ax[1].set_xlabel("eval batch (in training order)")
+    ax[1].set_ylabel("aux-router accuracy (fraction)")
+    ax[1].set_title("auxiliary routers: how often they predict expert choice", fontsize=10)
+    ax[1].legend(fontsize=7)
+    fig.suptitle("MoMa routing, measured on the eval batches of the run", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def megabyte_layout(model, ds, path, n_patches=4):
+    """MEGABYTE: how a real byte row is cut into patches, what the global model sees (the previous patch; a pad
+    patch first) and what the local model sees at each byte (the previous byte in the patch; a pad at p = 0)."""
+    plt = _plt()
+    import matplotlib.patches as mp
+    P, r = model.cfg.patch_size, getattr(model.cfg, "cross_patch", 0)
+    batch = ds.get_batch("val", 1, 0)
+    by = batch["tokens"][0, :P * n_patches].tolist()
+    ch = [chr(c) if 32 <= c < 127 else "?" for c in by]
+    fig, ax = plt.subplots(figsize=(min(15, 0.42 * P * n_patches + 3), 4.4))
+    rows = [("bytes x_t (targets)", ch),
+            ("global input: patch k-1\n(pad patch for k = 0)", ["_"] * P + ch[:-P]),
+            ("local input: byte t-1\nin the patch (pad at p=0)", [("_" if i % P == 0 else ch[i - 1]) for i in range(len(ch))])]
+    for y, (name, cells) in enumerate(rows):
+        for i, c in enumerate(cells):
+            k = i // P
+            ax.add_patch(mp.Rectangle((i, -y - 0.9), 0.92, 0.8, color=f"C{k % 10}", alpha=0.25 if y else 0.45))
+            ax.text(i + 0.46, -y - 0.5, c, ha="center", va="center", fontsize=9, family="monospace")
+        ax.text(-0.5, -y - 0.5, name, ha="right", va="center", fontsize=8.5)
+    for k in range(n_patches + 1):
+        ax.axvline(k * P - 0.04, color="k", lw=1)
+    if r:
+        ax.annotate("", xy=(P - r, -3.2), xytext=(2 * P - 0.5, -3.2),
+                    arrowprops=dict(arrowstyle="->", color="C3"))
+        ax.text(P - r, -3.55, f"cross_patch r = {r}: the local model of patch k also attends to the last {r} bytes of "
+                f"patch k-1", fontsize=8, color="C3")
+    ax.set_xlim(-0.2, P * n_patches + 0.2)
+    ax.set_ylim(-3.9, 0.2)
+    ax.set_yticks([])
+    ax.set_xticks([k * P + P / 2 for k in range(n_patches)], [f"patch {k}" for k in range(n_patches)])
+    ax.set_xlabel(f"byte position t (patch size P = {P}); one global step per patch, P local steps inside it")
+    ax.set_title(f"MEGABYTE on a bytes-setting row: the global model predicts patch k from patches < k; the local model "
+                 f"predicts each byte\nfrom the global output's slot p and the previous byte", fontsize=10)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def megabyte_patch_position(model, path):
+    """MEGABYTE: eval loss by byte index inside a patch, from model.patch_pos_loss (sum, count per p)."""
+    plt = _plt()
+    s, n = model.patch_pos_loss.detach().cpu()
+    if n.sum() == 0:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(len(s)), (s / n.clamp(min=1) / math.log(2)).numpy(), "o-")
+    ax.set_xlabel("byte index p within its patch")
+    ax.set_ylabel("eval loss (bits per byte)")
+    ax.set_title(f"MEGABYTE (P = {len(s)}): eval loss by position in the patch\n(the paper's reason for strided "
+                 f"inference, Sec. 2.3.3)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def blt_patches(model, tokens, path, n=96):
+    """BLT (paper Fig. 4): the first n bytes of `tokens` (1-D), the entropy model's H(x_i) and the patch starts."""
+    plt = _plt()
+    off = 4 if not hasattr(sys.modules.get("blt"), "OFFSET") else sys.modules["blt"].OFFSET
+    dev = next(model.parameters()).device
+    x = tokens[:n].long()[None].to(dev) + off
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        ent = model.entropies(x) if getattr(model, "entropy_model", None) is not None else None
+        starts = model.patch(x, ent)[0, :x.shape[1]].cpu()
+    model.train(was)
+    chars = [chr(b) if 32 <= b < 127 else "?" for b in tokens[:n].tolist()]
+    fig, ax = plt.subplots(figsize=(min(15.5, 0.15 * len(chars) + 1.2), 4))
+    if ent is not None:   # H(x_i) = ent[i - 1]: the entropy of the byte at i before seeing it
+        H = [float("nan")] + ent[0, :-1].cpu().tolist()
+        ax.plot(range(len(chars)), H, "-o", ms=3, color="tab:blue", label="H(x_i): entropy model's next-byte entropy")
+        if model.cfg.patching in ("entropy", "monotonic"):
+            ax.axhline(float(model.threshold), color="tab:red", ls="--", lw=1,
+                       label=f"threshold = {float(model.threshold):.2f} nats")
+    for i in starts.nonzero().flatten().tolist():
+        ax.axvline(i - 0.5, color="gray", lw=0.8)
+    ax.set_xticks(range(len(chars)), chars, fontsize=7, family="monospace")
+    ax.set_xlim(-0.5, len(chars) - 0.5)
+    ax.set_xlabel("byte of a bytes-setting eval row (grey line = a patch starts here)")
+    ax.set_ylabel("entropy (nats)")
+    ax.set_title(f"BLT {model.cfg.patching} patching: {int(starts.sum())} patches for {len(chars)} bytes "
+                 f"(mean {len(chars) / max(1, int(starts.sum())):.1f} bytes per patch)", fontsize=10)
+    if ent is not None:
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def megalodon_cema(model, path, n_chunks=3, n_channels=6):
+    """Megalodon: the impulse response of layer 0's CEMA (its output for a unit impulse, minus the omega skip), for a
+    few channels, against the attention chunks that the EMA carries information across."""
+    plt = _plt()
+    cema = next(m for m in model.modules() if hasattr(m, "coeffs") and hasattr(m, "omega"))
+    c = model.cfg.chunk_size
+    L = min(c * n_chunks, model.cfg.seq_len)
+    x = torch.zeros(1, L, cema.dim)
+    x[0, 0] = 1.0
+    with torch.no_grad():
+        y = cema(x)[0][0] - cema.omega.float() * x[0]          # (L, D): the EMA part of the response
+    fig, ax = plt.subplots(1, 2, figsize=(14, 4.2), gridspec_kw=dict(width_ratios=[2, 1]))
+    for d in range(min(n_channels, cema.dim)):
+        ax[0].plot(range(L), y[:, d].abs().clamp(min=1e-12).numpy(), lw=1, label=f"channel {d}")
+    ax[0].set_yscale("log")
+    for k in range(1, L // c + 1):
+        ax[0].axvline(k * c, color="k", ls=":", lw=1)
+    ax[0].set_xlabel(f"time step t after an impulse at t = 0 (dotted = attention chunk boundaries, chunk = {c})")
+    ax[0].set_ylabel("|CEMA response y_t| (log scale)")
+    ax[0].set_title("layer 0's CEMA impulse response: the EMA carries information across chunks", fontsize=10)
+    ax[0].legend(fontsize=7, ncol=2)
+    T, cc = 4 * 8, 8
+    i = np.arange(T)
+    m = (i[None, :] <= i[:, None]) & (i[None, :] // cc == i[:, None] // cc)
+    ax[1].imshow(m, cmap="Blues", vmin=0, vmax=1.4, interpolation="nearest")
+    ax[1].set_xlabel("key position (4 chunks of 8 shown)")
+    ax[1].set_ylabel("query position")
+    ax[1].set_title("chunk-wise attention: causal inside a chunk only", fontsize=10)
+    fig.suptitle(f"Megalodon: CEMA + attention in chunks of {c} (seq_len {model.cfg.seq_len})", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def transfusion_loss_by_t(model, path):
+    """Transfusion: eval diffusion loss per timestep bucket, first and last eval (model.bucket_history)."""
+    plt = _plt()
+    hist = getattr(model, "bucket_history", None) or getattr(model, "_bucket_history", None)
+    if not hist:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, res in (("first eval", hist[0]), ("last eval", hist[-1])):
+        ts = [int(k[-4:]) for k in res]
+        ax.plot(ts, list(res.values()), marker="o", label=label)
+    ax.set(xlabel="diffusion timestep t (bucket centre, of 1000)", ylabel="eval noise-prediction MSE", yscale="log")
+    ax.set_title(f"Transfusion ({model.cfg.backbone} backbone): diffusion loss by timestep", fontsize=10)
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def transfusion_samples(model, ds, path, n=8, guidance=None):
+    """Transfusion: for n fixed eval captions, the generated image (top) above the data's own image (bottom)."""
+    import data
+    plt = _plt()
+    ex = ds.scenes(n)
+    with torch.no_grad():
+        imgs = model.images_for_captions([e["caption"] for e in ex], guidance=guidance).float().cpu()
+    fig, axes = plt.subplots(2, n, figsize=(1.7 * n, 4.4))
+    for k, e in enumerate(ex):
+        words = [data.WORDS[i] for i in e["caption"] if i < len(data.WORDS)]
+        axes[0, k].imshow(((imgs[k] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy())
+        axes[0, k].set_title("\n".join(" ".join(words[j:j + 4]) for j in range(0, len(words), 4)), fontsize=6.5)
+        axes[1, k].imshow(np.asarray(e["image"]).transpose(1, 2, 0))
+        for a in axes[:, k]:
+            a.set_xticks([]), a.set_yticks([])
+    axes[0, 0].set_ylabel("generated", fontsize=9)
+    axes[1, 0].set_ylabel("data", fontsize=9)
+    fig.suptitle(f"Transfusion ({model.cfg.backbone} backbone): images generated from eval captions", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _blt_fig(model, ds, path):
+    return blt_patches(model, ds.get_batch("val", 1, 0)["tokens"][0], path)
+
+
+# model family (its file) -> (file name, figure(model, ds, path), when it applies)
+MECHANISMS = {
+    "mot": ("mot_weights.png", mot_weights, lambda m, ds: m.cfg.n_modalities > 1),
+    "mom": ("mom_projections.png", mom_projections, lambda m, ds: m.cfg.n_modalities > 1),
+    "moma": ("moma_routing_tokens.png", moma_routing_tokens, lambda m, ds: True),
+    "transfusion": ("transfusion_mask.png", transfusion_mask, lambda m, ds: ds.setting == "transfusion"),
+    "megabyte": ("megabyte_layout.png", megabyte_layout, lambda m, ds: True),
+    "blt": ("blt_patches.png", _blt_fig, lambda m, ds: hasattr(m, "patch")),
+    "megalodon": ("megalodon_cema.png", lambda m, ds, p: megalodon_cema(m, p), lambda m, ds: True),
+}
+
+
+def mechanism(model, ds, out_dir=None, path=None):
+    """The mechanism figure of model's family (out_dir/its file name, or path); None if the family has none."""
+    fam = type(model).__module__.split(".")[-1]
+    if fam not in MECHANISMS or not MECHANISMS[fam][2](model, ds):
+        return None
+    name, fig, _ = MECHANISMS[fam]
+    return fig(model, ds, path or os.path.join(out_dir, name))
+
+
+def model_figures(model, ds, out_dir):
+    """End-of-run figures of a model family into out_dir (replaces the models' old extra_plots). Never raises: a
+    figure that fails prints one warning line, so a finished run is never lost to a plot."""
+    done = []
+    fam = type(model).__module__.split(".")[-1]
+    jobs = [("mechanism", lambda: mechanism(model, ds, out_dir))]
+    if fam == "moma":
+        jobs.append(("moma routing", lambda: moma_history(model, os.path.join(out_dir, "moma_routing.png"))))
+    if fam == "megabyte":
+        jobs.append(("patch position", lambda: megabyte_patch_position(model, os.path.join(out_dir,
+                                                                                         "megabyte_patch_position.png"))))
+    if fam == "transfusion" and ds.setting == "transfusion":
+        jobs.append(("loss by t", lambda: transfusion_loss_by_t(model, os.path.join(out_dir, "transfusion_loss_by_t.png"))))
+        jobs.append(("samples", lambda: transfusion_samples(model, ds, os.path.join(out_dir, "transfusion_samples.png"))))
+    for what, job in jobs:
+        try:
+            p = job()
+            if p:
+                done.append(p)
+        except Exception as e:  # noqa: BLE001 -- a figure must never cost a finished run
+            print(f"warning: plots.model_figures: the {fam} {what} figure failed ({type(e).__name__}: {e})")
+    return done
+
+
+# --- the figures in docs/, each from docs/runs/ or from the code on a real batch --------------------------------
+def bytes_compare(base, path, names=("dense", "megabyte", "blt", "megalodon")):
+    """The byte models: eval bits per byte vs training FLOPs, and final bpb vs inference FLOPs per byte when the
+    runs carry it (base/NAME/flops.json: {"infer_flops_per_byte": ..}) -- one figure for all four papers."""
+    plt = _plt()
+    runs = {n: read_run(os.path.join(base, n)) for n in names if os.path.isfile(os.path.join(base, n, "metrics.jsonl"))}
+    inf = {}
+    for n in runs:
+        f = os.path.join(base, n, "flops.json")
+        if os.path.isfile(f):
+            inf[n] = json.load(open(f))
+    fig, ax = plt.subplots(1, 2 if inf else 1, figsize=(13 if inf else 7.5, 4.3), squeeze=False)
+    ax = ax[0]
+    allx = [r["flops"] for _, ev, _ in runs.values() for r in ev]
+    u = _flops_axis(ax[0], allx)
+    for j, (n, (tr, ev, conf)) in enumerate(runs.items()):
+        ax[0].plot([r["flops"] / u for r in ev], [r["eval_bpb"] for r in ev], "o-", ms=3, color=f"C{j}",
+                   label=model_name(n))
+    ax[0].set_ylabel("eval bits per byte")
+    ax[0].set_title("eval bits per byte vs training FLOPs", fontsize=10)
+    ax[0].legend(fontsize=8)
+    ax[0].grid(alpha=0.3)
+    if inf:
+        for j, n in enumerate(runs):
+            if n in inf:
+                x, y = inf[n]["infer_flops_per_byte"] / 1e6, runs[n][1][-1]["eval_bpb"]
+                ax[1].scatter(x, y, s=40, color=f"C{j}")
+                ax[1].annotate(model_name(n), (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax[1].set_xlabel("inference MFLOPs per byte")
+        ax[1].set_ylabel("final eval bits per byte")
+        ax[1].set_title("final eval bpb vs inference cost", fontsize=10)
+        ax[1].grid(alpha=0.3)
+    first = next(iter(runs.values()))
+    fig.suptitle(f"Byte models at equal training budget: {_describe(first[2], first[0], first[1])}", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _model_from(name, ckpt=None, setting=None, overrides=None):
+    """A model built by train.build (optionally loading a train.py checkpoint, weights only) and its data."""
+    import train
+    over = dict(overrides or {})
+    if ckpt:
+        c = torch.load(ckpt, map_location="cpu", weights_only=True)
+        conf = c.get("config", {}) if isinstance(c, dict) else {}
+        mc = conf.get("model_cfg", {}) if isinstance(conf, dict) else {}
+        over = {**{k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()
+                   if k not in ("entropy_ckpt", "upcycle_from", "lmfusion")}, **over}
+        setting = setting or conf.get("setting")
+    model, _, _, ds = train.build(name, setting, over)
+    if ckpt:
+        model.load_state_dict(c["model"], strict=False)
+    return model, ds
+
+
+def _mech(name, overrides=None):
+    """docs figure maker: the mechanism of model `name` (default config and setting, seed 0, untrained unless a
+    checkpoint is given) on a real eval batch."""
+    def f(path, ckpt=None):
+        torch.manual_seed(0)
+        model, ds = _model_from(name, ckpt, None, overrides)
+        return mechanism(model, ds, path=path)
+    return f
+
+
+# name -> (function(path) that makes docs/NAME.png, the command, what it shows)
+DOCS_FIGURES = {
+    "toy_world": (lambda path: toy_world(path), "the toy world: scenes, captions, a token stream per setting"),
+    "chameleon_compare": (lambda path: plot_compare(os.path.join(RUNS, "chameleon"), ["dense", "mot"], path),
+                          "dense vs MoT on the chameleon setting (docs/runs/chameleon)"),
+    "mot_speech": (lambda path: plot_compare(os.path.join(RUNS, "speech"), ["dense", "mot"], path),
+                   "dense vs MoT on the speech setting (docs/runs/speech)"),
+    "moma_chameleon": (lambda path: plot_compare(os.path.join(RUNS, "chameleon_moma"),
+                                                 ["dense", "mot", "moma", "moma-mod", "moma-ec8"], path),
+                       "dense vs MoT vs MoMa on the chameleon setting (docs/runs/chameleon_moma)"),
+    "mom_chameleon": (lambda path: plot_compare(os.path.join(RUNS, "mom_chameleon"), ["mamba", "mom"], path),
+                      "Mamba vs MoM on the chameleon setting (docs/runs/mom_chameleon)"),
+    "transfusion_compare": (lambda path: plot_compare(os.path.join(RUNS, "transfusion"), ["transfusion", "transfusion-mot"],
+                                                      path, keys=["eval_loss_image", "eval_loss_text", "gen_image_acc",
+                                                                  "caption_acc"]),
+                            "Transfusion dense vs MoT backbone (docs/runs/transfusion)"),
+    "bytes_compare": (lambda path: bytes_compare(os.path.join(RUNS, "bytes"), path),
+                      "the byte models vs the byte Transformer (docs/runs/bytes)"),
+    "mot_weights": (_mech("mot"), "MoT: the weight copy each token of a chameleon row uses"),
+    "mom_projections": (_mech("mom"), "MoM: which projections each token takes per modality"),
+    "moma_routing_tokens": (_mech("moma"), "MoMa: which expert takes each token, expert choice vs aux routers"),
+    "transfusion_mask": (_mech("transfusion"), "Transfusion: the attention mask of a real row"),
+    "megabyte_layout": (_mech("megabyte"), "MEGABYTE: patches, global and local inputs of a real byte row"),
+    "blt_patches": (_mech("blt", dict(patching="space")), "BLT: patch starts on a bytes row (space patching)"),
+    "megalodon_cema": (_mech("megalodon"), "Megalodon: CEMA impulse response and attention chunks"),
+}
+
+
+def main(argv):
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "list":
+            for n, (_, what) in DOCS_FIGURES.items():
+                print(f"python plots.py docs {n:22s} # docs/{n}.png: {what}")
+        elif cmd == "docs":
+            for n in rest or list(DOCS_FIGURES):
+                if n not in DOCS_FIGURES:
+                    raise ValueError(f"unknown figure {n!r}; python plots.py list shows them")
+                print(DOCS_FIGURES[n][0](os.path.join(DOCS, f"{n}.png")))
+        elif cmd == "run" and rest:
+            print(plot_run(rest[0]))
+        elif cmd == "compare" and len(rest) >= 2:
+            plot_compare(rest[0], [n for n in rest[1].split(",") if n], rest[2] if len(rest) > 2 else None, verbose=True)
+            print(rest[2] if len(rest) > 2 else os.path.join(rest[0], "compare.png"))
+        elif cmd == "mechanism" and rest:
+            ckpt = next((a for a in rest[1:] if a.endswith(".pt")), None)
+            png = next((a for a in rest[1:] if a.endswith(".png")), None)
+            model, ds = _model_from(rest[0], ckpt)
+            fam = type(model).__module__
+            p = mechanism(model, ds, path=png or os.path.join("out", MECHANISMS.get(fam, ("none.png",))[0]))
+            if p is None:
+                raise ValueError(f"no mechanism figure for {rest[0]!r} on its setting")
+            print(p)
+        elif cmd == "toy_world":
+            print(toy_world(rest[0] if rest else os.path.join(DOCS, "toy_world.png")))
+        else:
+            print(f"error: unknown command {' '.join(argv)!r}; python plots.py --help lists them", file=sys.stderr)
+            return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,121 @@
+"""plots.py: every figure is written from tiny synthetic runs and tiny models, at most 1600 px wide; the FLOPs
+fractions it reports are right; model_figures never raises."""
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+import data
+import plots
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", head[16:24])
+
+
+def fake_run(d, model, setting, scale, steps=100, keys=("text", "image")):
+    """A run whose eval losses fall as 1 + 1 / (scale * step): scale 2 reaches any value in half the FLOPs."""
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(dict(model=model, setting=setting, train=dict(steps=steps, seed=0))))
+    with open(d / "metrics.jsonl", "w") as f:
+        for s in range(10, steps + 1, 10):
+            f.write(json.dumps(dict(step=s, tokens=s * 100, flops=s * 1e9, loss=2 + 1 / s,
+                                    **{f"loss_{k}": 2 + 1 / s for k in keys})) + "\n")
+            ev = dict(step=s, tokens=s * 100, flops=s * 1e9, eval_loss=1 + 1 / (scale * s),
+                      **{f"eval_loss_{k}": 1 + 1 / (scale * s) for k in keys})
+            ev.update(gen_image_acc=0.5, gen_image_chance=0.25)
+            f.write(json.dumps(ev) + "\n")
+
+
+def test_plot_run_and_compare(tmp_path):
+    fake_run(tmp_path / "dense", "dense", "chameleon", 1.0)
+    fake_run(tmp_path / "mot", "mot", "chameleon", 2.0)
+    p = plots.plot_run(str(tmp_path / "mot"))
+    assert png_size(p)[0] <= 1600
+    res = plots.plot_compare(str(tmp_path), ["dense", "mot"])
+    assert png_size(tmp_path / "compare.png")[0] <= 1600
+    # mot's curve is dense's at half the FLOPs: it reaches dense's final loss at 50% (linear interpolation)
+    assert res["mot"]["eval_loss_image"] == pytest.approx(0.5, abs=1e-9)
+    assert res["dense"]["eval_loss_image"] == pytest.approx(1.0)
+    res = plots.plot_compare(str(tmp_path), ["dense", "mot"], path=str(tmp_path / "acc.png"),
+                             keys=["eval_loss_image", "gen_image_acc"], labels={"mot": "Mixture-of-Transformers"})
+    assert (tmp_path / "acc.png").exists()
+
+
+def test_compare_titles_say_setting_and_steps(tmp_path, monkeypatch):
+    fake_run(tmp_path / "dense", "dense", "speech", 1.0, steps=300)
+    fake_run(tmp_path / "mot", "mot", "speech", 1.5, steps=300)
+    titles = []
+    import matplotlib.figure
+    orig = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: titles.append(t) or orig(self, t, **kw))
+    plots.plot_compare(str(tmp_path), ["dense", "mot"])
+    assert "speech setting" in titles[0] and "300 steps" in titles[0] and "MoT" in titles[0]
+
+
+def test_flops_to_reach_interpolates():
+    ev = [dict(flops=1.0, l=3.0), dict(flops=2.0, l=2.0), dict(flops=3.0, l=1.0)]
+    assert plots.flops_to_reach(ev, "l", 1.5) == pytest.approx(2.5)
+    assert plots.flops_to_reach(ev, "l", 0.5) is None
+
+
+def test_toy_world(tmp_path):
+    p = plots.toy_world(str(tmp_path / "toy.png"), n_scenes=4)
+    w, h = png_size(p)
+    assert w <= 1600 and h > 100
+
+
+def tiny(name, setting, **over):
+    mod = next(m for m in map(__import__, ("mot", "mom", "moma", "transfusion", "megabyte", "blt", "megalodon"))
+               if name in getattr(m, "MODELS", {}))
+    C, M, _, base = mod.MODELS[name]
+    ds = data.make_data(setting, seq_len=128)
+    fields = C.__dataclass_fields__
+    kw = {**base, **{k: v for k, v in ds.model_fields().items() if k in fields}, **over}
+    torch.manual_seed(0)
+    return M(C(**{k: v for k, v in kw.items() if k in fields})), ds
+
+
+@pytest.mark.parametrize("name,setting,over,expect", [
+    ("mot", "chameleon", {}, "mot_weights.png"),
+    ("mamba", "chameleon", {}, "mom_projections.png"),        # every projection shared: all grey
+    ("mom", "chameleon", {}, "mom_projections.png"),
+    ("moma", "chameleon", {}, "moma_routing_tokens.png"),
+    ("transfusion", "transfusion", {}, "transfusion_mask.png"),
+    ("megabyte", "bytes", {}, "megabyte_layout.png"),
+    ("blt", "bytes", dict(patching="space"), "blt_patches.png"),
+    ("megalodon", "bytes", dict(chunk_size=32), "megalodon_cema.png"),
+])
+def test_model_figures_write_the_mechanism(tmp_path, name, setting, over, expect, capsys):
+    model, ds = tiny(name, setting, **over)
+    if name == "moma":                                       # an eval forward fills model.history
+        model.eval()
+        with torch.no_grad():
+            model(ds.get_batch("val", 2, 0))
+        model.train()
+    out = plots.model_figures(model, ds, str(tmp_path))
+    assert "warning" not in capsys.readouterr().out
+    if expect is None:
+        return
+    assert str(tmp_path / expect) in out
+    assert png_size(tmp_path / expect)[0] <= 1600
+
+
+def test_model_figures_never_raise(tmp_path, capsys):
+    model, ds = tiny("moma", "chameleon")
+    model.history = [dict(mode="ec", counts="not a list")]   # a broken record: the figure fails, the run must not
+    out = plots.model_figures(model, ds, str(tmp_path))
+    assert "warning: plots.model_figures" in capsys.readouterr().out
+    assert str(tmp_path / "moma_routing_tokens.png") in out
+
+
+def test_cli_list_and_bad_command(capsys):
+    assert plots.main(["list"]) == 0
+    assert "python plots.py docs toy_world" in capsys.readouterr().out
+    assert plots.main(["nonsense"]) == 2
+    assert plots.main(["compare", "/nonexistent", "dense,mot"]) == 2

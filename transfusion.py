@@ -563,14 +563,14 @@ class Transfusion(nn.Module):
         return self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, mask,
                                             **(dict(caches=caches, pos0=pos0) if caches is not None else {}))
 
-    def _text_step(self, grp, temperature):
+    def _text_step(self, grp, temperature, use_cache):
         """One decoding step for rows of equal length and equal cached length (one batch): the KV cache (dense /
         MoT) holds what each row has already read; a row's cache is dropped after an image, which is read again
         whole with its bidirectional mask."""
         done = grp[0]["done"]
         tok, ii, pp = (torch.stack([r[k] for r in grp])[:, done:] for k in ("tok", "ii", "pp"))
         caches = None
-        if self.cfg.backbone in ("dense", "mot"):
+        if use_cache and self.cfg.backbone in ("dense", "mot"):
             caches = [{k: torch.cat([r["cache"][i][k] for r in grp]) for k in ("k", "v")} if done else {}
                       for i in range(len(self.backbone.blocks))]
         logits = self.backbone.lm_head(self._hidden_of(tok, ii, pp, caches, done)[:, -1]).float()
@@ -583,7 +583,8 @@ class Transfusion(nn.Module):
             r["pp"] = torch.cat([r["pp"], r["pp"].new_zeros(1, self.cfg.patch_dim)])
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, patches=None, image_index=None, seeds=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0, patches=None, image_index=None, seeds=None,
+                 use_cache=True):
         """Text decoding (greedy at temperature 0), optionally after images given as patches (captioning).
         idx: (B, Tp) int64; patches: (B, Tp, patch_dim) and image_index: (B, Tp) where idx holds images.
         Each row decodes on its own: when a row's last token is <boi> (and the image fits), that row switches to
@@ -591,15 +592,15 @@ class Transfusion(nn.Module):
         then text again. Rows of equal length run as one batch, so a batch gives what each row gives alone.
         seeds: one int per row for its sampling and sampler noise (default: drawn from torch's RNG).
         Returns tokens (B, Tp + max_new_tokens) (placeholder id 0 at generated patch positions); self.last_images[b]
-        lists row b's generated images (n_patches, patch_dim). With the dense/MoT backbone, text uses the KV cache."""
+        lists row b's generated images (n_patches, patch_dim). use_cache: text steps of dense/MoT use a KV cache."""
         cfg = self.cfg
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
             raise ValueError("generate: idx must be an int64 tensor of shape (B, T)")
         if idx.shape[1] + max_new_tokens > cfg.seq_len:
             raise ValueError(f"generate: {idx.shape[1]} + {max_new_tokens} > seq_len={cfg.seq_len}; generate less")
         (B, Tp), dev, end, n = idx.shape, idx.device, idx.shape[1] + max_new_tokens, cfg.n_patches
-        if image_index is None:
-            image_index, patches = torch.full_like(idx, -1), torch.zeros(B, Tp, cfg.patch_dim, device=dev)
+        image_index = torch.full_like(idx, -1) if image_index is None else image_index
+        patches = torch.zeros(B, Tp, cfg.patch_dim, device=dev) if patches is None else patches
         seeds = torch.randint(2 ** 62, (B,)).tolist() if seeds is None else [int(s) for s in seeds]
         rows = [dict(b=b, tok=idx[b], ii=image_index[b], pp=patches[b].float(), done=0,
                      g=torch.Generator(device=dev).manual_seed(seeds[b])) for b in range(B)]
@@ -623,7 +624,7 @@ class Transfusion(nn.Module):
             if not live:
                 break
             for grp in _groups(live, lambda r: (len(r["tok"]), r["done"])):
-                self._text_step(grp, temperature)
+                self._text_step(grp, temperature, use_cache)
         self.train(was)
         return torch.stack([r["tok"] for r in rows])
 

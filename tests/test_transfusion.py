@@ -410,3 +410,173 @@ def test_trunc_snr_weights_training_only_and_never_below_one():
         losses[lw] = (tr, model(b)[2]["loss_image"].item())
     assert losses["trunc_snr"][0] > losses["uniform"][0]             # w = max(SNR, 1) / SNR >= 1, > 1 for t > 500
     assert losses["trunc_snr"][1] == pytest.approx(losses["uniform"][1])   # eval: the plain eps-MSE
+
+
+# --- generation: earlier images are images; every row on its own ------------------------------------------------------
+def interleaved(model, ds, first_image, k=0):
+    """<bos> caption <boi> image <eoi> caption' <boi>: the prompt of a second image after a first one."""
+    cfg, ex = model.cfg, ds.scenes(k + 2)
+    n = cfg.n_patches
+    tok = [cfg.bos_id] + ex[k]["caption"] + [cfg.boi_id] + [0] * n + [cfg.eoi_id] + ex[k + 1]["caption"] + [cfg.boi_id]
+    start = len(ex[k]["caption"]) + 2
+    ii = torch.full((1, len(tok)), -1)
+    ii[0, start:start + n] = 0
+    pp = torch.zeros(1, len(tok), cfg.patch_dim)
+    pp[0, start:start + n] = first_image
+    return torch.tensor([tok]), ii, pp
+
+
+def test_second_image_is_conditioned_on_the_first_seen_as_an_image():
+    model, ds = tiny()
+    model.eval()
+    cfg, n = model.cfg, model.cfg.n_patches
+    img_a, img_b = (torch.rand(n, cfg.patch_dim, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (1, 2))
+    xt, t = torch.randn(1, n, cfg.patch_dim), torch.tensor([600])
+    with torch.no_grad():
+        prefix, ii, pa = interleaved(model, ds, img_a)
+        eps_a = model.predict_eps(prefix, xt, t, guidance=1.0, image_index=ii, patches=pa)
+        eps_b = model.predict_eps(prefix, xt, t, guidance=1.0, image_index=ii, patches=interleaved(model, ds, img_b)[2])
+        assert not torch.allclose(eps_a, eps_b, atol=1e-4)             # the first image reaches the second's denoiser
+        # independent reference: the whole sequence as in training, first image clean (t = 0), second at t
+        Tp = prefix.shape[1]
+        ii_f = torch.cat([ii, torch.ones(1, n, dtype=torch.long)], 1)
+        gid, slot, n_img = model._images(ii_f)
+        x, skips = model._embed(torch.cat([prefix, torch.zeros(1, n, dtype=torch.long)], 1),
+                                torch.stack([img_a, xt[0]]), torch.tensor([0, 600]), gid, slot)
+        h = model.backbone.forward_hidden(x, (ii_f >= 0).long(), model.attention_mask(gid))
+        assert torch.allclose(eps_a, model._eps(h, gid, slot, n_img, skips)[1:], atol=1e-5)
+        assert not torch.allclose(eps_a, model.predict_eps(prefix, xt, t, guidance=1.0), atol=1e-4)  # not pad tokens
+        # generate(): a prompt ending with <boi> goes to diffusion mode with the first image in its context
+        outs = []
+        for p in (pa, interleaved(model, ds, img_b)[2]):
+            tok = model.generate(prefix, n + 2, patches=p, image_index=ii, seeds=[7])
+            assert tok[0, Tp + n] == cfg.eoi_id
+            outs.append(model.last_images[0][0])
+        direct = model.generate_image(prefix, generator=[torch.Generator().manual_seed(7)], image_index=ii, patches=pa)
+        assert torch.allclose(outs[0], direct[0], atol=1e-6) and not torch.allclose(outs[0], outs[1], atol=1e-3)
+
+
+def boi_when_positive(model):
+    """A head that samples <boi> whenever the first hidden feature is > 0: rows switch to images at different steps,
+    decided by their own content only."""
+    boi = model.cfg.boi_id
+    return model.backbone.lm_head.register_forward_hook(
+        lambda m, i, o: o + 100.0 * (i[0][..., :1] > 0).float() * F.one_hot(torch.tensor(boi), o.shape[-1]).float())
+
+
+@pytest.mark.parametrize("backbone", ["mot", "mamba"])
+def test_batched_generation_equals_one_by_one_and_cache_equals_recompute(backbone):
+    model, ds = tiny(backbone=backbone, seq_len=128)
+    cfg, n = model.cfg, model.cfg.n_patches
+    img = torch.rand(n, cfg.patch_dim, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    p1, ii1, pp1 = interleaved(model, ds, img)                     # row 0: a second image first, then text
+    Tp = p1.shape[1]
+    texts = [[cfg.bos_id] + e["caption"] * 8 for e in ds.scenes(8)[2:]]
+    idx = torch.cat([p1] + [torch.tensor([t[:Tp]]) for t in texts[:3]])
+    ii = torch.cat([ii1, torch.full((3, Tp), -1)])
+    pp = torch.cat([pp1, torch.zeros(3, Tp, cfg.patch_dim)])
+    seeds, new = [11, 12, 13, 14], 2 * (n + 1) + 6
+    hook = boi_when_positive(model)
+    out = model.generate(idx, new, patches=pp, image_index=ii, seeds=seeds)
+    batched = [list(x) for x in model.last_images]
+    starts = {int((row[Tp:] == cfg.boi_id).nonzero()[0]) for row in out if (row[Tp:] == cfg.boi_id).any()}
+    assert sum(map(len, batched)) >= 3 and len(starts) >= 2        # rows enter diffusion mode at different steps
+    for b in range(4):
+        one = model.generate(idx[b:b + 1], new, patches=pp[b:b + 1], image_index=ii[b:b + 1], seeds=seeds[b:b + 1])
+        assert torch.equal(one[0], out[b])
+        assert len(model.last_images[0]) == len(batched[b])
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(model.last_images[0], batched[b]))
+    again = model.generate(idx, new, patches=pp, image_index=ii, seeds=seeds, use_cache=False)
+    assert torch.equal(again, out)
+    assert all(torch.allclose(x, y, atol=1e-5) for a, b in zip(model.last_images, batched) for x, y in zip(a, b))
+    hook.remove()
+
+
+# --- per-row diffusion draws: any split of a batch trains on the same noise ---------------------------------------
+def counts(b):
+    return int(((b["targets"] != -1) & (b["image_index"] < 0)).sum()), int((b["image_index"].max(1).values + 1).sum())
+
+
+def test_split_batch_equals_whole_batch_loss():
+    """Rows draw t, noise and condition dropout from (model seed, row_id): the loss of a batch is the count-weighted
+    mean of its halves' losses (each part is a mean over its text positions / its images), whatever the global RNG."""
+    model, ds = tiny(cond_dropout=0.5)
+    model.train()
+    b = ds.get_batch("train", 4, 0)
+    b["row_id"] = torch.arange(4) + 1000
+    halves = [{k: v[s] for k, v in b.items()} for s in (slice(0, 2), slice(2, 4))]
+    torch.manual_seed(0)
+    _, loss, parts = model(b)
+    nt, ni = counts(b)
+    text = img = 0.0
+    for i, h in enumerate(halves):
+        torch.manual_seed(100 + i)                                   # the global RNG must not matter
+        _, l_h, p_h = model(h)
+        ht, hi = counts(h)
+        text, img = text + float(p_h["loss_text"]) * ht / nt, img + float(p_h["loss_image"]) * hi / ni
+    assert text == pytest.approx(float(parts["loss_text"]), rel=1e-6)
+    assert img == pytest.approx(float(parts["loss_image"]), rel=1e-6)
+    assert loss.item() == pytest.approx(text + model.cfg.lam * img, rel=1e-6)
+    b2 = dict(b, row_id=b["row_id"] + 1)                            # other rows' draws: another loss
+    assert float(model(b2)[2]["loss_image"]) != pytest.approx(img, rel=1e-3)
+    # without row_id (a user's batch) the draws come from torch's global RNG
+    plain = {k: v for k, v in b.items() if k != "row_id"}
+    torch.manual_seed(5)
+    l1 = model(plain)[1]
+    torch.manual_seed(5)
+    assert torch.equal(model(plain)[1], l1) and not torch.equal(model(plain)[1], l1)
+
+
+def test_resume_is_exact_with_per_row_draws():
+    def step(model, opt, i):
+        b = ds.get_batch("train", 2, i)
+        b["row_id"] = torch.arange(2) + 2 * i
+        model(b)[1].backward()
+        opt.step()
+        opt.zero_grad()
+
+    model, ds = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for i in range(4):
+        step(model, opt, i)
+    resumed, _ = tiny()                                              # built from the same seed, as train.py does
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    for i in range(2):
+        step(resumed, opt2, i)
+    state = dict(model=resumed.state_dict(), opt=opt2.state_dict())
+    again, _ = tiny()
+    opt3 = torch.optim.AdamW(again.parameters(), lr=1e-2)
+    again.load_state_dict(state["model"]), opt3.load_state_dict(state["opt"])
+    torch.manual_seed(12345)                                         # another global RNG state after the restart
+    for i in range(2, 4):
+        step(again, opt3, i)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+
+
+# --- settings and keys that would do nothing ------------------------------------------------------------------------
+def test_supported_settings_need_continuous_images():
+    for name, (_, _, setting, _) in tf.MODELS.items():
+        assert setting in tf.SUPPORTED_SETTINGS[name]
+        assert not {"speech", "chameleon", "bytes"} & set(tf.SUPPORTED_SETTINGS[name])
+    assert tf.SUPPORTED_SETTINGS["transfusion"] == ("transfusion",) and tf.SUPPORTED_SETTINGS["lmfusion-base"] == ("text",)
+
+
+@pytest.mark.parametrize("setting,over,key,enabler", [
+    ("transfusion", dict(unet_channels=8, patch_codec="linear"), "unet_channels", "patch_codec"),
+    ("transfusion", dict(backbone="mamba", n_head=2), "n_head", "backbone"),
+    ("transfusion", dict(backbone="mom", qk_norm=True), "qk_norm", "backbone"),
+    ("transfusion", dict(backbone="mamba", image_attn="causal"), "image_attn", "backbone"),
+    ("text", dict(patch_codec="unet"), "patch_codec", "setting"),
+    ("text", dict(guidance=1.0), "guidance", "setting"),
+])
+def test_keys_without_effect_are_errors_naming_what_enables_them(setting, over, key, enabler):
+    with pytest.raises(ValueError, match=f"--{key}=.*has no effect.*{enabler}"):
+        tiny_cfg(setting, **over)
+    tiny_cfg("transfusion", patch_codec="unet", unet_channels=8)      # enabled: fine
+
+
+def test_loss_names_come_from_modality_names():
+    model, ds = tiny(modality_names=("words", "pictures"))
+    assert set(model(ds.get_batch("train", 1, 0))[2]) == {"loss_words", "loss_pictures"}
+    with pytest.raises(ValueError, match="modality_names"):
+        tiny_cfg(modality_names=("text",))

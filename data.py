@@ -25,13 +25,11 @@ Why it looks like this (what the papers need to show up at toy scale): image tok
 disjoint vocabularies and very different statistics (what modality-specific weights exploit); captions and
 images depend on each other (cross-modal learning can be measured, and generations scored); images carry
 jitter and one of four background colours but no pixel noise (noise no model can predict only lifts the loss
-floor: with it the dense image loss stalled at 2.08 after 600 steps, and a model with 6x the parameters reached
-only 1.98); bytes mix stretches of very different predictability (what dynamic patching has to find).
-Why text-only documents (MoT, issue #4): when every text token is a caption, text and image carry the same
+floor, for every model alike); bytes mix stretches of very different predictability (what dynamic patching has
+to find). Why text-only documents (MoT, issue #4): when every text token is a caption, text and image carry the same
 information, and a dense model's shared weights are the better deal -- the circuits that read one modality from
-the other are learned once (measured: without them MoT did not reach the dense image loss). Per-modality weights pay
-off when each modality also has much of its own to model, as in real data; the text-only share gives the text side
-that (with it MoT reaches the dense image loss at 58-64% of the FLOPs at 1800 steps; README).
+the other are learned once. Per-modality weights pay off when each modality also has much of its own to model, as
+in real data; the text-only share gives the text side that. (The measurements behind these choices: RESULTS.md.)
 
 Token ids (shared by all settings except bytes); modality m owns ids [modality_offsets[m], modality_offsets[m+1]):
     text    0 <pad>  1 <bos>  2 <boi>  3 <eoi>  4 <bosp>  5 <eosp>  6 "."  then words      -> ids [0, 64)
@@ -48,6 +46,9 @@ split, for models that draw per-row random numbers (Transfusion's diffusion time
 
 Modalities are named once, here: MODALITIES[m] is the name of modality id m; `ds.model_fields()` gives models
 n_modalities, modality_names and modality_offsets, so no model hard-codes them.
+
+Run:  python data.py   (a training row of every setting, decoded; docs/toy_world.png via plots.py)
+Read next: mot.py (the first paper: a weight set per modality)
 """
 import functools
 import math
@@ -206,9 +207,8 @@ def caption_words(scene, rng):
 
 
 def speak(words, rng):
-    """Speech codes for a list of words: each code of the word's pronunciation held 1 or 2 steps.
-    (An earlier version also replaced 8% of the codes by random ones: with that noise dense and MoT both ended at a
-    speech loss of 1.158; without it at ~0.6, where MoT's gain shows.)"""
+    """Speech codes for a list of words: each code of the word's pronunciation held 1 or 2 steps (no random codes:
+    unpredictable noise only raises every model's loss floor and hides the differences; RESULTS.md)."""
     out = []
     for w in words:
         for code in pronunciations()[w]:
@@ -264,6 +264,13 @@ def classify_image(img):
     mean = img.reshape(3, -1)[:, fg > 0].mean(1)
     c = int(np.argmin([((mean - np.array(RGB[name])) ** 2).sum() for name in COLOURS]))
     return (h, c, s, p)
+
+
+def describe_scene(attrs):
+    """Attribute tuple -> words, e.g. "large red circle, top left" ("?" where an attribute is None)."""
+    h, c, s, p = attrs
+    name = lambda values, i: "?" if i is None else values[i]
+    return f"{name(SIZES, s)} {name(COLOURS, c)} {name(SHAPES, h)}, " + ("?" if p is None else " ".join(POSITIONS[p]))
 
 
 def attribute_accuracy(pred, scenes):
@@ -392,6 +399,29 @@ class ToyWorld:
         b.update(targets=y, loss_mask=y != -1, row_id=row_ids(split, ids))
         return b
 
+    def decode(self, batch, row=0):
+        """A readable rendering of one row of a batch: text as words (a new line at each <bos>), each image span as
+        the scene it shows (read back by classify_image), each speech span as its number of codes."""
+        tok, mod = batch["tokens"][row].tolist(), batch["modality"][row].tolist()
+        out, i = [], 0
+        while i < len(tok):
+            j = i
+            while j < len(tok) and mod[j] == mod[i]:
+                j += 1
+            if mod[i] == TEXT:
+                for t in tok[i:j]:
+                    out.append(("\n" if t == BOS and out else "") + WORDS[t])
+            else:
+                n, name = j - i, MODALITIES[mod[i]]
+                if mod[i] == IMAGE and n == N_PATCHES:
+                    img = (from_patches(batch["patches"][row, i:j].numpy()) + 1) / 2 if "patches" in batch \
+                        else detokenize_image(tok[i:j])
+                    out.append(f"[{name}: {describe_scene(classify_image(img))}]")
+                else:
+                    out.append(f"[{name}: {n} {'codes' if mod[i] == SPEECH else 'tokens'}]")
+            i = j
+        return " ".join(out).replace(" \n", "\n")
+
     # --- generation prompts and scoring ---------------------------------------------------------------------
     def scenes(self, n, seed=0):
         """n fixed evaluation scenes (independent of the training stream), with their captions and images."""
@@ -490,6 +520,20 @@ class Bytes:
             kind += [k] * len(b)
         return np.array(out[:T], np.int64), np.array(kind[:T], np.int64)
 
+    def decode(self, batch, row=0):
+        """One row as text, each stretch tagged with its kind (from byte_kind; untagged for a data file)."""
+        raw = bytes(batch["tokens"][row].tolist())
+        if self.file is not None or "byte_kind" not in batch:
+            return raw.decode("utf-8", "replace")
+        kind, out, i = batch["byte_kind"][row].tolist(), [], 0
+        while i < len(raw):
+            j = i
+            while j < len(raw) and kind[j] == kind[i]:
+                j += 1
+            out.append(f"[{('caption', 'random', 'predictable')[kind[i]]}] {raw[i:j].decode('utf-8', 'replace')}")
+            i = j
+        return "\n".join(out)
+
     def get_batch(self, split, batch_size, index, rank=0, world_size=1):
         ids = global_rows(split, batch_size, index, rank, world_size)
         rows = [self._row(split, r) for r in ids]
@@ -514,10 +558,17 @@ def make_data(setting, seq_len=256, seed=0, data_file=None):
 
 
 if __name__ == "__main__":
-    for s in ("chameleon", "speech", "transfusion", "bytes"):
-        ds = make_data(s, seq_len=96)
-        b = ds.get_batch("train", 2, 0)
-        print(s, {k: tuple(v.shape) for k, v in b.items()}, "vocab", ds.vocab_size)
-    b = make_data("speech", seq_len=96).get_batch("train", 1, 0)
-    print("row 0:", " ".join(WORDS[i] if i < len(WORDS) else ("I" if i < OFFSETS[2] else "S") for i in b["tokens"][0].tolist()))
-    print(bytes(make_data("bytes", 300).get_batch("train", 1, 0)["tokens"][0].tolist()).decode())
+    # the toy world: training row 0 of every setting, readable; then the figure (plots.py) if it is there
+    for s in SETTINGS:
+        ds = make_data(s, seq_len=200 if s != "bytes" else 400)
+        b = ds.get_batch("train", 1, 0)
+        print(f"=== setting {s!r}: vocab {ds.vocab_size}, modalities {', '.join(ds.modality_names)}; "
+              f"training row 0 ({ds.seq_len} tokens), decoded" + (" (each image as the scorer reads it back, "
+              "tokenizer errors included)" if s in ("chameleon", "speech", "transfusion") else "") + ":")
+        print(ds.decode(b), "\n")
+    try:
+        import plots
+    except ImportError:
+        plots = None
+    if plots is not None and hasattr(plots, "toy_world"):
+        print("figure:", plots.toy_world(os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "toy_world.png")))

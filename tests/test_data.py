@@ -157,3 +157,27 @@ def test_modality_names_come_from_one_place():
     for setting in data.SETTINGS:
         f = data.make_data(setting, seq_len=16).model_fields()
         assert f["modality_names"] == data.MODALITIES[:f["n_modalities"]]
+
+
+def test_decode_shows_words_and_reads_the_images_back():
+    ds = data.make_data("transfusion", seq_len=256)
+    b = ds.get_batch("train", 4, 0)
+    imgs, caps = [], set()
+    for r in range(4):
+        text = ds.decode(b, r)
+        tok, mod = b["tokens"][r].tolist(), b["modality"][r].tolist()
+        words = [data.WORDS[t] for t, m in zip(tok, mod) if m == data.TEXT]
+        assert text.replace("\n", " ").split(" [image")[0].split() == words[:len(text.split(" [image")[0].split())]
+        assert text.count("[image") == len(set(b["image_index"][r].tolist()) - {-1})
+        imgs += [seg.split("]")[0] for seg in text.split("[image: ")[1:]]
+        plain = [w for w in words if w == "." or w not in data.SPECIALS]
+        for cap in " ".join(plain).split(" . "):                  # every caption's scene, in words
+            caps.add(data.describe_scene(data.parse_caption([data.WORD_ID[w] for w in cap.split() if w in data.WORD_ID])))
+    full = [d for d in imgs if "tokens" not in d]
+    assert len(full) >= 20 and np.mean([d in caps for d in full]) > 0.7   # the captioned scenes (chance ~0.2)
+    sp = data.make_data("speech", seq_len=256)
+    b = sp.get_batch("train", 1, 0)
+    assert sp.decode(b).count("[speech") == b["tokens"][0].tolist().count(data.BOSP)
+    by = data.make_data("bytes", seq_len=300)
+    text = by.decode(by.get_batch("train", 1, 0))
+    assert "[caption]" in text and "[random]" in text

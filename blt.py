@@ -9,47 +9,37 @@ a light local decoder turns the patch states back into next-byte predictions.  P
 
 Glossary (paper -> code):
     bytes + specials BOE, BOS, EOS, BPE (Sec. 2) -> ids b + OFFSET (OFFSET = 4), vocab = cfg.vocab_size + 4 = 260
-    entropy model, H(x_i) (Sec. 2.3)             -> EntropyModel (registered "blt-entropy"), entropies()
-    global constraint theta_g (Sec. 2.3)         -> cfg.patching = "entropy", cfg.threshold
-    approx. monotonic constraint theta_r (2.3)   -> cfg.patching = "monotonic", cfg.threshold
+    entropy model, H(x_i) (Sec. 2.3)             -> EntropyModel (registered "blt-entropy"), BLT.entropies()
+    global / approx. monotonic constraint (2.3)  -> cfg.patching = "entropy" (theta_g) | "monotonic" (theta_r)
     space patching (Sec. 2.2), strided (2.1)      -> cfg.patching = "space" | "static" (stride cfg.patch_size)
     max patch length                             -> cfg.max_patch_len (0 = none)
-    threshold for a target mean patch size       -> BLT.tune_threshold(bytes): cfg.threshold = 0 tunes it ONCE, at
-                                                    build, to mean cfg.patch_size on sample_bytes() (a fixed-seed
-                                                    sample of the entropy model: the same on every rank)
+    threshold for a target mean patch size       -> cfg.threshold = 0: BLT.tune_threshold() ONCE, at build, to mean
+                                                    cfg.patch_size on sample_bytes() (fixed seed: same on all ranks)
     hash n-gram embeddings (Sec. 3.2.1)          -> hash_ngram_ids(), BLT.hash_embs (n = cfg.hash_ngrams)
     local encoder E, l_E layers (Sec. 3.2)       -> BLT.encoder (causal, sliding window cfg.local_window)
     encoder cross-attention (Sec. 3.2.2)         -> BLT.enc_cross: queries = the patch's max-pooled bytes projected
-                                                    to cfg.cross_k vectors (official cross_attn_k); keys/values = that
-                                                    patch's bytes only (gathered, <= max_patch_len of them)
+                                                    to cfg.cross_k vectors; keys/values = that patch's bytes only
     latent global transformer G (Sec. 3.1)       -> BLT.global_blocks, causal over patches
     local decoder D, l_D layers (Sec. 3.3)       -> BLT.dec_cross (before every layer) + BLT.decoder + BLT.head
-    patch / byte states                          -> p_j (B, P, d_global), h_i (B, T, d_local)
 
 Patch convention (the official code's): starts[:, i] says "byte i begins a patch", for i = 0..T (i = T is the next,
-unseen byte, decided from H(x_T), which the entropy model computes from x_<T).  Bytes 0 and 1 always start patches
-(the first patch is the first byte alone).  The decoder state at byte t predicts x_{t+1} and cross-attends to the
-global output of the LAST PATCH THAT ENDED AT OR BEFORE t (= ended before the predicted byte), so every logit at t
-depends on x_<=t only, including through the patch boundaries.  Rows of a batch have different patch counts: patches
-are right-padded per row (padded patches come after every real one, so the causal global model and the decoder
-never read them and rows stay independent).
+unseen byte, decided from H(x_T), which the entropy model computes from x_<T).  Bytes 0 and 1 always start patches.
+The decoder state at byte t predicts x_{t+1} and cross-attends to the global output of the LAST PATCH THAT ENDED AT
+OR BEFORE t, so every logit at t depends on x_<=t only, including through the patch boundaries.  Patches are
+right-padded per row (after every real one, so the causal global model and the decoder never read them).
 
-Official code vs paper, matched behind switches (checked against facebookresearch/blt): its CrossAttention returns
-x + out and its callers add x again, i.e. 2x + out (cfg.cross_residual = 2; default 1, the paper's residual); its
-global model ends without a norm (cfg.global_norm = False, the default; True adds an RMSNorm there); its eleven hash
-primes (HASH_PRIMES; hash_functions <= 11).  Departures: with the approximate monotonic constraint the official code
-always starts a patch at byte 2, here byte 2 follows the rule H(x_2) - H(x_1) > theta_r like every other byte.
-Static patching: in real bytes both codes give [1, ps, ps, ..., rest]; the official code reaches it by padding
-the first patch with ps - 1 BOE ids (the local encoder reads them), here the first patch is byte 0 alone.  The
-threshold is tuned on a sample of the entropy model (a stand-in for its training data), not on the corpus.
+Official code vs paper (checked against facebookresearch/blt), matched behind switches: its CrossAttention returns
+x + out and its callers add x again: 2x + out (cfg.cross_residual = 2; default 1, the paper's residual); its global
+model ends without a norm (cfg.global_norm = False, default); its eleven hash primes.  Departures: the official code
+always starts a patch at byte 2 under the monotonic constraint, here byte 2 follows the rule like every byte; static
+patching gives [1, ps, ps, ..., rest] real bytes in both, but the official code pads the first patch with ps - 1 BOE
+ids; the threshold is tuned on a sample of the entropy model (a stand-in for its training data), not the corpus.
 Left out: the 8B scale, BPE delimiter patching and n-gram lookup-table embeddings (the hashed ones are the paper's
-main model); the local and global stacks are recomputed on the prefix at each generated byte (only the entropy model
--- the patching -- is incremental, with a KV cache); MLPs are GELU, not SwiGLU; no entropy-context reset at newlines.
-Local attention is a blocked sliding window (window_attention: T x 2W scores, so the trainer's FLOP count sees the
-window); the decoder's cross-attention gathers the k slots of its one patch.  The 260-way head is the paper's;
-forward returns its 256 byte columns (specials never occur as targets here); the loss is the 260-way cross-entropy
-in nats per byte.  The entropy model sits inside BLT as a frozen submodule (saved with BLT's checkpoint; the trainer
-counts only its forward FLOPs).
+main model); generation reruns the local and global stacks on the prefix (only the entropy model -- the patching --
+is incremental, with a KV cache); GELU MLPs, not SwiGLU; no entropy-context reset at newlines.  Local attention is a
+blocked sliding window (T x 2W scores, so the trainer's FLOP count sees the window).  forward returns the 256 byte
+columns of the 260-way head; the loss is the 260-way cross-entropy in nats per byte.  The frozen entropy model is a
+submodule (saved with BLT's checkpoint; the trainer counts only its forward FLOPs).
 Run:  python train.py --model blt-entropy --setting bytes                     (saves the entropy model)
       python train.py --compare dense,megabyte,blt --setting bytes --entropy_ckpt PATH
       python train.py --model blt --patching space                            (no entropy model needed)
@@ -125,10 +115,8 @@ class Config:
         _check_heads((self.d_local, self.n_head_local, "d_local/n_head_local"),
                      (self.d_local, self.n_head_cross, "d_local/n_head_cross"),
                      (self.d_global, self.n_head_global, "d_global/n_head_global"))
-        if self.patch_size < 1 or self.max_patch_len < 0 or self.cross_k < 1:
-            raise ValueError("patch_size must be >= 1, max_patch_len >= 0 and cross_k >= 1; fix the --key=value")
-        if any(n < 1 for n in self.hash_ngrams) or self.hash_vocab < 1:
-            raise ValueError(f"hash_ngrams={self.hash_ngrams} must be positive n-gram sizes and hash_vocab >= 1")
+        if min(self.patch_size, self.cross_k, self.hash_vocab, *self.hash_ngrams) < 1 or self.max_patch_len < 0:
+            raise ValueError("patch_size, cross_k, hash_vocab, hash_ngrams must be >= 1 and max_patch_len >= 0")
         if not 1 <= self.hash_functions <= len(HASH_PRIMES):
             raise ValueError(f"hash_functions={self.hash_functions}: use 1..{len(HASH_PRIMES)} (one prime each)")
         if self.pool not in ("max", "mean") or self.cross_residual not in (1, 2):
@@ -174,8 +162,7 @@ def window_attention(q, k, v, W):
             .permute(0, 1, 2, 4, 3, 5).reshape(B, H * n, 2 * W, hd) for t in (k, v))   # previous block, own block
     i = torch.arange(W, device=q.device)[:, None] + W              # query position inside its 2W key span
     j = torch.arange(2 * W, device=q.device)[None, :]
-    first = torch.zeros(n, 1, 1, dtype=torch.bool, device=q.device)
-    first[0] = True                                                 # block 0 has no previous block
+    first = (torch.arange(n, device=q.device) == 0)[:, None, None]   # block 0 has no previous block
     mask = (j <= i) & (i - j < W) & ~(first & (j < W))              # (n, W, 2W)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(H, 1, 1)[None])
     return y.view(B, H, n * W, hd)[:, :, :T]
@@ -185,8 +172,7 @@ class SelfAttention(nn.Module):
     def __init__(self, d, n_head, window, theta):
         super().__init__()
         self.n_head, self.window, self.theta = n_head, window, theta
-        self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.proj = nn.Linear(d, d, bias=False)
+        self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
 
     def forward(self, x, cache=None):
         # x: (B, T, D) -> (B, T, D); cache: None or a dict {"k", "v": (B, H, T_past, hd)} updated in place
@@ -227,9 +213,7 @@ class Block(nn.Module):
 
 def _init(module):
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-        elif isinstance(m, nn.Embedding):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
 
@@ -292,10 +276,8 @@ def load_entropy_model(path, vocab_size):
     """A frozen EntropyModel from a train.py checkpoint of "blt-entropy".  ValueError (one line) when it can't."""
     hint = "train one with `python train.py --model blt-entropy --setting bytes` and pass --entropy_ckpt PATH " \
            "(or use --patching space / static, which need no entropy model)"
-    if not path:
-        raise ValueError(f"entropy patching needs a trained entropy model; {hint}")
-    if not os.path.isfile(path):
-        raise ValueError(f"entropy_ckpt {path!r} is not a file; {hint}")
+    if not path or not os.path.isfile(path):
+        raise ValueError(f"entropy patching needs a trained entropy model (no file {path!r}); {hint}")
     try:   # tensors and plain types only: a pickled Python object in the file is refused, never run
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         conf = ckpt["config"]
@@ -304,8 +286,8 @@ def load_entropy_model(path, vocab_size):
         if "Unsupported global" in str(e):
             raise ValueError(f"entropy_ckpt {path!r} holds pickled Python objects, which are never loaded "
                              f"(weights_only=True); {hint}") from None
-        raise ValueError(f"cannot read entropy_ckpt {path!r} ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}); {hint}") from None
+        why = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"cannot read entropy_ckpt {path!r} ({type(e).__name__}: {why}); {hint}") from None
     if name != "blt-entropy":
         raise ValueError(f"entropy_ckpt {path!r} holds model {name!r}, not 'blt-entropy'; {hint}")
     known = {f.name for f in fields(EntropyConfig)}
@@ -317,8 +299,7 @@ def load_entropy_model(path, vocab_size):
     try:
         model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})
     except RuntimeError as e:
-        msg = str(e).splitlines()[0]
-        raise ValueError(f"entropy_ckpt {path!r} does not match EntropyModel ({msg}); {hint}") from None
+        raise ValueError(f"entropy_ckpt {path!r} does not fit EntropyModel ({str(e).splitlines()[0]}); {hint}") from None
     return model
 
 
@@ -357,11 +338,8 @@ def patch_starts(x, mode, ent=None, threshold=0.0, patch_size=4.0, max_patch_len
 def patch_lengths(starts):
     """starts: (B, T + 1) -> list of per-row lists of patch lengths over the T real bytes (each sums to T)."""
     T = starts.shape[1] - 1
-    out = []
-    for row in starts[:, :T]:
-        s = row.nonzero().flatten().tolist() + [T]
-        out.append([b - a for a, b in zip(s[:-1], s[1:])])
-    return out
+    bounds = [row.nonzero().flatten().tolist() + [T] for row in starts[:, :T]]
+    return [[b - a for a, b in zip(s[:-1], s[1:])] for s in bounds]
 
 
 def patch_index(starts):
@@ -448,13 +426,6 @@ class BLT(nn.Module):
         cfg.__post_init__()
         self.cfg = cfg
         V, D, G, K = cfg.vocab_size + OFFSET, cfg.d_local, cfg.d_global, cfg.cross_k
-        # Sec. 2.3: the frozen entropy model (only for the entropy-based patchings)
-        self.entropy_model = None
-        if cfg.patching in ("entropy", "monotonic"):
-            self.entropy_model = entropy_model if entropy_model is not None else \
-                load_entropy_model(cfg.entropy_ckpt, cfg.vocab_size)
-            self.entropy_model.requires_grad_(False).eval()
-        self.register_buffer("threshold", torch.tensor(float(cfg.threshold)))   # saved with the checkpoint
         # Sec. 3.2.1: byte embeddings + hash n-gram embeddings (one table per (hash function, n))
         self.tok_emb = nn.Embedding(V, D)
         self.hash_embs = nn.ModuleList(nn.Embedding(cfg.hash_vocab, D)
@@ -478,9 +449,14 @@ class BLT(nn.Module):
                                      for _ in range(cfg.n_layer_dec))
         self.norm = nn.RMSNorm(D, eps=1e-5)
         self.head = nn.Linear(D, V, bias=False)
-        for m in (self.tok_emb, self.hash_embs, self.encoder, self.enc_cross, self.patch_query, self.to_global,
-                  self.global_blocks, self.to_decoder, self.dec_cross, self.decoder, self.head):
-            _init(m)
+        _init(self)
+        # Sec. 2.3: the frozen entropy model (only for the entropy-based patchings) and the threshold
+        self.entropy_model = None
+        if cfg.patching in ("entropy", "monotonic"):
+            self.entropy_model = entropy_model if entropy_model is not None else \
+                load_entropy_model(cfg.entropy_ckpt, cfg.vocab_size)
+            self.entropy_model.requires_grad_(False).eval()
+        self.register_buffer("threshold", torch.tensor(float(cfg.threshold)))   # saved with the checkpoint
         if self.entropy_model is not None and not cfg.threshold:
             self.tune_threshold(self.sample_bytes())            # build time, once; never in forward / generate
 
@@ -512,9 +488,8 @@ class BLT(nn.Module):
 
     @torch.no_grad()
     def tune_threshold(self, tokens):
-        """Sec. 2.3: set the threshold so that the mean patch size on `tokens` (B, T) bytes is cfg.patch_size.
-        Done once at build time on sample_bytes(); call it with training bytes to tune on the data itself (give every
-        rank the same bytes).  Returns the threshold.  forward and generate never change it."""
+        """Sec. 2.3: set (and return) the threshold giving mean patch size cfg.patch_size on `tokens` (B, T) bytes.
+        Done at build on sample_bytes(); call it on training bytes (the same on every rank) to tune on the data."""
         x = tokens.to(self.threshold.device) + OFFSET
         cfg = self.cfg
         self.threshold.fill_(threshold_for(self.entropies(x), x, cfg.patching, cfg.patch_size, cfg.max_patch_len))
@@ -527,15 +502,12 @@ class BLT(nn.Module):
             ent = self.entropies(x)
         return patch_starts(x, cfg.patching, ent, float(self.threshold), cfg.patch_size, cfg.max_patch_len)
 
-    # -- Sec. 3.2.1 -------------------------------------------------------------------------------------------------
     def embed(self, x):
         # Sec. 3.2.1: e_i = x_i embedding + sum over hash functions f and n of E_{f,n}[hash_f(n-gram ending at i)]
         e = self.tok_emb(x)
-        i = 0
-        for f in range(self.cfg.hash_functions):
-            for n in self.cfg.hash_ngrams:
-                e = e + self.hash_embs[i](hash_ngram_ids(x, n, f, self.cfg.hash_vocab))
-                i += 1
+        fn = [(f, n) for f in range(self.cfg.hash_functions) for n in self.cfg.hash_ngrams]
+        for emb, (f, n) in zip(self.hash_embs, fn):
+            e = e + emb(hash_ngram_ids(x, n, f, self.cfg.hash_vocab))
         return e
 
     def encode_patches(self, h, layer, pid, P, patches=None):
@@ -549,8 +521,7 @@ class BLT(nn.Module):
                 pooled = h.new_full((B, P, D), float("-inf")).scatter_reduce(1, idx, h, "amax", include_self=True)
                 pooled = pooled.masked_fill(pooled == float("-inf"), 0.0)   # padded patches (no bytes)
             else:
-                s = h.new_zeros(B, P, D).index_put_((torch.arange(B, device=h.device)[:, None], pid), h,
-                                                    accumulate=True)
+                s = h.new_zeros(B, P, D).scatter_add_(1, idx, h)
                 cnt = torch.zeros(B, P, device=h.device).scatter_add_(1, pid, torch.ones_like(pid, dtype=torch.float))
                 pooled = s / cnt.clamp(min=1)[..., None].to(s.dtype)
             patches = self.patch_query(pooled).view(B, P * K, D)
@@ -644,10 +615,8 @@ class BLT(nn.Module):
         for _ in range(max_new_tokens):
             starts = self.patch(x, ent)
             logits = self.forward_ids(x, starts)[:, -1, OFFSET:].float()   # (B, 256)
-            if temperature > 0:
-                new = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)
-            else:
-                new = logits.argmax(-1, keepdim=True)
+            new = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1) if temperature > 0 else \
+                logits.argmax(-1, keepdim=True)
             x = torch.cat([x, new + OFFSET], 1)
             if caches is not None:                               # one incremental entropy step for the new byte
                 ent = torch.cat([ent, self.entropy_model.entropies(new + OFFSET, caches)], 1)
@@ -655,28 +624,26 @@ class BLT(nn.Module):
         return x - OFFSET
 
 
-MODELS = {
-    "blt-entropy": (EntropyConfig, EntropyModel, "bytes", dict()),
-    "blt": (Config, BLT, "bytes", dict()),
-}
+MODELS = {"blt-entropy": (EntropyConfig, EntropyModel, "bytes", dict()), "blt": (Config, BLT, "bytes", dict())}
+SUPPORTED_SETTINGS = {"blt-entropy": ("bytes",), "blt": ("bytes",)}   # byte models (the text setting's ids are words)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":   # a quick entropy model on a demo text, then BLT with each patching
     torch.manual_seed(0)
     text = b"the cat sat on the mat. the cat sat on the mat. xq7#Lp2@zK9& the cat sat on the mat. 123 124 125 126"
     tokens = torch.tensor(list(text[:96]))[None].repeat(2, 1)
     batch = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:])
     ent_model = EntropyModel(EntropyConfig(seq_len=128))
     opt = torch.optim.AdamW(ent_model.parameters(), lr=3e-3)
-    for step in range(60):                                       # a quick entropy model on the demo text
-        _, loss, _ = ent_model(batch)
+    for step in range(60):
+        loss = ent_model(batch)[1]
         opt.zero_grad(); loss.backward(); opt.step()
     print(f"entropy model loss {loss.item():.3f} nats/byte")
     for mode in PATCHINGS:
         model = BLT(Config(seq_len=128, patching=mode), entropy_model=ent_model)
+        if model.entropy_model is not None:   # the explicit tuning step: from the entropy model's sample to the text
+            print(f"threshold {model.threshold:.3f} -> {model.tune_threshold(batch['tokens']):.3f}")
         logits, loss, parts = model(batch)
-        loss.backward()
-        lens = patch_lengths(model.patch(tokens[:, :-1] + OFFSET))[0]
+        lens = patch_lengths(model.patch(batch["tokens"] + OFFSET))[0]
         print(f"{mode:9s} logits {tuple(logits.shape)} loss {loss.item():.3f} patches {len(lens)} {lens[:12]}...")
-    print("params:", sum(p.numel() for p in model.parameters() if p.requires_grad), "trainable")
     print("generate:", bytes(model.generate(tokens[:1, :20], 12)[0].tolist()))

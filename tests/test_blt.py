@@ -327,7 +327,7 @@ def test_entropy_checkpoint_roundtrip_and_errors(tmp_path):
     assert not any(p.requires_grad for p in model.entropy_model.parameters())
     with pytest.raises(ValueError, match="entropy"):
         BLT(small_cfg())                                            # no checkpoint given
-    with pytest.raises(ValueError, match="not a file"):
+    with pytest.raises(ValueError, match="no file"):
         BLT(small_cfg(entropy_ckpt=str(tmp_path / "missing.pt")))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read"):

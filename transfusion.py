@@ -3,9 +3,8 @@ arXiv 2412.15188.
 
 "Transfusion combines the language modeling loss function (next token prediction) with diffusion to train a single
 transformer over mixed-modality sequences." Text is a sequence of discrete tokens; each image is a sequence of
-continuous patch vectors between <boi> and <eoi>. One transformer reads both. Text positions are trained with
-next-token cross-entropy; image patches are noised with DDPM and the same transformer predicts the noise. Attention
-is causal everywhere except inside an image, where patches see each other (Sec. 3.3, Fig. 4).
+continuous patch vectors between <boi> and <eoi>. One transformer reads both: text positions are trained with
+next-token cross-entropy; image patches are noised with DDPM and the same transformer predicts the noise.
 LMFusion starts from a text-only LM, adds image copies of every transformer module (MoT-style, attention computed
 jointly), freezes all text modules, embeddings and head, and trains only the image side with this objective.
 
@@ -14,52 +13,46 @@ Glossary (paper -> code):
     t ~ U{0..T-1}, T = 1000            -> t (one per image), cfg.diffusion_steps; cosine schedule (Nichol & Dhariwal)
     alpha_bar_t, x_t (Sec. 2.2, Eq. 3) -> Diffusion.alpha_bar, Diffusion.q_sample
     eps_theta(x_t, t, context) (Eq. 4) -> Transfusion.predict_eps (backbone + patch decoder)
-    L_LM (Sec. 2.1), L_DDPM (Sec. 2.2) -> parts["loss_text"], parts["loss_image"] (MSE averaged per image)
-    L = L_LM + lambda L_DDPM (Sec. 3.4) -> cfg.lam = 5
+    L_LM (2.1), L_DDPM (2.2), L (3.4)  -> parts["loss_text"], parts["loss_image"] (per image); L = L_LM + cfg.lam L_DDPM
     E (patch encoder/decoder, Sec. 3.2) -> PatchCodec: "linear" or "unet" (cfg.patch_codec); timestep MLP -> t_mlp
-    BOI / EOI                          -> cfg.boi_id / cfg.eoi_id (text tokens, modality 0)
-    CFG (condition dropout, guidance)  -> cfg.cond_dropout, cfg.guidance
+    BOI / EOI; CFG                     -> cfg.boi_id / cfg.eoi_id (text tokens); cfg.cond_dropout, cfg.guidance
     noise limiting (Sec. 4 ablations) -> cfg.noise_limit: images that precede their caption get t < 500
     MoT backbone (MoT paper Sec. 5)    -> cfg.backbone = "mot" (mot.py); "mamba" / "mom" from mom.py
     LMFusion theta_text, theta_img     -> modality 0 / 1 weights of the MoT backbone; cfg.lmfusion = base ckpt path
 
-The attention mask (Sec. 3.3, "Transfusion attention"):
-    allowed[i, j] = (j <= i) or (i and j are patches of the same image).
-So a text token sees only its past (an image counts as soon as its <eoi> is behind), <boi> sees only its past, and
-every patch sees its whole image. For classifier-free guidance the "unconditional" image additionally sees only its
-own patches and its <boi> (the condition, everything before, is masked out); training drops the condition this way
-with probability cfg.cond_dropout, so the same mask gives the unconditional prediction at sampling time.
+The attention mask (Sec. 3.3): allowed[i, j] = (j <= i) or (i and j are patches of the same image). A text token
+sees its past (an image once its <eoi> is behind), <boi> sees its past, every patch sees its whole image. For
+classifier-free guidance the "unconditional" image sees only its own patches and its <boi>; training drops the
+condition this way with probability cfg.cond_dropout, so the same mask gives the unconditional prediction.
+Generation: text autoregressively; at <boi>, n_patches noise patches are denoised with the row so far as context
+(earlier images read as images), then <eoi>, then text again -- each row of a batch on its own.
 
 Where this departs from the paper, and why (the measurements behind each choice: RESULTS.md):
   * no VAE: the toy images are 16x16x3 pixels in [-1, 1] cut into 16 patches of 4x4x3, standing in for latents.
-  * the dense backbone is mot.Transformer with every untie_* off (the repo's dense baseline: RoPE, SwiGLU, RMSNorm),
-    so dense vs MoT differs only in the untied weights. Pre-norm by default (the paper's Llama-2 blocks): with
-    Chameleon's post-norm the first attention sees raw embeddings, the encoded patches outscale the text embeddings,
-    and the patches learned to attend only to their own image, ignoring the caption.
-  * U-Net codec: the paper's U-Net down/up blocks condition on t with AdaLayerNorm; ours is a two-level conv U-Net
-    with AdaGroupNorm (scale/shift from the t embedding) and skip connections around the transformer.
-  * the eps head is v-parametrized by default: the network outputs v and eps = sqrt(ab) v + sqrt(1 - ab) x_t
-    (cfg.eps_param = "v"; "direct" is the paper's plain eps output). The LOSS is still the paper's eps-MSE. Why: a
-    small error of a plain eps head at t near T is multiplied by 1/sqrt(ab) in x_0, and samples saturate.
+  * the dense backbone is mot.Transformer with every untie_* off (RoPE, SwiGLU, RMSNorm), so dense vs MoT differs
+    only in the untied weights. Pre-norm (the paper's Llama-2 blocks): with Chameleon's post-norm the encoded
+    patches outscale the text embeddings in the first attention, and the patches learned to ignore the caption.
+  * U-Net codec: the paper conditions its U-Net blocks on t with AdaLayerNorm; ours is a two-level conv U-Net with
+    AdaGroupNorm (scale/shift from the t embedding) and skip connections around the transformer.
+  * the eps head is v-parametrized by default (cfg.eps_param = "v"; "direct" is the paper's): the network outputs v
+    and eps = sqrt(ab) v + sqrt(1 - ab) x_t; the LOSS is still eps-MSE. Why: a small error of a plain eps head at t
+    near T is multiplied by 1/sqrt(ab) in x_0, and samples saturate.
   * each patch gets a learned embedding of its place in the image (cfg.patch_pos_emb), beside RoPE.
-  * the default codec is linear (cfg.patch_codec = "unet" is the paper's better one, slower on CPU): at toy scale
-    the U-Net reached a lower diffusion loss but its images began to use the caption later than the linear codec's.
-  * sampling defaults to 50 DDIM steps (paper: 250) to keep CPU evaluation fast; sampler="ddpm", sample_steps=250.
-  * training reweights the per-image eps-MSE over t: cfg.loss_weight = "trunc_snr" (Salimans & Ho 2022, w =
-    max(SNR, 1) / SNR: eps-MSE below t = 500, x_0-MSE above; "uniform" = the paper, "min_snr" = Min-SNR-5; eval
-    losses stay plain eps-MSE). Why: at high t, where the caption decides the image, the eps-MSE of a wrong x_0 is
-    only ~SNR times its x_0-MSE, so with "uniform" the caption path was not learned at toy scale.
+  * the default codec is linear: at toy scale the U-Net (slower on CPU) reached a lower diffusion loss but its
+    images began to use the caption later.
+  * sampling: 50 DDIM steps by default (paper: 250) to keep CPU evaluation fast; sampler="ddpm", sample_steps=250.
+  * cfg.loss_weight = "trunc_snr" (Salimans & Ho 2022) reweights the training eps-MSE per image by max(SNR, 1) / SNR
+    (an x_0-MSE above t = 500; "uniform" = the paper, "min_snr" = Min-SNR-5). Why: at high t, where the caption
+    decides the image, eps-MSE is ~SNR times the x_0-MSE, so with "uniform" the caption path was not learned.
   * a partial image at the end of a packed row (data.py truncates) gets a diffusion loss on its present patches.
   * each row's diffusion draws (t, noise, condition dropout) come from a generator seeded by the model's seed and
     batch["row_id"], so any split of a batch (micro-batches, DDP ranks) trains on the same noise.
 Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics (a pixel scorer stands in).
 
-Run:   python train.py --model transfusion                         (dense, default setting "transfusion")
+Run:   python train.py --model transfusion                  (dense; also transfusion-mot, -mamba, -mom)
        python train.py --model transfusion --patch_codec=unet --eps_param=direct --loss_weight=uniform
-       python train.py --compare transfusion,transfusion-mot --steps 600   (MoT backbone vs dense, equal FLOPs)
-       python train.py --model lmfusion-base                       (text-only LM on data.py's "text" stream)
-       python train.py --model lmfusion --lmfusion=out/lmfusion-base/ckpt.pt
-       python transfusion.py                                       (a short demo)
+       python train.py --model lmfusion-base && python train.py --model lmfusion     (LMFusion in two steps)
+       python transfusion.py                                (a short demo)
 Read first: mot.py (the Transformer backbone), mom.py (the Mamba backbones).  Read next: megabyte.py.
 """
 import math
@@ -74,11 +67,9 @@ import mot
 
 
 IMAGE = 1   # the modality id of image patches (data.py's IMAGE); every other position is a discrete token
-
-# image-only keys: on a text-only setting (n_modalities = 1) they have no effect
 IMAGE_KEYS = ("patch_codec", "unet_channels", "diffusion_steps", "schedule", "lam", "noise_limit", "image_attn",
               "cond_dropout", "sampler", "sample_steps", "guidance", "clip_x0", "eps_param", "loss_weight",
-              "patch_pos_emb", "lmfusion")
+              "patch_pos_emb", "lmfusion")   # image-only keys: they have no effect on a text-only setting
 
 
 @dataclass
@@ -133,29 +124,25 @@ class Config:
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"{k}={getattr(self, k)!r} is unknown; use one of {', '.join(allowed)}")
-        if self.patch_dim != self.patch_size ** 2 * self.channels or \
-                self.n_patches != (self.image_size // self.patch_size) ** 2:
-            raise ValueError(f"patch_dim={self.patch_dim}, n_patches={self.n_patches} do not match image_size="
-                             f"{self.image_size}, patch_size={self.patch_size}, channels={self.channels}; take them "
-                             "from data.py")
+        g = self.image_size // self.patch_size
+        if (self.patch_dim, self.n_patches) != (self.patch_size ** 2 * self.channels, g * g):
+            raise ValueError(f"patch_dim={self.patch_dim}, n_patches={self.n_patches} do not match image_size, "
+                             "patch_size, channels; take them from data.py")
         if not 0 <= self.noise_limit <= self.diffusion_steps or not 0 < self.sample_steps <= self.diffusion_steps:
-            raise ValueError(f"need 0 <= noise_limit <= diffusion_steps and 0 < sample_steps <= diffusion_steps "
-                             f"(got {self.noise_limit}, {self.sample_steps}, {self.diffusion_steps})")
+            raise ValueError("need 0 <= noise_limit <= diffusion_steps and 0 < sample_steps <= diffusion_steps")
         if len(self.modality_names) < self.n_modalities:
-            raise ValueError(f"modality_names={self.modality_names} names fewer than n_modalities="
-                             f"{self.n_modalities} modalities; take both from data.py's model_fields()")
+            raise ValueError(f"modality_names={self.modality_names} has fewer than n_modalities={self.n_modalities} "
+                             "names; take both from data.py's model_fields()")
         if self.lmfusion and self.backbone != "mot":
             raise ValueError("LMFusion adds MoT-style image modules: use --backbone=mot (or --model lmfusion)")
-        # a key that has no effect in this configuration is an error that names what enables it
-        default = {f.name: f.default for f in fields(self)}
+        default = {f.name: f.default for f in fields(self)}       # a key without effect here names what enables it
         for off, keys, needs in ((self.patch_codec != "unet", ("unet_channels",), "--patch_codec=unet"),
                                  (self.backbone in ("mamba", "mom"), ("n_head", "norm_placement", "qk_norm",
                                   "image_attn"), "an attention backbone (--backbone=dense or mot)"),
                                  (self.n_modalities < 2, IMAGE_KEYS, "a setting with images (--setting transfusion)")):
             bad = [k for k in keys if off and getattr(self, k) != default[k]]
             if bad:
-                raise ValueError(f"--{bad[0]}={getattr(self, bad[0])} has no effect in this configuration; "
-                                 f"it needs {needs}")
+                raise ValueError(f"--{bad[0]}={getattr(self, bad[0])} has no effect here; it needs {needs}")
 
 
 # --- Sec. 2.2: DDPM forward process, cosine schedule; DDPM and DDIM samplers --------------------------------------
@@ -215,8 +202,7 @@ def randn(shape, generator, device):
     return torch.randn(shape, generator=generator, device=device)
 
 
-def _groups(rows, key):
-    """rows grouped by key(row), in first-seen order."""
+def _groups(rows, key):   # rows grouped by key(row), in first-seen order
     out = {}
     for r in rows:
         out.setdefault(key(r), []).append(r)
@@ -320,23 +306,17 @@ class PatchCodec(nn.Module):
 # --- The model ----------------------------------------------------------------------------------------------------
 
 def _build_backbone(cfg):
-    """The transformer (or Mamba) that reads the mixed sequence: an LM with tok_emb, lm_head and forward_hidden."""
-    # modality_offsets: only the backbones' own generate() maps ids to modalities; here routing comes from
-    # batch["modality"] and images have no token ids (data.py's offsets (0, 64) with vocab 64), so pass dummies.
-    offsets = tuple(range(cfg.n_modalities))
+    """The transformer (or Mamba) that reads the mixed sequence: an LM with tok_emb, lm_head and forward_hidden.
+    Routing comes from batch["modality"] and images have no token ids, so modality_offsets are dummies."""
+    common = dict(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
+                  d_model=cfg.d_model, modality_offsets=tuple(range(cfg.n_modalities)))
     if cfg.backbone in ("dense", "mot"):
-        untie = cfg.backbone == "mot"
-        bc = mot.Config(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, modality_offsets=offsets,
-                        seq_len=cfg.seq_len, n_layer=cfg.n_layer,
-                        n_head=cfg.n_head, d_model=cfg.d_model, norm_placement=cfg.norm_placement, qk_norm=cfg.qk_norm,
-                        untie_attn=untie, untie_ffn=untie, untie_norm=untie)
-        return mot.Transformer(bc)
+        u = cfg.backbone == "mot"
+        return mot.Transformer(mot.Config(**common, n_head=cfg.n_head, norm_placement=cfg.norm_placement,
+                                          qk_norm=cfg.qk_norm, untie_attn=u, untie_ffn=u, untie_norm=u))
     import mom                                   # only needed for the Mamba backbones
-    split = cfg.backbone == "mom"
-    bc = mom.Config(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, modality_offsets=offsets,
-                    seq_len=cfg.seq_len, n_layer=cfg.n_layer, d_model=cfg.d_model, split_in_proj=split,
-                    split_x_proj=split, split_dt_proj=split, split_out_proj=split)
-    return mom.MixtureOfMamba(bc)
+    s = cfg.backbone == "mom"
+    return mom.MixtureOfMamba(mom.Config(**common, split_in_proj=s, split_x_proj=s, split_dt_proj=s, split_out_proj=s))
 
 
 class Transfusion(nn.Module):
@@ -413,22 +393,21 @@ class Transfusion(nn.Module):
         return out
 
     def _check(self, batch):
-        tokens, modality = batch.get("tokens"), batch.get("modality")
+        tokens, modality, rid, T = batch.get("tokens"), batch.get("modality"), batch.get("row_id"), self.cfg.seq_len
         if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
             raise ValueError("batch['tokens'] must be an int64 tensor of shape (B, T); convert with .long()")
-        if tokens.shape[1] > self.cfg.seq_len:
-            raise ValueError(f"sequence length {tokens.shape[1]} > seq_len={self.cfg.seq_len}; crop it or raise --seq_len")
+        if tokens.shape[1] > T:
+            raise ValueError(f"sequence length {tokens.shape[1]} > seq_len={T}; crop it or raise --seq_len")
         if modality is None or modality.shape != tokens.shape or modality.dtype != torch.long:
             raise ValueError("batch['modality'] must be an int64 (B, T) tensor like tokens (data.py provides it)")
         if modality.numel() and int(modality.max()) >= self.cfg.n_modalities:
             raise ValueError(f"modality id {int(modality.max())} >= n_modalities={self.cfg.n_modalities}; "
                              "use the transfusion setting's data or set --n_modalities")
-        if "image_index" in batch and bool((batch["image_index"] >= 0).any()):
-            p = batch.get("patches")
-            if p is None or p.shape[:2] != tokens.shape or p.shape[2] != self.cfg.patch_dim:
-                raise ValueError(f"batch['patches'] must be (B, T, {self.cfg.patch_dim}) float at image positions; "
-                                 "use data.make_data('transfusion')")
-        rid = batch.get("row_id")
+        p = batch.get("patches")
+        if "image_index" in batch and bool((batch["image_index"] >= 0).any()) and (
+                p is None or p.shape[:2] != tokens.shape or p.shape[2] != self.cfg.patch_dim):
+            raise ValueError(f"batch['patches'] must be (B, T, {self.cfg.patch_dim}) float at image positions; "
+                             "use data.make_data('transfusion')")
         if rid is not None and (rid.dtype != torch.long or tuple(rid.shape) != tokens.shape[:1]):
             raise ValueError(f"batch['row_id'] must be an int64 tensor of shape ({tokens.shape[0]},); data.py makes it")
 
@@ -453,23 +432,20 @@ class Transfusion(nn.Module):
         # batch: tokens/modality/targets (B, T), patches (B, T, patch_dim), image_index (B, T), image_first (B, T),
         # optional row_id (B,) -> logits (B, T, V), loss, parts {loss_<modality name>}
         self._check(batch)
-        cfg, tokens, modality = self.cfg, batch["tokens"], batch["modality"]
-        dev, names = tokens.device, cfg.modality_names
+        cfg, tokens, modality, targets = self.cfg, batch["tokens"], batch["modality"], batch.get("targets")
         image_index = batch.get("image_index", torch.full_like(tokens, -1))
         gid, slot, n_img = self._images(image_index)
-        is_img = gid >= 0
-        xt = t = noise = x0 = drop = None
+        is_img, dev = gid >= 0, tokens.device
+        xt = t = drop = None
         if n_img:
             x0 = self._gather(batch["patches"].float(), gid, slot, n_img)
-            valid = self._gather(is_img[..., None].float(), gid, slot, n_img)[..., 0]   # present patches
             u, noise, u_drop = self._draws(batch, (image_index.max(1).values + 1).clamp(min=0), dev)
-            # Sec. 3.4: every image gets its own t ~ U{0..T-1}
+            # Sec. 3.4: every image gets its own t ~ U{0..T-1}. Sec. 4 (image noising): an image that precedes its
+            # caption is noised at most to t = noise_limit (500), so the caption that follows sees a recognisable image
             t_max = torch.full((n_img,), cfg.diffusion_steps, device=dev)
             if cfg.noise_limit and "image_first" in batch:
-                # Sec. 4 (image noising): an image that precedes its caption is noised at most to t = noise_limit
-                # (500), so the caption that follows learns from a recognisable image
-                first = self._gather(batch["image_first"][..., None].float(), gid, slot, n_img)[:, 0, 0] > 0
-                t_max = torch.where(first, torch.full_like(t_max, cfg.noise_limit), t_max)
+                first = self._gather(batch["image_first"][..., None].float(), gid, slot, n_img).amax(1)[:, 0] > 0
+                t_max = torch.where(first, cfg.noise_limit, t_max)
             t = (u * t_max).long().clamp(max=cfg.diffusion_steps - 1)
             if "diffusion_t" in batch:                       # evaluation at one fixed t (loss per timestep bucket)
                 t = torch.full_like(t, int(batch["diffusion_t"]))
@@ -477,36 +453,30 @@ class Transfusion(nn.Module):
             if self.training and cfg.cond_dropout > 0:       # classifier-free guidance: drop the caption sometimes
                 drop = (u_drop < cfg.cond_dropout)[gid.clamp(min=0)] & is_img
         x, skips = self._embed(tokens, xt, t, gid, slot)
-        mask = self.attention_mask(gid, drop) if n_img else None   # None = plain causal (text-only batch)
-        h = self.backbone.forward_hidden(x, modality, mask)
+        h = self.backbone.forward_hidden(x, modality, self.attention_mask(gid, drop) if n_img else None)  # None: causal
         logits = self.backbone.lm_head(h)                           # (B, T, V)
-        parts, loss = {}, None
-        targets = batch.get("targets")
-        if targets is not None:
-            # Sec. 2.1: LM loss on discrete positions (text -> text / marker), never at or into a patch
-            lm_mask = (targets != -1) & ~is_img
-            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
-            ce = ce.view_as(targets) * lm_mask
-            loss = ce.sum() / lm_mask.sum().clamp(min=1)
-            tm = batch.get("target_modality", modality)
-            for m in range(cfg.n_modalities):                  # reported per modality of the predicted token
-                sel = lm_mask & (tm == m)
-                if sel.any():
-                    parts[f"loss_{names[m]}"] = (ce[sel].sum() / sel.sum()).detach()
-            if n_img:
-                # Sec. 2.2: epsilon-prediction MSE, averaged over each image's present patches, then over images
-                eps = self._eps(h, gid, slot, n_img, skips)
-                per_img = (((eps - noise) ** 2).mean(-1) * valid).sum(1) / valid.sum(1).clamp(min=1)
-                if cfg.loss_weight != "uniform" and "diffusion_t" not in batch and self.training:
-                    ab = self.diffusion.alpha_bar[t]
-                    snr = ab / (1 - ab)
-                    if cfg.loss_weight == "min_snr":   # Min-SNR-5 (Hang et al. 2023): w = min(SNR, 5) / SNR
-                        per_img = per_img * snr.clamp(max=5.0) / snr
-                    else:   # truncated SNR (Salimans & Ho 2022): w = max(SNR, 1) / SNR, an x_0-loss at high noise
-                        per_img = per_img * snr.clamp(min=1.0) / snr
-                loss_img = per_img.mean()
-                loss = loss + cfg.lam * loss_img
-                parts[f"loss_{names[IMAGE]}"] = loss_img.detach()
+        if targets is None:
+            return logits, None, {}
+        # Sec. 2.1: LM loss on discrete positions (text -> text / marker), never at or into a patch; reported per
+        # modality of the predicted token
+        lm_mask, tm = (targets != -1) & ~is_img, batch.get("target_modality", modality)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
+        ce = ce.view_as(targets) * lm_mask
+        loss = ce.sum() / lm_mask.sum().clamp(min=1)
+        parts = {f"loss_{cfg.modality_names[m]}": (ce[sel].sum() / sel.sum()).detach()
+                 for m in range(cfg.n_modalities) if (sel := lm_mask & (tm == m)).any()}
+        if n_img:
+            # Sec. 2.2: epsilon-prediction MSE, averaged over each image's present patches, then over images
+            valid = self._gather(is_img[..., None].float(), gid, slot, n_img)[..., 0]
+            se = ((self._eps(h, gid, slot, n_img, skips) - noise) ** 2).mean(-1) * valid
+            per_img = se.sum(1) / valid.sum(1).clamp(min=1)
+            if cfg.loss_weight != "uniform" and "diffusion_t" not in batch and self.training:
+                # Min-SNR-5 (Hang et al. 2023): w = min(SNR, 5) / SNR; truncated SNR (Salimans & Ho 2022):
+                # w = max(SNR, 1) / SNR, an x_0-loss at high noise
+                snr = self.diffusion.alpha_bar[t] / (1 - self.diffusion.alpha_bar[t])
+                per_img = per_img * (snr.clamp(max=5.0) if cfg.loss_weight == "min_snr" else snr.clamp(min=1.0)) / snr
+            loss = loss + cfg.lam * per_img.mean()
+            parts[f"loss_{cfg.modality_names[IMAGE]}"] = per_img.mean().detach()
         return logits, loss, parts
 
     # -- inference: noise prediction with classifier-free guidance ----------------------------------------------------
@@ -517,19 +487,16 @@ class Transfusion(nn.Module):
         eps = eps_uncond + g (eps_cond - eps_uncond), written eps_cond + (g - 1)(eps_cond - eps_uncond) so g = 1 is
         exactly the conditional prediction. Both passes run as one batch of 2B."""
         cfg, g = self.cfg, self.cfg.guidance if guidance is None else guidance
-        (B, Tp), n = prefix.shape, cfg.n_patches
+        (B, Tp), n, dev = prefix.shape, cfg.n_patches, xt.device
         ii = prefix.new_full((B, Tp), -1) if image_index is None else image_index
         pp = xt.new_zeros(B, Tp, cfg.patch_dim) if patches is None else patches.to(xt.dtype)
-        new_id = (ii.max(1).values + 1).clamp(min=0)                       # index of the new image in its row
-        ii = torch.cat([ii, new_id[:, None].expand(B, n)], 1).repeat(2, 1)
-        tokens = torch.cat([prefix, prefix.new_zeros(B, n)], 1).repeat(2, 1)
+        ii = torch.cat([ii, (ii.max(1).values + 1).clamp(min=0)[:, None].expand(B, n)], 1).repeat(2, 1)  # + new image
         gid, slot, n_img = self._images(ii)
-        x_img = self._gather(torch.cat([pp, xt.new_zeros(B, n, cfg.patch_dim)], 1).repeat(2, 1, 1), gid, slot, n_img)
-        new = gid[:, -1]                                                   # global id of each row's new image
-        x_img[new] = xt.repeat(2, 1, 1)
-        t_img = torch.zeros(n_img, dtype=torch.long, device=xt.device).index_put((new,), t.repeat(2))
-        drop = (gid == new[:, None]) & (torch.arange(2 * B, device=xt.device) >= B)[:, None]   # 2nd half: uncond
-        x, skips = self._embed(tokens, x_img, t_img, gid, slot)
+        new = gid[:, -1]                                                    # global id of each row's new image
+        x_img = self._gather(torch.cat([pp, xt], 1).repeat(2, 1, 1), gid, slot, n_img)
+        t_img = torch.zeros(n_img, dtype=torch.long, device=dev).index_put((new,), t.repeat(2))   # earlier: t = 0
+        drop = (gid == new[:, None]) & (torch.arange(2 * B, device=dev) >= B)[:, None]      # 2nd half: unconditional
+        x, skips = self._embed(torch.cat([prefix, prefix.new_zeros(B, n)], 1).repeat(2, 1), x_img, t_img, gid, slot)
         h = self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, self.attention_mask(gid, drop))
         eps_c, eps_u = self._eps(h, gid, slot, n_img, skips)[new].chunk(2)
         return eps_c + (g - 1) * (eps_c - eps_u)
@@ -554,19 +521,20 @@ class Transfusion(nn.Module):
     def _hidden_of(self, tokens, image_index, patches, caches=None, pos0=0):
         """Clean-context forward for text decoding: images in the context enter at t = 0 (no noise)."""
         gid, slot, n_img = self._images(image_index)
-        xt = t = None
-        if n_img:
-            xt = self._gather(patches, gid, slot, n_img)
-            t = torch.zeros(n_img, dtype=torch.long, device=tokens.device)
+        xt, t = (self._gather(patches, gid, slot, n_img), gid.new_zeros(n_img)) if n_img else (None, None)
         x, _ = self._embed(tokens, xt, t, gid, slot)
-        mask = self.attention_mask(gid) if n_img else None
-        return self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, mask,
-                                            **(dict(caches=caches, pos0=pos0) if caches is not None else {}))
+        kw = dict(caches=caches, pos0=pos0) if caches is not None else {}      # the Mamba backbones take no cache
+        return self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, self.attention_mask(gid) if n_img else None,
+                                            **kw)
+
+    @staticmethod
+    def _append(r, tok, ii, pp):   # extend a decoding row: tokens, image index, patches
+        r["tok"], r["ii"] = torch.cat([r["tok"], r["tok"].new_tensor(tok)]), torch.cat([r["ii"], r["ii"].new_tensor(ii)])
+        r["pp"] = torch.cat([r["pp"], pp])
 
     def _text_step(self, grp, temperature, use_cache):
-        """One decoding step for rows of equal length and equal cached length (one batch): the KV cache (dense /
-        MoT) holds what each row has already read; a row's cache is dropped after an image, which is read again
-        whole with its bidirectional mask."""
+        """One decoding step of rows with equal length and equal cached length, as one batch. The KV cache (dense /
+        MoT) holds what a row has read; it is dropped after an image, which is read again whole (with its mask)."""
         done = grp[0]["done"]
         tok, ii, pp = (torch.stack([r[k] for r in grp])[:, done:] for k in ("tok", "ii", "pp"))
         caches = None
@@ -575,50 +543,42 @@ class Transfusion(nn.Module):
                       for i in range(len(self.backbone.blocks))]
         logits = self.backbone.lm_head(self._hidden_of(tok, ii, pp, caches, done)[:, -1]).float()
         for j, r in enumerate(grp):
-            nxt = (torch.multinomial(F.softmax(logits[j] / temperature, -1), 1, generator=r["g"]) if temperature > 0
-                   else logits[j].argmax(-1, keepdim=True))
+            nxt = (int(torch.multinomial(F.softmax(logits[j] / temperature, -1), 1, generator=r["g"]))
+                   if temperature > 0 else int(logits[j].argmax()))
             if caches is not None:
                 r["cache"], r["done"] = [{k: c[k][j:j + 1] for k in c} for c in caches], len(r["tok"])
-            r["tok"], r["ii"] = torch.cat([r["tok"], nxt]), torch.cat([r["ii"], r["ii"].new_full((1,), -1)])
-            r["pp"] = torch.cat([r["pp"], r["pp"].new_zeros(1, self.cfg.patch_dim)])
+            self._append(r, [nxt], [-1], pp.new_zeros(1, self.cfg.patch_dim))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, patches=None, image_index=None, seeds=None,
                  use_cache=True):
-        """Text decoding (greedy at temperature 0), optionally after images given as patches (captioning).
-        idx: (B, Tp) int64; patches: (B, Tp, patch_dim) and image_index: (B, Tp) where idx holds images.
-        Each row decodes on its own: when a row's last token is <boi> (and the image fits), that row switches to
-        diffusion mode (n_patches noise patches denoised in full, its earlier images read as images), then <eoi>,
-        then text again. Rows of equal length run as one batch, so a batch gives what each row gives alone.
-        seeds: one int per row for its sampling and sampler noise (default: drawn from torch's RNG).
-        Returns tokens (B, Tp + max_new_tokens) (placeholder id 0 at generated patch positions); self.last_images[b]
-        lists row b's generated images (n_patches, patch_dim). use_cache: text steps of dense/MoT use a KV cache."""
+        """idx: (B, Tp) int64, with images given by image_index (B, Tp) and patches (B, Tp, patch_dim) -> tokens
+        (B, Tp + max_new_tokens), id 0 at generated patches; self.last_images[b]: row b's images (n_patches, patch_dim).
+        Text greedy at temperature 0; a row whose last token is <boi> (if the image fits) goes to diffusion mode, its
+        earlier images read as images, then <eoi>. Rows of equal length run as one batch: a batch gives what each row
+        gives alone. seeds: one int per row for its sampling and sampler noise (default: from torch's RNG)."""
         cfg = self.cfg
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
             raise ValueError("generate: idx must be an int64 tensor of shape (B, T)")
         if idx.shape[1] + max_new_tokens > cfg.seq_len:
             raise ValueError(f"generate: {idx.shape[1]} + {max_new_tokens} > seq_len={cfg.seq_len}; generate less")
         (B, Tp), dev, end, n = idx.shape, idx.device, idx.shape[1] + max_new_tokens, cfg.n_patches
-        image_index = torch.full_like(idx, -1) if image_index is None else image_index
-        patches = torch.zeros(B, Tp, cfg.patch_dim, device=dev) if patches is None else patches
+        ii = torch.full_like(idx, -1) if image_index is None else image_index
+        pp = torch.zeros(B, Tp, cfg.patch_dim, device=dev) if patches is None else patches.float()
         seeds = torch.randint(2 ** 62, (B,)).tolist() if seeds is None else [int(s) for s in seeds]
-        rows = [dict(b=b, tok=idx[b], ii=image_index[b], pp=patches[b].float(), done=0,
-                     g=torch.Generator(device=dev).manual_seed(seeds[b])) for b in range(B)]
-        self.last_images = [[] for _ in range(B)]
-        was = self.training
+        rows = [dict(b=b, tok=idx[b], ii=ii[b], pp=pp[b], done=0, g=torch.Generator(device=dev).manual_seed(seeds[b]))
+                for b in range(B)]
+        self.last_images, was = [[] for _ in range(B)], self.training
         self.eval()
         while True:
-            boi = [r for r in rows if int(r["tok"][-1]) == cfg.boi_id and end - len(r["tok"]) >= n + 1]
+            boi = [r for r in rows if int(r["tok"][-1]) == cfg.boi_id and end - len(r["tok"]) > n]
             for grp in _groups(boi, lambda r: len(r["tok"])):       # diffusion mode, rows of one length batched
-                st = {k: torch.stack([r[k] for r in grp]) for k in ("tok", "ii", "pp")}
-                imgs = self.generate_image(st["tok"], generator=[r["g"] for r in grp], image_index=st["ii"],
-                                           patches=st["pp"])
+                st = [torch.stack([r[k] for r in grp]) for k in ("tok", "ii", "pp")]
+                imgs = self.generate_image(st[0], generator=[r["g"] for r in grp], image_index=st[1], patches=st[2])
                 for r, img in zip(grp, imgs):
-                    k = int(r["ii"].max()) + 1
-                    r["tok"] = torch.cat([r["tok"], r["tok"].new_zeros(n), r["tok"].new_full((1,), cfg.eoi_id)])
-                    r["ii"] = torch.cat([r["ii"], r["ii"].new_full((n,), k), r["ii"].new_full((1,), -1)])
-                    r["pp"] = torch.cat([r["pp"], img, img.new_zeros(1, cfg.patch_dim)])
-                    r["done"] = 0                                     # read the image again, whole (its mask)
+                    self._append(r, [0] * n + [cfg.eoi_id], [int(r["ii"].max()) + 1] * n + [-1],
+                                 torch.cat([img, img.new_zeros(1, cfg.patch_dim)]))
+                    r["done"] = 0
                     self.last_images[r["b"]].append(img)
             live = [r for r in rows if len(r["tok"]) < end]
             if not live:
@@ -635,48 +595,42 @@ class Transfusion(nn.Module):
         scenes with fixed sampler noise; the caption dependence; the eval diffusion loss in 10 timestep buckets."""
         if getattr(ds, "setting", None) != "transfusion":
             return {}
-        cfg, dev, ex = self.cfg, next(self.parameters()).device, ds.scenes(n)
-        truth = [e["scene"] for e in ex]
-        imgs = self.images_for_captions([e["caption"] for e in ex])
-        gen_acc, gen_chance = ds.score_image_pixels(imgs.float().cpu().numpy(), truth)
+        cfg, ex = self.cfg, ds.scenes(n)
+        truth, x0 = [e["scene"] for e in ex], self._scene_patches(ex)
+        imgs = self.images_for_captions([e["caption"] for e in ex]).float().cpu().numpy()
         # image -> caption: <bos> <boi> clean image <eoi> => caption (greedy, batched, KV cache), image at t = 0
-        idx = torch.tensor([[cfg.bos_id, cfg.boi_id] + [0] * cfg.n_patches + [cfg.eoi_id]] * n, device=dev)
-        ii = torch.where((idx == 0), 0, -1)
-        pp = torch.zeros(n, idx.shape[1], cfg.patch_dim, device=dev)
-        pp[:, 2:2 + cfg.n_patches] = patchify(torch.stack([torch.as_tensor(e["image"]) for e in ex]).to(dev) * 2 - 1, cfg)
-        caps = self.generate(idx, 14, patches=pp, image_index=ii, seeds=range(n))[:, idx.shape[1]:]
-        cap_acc, cap_chance = ds.score_captions(caps.cpu().numpy(), truth)
-        out = dict(gen_image_acc=gen_acc, gen_image_chance=gen_chance, caption_acc=cap_acc, caption_chance=cap_chance)
-        out.update(self.caption_dependence(ex))
-        out.update(self.loss_by_t(ds.get_batch("val", 8, 0)))
-        return out
+        idx = torch.tensor([[cfg.bos_id, cfg.boi_id] + [0] * cfg.n_patches + [cfg.eoi_id]] * n, device=x0.device)
+        pp = torch.cat([x0.new_zeros(n, 2, cfg.patch_dim), x0, x0.new_zeros(n, 1, cfg.patch_dim)], 1)
+        caps = self.generate(idx, 14, patches=pp, image_index=torch.where(idx == 0, 0, -1), seeds=range(n))
+        out = dict(zip(("gen_image_acc", "gen_image_chance"), ds.score_image_pixels(imgs, truth)))
+        out.update(zip(("caption_acc", "caption_chance"), ds.score_captions(caps[:, idx.shape[1]:].cpu().numpy(), truth)))
+        return {**out, **self.caption_dependence(ex), **self.loss_by_t(ds.get_batch("val", 8, 0))}
+
+    def _scene_patches(self, ex):   # ds.scenes(n) -> their images as patches (n, n_patches, patch_dim) in [-1, 1]
+        img = torch.stack([torch.as_tensor(e["image"]) for e in ex]).to(next(self.parameters()).device)
+        return patchify(img * 2 - 1, self.cfg)
 
     def _caption_prompts(self, captions):
         """-> [(indices, prompts "<bos> caption <boi>" (n, Tp) int64)], one batch per caption length."""
-        by_len, dev = {}, next(self.parameters()).device
-        for i, c in enumerate(captions):
-            by_len.setdefault(len(c), []).append(i)
-        return [(idxs, torch.tensor([[self.cfg.bos_id] + list(captions[i]) + [self.cfg.boi_id] for i in idxs],
-                                    device=dev)) for idxs in by_len.values()]
+        dev, c = next(self.parameters()).device, self.cfg
+        return [(g, torch.tensor([[c.bos_id] + list(captions[i]) + [c.boi_id] for i in g], device=dev))
+                for g in _groups(range(len(captions)), lambda i: len(captions[i]))]
 
     @torch.no_grad()
     def caption_dependence(self, ex, ts=(700, 900)):
         """Does the image use its caption? ex: ds.scenes(n) -> {x0_mse_tXXXX, x0_mse_tXXXX_wrong}: x_0-MSE of the
         conditional branch (fixed noise) with each image's own caption / another scene's, at high t. Equal = ignored."""
-        dev, was, caps, res = next(self.parameters()).device, self.training, [e["caption"] for e in ex], {}
+        was, caps, res, x0 = self.training, [e["caption"] for e in ex], {}, self._scene_patches(ex)
         self.eval()
-        x0 = patchify(torch.stack([torch.as_tensor(e["image"]) for e in ex]).to(dev) * 2 - 1, self.cfg)
-        noise = torch.randn(x0.shape, generator=torch.Generator(device=dev).manual_seed(4321), device=dev)
+        noise = torch.randn(x0.shape, generator=torch.Generator(device=x0.device).manual_seed(4321), device=x0.device)
         for t in ts:
-            tt = torch.full((len(ex),), t, dtype=torch.long, device=dev)
-            xt = self.diffusion.q_sample(x0, tt, noise)
-            ab = self.diffusion.alpha_bar[t]
+            tt = torch.full((len(ex),), t, dtype=torch.long, device=x0.device)
+            xt, ab = self.diffusion.q_sample(x0, tt, noise), self.diffusion.alpha_bar[t]
             for name, cc in (("", caps), ("_wrong", caps[1:] + caps[:1])):
                 se = 0.0
-                for idxs, prefix in self._caption_prompts(cc):
-                    eps = self.predict_eps(prefix, xt[idxs], tt[idxs], guidance=1.0)
-                    x0_hat = (xt[idxs] - (1 - ab).sqrt() * eps) / ab.sqrt()
-                    se += float(((x0_hat - x0[idxs]) ** 2).mean(dim=(1, 2)).sum())
+                for g, prefix in self._caption_prompts(cc):
+                    x0_hat = (xt[g] - (1 - ab).sqrt() * self.predict_eps(prefix, xt[g], tt[g], 1.0)) / ab.sqrt()
+                    se += float(((x0_hat - x0[g]) ** 2).mean(dim=(1, 2)).sum())
                 res[f"x0_mse_t{t:04d}{name}"] = se / len(ex)
         self.train(was)
         return res
@@ -685,13 +639,9 @@ class Transfusion(nn.Module):
     def images_for_captions(self, captions, guidance=None, seed=0):
         """captions: list of text id lists (ending with ".") -> images (N, C, H, W) in [-1, 1]; prompts
         "<bos> caption <boi>" grouped by length; fixed sampler noise (seed) so evaluations compare."""
-        dev = next(self.parameters()).device
-        cfg = self.cfg
-        out = [None] * len(captions)
-        g = torch.Generator(device=dev).manual_seed(seed)
+        out, g = [None] * len(captions), torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
         for idxs, prefix in self._caption_prompts(captions):
-            p = self.generate_image(prefix, guidance=guidance, generator=g)
-            for i, im in zip(idxs, unpatchify(p, cfg)):
+            for i, im in zip(idxs, unpatchify(self.generate_image(prefix, guidance=guidance, generator=g), self.cfg)):
                 out[i] = im
         return torch.stack(out)
 
@@ -712,18 +662,15 @@ class Transfusion(nn.Module):
         """Load the text model (a ckpt.pt of `lmfusion-base`), initialise every image module as a copy of its text
         module (LMFusion Sec. 3), freeze all text modules, embeddings and the head. Trainable afterwards: the image
         modules of the backbone, the patch encoder/decoder and the timestep MLP."""
+        fix = "python train.py --model lmfusion-base"
         if not os.path.isfile(path):
-            raise ValueError(f"lmfusion={path!r}: no such file; train the text model first: "
-                             "python train.py --model lmfusion-base")
-        try:   # weights_only: a checkpoint is tensors and plain types; a pickled object could run code on load
-            ck = torch.load(path, map_location="cpu", weights_only=True)
+            raise ValueError(f"lmfusion={path!r}: no such file; train the text model first: {fix}")
+        try:   # weights_only: tensors and plain types only; a pickled object could run code on load
+            sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
+            assert isinstance(sd, dict)
         except Exception as e:
-            raise ValueError(f"lmfusion={path!r} is refused: it is not a checkpoint of tensors and plain types "
-                             f"({type(e).__name__} under weights_only=True); retrain it with "
-                             "python train.py --model lmfusion-base") from None
-        sd = ck.get("model", ck) if isinstance(ck, dict) else None
-        if not isinstance(sd, dict):
-            raise ValueError(f"lmfusion={path!r} is not a train.py checkpoint (a dict with 'model')")
+            raise ValueError(f"lmfusion={path!r} is refused: not a train.py checkpoint of tensors and plain types "
+                             f"({type(e).__name__} under weights_only=True); retrain it: {fix}") from None
         own = self.backbone.state_dict()
         text = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
         bad = [k for k in own if not k.endswith(tuple(f".weight.{m}" for m in range(1, 8)))
@@ -735,10 +682,9 @@ class Transfusion(nn.Module):
             for k, v in text.items():
                 if k in own and own[k].shape == v.shape:
                     own[k].copy_(v)
-            for mod in self.backbone.modules():
-                if isinstance(mod, (mot.ModalityLinear, mot.ModalityRMSNorm)) and mod.n > 1:
-                    for m in range(1, mod.n):
-                        mod.weight[m].copy_(mod.weight[0])        # theta_img starts as a copy of theta_text
+            for mod in self.backbone.modules():                  # theta_img starts as a copy of theta_text
+                for m in range(1, mod.n if isinstance(mod, (mot.ModalityLinear, mot.ModalityRMSNorm)) else 1):
+                    mod.weight[m].copy_(mod.weight[0])
         image = {id(p) for m in range(1, self.cfg.n_modalities) for p in self.backbone.modality_parameters(m)}
         for p in self.backbone.parameters():
             p.requires_grad_(id(p) in image)
@@ -759,21 +705,16 @@ MODELS = {
 SUPPORTED_SETTINGS = {name: (setting,) for name, (_, _, setting, _) in MODELS.items()}
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":   # a short demo: both backbones on a toy batch, an (untrained) sample, the mask
     import data
     torch.manual_seed(0)
     ds = data.make_data("transfusion", seq_len=128)
-    batch = ds.get_batch("train", 4, 0)
     for name in ("transfusion", "transfusion-mot"):
-        C, M, _, over = MODELS[name]
-        cfg = C(**{**over, **{k: v for k, v in ds.model_fields().items() if hasattr(C, k)}})
-        model = M(cfg)
-        logits, loss, parts = model(batch)
-        loss.backward()
+        model = Transfusion(Config(**MODELS[name][3], **{k: v for k, v in ds.model_fields().items() if hasattr(Config, k)}))
+        logits, loss, parts = model(ds.get_batch("train", 4, 0))
         print(f"{name:16s} logits {tuple(logits.shape)} loss {loss.item():.3f} "
               f"{ {k: round(v.item(), 3) for k, v in parts.items()} } params {sum(p.numel() for p in model.parameters()):,}")
-    prefix = torch.tensor([[cfg.bos_id] + ds.scenes(1)[0]["caption"] + [cfg.boi_id]])
+    prefix = torch.tensor([[model.cfg.bos_id] + ds.scenes(1)[0]["caption"] + [model.cfg.boi_id]])
     print("generate_image:", tuple(model.generate_image(prefix, steps=5).shape), "(untrained: noise)")
-    print("mask of a toy row (1 = may attend):")
-    gid = torch.tensor([[-1, -1, 0, 0, 0, -1, -1]])     # <bos> <boi> p p p <eoi> word
-    print(model.attention_mask(gid)[0, 0].int())
+    print("mask of <bos> <boi> p p p <eoi> word (1 = may attend):")
+    print(model.attention_mask(torch.tensor([[-1, -1, 0, 0, 0, -1, -1]]))[0, 0].int())

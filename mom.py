@@ -10,7 +10,8 @@ exactly one copy), so MoM buys capacity at equal FLOPs -- the paper reports the 
 34.76% (Transfusion image), 42.50% / 65.40% (Chameleon image / text) and 24.80% (speech) of the FLOPs.
 
 Glossary (paper -> code)
-    modalities m = 1..M     -> cfg.n_modalities, ids 0 text, 1 image, 2 speech (batch["modality"])
+    modalities m = 1..M     -> cfg.n_modalities, ids 0..M-1 from the data (batch["modality"]); cfg.modality_names
+                               names them in the losses (loss_<name>)
     W_in^m, W_x^m, W_dt^m, W_out^m -> ModalityLinear weights[m] of in_proj, x_proj, dt_proj, out_proj
     x, z (Mamba Fig. 3)     -> xs, z = in_proj(u).chunk(2)
     Delta, B, C             -> dt, Bm, Cm (from x_proj; Delta = softplus(dt_proj(dt)) with its own bias per modality)
@@ -40,7 +41,7 @@ setting does the same); forward_hidden ignores the bidirectional-image attention
 
 Run:  python train.py --compare mamba,mom --setting chameleon        (and --setting speech)
       python train.py --compare mamba,mom-in,mom-out,mom              (the ablation)
-Read next: transfusion.py (uses this file as a backbone), kernels.py (the scan).
+Read first: moma.py.  Read next: transfusion.py (uses this file as a backbone; the scan itself is in kernels.py).
 """
 import math
 from dataclasses import dataclass
@@ -51,9 +52,6 @@ import torch.nn.functional as F
 
 import kernels
 
-MODALITY_NAMES = ("text", "image", "speech")
-
-
 @dataclass
 class Config:
     # filled in by the trainer from data.make_data(...).model_fields()
@@ -61,6 +59,7 @@ class Config:
     n_modalities: int = 2
     seq_len: int = 256
     modality_offsets: tuple = (0, 256)  # first token id of each modality (for generate)
+    modality_names: tuple = ("text", "image")  # loss names (loss_<name>); unnamed modalities: "modality<m>"
     # Mamba block (Gu & Dao 2023, Sec. 3.4); the official defaults except the toy size. Two Mamba blocks hold about
     # the parameters of one Transformer block, so 4 x 64 matches mot.py's dense default (2 x 64) in parameters.
     d_model: int = 64
@@ -91,6 +90,13 @@ class Config:
         if len(self.modality_offsets) != self.n_modalities:
             raise ValueError(f"modality_offsets {self.modality_offsets} has {len(self.modality_offsets)} entries "
                              f"but n_modalities={self.n_modalities}; give one first token id per modality")
+        if len(set(self.modality_names)) != len(self.modality_names):
+            raise ValueError(f"modality_names={self.modality_names} must be distinct")
+
+    @property
+    def names(self):  # one per modality: modality_names, "modality<m>" for any it does not name
+        return tuple(self.modality_names[m] if m < len(self.modality_names) else f"modality{m}"
+                     for m in range(self.n_modalities))
 
     @property
     def d_inner(self):
@@ -198,12 +204,13 @@ class MoMMixer(nn.Module):
         x = (conv_state * self.conv1d.weight[:, 0, :]).sum(-1)
         x = F.silu(x + self.conv1d.bias if self.conv1d.bias is not None else x)
         dt, Bm, Cm = self.x_proj(x, route).split([R, N, N], dim=-1)
-        dt = F.softplus(self.dt_proj(dt, route)).float()                     # (B, di)
-        A = -torch.exp(self.A_log)
+        cd = torch.float64 if u.dtype == torch.float64 else torch.float32    # the scan's compute dtype (kernels.py)
+        dt, x, Bm, Cm = (t.to(cd) for t in (F.softplus(self.dt_proj(dt, route)), x, Bm, Cm))  # (B, di), ..., (B, N)
+        A, ssm_state = -torch.exp(self.A_log.to(cd)), ssm_state.to(cd)
         # h_t = exp(Delta A) h_{t-1} + Delta B x_t ;  y_t = C h_t + D x_t  (A by zero-order hold, Mamba Eq. 4;
         # B by the Euler step Delta B, as in the official kernel and kernels.selective_scan)
         ssm_state = torch.exp(dt.unsqueeze(-1) * A) * ssm_state + (dt * x).unsqueeze(-1) * Bm.unsqueeze(1)
-        y = (ssm_state @ Cm.unsqueeze(-1)).squeeze(-1) + self.D * x
+        y = (ssm_state @ Cm.unsqueeze(-1)).squeeze(-1) + self.D.to(cd) * x
         y = (y * F.silu(z)).to(u.dtype)
         return self.out_proj(y, route), (conv_state, ssm_state)
 
@@ -259,9 +266,9 @@ class MoMStack(nn.Module):
         return self.norm_f(x), new
 
     def empty_cache(self, batch_size, device, dtype=torch.float32):
-        cfg = self.cfg
+        cfg, sd = self.cfg, torch.float64 if dtype == torch.float64 else torch.float32  # ssm state: the scan's dtype
         return [(torch.zeros(batch_size, cfg.d_inner, cfg.d_conv, device=device, dtype=dtype),
-                 torch.zeros(batch_size, cfg.d_inner, cfg.d_state, device=device, dtype=torch.float32))
+                 torch.zeros(batch_size, cfg.d_inner, cfg.d_state, device=device, dtype=sd))
                 for _ in range(cfg.n_layer)]
 
 
@@ -328,10 +335,10 @@ class MixtureOfMamba(nn.Module):
         mask = targets != -1
         loss = ce.sum() / mask.sum().clamp(min=1)
         parts, tm = {}, batch.get("target_modality", modality)
-        for m in range(self.cfg.n_modalities):
+        for m, name in enumerate(self.cfg.names):
             sel = mask & (tm == m)
             if sel.any():
-                parts[f"loss_{MODALITY_NAMES[m]}"] = (ce[sel].sum() / sel.sum()).detach()
+                parts[f"loss_{name}"] = (ce[sel].sum() / sel.sum()).detach()
         return logits, loss, parts
 
     # -- recurrent inference: a prefill with the parallel scan, then O(1) steps --
@@ -372,6 +379,9 @@ MODELS = {
     "mom-dt": (Config, MixtureOfMamba, "chameleon", dict(_SHARED, split_dt_proj=True)),
     "mom-out": (Config, MixtureOfMamba, "chameleon", dict(_SHARED, split_out_proj=True)),
 }
+# MoM with one modality is Mamba, and the transfusion setting's images are not tokens: train.py refuses those
+SUPPORTED_SETTINGS = {name: ("chameleon", "speech") for name in MODELS if name != "mamba"}
+SUPPORTED_SETTINGS["mamba"] = ("chameleon", "speech", "text", "bytes")
 
 
 if __name__ == "__main__":

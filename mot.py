@@ -11,7 +11,8 @@ every untie_* switch off, each ModalityLinear / ModalityRMSNorm holds ONE weight
 (no sorting, no routing). `--model dense --setting bytes` is the byte-level Transformer baseline.
 
 Glossary (paper -> code):
-    M modalities, m in {text, image, speech} -> cfg.n_modalities, ids 0 text, 1 image, 2 speech (markers are text)
+    M modalities                             -> cfg.n_modalities (ids 0..M-1, from the data; markers are text);
+                                                 cfg.modality_names names them in the losses (loss_<name>)
     theta_m (modality-m parameters)          -> weight[m] of every ModalityLinear / ModalityRMSNorm (separate
                                                  nn.Parameters per modality, so LMFusion can freeze weight[0])
     W_Q^m, W_K^m, W_V^m (Eq. 2)              -> Attention.qkv.weight[m]  (the three fused in one (D, 3D) matrix)
@@ -39,20 +40,18 @@ API used by transfusion.py (import mot):
 
 Toy scale (Config defaults): d_model 64, n_layer 2, pre-norm without QK-norm. The official code's default is
 Chameleon's post-norm reordering (--norm_placement=post); here pre-norm is the default because it makes the DENSE
-baseline much stronger at toy scale (chameleon final image loss 0.72 vs 1.10 after 600 steps), and a sparse model
-must be measured against the strongest baseline of its FLOPs. What the toy shows (README has the runs): at 1800
-steps (train.py's chameleon default) MoT reaches the dense final image loss at 58-64% of the FLOPs and ends lower on
-text too; at 600 steps the image gain is smaller (73-90%) and text is not better, because the circuits that text needs
--- reading the image for a caption, the text-only language's lookup -- form sooner in shared weights, which every
-token trains.
-Try: --norm_placement=post, --qk_norm=True, --untie_ffn=False.
+baseline much stronger at toy scale (RESULTS.md), and a sparse model must be measured against the strongest baseline
+of its FLOPs. In short runs MoT's text gain comes late: the circuits that text needs -- reading the image for a
+caption, the text-only language's lookup -- form sooner in shared weights, which every token trains.
+Try: --norm_placement=post, --qk_norm=True; the untie ablation, one switch per component: --untie_ffn=False (attention
+and norms per modality, FFN shared), --untie_ffn=False --untie_norm=False (attention only), --untie_attn=False.
 
 Left out: the paper's 7B scale and its data; Transfusion's diffusion head lives in transfusion.py (MoT backbone via
 forward_hidden). Departures: the embedding and the LM head are untied from each other (as in Chameleon); q, k and v
 are fused into one matrix per modality (same math as three matrices).
 Run:  python train.py --compare dense,mot --setting chameleon     (and --setting speech)
       python mot.py                                              (a 20-line demo)
-Read next: mom.py (Mixture-of-Mamba applies the same idea to SSMs), transfusion.py.
+Read first: data.py (the toy world).  Read next: moma.py (the same FFN split, with learned routing inside each modality).
 """
 import math
 from dataclasses import dataclass, field
@@ -63,14 +62,12 @@ import torch.nn.functional as F
 
 import kernels
 
-MODALITY_NAMES = ("text", "image", "speech")
-
-
 @dataclass
 class Config:
     vocab_size: int = 512
     n_modalities: int = 2                    # M; 1 = plain Transformer (bytes)
     modality_offsets: tuple = (0, 256)       # first token id of each modality (data.py sets it)
+    modality_names: tuple = ("text", "image")  # loss names (loss_<name>), data.py sets it; unnamed: "modality<m>"
     seq_len: int = 256                       # longest sequence accepted (forward and generate)
     n_layer: int = 2
     n_head: int = 4
@@ -98,6 +95,14 @@ def _check_config(cfg):
                          f"(n_modalities={cfg.n_modalities})")
     if list(cfg.modality_offsets) != sorted(cfg.modality_offsets) or cfg.modality_offsets[-1] >= cfg.vocab_size:
         raise ValueError(f"modality_offsets={cfg.modality_offsets} must be increasing and < vocab_size={cfg.vocab_size}")
+    if len(set(cfg.modality_names)) != len(cfg.modality_names):
+        raise ValueError(f"modality_names={cfg.modality_names} must be distinct")
+
+
+def modality_names(cfg):
+    """One name per modality: cfg.modality_names (the data fills it), "modality<m>" for any it does not name."""
+    return tuple(cfg.modality_names[m] if m < len(cfg.modality_names) else f"modality{m}"
+                 for m in range(cfg.n_modalities))
 
 
 # --- Sec. 2.1: modality-specific parameters -------------------------------------------------------------------------
@@ -334,10 +339,10 @@ class Transformer(nn.Module):
         tmod = batch.get("target_modality")
         tmod = self.modality_of(targets.clamp(min=0)) if tmod is None else tmod
         tmod = tmod.flatten()
-        for m in range(self.cfg.n_modalities):
+        for m, name in enumerate(modality_names(self.cfg)):
             sel = mask & (tmod == m)
             if sel.any():
-                parts[f"loss_{MODALITY_NAMES[m]}"] = (loss_tok[sel].mean()).detach()
+                parts[f"loss_{name}"] = (loss_tok[sel].mean()).detach()
         return logits, loss, parts
 
     # -- generation with a KV cache -----------------------------------------------------------------------------------
@@ -376,6 +381,8 @@ MODELS = {
     "dense": (Config, Transformer, "chameleon", dict()),
     "mot": (Config, MoT, "chameleon", dict(untie_attn=True, untie_ffn=True, untie_norm=True)),
 }
+# MoT with one modality is the dense model, and the transfusion setting's images are not tokens: train.py refuses those
+SUPPORTED_SETTINGS = {"dense": ("chameleon", "speech", "text", "bytes"), "mot": ("chameleon", "speech")}
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ ALL_OFF = {k: False for k in SPLITS}
 
 
 def tiny(n_modalities=2, **kw):
-    offsets = {1: (0,), 2: (0, 20), 3: (0, 20, 40)}[n_modalities]
+    offsets = {1: (0,), 2: (0, 20), 3: (0, 20, 40), 4: (0, 15, 30, 45)}[n_modalities]
     base = dict(vocab_size=60, n_modalities=n_modalities, modality_offsets=offsets, seq_len=32, d_model=16,
                 n_layer=2, d_state=4, d_conv=4, expand=2)
     base.update(kw)
@@ -274,3 +274,39 @@ def test_registry_and_ablation_switches():
         assert {k for k in SPLITS if getattr(cfg, k)} == set(on), name
         counts[name] = sum(p.numel() for p in M(cfg).parameters())
     assert counts["mamba"] < counts["mom-x"] < counts["mom-out"] < counts["mom-in"] < counts["mom"]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_fp64_recurrent_step_equals_parallel_forward_to_fp64_precision(split):
+    """In float64 the O(1) recurrent step (from an empty cache or after a prefill) runs in float64 like the parallel
+    scan: the two agree to ~1e-12, not to float32's ~1e-8."""
+    model = tiny(**({} if split else ALL_OFF))
+    batch = make_batch(model, T=16)
+    logits = model(batch)[0]
+    cache, steps = model.backbone.empty_cache(2, "cpu", torch.float64), []
+    for t in range(16):
+        lt, cache = model.step(batch["tokens"][:, t], cache)
+        steps.append(lt)
+    assert all(c.dtype == torch.float64 for layer in cache for c in layer)
+    torch.testing.assert_close(torch.stack(steps, 1), logits, atol=1e-12, rtol=1e-12)
+    lt, cache = model.prefill(batch["tokens"][:, :6])
+    for t in range(6, 16):
+        lt, cache = model.step(batch["tokens"][:, t], cache)
+        torch.testing.assert_close(lt, logits[:, t], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mamba", "mom"])
+def test_a_fourth_modality_trains_and_reports_its_loss(name):
+    """Modality count and names come from the Config: 4 modalities train, generate, and report one loss each."""
+    names = ("text", "image", "speech", "video")
+    model = tiny(4, modality_names=names, **mom.MODELS[name][3])
+    b = make_batch(model, B=3, T=20)
+    assert set(b["modality"].unique().tolist()) == {0, 1, 2, 3}
+    _, loss, parts = model(b)
+    loss.backward()
+    assert set(parts) == {f"loss_{n}" for n in names}
+    if name == "mom":  # the fourth modality's own projections are trained
+        assert all(p.grad.abs().sum() > 0 for p in expert_params(model, 3).values())
+    assert model.generate(b["tokens"][:, :4], 4).shape == (3, 8)
+    unnamed = tiny(4, **mom.MODELS[name][3])  # names not given: numbered
+    assert {"loss_modality2", "loss_modality3"} <= set(unnamed(b)[2])

@@ -288,3 +288,28 @@ def test_main_model_trains_exactly_as_without_aux_routers(mod):
     assert set(plain) < set(with_aux)
     for n, p in plain.items():
         assert torch.equal(p, with_aux[n]), n
+
+
+@pytest.mark.parametrize("routing", ["aux", "ec"])
+def test_a_fourth_modality_trains_and_reports_its_loss(routing):
+    """Modality count and names come from the Config: with 4 modalities every group gets its experts, every
+    modality's loss is reported (train and eval, both routings), and generation runs."""
+    torch.manual_seed(0)
+    offs, names = (0, 32, 64, 96), ("text", "image", "speech", "video")
+    model = moma.MoMa(cfg_(n_modalities=4, modality_offsets=offs, modality_names=names, routing=routing))
+    g = torch.Generator().manual_seed(0)
+    tokens, targets = torch.randint(0, V, (3, 32), generator=g), torch.randint(0, V, (3, 32), generator=g)
+    mod = lambda t: torch.bucketize(t, torch.tensor(offs[1:]), right=True)
+    b = dict(tokens=tokens, targets=targets, modality=mod(tokens), target_modality=mod(targets))
+    assert set(b["modality"].unique().tolist()) == {0, 1, 2, 3}
+    _, loss, parts = model.train()(b)
+    loss.backward()
+    assert {f"loss_{n}" for n in names} <= set(parts)
+    assert all(blk.ffn.w_up.grad[12:].abs().sum() > 0 for blk in model.blocks)  # the fourth group's experts train
+    other = "ec" if routing == "aux" else "aux"
+    with torch.no_grad():
+        parts = model.eval()(b)[2]
+    assert {f"loss_{n}" for n in names} | {f"loss_{n}_{other}" for n in names} <= set(parts)
+    assert model.generate(tokens[:, :4], 4).shape == (3, 8)
+    unnamed = moma.MoMa(cfg_(n_modalities=4, modality_offsets=offs))  # names not given: numbered
+    assert {"loss_modality2", "loss_modality3"} <= set(unnamed(b)[2])

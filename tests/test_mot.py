@@ -239,9 +239,33 @@ def test_registry_builds():
 def test_trainer_builds_dense_and_mot(setting, n_mod):
     import train
     for name in ("dense", "mot"):
+        if setting not in mot.SUPPORTED_SETTINGS[name]:  # MoT on one modality is the dense model: refused
+            with pytest.raises(train.UsageError, match="supported"):
+                train.build(name, setting, overrides=dict(seq_len=64), train_overrides=dict(seq_len=64))
+            continue
         model, cfg, tc, ds = train.build(name, setting, overrides=dict(seq_len=64), train_overrides=dict(seq_len=64))
         assert cfg.n_modalities == n_mod and cfg.vocab_size == ds.vocab_size
         b = ds.get_batch("train", 2, 0)
         logits, loss, parts = model(b)
         assert logits.shape == (2, 64, ds.vocab_size) and torch.isfinite(loss)
         assert set(parts) <= {"loss_text", "loss_image", "loss_speech"} and len(parts) >= 1
+
+
+@pytest.mark.parametrize("name", ["dense", "mot"])
+def test_a_fourth_modality_trains_and_reports_its_loss(name):
+    """Modality count and names come from the Config: 4 modalities train, generate, and report one loss each."""
+    torch.manual_seed(0)
+    over = mot.MODELS[name][3]
+    names = ("text", "image", "speech", "video")
+    cfg = tiny(4, modality_offsets=(0, 24, 48, 72), modality_names=names, **over)
+    model = mot.MODELS[name][1](cfg)
+    b = make_batch(model, B=3, T=24)
+    assert set(b["modality"].unique().tolist()) == {0, 1, 2, 3}
+    _, loss, parts = model(b)
+    loss.backward()
+    assert set(parts) == {f"loss_{n}" for n in names}
+    if name == "mot":  # the fourth modality's own weights are trained
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.modality_parameters(3))
+    assert model.generate(b["tokens"][:, :4], 4).shape == (3, 8)
+    unnamed = mot.MODELS[name][1](tiny(4, modality_offsets=(0, 24, 48, 72), **over))  # names not given: numbered
+    assert {"loss_modality2", "loss_modality3"} <= set(unnamed(b)[2])

@@ -32,6 +32,7 @@ the tile table is built on the device (no host sync). launch_config() picks ever
 target; compile_specs() lists what can be launched; static_report() compiles it all for sm_80 / sm_90 with no GPU.
 Tests: tests/test_kernels.py (interpreter), tests/test_gpu_compile.py (AOT). Bench: python bench.py --kernels --static
 """
+import contextlib
 import json
 import math
 import os
@@ -64,6 +65,67 @@ def _use_triton(backend, *tensors):
     if not all(t.is_cuda for t in tensors if t is not None) and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing kernels")
     return True
+
+
+# =====================================================================================================
+# 0. FLOP tally: the scans' FLOPs, which FlopCounterMode (matmuls only) does not see
+# =====================================================================================================
+# Analytic counts, per element, as Mamba's authors count the selective scan (9 B L D N, state-spaces/mamba#110):
+# a scan costs what a work-efficient parallel scan does, 2 combine steps per element, each a multiply-add of the
+# state (2 FLOPs real, 8 complex). So linear_scan: 4 FLOPs per element real, 16 complex; selective_scan: per
+# (batch, dim, state, step) 1 for delta A, 2 for delta B u, 4 for the scan, 2 for C . h = 9, plus 1 per
+# (batch, dim, step) for + D u and 1 for * silu(z) when given (exp, softplus and casts are not counted).
+# A backward counts 2x its forward (FlopCounterMode's convention for a matmul). megalodon.py adds its FFTs.
+
+class FlopTally:
+    """What `flop_tally()` yields: .flops, the FLOPs added while it was active."""
+    def __init__(self):
+        self.flops = 0
+
+
+_TALLIES = []   # the active tallies (they nest: an inner one's FLOPs count in the outer ones too)
+
+
+@contextlib.contextmanager
+def flop_tally():
+    """with kernels.flop_tally() as t: ... -> t.flops counts every scan (forward, and backward when autograd runs
+    it inside the block) and every kernels.add_flops(n) made inside the block."""
+    t = FlopTally()
+    _TALLIES.append(t)
+    try:
+        yield t
+    finally:
+        _TALLIES.remove(t)
+
+
+def add_flops(n):
+    """Add n FLOPs to every active tally (no-op when none is active)."""
+    for t in _TALLIES:
+        t.flops += int(n)
+
+
+class _TallyBackward(torch.autograd.Function):
+    """Identity on its outputs; its backward adds 2x the forward's FLOPs to the tallies active then."""
+
+    @staticmethod
+    def forward(ctx, n, *xs):
+        ctx.n = n
+        return tuple(x.clone() for x in xs)          # (a copy: callers may modify it in place)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        add_flops(2 * ctx.n)
+        return (None, *grads)
+
+
+def _tally(n, *outs):
+    """Count a scan's n forward FLOPs now and 2n when its backward runs; returns outs (tuple if several)."""
+    if not _TALLIES:
+        return outs if len(outs) > 1 else outs[0]
+    add_flops(n)
+    if torch.is_grad_enabled() and any(o.requires_grad for o in outs):
+        outs = _TallyBackward.apply(n, *outs)
+    return outs if len(outs) > 1 else outs[0]
 
 
 # =====================================================================================================
@@ -138,14 +200,16 @@ def linear_scan(a, b, h0=None, *, backend="auto"):
     _check_scan_args(a, b, h0)
     shape, dtype = a.shape, a.dtype
     R, L = a.numel() // shape[-1], shape[-1]
+    flops = (16 if dtype.is_complex else 4) * a.numel()                    # see "FLOP tally" above
     if _use_triton(backend, a, b, h0):   # the kernels load 16-bit inputs and compute in fp32 themselves
         h0_ = None if h0 is None else h0.reshape(R).contiguous()
-        return _LinearScanTriton.apply(a.reshape(R, L).contiguous(), b.reshape(R, L).contiguous(), h0_).reshape(shape)
+        h = _LinearScanTriton.apply(a.reshape(R, L).contiguous(), b.reshape(R, L).contiguous(), h0_).reshape(shape)
+        return _tally(flops, h)
     cdtype = torch.float32 if dtype == torch.bfloat16 else dtype
     a2 = a.reshape(R, L).to(cdtype).contiguous()
     b2 = b.reshape(R, L).to(cdtype).contiguous()
     h02 = None if h0 is None else h0.reshape(R).to(cdtype).contiguous()
-    return _LinearScanTorch.apply(a2, b2, h02).reshape(shape).to(dtype)
+    return _tally(flops, _LinearScanTorch.apply(a2, b2, h02).reshape(shape).to(dtype))
 
 
 # =====================================================================================================
@@ -285,6 +349,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     u, delta, z (batch, dim, L); A (dim, N); B, C (batch, N, L); D, delta_bias (dim,).
     Returns out (batch, dim, L) in u's dtype, and the last state (batch, dim, N) fp32 if return_last_state."""
     _check_selective_args(u, delta, A, B, C, D, z, delta_bias)
+    (b, d, L), n = u.shape, A.shape[1]
+    flops = 9 * b * d * n * L + b * d * L * ((D is not None) + (z is not None))   # see "FLOP tally" above
     dtype_in = u.dtype
     cd = torch.float64 if u.dtype == torch.float64 else torch.float32
     use = _use_triton(backend, u, delta, A, B, C, D, z, delta_bias)
@@ -297,7 +363,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         out, last = _SelectiveScanTriton.apply(act(u), act(delta), A.to(cd).contiguous(), act(B), act(C), par(D),
                                                None if z is None else act(z), par(delta_bias), bool(delta_softplus))
         out = out.to(dtype_in)
-        return (out, last) if return_last_state else out
+        return _tally(flops, out, last) if return_last_state else _tally(flops, out)
     uf, deltaf = u.to(cd), delta.to(cd)
     if delta_bias is not None:
         deltaf = deltaf + delta_bias.to(cd)[:, None]
@@ -310,7 +376,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if z is not None:
         out = out * F.silu(z.to(cd))
     out = out.to(dtype_in)
-    return (out, last) if return_last_state else out
+    return _tally(flops, out, last) if return_last_state else _tally(flops, out)
 
 
 # =====================================================================================================

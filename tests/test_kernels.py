@@ -337,3 +337,48 @@ def test_selective_scan_softplus_threshold_and_extremes():
     assert rel_err(out, ref) < 1e-9
     for g, gr in zip(grads([out], ins, [gy]), g_ref):
         assert rel_err(g, gr) < 1e-9
+
+
+# ------------------------------------------------------------------------------------------------ FLOP tally
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_flop_tally_matches_hand_count(backend):
+    """The documented analytic counts, by hand: selective scan 9 per (batch, dim, state, step) + 1 per
+    (batch, dim, step) each for D and z; linear scan 4 per real element, 16 per complex one; backward 2x."""
+    b, d, n, L = 2, 3, 4, 5
+    u, delta, A, B, C, D, z, bias = ss_inputs(b, d, n, L, True, seed=12)
+    fwd = 9 * 2 * 3 * 4 * 5 + 2 * 3 * 5 + 2 * 3 * 5                     # 1080 + D u + silu(z) gate = 1140
+    with K.flop_tally() as t:
+        with torch.no_grad():
+            K.selective_scan(u, delta, A, B, C, D, z, bias, True, backend=backend)
+    assert t.flops == 1140 == fwd
+    ins = [x.requires_grad_() for x in (u, delta, A, B, C)]
+    with K.flop_tally() as t:
+        out, last = K.selective_scan(*ins, return_last_state=True, backend=backend)     # no D, no z: 1080
+        assert t.flops == 1080
+        (out.sum() + last.sum()).backward()
+    assert t.flops == 3 * 1080                                           # + the backward, once for both outputs
+    a, bb, _ = scan_inputs((2, 3, 7), F64, seed=13)
+    ca, cb, _ = scan_inputs((2, 7), torch.complex128, seed=13)
+    with K.flop_tally() as outer:
+        with K.flop_tally() as inner:
+            K.linear_scan(a, bb, backend=backend)                           # 42 real elements
+        K.linear_scan(ca.requires_grad_(), cb, backend=backend).real.sum().backward()   # 14 complex, fwd + bwd
+        K.add_flops(7)
+    assert inner.flops == 4 * 42 and outer.flops == 4 * 42 + 3 * 16 * 14 + 7
+    K.linear_scan(a, bb, backend=backend)                                   # no tally active: nothing counted
+    assert outer.flops == 4 * 42 + 3 * 16 * 14 + 7 and not K._TALLIES
+
+
+def test_flop_tally_output_is_usable_in_place():
+    """Counting must not change what a model may do with a scan's output (in-place ops, gradients)."""
+    a, b, _ = scan_inputs((3, 9), F64, seed=14)
+    a.requires_grad_()
+    with K.flop_tally():
+        h = K.linear_scan(a, b, backend="torch")
+        h.mul_(2.0)
+        h.sum().backward()
+    g = a.grad.clone()
+    a.grad = None
+    (K.linear_scan(a, b, backend="torch") * 2.0).sum().backward()
+    torch.testing.assert_close(a.grad, g)

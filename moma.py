@@ -595,6 +595,7 @@ MODELS = {
     "moma-mod": (Config, MoMa, "chameleon", dict(mod=True)),               # 4t4i + mixture-of-depths
     "moma-ec8": (Config, MoMa, "chameleon", dict(experts=(8,), modality_aware=False)),  # mixed-modal EC baseline
 }
+SUPPORTED_SETTINGS = {name: ("chameleon", "speech") for name in MODELS}  # modality-aware: token modalities only
 
 
 if __name__ == "__main__":

@@ -313,3 +313,43 @@ def test_a_fourth_modality_trains_and_reports_its_loss(routing):
     assert model.generate(tokens[:, :4], 4).shape == (3, 8)
     unnamed = moma.MoMa(cfg_(n_modalities=4, modality_offsets=offs))  # names not given: numbered
     assert {"loss_modality2", "loss_modality3"} <= set(unnamed(b)[2])
+
+
+def test_paper_4t4i_has_full_width_experts_at_capacity_one_over_E(monkeypatch):
+    """`moma-paper` is the paper's 4t4i: four experts of the dense FFN's width per modality, each taking T_m / E_m
+    tokens (capacity 1/|E_m|), at the dense model's active FLOPs. The default `moma` has half-width experts at c = 2."""
+    kw = dict(vocab_size=V, n_modalities=2, modality_offsets=OFFS, seq_len=64, d_model=32, n_head=2, n_layer=2)
+    dense_model = mot.Transformer(mot.Config(**kw))
+    dense_hidden = dense_model.blocks[0].ffn.w2.weight[0].shape[0]
+    paper = moma.MoMa(moma.Config(**kw, **moma.MODELS["moma-paper"][3]))
+    default = moma.MoMa(moma.Config(**kw, **moma.MODELS["moma"][3]))
+    assert paper.cfg.d_expert == dense_hidden and default.cfg.d_expert == dense_hidden // 2
+    assert paper.blocks[0].ffn.w_up.shape == (8, 32, 2 * dense_hidden)       # 4 full-width experts per modality
+    b = batch_(B=4, T=64)
+    seen, real = [], moma.kernels.grouped_matmul
+    monkeypatch.setattr(moma.kernels, "grouped_matmul", lambda x, w, s, **k: (seen.append(s.tolist()), real(x, w, s, **k))[1])
+    paper.train()(b)
+    n = [int((b["modality"] == m).sum()) for m in range(2)]
+    assert seen[0] == [math.ceil(n[0] / 4)] * 4 + [math.ceil(n[1] / 4)] * 4  # each expert: T_m / E_m tokens
+    monkeypatch.setattr(moma.kernels, "grouped_matmul", real)
+    ratio = _flops_per_token(paper, b) / _flops_per_token(dense_model, b)
+    assert 1.0 <= ratio < 1.08, ratio
+
+
+def test_causal_routing_does_not_depend_on_the_batch_split_but_expert_choice_does():
+    """Expert choice's capacity is per forward batch: a row's output depends on the other rows it is batched with,
+    so the training loss depends on the micro-batch / DDP split (train.py's DDP test compares moma only at equal
+    forward batches). The causal aux routing (the headline eval) is per token: any split gives the same result."""
+    torch.manual_seed(0)
+    model = moma.MoMa(cfg_(mod=True, mod_every=1)).eval()
+    b = batch_(B=4, T=32, seed=3)
+    halves = [{k: v[i:i + 2] for k, v in b.items()} for i in (0, 2)]
+    with torch.no_grad():
+        for routing, differs in (("aux", False), ("ec", True)):
+            whole = model(b, routing=routing)[0]
+            split = torch.cat([model(h, routing=routing)[0] for h in halves])
+            assert ((whole - split).abs().max() > 1e-4) == differs, routing
+    model.train()
+    loss_whole = model(b)[1].item()
+    loss_split = sum(model(h)[1].item() for h in halves) / 2  # the trainer's mean over 2 micro-batches
+    assert abs(loss_whole - loss_split) > 1e-5

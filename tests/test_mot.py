@@ -269,3 +269,17 @@ def test_a_fourth_modality_trains_and_reports_its_loss(name):
     assert model.generate(b["tokens"][:, :4], 4).shape == (3, 8)
     unnamed = mot.MODELS[name][1](tiny(4, modality_offsets=(0, 24, 48, 72), **over))  # names not given: numbered
     assert {"loss_modality2", "loss_modality3"} <= set(unnamed(b)[2])
+
+
+def test_each_untie_switch_unties_exactly_its_component():
+    """The MoT ablation switches: untie_attn -> W_QKV, W_O (and QK-norms), untie_ffn -> the FFN, untie_norm -> the
+    attention / FFN / final norms. E.g. --untie_ffn=False keeps attention AND norms per modality."""
+    import itertools
+    parts = {"attn": {"attn.qkv", "attn.proj", "attn.q_norm", "attn.k_norm"}, "ffn": {"ffn.w13", "ffn.w2"},
+             "norm": {"norm_attn", "norm_ffn", "norm_f"}}
+    for flags in itertools.product([False, True], repeat=3):
+        on = dict(zip(("attn", "ffn", "norm"), flags))
+        model = mot.Transformer(tiny(2, qk_norm=True, **{f"untie_{k}": v for k, v in on.items()}))
+        untied = {n.split(".", 2)[-1] if n.startswith("blocks.") else n for n, m in model.named_modules()
+                  if isinstance(m, (mot.ModalityLinear, mot.ModalityRMSNorm)) and m.n > 1}
+        assert untied == set().union(*(parts[k] for k in on if on[k])), on

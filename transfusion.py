@@ -2,9 +2,8 @@
 arXiv 2412.15188.
 
 "Transfusion combines the language modeling loss function (next token prediction) with diffusion to train a single
-transformer over mixed-modality sequences." Text is a sequence of discrete tokens; each image is a sequence of
-continuous patch vectors between <boi> and <eoi>. One transformer reads both: text positions are trained with
-next-token cross-entropy; image patches are noised with DDPM and the same transformer predicts the noise.
+transformer over mixed-modality sequences." Text is discrete tokens; each image is continuous patch vectors between
+<boi> and <eoi>, noised with DDPM, and the same transformer predicts the noise.
 LMFusion starts from a text-only LM, adds image copies of every transformer module (MoT-style, attention computed
 jointly), freezes all text modules, embeddings and head, and trains only the image side with this objective.
 
@@ -29,17 +28,16 @@ Generation: text autoregressively; at <boi>, n_patches noise patches are denoise
 
 Where this departs from the paper, and why (the measurements behind each choice: RESULTS.md):
   * no VAE: the toy images are 16x16x3 pixels in [-1, 1] cut into 16 patches of 4x4x3, standing in for latents.
-  * the dense backbone is mot.Transformer with every untie_* off (RoPE, SwiGLU, RMSNorm), so dense vs MoT differs
-    only in the untied weights. Pre-norm (the paper's Llama-2 blocks): with Chameleon's post-norm the encoded
-    patches outscale the text embeddings in the first attention, and the patches learned to ignore the caption.
+  * the dense backbone is mot.Transformer with every untie_* off, so dense vs MoT differs only in the untied weights.
+    Pre-norm (the paper's Llama-2 blocks): with Chameleon's post-norm the encoded patches outscale the text
+    embeddings in the first attention, and the patches learned to ignore the caption.
   * U-Net codec: the paper conditions its U-Net blocks on t with AdaLayerNorm; ours is a two-level conv U-Net with
     AdaGroupNorm (scale/shift from the t embedding) and skip connections around the transformer.
   * the eps head is v-parametrized by default (cfg.eps_param = "v"; "direct" is the paper's): the network outputs v
     and eps = sqrt(ab) v + sqrt(1 - ab) x_t; the LOSS is still eps-MSE. Why: a small error of a plain eps head at t
     near T is multiplied by 1/sqrt(ab) in x_0, and samples saturate.
-  * each patch gets a learned embedding of its place in the image (cfg.patch_pos_emb), beside RoPE.
-  * the default codec is linear: at toy scale the U-Net (slower on CPU) reached a lower diffusion loss but its
-    images began to use the caption later.
+  * a learned embedding of each patch's place in the image (cfg.patch_pos_emb), beside RoPE.
+  * the default codec is linear: the U-Net (slower on CPU) reached a lower diffusion loss, but used the caption later.
   * sampling: 50 DDIM steps by default (paper: 250) to keep CPU evaluation fast; sampler="ddpm", sample_steps=250.
   * cfg.loss_weight = "trunc_snr" (Salimans & Ho 2022) reweights the training eps-MSE per image by max(SNR, 1) / SNR
     (an x_0-MSE above t = 500; "uniform" = the paper, "min_snr" = Min-SNR-5). Why: at high t, where the caption
@@ -49,10 +47,9 @@ Where this departs from the paper, and why (the measurements behind each choice:
     batch["row_id"], so any split of a batch (micro-batches, DDP ranks) trains on the same noise.
 Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics (a pixel scorer stands in).
 
-Run:   python train.py --model transfusion                  (dense; also transfusion-mot, -mamba, -mom)
+Run:   python train.py --model transfusion     (dense; also transfusion-mot, -mamba, -mom; python transfusion.py: demo)
        python train.py --model transfusion --patch_codec=unet --eps_param=direct --loss_weight=uniform
        python train.py --model lmfusion-base && python train.py --model lmfusion     (LMFusion in two steps)
-       python transfusion.py                                (a short demo)
 Read first: mot.py (the Transformer backbone), mom.py (the Mamba backbones).  Read next: megabyte.py.
 """
 import math
@@ -67,9 +64,6 @@ import mot
 
 
 IMAGE = 1   # the modality id of image patches (data.py's IMAGE); every other position is a discrete token
-IMAGE_KEYS = ("patch_codec", "unet_channels", "diffusion_steps", "schedule", "lam", "noise_limit", "image_attn",
-              "cond_dropout", "sampler", "sample_steps", "guidance", "clip_x0", "eps_param", "loss_weight",
-              "patch_pos_emb", "lmfusion")   # image-only keys: they have no effect on a text-only setting
 
 
 @dataclass
@@ -121,13 +115,10 @@ class Config:
         choices = dict(backbone=("dense", "mot", "mamba", "mom"), patch_codec=("linear", "unet"),
                        eps_param=("direct", "v"), loss_weight=("uniform", "min_snr", "trunc_snr"),
                        schedule=("cosine", "linear"), image_attn=("bidirectional", "causal"), sampler=("ddim", "ddpm"))
-        for k, allowed in choices.items():
-            if getattr(self, k) not in allowed:
-                raise ValueError(f"{k}={getattr(self, k)!r} is unknown; use one of {', '.join(allowed)}")
-        g = self.image_size // self.patch_size
-        if (self.patch_dim, self.n_patches) != (self.patch_size ** 2 * self.channels, g * g):
-            raise ValueError(f"patch_dim={self.patch_dim}, n_patches={self.n_patches} do not match image_size, "
-                             "patch_size, channels; take them from data.py")
+        for k in [k for k, allowed in choices.items() if getattr(self, k) not in allowed]:
+            raise ValueError(f"{k}={getattr(self, k)!r} is unknown; use one of {', '.join(choices[k])}")
+        if (self.patch_dim, self.n_patches) != (self.patch_size ** 2 * self.channels, (self.image_size // self.patch_size) ** 2):
+            raise ValueError("patch_dim, n_patches do not match image_size, patch_size, channels; take them from data.py")
         if not 0 <= self.noise_limit <= self.diffusion_steps or not 0 < self.sample_steps <= self.diffusion_steps:
             raise ValueError("need 0 <= noise_limit <= diffusion_steps and 0 < sample_steps <= diffusion_steps")
         if len(self.modality_names) < self.n_modalities:
@@ -136,10 +127,11 @@ class Config:
         if self.lmfusion and self.backbone != "mot":
             raise ValueError("LMFusion adds MoT-style image modules: use --backbone=mot (or --model lmfusion)")
         default = {f.name: f.default for f in fields(self)}       # a key without effect here names what enables it
+        image_keys = list(default)[list(default).index("patch_codec"):]     # the image-only keys: patch_codec on
         for off, keys, needs in ((self.patch_codec != "unet", ("unet_channels",), "--patch_codec=unet"),
                                  (self.backbone in ("mamba", "mom"), ("n_head", "norm_placement", "qk_norm",
                                   "image_attn"), "an attention backbone (--backbone=dense or mot)"),
-                                 (self.n_modalities < 2, IMAGE_KEYS, "a setting with images (--setting transfusion)")):
+                                 (self.n_modalities < 2, image_keys, "a setting with images (--setting transfusion)")):
             bad = [k for k in keys if off and getattr(self, k) != default[k]]
             if bad:
                 raise ValueError(f"--{bad[0]}={getattr(self, bad[0])} has no effect here; it needs {needs}")
@@ -167,15 +159,11 @@ class Diffusion(nn.Module):
         ab = self.alpha_bar[t].view(-1, *([1] * (x0.dim() - 1)))
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
-    def timesteps(self, n_steps):
-        """The n_steps timesteps a sampler visits, from T-1 down to 0 (evenly spaced: "respacing")."""
-        return torch.linspace(self.T - 1, 0, n_steps).round().long().unique_consecutive()
-
     @torch.no_grad()
     def sample(self, eps_fn, x, n_steps, sampler="ddim", clip=True, generator=None):
         """Reverse process from x = x_T (pure noise). eps_fn(x_t, t: (N,) int64) -> eps prediction like x.
         DDIM (eta = 0, Song et al. 2021 Eq. 12) is deterministic; DDPM draws the posterior q(x_s | x_t, x0_hat)."""
-        ts = self.timesteps(n_steps).tolist()
+        ts = torch.linspace(self.T - 1, 0, n_steps).round().long().unique_consecutive().tolist()   # "respacing"
         for i, t in enumerate(ts):
             s = ts[i + 1] if i + 1 < len(ts) else -1                 # next (smaller) timestep; -1 = done
             ab_t = self.alpha_bar[t]
@@ -274,12 +262,9 @@ class PatchCodec(nn.Module):
         self.up1 = ResBlock(2 * c, c, D)                                 # concat with down1's output
         self.conv_out = nn.Sequential(nn.GroupNorm(min(8, c), c), nn.SiLU(), nn.Conv2d(c, C, 3, padding=1))
 
-    def temb(self, t):
-        return self.t_mlp(timestep_embedding(t, self.cfg.d_model))        # (N, D)
-
     def encode(self, x, t):
         # x: (N, n_patches, patch_dim) noisy patches, t: (N,) -> tokens (N, n_patches, D), skips for decode
-        temb = self.temb(t)
+        temb = self.t_mlp(timestep_embedding(t, self.cfg.d_model))                  # (N, D)
         ctx = dict(xt=x, t=t, temb=temb)
         if self.cfg.patch_codec == "linear":
             e = self.enc(x) + temb[:, None]
@@ -328,14 +313,14 @@ class Transfusion(nn.Module):
         self.codec = PatchCodec(cfg)                    # image-only modules: patch encoder/decoder + timestep MLP
         self.diffusion = Diffusion(cfg.diffusion_steps, cfg.schedule)
         self.noise_seed = int(torch.randint(2 ** 31, ()))   # the model's seed for per-row diffusion draws (_draws)
+        self.bucket_history = []                        # loss_by_t of every evaluation (plots.py draws first / last)
         if cfg.lmfusion:
             self.load_lmfusion(cfg.lmfusion)
 
     # -- Sec. 3.3: the attention mask --------------------------------------------------------------------------------
     def attention_mask(self, gid, drop=None):
         """gid: (B, T) global image id of each position (-1 for text); drop: (B, T) bool, True on patches of images
-        whose condition is dropped. Returns (B, 1, T, T) bool, True = may attend (what F.scaled_dot_product_attention
-        takes). Row i is the query, column j the key."""
+        whose condition is dropped -> (B, 1, T, T) bool, True = query i may attend to key j (as SDPA takes it)."""
         B, T = gid.shape
         pos = torch.arange(T, device=gid.device)
         allowed = (pos[None, :] <= pos[:, None]).expand(B, T, T)             # causal: j <= i
@@ -353,8 +338,7 @@ class Transfusion(nn.Module):
     # -- images in a batch: gather patches of each image into (N_img, n_patches, patch_dim) ---------------------------
     def _images(self, image_index):
         """image_index: (B, T) -> gid (B, T) global image id, slot (B, T) patch index inside its image, N_img."""
-        B, T = image_index.shape
-        is_img = image_index >= 0
+        (B, T), is_img = image_index.shape, image_index >= 0
         per_row = (image_index.max(1).values + 1).clamp(min=0)                      # images per row
         row_base = torch.cumsum(per_row, 0) - per_row
         gid = torch.where(is_img, image_index + row_base[:, None], torch.full_like(image_index, -1))
@@ -374,11 +358,9 @@ class Transfusion(nn.Module):
 
     def _embed(self, tokens, xt, t, gid, slot):
         """Input vectors: token embeddings at text positions, encoded noisy patches at image positions."""
-        x = self.backbone.tok_emb(tokens)                                             # (B, T, D)
-        skips = None
-        if xt is not None:
+        x, skips, is_img = self.backbone.tok_emb(tokens), None, gid >= 0             # (B, T, D)
+        if xt is not None and len(xt):
             e, skips = self.codec.encode(xt, t)                                      # (N_img, n_patches, D)
-            is_img = gid >= 0
             x = x.masked_scatter(is_img[..., None], e[gid[is_img], slot[is_img]].to(x.dtype))
         return x, skips
 
@@ -394,15 +376,13 @@ class Transfusion(nn.Module):
 
     def _check(self, batch):
         tokens, modality, rid, T = batch.get("tokens"), batch.get("modality"), batch.get("row_id"), self.cfg.seq_len
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
-            raise ValueError("batch['tokens'] must be an int64 tensor of shape (B, T); convert with .long()")
-        if tokens.shape[1] > T:
-            raise ValueError(f"sequence length {tokens.shape[1]} > seq_len={T}; crop it or raise --seq_len")
-        if modality is None or modality.shape != tokens.shape or modality.dtype != torch.long:
-            raise ValueError("batch['modality'] must be an int64 (B, T) tensor like tokens (data.py provides it)")
-        if modality.numel() and int(modality.max()) >= self.cfg.n_modalities:
-            raise ValueError(f"modality id {int(modality.max())} >= n_modalities={self.cfg.n_modalities}; "
-                             "use the transfusion setting's data or set --n_modalities")
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] > T:
+            raise ValueError(f"batch['tokens'] must be an int64 tensor of shape (B, T <= seq_len={T}); convert with "
+                             ".long(), crop it or raise --seq_len")
+        if modality is None or modality.shape != tokens.shape or modality.dtype != torch.long or (
+                modality.numel() and int(modality.max()) >= self.cfg.n_modalities):
+            raise ValueError(f"batch['modality'] must be an int64 (B, T) tensor like tokens with ids < n_modalities="
+                             f"{self.cfg.n_modalities} (data.py provides it; or set --n_modalities)")
         p = batch.get("patches")
         if "image_index" in batch and bool((batch["image_index"] >= 0).any()) and (
                 p is None or p.shape[:2] != tokens.shape or p.shape[2] != self.cfg.patch_dim):
@@ -412,19 +392,17 @@ class Transfusion(nn.Module):
             raise ValueError(f"batch['row_id'] must be an int64 tensor of shape ({tokens.shape[0]},); data.py makes it")
 
     def _draws(self, batch, per_row, dev):
-        """The random numbers of every image (in gid order): u (N,) -> t, noise (N, n_patches, patch_dim) and
-        u_drop (N,) -> condition dropout. With batch["row_id"], each row draws from its own generator seeded by
-        (the model's seed, row_id), so a row gets the same draws in any split of the batch (micro-batches, DDP
-        ranks) and resume is exact; without it, torch's global RNG. Eval: fixed draws (seed 1234) either way."""
+        """Every image's u (N,) -> t, noise (N, n_patches, patch_dim), u_drop (N,) -> condition dropout. With
+        batch["row_id"], each row draws from a generator seeded by (model seed, row_id): the same draws in any split
+        of the batch (micro-batches, DDP ranks). Without it, torch's RNG. Eval: fixed draws (seed 1234) either way."""
         shape, rid = (self.cfg.n_patches, self.cfg.patch_dim), batch.get("row_id")
+        draw = lambda k, g, d: (torch.rand(k, generator=g, device=d), torch.randn(k, *shape, generator=g, device=d),
+                                torch.rand(k, generator=g, device=d))
         if rid is None:
-            g, n = (None if self.training else torch.Generator(device=dev).manual_seed(1234)), int(per_row.sum())
-            return (torch.rand(n, generator=g, device=dev), torch.randn(n, *shape, generator=g, device=dev),
-                    torch.rand(n, generator=g, device=dev))
-        base, draws = (self.noise_seed if self.training else 1234), []
-        for r, k in zip(rid.tolist(), per_row.tolist()):
-            g = torch.Generator().manual_seed(base * 2 ** 32 + r % 2 ** 32)   # on the CPU: the same on any device
-            draws.append((torch.rand(k, generator=g), torch.randn(k, *shape, generator=g), torch.rand(k, generator=g)))
+            return draw(int(per_row.sum()), None if self.training else torch.Generator(dev).manual_seed(1234), dev)
+        base = self.noise_seed if self.training else 1234      # CPU generators: the same draws on any device
+        draws = [draw(k, torch.Generator().manual_seed(base * 2 ** 32 + r % 2 ** 32), "cpu")
+                 for r, k in zip(rid.tolist(), per_row.tolist())]
         return tuple(torch.cat(d).to(dev) for d in zip(*draws))
 
     # -- Sec. 3.4: L = L_LM + lambda * L_DDPM (Eq. 5) ---------------------------------------------------------------
@@ -481,11 +459,9 @@ class Transfusion(nn.Module):
 
     # -- inference: noise prediction with classifier-free guidance ----------------------------------------------------
     def predict_eps(self, prefix, xt, t, guidance=None, image_index=None, patches=None):
-        """prefix: (B, Tp) int64 ending with <boi>, with earlier images given by image_index (B, Tp) and clean
-        patches (B, Tp, patch_dim); xt: (B, n_patches, patch_dim) the new image at time t (B,) -> guided eps.
-        Earlier images enter as images (clean, t = 0, with the image mask), as in training.
-        eps = eps_uncond + g (eps_cond - eps_uncond), written eps_cond + (g - 1)(eps_cond - eps_uncond) so g = 1 is
-        exactly the conditional prediction. Both passes run as one batch of 2B."""
+        """prefix: (B, Tp) int64 ending with <boi>, earlier images given by image_index (B, Tp) and clean patches
+        (B, Tp, patch_dim) (they enter as images: t = 0, image mask); xt: (B, n_patches, patch_dim) the new image at
+        time t (B,) -> guided eps = eps_c + (g - 1)(eps_c - eps_u) (g = 1: exactly conditional), one batch of 2B."""
         cfg, g = self.cfg, self.cfg.guidance if guidance is None else guidance
         (B, Tp), n, dev = prefix.shape, cfg.n_patches, xt.device
         ii = prefix.new_full((B, Tp), -1) if image_index is None else image_index
@@ -510,22 +486,9 @@ class Transfusion(nn.Module):
         cfg = self.cfg
         if prefix.dim() != 2 or prefix.dtype != torch.long or bool((prefix[:, -1] != cfg.boi_id).any()):
             raise ValueError(f"generate_image: prefix must be an int64 (B, T) ending with <boi> (id {cfg.boi_id})")
-        was = self.training
-        self.eval()
         x = randn((prefix.shape[0], cfg.n_patches, cfg.patch_dim), generator, prefix.device)   # x_T
-        out = self.diffusion.sample(lambda xt, t: self.predict_eps(prefix, xt, t, guidance, image_index, patches),
-                                    x, steps or cfg.sample_steps, sampler or cfg.sampler, cfg.clip_x0, generator)
-        self.train(was)
-        return out
-
-    def _hidden_of(self, tokens, image_index, patches, caches=None, pos0=0):
-        """Clean-context forward for text decoding: images in the context enter at t = 0 (no noise)."""
-        gid, slot, n_img = self._images(image_index)
-        xt, t = (self._gather(patches, gid, slot, n_img), gid.new_zeros(n_img)) if n_img else (None, None)
-        x, _ = self._embed(tokens, xt, t, gid, slot)
-        kw = dict(caches=caches, pos0=pos0) if caches is not None else {}      # the Mamba backbones take no cache
-        return self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, self.attention_mask(gid) if n_img else None,
-                                            **kw)
+        return self.diffusion.sample(lambda xt, t: self.predict_eps(prefix, xt, t, guidance, image_index, patches),
+                                     x, steps or cfg.sample_steps, sampler or cfg.sampler, cfg.clip_x0, generator)
 
     @staticmethod
     def _append(r, tok, ii, pp):   # extend a decoding row: tokens, image index, patches
@@ -533,15 +496,18 @@ class Transfusion(nn.Module):
         r["pp"] = torch.cat([r["pp"], pp])
 
     def _text_step(self, grp, temperature, use_cache):
-        """One decoding step of rows with equal length and equal cached length, as one batch. The KV cache (dense /
-        MoT) holds what a row has read; it is dropped after an image, which is read again whole (with its mask)."""
-        done = grp[0]["done"]
+        """One decoding step of rows with equal length and equal cached length, as one batch; images in the context
+        enter clean (t = 0). The KV cache (dense / MoT) holds what a row has read; it is dropped after an image,
+        which is read again whole (with its mask)."""
+        done, kw = grp[0]["done"], {}
         tok, ii, pp = (torch.stack([r[k] for r in grp])[:, done:] for k in ("tok", "ii", "pp"))
-        caches = None
         if use_cache and self.cfg.backbone in ("dense", "mot"):
-            caches = [{k: torch.cat([r["cache"][i][k] for r in grp]) for k in ("k", "v")} if done else {}
-                      for i in range(len(self.backbone.blocks))]
-        logits = self.backbone.lm_head(self._hidden_of(tok, ii, pp, caches, done)[:, -1]).float()
+            kw = dict(pos0=done, caches=[{k: torch.cat([r["cache"][i][k] for r in grp]) for k in ("k", "v")} if done
+                                         else {} for i in range(len(self.backbone.blocks))])
+        gid, slot, n_img = self._images(ii)
+        x, _ = self._embed(tok, self._gather(pp, gid, slot, n_img), gid.new_zeros(n_img), gid, slot)
+        h = self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, self.attention_mask(gid) if n_img else None, **kw)
+        logits, caches = self.backbone.lm_head(h[:, -1]).float(), kw.get("caches")
         for j, r in enumerate(grp):
             nxt = (int(torch.multinomial(F.softmax(logits[j] / temperature, -1), 1, generator=r["g"]))
                    if temperature > 0 else int(logits[j].argmax()))
@@ -558,19 +524,18 @@ class Transfusion(nn.Module):
         earlier images read as images, then <eoi>. Rows of equal length run as one batch: a batch gives what each row
         gives alone. seeds: one int per row for its sampling and sampler noise (default: from torch's RNG)."""
         cfg = self.cfg
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
-            raise ValueError("generate: idx must be an int64 tensor of shape (B, T)")
-        if idx.shape[1] + max_new_tokens > cfg.seq_len:
-            raise ValueError(f"generate: {idx.shape[1]} + {max_new_tokens} > seq_len={cfg.seq_len}; generate less")
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2 or \
+                idx.shape[1] + max_new_tokens > cfg.seq_len:
+            raise ValueError(f"generate: idx must be an int64 tensor (B, T) with T + max_new_tokens <= seq_len="
+                             f"{cfg.seq_len}; generate less")
         (B, Tp), dev, end, n = idx.shape, idx.device, idx.shape[1] + max_new_tokens, cfg.n_patches
         ii = torch.full_like(idx, -1) if image_index is None else image_index
         pp = torch.zeros(B, Tp, cfg.patch_dim, device=dev) if patches is None else patches.float()
         seeds = torch.randint(2 ** 62, (B,)).tolist() if seeds is None else [int(s) for s in seeds]
         rows = [dict(b=b, tok=idx[b], ii=ii[b], pp=pp[b], done=0, g=torch.Generator(device=dev).manual_seed(seeds[b]))
                 for b in range(B)]
-        self.last_images, was = [[] for _ in range(B)], self.training
-        self.eval()
-        while True:
+        self.last_images = [[] for _ in range(B)]      # (inference needs no eval(): no layer differs in training)
+        while any(len(r["tok"]) < end for r in rows):
             boi = [r for r in rows if int(r["tok"][-1]) == cfg.boi_id and end - len(r["tok"]) > n]
             for grp in _groups(boi, lambda r: len(r["tok"])):       # diffusion mode, rows of one length batched
                 st = [torch.stack([r[k] for r in grp]) for k in ("tok", "ii", "pp")]
@@ -580,12 +545,8 @@ class Transfusion(nn.Module):
                                  torch.cat([img, img.new_zeros(1, cfg.patch_dim)]))
                     r["done"] = 0
                     self.last_images[r["b"]].append(img)
-            live = [r for r in rows if len(r["tok"]) < end]
-            if not live:
-                break
-            for grp in _groups(live, lambda r: (len(r["tok"]), r["done"])):
+            for grp in _groups([r for r in rows if len(r["tok"]) < end], lambda r: (len(r["tok"]), r["done"])):
                 self._text_step(grp, temperature, use_cache)
-        self.train(was)
         return torch.stack([r["tok"] for r in rows])
 
     # -- evaluation: generation scored by data.py, diffusion loss per timestep bucket ---------------------------------
@@ -620,8 +581,7 @@ class Transfusion(nn.Module):
     def caption_dependence(self, ex, ts=(700, 900)):
         """Does the image use its caption? ex: ds.scenes(n) -> {x0_mse_tXXXX, x0_mse_tXXXX_wrong}: x_0-MSE of the
         conditional branch (fixed noise) with each image's own caption / another scene's, at high t. Equal = ignored."""
-        was, caps, res, x0 = self.training, [e["caption"] for e in ex], {}, self._scene_patches(ex)
-        self.eval()
+        caps, res, x0 = [e["caption"] for e in ex], {}, self._scene_patches(ex)    # (no train/eval difference)
         noise = torch.randn(x0.shape, generator=torch.Generator(device=x0.device).manual_seed(4321), device=x0.device)
         for t in ts:
             tt = torch.full((len(ex),), t, dtype=torch.long, device=x0.device)
@@ -632,7 +592,6 @@ class Transfusion(nn.Module):
                     x0_hat = (xt[g] - (1 - ab).sqrt() * self.predict_eps(prefix, xt[g], tt[g], 1.0)) / ab.sqrt()
                     se += float(((x0_hat - x0[g]) ** 2).mean(dim=(1, 2)).sum())
                 res[f"x0_mse_t{t:04d}{name}"] = se / len(ex)
-        self.train(was)
         return res
 
     @torch.no_grad()
@@ -648,12 +607,12 @@ class Transfusion(nn.Module):
     @torch.no_grad()
     def loss_by_t(self, batch, n_buckets=10):
         """Eval diffusion loss at the centre t of each of n_buckets equal timestep buckets (fixed noise draws)."""
-        was, dev, name, res = self.training, next(self.parameters()).device, self.cfg.modality_names[IMAGE], {}
+        was, name, T = self.training, self.cfg.modality_names[IMAGE], self.cfg.diffusion_steps
         self.eval()
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        for k in range(n_buckets):
-            t = int((k + 0.5) * self.cfg.diffusion_steps / n_buckets)
-            res[f"loss_{name}_t{t:04d}"] = float(self({**batch, "diffusion_t": t})[2][f"loss_{name}"])
+        batch = {k: v.to(next(self.parameters()).device) for k, v in batch.items()}
+        res = {f"loss_{name}_t{t:04d}": float(self({**batch, "diffusion_t": t})[2][f"loss_{name}"])
+               for t in [int((k + 0.5) * T / n_buckets) for k in range(n_buckets)]}
+        self.bucket_history.append(res)
         self.train(was)
         return res
 
@@ -666,22 +625,20 @@ class Transfusion(nn.Module):
         if not os.path.isfile(path):
             raise ValueError(f"lmfusion={path!r}: no such file; train the text model first: {fix}")
         try:   # weights_only: tensors and plain types only; a pickled object could run code on load
-            sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
-            assert isinstance(sd, dict)
+            text = {k[9:]: v for k, v in torch.load(path, "cpu", weights_only=True)["model"].items()
+                    if k.startswith("backbone.")}
         except Exception as e:
             raise ValueError(f"lmfusion={path!r} is refused: not a train.py checkpoint of tensors and plain types "
                              f"({type(e).__name__} under weights_only=True); retrain it: {fix}") from None
         own = self.backbone.state_dict()
-        text = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-        bad = [k for k in own if not k.endswith(tuple(f".weight.{m}" for m in range(1, 8)))
+        bad = [k for k in own if not k.endswith(tuple(f".weight.{m}" for m in range(1, 8)))   # image weights: new
                and (k not in text or text[k].shape != own[k].shape)]
         if bad:
             raise ValueError(f"lmfusion={path!r} does not match this model ({bad[0]} missing or of another shape); "
                              "train lmfusion-base with the same d_model / n_layer / n_head")
         with torch.no_grad():
-            for k, v in text.items():
-                if k in own and own[k].shape == v.shape:
-                    own[k].copy_(v)
+            for k in own.keys() & text.keys():
+                own[k].copy_(text[k])
             for mod in self.backbone.modules():                  # theta_img starts as a copy of theta_text
                 for m in range(1, mod.n if isinstance(mod, (mot.ModalityLinear, mot.ModalityRMSNorm)) else 1):
                     mod.weight[m].copy_(mod.weight[0])
@@ -691,17 +648,15 @@ class Transfusion(nn.Module):
 
 
 MODELS = {
-    "transfusion": (Config, Transfusion, "transfusion", dict()),
-    "transfusion-mot": (Config, Transfusion, "transfusion", dict(backbone="mot")),
-    "transfusion-mamba": (Config, Transfusion, "transfusion", dict(backbone="mamba")),
-    "transfusion-mom": (Config, Transfusion, "transfusion", dict(backbone="mom")),
+    **{"transfusion" + ("-" + b if b != "dense" else ""): (Config, Transfusion, "transfusion", dict(backbone=b))
+       for b in ("dense", "mot", "mamba", "mom")},
     # LMFusion: 1) a text-only LM on data.py's text stream (the MoT backbone with one modality = a dense LM);
     #           2) its weights frozen as the text half of a 2-modality MoT, image half trained with Transfusion's loss
     "lmfusion-base": (Config, Transfusion, "text", dict(backbone="mot")),
     "lmfusion": (Config, Transfusion, "transfusion", dict(backbone="mot", lmfusion="out/lmfusion-base/ckpt.pt")),
 }
-# train.py refuses other settings: Transfusion needs continuous images (only data.py's "transfusion" setting has
-# them; on "chameleon" / "speech" it would silently train a text-only LM), and lmfusion-base is the text-only LM
+# train.py refuses other settings: Transfusion needs continuous images (only the "transfusion" setting has them; on
+# "chameleon" / "speech" it would silently train a text-only LM); lmfusion-base is the text-only LM
 SUPPORTED_SETTINGS = {name: (setting,) for name, (_, _, setting, _) in MODELS.items()}
 
 
@@ -711,9 +666,8 @@ if __name__ == "__main__":   # a short demo: both backbones on a toy batch, an (
     ds = data.make_data("transfusion", seq_len=128)
     for name in ("transfusion", "transfusion-mot"):
         model = Transfusion(Config(**MODELS[name][3], **{k: v for k, v in ds.model_fields().items() if hasattr(Config, k)}))
-        logits, loss, parts = model(ds.get_batch("train", 4, 0))
-        print(f"{name:16s} logits {tuple(logits.shape)} loss {loss.item():.3f} "
-              f"{ {k: round(v.item(), 3) for k, v in parts.items()} } params {sum(p.numel() for p in model.parameters()):,}")
+        _, loss, parts = model(ds.get_batch("train", 4, 0))
+        print(f"{name:16s} loss {loss.item():.3f} {({k: round(v.item(), 3) for k, v in parts.items()})}")
     prefix = torch.tensor([[model.cfg.bos_id] + ds.scenes(1)[0]["caption"] + [model.cfg.boi_id]])
     print("generate_image:", tuple(model.generate_image(prefix, steps=5).shape), "(untrained: noise)")
     print("mask of <bos> <boi> p p p <eoi> word (1 = may attend):")

@@ -237,7 +237,10 @@ def test_cached_captioning_equals_recompute(backbone):
         for _ in range(8):
             iir = torch.cat([ii, torch.full((2, ref.shape[1] - idx.shape[1]), -1)], 1)
             ppr = torch.cat([pp, torch.zeros(2, ref.shape[1] - idx.shape[1], cfg.patch_dim)], 1)
-            h = model._hidden_of(ref, iir, ppr)
+            gid, slot, n = model._images(iir)                # images in the context at t = 0, image mask
+            x0 = torch.zeros(n, cfg.n_patches, cfg.patch_dim).index_put((gid[gid >= 0], slot[gid >= 0]), ppr[gid >= 0])
+            x, _ = model._embed(ref, x0, torch.zeros(n, dtype=torch.long), gid, slot)
+            h = model.backbone.forward_hidden(x, (iir >= 0).long(), model.attention_mask(gid))
             ref = torch.cat([ref, model.backbone.lm_head(h[:, -1]).argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ref)
 

@@ -125,8 +125,9 @@ class Config:
         if self.patching in ("space", "static") and (self.threshold or self.entropy_ckpt):
             raise ValueError(f"threshold and entropy_ckpt act only with --patching entropy or monotonic, "
                              f"not {self.patching}; drop them or change --patching")
-        if self.patching == "space" and self.patch_size != Config.patch_size:
-            raise ValueError("patch_size has no effect with --patching space; use entropy (target) or static (stride)")
+        if self.patching == "space" and self.patch_size != Config.patch_size or self.patching == "static" and \
+                self.patch_size % 1:
+            raise ValueError(f"patch_size={self.patch_size}: no effect with --patching space; static needs a whole stride")
         if self.patching in ("entropy", "monotonic") and self.threshold and self.patch_size != Config.patch_size:
             raise ValueError("patch_size (the tuning target) has no effect with a fixed --threshold; "
                              "set --threshold 0 to tune the threshold to patch_size, or drop --patch_size")
@@ -490,8 +491,7 @@ class BLT(nn.Module):
     def tune_threshold(self, tokens):
         """Sec. 2.3: set (and return) the threshold giving mean patch size cfg.patch_size on `tokens` (B, T) bytes.
         Done at build on sample_bytes(); call it on training bytes (the same on every rank) to tune on the data."""
-        x = tokens.to(self.threshold.device) + OFFSET
-        cfg = self.cfg
+        x, cfg = tokens.to(self.threshold.device) + OFFSET, self.cfg
         self.threshold.fill_(threshold_for(self.entropies(x), x, cfg.patching, cfg.patch_size, cfg.max_patch_len))
         return float(self.threshold)
 

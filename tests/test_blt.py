@@ -141,6 +141,8 @@ def test_config_refuses_flags_without_effect():
         small_cfg(patching="static", entropy_ckpt="x.pt")
     with pytest.raises(ValueError, match="no effect with --patching space"):
         small_cfg(patching="space", patch_size=6.0)
+    with pytest.raises(ValueError, match="whole stride"):
+        small_cfg(patching="static", patch_size=4.5)            # was silently stride 4
     model = BLT(small_cfg(threshold=1.5, patch_size=4.0), entropy_model=entropy_model())
     assert float(model.threshold) == 1.5                    # a fixed threshold is used as given
 

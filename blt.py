@@ -127,7 +127,7 @@ class Config:
                              f"not {self.patching}; drop them or change --patching")
         if self.patching == "space" and self.patch_size != Config.patch_size or self.patching == "static" and \
                 self.patch_size % 1:
-            raise ValueError(f"patch_size={self.patch_size}: no effect with --patching space; static needs a whole stride")
+            raise ValueError(f"patch_size={self.patch_size}: no effect with --patching space; static: a whole stride")
         if self.patching in ("entropy", "monotonic") and self.threshold and self.patch_size != Config.patch_size:
             raise ValueError("patch_size (the tuning target) has no effect with a fixed --threshold; "
                              "set --threshold 0 to tune the threshold to patch_size, or drop --patch_size")

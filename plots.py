@@ -511,9 +511,13 @@ def megabyte_layout(model, ds, path, n_patches=4):
     by = batch["tokens"][0, :P * n_patches].tolist()
     ch = [chr(c) if 32 <= c < 127 else "?" for c in by]
     fig, ax = plt.subplots(figsize=(min(15, 0.42 * P * n_patches + 3), 4.4))
+    local = [("_" if i % P == 0 else ch[i - 1]) for i in range(len(ch))]
+    if hasattr(model, "patch_layout"):       # the model's own account: trainer position t predicts byte t + 1
+        lay = model.patch_layout(len(ch))
+        local = ["_"] + [("_" if r < 0 else ch[r]) for r in lay["local_reads"][:-1].tolist()]
     rows = [("bytes x_t (targets)", ch),
             ("global input: patch k-1\n(pad patch for k = 0)", ["_"] * P + ch[:-P]),
-            ("local input: byte t-1\nin the patch (pad at p=0)", [("_" if i % P == 0 else ch[i - 1]) for i in range(len(ch))])]
+            ("local input: byte t-1\nin the patch (pad at p=0)", local)]
     for y, (name, cells) in enumerate(rows):
         for i, c in enumerate(cells):
             k = i // P
@@ -543,14 +547,18 @@ def megabyte_layout(model, ds, path, n_patches=4):
 def megabyte_patch_position(model, path):
     """MEGABYTE: eval loss by byte index inside a patch, from model.patch_pos_loss (sum, count per p)."""
     plt = _plt()
-    s, n = model.patch_pos_loss.detach().cpu()
-    if n.sum() == 0:
+    if hasattr(model, "patch_position_bits"):
+        bits = model.patch_position_bits()
+    else:
+        s, n = model.patch_pos_loss.detach().cpu()
+        bits = None if n.sum() == 0 else s / n.clamp(min=1) / math.log(2)
+    if bits is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(len(s)), (s / n.clamp(min=1) / math.log(2)).numpy(), "o-")
+    ax.plot(range(len(bits)), bits.float().numpy(), "o-")
     ax.set_xlabel("byte index p within its patch")
     ax.set_ylabel("eval loss (bits per byte)")
-    ax.set_title(f"MEGABYTE (P = {len(s)}): eval loss by position in the patch\n(the paper's reason for strided "
+    ax.set_title(f"MEGABYTE (P = {len(bits)}): eval loss by position in the patch\n(the paper's reason for strided "
                  f"inference, Sec. 2.3.3)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -598,10 +606,13 @@ def megalodon_cema(model, path, n_chunks=3, n_channels=6):
     cema = next(m for m in model.modules() if hasattr(m, "coeffs") and hasattr(m, "omega"))
     c = model.cfg.chunk_size
     L = min(c * n_chunks, model.cfg.seq_len)
-    x = torch.zeros(1, L, cema.dim)
-    x[0, 0] = 1.0
-    with torch.no_grad():
-        y = cema(x)[0][0] - cema.omega.float() * x[0]          # (L, D): the EMA part of the response
+    if hasattr(cema, "kernel"):                                 # (D, L): what the FFT path convolves with
+        y = cema.kernel(L).t().float().cpu()
+    else:
+        x = torch.zeros(1, L, cema.dim)
+        x[0, 0] = 1.0
+        with torch.no_grad():
+            y = cema(x)[0][0] - cema.omega.float() * x[0]      # (L, D): the EMA part of the response
     fig, ax = plt.subplots(1, 2, figsize=(14, 4.2), gridspec_kw=dict(width_ratios=[2, 1]))
     for d in range(min(n_channels, cema.dim)):
         ax[0].plot(range(L), y[:, d].abs().clamp(min=1e-12).numpy(), lw=1, label=f"channel {d}")

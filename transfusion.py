@@ -3,9 +3,8 @@ arXiv 2412.15188.
 
 "Transfusion combines the language modeling loss function (next token prediction) with diffusion to train a single
 transformer over mixed-modality sequences." Text is discrete tokens; each image is continuous patch vectors between
-<boi> and <eoi>, noised with DDPM, and the same transformer predicts the noise.
-LMFusion starts from a text-only LM, adds image copies of every transformer module (MoT-style, attention computed
-jointly), freezes all text modules, embeddings and head, and trains only the image side with this objective.
+<boi> and <eoi>, noised with DDPM, and the same transformer predicts the noise. LMFusion starts from a text-only LM,
+adds image copies of every module (MoT-style, attention joint), freezes the text side and trains the image side.
 
 Glossary (paper -> code):
     x_0 (clean latent patches)         -> batch["patches"] at image positions (toy: raw 4x4x3 pixel patches)
@@ -33,9 +32,8 @@ Where this departs from the paper, and why (the measurements behind each choice:
     embeddings in the first attention, and the patches learned to ignore the caption.
   * U-Net codec: the paper conditions its U-Net blocks on t with AdaLayerNorm; ours is a two-level conv U-Net with
     AdaGroupNorm (scale/shift from the t embedding) and skip connections around the transformer.
-  * the eps head is v-parametrized by default (cfg.eps_param = "v"; "direct" is the paper's): the network outputs v
-    and eps = sqrt(ab) v + sqrt(1 - ab) x_t; the LOSS is still eps-MSE. Why: a small error of a plain eps head at t
-    near T is multiplied by 1/sqrt(ab) in x_0, and samples saturate.
+  * the eps head is v-parametrized (eps_param="v"; "direct" = the paper): eps = sqrt(ab) v + sqrt(1 - ab) x_t, the
+    loss still eps-MSE. Why: a plain eps head's error at t near T is multiplied by 1/sqrt(ab) in x_0 (saturation).
   * a learned embedding of each patch's place in the image (cfg.patch_pos_emb), beside RoPE.
   * the default codec is linear: the U-Net (slower on CPU) reached a lower diffusion loss, but used the caption later.
   * sampling: 50 DDIM steps by default (paper: 250) to keep CPU evaluation fast; sampler="ddpm", sample_steps=250.
@@ -43,8 +41,8 @@ Where this departs from the paper, and why (the measurements behind each choice:
     (an x_0-MSE above t = 500; "uniform" = the paper, "min_snr" = Min-SNR-5). Why: at high t, where the caption
     decides the image, eps-MSE is ~SNR times the x_0-MSE, so with "uniform" the caption path was not learned.
   * a partial image at the end of a packed row (data.py truncates) gets a diffusion loss on its present patches.
-  * each row's diffusion draws (t, noise, condition dropout) come from a generator seeded by the model's seed and
-    batch["row_id"], so any split of a batch (micro-batches, DDP ranks) trains on the same noise.
+  * a row's diffusion draws (t, noise, condition dropout) come from a generator seeded by (model seed, row_id), so
+    any split of a batch (micro-batches, DDP ranks) trains on the same noise.
 Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics (a pixel scorer stands in).
 
 Run:   python train.py --model transfusion     (dense; also transfusion-mot, -mamba, -mom; python transfusion.py: demo)
@@ -72,12 +70,10 @@ class Config:
     vocab_size: int = 64
     n_modalities: int = 2
     modality_names: tuple = ("text", "image")   # loss names in parts: loss_<name>; IMAGE names the image modality
-    modality_offsets: tuple = (0, 64)
     seq_len: int = 256
     bos_id: int = 1
     boi_id: int = 2
     eoi_id: int = 3
-    sep_id: int = 6
     patch_dim: int = 48                 # p*p*C values per patch
     n_patches: int = 16                 # patches per image
     image_size: int = 16
@@ -100,38 +96,33 @@ class Config:
     noise_limit: int = 500              # Sec. 4: t < noise_limit for images before their caption (0 = off)
     image_attn: str = "bidirectional"   # bidirectional (paper) | causal (the paper's attention ablation)
     cond_dropout: float = 0.2           # P(drop the caption) for classifier-free guidance (toy choice)
-    # sampling
-    sampler: str = "ddim"               # ddim (deterministic, eta=0) | ddpm (ancestral)
+    sampler: str = "ddim"               # sampling: ddim (deterministic, eta=0) | ddpm (ancestral)
     sample_steps: int = 50              # denoising steps at inference (paper: 250)
     guidance: float = 3.0               # classifier-free guidance scale (1 = conditional only)
     clip_x0: bool = True                # clip the predicted x_0 to [-1, 1] at every sampling step
     eps_param: str = "v"                # direct: the network outputs eps | v: eps = sqrt(ab) v + sqrt(1-ab) x_t
     loss_weight: str = "trunc_snr"      # uniform: plain eps-MSE (paper) | min_snr | trunc_snr (training only)
     patch_pos_emb: bool = True          # a learned embedding of each patch's place in the image, added by the encoder
-    # LMFusion
-    lmfusion: str = ""                  # path to a text-only ckpt.pt (lmfusion-base); freezes text, trains image
+    lmfusion: str = ""                  # LMFusion: a text-only ckpt.pt (lmfusion-base); freezes text, trains image
 
     def __post_init__(self):
-        choices = dict(backbone=("dense", "mot", "mamba", "mom"), patch_codec=("linear", "unet"),
-                       eps_param=("direct", "v"), loss_weight=("uniform", "min_snr", "trunc_snr"),
-                       schedule=("cosine", "linear"), image_attn=("bidirectional", "causal"), sampler=("ddim", "ddpm"))
-        for k in [k for k, allowed in choices.items() if getattr(self, k) not in allowed]:
-            raise ValueError(f"{k}={getattr(self, k)!r} is unknown; use one of {', '.join(choices[k])}")
-        if (self.patch_dim, self.n_patches) != (self.patch_size ** 2 * self.channels, (self.image_size // self.patch_size) ** 2):
-            raise ValueError("patch_dim, n_patches do not match image_size, patch_size, channels; take them from data.py")
+        # each field's valid range is checked in train.py's RANGES table; here: relations between fields
+        g = self.image_size // self.patch_size
+        if (self.patch_dim, self.n_patches) != (self.patch_size ** 2 * self.channels, g * g):
+            raise ValueError("patch_dim, n_patches disagree with image_size, patch_size, channels: use data.py's")
         if not 0 <= self.noise_limit <= self.diffusion_steps or not 0 < self.sample_steps <= self.diffusion_steps:
             raise ValueError("need 0 <= noise_limit <= diffusion_steps and 0 < sample_steps <= diffusion_steps")
         if len(self.modality_names) < self.n_modalities:
             raise ValueError(f"modality_names={self.modality_names} has fewer than n_modalities={self.n_modalities} "
                              "names; take both from data.py's model_fields()")
-        if self.lmfusion and self.backbone != "mot":
-            raise ValueError("LMFusion adds MoT-style image modules: use --backbone=mot (or --model lmfusion)")
         default = {f.name: f.default for f in fields(self)}       # a key without effect here names what enables it
         image_keys = list(default)[list(default).index("patch_codec"):]     # the image-only keys: patch_codec on
         for off, keys, needs in ((self.patch_codec != "unet", ("unet_channels",), "--patch_codec=unet"),
                                  (self.backbone in ("mamba", "mom"), ("n_head", "norm_placement", "qk_norm",
                                   "image_attn"), "an attention backbone (--backbone=dense or mot)"),
-                                 (self.n_modalities < 2, image_keys, "a setting with images (--setting transfusion)")):
+                                 (self.n_modalities < 2, image_keys, "a setting with images (--setting transfusion)"),
+                                 (self.backbone != "mot", ("lmfusion",), "--backbone=mot: LMFusion adds MoT-style "
+                                  "image modules (or use --model lmfusion)")):
             bad = [k for k in keys if off and getattr(self, k) != default[k]]
             if bad:
                 raise ValueError(f"--{bad[0]}={getattr(self, bad[0])} has no effect here; it needs {needs}")
@@ -166,8 +157,7 @@ class Diffusion(nn.Module):
         ts = torch.linspace(self.T - 1, 0, n_steps).round().long().unique_consecutive().tolist()   # "respacing"
         for i, t in enumerate(ts):
             s = ts[i + 1] if i + 1 < len(ts) else -1                 # next (smaller) timestep; -1 = done
-            ab_t = self.alpha_bar[t]
-            ab_s = self.alpha_bar[s] if s >= 0 else torch.ones_like(ab_t)
+            ab_t, ab_s = self.alpha_bar[t], (self.alpha_bar[s] if s >= 0 else torch.ones_like(self.alpha_bar[t]))
             eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
             x0 = (x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()          # predicted x_0
             if clip:
@@ -191,17 +181,13 @@ def randn(shape, generator, device):
 
 
 def _groups(rows, key):   # rows grouped by key(row), in first-seen order
-    out = {}
-    for r in rows:
-        out.setdefault(key(r), []).append(r)
-    return list(out.values())
+    keys = [key(r) for r in rows]
+    return [[r for r, k in zip(rows, keys) if k == u] for u in dict.fromkeys(keys)]
 
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of integer timesteps (Transformer / DDPM). t: (N,) -> (N, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    ang = t.float()[:, None] * freqs[None]
+    ang = t.float()[:, None] * torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     return torch.cat([ang.cos(), ang.sin()], dim=-1)
 
 
@@ -251,15 +237,11 @@ class PatchCodec(nn.Module):
             self.enc, self.dec = nn.Linear(cfg.patch_dim, D), nn.Linear(D, cfg.patch_dim)
             return
         c, C, ps = cfg.unet_channels, cfg.channels, cfg.patch_size
-        self.conv_in = nn.Conv2d(C, c, 3, padding=1)
-        self.down1 = ResBlock(c, c, D)
+        self.conv_in, self.down1 = nn.Conv2d(C, c, 3, padding=1), ResBlock(c, c, D)
         self.down = nn.Conv2d(c, 2 * c, ps, stride=ps)                  # H x W -> (H/p) x (W/p): one cell per patch
-        self.down2 = ResBlock(2 * c, 2 * c, D)
-        self.to_d = nn.Conv2d(2 * c, D, 1)
-        self.from_d = nn.Conv2d(D, 2 * c, 1)
-        self.up2 = ResBlock(4 * c, 2 * c, D)                             # concat with down2's output
-        self.up = nn.ConvTranspose2d(2 * c, c, ps, stride=ps)
-        self.up1 = ResBlock(2 * c, c, D)                                 # concat with down1's output
+        self.down2, self.to_d = ResBlock(2 * c, 2 * c, D), nn.Conv2d(2 * c, D, 1)
+        self.from_d, self.up2 = nn.Conv2d(D, 2 * c, 1), ResBlock(4 * c, 2 * c, D)    # up2: concat with down2's output
+        self.up, self.up1 = nn.ConvTranspose2d(2 * c, c, ps, stride=ps), ResBlock(2 * c, c, D)   # up1: + down1's
         self.conv_out = nn.Sequential(nn.GroupNorm(min(8, c), c), nn.SiLU(), nn.Conv2d(c, C, 3, padding=1))
 
     def encode(self, x, t):
@@ -322,8 +304,7 @@ class Transfusion(nn.Module):
         """gid: (B, T) global image id of each position (-1 for text); drop: (B, T) bool, True on patches of images
         whose condition is dropped -> (B, 1, T, T) bool, True = query i may attend to key j (as SDPA takes it)."""
         B, T = gid.shape
-        pos = torch.arange(T, device=gid.device)
-        allowed = (pos[None, :] <= pos[:, None]).expand(B, T, T)             # causal: j <= i
+        allowed = torch.ones(T, T, dtype=torch.bool, device=gid.device).tril().expand(B, T, T)   # causal: j <= i
         same = (gid[:, :, None] == gid[:, None, :]) & (gid[:, :, None] >= 0)   # i and j in the same image
         if self.cfg.image_attn == "bidirectional":
             allowed = allowed | same                                          # a patch sees its whole image
@@ -368,28 +349,27 @@ class Transfusion(nn.Module):
         """Gather the transformer outputs of every image back into (N_img, n_patches, D), decode to eps."""
         out = self.codec.decode(self._gather(h, gid, slot, n_img), ctx).float()
         if self.cfg.eps_param == "v":
-            # eps = sqrt(ab) v + sqrt(1 - ab) x_t: the network predicts v (Salimans & Ho 2022); the identity part of
-            # eps at high noise is exact, so x_0 = sqrt(ab) x_t - sqrt(1 - ab) v has no 1/sqrt(ab) error blow-up
+            # v-prediction (Salimans & Ho 2022): x_0 = sqrt(ab) x_t - sqrt(1 - ab) v has no 1/sqrt(ab) error blow-up
             ab = self.diffusion.alpha_bar[ctx["t"]].view(-1, 1, 1)
             out = ab.sqrt() * out + (1 - ab).sqrt() * ctx["xt"].float()
         return out
 
     def _check(self, batch):
-        tokens, modality, rid, T = batch.get("tokens"), batch.get("modality"), batch.get("row_id"), self.cfg.seq_len
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] > T:
+        tok, modality, rid, p, ii = (batch.get(k) for k in ("tokens", "modality", "row_id", "patches", "image_index"))
+        T, M = self.cfg.seq_len, self.cfg.n_modalities
+        if not (isinstance(tok, torch.Tensor) and tok.dtype == torch.long and tok.ndim == 2) or tok.shape[1] > T:
             raise ValueError(f"batch['tokens'] must be an int64 tensor of shape (B, T <= seq_len={T}); convert with "
                              ".long(), crop it or raise --seq_len")
-        if modality is None or modality.shape != tokens.shape or modality.dtype != torch.long or (
-                modality.numel() and int(modality.max()) >= self.cfg.n_modalities):
+        if modality is None or modality.shape != tok.shape or modality.dtype != torch.long or (
+                modality.numel() and int(modality.max()) >= M):
             raise ValueError(f"batch['modality'] must be an int64 (B, T) tensor like tokens with ids < n_modalities="
-                             f"{self.cfg.n_modalities} (data.py provides it; or set --n_modalities)")
-        p = batch.get("patches")
-        if "image_index" in batch and bool((batch["image_index"] >= 0).any()) and (
-                p is None or p.shape[:2] != tokens.shape or p.shape[2] != self.cfg.patch_dim):
+                             f"{M} (data.py provides it; or set --n_modalities)")
+        if ii is not None and bool((ii >= 0).any()) and (
+                p is None or p.shape[:2] != tok.shape or p.shape[2] != self.cfg.patch_dim):
             raise ValueError(f"batch['patches'] must be (B, T, {self.cfg.patch_dim}) float at image positions; "
                              "use data.make_data('transfusion')")
-        if rid is not None and (rid.dtype != torch.long or tuple(rid.shape) != tokens.shape[:1]):
-            raise ValueError(f"batch['row_id'] must be an int64 tensor of shape ({tokens.shape[0]},); data.py makes it")
+        if rid is not None and (rid.dtype != torch.long or tuple(rid.shape) != tok.shape[:1]):
+            raise ValueError(f"batch['row_id'] must be an int64 tensor of shape ({tok.shape[0]},); data.py makes it")
 
     def _draws(self, batch, per_row, dev):
         """Every image's u (N,) -> t, noise (N, n_patches, patch_dim), u_drop (N,) -> condition dropout. With
@@ -435,8 +415,7 @@ class Transfusion(nn.Module):
         logits = self.backbone.lm_head(h)                           # (B, T, V)
         if targets is None:
             return logits, None, {}
-        # Sec. 2.1: LM loss on discrete positions (text -> text / marker), never at or into a patch; reported per
-        # modality of the predicted token
+        # Sec. 2.1: LM loss on discrete positions, never at or into a patch; reported per predicted modality
         lm_mask, tm = (targets != -1) & ~is_img, batch.get("target_modality", modality)
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
         ce = ce.view_as(targets) * lm_mask
@@ -449,8 +428,7 @@ class Transfusion(nn.Module):
             se = ((self._eps(h, gid, slot, n_img, skips) - noise) ** 2).mean(-1) * valid
             per_img = se.sum(1) / valid.sum(1).clamp(min=1)
             if cfg.loss_weight != "uniform" and "diffusion_t" not in batch and self.training:
-                # Min-SNR-5 (Hang et al. 2023): w = min(SNR, 5) / SNR; truncated SNR (Salimans & Ho 2022):
-                # w = max(SNR, 1) / SNR, an x_0-loss at high noise
+                # Min-SNR-5 (Hang et al. 2023): min(SNR, 5) / SNR; truncated SNR (Salimans & Ho): max(SNR, 1) / SNR
                 snr = self.diffusion.alpha_bar[t] / (1 - self.diffusion.alpha_bar[t])
                 per_img = per_img * (snr.clamp(max=5.0) if cfg.loss_weight == "min_snr" else snr.clamp(min=1.0)) / snr
             loss = loss + cfg.lam * per_img.mean()
@@ -480,9 +458,8 @@ class Transfusion(nn.Module):
     @torch.no_grad()
     def generate_image(self, prefix, guidance=None, sampler=None, steps=None, generator=None, image_index=None,
                        patches=None):
-        """Text (and earlier images) -> image. prefix: (B, Tp) int64, every row ending with <boi>; image_index,
-        patches: earlier images (see predict_eps). generator: one torch.Generator, or a list with one per row (a row
-        then gets the same image in any batch). -> patches (B, n_patches, patch_dim) in [-1, 1]."""
+        """Text (and earlier images: image_index, patches as in predict_eps) -> image. prefix: (B, Tp) int64 ending
+        with <boi>; generator: one, or a list of one per row (a row's image is then the same in any batch)."""
         cfg = self.cfg
         if prefix.dim() != 2 or prefix.dtype != torch.long or bool((prefix[:, -1] != cfg.boi_id).any()):
             raise ValueError(f"generate_image: prefix must be an int64 (B, T) ending with <boi> (id {cfg.boi_id})")
@@ -492,7 +469,7 @@ class Transfusion(nn.Module):
 
     @staticmethod
     def _append(r, tok, ii, pp):   # extend a decoding row: tokens, image index, patches
-        r["tok"], r["ii"] = torch.cat([r["tok"], r["tok"].new_tensor(tok)]), torch.cat([r["ii"], r["ii"].new_tensor(ii)])
+        r["tok"], r["ii"] = (torch.cat([r[k], r[k].new_tensor(v)]) for k, v in (("tok", tok), ("ii", ii)))
         r["pp"] = torch.cat([r["pp"], pp])
 
     def _text_step(self, grp, temperature, use_cache):
@@ -506,7 +483,8 @@ class Transfusion(nn.Module):
                                          else {} for i in range(len(self.backbone.blocks))])
         gid, slot, n_img = self._images(ii)
         x, _ = self._embed(tok, self._gather(pp, gid, slot, n_img), gid.new_zeros(n_img), gid, slot)
-        h = self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, self.attention_mask(gid) if n_img else None, **kw)
+        h = self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, self.attention_mask(gid) if n_img else None,
+                                         **kw)
         logits, caches = self.backbone.lm_head(h[:, -1]).float(), kw.get("caches")
         for j, r in enumerate(grp):
             nxt = (int(torch.multinomial(F.softmax(logits[j] / temperature, -1), 1, generator=r["g"]))
@@ -564,52 +542,50 @@ class Transfusion(nn.Module):
         pp = torch.cat([x0.new_zeros(n, 2, cfg.patch_dim), x0, x0.new_zeros(n, 1, cfg.patch_dim)], 1)
         caps = self.generate(idx, 14, patches=pp, image_index=torch.where(idx == 0, 0, -1), seeds=range(n))
         out = dict(zip(("gen_image_acc", "gen_image_chance"), ds.score_image_pixels(imgs, truth)))
-        out.update(zip(("caption_acc", "caption_chance"), ds.score_captions(caps[:, idx.shape[1]:].cpu().numpy(), truth)))
+        out.update(zip(("caption_acc", "caption_chance"), ds.score_captions(caps[:, -14:].cpu().numpy(), truth)))
         return {**out, **self.caption_dependence(ex), **self.loss_by_t(ds.get_batch("val", 8, 0))}
 
     def _scene_patches(self, ex):   # ds.scenes(n) -> their images as patches (n, n_patches, patch_dim) in [-1, 1]
-        img = torch.stack([torch.as_tensor(e["image"]) for e in ex]).to(next(self.parameters()).device)
+        img = torch.stack([torch.as_tensor(e["image"]) for e in ex]).to(self.diffusion.alpha_bar.device)
         return patchify(img * 2 - 1, self.cfg)
 
-    def _caption_prompts(self, captions):
-        """-> [(indices, prompts "<bos> caption <boi>" (n, Tp) int64)], one batch per caption length."""
-        dev, c = next(self.parameters()).device, self.cfg
-        return [(g, torch.tensor([[c.bos_id] + list(captions[i]) + [c.boi_id] for i in g], device=dev))
-                for g in _groups(range(len(captions)), lambda i: len(captions[i]))]
+    def _by_caption(self, captions, fn):
+        """fn(prompts "<bos> caption <boi>" (n, Tp) int64, indices) -> (n, ...) per caption length, in caption order."""
+        out, c, dev = [None] * len(captions), self.cfg, self.diffusion.alpha_bar.device
+        for g in _groups(range(len(captions)), lambda i: len(captions[i])):
+            prompts = torch.tensor([[c.bos_id] + list(captions[i]) + [c.boi_id] for i in g], device=dev)
+            for i, o in zip(g, fn(prompts, g)):
+                out[i] = o
+        return torch.stack(out)
 
     @torch.no_grad()
     def caption_dependence(self, ex, ts=(700, 900)):
         """Does the image use its caption? ex: ds.scenes(n) -> {x0_mse_tXXXX, x0_mse_tXXXX_wrong}: x_0-MSE of the
         conditional branch (fixed noise) with each image's own caption / another scene's, at high t. Equal = ignored."""
-        caps, res, x0 = [e["caption"] for e in ex], {}, self._scene_patches(ex)    # (no train/eval difference)
-        noise = torch.randn(x0.shape, generator=torch.Generator(device=x0.device).manual_seed(4321), device=x0.device)
+        caps, res, x0 = [e["caption"] for e in ex], {}, self._scene_patches(ex)
+        noise = torch.randn(x0.shape, generator=torch.Generator(x0.device).manual_seed(4321), device=x0.device)
         for t in ts:
             tt = torch.full((len(ex),), t, dtype=torch.long, device=x0.device)
             xt, ab = self.diffusion.q_sample(x0, tt, noise), self.diffusion.alpha_bar[t]
             for name, cc in (("", caps), ("_wrong", caps[1:] + caps[:1])):
-                se = 0.0
-                for g, prefix in self._caption_prompts(cc):
-                    x0_hat = (xt[g] - (1 - ab).sqrt() * self.predict_eps(prefix, xt[g], tt[g], 1.0)) / ab.sqrt()
-                    se += float(((x0_hat - x0[g]) ** 2).mean(dim=(1, 2)).sum())
-                res[f"x0_mse_t{t:04d}{name}"] = se / len(ex)
+                eps = self._by_caption(cc, lambda p, g: self.predict_eps(p, xt[g], tt[g], guidance=1.0))
+                res[f"x0_mse_t{t:04d}{name}"] = float((((xt - (1 - ab).sqrt() * eps) / ab.sqrt() - x0) ** 2).mean())
         return res
 
     @torch.no_grad()
     def images_for_captions(self, captions, guidance=None, seed=0):
-        """captions: list of text id lists (ending with ".") -> images (N, C, H, W) in [-1, 1]; prompts
-        "<bos> caption <boi>" grouped by length; fixed sampler noise (seed) so evaluations compare."""
-        out, g = [None] * len(captions), torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
-        for idxs, prefix in self._caption_prompts(captions):
-            for i, im in zip(idxs, unpatchify(self.generate_image(prefix, guidance=guidance, generator=g), self.cfg)):
-                out[i] = im
-        return torch.stack(out)
+        """captions: list of text id lists (ending with ".") -> images (N, C, H, W) in [-1, 1] from the prompts
+        "<bos> caption <boi>", with fixed sampler noise (seed) so evaluations compare."""
+        g = torch.Generator(self.diffusion.alpha_bar.device).manual_seed(seed)
+        return unpatchify(self._by_caption(captions, lambda p, _: self.generate_image(p, guidance, generator=g)),
+                          self.cfg)
 
     @torch.no_grad()
     def loss_by_t(self, batch, n_buckets=10):
         """Eval diffusion loss at the centre t of each of n_buckets equal timestep buckets (fixed noise draws)."""
         was, name, T = self.training, self.cfg.modality_names[IMAGE], self.cfg.diffusion_steps
         self.eval()
-        batch = {k: v.to(next(self.parameters()).device) for k, v in batch.items()}
+        batch = {k: v.to(self.diffusion.alpha_bar.device) for k, v in batch.items()}
         res = {f"loss_{name}_t{t:04d}": float(self({**batch, "diffusion_t": t})[2][f"loss_{name}"])
                for t in [int((k + 0.5) * T / n_buckets) for k in range(n_buckets)]}
         self.bucket_history.append(res)
@@ -660,15 +636,14 @@ MODELS = {
 SUPPORTED_SETTINGS = {name: (setting,) for name, (_, _, setting, _) in MODELS.items()}
 
 
-if __name__ == "__main__":   # a short demo: both backbones on a toy batch, an (untrained) sample, the mask
+if __name__ == "__main__":   # a short demo: both backbones on a toy batch, and the mask of a toy row
     import data
     torch.manual_seed(0)
     ds = data.make_data("transfusion", seq_len=128)
     for name in ("transfusion", "transfusion-mot"):
-        model = Transfusion(Config(**MODELS[name][3], **{k: v for k, v in ds.model_fields().items() if hasattr(Config, k)}))
+        fields_ = {k: v for k, v in ds.model_fields().items() if hasattr(Config, k)}
+        model = Transfusion(Config(**MODELS[name][3], **fields_))
         _, loss, parts = model(ds.get_batch("train", 4, 0))
         print(f"{name:16s} loss {loss.item():.3f} {({k: round(v.item(), 3) for k, v in parts.items()})}")
-    prefix = torch.tensor([[model.cfg.bos_id] + ds.scenes(1)[0]["caption"] + [model.cfg.boi_id]])
-    print("generate_image:", tuple(model.generate_image(prefix, steps=5).shape), "(untrained: noise)")
     print("mask of <bos> <boi> p p p <eoi> word (1 = may attend):")
     print(model.attention_mask(torch.tensor([[-1, -1, 0, 0, 0, -1, -1]]))[0, 0].int())

@@ -63,6 +63,9 @@ def metric_name(k):
     if k.endswith("_aux") and k[:-4] in METRIC_NAMES:
         t, u = METRIC_NAMES[k[:-4]]
         return t + " (causal aux routers)", u
+    if k.endswith("_ec") and k[:-3] in METRIC_NAMES:
+        t, u = METRIC_NAMES[k[:-3]]
+        return t + " (expert choice, non-causal)", u
     return k.replace("_", " "), k.split("_")[-1]
 
 
@@ -177,7 +180,7 @@ def plot_compare(base_out, names, path=None, keys=None, labels=None, title=None,
     base = baseline or next(iter(runs))
     last = runs[base][1][-1] if runs[base][1] else {}
     if keys is None:
-        keys = [k for k in last if k.startswith("eval_loss") and not k.endswith("_aux")]
+        keys = [k for k in last if k.startswith("eval_loss") and not k.endswith(("_aux", "_ec"))]
         if "eval_bpb" in last:
             keys = ["eval_bpb"]
         if len(keys) > 1 and "eval_loss" in keys:       # the per-modality panels say it; overall is in the table
@@ -194,10 +197,11 @@ def plot_compare(base_out, names, path=None, keys=None, labels=None, title=None,
                 continue
             lab = labels.get(rn, model_name(rn))
             ax.plot([r["flops"] / u for r in e], [r[k] for r in e], "o-", ms=3, color=f"C{j}", label=lab)
-            if aux and any(k + "_aux" in r for r in e):
-                ea = [r for r in e if k + "_aux" in r]
-                ax.plot([r["flops"] / u for r in ea], [r[k + "_aux"] for r in ea], "--", color=f"C{j}", alpha=0.8,
-                        label=f"{lab}, causal aux routers")
+            for suffix, what in (("_aux", "causal aux routers"), ("_ec", "expert choice (non-causal)")):
+                if aux and any(k + suffix in r for r in e):   # MoMa: the other routing, dashed
+                    ea = [r for r in e if k + suffix in r]
+                    ax.plot([r["flops"] / u for r in ea], [r[k + suffix] for r in ea], "--", color=f"C{j}", alpha=0.8,
+                            label=f"{lab}, {what}")
             ck = k.replace("_acc", "_chance")
             if chance and ck != k and any(ck in r for r in e):
                 ax.plot([r["flops"] / u for r in e if ck in r], [r[ck] for r in e if ck in r], ":", color=f"C{j}",
@@ -465,7 +469,7 @@ def moma_history(model, path):
     """MoMa: tokens routed per layer and expert at the last eval (expert choice vs aux routers) and aux-router
     accuracy over the evals, from model.history."""
     plt = _plt()
-    recs = [r for r in getattr(model, "history", []) if r.get("mode") == "ec"]
+    recs = [r for r in getattr(model, "history", []) if "counts" in r and "acc" in r]
     if not recs:
         return None
     last, cfg = recs[-1], model.cfg
@@ -792,7 +796,8 @@ def _mech(name, overrides=None):
 # name -> (function(path) that makes docs/NAME.png, the command, what it shows)
 DOCS_FIGURES = {
     "toy_world": (lambda path: toy_world(path), "the toy world: scenes, captions, a token stream per setting"),
-    "chameleon_compare": (lambda path: plot_compare(os.path.join(RUNS, "chameleon"), ["dense", "mot"], path),
+    "chameleon_compare": (lambda path: plot_compare(os.path.join(RUNS, "chameleon"), ["dense", "mot"], path,
+                                                    keys=["eval_loss_image", "eval_loss_text", "gen_image_acc"]),
                           "dense vs MoT on the chameleon setting (docs/runs/chameleon)"),
     "mot_speech": (lambda path: plot_compare(os.path.join(RUNS, "speech"), ["dense", "mot"], path),
                    "dense vs MoT on the speech setting (docs/runs/speech)"),

@@ -108,7 +108,7 @@ def test_model_figures_write_the_mechanism(tmp_path, name, setting, over, expect
 
 def test_model_figures_never_raise(tmp_path, capsys):
     model, ds = tiny("moma", "chameleon")
-    model.history = [dict(mode="ec", counts="not a list")]   # a broken record: the figure fails, the run must not
+    model.history = [dict(mode="aux", counts="not a list", acc=None)]   # a broken record: the figure fails, the run must not
     out = plots.model_figures(model, ds, str(tmp_path))
     assert "warning: plots.model_figures" in capsys.readouterr().out
     assert str(tmp_path / "moma_routing_tokens.png") in out

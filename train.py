@@ -40,29 +40,33 @@ class UsageError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
+class Diverged(UsageError):
+    """A non-finite loss, gradient or weight: the run stops before it can overwrite a good checkpoint (exit 2)."""
+
+
 @dataclass
 class TrainConfig:
-    model: str = "mot"
-    setting: str = ""          # "" = the model's default setting
-    steps: int = 0             # 0 = the setting's default
-    out: str = ""              # "" = out/MODEL
-    seed: int = 0
-    device: str = "auto"       # auto | cpu | cuda
+    model: str = "mot"         # a registered model (python train.py --help lists them)
+    setting: str = ""          # the data; "" = the model's default setting
+    steps: int = 0             # optimizer steps; 0 = the setting's default
+    out: str = ""              # output directory; "" = out/MODEL
+    seed: int = 0              # model init and data stream
+    device: str = "auto"       # auto | cpu | cuda | cuda:N
     data: str = ""             # a local text file for the bytes setting
     batch_size: int = 0        # global batch in sequences (split across DDP ranks); 0 = setting default
-    micro_batch_size: int = 0  # sequences per forward pass per rank; 0 = no accumulation
-    seq_len: int = 0           # 0 = setting default
-    lr: float = 3e-3
+    micro_batch_size: int = 0  # sequences per forward pass per rank; 0 = the whole per-rank batch (no accumulation)
+    seq_len: int = 0           # tokens per sequence; 0 = setting default
+    lr: float = 3e-3           # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 0        # 0 = every max(50, steps // 16) steps
-    eval_batches: int = 4
-    ckpt_every: int = 100
-    log_every: int = 10
-    gen_n: int = 32            # prompts per generation eval (models that generate)
-    compile: bool = False      # torch.compile, CUDA only
+    warmup: int = 50           # linear warmup steps
+    weight_decay: float = 0.1  # AdamW weight decay of matrices (norms, biases, gates: none)
+    grad_clip: float = 1.0     # max global gradient norm (inf = no clipping)
+    eval_every: int = 0        # steps between evals; 0 = every max(50, steps // 16) steps
+    eval_batches: int = 4      # validation batches per eval
+    ckpt_every: int = 100      # steps between checkpoints (and at the end)
+    log_every: int = 10        # steps between training log lines
+    gen_n: int = 32            # prompts per generation eval (models that generate); 0 = no generation eval
+    compile: bool = False      # torch.compile the model (CUDA only)
 
 
 # Training defaults per *setting*, never per model: compared models get identical training.
@@ -75,6 +79,134 @@ SETTING_DEFAULTS = {
 }
 
 
+# --- valid ranges: ONE table for every TrainConfig field and every model Config field ----------------------------
+# Key: "train.FIELD" for the trainer; "FILE.CLASS.FIELD", "FILE.FIELD" or "FIELD" for a model Config (the most
+# specific key wins). Rule: "int >= 1", "float > 0", "float in (0, 1]", "ints >= 1" (a tuple of them), "one of a|b",
+# "bool", "str", "path" (a file the model's loader checks) or "names" (a tuple of strings); after ";" a note.
+# build() checks every field once; relations between fields (d_model % n_head) stay in each Config's __post_init__.
+# tests/test_train.py fails when a Config gains a field without a rule here.
+RANGES = {
+    # trainer
+    "train.model": "str; a registered model", "train.setting": "str; a data setting", "train.out": "str",
+    "train.steps": "int >= 0; 0 = the setting's default", "train.seed": "int in [0, 4294967295]",
+    "train.device": "str; auto, cpu, cuda or cuda:N", "train.data": "path",
+    "train.batch_size": "int >= 0; 0 = the setting's default",
+    "train.micro_batch_size": "int >= 0; 0 = no accumulation",
+    "train.seq_len": "int >= 0; 0 = the setting's default, else >= 8", "train.lr": "float > 0",
+    "train.min_lr_ratio": "float in [0, 1]", "train.warmup": "int >= 0", "train.weight_decay": "float >= 0",
+    "train.grad_clip": "float in (0, inf]; inf = no clipping",
+    "train.eval_every": "int >= 0; 0 = every max(50, steps // 16) steps", "train.eval_batches": "int >= 1",
+    "train.ckpt_every": "int >= 1", "train.log_every": "int >= 1",
+    "train.gen_n": "int >= 0; 0 = no generation eval", "train.compile": "bool",
+    # set by the data (ds.model_fields()); a different value is refused in build()
+    "vocab_size": "int >= 1", "n_modalities": "int >= 1", "modality_offsets": "ints >= 0", "seq_len": "int >= 8",
+    "modality_names": "names", "bos_id": "int >= 0", "boi_id": "int >= 0", "eoi_id": "int >= 0", "sep_id": "int >= 0",
+    "pad_id": "int >= 0", "patch_dim": "int >= 1", "n_patches": "int >= 1", "image_size": "int >= 1",
+    "channels": "int >= 1", "patch_size": "int >= 1",
+    # shared names
+    "n_layer": "int >= 1", "n_layers": "int >= 1", "n_head": "int >= 1", "n_heads": "int >= 1", "d_model": "int >= 1",
+    "ffn_hidden": "int >= 0; 0 = 8/3 d_model rounded up to 16", "rope_theta": "float > 0", "rope_base": "float > 0",
+    "norm_eps": "float in (0, 1)", "norm_placement": "one of pre|post", "qk_norm": "bool", "init_std": "float > 0",
+    "d_global": "int >= 1", "n_layer_global": "int >= 1", "n_head_global": "int >= 1", "d_local": "int >= 1",
+    "n_head_local": "int >= 1", "backend": "one of auto|torch|triton",
+    # mot.py
+    "untie_attn": "bool", "untie_ffn": "bool", "untie_norm": "bool", "mot.routing": "one of grouped|masked",
+    # mom.py
+    "d_state": "int >= 1", "d_conv": "int >= 1", "expand": "int >= 1", "dt_rank": "int >= 0; 0 = ceil(d_model / 16)",
+    "dt_min": "float > 0", "dt_max": "float > 0", "dt_init_floor": "float >= 0", "dt_scale": "float > 0",
+    "conv_bias": "bool", "bias": "bool", "tie_embeddings": "bool", "split_in_proj": "bool", "split_x_proj": "bool",
+    "split_dt_proj": "bool", "split_out_proj": "bool",
+    # moma.py
+    "experts": "ints >= 1", "modality_aware": "bool", "capacity_factor": "float > 0",
+    "expert_hidden": "int >= 0; 0 = ffn_hidden / capacity_factor", "gumbel": "float >= 0", "aux_router": "bool",
+    "aux_hidden": "int >= 1", "aux_threshold": "float in (0, 1)", "moma.routing": "one of ec|aux", "eval_aux": "bool",
+    "mod": "bool", "mod_capacity": "float in (0, 1]", "mod_every": "int >= 1", "upcycle_from": "path",
+    "upcycle_noise": "float >= 0",
+    # transfusion.py
+    "backbone": "one of dense|mot|mamba|mom", "patch_codec": "one of linear|unet", "unet_channels": "int >= 1",
+    "diffusion_steps": "int >= 1", "schedule": "one of cosine|linear", "lam": "float >= 0",
+    "noise_limit": "int >= 0; 0 = off", "image_attn": "one of bidirectional|causal", "cond_dropout": "float in [0, 1]",
+    "sampler": "one of ddim|ddpm", "sample_steps": "int >= 1", "guidance": "float >= 0", "clip_x0": "bool",
+    "eps_param": "one of direct|v", "loss_weight": "one of uniform|min_snr|trunc_snr", "patch_pos_emb": "bool",
+    "lmfusion": "path",
+    # megabyte.py
+    "n_layer_local": "int >= 1", "mlp_ratio": "int >= 1", "dropout": "float in [0, 1)", "tie_local_embed": "bool",
+    "conv_encoder": "bool", "conv_kernels": "ints >= 1", "cross_patch": "int >= 0; 0 = off",
+    "strided_inference": "bool",
+    # blt.py
+    "window": "int >= 1", "patching": "one of entropy|monotonic|space|static", "entropy_ckpt": "path",
+    "threshold": "float", "tune_threshold": "bool", "blt.patch_size": "float >= 1",
+    "max_patch_len": "int >= 0; 0 = no limit", "hash_ngrams": "ints >= 1; () = off", "hash_vocab": "int >= 1",
+    "hash_functions": "int >= 1", "n_layer_enc": "int >= 1", "n_layer_dec": "int >= 1", "local_window": "int >= 1",
+    "cross_k": "int >= 1", "n_head_cross": "int >= 1", "enc_cross_all_layers": "bool", "dec_cross_all_layers": "bool",
+    "pool": "one of max|mean", "cross_residual": "int in [1, 2]; 1 = the paper, 2 = the official code",
+    "global_norm": "bool",
+    # megalodon.py
+    "z_dim": "int >= 1", "v_dim": "int >= 1", "ffn_dim": "int >= 1", "cema_ndim": "int >= 1", "chunk_size": "int >= 1",
+    "norm_groups": "int >= 1", "swiglu": "bool", "rescale_nffn": "bool", "scale_emb": "bool", "share_emb": "bool",
+    "megalodon.init_mode": "one of he|torch", "cema_impl": "one of scan|fft", "scan_backend": "one of auto|triton|torch", "use_cema": "bool",
+    "cema_complex": "bool", "timestep_norm": "bool", "normalized_attention": "bool", "two_hop_residual": "bool",
+}
+
+
+def range_of(cls, name):
+    """The RANGES rule of field `name` of dataclass `cls` (TrainConfig or a model Config), or None."""
+    if cls is TrainConfig:
+        return RANGES.get(f"train.{name}")
+    mod = cls.__module__
+    for key in (f"{mod}.{cls.__name__}.{name}", f"{mod}.{name}", name):
+        if key in RANGES:
+            return RANGES[key]
+    return None
+
+
+def _fits_number(v, kind, cond):
+    if isinstance(v, bool) or not isinstance(v, int if kind == "int" else (int, float)):
+        return False
+    if kind == "float" and (math.isnan(v) or (math.isinf(v) and "inf" not in cond)):
+        return False
+    if not cond:
+        return True
+    op, _, rest = cond.partition(" ")
+    if op in (">=", ">"):
+        return v >= float(rest) if op == ">=" else v > float(rest)
+    lo, hi = (float(x) for x in rest[1:-1].split(","))   # "in [lo, hi)" etc.
+    return (v >= lo if rest[0] == "[" else v > lo) and (v <= hi if rest[-1] == "]" else v < hi)
+
+
+def fits(value, rule):
+    """Does value satisfy a RANGES rule?"""
+    rule = rule.split(";")[0].strip()
+    kind, _, cond = rule.partition(" ")
+    if kind in ("str", "path"):
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "names":
+        return isinstance(value, tuple) and all(isinstance(x, str) for x in value)
+    if kind == "one":
+        return value in cond[len("of "):].split("|")
+    if kind in ("ints", "floats"):
+        return isinstance(value, tuple) and all(_fits_number(x, kind[:-1], cond) for x in value)
+    return _fits_number(value, kind, cond)
+
+
+def check_ranges(obj, keys=None):
+    """Raise a one-line UsageError for the first field of dataclass obj (among keys) outside its RANGES rule."""
+    for f in fields(obj):
+        if keys is not None and f.name not in keys:
+            continue
+        rule, v = range_of(type(obj), f.name), getattr(obj, f.name)
+        if rule is None:
+            raise UsageError(f"{type(obj).__module__}.{type(obj).__name__}.{f.name} has no valid range in train.RANGES; "
+                             f"add one (the trainer owner keeps that table)")
+        if not fits(v, rule):
+            shown = ",".join(map(str, v)) if isinstance(v, tuple) else v
+            main, _, note = rule.partition(";")
+            raise UsageError(f"--{f.name}={shown} is out of range; valid: {main.strip()}"
+                             + (f" ({note.strip()})" if note else ""))
+
+
 def registry():
     """name -> (module, ConfigClass, ModelClass, default setting, Config overrides), from every model file present."""
     reg = {}
@@ -84,6 +216,13 @@ def registry():
             for name, (cfg_cls, model_cls, setting, over) in getattr(mod, "MODELS", {}).items():
                 reg[name] = (mod, cfg_cls, model_cls, setting, over)
     return reg
+
+
+def supported_settings(name, reg=None):
+    """The settings model `name` can use fully (its file's SUPPORTED_SETTINGS), or None when it declares none."""
+    mod = (reg or registry())[name][0]
+    s = getattr(mod, "SUPPORTED_SETTINGS", {}).get(name)
+    return tuple(s) if s is not None else None
 
 
 # --- command line: --key=value overrides, type-checked ---------------------------------------------------------
@@ -126,25 +265,31 @@ def convert(key, value, default):
         raise UsageError(f"--{key}={value}: expected a {type(default).__name__} like {default!r}") from None
 
 
-def apply(obj, over, what):
+def apply(obj, over, what, also=()):
     names = {f.name: getattr(obj, f.name) for f in fields(obj)}
     for k, v in over.items():
         if k not in names:
-            raise UsageError(f"unknown key --{k} for {what}; valid keys: {', '.join(sorted(names))}")
+            extra = f"; trainer keys: {', '.join(sorted(also))}" if also else ""
+            raise UsageError(f"unknown key --{k} for {what}; valid keys: {', '.join(sorted(names))}{extra}")
         setattr(obj, k, convert(k, v, names[k]) if isinstance(v, str) else v)
 
 
 def build(name, setting=None, overrides=None, data_file=None, device="cpu", train_overrides=None):
-    """-> (model, model_cfg, train_cfg, ds).  overrides: model Config fields; train_overrides: TrainConfig fields."""
+    """-> (model, model_cfg, train_cfg, ds).  overrides: model Config fields; train_overrides: TrainConfig fields.
+    Every field is checked against RANGES here, once; bad input raises a one-line UsageError."""
     reg = registry()
     if name not in reg:
         raise UsageError(f"unknown model {name!r}; choose one of {', '.join(sorted(reg))}")
     mod, cfg_cls, model_cls, default_setting, base = reg[name]
     tc = TrainConfig(model=name)
     apply(tc, dict(train_overrides or {}), "the trainer")
+    check_ranges(tc)
     tc.setting = setting or tc.setting or default_setting
     if tc.setting not in data.SETTINGS:
         raise UsageError(f"unknown setting {tc.setting!r}; choose one of {', '.join(data.SETTINGS)}")
+    ok = supported_settings(name, reg)
+    if ok is not None and tc.setting not in ok:
+        raise UsageError(f"model {name} does not support --setting {tc.setting}; supported: {', '.join(ok)}")
     for k, v in SETTING_DEFAULTS[tc.setting].items():
         if not getattr(tc, k):
             setattr(tc, k, v)
@@ -156,10 +301,16 @@ def build(name, setting=None, overrides=None, data_file=None, device="cpu", trai
         raise UsageError(str(e)) from None
     cfg = cfg_cls(**base)
     names = {f.name for f in fields(cfg)}
-    for k, v in ds.model_fields().items():
-        if k in names:
-            setattr(cfg, k, v)
-    apply(cfg, dict(overrides or {}), f"model {name}")
+    from_data = {k: v for k, v in ds.model_fields().items() if k in names}
+    for k, v in from_data.items():
+        setattr(cfg, k, v)
+    overrides = dict(overrides or {})
+    apply(cfg, overrides, f"model {name}", also={f.name for f in fields(TrainConfig)})
+    for k in overrides:
+        if k in from_data and getattr(cfg, k) != from_data[k]:
+            fix = "set --seq_len (a trainer key)" if k == "seq_len" else "it follows --setting"
+            raise UsageError(f"--{k} is set by the data ({from_data[k]} for --setting {tc.setting}); {fix}")
+    check_ranges(cfg)
     torch.manual_seed(tc.seed)
     try:
         if hasattr(cfg, "__post_init__"):
@@ -167,6 +318,10 @@ def build(name, setting=None, overrides=None, data_file=None, device="cpu", trai
         model = model_cls(cfg).to(device)
     except ValueError as e:
         raise UsageError(f"model {name}: {e}") from None
+    except (RuntimeError, AssertionError, IndexError, TypeError, ZeroDivisionError) as e:  # a relation no check names
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(f"model {name} cannot be built with this config ({type(e).__name__}: {msg}); "
+                         f"check the sizes given") from None
     return model, cfg, tc, ds
 
 
@@ -203,12 +358,22 @@ def count_flops(model, batches, backward=True):
 
 
 # --- distributed helpers ----------------------------------------------------------------------------------------
-def setup_ddp(device):
+def ddp_env():
+    """(rank, world, local rank) from torchrun's environment, known before the process group starts."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return (torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" not in os.environ:
         return 0, 1, 0
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    torch.distributed.init_process_group(backend)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def setup_ddp(device):
+    """Start the process group under torchrun (unless a caller already did). -> True if this call started it."""
+    if "RANK" not in os.environ or torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return True
 
 
 def all_mean(x, world):
@@ -220,6 +385,71 @@ def all_mean(x, world):
 
 def to(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# --- the output directory: checked, and locked for the run's life --------------------------------------------------
+def check_out(out):
+    """Create OUT or raise a one-line UsageError naming why it cannot hold a run."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--out={out} is a file, not a directory; choose another --out") from None
+    except OSError as e:
+        raise UsageError(f"--out={out}: cannot create that directory ({e.strerror}); choose another --out") from None
+    probe = os.path.join(out, f".write_test{os.getpid()}")
+    try:
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out={out} is not writable ({e.strerror}); choose another --out") from None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def lock_out(out):
+    """Hold OUT/train.lock (it names the owner's pid) for the run's life, so two runs never share an output dir.
+    A lock whose pid is dead (a killed run) is stale and taken over. Under torchrun the owner is the launcher, shared
+    by every local rank. -> the lock path if this process must release it, else None."""
+    owner = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+    path = os.path.join(out, "train.lock")
+    tmp = f"{path}.{os.getpid()}"
+    for _ in range(3):
+        with open(tmp, "w") as f:
+            f.write(str(owner))
+        try:
+            os.link(tmp, path)  # atomic: the lock appears with its content, or not at all
+            return path
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(tmp)
+        try:
+            pid = int(open(path).read().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if pid == owner:
+            return None  # another rank of this run holds it
+        if _alive(pid):
+            raise UsageError(f"--out={out} is in use by a running train.py (pid {pid}); wait for it to finish "
+                             f"or choose another --out")
+        stale = f"{path}.stale{os.getpid()}"
+        try:
+            os.rename(path, stale)  # one taker wins; put back a lock that is no longer the stale one
+            if open(stale).read().strip() != str(pid):
+                with contextlib.suppress(OSError):
+                    os.link(stale, path)
+            os.remove(stale)
+        except OSError:
+            pass
+    raise UsageError(f"--out={out}: could not take {path}; remove it if no run uses {out}")
 
 
 # --- checkpoints: atomic write, exact resume ---------------------------------------------------------------------
@@ -304,41 +534,122 @@ def generation_metrics(model, ds, tc):
     return m
 
 
+def gen_min_seq_len(ds):
+    """The shortest seq_len the generation eval fits in: its longest prompt + the tokens it generates
+    (image -> caption: <bos> <boi> 16 patches <eoi> + 14 caption tokens; caption -> image: <bos> caption <boi> + 16)."""
+    if ds.setting not in ("chameleon", "speech", "transfusion"):
+        return 0
+    return max(3 + data.N_PATCHES + 14, 2 + max(len(e["caption"]) for e in ds.scenes(32)) + data.N_PATCHES)
+
+
+def check_run(name, model, tc, ds, world, dev):
+    """Relations between trainer keys (and with the device and world size): one-line UsageError on the first."""
+    if tc.batch_size % world:
+        raise UsageError(f"batch_size={tc.batch_size} does not split over {world} ranks; use a multiple of {world}")
+    per_rank = tc.batch_size // world
+    if tc.micro_batch_size > per_rank:
+        raise UsageError(f"--micro_batch_size={tc.micro_batch_size} is larger than the per-rank batch {per_rank} "
+                         f"(--batch_size {tc.batch_size} over {world} rank(s)), so it has no effect; use <= {per_rank}")
+    micro = tc.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise UsageError(f"--micro_batch_size={micro} must divide the per-rank batch {per_rank}")
+    if tc.compile and not dev.startswith("cuda"):
+        raise UsageError("--compile=True works on CUDA only (the CPU path runs eagerly); drop it or use --device cuda")
+    need = gen_min_seq_len(ds) if tc.gen_n and (hasattr(model, "gen_metrics") or hasattr(model, "generate")) else 0
+    if tc.seq_len < need:
+        raise UsageError(f"--seq_len={tc.seq_len} is too short for the generation eval of setting {tc.setting} "
+                         f"(its prompts + outputs take {need} tokens); use --seq_len >= {need} or --gen_n=0")
+    return micro
+
+
+def _same(a, b):
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+# trainer keys a resumed run cannot change: the data stream and the optimizer (lr and weight decay would be silently
+# taken from the saved optimizer state); steps, eval/log/ckpt cadence, device and micro-batching may change
+RESUME_FIXED = ("seed", "batch_size", "seq_len", "data", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip")
+
+
+def check_resume(ck, ckpt_path, name, tc, config):
+    """--resume continues the same run: same model, setting, model config and data stream, or a one-line error."""
+    old = ck["config"]
+    if (old["model"], old["setting"]) != (name, tc.setting):
+        raise UsageError(f"--resume: {ckpt_path} holds {old['model']} on {old['setting']}, not {name} on {tc.setting}; "
+                         f"use another --out")
+    diff = [f"{k} ({old['model_cfg'].get(k)} -> {v})" for k, v in config["model_cfg"].items()
+            if not _same(old["model_cfg"].get(k), v)]
+    diff += [f"{k} ({old['train'].get(k)} -> {config['train'][k]})" for k in RESUME_FIXED
+             if not _same(old["train"].get(k), config["train"][k])]
+    if diff:
+        raise UsageError(f"--resume: {ckpt_path} was trained with other values of {', '.join(diff)}; resume with its "
+                         f"values (see {os.path.join(tc.out, 'config.json')}) or use another --out")
+
+
+def read_jsonl(path):
+    """The records of a metrics.jsonl; a partial last line (a run killed mid-write) is dropped."""
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def all_finite(params):
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
 def train(name, over, resume=False, quiet=False):
-    """Train one model. over: every --key=value (trainer and model keys mixed). Returns the output dir."""
+    """Train one model. over: every --key=value (trainer and model keys mixed). Returns the output dir.
+    Everything a user can get wrong is checked before the process group starts (torchrun) and before any file is
+    written: one-line UsageError."""
     tc_keys = {f.name for f in fields(TrainConfig)}
     t_over = {k: v for k, v in over.items() if k in tc_keys}
     m_over = {k: v for k, v in over.items() if k not in tc_keys}
     dev = t_over.get("device", "auto")
-    if dev not in ("auto", "cpu", "cuda") and not dev.startswith("cuda:"):
+    if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
         raise UsageError(f"--device={dev}: choose auto, cpu or cuda")
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device=cuda but no CUDA GPU is visible; use --device=cpu (or auto)")
-    rank, world, local = setup_ddp(dev)
+    rank, world, local = ddp_env()
     if dev == "cuda":
         dev = f"cuda:{local}"
         torch.cuda.set_device(dev)
+    t_over["device"] = dev
     model, cfg, tc, ds = build(name, None, m_over, None, dev, t_over)
-    tc.device = dev
-    out = tc.out or os.path.join("out", name)
-    tc.out = out
-    if tc.batch_size % world:
-        raise UsageError(f"batch_size={tc.batch_size} does not split over {world} ranks; use a multiple of {world}")
-    micro = tc.micro_batch_size or tc.batch_size // world
-    if (tc.batch_size // world) % micro:
-        raise UsageError(f"micro_batch_size={micro} must divide the per-rank batch {tc.batch_size // world}")
+    out = tc.out = tc.out or os.path.join("out", name)
+    micro = check_run(name, model, tc, ds, world, dev)
     accum = tc.batch_size // world // micro
     config = dict(model=name, setting=tc.setting, train=dataclasses.asdict(tc), model_cfg=dataclasses.asdict(cfg))
     ckpt_path = os.path.join(out, "ckpt.pt")
     ck = load_ckpt(ckpt_path) if resume else None
-    if ck is not None and (ck["config"]["model"], ck["config"]["setting"]) != (name, tc.setting):
-        raise UsageError(f"--resume: {ckpt_path} holds {ck['config']['model']} on {ck['config']['setting']}, "
-                         f"not {name} on {tc.setting}; use another --out")
+    if ck is not None:
+        check_resume(ck, ckpt_path, name, tc, config)
+    check_out(out)
+    lock = lock_out(out)
+    started = False
+    try:
+        started = setup_ddp(dev)
+        _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, local, quiet)
+    finally:
+        if lock:
+            with contextlib.suppress(OSError):
+                os.remove(lock)
+        if started:
+            torch.distributed.destroy_process_group()
+    return out
+
+
+def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, local, quiet):
+    out, dev = tc.out, tc.device
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    metrics_path = os.path.join(out, "metrics.jsonl")
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        for f in os.listdir(out):  # a run killed while saving leaves its temp file: remove it
+        for f in os.listdir(out):  # a run killed while saving leaves its temp file: remove it (we hold the lock)
             if f.startswith("ckpt.pt.tmp"):
                 os.remove(os.path.join(out, f))
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -349,7 +660,13 @@ def train(name, over, resume=False, quiet=False):
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     raw = model
     n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = count_flops(model, [to(ds.get_batch("train", micro, i), dev) for i in range(4)])
+    try:  # the first forward/backward passes: a config or setting the model cannot run fails here, in one line
+        flops_per_token = count_flops(model, [to(ds.get_batch("train", micro, i), dev) for i in range(4)])
+    except (RuntimeError, ValueError, IndexError, AssertionError, KeyError, TypeError) as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UsageError(f"{name} cannot run on --setting {tc.setting} with this config ({type(e).__name__}: {msg})"
+                         + (f"; supported settings: {', '.join(supported_settings(name))}" if supported_settings(name)
+                            else "")) from None
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -362,16 +679,16 @@ def train(name, over, resume=False, quiet=False):
         sched.load_state_dict(ck["scheduler"])
         step, elapsed = ck["step"], ck["time"]
         set_rng_state(ck["rng"])
+    last_good = step if ck is not None else None
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if dev.startswith("cuda") else None,
                                                           find_unused_parameters=True)
     if tc.compile and dev.startswith("cuda"):
         model = torch.compile(model)
-    metrics_path = os.path.join(out, "metrics.jsonl")
     if rank == 0:  # on resume, drop log lines written after the checkpoint (they will be written again)
-        old = open(metrics_path).read().splitlines() if (ck is not None and os.path.exists(metrics_path)) else []
+        old = read_jsonl(metrics_path) if (ck is not None and os.path.exists(metrics_path)) else []
         with open(metrics_path, "w") as f:
-            f.writelines(l + "\n" for l in old if json.loads(l)["step"] <= step)
+            f.writelines(json.dumps(r) + "\n" for r in old if r.get("step", 0) <= step)
     log = open(metrics_path, "a") if rank == 0 else None
     tokens_per_step = tc.batch_size * tc.seq_len
 
@@ -379,18 +696,30 @@ def train(name, over, resume=False, quiet=False):
         if log:
             log.write(json.dumps(rec) + "\n"); log.flush()
 
+    def diverged(what):
+        kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt_path}" if last_good is not None
+                else "no checkpoint was written")
+        return Diverged(f"step {step}: {what} is not finite, the run stopped; {kept}; lower --lr (now {tc.lr:g}) "
+                        f"or --grad_clip (now {tc.grad_clip:g}) and start again")
+
     def checkpoint():
+        nonlocal last_good
+        if not all_finite(raw.parameters()):  # never write NaN weights over a good checkpoint
+            raise diverged("a weight")
         if rank == 0:
             save_ckpt(ckpt_path, dict(model=raw.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                                       step=step, time=elapsed, config=config, rng=rng_state(), data_position=step,
                                       flops_per_token=flops_per_token))
+        last_good = step
         if world > 1:
             torch.distributed.barrier()
 
     def eval_now():
         rec = dict(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * flops_per_token)
         rec.update(evaluate(model, ds, tc, rank, world, dev, autocast))
-        if rank == 0:
+        if not math.isfinite(rec["eval_loss"]):
+            raise diverged("the eval loss")
+        if rank == 0 and tc.gen_n:
             rec.update(generation_metrics(raw, ds, tc))
         write(rec)
         return rec
@@ -416,6 +745,12 @@ def train(name, over, resume=False, quiet=False):
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
         gnorm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip))
+        bad = torch.tensor(float(not (math.isfinite(loss_sum) and math.isfinite(gnorm))))
+        if world > 1:  # every rank stops at the same step
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item():
+            step += 1
+            raise diverged(f"the loss ({loss_sum:.4g}) or the gradient norm ({gnorm:.4g})")
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -446,13 +781,11 @@ def train(name, over, resume=False, quiet=False):
                   f"checkpoint: {ckpt_path}")
     if world > 1:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return out
 
 
 # --- plots and --compare -----------------------------------------------------------------------------------------
 def read_metrics(out):
-    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 
@@ -548,6 +881,9 @@ def main(argv=None):
             names = [n for n in over.pop("compare").split(",") if n]
             if len(names) < 2:
                 raise UsageError("--compare needs at least two models, e.g. --compare dense,mot")
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise UsageError(f"--compare names {', '.join(dup)} twice; each model runs once (into OUT/NAME)")
             if "resume" in flags:
                 raise UsageError("--resume is not supported with --compare; resume each run with --model NAME --out DIR/NAME")
             compare(names, over, over.pop("out", "") or os.path.join("out", "compare"))

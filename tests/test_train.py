@@ -129,3 +129,162 @@ def test_compare_fraction_interpolates():
     ev = [dict(flops=0, k=5.0), dict(flops=10, k=3.0), dict(flops=20, k=1.0)]
     assert train.flops_to_reach(ev, "k", 2.0) == 15
     assert train.flops_to_reach(ev, "k", 0.5) is None
+
+
+# --- issue 18: valid ranges, one table; every bad value is one line and exit 2 ----------------------------------
+def test_every_config_field_has_a_valid_range():
+    # a new field in TrainConfig or in any registered model's Config without a rule in train.RANGES fails here
+    import dataclasses
+    classes = {train.TrainConfig} | {c for (_, c, _, _, _) in train.registry().values()}
+    missing = [f"{c.__module__}.{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c)
+               if train.range_of(c, f.name) is None]
+    assert not missing, f"add valid ranges to train.RANGES for: {missing}"
+    for name, (mod, cfg_cls, _, setting, over) in train.registry().items():  # every default is inside its range
+        train.check_ranges(cfg_cls(**over))
+    train.check_ranges(train.TrainConfig())
+
+
+def test_range_rules():
+    assert train.fits(1, "int >= 1") and not train.fits(0, "int >= 1") and not train.fits(1.5, "int >= 1")
+    assert not train.fits(True, "int >= 0") and not train.fits(1, "bool") and train.fits(False, "bool")
+    assert train.fits(1.0, "float in (0, 1]") and not train.fits(0.0, "float in (0, 1]")
+    assert not train.fits(float("nan"), "float") and not train.fits(float("inf"), "float > 0")
+    assert train.fits(float("inf"), "float in (0, inf]") and not train.fits(1.0, "float in [0, 1)")
+    assert train.fits((1, 2), "ints >= 1") and not train.fits((1, 0), "ints >= 1") and train.fits((), "ints >= 1")
+    assert train.fits("post", "one of pre|post") and not train.fits("mid", "one of pre|post")
+
+
+BAD = [  # (argv, expected fragment of the one-line error); {tmp} is a fresh directory, {file} a file in it
+    (["--steps", "-5"], "--steps=-5 is out of range; valid: int >= 0"),
+    (["--batch_size", "-2"], "--batch_size=-2 is out of range"),
+    (["--micro_batch_size", "-1"], "--micro_batch_size=-1 is out of range"),
+    (["--log_every", "0"], "--log_every=0 is out of range; valid: int >= 1"),
+    (["--ckpt_every", "0"], "--ckpt_every=0 is out of range"),
+    (["--eval_batches", "0"], "--eval_batches=0 is out of range"),
+    (["--eval_every", "-1"], "--eval_every=-1 is out of range"),
+    (["--gen_n", "-1"], "--gen_n=-1 is out of range"),
+    (["--lr", "-1"], "--lr=-1.0 is out of range; valid: float > 0"),
+    (["--lr", "nan"], "--lr=nan is out of range"),
+    (["--lr", "inf"], "--lr=inf is out of range"),
+    (["--seed", "-1"], "--seed=-1 is out of range"),
+    (["--grad_clip", "-1"], "--grad_clip=-1.0 is out of range; valid: float in (0, inf]"),
+    (["--min_lr_ratio", "-20"], "--min_lr_ratio=-20.0 is out of range; valid: float in [0, 1]"),
+    (["--weight_decay", "-1"], "--weight_decay=-1.0 is out of range"),
+    (["--d_model", "0"], "--d_model=0 is out of range"),
+    (["--n_layer", "-1"], "--n_layer=-1 is out of range"),
+    (["--norm_placement", "mid"], "valid: one of pre|post"),
+    (["--model", "mamba", "--d_state", "0"], "--d_state=0 is out of range"),
+    (["--model", "moma", "--routing", "xyz"], "valid: one of ec|aux"),          # same name, per-file rule
+    (["--model", "dense", "--routing", "xyz"], "valid: one of grouped|masked"),
+    (["--model", "moma", "--experts", "4,0"], "--experts=4,0 is out of range"),
+    (["--model", "blt", "--patch_size", "0.5"], "valid: float >= 1"),
+    (["--model", "megabyte", "--dropout", "1"], "valid: float in [0, 1)"),
+    (["--vocab_size", "10"], "--vocab_size is set by the data"),
+    (["--model", "mot", "--seq_len", "8"], "too short for the generation eval"),
+    (["--model", "transfusion", "--seq_len", "16"], "too short for the generation eval"),
+    (["--model", "mamba", "--setting", "transfusion"], "does not support --setting transfusion"),
+    (["--batch_size", "4", "--micro_batch_size", "8"], "larger than the per-rank batch 4"),
+    (["--batch_size", "6", "--micro_batch_size", "4"], "must divide the per-rank batch 6"),
+    (["--compile", "True"], "CUDA only"),
+    (["--out", "{file}"], "is a file, not a directory"),
+    (["--out", "{file}/sub"], "cannot create that directory"),
+    (["--bogus", "1"], "trainer keys: batch_size"),
+    (["--compare", "dense,dense"], "names dense twice"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_value_one_line_exit_2(argv, message, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "f")) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_resume_refuses_a_changed_model_config(tmp_path, capsys):
+    out = str(tmp_path)
+    assert train.main(TINY + ["--steps", "2", "--eval_every", "2", "--out", out]) == 0
+    before = weights(out)
+    capsys.readouterr()
+    assert train.main(TINY + ["--steps", "4", "--out", out, "--resume", "--d_model", "64", "--qk_norm", "True"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "d_model (32 -> 64)" in err and "qk_norm (False -> True)" in err and len(err.splitlines()) == 1
+    assert train.main(TINY + ["--steps", "4", "--out", out, "--resume", "--seq_len", "48"]) == 2
+    assert "seq_len (64 -> 48)" in capsys.readouterr().err
+    after = weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # untouched
+
+
+def test_resume_after_a_partial_metrics_line(tmp_path):
+    out = str(tmp_path)
+    assert train.main(TINY + ["--steps", "4", "--log_every", "2", "--eval_every", "4", "--out", out]) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 3.')  # a kill mid-write
+    assert train.main(TINY + ["--steps", "6", "--log_every", "2", "--eval_every", "4", "--out", out, "--resume"]) == 0
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl") if '"loss"' in l]
+    assert steps == [2, 4, 6]
+
+
+@pytest.mark.parametrize("model, extra, eval_every", [
+    ("dense", ["--d_model", "32", "--n_layer", "1", "--n_head", "2"], 1),        # caught by the eval after step 1
+    ("megalodon", ["--d_model", "32", "--n_layers", "1", "--chunk_size", "32"], 100)])  # by step 2's loss
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(model, extra, eval_every, tmp_path, capsys):
+    # lr 1e9: the weights blow up at the first step; a NaN must never reach ckpt.pt, the run must stop in one line
+    argv = ["--model", model, *extra, "--seq_len", "64", "--batch_size", "4", "--eval_batches", "1", "--gen_n", "4",
+            "--warmup", "1", "--lr", "1e9", "--steps", "20", "--ckpt_every", "1", "--eval_every", str(eval_every),
+            "--out", str(tmp_path)]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not finite" in err and "lower --lr" in err, err
+    step = int(err.split("step ")[1].split(":")[0])
+    if eval_every == 1:
+        assert step == 1 and "eval loss" in err and not os.path.exists(tmp_path / "ckpt.pt")
+        return
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert 0 < ck["step"] < step <= 20 and f"checkpoint (step {ck['step']})" in err
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_one_run_per_output_dir(tmp_path, capsys):
+    out = str(tmp_path)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "train.lock").write_text(str(sleeper.pid))  # a live run holds it
+        assert train.main(TINY + ["--steps", "2", "--out", out]) == 2
+        assert f"in use by a running train.py (pid {sleeper.pid})" in capsys.readouterr().err
+        assert not os.path.exists(tmp_path / "ckpt.pt")
+    finally:
+        sleeper.kill(); sleeper.wait()
+    # the same lock, its run killed: stale, taken over, released at the end
+    assert train.main(TINY + ["--steps", "2", "--eval_every", "2", "--out", out]) == 0
+    assert not os.path.exists(tmp_path / "train.lock") and os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_two_concurrent_runs_on_one_out_dir(tmp_path):
+    out = str(tmp_path)
+    args = TINY + ["--steps", "200", "--eval_every", "200", "--out", out]
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=ENV, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not os.path.exists(tmp_path / "train.lock") and time.time() < deadline:
+            time.sleep(0.05)
+        r = run(TINY + ["--steps", "1", "--out", out])
+        assert r.returncode == 2 and "in use by a running train.py" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        p.kill(); p.wait()
+
+
+def test_torchrun_validates_before_the_process_group(monkeypatch, capsys):
+    # as torchrun sets it up, but no rendezvous exists: a bad value must fail at once, before init_process_group
+    for k, v in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    assert train.main(TINY + ["--lr", "-1"]) == 2
+    assert "--lr=-1.0 is out of range" in capsys.readouterr().err
+    assert train.main(TINY + ["--batch_size", "3"]) == 2
+    assert "does not split over 2 ranks" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()

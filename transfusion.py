@@ -381,7 +381,7 @@ class Transfusion(nn.Module):
         if rid is None:
             return draw(int(per_row.sum()), None if self.training else torch.Generator(dev).manual_seed(1234), dev)
         base = self.noise_seed if self.training else 1234      # CPU generators: the same draws on any device
-        draws = [draw(k, torch.Generator().manual_seed(base * 2 ** 32 + r % 2 ** 32), "cpu")
+        draws = [draw(k, torch.Generator().manual_seed((base * 0x9E3779B97F4A7C15 + r) % 2 ** 64), "cpu")
                  for r, k in zip(rid.tolist(), per_row.tolist())]
         return tuple(torch.cat(d).to(dev) for d in zip(*draws))
 

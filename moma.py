@@ -40,8 +40,8 @@ Auxiliary routers (Sec. 2.4): the paper trains them in a second stage with the m
 train *alongside* the main model by default, on detached hidden states with a straight-through-valued loss
 (loss value = LM loss, gradient of the BCE reaches only the aux routers). The main model then trains exactly as
 it would without them: their weights are drawn from a side random stream (the main model's init is the same
-with aux_router on or off), and MoMa.clip_grad_norm_ clips their gradients apart from the main model's (a global
-clip over both would let the aux routers' gradient shrink the main model's steps). `MoMa.fit_aux_routers(batches)`
+with aux_router on or off), and MoMa.clip_grad_norm_ (which train.py calls in place of its global clip) clips their
+gradients apart from the main model's (one clip over both would let the aux routers' gradient shrink its steps). `MoMa.fit_aux_routers(batches)`
 runs the paper's stage 2 (main model frozen) after training, e.g.
 `model.fit_aux_routers(ds.get_batch("train", 16, 10**4 + i) for i in range(150))`.
 Their accuracy is logged as parts["router_acc"] (and "mod_router_acc").

@@ -119,7 +119,7 @@ RANGES = {
     # moma.py
     "experts": "ints >= 1", "modality_aware": "bool", "capacity_factor": "float > 0",
     "expert_hidden": "int >= 0; 0 = ffn_hidden / capacity_factor", "gumbel": "float >= 0", "aux_router": "bool",
-    "aux_hidden": "int >= 1", "aux_threshold": "float in (0, 1)", "moma.routing": "one of ec|aux", "eval_aux": "bool",
+    "aux_hidden": "int >= 1", "aux_threshold": "float in (0, 1)", "moma.routing": "one of ec|aux",
     "mod": "bool", "mod_capacity": "float in (0, 1]", "mod_every": "int >= 1", "upcycle_from": "path",
     "upcycle_noise": "float >= 0",
     # transfusion.py
@@ -135,9 +135,9 @@ RANGES = {
     "strided_inference": "bool",
     # blt.py
     "window": "int >= 1", "patching": "one of entropy|monotonic|space|static", "entropy_ckpt": "path",
-    "threshold": "float", "tune_threshold": "bool", "blt.patch_size": "float >= 1",
+    "threshold": "float; 0 = tuned once at build to mean patch_size", "blt.patch_size": "float >= 1",
     "max_patch_len": "int >= 0; 0 = no limit", "hash_ngrams": "ints >= 1; () = off", "hash_vocab": "int >= 1",
-    "hash_functions": "int >= 1", "n_layer_enc": "int >= 1", "n_layer_dec": "int >= 1", "local_window": "int >= 1",
+    "hash_functions": "int in [1, 11]; one official hash prime each", "n_layer_enc": "int >= 1", "n_layer_dec": "int >= 1", "local_window": "int >= 1",
     "cross_k": "int >= 1", "n_head_cross": "int >= 1", "enc_cross_all_layers": "bool", "dec_cross_all_layers": "bool",
     "pool": "one of max|mean", "cross_residual": "int in [1, 2]; 1 = the paper, 2 = the official code",
     "global_norm": "bool",
@@ -376,11 +376,15 @@ def setup_ddp(device):
     return True
 
 
-def all_mean(x, world):
-    if world > 1:
-        torch.distributed.all_reduce(x)
-        x /= world
-    return x
+def mean_over_ranks(loss, parts, world):
+    """The logged train loss and parts as the mean over ranks (= the 1-process value); a part only some ranks report
+    is averaged over those."""
+    if world == 1:
+        return loss, parts
+    every = [None] * world
+    torch.distributed.all_gather_object(every, dict(parts, _loss=loss))
+    mean = {k: sum(d[k] for d in every if k in d) / sum(k in d for d in every) for k in set().union(*every)}
+    return mean.pop("_loss"), dict(sorted(mean.items()))
 
 
 def to(batch, device):
@@ -496,17 +500,22 @@ def lr_at(step, tc):
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def evaluate(model, ds, tc, rank, world, device, autocast):
-    """Mean eval loss and parts over tc.eval_batches fixed validation batches, averaged over ranks."""
+def evaluate(model, ds, tc, rank, world, device, autocast, micro=None):
+    """Mean eval loss and parts over tc.eval_batches fixed validation batches of tc.batch_size rows, run in forward
+    passes of `micro` rows exactly as training cuts its batches (so 2 ranks x b rows == 1 process x micro-batches of b:
+    the same rows in each forward pass, whatever a model's loss does per batch), averaged over passes and ranks."""
     model.eval()
-    sums = {}
+    micro = micro or tc.batch_size // world
+    accum = tc.batch_size // world // micro
+    sums, counts = {}, {}
     with torch.no_grad(), torch.random.fork_rng(devices=[]), autocast():
         torch.manual_seed(1234)
-        for i in range(tc.eval_batches):
-            _, loss, parts = model(to(ds.get_batch("val", tc.batch_size // world, i, rank, world), device))
+        for i in range(tc.eval_batches * accum):
+            _, loss, parts = model(to(ds.get_batch("val", micro, i, rank, world), device))
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-    mine = {k: v / tc.eval_batches for k, v in sums.items()}
+                counts[k] = counts.get(k, 0) + 1
+    mine = {k: v / counts[k] for k, v in sums.items()}
     if world > 1:  # average each key over the ranks that report it (a model may log a part on some ranks only)
         every = [None] * world
         torch.distributed.all_gather_object(every, mine)
@@ -716,7 +725,7 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
 
     def eval_now():
         rec = dict(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * flops_per_token)
-        rec.update(evaluate(model, ds, tc, rank, world, dev, autocast))
+        rec.update(evaluate(model, ds, tc, rank, world, dev, autocast, micro))
         if not math.isfinite(rec["eval_loss"]):
             raise diverged("the eval loss")
         if rank == 0 and tc.gen_n:
@@ -744,7 +753,8 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
             loss_sum += float(loss.detach()) / accum
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
-        gnorm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip))
+        gnorm = float(raw.clip_grad_norm_(tc.grad_clip) if hasattr(raw, "clip_grad_norm_")  # a model may clip parts
+                      else torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip))  # apart (MoMa's aux routers)
         bad = torch.tensor(float(not (math.isfinite(loss_sum) and math.isfinite(gnorm))))
         if world > 1:  # every rank stops at the same step
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
@@ -759,6 +769,7 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
         elapsed += dt
         bar.update(1)
         if step % tc.log_every == 0 or step == tc.steps:
+            loss_sum, parts_sum = mean_over_ranks(loss_sum, parts_sum, world)
             write(dict(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * flops_per_token,
                        time=elapsed, lr=lr_at(step - 1, tc), loss=loss_sum, **parts_sum))
             if not quiet and rank == 0:

@@ -16,8 +16,11 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -329,6 +332,128 @@ def machine():
 
 # ------------------------------------------------------------------------------------------------ static
 
+# What a GPU can launch: every (kernel, dtype, flags, config) that kernels.launch_config can pick, for the
+# ahead-of-time compile (tests/test_gpu_compile.py and --static). No GPU needed: triton compiles for a target that is
+# not present, and the wheel ships cuobjdump (/work/shared/papers/kernels.md, "Compiling for a GPU without one").
+
+_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def compile_specs(target):
+    """Every configuration kernels.py's launchers can launch on `target` ((8, 0), (9, 0), ...): a list of dicts
+    (name, fn, signature, constexprs, num_warps, num_stages) for triton.compile(ASTSource(...)). Built with the
+    same launch_config, so the compile test compiles what a GPU would run."""
+    specs = []
+
+    def add(name, fn, ptrs, ints, cfg, flags, div16=()):
+        # div16: the int arguments that are multiples of 16 at the bench sizes; with the pointers (torch
+        # allocations are 16-byte aligned) they get the divisibility hint a real launch would specialise on
+        sig = {**{p: "*" + t for p, t in ptrs.items()}, **{i: "i32" for i in ints}}
+        const = {**{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}, **flags}
+        sig.update({k: "constexpr" for k in const})
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in list(ptrs) + list(div16)}
+        specs.append(dict(name=name, fn=fn, signature=sig, constexprs=const, attrs=attrs,
+                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+
+    # linear scan: fp32 / bf16 / fp64 real, complex64 / complex128 through their real views; with and without h0
+    for dt, cplx in [(torch.float32, False), (torch.bfloat16, False), (torch.float64, False),
+                     (torch.float32, True), (torch.float64, True)]:
+        t = _TL[dt]
+        tag = f"{'c' if cplx else ''}{t}"
+        cd = kernels._cd(dt)
+        add(f"scan_fwd[{tag}]", kernels.scan_fwd_kernel, dict(a_ptr=t, b_ptr=t, h0_ptr=t, h_ptr=t), ["R", "L"],
+            kernels.launch_config("scan_fwd", target), dict(COMPLEX=cplx, CD=cd), div16=("L",))
+        add(f"scan_bwd[{tag}]", kernels.scan_bwd_kernel,
+            dict(a_ptr=t, h_ptr=t, h0_ptr=t, dh_ptr=t, da_ptr=t, db_ptr=t), ["R", "L"],
+            kernels.launch_config("scan_bwd", target), dict(COMPLEX=cplx, CD=cd), div16=("L",))
+    # selective scan: fp32 or bf16 activations (u, delta, B, C, z, out), fp32 parameters and state; N up to 16,
+    # 32, 64 (fp64 runs on the torch path on a GPU)
+    for dt in (torch.float32, torch.bfloat16):
+        t, f32 = _TL[dt], "fp32"
+        for n in (16, 32, 64):
+            add(f"selective_fwd[{t},N<={n}]", kernels.selective_fwd_kernel,
+                dict(u_ptr=t, delta_ptr=t, A_ptr=f32, B_ptr=t, C_ptr=t, D_ptr=f32, z_ptr=t, bias_ptr=f32, out_ptr=t,
+                     last_ptr=f32, ckpt_ptr=f32),
+                ["D", "L", "N", "n_chunks", "has_z", "softplus"],
+                kernels.launch_config("selective_fwd", target, n_state=n), dict(CD=kernels.tl.float32),
+                div16=("D", "L", "N"))
+            add(f"selective_bwd[{t},N<={n}]", kernels.selective_bwd_kernel,
+                dict(u_ptr=t, delta_ptr=t, A_ptr=f32, B_ptr=t, C_ptr=t, D_ptr=f32, z_ptr=t, bias_ptr=f32, ckpt_ptr=f32,
+                     dout_ptr=t, dlast_ptr=f32, du_ptr=t, ddelta_ptr=t, dA_ptr=f32, dB_ptr=f32, dC_ptr=f32,
+                     dD_ptr=f32, dz_ptr=t, dbias_ptr=f32),
+                ["D", "L", "N", "n_chunks", "has_z", "softplus"],
+                kernels.launch_config("selective_bwd", target, n_state=n), dict(CD=kernels.tl.float32),
+                div16=("D", "L", "N"))
+    # grouped matmul: bf16 / fp32 (tf32 tensor cores)
+    for dt in (torch.bfloat16, torch.float32):
+        t = _TL[dt]
+        add(f"gmm[{t}]", kernels.gmm_kernel,
+            dict(x_ptr=t, w_ptr=t, y_ptr=t, tile_group_ptr="i32", tile_row_ptr="i32", group_end_ptr="i32"),
+            ["K", "M", "G", "stride_wg", "stride_wk", "stride_wm"], kernels.launch_config("gmm", target, dtype=dt), {},
+            div16=("K", "M", "stride_wg", "stride_wk"))
+        add(f"gmm_dw[{t}]", kernels.gmm_dw_kernel,
+            dict(x_ptr=t, dy_ptr=t, dw_ptr=t, group_start_ptr="i32", group_end_ptr="i32"),
+            ["K", "M"], kernels.launch_config("gmm_dw", target, dtype=dt), {}, div16=("K", "M"))
+    return specs
+
+
+SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}   # max shared memory per block (opt-in), bytes
+
+
+def static_report(targets=((8, 0), (9, 0))):
+    """Compile every entry of compile_specs(target) ahead of time for each GPU target (no GPU needed) and read
+    the cubin's resources with the cuobjdump shipped in the triton wheel. Returns one dict per (spec, target):
+    name, kernel, target, num_warps, num_stages, regs, stack, local (spill bytes), static_shared,
+    dynamic_shared, mma (mma.sync in the PTX), wgmma, compile_s, or error. Under TRITON_INTERPRET=1 the
+    @triton.jit objects are interpreter stubs, so it runs itself in a child process without it."""
+    if kernels._INTERPRET:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        code = f"import json, bench; print('@@REPORT@@' + json.dumps(bench.static_report({tuple(targets)!r})))"
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        if r.returncode:
+            raise RuntimeError("static_report child failed:\n" + r.stderr[-3000:])
+        return json.loads(r.stdout.split("@@REPORT@@")[-1])
+    jobs = [(tuple(cap), i) for cap in targets for i in range(len(compile_specs(tuple(cap))))]
+    workers = min(4, os.cpu_count() or 1)
+    if workers > 1:   # compiles are independent: a process pool (fork keeps this non-interpreted import)
+        import concurrent.futures
+        import multiprocessing
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
+            return list(ex.map(_compile_one, *zip(*jobs)))
+    return [_compile_one(cap, i) for cap, i in jobs]
+
+
+def _compile_one(cap, i):
+    """Compile compile_specs(cap)[i] for the GPU target cap and read its resource usage (see static_report)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    s = compile_specs(cap)[i]
+    rec = dict(name=s["name"], kernel=s["fn"].__name__, target=f"sm_{cap[0]}{cap[1]}", num_warps=s["num_warps"],
+               num_stages=s["num_stages"])
+    t0 = time.time()
+    try:
+        src = ASTSource(fn=s["fn"], signature=s["signature"], constexprs=s["constexprs"], attrs=s["attrs"])
+        c = triton.compile(src, target=GPUTarget("cuda", cap[0] * 10 + cap[1], 32),
+                           options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
+    except Exception as e:  # reported, and failed on by tests/test_gpu_compile.py
+        rec["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        return rec
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(c.asm["cubin"])
+        res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    m = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
+    ptx = c.asm["ptx"]
+    rec.update(regs=m.get("REG"), stack=m.get("STACK"), local=m.get("LOCAL"), static_shared=m.get("SHARED"),
+               dynamic_shared=c.metadata.shared, mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
+               compile_s=round(time.time() - t0, 2))
+    return rec
+
+
 def floors():
     """Roofline floor of each kernel at the GPU bench sizes: compulsory HBM bytes / bandwidth and matmul FLOPs /
     tensor-core throughput, per GPU of GPUS. Bytes count each input read once and each output written once."""
@@ -365,7 +490,7 @@ def bench_static(args):
     """Resource report of every compiled kernel configuration for sm_80 and sm_90 plus the roofline floors."""
     import triton
     t = time.time()
-    rep = kernels.static_report(((8, 0), (9, 0)))
+    rep = static_report(((8, 0), (9, 0)))
     print(f"  compiled {len(rep)} kernel configurations with Triton {triton.__version__} (torch {torch.__version__}) "
           f"in {time.time() - t:.0f} s")
     print(f"  {'kernel[config]':28s} {'target':6s} {'regs':>4s} {'stack':>5s} {'spill':>5s} {'shared':>7s} "

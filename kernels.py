@@ -20,27 +20,15 @@ Backward of a linear recurrence (used by all paths): with g_t = dL/dh_t (total),
     g_t = dh_t + a_{t+1} g_{t+1}        (a reverse scan with the gates shifted by one)
     db_t = g_t,   da_t = g_t h_{t-1},   dh0 = a_0 g_0        (complex: conjugate a and h, PyTorch's convention)
 
-Torch paths (CPU), chosen by measurement on a 2-core machine: time-major loops with ONE fused addcmul per step
-on contiguous rows and hand-written backwards (a chunked cumprod scan and a log-depth scan were slower: strided
-reads, bigger temporaries). The selective scan never materialises (batch, dim, N, L): it runs chunks of
-CPU_CHUNK steps whose temporaries stay in cache, saves only the state entering each chunk, recomputes a chunk's
-states in the backward and takes every gradient of the chunk in bulk (bmm / einsum).
-Triton paths: scans chunked along L (state carried in registers, tl.associative_scan inside a chunk, complex as
-(real, imag) pairs); the selective scan discretises in registers and writes only y, chunk checkpoints and the
-last state; the backward recomputes each chunk from its checkpoint. Grouped matmul tiles never straddle groups;
-the tile table is built on the device (no host sync). launch_config() picks every launch parameter from the
-target; compile_specs() lists what can be launched; static_report() compiles it all for sm_80 / sm_90 with no GPU.
+Torch paths (CPU): time-major loops, ONE fused addcmul per step on contiguous rows, hand-written backwards; the
+selective scan runs chunks of CPU_CHUNK steps, never materialising (batch, dim, N, L). Triton paths: chunks along
+L, tl.associative_scan inside a chunk, the state carried in registers; the selective scan's backward recomputes
+each chunk from the forward's checkpoints; grouped-matmul tiles never straddle groups (tile table built on the
+device: no host sync). launch_config() picks every launch parameter from the target (bench.py compiles every
+choice for sm_80 / sm_90 with no GPU). flop_tally(): the scans' analytic FLOPs (section 0).
 Tests: tests/test_kernels.py (interpreter), tests/test_gpu_compile.py (AOT). Bench: python bench.py --kernels --static
 """
-import contextlib
-import json
-import math
 import os
-import re
-import subprocess
-import sys
-import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
@@ -67,50 +55,39 @@ def _use_triton(backend, *tensors):
     return True
 
 
-# =====================================================================================================
-# 0. FLOP tally: the scans' FLOPs, which FlopCounterMode (matmuls only) does not see
-# =====================================================================================================
-# Analytic counts, per element, as Mamba's authors count the selective scan (9 B L D N, state-spaces/mamba#110):
-# a scan costs what a work-efficient parallel scan does, 2 combine steps per element, each a multiply-add of the
-# state (2 FLOPs real, 8 complex). So linear_scan: 4 FLOPs per element real, 16 complex; selective_scan: per
-# (batch, dim, state, step) 1 for delta A, 2 for delta B u, 4 for the scan, 2 for C . h = 9, plus 1 per
-# (batch, dim, step) for + D u and 1 for * silu(z) when given (exp, softplus and casts are not counted).
-# A backward counts 2x its forward (FlopCounterMode's convention for a matmul). megalodon.py adds its FFTs.
+# ==== 0. FLOP tally: the scans' FLOPs, which FlopCounterMode (matmuls only) does not see =============================
+# Analytic counts per element, as Mamba's authors count the selective scan (9 B L D N, state-spaces/mamba#110): a
+# scan costs what a work-efficient parallel scan does, 2 combine steps per element, each a multiply-add of the state
+# (2 FLOPs real, 8 complex). linear_scan: 4 per element real, 16 complex. selective_scan: 9 per (batch, dim, state,
+# step) = 1 delta A + 2 delta B u + 4 scan + 2 C . h; + 1 per (batch, dim, step) each for D u and silu(z) if given
+# (exp, softplus, casts not counted). A backward counts 2x its forward (as for a matmul). megalodon.py adds its FFTs.
 
-class FlopTally:
-    """What `flop_tally()` yields: .flops, the FLOPs added while it was active."""
-    def __init__(self):
-        self.flops = 0
-
-
-_TALLIES = []   # the active tallies (they nest: an inner one's FLOPs count in the outer ones too)
-
-
-@contextlib.contextmanager
-def flop_tally():
+class flop_tally:
     """with kernels.flop_tally() as t: ... -> t.flops counts every scan (forward, and backward when autograd runs
-    it inside the block) and every kernels.add_flops(n) made inside the block."""
-    t = FlopTally()
-    _TALLIES.append(t)
-    try:
-        yield t
-    finally:
-        _TALLIES.remove(t)
+    it inside the block) and every kernels.add_flops(n) made inside the block. Tallies nest."""
+    active = []
+
+    def __enter__(self):
+        self.flops = 0
+        flop_tally.active.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        flop_tally.active.remove(self)
 
 
 def add_flops(n):
     """Add n FLOPs to every active tally (no-op when none is active)."""
-    for t in _TALLIES:
+    for t in flop_tally.active:
         t.flops += int(n)
 
 
 class _TallyBackward(torch.autograd.Function):
-    """Identity on its outputs; its backward adds 2x the forward's FLOPs to the tallies active then."""
-
+    """Identity (a copy: callers may change it in place); its backward adds 2x the forward's FLOPs."""
     @staticmethod
     def forward(ctx, n, *xs):
         ctx.n = n
-        return tuple(x.clone() for x in xs)          # (a copy: callers may modify it in place)
+        return tuple(x.clone() for x in xs)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -120,17 +97,14 @@ class _TallyBackward(torch.autograd.Function):
 
 def _tally(n, *outs):
     """Count a scan's n forward FLOPs now and 2n when its backward runs; returns outs (tuple if several)."""
-    if not _TALLIES:
-        return outs if len(outs) > 1 else outs[0]
-    add_flops(n)
-    if torch.is_grad_enabled() and any(o.requires_grad for o in outs):
-        outs = _TallyBackward.apply(n, *outs)
+    if flop_tally.active:
+        add_flops(n)
+        if torch.is_grad_enabled() and any(o.requires_grad for o in outs):
+            outs = _TallyBackward.apply(n, *outs)
     return outs if len(outs) > 1 else outs[0]
 
 
-# =====================================================================================================
-# 1. Linear scan  h_t = a_t * h_{t-1} + b_t
-# =====================================================================================================
+# ==== 1. Linear scan  h_t = a_t * h_{t-1} + b_t ======================================================================
 
 def linear_scan_ref(a, b, h0=None):
     """Sequential oracle: a, b (..., L) real or complex; h0 (...) -> h (..., L). Autograd through the loop."""
@@ -144,10 +118,8 @@ def linear_scan_ref(a, b, h0=None):
 
 def _scan_loop(a, b, h0):
     """Scan without autograd, time-major: a, b (L, R) -> hs (L + 1, R), hs[0] = h0 (or 0), hs[t+1] = a[t] hs[t] + b[t].
-
-    One fused addcmul per step on contiguous rows. Measured on this CPU (16k rows, L = 256) this lean loop beat a
-    two-level chunked scan (cumprod within chunks, carry across) by about 10x, real and complex: the chunked
-    layout reads strided columns, the loop reads contiguous rows, and dispatch is only ~10 us a step."""
+    One fused addcmul per step on contiguous rows: faster on CPU than chunked (cumprod) or log-depth scans, which
+    read strided columns and build bigger temporaries (RESULTS.md has the measurements)."""
     L = a.shape[0]
     hs = b.new_empty(L + 1, *b.shape[1:])
     hs[0] = 0 if h0 is None else h0
@@ -195,26 +167,20 @@ def _check_scan_args(a, b, h0):
 
 def linear_scan(a, b, h0=None, *, backend="auto"):
     """h_t = a_t * h_{t-1} + b_t along the last dim. a, b (..., L); h0 (...) or None (zeros) -> h (..., L).
-
     Real (fp32, bf16, fp64; 16-bit inputs are scanned in fp32) or complex (complex64/128). Differentiable in a, b, h0."""
     _check_scan_args(a, b, h0)
     shape, dtype = a.shape, a.dtype
     R, L = a.numel() // shape[-1], shape[-1]
     flops = (16 if dtype.is_complex else 4) * a.numel()                    # see "FLOP tally" above
-    if _use_triton(backend, a, b, h0):   # the kernels load 16-bit inputs and compute in fp32 themselves
-        h0_ = None if h0 is None else h0.reshape(R).contiguous()
-        h = _LinearScanTriton.apply(a.reshape(R, L).contiguous(), b.reshape(R, L).contiguous(), h0_).reshape(shape)
-        return _tally(flops, h)
-    cdtype = torch.float32 if dtype == torch.bfloat16 else dtype
-    a2 = a.reshape(R, L).to(cdtype).contiguous()
-    b2 = b.reshape(R, L).to(cdtype).contiguous()
+    triton_ = _use_triton(backend, a, b, h0)   # the kernels load 16-bit inputs and compute in fp32 themselves
+    cdtype = dtype if triton_ or dtype != torch.bfloat16 else torch.float32
+    a2, b2 = (t.reshape(R, L).to(cdtype).contiguous() for t in (a, b))
     h02 = None if h0 is None else h0.reshape(R).to(cdtype).contiguous()
-    return _tally(flops, _LinearScanTorch.apply(a2, b2, h02).reshape(shape).to(dtype))
+    h = (_LinearScanTriton if triton_ else _LinearScanTorch).apply(a2, b2, h02)
+    return _tally(flops, h.reshape(shape).to(dtype))
 
 
-# =====================================================================================================
-# 2. Selective scan (Mamba S6)
-# =====================================================================================================
+# ==== 2. Selective scan (Mamba S6) ===================================================================================
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
@@ -248,17 +214,14 @@ CPU_CHUNK = 16   # time steps per chunk of the CPU selective scan: its (chunk, b
 
 class _SelectiveScanTorch(torch.autograd.Function):
     """The recurrence core y_t = C_t . h_t with h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, time-major.
-
-    Inputs (L, b, d) / (L, b, n) contiguous, A (d, n). Never materialises (b, d, n, L): time runs in chunks of
-    CPU_CHUNK steps whose (chunk, b, d, n) temporaries stay in cache; one fused addcmul per step, bulk ops per
-    chunk. Only the state entering each chunk is saved; the backward recomputes a chunk's states from it
-    (the official CUDA kernel's memory choice), runs g_t = a_{t+1} g_{t+1} + C_t dy_t in the step loop, and
-    takes every gradient in bulk per chunk. exp2 with A log2(e): 4x faster than exp on this CPU."""
+    Inputs (L, b, d) / (L, b, n) contiguous, A (d, n). Time runs in chunks of CPU_CHUNK steps: one fused addcmul
+    per step, bulk ops per chunk. Only the state entering each chunk is saved; the backward recomputes a chunk's
+    states from it (the official CUDA kernel's memory choice), runs g_t = a_{t+1} g_{t+1} + C_t dy_t in the step
+    loop, and takes every gradient in bulk per chunk. exp2 with A log2(e): much faster than exp on CPU."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
-        L, b, d = u.shape
-        n = A.shape[1]
+        (L, b, d), n = u.shape, A.shape[1]
         T = min(CPU_CHUNK, L)
         nc = -(-L // T)
         A2 = A * _LOG2E
@@ -285,8 +248,7 @@ class _SelectiveScanTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dlast):
         u, delta, A, B, C, ck = ctx.saved_tensors
-        L, b, d = u.shape
-        n = A.shape[1]
+        (L, b, d), n = u.shape, A.shape[1]
         T = min(CPU_CHUNK, L)
         nc = ck.shape[0] - 1
         A2 = A * _LOG2E
@@ -353,35 +315,30 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     flops = 9 * b * d * n * L + b * d * L * ((D is not None) + (z is not None))   # see "FLOP tally" above
     dtype_in = u.dtype
     cd = torch.float64 if u.dtype == torch.float64 else torch.float32
-    use = _use_triton(backend, u, delta, A, B, C, D, z, delta_bias)
-    if use and backend == "auto" and (cd == torch.float64 or A.shape[1] > 64):
-        use = False                                   # the GPU kernels compute in fp32 with N <= 64
-    if use:   # one fused kernel per direction: delta_bias, softplus, D and z included
+    gpu_ok = backend != "auto" or (cd == torch.float32 and n <= 64)   # the GPU kernels: fp32 compute, N <= 64
+    if gpu_ok and _use_triton(backend, u, delta, A, B, C, D, z, delta_bias):   # one fused kernel per direction
         kd = u.dtype if u.dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
         act = lambda t: t.to(kd).contiguous()
         par = lambda t: (torch.zeros(u.shape[1], dtype=cd, device=u.device) if t is None else t.to(cd).contiguous())
         out, last = _SelectiveScanTriton.apply(act(u), act(delta), A.to(cd).contiguous(), act(B), act(C), par(D),
                                                None if z is None else act(z), par(delta_bias), bool(delta_softplus))
-        out = out.to(dtype_in)
-        return _tally(flops, out, last) if return_last_state else _tally(flops, out)
-    uf, deltaf = u.to(cd), delta.to(cd)
-    if delta_bias is not None:
-        deltaf = deltaf + delta_bias.to(cd)[:, None]
-    if delta_softplus:
-        deltaf = F.softplus(deltaf)
-    tm = lambda t: t.to(cd).permute(2, 0, 1).contiguous()                  # (b, x, L) -> (L, b, x)
-    y, last = _SelectiveScanTorch.apply(tm(uf), tm(deltaf), A.to(cd).contiguous(), tm(B), tm(C))
-    y = y.permute(1, 2, 0)
-    out = y if D is None else y + uf * D.to(cd)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(cd))
+    else:
+        uf, deltaf = u.to(cd), delta.to(cd)
+        if delta_bias is not None:
+            deltaf = deltaf + delta_bias.to(cd)[:, None]
+        if delta_softplus:
+            deltaf = F.softplus(deltaf)
+        tm = lambda t: t.to(cd).permute(2, 0, 1).contiguous()              # (b, x, L) -> (L, b, x)
+        y, last = _SelectiveScanTorch.apply(tm(uf), tm(deltaf), A.to(cd).contiguous(), tm(B), tm(C))
+        out = y.permute(1, 2, 0)
+        out = out if D is None else out + uf * D.to(cd)[:, None]
+        if z is not None:
+            out = out * F.silu(z.to(cd))
     out = out.to(dtype_in)
     return _tally(flops, out, last) if return_last_state else _tally(flops, out)
 
 
-# =====================================================================================================
-# 3. Grouped matmul (+ sort helpers)
-# =====================================================================================================
+# ==== 3. Grouped matmul (+ sort helpers) =============================================================================
 
 def sort_by_group(group_ids, n_groups):
     """group_ids (...) int in [0, n_groups) -> (order (numel,) Long, group_sizes (n_groups,) Long).
@@ -400,11 +357,7 @@ def unsort(y_sorted, order):
 
 def grouped_matmul_ref(x, w, group_sizes):
     """Per-group loop oracle: x (T, K) sorted by group, w (G, K, M), group_sizes (G,) -> (T, M)."""
-    out, start = [], 0
-    for g, n in enumerate(group_sizes.tolist()):
-        out.append(x[start:start + n] @ w[g])
-        start += n
-    return torch.cat(out, 0)
+    return torch.cat([x_g @ w_g for x_g, w_g in zip(x.split(group_sizes.tolist()), w)], 0)
 
 
 def _check_gmm_args(x, w, group_sizes):
@@ -421,30 +374,24 @@ def grouped_matmul(x, w, group_sizes, *, backend="auto"):
     Any group may be empty. Differentiable in x and w. The torch path is a per-group loop of matmuls (so
     FlopCounterMode counts exactly the FLOPs executed); the Triton path never syncs with the host."""
     _check_gmm_args(x, w, group_sizes)
-    use = _use_triton(backend, x, w)
-    if use and backend == "auto" and x.dtype not in (torch.bfloat16, torch.float32):
-        use = False                                   # the GPU kernels take bf16 / fp32 (tf32)
-    if use:
+    gpu_ok = backend != "auto" or x.dtype in (torch.bfloat16, torch.float32)   # the GPU kernels: bf16 / fp32 (tf32)
+    if gpu_ok and _use_triton(backend, x, w):
         return _GroupedMatmulTriton.apply(x, w, group_sizes)
     if not group_sizes.is_cuda and int(group_sizes.sum()) != x.shape[0]:
         raise ValueError(f"grouped_matmul: group_sizes sum to {int(group_sizes.sum())} but x has {x.shape[0]} rows")
     return grouped_matmul_ref(x, w, group_sizes.cpu())
 
 
-# =====================================================================================================
-# 4. Triton kernels (GPU; on CPU tensors under TRITON_INTERPRET=1)
-# =====================================================================================================
-# Launch parameters come from one function, `launch_config(kernel, target, ...)`, for a GPU target (its compute
-# capability) or the interpreter; tests/test_gpu_compile.py compiles exactly what `compile_specs(target)` lists.
+# ==== 4. Triton kernels (GPU; on CPU tensors under TRITON_INTERPRET=1) ===============================================
+# Launch parameters come from one function, launch_config(kernel, target, ...); tests/test_gpu_compile.py compiles
+# every choice it can make for sm_80 / sm_90 (bench.compile_specs).
 
 POISON = False          # tests set True: kernel outputs start as NaN, so an element a kernel forgets to write fails
 
 
 def _empty(shape, like, dtype=None):
-    dtype = dtype or like.dtype
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    kw = dict(dtype=dtype or like.dtype, device=like.device)
+    return torch.full(shape, float("nan"), **kw) if POISON else torch.empty(shape, **kw)
 
 
 def _target(t):
@@ -461,12 +408,9 @@ def launch_config(kernel, target, *, dtype=torch.float32, n_state=16):
     num_warps / num_stages. Interpreter tiles are small (each program costs ~20 ms there, a scan element ~0.1 ms)
     and short in time so that tests at L = 64 or 100 cross several chunks."""
     interp = target == "interpreter"
-    if interp:
-        major = 0
-    else:
-        major = target[0]
-        if major < 8:
-            raise ValueError(f"kernels need compute capability >= 8.0 (bf16, cp.async); got {target}")
+    major = 0 if interp else target[0]
+    if not interp and major < 8:
+        raise ValueError(f"kernels need compute capability >= 8.0 (bf16, cp.async); got {target}")
     if kernel in ("scan_fwd", "scan_bwd"):
         if interp:
             return dict(BLOCK_R=4, BLOCK_T=16, num_warps=1, num_stages=1)
@@ -478,11 +422,10 @@ def launch_config(kernel, target, *, dtype=torch.float32, n_state=16):
             raise ValueError(f"selective_scan: the Triton kernels support N <= 64 state dims, got {n_state}")
         if dtype == torch.float64:
             raise ValueError("selective_scan: the Triton kernels on GPU compute in fp32; use backend='torch' for fp64")
-        # 3-D register tiles (BLOCK_D, BLOCK_N, BLOCK_T) of 1024 elements: what compiles with no stack on sm_80 and
-        # sm_90 under Triton 3.8 and 3.9 (tests/test_gpu_compile.py; 2048 for the fwd left 8 bytes of stack on sm_90
-        # once delta_bias, softplus, D and z were fused in). The bwd holds ~3x the fwd's live tiles (h, h_{t-1}, g,
-        # exp(delta A), ...), so it spreads them over 8 warps (with 4, Triton 3.8 left 8 bytes of stack at N = 32
-        # on sm_90). fwd and bwd share BLOCK_T: the bwd reuses the fwd's checkpoints.
+        # 3-D register tiles (BLOCK_D, BLOCK_N, BLOCK_T) of 1024 elements: no stack on sm_80 / sm_90 under Triton 3.8
+        # and 3.9 (tests/test_gpu_compile.py; 2048 left stack in the fused fwd). The bwd holds ~3x the fwd's live
+        # tiles (h, h_{t-1}, g, exp(delta A), ...): 8 warps (with 4, Triton 3.8 left 8 bytes of stack at N = 32 on
+        # sm_90). fwd and bwd share BLOCK_T: the bwd reuses the fwd's checkpoints.
         bn = _pow2(n_state, 16)
         bt = 32 if bn <= 32 else 16
         elems = 1024
@@ -581,7 +524,8 @@ if HAS_TRITON:
                 hr = _pick(h, cols, BLOCK_T - 1, 1)
 
     @triton.jit
-    def scan_bwd_kernel(a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, R, L, COMPLEX: tl.constexpr, CD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+    def scan_bwd_kernel(a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, R, L, COMPLEX: tl.constexpr,
+                        CD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
         """Reverse scan g_t = dh_t + a_{t+1} g_{t+1} (conj(a) for complex), chunks from the end, then
         db = g, da = g * conj(h_{t-1}) with h_{t-1} read from the forward output (h0 at t = 0)."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -824,7 +768,6 @@ if HAS_TRITON:
 
 
 # --- autograd wrappers around the kernels ---------------------------------------------------------------
-
 def _real(t):
     return torch.view_as_real(t) if t is not None and t.is_complex() else t
 
@@ -837,12 +780,11 @@ class _LinearScanTriton(torch.autograd.Function):
         R, L = a.shape
         cfg = launch_config("scan_fwd", _target(a))
         h = _empty((R, L), a)
-        cplx = a.is_complex()
-        grid = (triton.cdiv(R, cfg["BLOCK_R"]),)
         ctx.has_h0 = h0 is not None
         h0 = torch.zeros(R, dtype=a.dtype, device=a.device) if h0 is None else h0.to(a.dtype).contiguous()
-        scan_fwd_kernel[grid](_real(a), _real(b), _real(h0), _real(h), R, L, COMPLEX=cplx, CD=_cd(_real(a).dtype),
-                              **_launch_args(cfg))
+        scan_fwd_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](_real(a), _real(b), _real(h0), _real(h), R, L,
+                                                           COMPLEX=a.is_complex(), CD=_cd(_real(a).dtype),
+                                                           **_launch_args(cfg))
         ctx.save_for_backward(a, h, h0)
         return h
 
@@ -856,9 +798,7 @@ class _LinearScanTriton(torch.autograd.Function):
         scan_bwd_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
             _real(a), _real(h), _real(h0), _real(dh), _real(da), _real(db), R, L, COMPLEX=a.is_complex(),
             CD=_cd(_real(a).dtype), **_launch_args(cfg))
-        dh0 = None
-        if ctx.has_h0:
-            dh0 = ((a[:, 0].conj() if a.is_complex() else a[:, 0]) * db[:, 0]).to(h0.dtype)
+        dh0 = ((a[:, 0].conj() if a.is_complex() else a[:, 0]) * db[:, 0]).to(h0.dtype) if ctx.has_h0 else None
         return da, db, dh0
 
 
@@ -869,13 +809,11 @@ class _SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
-        b, d, L = u.shape
-        n = A.shape[1]
+        (b, d, L), n = u.shape, A.shape[1]
         cfg = launch_config("selective_fwd", _target(u), dtype=u.dtype, n_state=n)
         n_chunks = triton.cdiv(L, cfg["BLOCK_T"])
         cd = torch.float64 if u.dtype == torch.float64 else torch.float32
-        out = _empty((b, d, L), u)
-        last = _empty((b, d, n), u, cd)
+        out, last = _empty((b, d, L), u), _empty((b, d, n), u, cd)
         ckpt = _empty((b, n_chunks, d, n), u, cd)                          # state entering each chunk
         grid = (b, triton.cdiv(d, cfg["BLOCK_D"]))
         selective_fwd_kernel[grid](u, delta, A, B, C, D, u if z is None else z, delta_bias, out, last, ckpt,
@@ -888,8 +826,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        b, d, L = u.shape
-        n = A.shape[1]
+        (b, d, L), n = u.shape, A.shape[1]
         cfg = launch_config("selective_bwd", _target(u), dtype=u.dtype, n_state=n)
         n_chunks = ckpt.shape[1]
         assert triton.cdiv(L, cfg["BLOCK_T"]) == n_chunks, "fwd and bwd must share BLOCK_T"
@@ -897,8 +834,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         du, ddelta = _empty((b, d, L), u), _empty((b, d, L), delta)
         dz = _empty((b, d, L), z) if z is not None else None
         dA, dD, dbias = _empty((b, d, n), u, cd), _empty((b, d), u, cd), _empty((b, d), u, cd)   # per batch row
-        dB = torch.zeros(b, n, L, dtype=cd, device=u.device)                # atomic sums
-        dC = torch.zeros(b, n, L, dtype=cd, device=u.device)
+        dB, dC = (torch.zeros(b, n, L, dtype=cd, device=u.device) for _ in range(2))   # atomic sums
         dlast = torch.zeros(b, d, n, dtype=cd, device=u.device) if dlast is None else dlast.contiguous()
         selective_bwd_kernel[(b, triton.cdiv(d, cfg["BLOCK_D"]))](
             u, delta, A, B, C, D, u if z is None else z, delta_bias, ckpt, dout.contiguous(), dlast,
@@ -918,7 +854,7 @@ def _gmm_schedule(group_sizes, T, block_m):
     starts = ends - sizes.clamp(min=0)
     n_tiles = (ends - starts + block_m - 1) // block_m
     tile_end = torch.cumsum(n_tiles, 0)
-    ids = torch.arange(triton.cdiv(T, block_m) + G, device=sizes.device)
+    ids = torch.arange(-(-T // block_m) + G, device=sizes.device)                 # cdiv(T, BLOCK_M) + G
     tile_group = torch.searchsorted(tile_end, ids, right=True)
     tg = tile_group.clamp(max=G - 1)
     tile_row = starts[tg] + (ids - (tile_end - n_tiles)[tg]) * block_m
@@ -929,8 +865,7 @@ def _gmm_schedule(group_sizes, T, block_m):
 def _gmm_launch(x, w, sched, transpose_w):
     """y = x @ w[g] (or w[g]^T) per group with the schedule's tiles."""
     tile_group, tile_row, starts, ends = sched
-    G = w.shape[0]
-    K = x.shape[1]
+    G, K = w.shape[0], x.shape[1]
     M = w.shape[1] if transpose_w else w.shape[2]
     sg, sk, sm = (w.stride(0), w.stride(2), w.stride(1)) if transpose_w else w.stride()
     cfg = launch_config("gmm", _target(x), dtype=x.dtype)
@@ -963,119 +898,3 @@ class _GroupedMatmulTriton(torch.autograd.Function):
             grid = (G, triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(M, cfg["BLOCK_N"]))
             gmm_dw_kernel[grid](x, dy, dw, sched[2], sched[3], K, M, **_launch_args(cfg))
         return dx, dw, None
-
-
-# --- what a GPU can launch: every (kernel, dtype, flags, config), for the ahead-of-time compile test -----
-
-_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-
-
-def compile_specs(target):
-    """Every configuration the launchers above can launch on `target` ((8, 0), (9, 0), ...): a list of dicts
-    (name, fn, signature, constexprs, num_warps, num_stages) for triton.compile(ASTSource(...)). Built with the
-    same launch_config, so the compile test compiles what a GPU would run."""
-    specs = []
-
-    def add(name, fn, ptrs, ints, cfg, flags, div16=()):
-        # div16: the int arguments that are multiples of 16 at the bench sizes; with the pointers (torch
-        # allocations are 16-byte aligned) they get the divisibility hint a real launch would specialise on
-        sig = {**{p: "*" + t for p, t in ptrs.items()}, **{i: "i32" for i in ints}}
-        const = {**{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}, **flags}
-        sig.update({k: "constexpr" for k in const})
-        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in list(ptrs) + list(div16)}
-        specs.append(dict(name=name, fn=fn, signature=sig, constexprs=const, attrs=attrs,
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-
-    # linear scan: fp32 / bf16 / fp64 real, complex64 / complex128 through their real views; with and without h0
-    for dt, cplx in [(torch.float32, False), (torch.bfloat16, False), (torch.float64, False),
-                     (torch.float32, True), (torch.float64, True)]:
-        t = _TL[dt]
-        tag = f"{'c' if cplx else ''}{t}"
-        cd = _cd(dt)
-        add(f"scan_fwd[{tag}]", scan_fwd_kernel, dict(a_ptr=t, b_ptr=t, h0_ptr=t, h_ptr=t), ["R", "L"],
-            launch_config("scan_fwd", target), dict(COMPLEX=cplx, CD=cd), div16=("L",))
-        add(f"scan_bwd[{tag}]", scan_bwd_kernel, dict(a_ptr=t, h_ptr=t, h0_ptr=t, dh_ptr=t, da_ptr=t, db_ptr=t),
-            ["R", "L"], launch_config("scan_bwd", target), dict(COMPLEX=cplx, CD=cd), div16=("L",))
-    # selective scan: fp32 or bf16 activations (u, delta, B, C, z, out), fp32 parameters and state; N up to 16,
-    # 32, 64 (fp64 runs on the torch path on a GPU)
-    for dt in (torch.float32, torch.bfloat16):
-        t, f32 = _TL[dt], "fp32"
-        for n in (16, 32, 64):
-            add(f"selective_fwd[{t},N<={n}]", selective_fwd_kernel,
-                dict(u_ptr=t, delta_ptr=t, A_ptr=f32, B_ptr=t, C_ptr=t, D_ptr=f32, z_ptr=t, bias_ptr=f32, out_ptr=t,
-                     last_ptr=f32, ckpt_ptr=f32),
-                ["D", "L", "N", "n_chunks", "has_z", "softplus"], launch_config("selective_fwd", target, n_state=n),
-                dict(CD=tl.float32), div16=("D", "L", "N"))
-            add(f"selective_bwd[{t},N<={n}]", selective_bwd_kernel,
-                dict(u_ptr=t, delta_ptr=t, A_ptr=f32, B_ptr=t, C_ptr=t, D_ptr=f32, z_ptr=t, bias_ptr=f32, ckpt_ptr=f32,
-                     dout_ptr=t, dlast_ptr=f32, du_ptr=t, ddelta_ptr=t, dA_ptr=f32, dB_ptr=f32, dC_ptr=f32,
-                     dD_ptr=f32, dz_ptr=t, dbias_ptr=f32),
-                ["D", "L", "N", "n_chunks", "has_z", "softplus"], launch_config("selective_bwd", target, n_state=n),
-                dict(CD=tl.float32), div16=("D", "L", "N"))
-    # grouped matmul: bf16 / fp32 (tf32 tensor cores)
-    for dt in (torch.bfloat16, torch.float32):
-        t = _TL[dt]
-        add(f"gmm[{t}]", gmm_kernel, dict(x_ptr=t, w_ptr=t, y_ptr=t, tile_group_ptr="i32", tile_row_ptr="i32",
-                                          group_end_ptr="i32"),
-            ["K", "M", "G", "stride_wg", "stride_wk", "stride_wm"], launch_config("gmm", target, dtype=dt), {},
-            div16=("K", "M", "stride_wg", "stride_wk"))
-        add(f"gmm_dw[{t}]", gmm_dw_kernel, dict(x_ptr=t, dy_ptr=t, dw_ptr=t, group_start_ptr="i32",
-                                                group_end_ptr="i32"),
-            ["K", "M"], launch_config("gmm_dw", target, dtype=dt), {}, div16=("K", "M"))
-    return specs
-
-
-SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}   # max shared memory per block (opt-in), bytes
-
-
-def static_report(targets=((8, 0), (9, 0))):
-    """Compile every entry of compile_specs(target) ahead of time for each GPU target (no GPU needed) and read
-    the cubin's resources with the cuobjdump shipped in the triton wheel. Returns one dict per (spec, target):
-    name, kernel, target, num_warps, num_stages, regs, stack, local (spill bytes), static_shared,
-    dynamic_shared, mma (mma.sync in the PTX), wgmma, compile_s, or error. Under TRITON_INTERPRET=1 the
-    @triton.jit objects are interpreter stubs, so it runs itself in a child process without it."""
-    if _INTERPRET:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        code = f"import json, kernels; print('@@REPORT@@' + json.dumps(kernels.static_report({tuple(targets)!r})))"
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
-        if r.returncode:
-            raise RuntimeError("static_report child failed:\n" + r.stderr[-3000:])
-        return json.loads(r.stdout.split("@@REPORT@@")[-1])
-    jobs = [(tuple(cap), i) for cap in targets for i in range(len(compile_specs(tuple(cap))))]
-    workers = min(4, os.cpu_count() or 1)
-    if workers > 1:   # compiles are independent: a process pool (fork keeps this non-interpreted import)
-        import concurrent.futures
-        import multiprocessing
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as ex:
-            return list(ex.map(_compile_one, *zip(*jobs)))
-    return [_compile_one(cap, i) for cap, i in jobs]
-
-
-def _compile_one(cap, i):
-    """Compile compile_specs(cap)[i] for the GPU target cap and read its resource usage (see static_report)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    s = compile_specs(cap)[i]
-    rec = dict(name=s["name"], kernel=s["fn"].__name__, target=f"sm_{cap[0]}{cap[1]}", num_warps=s["num_warps"],
-               num_stages=s["num_stages"])
-    t0 = time.time()
-    try:
-        src = ASTSource(fn=s["fn"], signature=s["signature"], constexprs=s["constexprs"], attrs=s["attrs"])
-        c = triton.compile(src, target=GPUTarget("cuda", cap[0] * 10 + cap[1], 32),
-                           options=dict(num_warps=s["num_warps"], num_stages=s["num_stages"]))
-    except Exception as e:  # reported, and failed on by tests/test_gpu_compile.py
-        rec["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        return rec
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(c.asm["cubin"])
-        res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-    m = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res)}
-    ptx = c.asm["ptx"]
-    rec.update(regs=m.get("REG"), stack=m.get("STACK"), local=m.get("LOCAL"), static_shared=m.get("SHARED"),
-               dynamic_shared=c.metadata.shared, mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
-               compile_s=round(time.time() - t0, 2))
-    return rec

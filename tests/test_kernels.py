@@ -3,11 +3,9 @@ gradient, on fresh random inputs, with every kernel output poisoned (NaN) before
 
 Tolerances: float64 1e-9 (relative to the largest reference value); float32 1e-4; bfloat16 inputs 3e-2
 (bf16 keeps 8 bits of mantissa: one rounding of the output is 4e-3 relative, and the interpreter truncates
-where a GPU rounds). Interpreted sizes stay small (each program ~20 ms, each scan element ~0.1 ms there)."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")   # conftest sets it too; it must precede the import of kernels
-
+where a GPU rounds). Interpreted sizes stay small (each program ~20 ms, each scan element ~0.1 ms there).
+tests/conftest.py sets TRITON_INTERPRET=1 (CPU machines) and skips every backend="triton" case, with its reason,
+where triton is not installed or CUDA is present (tests/test_gpu_check.py runs the compiled kernels there)."""
 import pytest
 import torch
 
@@ -54,6 +52,10 @@ def grads(out, inputs, gout):
 
 # ------------------------------------------------------------------------------------------------ linear scan
 
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.requires_triton
 def test_combine_is_associative_and_matches_two_steps():
     """The kernels' combine functions (called on torch tensors) compose steps and are associative."""
     g = torch.Generator().manual_seed(1)
@@ -79,38 +81,38 @@ def test_combine_is_associative_and_matches_two_steps():
 @pytest.mark.parametrize("dtype", [F64, torch.complex128])
 @pytest.mark.parametrize("L", [1, 7, 64, 100])
 @pytest.mark.parametrize("with_h0", [False, True])
-def test_linear_scan_backends_match_oracle(dtype, L, with_h0):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_scan_backends_match_oracle(dtype, L, with_h0, backend):
     a, b, h0 = scan_inputs((2, 3, L), dtype, seed=L)                    # 6 rows: not a multiple of BLOCK_R
     h0 = h0 if with_h0 else None
     ins = [t.requires_grad_() for t in (a, b, h0) if t is not None]
     ref = K.linear_scan_ref(a, b, h0)
     gout = torch.randn_like(ref)
     g_ref = grads([ref], ins, [gout])
-    for backend in ("torch", "triton"):
-        h = K.linear_scan(a, b, h0, backend=backend)
-        assert h.dtype == dtype and h.shape == a.shape
-        assert rel_err(h, ref) < 1e-9, backend
-        for g, gr in zip(grads([h], ins, [gout]), g_ref):
-            assert rel_err(g, gr) < 1e-9, backend
+    h = K.linear_scan(a, b, h0, backend=backend)
+    assert h.dtype == dtype and h.shape == a.shape
+    assert rel_err(h, ref) < 1e-9
+    for g, gr in zip(grads([h], ins, [gout]), g_ref):
+        assert rel_err(g, gr) < 1e-9
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.complex64, 1e-4)])
-def test_linear_scan_low_precision(dtype, tol):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_scan_low_precision(dtype, tol, backend):
     a, b, h0 = scan_inputs((3, 40), dtype, seed=3)
     ins = [t.requires_grad_() for t in (a, b, h0)]
     up = (lambda t: t.to(torch.complex128)) if dtype.is_complex else (lambda t: t.to(F64))
     ref = K.linear_scan_ref(up(a), up(b), up(h0))
     gout = torch.randn_like(ref)
     g_ref = grads([ref], ins, [gout])
-    for backend in ("torch", "triton"):
-        h = K.linear_scan(a, b, h0, backend=backend)
-        assert h.dtype == dtype
-        assert rel_err(h, ref) < tol, backend
-        for g, gr in zip(grads([h], ins, [gout.to(dtype)]), g_ref):
-            assert rel_err(g, gr) < tol, backend
+    h = K.linear_scan(a, b, h0, backend=backend)
+    assert h.dtype == dtype
+    assert rel_err(h, ref) < tol
+    for g, gr in zip(grads([h], ins, [gout.to(dtype)]), g_ref):
+        assert rel_err(g, gr) < tol
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_scan_gradcheck(backend):
     for dtype in (F64, torch.complex128):
         a, b, h0 = scan_inputs((3, 20), dtype, seed=4)                  # 20 > one interpreter chunk (16)
@@ -121,7 +123,7 @@ def test_linear_scan_gradcheck(backend):
                                         fast_mode=backend == "triton")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_scan_is_causal(backend):
     a, b, _ = scan_inputs((4, 50), F64, seed=5)
     h = K.linear_scan(a, b, backend=backend)
@@ -154,7 +156,8 @@ SS_CASES = [  # (b, d, n, L, use_D, use_z, use_bias, softplus)
 
 
 @pytest.mark.parametrize("case", SS_CASES)
-def test_selective_scan_backends_match_oracle(case):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selective_scan_backends_match_oracle(case, backend):
     b, d, n, L, use_D, use_z, use_bias, softplus = case
     u, delta, A, B, C, D, z, bias = ss_inputs(b, d, n, L, softplus, seed=L)
     D, z, bias = (D if use_D else None), (z if use_z else None), (bias if use_bias else None)
@@ -164,18 +167,17 @@ def test_selective_scan_backends_match_oracle(case):
     gy, gl = torch.randn_like(out_ref), torch.randn_like(last_ref)
     g_ref = grads([out_ref, last_ref], ins, [gy, gl])
     g_ref_y = grads([out_ref], ins, [gy])
-    for backend in ("torch", "triton"):
-        out, last = K.selective_scan(*args, delta_softplus=softplus, return_last_state=True, backend=backend)
-        assert out.shape == (b, d, L) and last.shape == (b, d, n)
-        assert rel_err(out, out_ref) < 1e-9 and rel_err(last, last_ref) < 1e-9, backend
-        for i, (g, gr) in enumerate(zip(grads([out, last], ins, [gy, gl]), g_ref)):
-            assert rel_err(g, gr) < 1e-9, (backend, i)
-        out = K.selective_scan(*args, delta_softplus=softplus, backend=backend)    # no last-state gradient
-        for i, (g, gr) in enumerate(zip(grads([out], ins, [gy]), g_ref_y)):
-            assert rel_err(g, gr) < 1e-9, (backend, i)
+    out, last = K.selective_scan(*args, delta_softplus=softplus, return_last_state=True, backend=backend)
+    assert out.shape == (b, d, L) and last.shape == (b, d, n)
+    assert rel_err(out, out_ref) < 1e-9 and rel_err(last, last_ref) < 1e-9
+    for i, (g, gr) in enumerate(zip(grads([out, last], ins, [gy, gl]), g_ref)):
+        assert rel_err(g, gr) < 1e-9, i
+    out = K.selective_scan(*args, delta_softplus=softplus, backend=backend)    # no last-state gradient
+    for i, (g, gr) in enumerate(zip(grads([out], ins, [gy]), g_ref_y)):
+        assert rel_err(g, gr) < 1e-9, i
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_selective_scan_gradcheck(backend):
     u, delta, A, B, C, D, z, bias = ss_inputs(1, 2, 2, 18, True, seed=7)
     ins = tuple(t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias))
@@ -184,18 +186,18 @@ def test_selective_scan_gradcheck(backend):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_selective_scan_low_precision(dtype, tol):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selective_scan_low_precision(dtype, tol, backend):
     args = ss_inputs(2, 3, 4, 20, True, dtype=dtype, seed=8)
     ins = [t.requires_grad_() for t in args]
     ref = K.selective_scan_ref(*[t.double() for t in args], delta_softplus=True)
     gy = torch.randn_like(ref)
     g_ref = grads([ref], ins, [gy])
-    for backend in ("torch", "triton"):
-        out = K.selective_scan(*args, delta_softplus=True, backend=backend)
-        assert out.dtype == dtype
-        assert rel_err(out, ref) < tol, backend
-        for g, gr in zip(grads([out], ins, [gy.to(dtype)]), g_ref):
-            assert rel_err(g, gr) < tol, backend
+    out = K.selective_scan(*args, delta_softplus=True, backend=backend)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < tol
+    for g, gr in zip(grads([out], ins, [gy.to(dtype)]), g_ref):
+        assert rel_err(g, gr) < tol
 
 
 def test_selective_scan_matches_linear_scan():
@@ -215,7 +217,8 @@ GROUPS = [[5, 0, 17], [22], [0, 0, 9, 13], [3, 1, 1], [0, 4, 0]]
 
 @pytest.mark.parametrize("sizes", GROUPS)
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_grouped_matmul_backends_match_oracle(sizes, dtype, tol):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_matmul_backends_match_oracle(sizes, dtype, tol, backend):
     g = torch.Generator().manual_seed(sum(sizes))
     gs = torch.tensor(sizes)
     T = int(gs.sum())
@@ -224,18 +227,17 @@ def test_grouped_matmul_backends_match_oracle(sizes, dtype, tol):
     ref = K.grouped_matmul_ref(x.double(), w.double(), gs)
     gy = torch.randn_like(ref)
     g_ref = grads([ref], [x, w], [gy])
-    for backend in ("torch", "triton"):
-        y = K.grouped_matmul(x, w, gs, backend=backend)
-        assert y.dtype == dtype and y.shape == (T, 18)
-        assert rel_err(y, ref) < tol, backend
-        dx, dw = grads([y], [x, w], [gy.to(dtype)])
-        assert rel_err(dx, g_ref[0]) < tol and rel_err(dw, g_ref[1]) < tol, backend
-        for gi, n in enumerate(sizes):
-            if n == 0:
-                assert (dw[gi] == 0).all()                              # an empty group's weight gets zero
+    y = K.grouped_matmul(x, w, gs, backend=backend)
+    assert y.dtype == dtype and y.shape == (T, 18)
+    assert rel_err(y, ref) < tol
+    dx, dw = grads([y], [x, w], [gy.to(dtype)])
+    assert rel_err(dx, g_ref[0]) < tol and rel_err(dw, g_ref[1]) < tol
+    for gi, n in enumerate(sizes):
+        if n == 0:
+            assert (dw[gi] == 0).all()                                  # an empty group's weight gets zero
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_grouped_matmul_gradcheck(backend):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 5, generator=g, dtype=F64, requires_grad=True)
@@ -278,16 +280,16 @@ def test_sort_by_group_and_unsort():
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
 
 
-def test_moe_style_roundtrip_equals_per_token_weights():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_style_roundtrip_equals_per_token_weights(backend):
     """sort -> grouped_matmul -> unsort equals applying each token's own group weight."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 3, (2, 8), generator=g)
     x = torch.randn(2, 8, 6, generator=g)
     w = torch.randn(3, 6, 5, generator=g)
     order, sizes = K.sort_by_group(ids, 3)
-    for backend in ("torch", "triton"):
-        y = K.unsort(K.grouped_matmul(x.reshape(-1, 6)[order], w, sizes, backend=backend), order).reshape(2, 8, 5)
-        torch.testing.assert_close(y, torch.einsum("btk,btkm->btm", x, w[ids]), rtol=1e-5, atol=1e-5)
+    y = K.unsort(K.grouped_matmul(x.reshape(-1, 6)[order], w, sizes, backend=backend), order).reshape(2, 8, 5)
+    torch.testing.assert_close(y, torch.einsum("btk,btkm->btm", x, w[ids]), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -324,7 +326,8 @@ def test_launch_config_rejects_unsupported_gpu_settings():
         K.launch_config("selective_fwd", (9, 0), n_state=128)
 
 
-def test_selective_scan_softplus_threshold_and_extremes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selective_scan_softplus_threshold_and_extremes(backend):
     """The fused Triton softplus (torch's threshold 20) matches F.softplus over a wide range of delta."""
     u, delta, A, B, C, D, z, bias = ss_inputs(1, 3, 2, 24, True, seed=11)
     delta = torch.linspace(-30, 30, 3 * 24, dtype=F64).reshape(1, 3, 24)
@@ -333,7 +336,7 @@ def test_selective_scan_softplus_threshold_and_extremes():
     ref = K.selective_scan_ref(*ins, delta_softplus=True)
     gy = torch.randn_like(ref)
     g_ref = grads([ref], ins, [gy])
-    out = K.selective_scan(*ins, delta_softplus=True, backend="triton")
+    out = K.selective_scan(*ins, delta_softplus=True, backend=backend)
     assert rel_err(out, ref) < 1e-9
     for g, gr in zip(grads([out], ins, [gy]), g_ref):
         assert rel_err(g, gr) < 1e-9
@@ -341,7 +344,7 @@ def test_selective_scan_softplus_threshold_and_extremes():
 
 # ------------------------------------------------------------------------------------------------ FLOP tally
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_flop_tally_matches_hand_count(backend):
     """The documented analytic counts, by hand: selective scan 9 per (batch, dim, state, step) + 1 per
     (batch, dim, step) each for D and z; linear scan 4 per real element, 16 per complex one; backward 2x."""
@@ -367,7 +370,7 @@ def test_flop_tally_matches_hand_count(backend):
         K.add_flops(7)
     assert inner.flops == 4 * 42 and outer.flops == 4 * 42 + 3 * 16 * 14 + 7
     K.linear_scan(a, bb, backend=backend)                                   # no tally active: nothing counted
-    assert outer.flops == 4 * 42 + 3 * 16 * 14 + 7 and not K._TALLIES
+    assert outer.flops == 4 * 42 + 3 * 16 * 14 + 7 and not K.flop_tally.active
 
 
 def test_flop_tally_output_is_usable_in_place():

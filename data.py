@@ -103,8 +103,30 @@ def render(scene, rng=None, noise=0.0, jitter=(0, 0)):
     """scene = (shape, colour, size, position) indices -> image (3, 16, 16) float32 in [0, 1].
     With rng: the object jitters by up to 1 pixel and the background is one of 4 dark colours; `noise` adds
     Gaussian pixel noise (off in the world: noise the model cannot predict only raises the loss floor)."""
-    shape, colour, size, pos = scene
-    jy, jx = (rng.integers(-1, 2, size=2) if rng is not None else jitter)
+    if rng is None:
+        return _clean_image((*scene, *(int(j) for j in jitter), -1)).copy()
+    key = draw_image(scene, rng)
+    if noise > 0:
+        img = _image64(key) + rng.normal(0.0, noise, size=(CH, IMG, IMG))
+        return np.clip(img, 0.0, 1.0).astype(np.float32)
+    return _clean_image(key).copy()
+
+
+def draw_image(scene, rng):
+    """The random draws of one rendered image -- jitter (jy, jx), then the background -- in render()'s order:
+    -> key (shape, colour, size, position, jy, jx, background); bg = -1 is the plain grey of render(rng=None).
+    The image is a pure function of its key, so the world caches images, tokens and patches by key (speed)."""
+    # two scalar draws give the same numbers as rng.integers(-1, 2, size=2), at a third of its cost
+    jy, jx = int(rng.integers(-1, 2)), int(rng.integers(-1, 2))
+    return (*scene, jy, jx, int(rng.integers(len(BACKGROUNDS))))
+
+
+@functools.lru_cache(maxsize=None)
+def _object_mask(shape, size, pos, jy, jx, drawn):
+    """(16, 16) bool: where the object covers the image. `drawn`: the jitter came from rng (numpy ints), so the
+    geometry is computed in float64 as it always was; else (a given jitter) in float32."""
+    if drawn:
+        jy, jx = np.int64(jy), np.int64(jx)
     cy, cx = 3.5 + 8 * (pos // 2) + jy, 3.5 + 8 * (pos % 2) + jx
     r = (2.2, 3.6)[size]
     yy, xx = np.mgrid[0:IMG, 0:IMG].astype(np.float32)
@@ -113,11 +135,34 @@ def render(scene, rng=None, noise=0.0, jitter=(0, 0)):
             "square": np.maximum(abs(dy), abs(dx)) <= 0.85 * r,
             "triangle": (dy <= 0.8 * r) & (dy >= -r) & (abs(dx) <= (dy + r) * 0.55),
             "cross": ((abs(dx) <= r / 3) & (abs(dy) <= r)) | ((abs(dy) <= r / 3) & (abs(dx) <= r))}[SHAPES[shape]]
-    bg = np.array(BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]) if rng is not None else np.full(3, 0.15)
-    img = np.where(mask[None], np.array(RGB[COLOURS[colour]])[:, None, None], bg[:, None, None])
-    if rng is not None and noise > 0:
-        img = img + rng.normal(0.0, noise, size=img.shape)
-    return np.clip(img, 0.0, 1.0).astype(np.float32)
+    mask.flags.writeable = False
+    return mask
+
+
+def _image64(key):
+    shape, colour, size, pos, jy, jx, bg = key
+    mask = _object_mask(shape, size, pos, jy, jx, bg >= 0)
+    bg = np.array(BACKGROUNDS[bg]) if bg >= 0 else np.full(3, 0.15)
+    return np.where(mask[None], np.array(RGB[COLOURS[colour]])[:, None, None], bg[:, None, None])
+
+
+@functools.lru_cache(maxsize=None)
+def _clean_image(key):
+    img = np.clip(_image64(key), 0.0, 1.0).astype(np.float32)
+    img.flags.writeable = False      # shared by every row that draws this key: never modify it in place
+    return img
+
+
+@functools.lru_cache(maxsize=None)
+def _image_tokens(key):
+    return tuple(int(t) for t in tokenize_image(_clean_image(key)))
+
+
+@functools.lru_cache(maxsize=None)
+def _image_patches(key):
+    p = to_patches(_clean_image(key) * 2 - 1)
+    p.flags.writeable = False
+    return p
 
 
 def to_patches(img):
@@ -154,14 +199,25 @@ def codebook():
     return c.astype(np.float32)
 
 
-def _nearest(x, c):
-    return np.argmin((x ** 2).sum(1, keepdims=True) - 2 * x @ c.T + (c ** 2).sum(1)[None], axis=1)
+def _nearest(x, c, c_t=None, c_sq=None):
+    """Index of the nearest row of c for each row of x (squared distance). c_t = c.T, c_sq = (c ** 2).sum(1)[None]
+    may be passed precomputed (the same numbers, computed once)."""
+    c_t = c.T if c_t is None else c_t
+    c_sq = (c ** 2).sum(1)[None] if c_sq is None else c_sq
+    return np.argmin((x ** 2).sum(1, keepdims=True) - 2 * x @ c_t + c_sq, axis=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _codebook_terms():
+    c = codebook()
+    return c.T.astype(np.float64), (c ** 2).sum(1)[None]   # exact upcast: what x (float64) @ c.T computes in
 
 
 def tokenize_image(img):
     """(3, 16, 16) or (N, 3, 16, 16) -> image token ids (16,) / (N, 16), in the image id range."""
     p = to_patches(img)
-    return _nearest(p.reshape(-1, PATCH_DIM).astype(np.float64), codebook()).reshape(p.shape[:-1]) + OFFSETS[IMAGE]
+    c_t, c_sq = _codebook_terms()
+    return _nearest(p.reshape(-1, PATCH_DIM).astype(np.float64), None, c_t, c_sq).reshape(p.shape[:-1]) + OFFSETS[IMAGE]
 
 
 def detokenize_image(ids):
@@ -189,31 +245,53 @@ def language():
     return rng.integers(0, n, size=(n, n, 3)) + len(SPECIALS)
 
 
+_NEXT_CDF = np.cumsum(np.array((0.7, 0.2, 0.1)))   # a word's 3 successors' probabilities, as a CDF (as
+_NEXT_CDF /= _NEXT_CDF[-1]                          # rng.choice(3, p=...) builds it)
+
+
+@functools.lru_cache(maxsize=None)
+def _successors():
+    return language().tolist()
+
+
 def story(rng, n_words):
-    """A text-only document of n_words words of language(), ended by "."."""
-    nxt, k0 = language(), len(SPECIALS)
-    a, b = (int(x) for x in rng.integers(k0, len(WORDS), size=2))
+    """A text-only document of n_words words of language(), ended by ".".
+    (rng.choice(3, p=(0.7, 0.2, 0.1)) per word, drawn at once: one uniform per word, read through the CDF.)"""
+    nxt, k0 = _successors(), len(SPECIALS)
+    a, b = int(rng.integers(k0, len(WORDS))), int(rng.integers(k0, len(WORDS)))   # = integers(.., size=2), faster
     out = [a, b]
-    for _ in range(n_words - 2):
-        a, b = b, int(nxt[a - k0, b - k0, rng.choice(3, p=(0.7, 0.2, 0.1))])
+    for c in np.searchsorted(_NEXT_CDF, rng.random(n_words - 2), side="right").tolist():
+        a, b = b, nxt[a - k0][b - k0][c]
         out.append(b)
     return out + [SEP]
 
 
 def caption_words(scene, rng):
+    return list(_caption(tuple(scene), int(rng.integers(len(TEMPLATES))))[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _caption(scene, template):
+    """-> (words, ids + ["."]) of the scene's caption in one template."""
     shape, colour, size, pos = scene
-    t = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
-    return t.format(s=SIZES[size], c=COLOURS[colour], h=SHAPES[shape], v=POSITIONS[pos][0], p=POSITIONS[pos][1]).split()
+    words = tuple(TEMPLATES[template].format(s=SIZES[size], c=COLOURS[colour], h=SHAPES[shape], v=POSITIONS[pos][0],
+                                             p=POSITIONS[pos][1]).split())
+    return words, tuple(WORD_ID[w] for w in words) + (SEP,)
 
 
 def speak(words, rng):
     """Speech codes for a list of words: each code of the word's pronunciation held 1 or 2 steps (no random codes:
     unpredictable noise only raises every model's loss floor and hides the differences; RESULTS.md)."""
-    out = []
+    out, say = [], _pronounced()
     for w in words:
-        for code in pronunciations()[w]:
-            out += [code + OFFSETS[SPEECH]] * int(rng.integers(1, 3))
+        for code in say[w]:
+            out += [code] * int(rng.integers(1, 3))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _pronounced():
+    return {w: [int(c) + OFFSETS[SPEECH] for c in codes] for w, codes in pronunciations().items()}
 
 
 # --- scoring: read a caption or an image back into attributes ------------------------------------------------
@@ -286,6 +364,39 @@ def shuffled_chance(pred, scenes, seed=0):
 
 
 # --- datasets ----------------------------------------------------------------------------------------------------
+class RowRng:
+    """numpy's default_rng(seed), with its most called draws made cheaper: one random() or one integers(low, high)
+    goes straight to the bit generator (numpy's own C functions, via its ctypes interface) and repeats numpy's
+    arithmetic -- a double from one 64-bit draw; a bounded integer by Lemire's method on 32-bit draws -- so the
+    numbers are exactly numpy's (tests/test_data.py checks it), at about half the cost. All else goes to numpy."""
+
+    def __init__(self, seed):
+        self.gen = np.random.default_rng(seed)
+        c = self.gen.bit_generator.ctypes
+        self._state, self._u32, self._f64 = c.state, c.next_uint32, c.next_double
+
+    def random(self, size=None):
+        return self._f64(self._state) if size is None else self.gen.random(size)
+
+    def integers(self, low, high=None, size=None):
+        if high is None:
+            low, high = 0, low
+        n = high - low
+        if size is not None or not 1 <= n < 2 ** 32:
+            return self.gen.integers(low, high, size)
+        if n == 1:
+            return low                                   # numpy draws nothing for a range of one
+        m = self._u32(self._state) * n
+        if m & 0xFFFFFFFF < n:                           # Lemire's rejection: only in the biased low strip
+            threshold = (2 ** 32 - n) % n
+            while m & 0xFFFFFFFF < threshold:
+                m = self._u32(self._state) * n
+        return low + (m >> 32)
+
+    def __getattr__(self, name):                         # permutation, choice, normal, ...: numpy itself
+        return getattr(self.gen, name)
+
+
 def global_rows(split, batch_size, index, rank=0, world_size=1):
     """The global row numbers of the batch for micro-step `index` on `rank` of `world_size` (module docstring)."""
     if split not in SPLITS:
@@ -298,6 +409,9 @@ def row_ids(split, rows):
     """batch["row_id"]: int64 (B,), one id per row that depends only on (split, global row), never on how the rows
     are split over ranks or micro-batches: models that draw per-row randomness seed it from this (DDP = one process)."""
     return torch.tensor([SPLITS[split] * ROW_ID_SPLIT + r for r in rows], dtype=torch.int64)
+
+
+_PATCH_SPAN = [BOI] + [PAD] * N_PATCHES + [EOI]      # a continuous image in the token stream (patches go alongside)
 
 
 class ToyWorld:
@@ -325,15 +439,14 @@ class ToyWorld:
     # A pair is a list of segments; a segment is (ids, modality) or, for continuous images, ("patches", array).
     def _pair(self, rng):
         scene = tuple(int(rng.integers(n)) for n in N_VALUES)
-        words = caption_words(scene, rng)
-        cap = [WORD_ID[w] for w in words] + [SEP]
-        segs = [("text", cap)]
+        words, cap = _caption(scene, int(rng.integers(len(TEMPLATES))))  # = caption_words(scene, rng), cached
+        segs = [("text", list(cap))]
         if self.setting != "text":
-            img = render(scene, rng)
+            key = draw_image(scene, rng)                   # = render(scene, rng); images cached by their draws
             if self.setting == "transfusion":
-                segs.append(("patches", to_patches(img * 2 - 1)))
+                segs.append(("patches", _image_patches(key)))
             else:
-                segs.append(("image", [BOI] + list(tokenize_image(img)) + [EOI]))
+                segs.append(("image", [BOI, *_image_tokens(key), EOI]))
             if self.setting == "speech":
                 segs.append(("speech", [BOSP] + speak(words, rng) + [EOSP]))
             if self.setting == "transfusion":  # Transfusion Sec. 4.1: "ordering the caption first 80% of the time"
@@ -344,58 +457,57 @@ class ToyWorld:
         return segs
 
     def _row(self, split, r):
-        rng = np.random.default_rng([self.seed, SPLITS[split], r])
+        """Row r of a split -> tokens (T+1,), and for transfusion the patches (T+1, 48), image index and image-first
+        flag per position. Modalities are not stored: they follow from the tokens (see modality_of)."""
+        rng = RowRng([self.seed, SPLITS[split], r])
         T = self.seq_len + 1
-        tok, mod, pat, img_idx, img_first = [BOS], [TEXT], [], [-1], [False]
-        n_img, caption_seen = 0, False
+        tok, images = [BOS], []                             # images: (start, patches, image first) for transfusion
         while len(tok) < T:
             if rng.random() < 0.12:  # a new document
-                tok.append(BOS); mod.append(TEXT); img_idx.append(-1); img_first.append(False)
+                tok.append(BOS)
             if self.text_docs and rng.random() < self.text_docs:  # a text-only document (its own statistics; no image to read)
-                x = story(rng, int(rng.integers(16, 48)))
-                tok += x; mod += [TEXT] * len(x); img_idx += [-1] * len(x); img_first += [False] * len(x)
+                tok += story(rng, int(rng.integers(16, 48)))
                 continue
             segs = self._pair(rng)
-            kinds = [k for k, _ in segs]
-            first = kinds.index("patches") < kinds.index("text") if "patches" in kinds else False
             for kind, x in segs:
                 if kind == "patches":
-                    tok += [BOI] + [PAD] * N_PATCHES + [EOI]
-                    mod += [TEXT] + [IMAGE] * N_PATCHES + [TEXT]
-                    img_idx += [-1] + [n_img] * N_PATCHES + [-1]
-                    img_first += [False] + [first] * N_PATCHES + [False]
-                    pat.append((len(tok) - N_PATCHES - 1, x))
-                    n_img += 1
+                    images.append((len(tok) + 1, x, segs[0][0] == "patches"))
+                    tok += _PATCH_SPAN
                 else:
                     tok += x
-                    m = {"text": TEXT, "image": IMAGE, "speech": SPEECH}[kind]
-                    mod += [TEXT] + [m] * (len(x) - 2) + [TEXT] if kind != "text" else [TEXT] * len(x)
-                    img_idx += [-1] * len(x)
-                    img_first += [False] * len(x)
-        tok, mod, img_idx, img_first = (np.array(a[:T]) for a in (tok, mod, img_idx, img_first))
-        patches = None
-        if self.setting == "transfusion":
-            patches = np.zeros((T, PATCH_DIM), np.float32)
-            for start, x in pat:
-                n = min(N_PATCHES, T - start)
-                if n > 0:
-                    patches[start:start + n] = x[:n]
-        return tok, mod, patches, img_idx, img_first
+        tok = np.array(tok[:T])
+        if self.setting != "transfusion":
+            return tok, None, None, None
+        patches, img_idx, img_first = np.zeros((T, PATCH_DIM), np.float32), np.full(T, -1), np.zeros(T, bool)
+        for i, (start, x, first) in enumerate(images):
+            n = min(N_PATCHES, T - start)
+            if n > 0:
+                patches[start:start + n] = x[:n]
+                img_idx[start:start + n] = i
+                img_first[start:start + n] = first
+        return tok, patches, img_idx, img_first
+
+    def modality_of(self, tokens, image_index=None):
+        """Modality id of every token: the id range it falls in (markers are text); in the transfusion setting the
+        image positions (image_index >= 0) are image, the rest text."""
+        if image_index is not None:
+            return (image_index >= 0).long() * IMAGE
+        return torch.bucketize(tokens, torch.tensor(OFFSETS[1:self.n_modalities]), right=True)
 
     def get_batch(self, split, batch_size, index, rank=0, world_size=1):
         ids = global_rows(split, batch_size, index, rank, world_size)
         rows = [self._row(split, r) for r in ids]
         tok = torch.from_numpy(np.stack([r[0] for r in rows])).long()
-        mod = torch.from_numpy(np.stack([r[1] for r in rows])).long()
+        idx = torch.from_numpy(np.stack([r[2] for r in rows])).long() if self.setting == "transfusion" else None
+        mod = self.modality_of(tok, idx)
         x, y = tok[:, :-1].contiguous(), tok[:, 1:].clone()
         b = dict(tokens=x, modality=mod[:, :-1].contiguous(), target_modality=mod[:, 1:].contiguous())
         if self.setting == "transfusion":
-            idx = torch.from_numpy(np.stack([r[3] for r in rows])).long()
             # the LM loss covers text -> text/marker predictions only: no target at or into a patch
             y[(idx[:, :-1] >= 0) | (idx[:, 1:] >= 0)] = -1
-            b.update(patches=torch.from_numpy(np.stack([r[2] for r in rows]))[:, :-1].contiguous(),
+            b.update(patches=torch.from_numpy(np.stack([r[1] for r in rows]))[:, :-1].contiguous(),
                      image_index=idx[:, :-1].contiguous(),
-                     image_first=torch.from_numpy(np.stack([r[4] for r in rows]))[:, :-1].contiguous())
+                     image_first=torch.from_numpy(np.stack([r[3] for r in rows]))[:, :-1].contiguous())
         b.update(targets=y, loss_mask=y != -1, row_id=row_ids(split, ids))
         return b
 
@@ -496,7 +608,7 @@ class Bytes:
                     modality_offsets=(0,))
 
     def _row(self, split, r):
-        rng = np.random.default_rng([self.seed, SPLITS[split], r])
+        rng = RowRng([self.seed, SPLITS[split], r])
         T = self.seq_len + 1
         if self.file is not None:
             data = self.file[split]

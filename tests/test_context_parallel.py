@@ -1,0 +1,289 @@
+"""context_parallel.py on CPU with gloo: 2 and 4 processes (world 2: cp 2; world 4: cp 4, and dp 2 x cp 2).
+
+Every check runs on every rank of a cp group with the same whole-sequence inputs (a different draw per dp replica):
+  - outputs on this rank's slice == the one-process computation on the whole sequence (float64 where the code allows);
+  - the gradient of every input and parameter, summed over the cp group (each rank holds its slice's share) == the
+    one-process gradient;
+  - causality: changing position p changes no output before p on any rank, and does change the last rank's;
+  - bytes each rank sends per call (forward + backward): the same at L and 2L for scans, halo and norm statistics;
+    doubled at 2L for ring attention.
+All checks of one world size run in ONE set of forked processes (module fixture); each test reads its result.
+"""
+import json
+import math
+import os
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import context_parallel as C
+import kernels
+
+CHECKS = {}
+LAYOUTS = {"world2-cp2": (2, 2), "world4-cp4": (4, 4), "world4-dp2xcp2": (4, 2)}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+# ---- helpers run inside the workers ---------------------------------------------------------------------------------
+
+def leaf(*shape, dtype=torch.float64, lo=None, hi=None):
+    t = torch.randn(*shape, dtype=dtype) if lo is None else lo + (hi - lo) * torch.rand(*shape, dtype=dtype)
+    return t.requires_grad_()
+
+
+def summed_grads(tensors, cp):
+    """Each tensor's .grad summed over the cp group (complex via its real view); the grads are then cleared."""
+    out = []
+    for t in tensors:
+        g = torch.view_as_real(t.grad).clone() if t.grad.is_complex() else t.grad.clone()
+        dist.all_reduce(g, group=cp.group)
+        out.append(torch.view_as_complex(g) if t.grad.is_complex() else g)
+        t.grad = None
+    return out
+
+
+def assert_same(cp_fn, ref_fn, inputs, cp, dim=-1, tol=1e-10):
+    """cp_fn(inputs) on this rank's slice vs ref_fn(inputs) on the whole sequence: outputs and every input's gradient.
+    The loss is a fixed random weighting of the outputs (the same draw on every rank)."""
+    ref = ref_fn(*inputs)
+    w = torch.randn(ref.shape, dtype=ref.dtype)
+    (ref * w).sum().real.backward()
+    ref_grads = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    out = cp_fn(*inputs)
+    assert out.shape == C.split_sequence(ref, dim, cp).shape
+    (out * C.split_sequence(w, dim, cp)).sum().real.backward()
+    torch.testing.assert_close(out, C.split_sequence(ref, dim, cp).detach(), rtol=tol, atol=tol)
+    for i, (g, rg) in enumerate(zip(summed_grads(inputs, cp), ref_grads)):
+        torch.testing.assert_close(g, rg, rtol=tol, atol=tol, msg=lambda m: f"input {i}: {m}")
+
+
+def assert_causal(cp_fn, inputs, cp, pos_dims, reaches_end=True):
+    """Perturb every input at global position p = L/2 - 1 (the last position of rank R/2 - 1): no output before p
+    changes (bitwise) on any rank; rank R/2's first output changes (the change crossed the slice boundary), and with
+    reaches_end (recurrences, attention) so does the last rank's last output."""
+    with torch.no_grad():
+        y1 = cp_fn(*inputs)
+        bumped = [t.clone() for t in inputs]
+        for t, d in zip(bumped, pos_dims):
+            if d is not None:
+                t.select(d, t.shape[d] // 2 - 1).add_(1.0)
+        y2 = cp_fn(*bumped)
+    Lr = y1.shape[-1]
+    changed = (y1 != y2).reshape(-1, Lr).any(0)                       # per local position (time is the last dim)
+    p = (cp.size * Lr) // 2 - 1
+    assert not changed[cp.rank * Lr + torch.arange(Lr) < p].any(), "an output before the changed position moved"
+    if cp.rank == cp.size // 2:
+        assert changed[0], "the change did not cross the slice boundary"
+    if reaches_end and cp.rank == cp.size - 1:
+        assert changed[-1], "the last rank's last output did not see the change"
+
+
+def bytes_per_call(fn):
+    C.reset_sent()
+    out = fn()
+    out.real.sum().backward() if out.is_complex() else out.sum().backward()
+    return C.SENT["forward"], C.SENT["backward"]
+
+
+# ---- 2. LASP-2 scans -------------------------------------------------------------------------------------------------
+
+def _real_scan_inputs(L):
+    return leaf(2, 3, L, lo=0.3, hi=1.0), leaf(2, 3, L)
+
+
+def _complex_scan_inputs(L):
+    a = torch.polar(0.5 + 0.5 * torch.rand(2, 3, L, dtype=torch.float64), 3 * torch.rand(2, 3, L, dtype=torch.float64))
+    return a.requires_grad_(), leaf(2, 3, L, dtype=torch.complex128)
+
+
+@check
+def lasp2_linear_scan_real(cp):
+    a, b = _real_scan_inputs(16)
+    split = lambda t: C.split_sequence(t, -1, cp)
+    fn = lambda a, b: C.linear_scan(split(a), split(b), cp)
+    assert_same(fn, kernels.linear_scan_ref, [a, b], cp)
+    assert_causal(fn, [a, b], cp, [-1, -1])
+    sent = [bytes_per_call(lambda: fn(*_real_scan_inputs(L))) for L in (16, 32)]
+    assert sent[0] == sent[1] and sent[0][0] > 0, sent
+    return {"bytes_fwd_bwd_L16_L32": sent}
+
+
+@check
+def lasp2_linear_scan_complex(cp):
+    a, b = _complex_scan_inputs(16)
+    split = lambda t: C.split_sequence(t, -1, cp)
+    fn = lambda a, b: C.linear_scan(split(a), split(b), cp)
+    assert_same(fn, kernels.linear_scan_ref, [a, b], cp)
+    assert_causal(fn, [a, b], cp, [-1, -1])
+    sent = [bytes_per_call(lambda: fn(*_complex_scan_inputs(L))) for L in (16, 32)]
+    assert sent[0] == sent[1], sent
+    return {"bytes_fwd_bwd_L16_L32": sent}
+
+
+def _selective_inputs(L, b=2, d=3, n=4):
+    return [leaf(b, d, L), leaf(b, d, L), leaf(d, n, lo=-2.0, hi=-0.2), leaf(b, n, L), leaf(b, n, L), leaf(d),
+            leaf(b, d, L), leaf(d)]
+
+
+@check
+def lasp2_selective_scan(cp):
+    inputs = _selective_inputs(16)
+    sp = lambda t: C.split_sequence(t, -1, cp)
+
+    def fn(u, delta, A, B, Cm, D, z, bias):
+        return C.selective_scan(sp(u), sp(delta), A, sp(B), sp(Cm), D, sp(z), bias, True, cp)
+
+    def ref(u, delta, A, B, Cm, D, z, bias):
+        return kernels.selective_scan_ref(u, delta, A, B, Cm, D, z, bias, delta_softplus=True)
+
+    assert_same(fn, ref, inputs, cp)
+    assert_causal(fn, inputs, cp, [-1, -1, None, -1, -1, None, -1, None])
+    sent = [bytes_per_call(lambda: fn(*_selective_inputs(L))) for L in (16, 32)]
+    assert sent[0] == sent[1], sent
+    return {"bytes_fwd_bwd_L16_L32": sent}
+
+
+# ---- 3. halo exchange ------------------------------------------------------------------------------------------------
+
+@check
+def halo_causal_conv1d(cp):
+    w = 4
+    x, weight, bias = leaf(2, 3, 16), leaf(3, 1, w), leaf(3)
+    fn = lambda x, weight, bias: C.causal_conv1d(C.split_sequence(x, -1, cp), weight, bias, cp)
+    ref = lambda x, weight, bias: F.conv1d(x, weight, bias, padding=w - 1, groups=3)[..., :16]
+    assert_same(fn, ref, [x, weight, bias], cp)
+    assert_causal(fn, [x, weight, bias], cp, [-1, None, None], reaches_end=False)
+    sent = [bytes_per_call(lambda: fn(leaf(2, 3, L), weight, bias)) for L in (16, 32)]
+    assert sent[0] == sent[1], sent
+    return {"bytes_fwd_bwd_L16_L32": sent}
+
+
+# ---- 4. Megalodon's timestep norm ------------------------------------------------------------------------------------
+
+@check
+def timestep_norm_moments(cp):
+    import megalodon
+    tn = megalodon.TimestepNorm(8, 2)
+    with torch.no_grad():
+        tn.weight.normal_(), tn.bias.normal_()
+    x = leaf(2, 16, 8, dtype=torch.float32) * 3 + 1
+    x = x.detach().requires_grad_()
+
+    def fn(x, wt, b):
+        xs = C.split_sequence(x, 1, cp)
+        return tn(xs, C.incoming_moments(*C.slice_moments(xs, 2), cp))[0].transpose(1, 2)
+
+    ref = lambda x, wt, b: tn(x)[0].transpose(1, 2)
+    assert_same(fn, ref, [x, tn.weight, tn.bias], cp, tol=2e-5)
+    sent = [bytes_per_call(lambda: fn(leaf(2, L, 8, dtype=torch.float32), 0, 0)) for L in (16, 32)]
+    assert sent[0] == sent[1], sent
+    with pytest.raises(ValueError, match="chunk_size"):
+        C.check_chunks_aligned(16, 8 if cp.size == 4 else 16, cp)
+    C.check_chunks_aligned(16, 16 // cp.size, cp)
+    return {"bytes_fwd_bwd_L16_L32": sent}
+
+
+# ---- 5. attention ----------------------------------------------------------------------------------------------------
+
+def _qkv(L):
+    return leaf(2, 2, L, 4), leaf(2, 2, L, 4), leaf(2, 2, L, 4)
+
+
+def _attention_check(cp, impl, mask=None):
+    q, k, v = _qkv(16)
+    sp = lambda t: C.split_sequence(t, 2, cp)
+    rows = None if mask is None else C.split_sequence(mask, 2, cp)
+    fn = lambda q, k, v: C.attention(sp(q), sp(k), sp(v), cp, mask=rows, impl=impl).transpose(-1, -2)
+    ref = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None
+                                                         ).transpose(-1, -2)
+    assert_same(fn, ref, [q, k, v], cp)
+    return fn, [q, k, v]
+
+
+@check
+def ring_attention_causal(cp):
+    fn, inputs = _attention_check(cp, "ring")
+    assert_causal(fn, inputs, cp, [2, 2, 2])
+    sent = [bytes_per_call(lambda: fn(*_qkv(L))) for L in (16, 32)]
+    assert sent[1] == (2 * sent[0][0], 2 * sent[0][1]), sent             # linear in L
+    return {"bytes_fwd_bwd_L16_L32": sent}
+
+
+@check
+def allgather_attention_causal(cp):
+    fn, inputs = _attention_check(cp, "allgather")
+    assert_causal(fn, inputs, cp, [2, 2, 2])
+
+
+def _image_mask(L=16):
+    """Transfusion's mask: causal, plus bidirectional inside each image; images straddle the slice boundaries."""
+    gid = torch.full((2, L), -1)
+    gid[0, 3:11], gid[1, 6:14], gid[1, 1:4] = 0, 1, 2
+    same = (gid[:, :, None] == gid[:, None, :]) & (gid[:, :, None] >= 0)
+    return (torch.ones(L, L, dtype=torch.bool).tril() | same)[:, None]
+
+
+@check
+def ring_attention_image_mask(cp):
+    _attention_check(cp, "ring", _image_mask())
+
+
+@check
+def allgather_attention_image_mask(cp):
+    _attention_check(cp, "allgather", _image_mask())
+
+
+# ---- the worker and the fixture --------------------------------------------------------------------------------------
+
+def _worker(rank, world, cp_sizes, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    results = {}
+    for cp_size in cp_sizes:
+        cp, _ = C.make_groups(cp_size)
+        layout = f"world{world}-" + (f"cp{cp_size}" if cp_size == world else f"dp{world // cp_size}xcp{cp_size}")
+        for name, fn in CHECKS.items():
+            torch.manual_seed(1000 + rank // cp_size)                 # same data in a cp group, another per dp replica
+            try:
+                results[f"{name}[{layout}]"] = {"ok": True, "info": fn(cp)}
+            except Exception:
+                results[f"{name}[{layout}]"] = {"ok": False, "error": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = {}
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    torch.testing.assert_close(torch.ones(1), torch.ones(1))          # its first call imports for seconds: once, here
+    for world, cp_sizes in ((2, (2,)), (4, (4, 2))):
+        d = tmp_path_factory.mktemp(f"cp_world{world}")
+        mp.start_processes(_worker, args=(world, cp_sizes, str(d / "init"), str(d)), nprocs=world,
+                           start_method=method)
+        for r in range(world):
+            for key, res in json.loads((d / f"rank{r}.json").read_text()).items():
+                out.setdefault(key, {})[r] = res
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", CHECKS)
+def test_context_parallel(results, name, layout):
+    per_rank = results[f"{name}[{layout}]"]
+    assert len(per_rank) == LAYOUTS[layout][0]
+    for r, res in per_rank.items():
+        assert res["ok"], f"rank {r}:\n{res['error']}"

@@ -244,6 +244,102 @@ def allgather_attention_image_mask(cp):
     _attention_check(cp, "allgather", _image_mask())
 
 
+# ---- 7. one layer of each model split across ranks (the model files used read-only) -------------------------------
+
+def _layer_check(cp, module, inputs, ref_fn, cp_fn, dim, tol):
+    """A whole layer: outputs, the input's gradient and every parameter's gradient (summed over the cp group)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    assert_same(lambda x, *ps: cp_fn(x), lambda x, *ps: ref_fn(x), inputs + params, cp, dim=dim, tol=tol)
+
+
+def _mamba_mixer_cp(mx, u, route, cp):
+    """mom.MoMMixer.forward with the sequence mixers replaced: causal_conv1d (halo) and selective_scan (LASP-2)."""
+    Bsz, T, _ = u.shape
+    di, N, R = mx.cfg.d_inner, mx.cfg.d_state, mx.cfg.dt_rank
+    xs, z = mx.in_proj(u.reshape(Bsz * T, -1), route).view(Bsz, T, 2 * di).transpose(1, 2).chunk(2, dim=1)
+    x = F.silu(C.causal_conv1d(xs, mx.conv1d.weight, mx.conv1d.bias, cp))
+    dt, Bm, Cm = mx.x_proj(x.transpose(1, 2).reshape(Bsz * T, di), route).split([R, N, N], dim=-1)
+    dt = mx.dt_proj(dt, route)
+    tm = lambda t: t.view(Bsz, T, -1).transpose(1, 2)
+    y = C.selective_scan(x, tm(dt), -torch.exp(mx.A_log), tm(Bm), tm(Cm), D=mx.D, z=z, delta_softplus=True, cp=cp)
+    return mx.out_proj(y.transpose(1, 2).reshape(Bsz * T, di), route).view(Bsz, T, -1)
+
+
+def _mom_layer(cp, split):
+    import mom
+    torch.manual_seed(7)                                               # the same weights on every rank
+    cfg = mom.Config(d_model=16, d_state=4, n_modalities=2, split_in_proj=split, split_x_proj=split,
+                     split_dt_proj=split, split_out_proj=split)
+    mx = mom.MoMMixer(cfg).double()
+    torch.manual_seed(1000 + dist.get_rank() // cp.size)
+    u, modality = leaf(2, 16, 16), torch.randint(0, 2, (2, 16))
+    route = lambda m: mom.Route(m, 2) if split else None
+    ref = lambda u: mx(u, route(modality)).transpose(1, 2)
+    fn = lambda u: _mamba_mixer_cp(mx, C.split_sequence(u, 1, cp), route(C.split_sequence(modality, 1, cp)),
+                                   cp).transpose(1, 2)
+    _layer_check(cp, mx, [u], ref, fn, -1, 1e-9)
+
+
+@check
+def layer_mamba_mixer(cp):
+    _mom_layer(cp, split=False)
+
+
+@check
+def layer_mom_mixer(cp):
+    _mom_layer(cp, split=True)
+
+
+def _cema_cp(cema, x, cp, impl):
+    """megalodon.CEMA on a slice: its final state from zero S_r and decay P_r = q^(L/R) give H_r (LASP-2); the
+    slice then runs again from h0 = H_r (CEMA's own carried-state path, exact for both impls)."""
+    _, S = cema(x, impl=impl, want_state=True)
+    _, (mag, theta), _ = cema.coeffs(polar=True)
+    P = torch.polar(mag ** x.shape[1], theta * x.shape[1]).squeeze(-1)   # q^(L/R), (D, N)
+    return cema(x, C.incoming_state(P, S, cp), impl=impl)[0]
+
+
+@check
+def layer_megalodon_cema(cp):
+    import megalodon
+    torch.manual_seed(7)
+    cema = megalodon.CEMA(4, 3)
+    torch.manual_seed(1000 + dist.get_rank() // cp.size)
+    x = leaf(2, 16, 4, dtype=torch.float32)
+    for impl in ("scan", "fft"):
+        ref = lambda x: cema(x, impl=impl)[0].transpose(1, 2)
+        fn = lambda x: _cema_cp(cema, C.split_sequence(x, 1, cp), cp, impl).transpose(1, 2)
+        _layer_check(cp, cema, [x], ref, fn, -1, 2e-5)
+
+
+def _attention_layer_cp(att, x, rt, cp, impl, theta):
+    """mot.Attention.forward with rotary positions r L/R + i and context-parallel attention."""
+    import mot
+    B, T, D = x.shape
+    q, k, v = (t.view(B, T, att.n_head, att.hd) for t in att.qkv(x, rt).split(D, dim=-1))
+    cos, sin = mot.rope(torch.arange(cp.rank * T, (cp.rank + 1) * T), att.hd, theta, x.device)
+    q, k = mot.apply_rope(q, cos, sin), mot.apply_rope(k, cos, sin)
+    y = C.attention(*(t.transpose(1, 2) for t in (q, k, v)), cp, impl=impl)
+    return att.proj(y.transpose(1, 2).reshape(B, T, D), rt)
+
+
+@check
+def layer_mot_attention(cp):
+    import mot
+    torch.manual_seed(7)
+    cfg = mot.Config(d_model=16, n_head=2, untie_attn=True)
+    att = mot.Attention(cfg).double()
+    torch.manual_seed(1000 + dist.get_rank() // cp.size)
+    x, modality = leaf(2, 16, 16), torch.randint(0, 2, (2, 16))
+    cos, sin = mot.rope(torch.arange(16), 8, cfg.rope_theta, x.device)
+    ref = lambda x: att(x, mot.Routing(modality, 2), cos, sin).transpose(1, 2)
+    for impl in ("ring", "allgather"):
+        fn = lambda x: _attention_layer_cp(att, C.split_sequence(x, 1, cp),
+                                           mot.Routing(C.split_sequence(modality, 1, cp), 2), cp, impl,
+                                           cfg.rope_theta).transpose(1, 2)
+        _layer_check(cp, att, [x], ref, fn, -1, 1e-9)
+
+
 # ---- the worker and the fixture --------------------------------------------------------------------------------------
 
 def _worker(rank, world, cp_sizes, init_file, out_dir):

@@ -312,6 +312,60 @@ def layer_megalodon_cema(cp):
         _layer_check(cp, cema, [x], ref, fn, -1, 2e-5)
 
 
+class _CPTimestepNorm(torch.nn.Module):
+    """megalodon.TimestepNorm on a slice, started from the statistics of the earlier ranks' positions."""
+
+    def __init__(self, tn, cp):
+        super().__init__()
+        self.tn, self.cp = tn, cp
+
+    def forward(self, x, state=None):
+        return self.tn(x, C.incoming_moments(*C.slice_moments(x, self.tn.groups), self.cp))
+
+
+class _CPCEMA(torch.nn.Module):
+    def __init__(self, cema, cp):
+        super().__init__()
+        self.cema, self.cp = cema, cp
+
+    def forward(self, x, h0=None, impl="fft", want_state=False, backend="auto"):
+        return _cema_cp(self.cema, x, self.cp, impl), None
+
+
+@check
+def model_megalodon(cp):
+    """The whole Megalodon LM (2 blocks + final timestep norm): its timestep norms and CEMAs swapped for the
+    context-parallel ones, chunk attention local (chunk_size divides L/R): logits and every parameter's gradient."""
+    import megalodon
+    for impl in ("fft", "scan"):
+        torch.manual_seed(7)
+        cfg = megalodon.Config(d_model=16, n_layers=2, z_dim=8, v_dim=16, ffn_dim=16, cema_ndim=4, chunk_size=4,
+                               norm_groups=4, seq_len=16, cema_impl=impl)
+        model = megalodon.Megalodon(cfg)
+        cp_model = megalodon.Megalodon(cfg)
+        cp_model.load_state_dict(model.state_dict())
+        for layer in cp_model.layers:
+            layer.mega.timenorm = _CPTimestepNorm(layer.mega.timenorm, cp)
+            layer.mega.cema = _CPCEMA(layer.mega.cema, cp)
+        cp_model.final_norm = _CPTimestepNorm(cp_model.final_norm, cp)
+        C.check_chunks_aligned(16, cfg.chunk_size, cp)
+        torch.manual_seed(1000 + dist.get_rank() // cp.size)
+        idx = torch.randint(0, cfg.vocab_size, (2, 16))
+        logits = model.forward_tokens(idx)[0]
+        out = cp_model.forward_tokens(C.split_sequence(idx, 1, cp))[0]
+        torch.testing.assert_close(out, C.split_sequence(logits, 1, cp).detach(), rtol=1e-4, atol=1e-4)
+        w = torch.randn(logits.shape)
+        (logits * w).sum().backward()
+        (out * C.split_sequence(w, 1, cp)).sum().backward()
+        cp_params = dict(cp_model.named_parameters())
+        names = [n for n, _ in model.named_parameters()]
+        cp_names = [n for n, _ in cp_model.named_parameters()]              # the wrappers add ".tn" / ".cema"
+        assert len(names) == len(cp_names)
+        grads = summed_grads([cp_params[n] for n in cp_names], cp)
+        for n, p, g in zip(names, model.parameters(), grads):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{impl} {n}: {m}")
+
+
 def _attention_layer_cp(att, x, rt, cp, impl, theta):
     """mot.Attention.forward with rotary positions r L/R + i and context-parallel attention."""
     import mot

@@ -31,7 +31,8 @@ information, and a dense model's shared weights are the better deal -- the circu
 the other are learned once. Per-modality weights pay off when each modality also has much of its own to model, as
 in real data; the text-only share gives the text side that. (The measurements behind these choices: RESULTS.md.)
 
-Token ids (shared by all settings except bytes); modality m owns ids [modality_offsets[m], modality_offsets[m+1]):
+Token ids (shared by all settings except bytes); modality m owns ids [modality_offsets[m], modality_offsets[m+1])
+(continuous images own none; registered modalities come after speech/image, their markers top the text range):
     text    0 <pad>  1 <bos>  2 <boi>  3 <eoi>  4 <bosp>  5 <eosp>  6 "."  then words      -> ids [0, 64)
     image   codebook entries                                                              -> ids [64, 320)
     speech  speech codes                                                                  -> ids [320, 448)
@@ -44,8 +45,10 @@ exactly the single-process batch (what makes the DDP test and exact resume simpl
 `row_id` (int64, (B,)): SPLITS[split] * 2**40 + the global row number, the same whatever the rank / micro-batch
 split, for models that draw per-row random numbers (Transfusion's diffusion time and noise).
 
-Modalities are named once, here: MODALITIES[m] is the name of modality id m; `ds.model_fields()` gives models
-n_modalities, modality_names and modality_offsets, so no model hard-codes them.
+Modalities are named once, here (MODALITIES); each setting numbers the ones it uses (ds.modality_names[m] names
+id m: text 0, image 1, speech 2 where present); `ds.model_fields()` gives models n_modalities, modality_names and
+modality_offsets, so no model hard-codes them. `register_modality(name, n_codes, encode)` adds a modality to
+the chameleon, speech and transfusion settings (the exercise "a fourth modality"; see its docstring).
 
 Run:  python data.py   (a training row of every setting, decoded; docs/toy_world.png via plots.py)
 Read next: mot.py (the first paper: a weight set per modality)
@@ -58,7 +61,8 @@ import numpy as np
 import torch
 
 SETTINGS = ("chameleon", "speech", "transfusion", "text", "bytes")
-MODALITIES = ("text", "image", "speech")   # the modality names, indexed by modality id (batch["modality"])
+MODALITIES = ("text", "image", "speech")   # every modality's name (+ any register_modality adds); a setting
+                                           # numbers its own in order: ds.modality_names[id] (batch["modality"])
 TEXT, IMAGE, SPEECH = 0, 1, 2
 assert MODALITIES[TEXT] == "text" and MODALITIES[IMAGE] == "image" and MODALITIES[SPEECH] == "speech"
 SPLITS = {"train": 0, "val": 1}
@@ -363,6 +367,52 @@ def shuffled_chance(pred, scenes, seed=0):
     return attribute_accuracy(pred, [scenes[j] for j in perm])
 
 
+# --- adding a modality (the exercise "a fourth modality") -------------------------------------------------------
+EXTRA_MODALITIES = []       # registered with register_modality, in order
+MARKERS = {}                # marker id -> name, for the registered modalities' span markers (text ids)
+
+
+def register_modality(name, n_codes, encode):
+    """Add a modality to the toy world. From now on, every scene pair of the chameleon, speech and transfusion
+    settings also carries a span  <bos_NAME> codes <eos_NAME>,  codes = encode(scene, words, rng): ints in
+    [0, n_codes) that say something about the scene (as speak() does for speech; scene = (shape, colour, size,
+    position) indices, words = the caption's words, rng = the row's generator). The span is ordered among the pair's
+    segments like speech (transfusion: after the caption/image pair). In each setting the modality takes the next
+    modality id, the next n_codes token ids, and two marker ids (text) from the top of the text range; models get
+    it all from ds.model_fields() -- nothing else in the code changes. Datasets made before keep their modalities.
+    Example: data.register_modality("gesture", 12, lambda scene, words, rng: [scene[0], 4 + scene[2], 6 + scene[3]])
+    """
+    if not isinstance(name, str) or not name.isidentifier() or name in MODALITIES:
+        raise ValueError(f"modality name {name!r} must be a new identifier (taken: {', '.join(MODALITIES)})")
+    if not isinstance(n_codes, int) or n_codes < 1 or not callable(encode):
+        raise ValueError("register_modality(name, n_codes >= 1, encode(scene, words, rng) -> codes)")
+    free = N_TEXT - len(WORDS) - 2 * len(EXTRA_MODALITIES)
+    if free < 2:
+        raise ValueError(f"no text ids left for the markers of {name!r}; raise N_TEXT")
+    bos, eos = len(WORDS) + free - 2, len(WORDS) + free - 1
+    EXTRA_MODALITIES.append(dict(name=name, n_codes=n_codes, encode=encode, bos=bos, eos=eos))
+    MARKERS.update({bos: f"<bos_{name}>", eos: f"<eos_{name}>"})
+    _set_modalities()
+
+
+def unregister_modality(name):
+    """Undo register_modality(name) (tests, notebooks)."""
+    e = next(e for e in EXTRA_MODALITIES if e["name"] == name)
+    EXTRA_MODALITIES.remove(e)
+    MARKERS.pop(e["bos"]), MARKERS.pop(e["eos"])
+    _set_modalities()
+
+
+def _set_modalities():
+    global MODALITIES
+    MODALITIES = ("text", "image", "speech") + tuple(e["name"] for e in EXTRA_MODALITIES)
+
+
+def word(t):
+    """A text id's word or marker."""
+    return WORDS[t] if t < len(WORDS) else MARKERS.get(t, f"<{t}>")
+
+
 # --- datasets ----------------------------------------------------------------------------------------------------
 class RowRng:
     """numpy's default_rng(seed), with its most called draws made cheaper: one random() or one integers(low, high)
@@ -415,22 +465,27 @@ _PATCH_SPAN = [BOI] + [PAD] * N_PATCHES + [EOI]      # a continuous image in the
 
 
 class ToyWorld:
-    """Text + image (+ speech) documents.  See the module docstring for the layout."""
+    """Text + image (+ speech, + registered modalities) documents.  See the module docstring for the layout."""
 
     def __init__(self, setting, seq_len, seed):
         self.setting, self.seq_len, self.seed = setting, seq_len, seed
         self.text_docs = TEXT_DOCS[setting]
-        self.n_modalities = {"chameleon": 2, "transfusion": 2, "speech": 3, "text": 1}[setting]
-        self.modality_names = MODALITIES[:self.n_modalities]
-        self.vocab_size = {"chameleon": OFFSETS[2], "transfusion": N_TEXT, "speech": OFFSETS[2] + N_SPEECH,
-                           "text": N_TEXT}[setting]
+        # the setting's modalities, in id order, and the number of token ids each owns (in that order)
+        own = {"chameleon": ("text", "image"), "speech": ("text", "image", "speech"), "transfusion": ("text", "image"),
+               "text": ("text",)}[setting]
+        self.extras = [] if setting == "text" else list(EXTRA_MODALITIES)   # registered modalities (a copy)
+        self.modality_names = own + tuple(e["name"] for e in self.extras)
+        self.n_modalities = len(self.modality_names)
+        n_ids = [{"text": N_TEXT, "image": 0 if setting == "transfusion" else N_CODES, "speech": N_SPEECH}[m]
+                 for m in own] + [e["n_codes"] for e in self.extras]          # continuous images own no ids
+        self.modality_offsets = tuple(int(o) for o in np.cumsum([0] + n_ids[:-1]))
+        self.vocab_size = int(sum(n_ids))
         if setting in ("chameleon", "speech"):
             codebook()  # fit the tokenizer now, not inside the first training step
 
     def model_fields(self):
         f = dict(vocab_size=self.vocab_size, n_modalities=self.n_modalities, modality_names=self.modality_names,
-                 seq_len=self.seq_len,
-                 modality_offsets=OFFSETS[:max(self.n_modalities, 2)] if self.setting != "text" else (0,),
+                 seq_len=self.seq_len, modality_offsets=self.modality_offsets,
                  bos_id=BOS, boi_id=BOI, eoi_id=EOI, sep_id=SEP, pad_id=PAD)
         if self.setting == "transfusion":
             f.update(patch_dim=PATCH_DIM, n_patches=N_PATCHES, image_size=IMG, patch_size=PATCH, channels=CH)
@@ -449,8 +504,14 @@ class ToyWorld:
                 segs.append(("image", [BOI, *_image_tokens(key), EOI]))
             if self.setting == "speech":
                 segs.append(("speech", [BOSP] + speak(words, rng) + [EOSP]))
+            for e, off in zip(self.extras, self.modality_offsets[-len(self.extras):] if self.extras else ()):
+                codes = [int(c) for c in e["encode"](scene, words, rng)]
+                if not codes or min(codes) < 0 or max(codes) >= e["n_codes"]:
+                    raise ValueError(f"modality {e['name']!r}: encode must return 1 or more codes in "
+                                     f"[0, {e['n_codes']}); got {codes}")
+                segs.append((e["name"], [e["bos"], *(c + off for c in codes), e["eos"]]))
             if self.setting == "transfusion":  # Transfusion Sec. 4.1: "ordering the caption first 80% of the time"
-                order = [0, 1] if rng.random() < 0.8 else [1, 0]
+                order = ([0, 1] if rng.random() < 0.8 else [1, 0]) + list(range(2, len(segs)))
             else:                              # both orders: caption->image (generation), image->caption
                 order = rng.permutation(len(segs))
             segs = [segs[i] for i in order]
@@ -489,10 +550,9 @@ class ToyWorld:
 
     def modality_of(self, tokens, image_index=None):
         """Modality id of every token: the id range it falls in (markers are text); in the transfusion setting the
-        image positions (image_index >= 0) are image, the rest text."""
-        if image_index is not None:
-            return (image_index >= 0).long() * IMAGE
-        return torch.bucketize(tokens, torch.tensor(OFFSETS[1:self.n_modalities]), right=True)
+        image positions (image_index >= 0) are image (their token is a <pad> placeholder)."""
+        m = torch.bucketize(tokens, torch.tensor(self.modality_offsets[1:], dtype=tokens.dtype), right=True)
+        return m if image_index is None else torch.where(image_index >= 0, IMAGE, m)
 
     def get_batch(self, split, batch_size, index, rank=0, world_size=1):
         ids = global_rows(split, batch_size, index, rank, world_size)
@@ -522,15 +582,15 @@ class ToyWorld:
                 j += 1
             if mod[i] == TEXT:
                 for t in tok[i:j]:
-                    out.append(("\n" if t == BOS and out else "") + WORDS[t])
+                    out.append(("\n" if t == BOS and out else "") + word(t))
             else:
-                n, name = j - i, MODALITIES[mod[i]]
+                n, name = j - i, self.modality_names[mod[i]]
                 if mod[i] == IMAGE and n == N_PATCHES:
                     img = (from_patches(batch["patches"][row, i:j].numpy()) + 1) / 2 if "patches" in batch \
                         else detokenize_image(tok[i:j])
                     out.append(f"[{name}: {describe_scene(classify_image(img))}]")
                 else:
-                    out.append(f"[{name}: {n} {'codes' if mod[i] == SPEECH else 'tokens'}]")
+                    out.append(f"[{name}: {n} {'tokens' if mod[i] == IMAGE else 'codes'}]")
             i = j
         return " ".join(out).replace(" \n", "\n")
 

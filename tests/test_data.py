@@ -1,4 +1,6 @@
 """data.py: determinism, disjoint DDP shards, batch layout, and the scorer on known-good and known-bad samples."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -217,3 +219,63 @@ def test_row_rng_draws_numpys_numbers():
             if k % 17 == 0:       # numpy's own calls in between stay in step
                 assert np.array_equal(a.integers(0, 70, 5), b.integers(0, 70, 5))
                 assert np.array_equal(a.permutation(3), b.permutation(3))
+
+
+@pytest.fixture
+def gesture():
+    """A fourth modality, as the exercise adds it: 3 codes per scene (shape, size, position), 12 ids."""
+    data.register_modality("gesture", 12, lambda scene, words, rng: [scene[0], 4 + scene[2], 6 + scene[3]])
+    try:
+        yield "gesture"
+    finally:
+        data.unregister_modality("gesture")
+
+
+def test_register_modality_adds_one_everywhere_and_undoes(gesture):
+    for setting, before in (("chameleon", ("text", "image")), ("speech", ("text", "image", "speech")),
+                            ("transfusion", ("text", "image"))):
+        ds = data.make_data(setting, seq_len=128, seed=1)
+        f = ds.model_fields()
+        m = len(before)                                         # the new modality's id in this setting
+        assert f["modality_names"] == before + ("gesture",) and f["n_modalities"] == m + 1
+        assert f["vocab_size"] == f["modality_offsets"][-1] + 12
+        b = ds.get_batch("train", 4, 0)
+        tok, mod = b["tokens"], b["modality"]
+        g = mod == m
+        assert g.any() and (tok[g] >= f["modality_offsets"][-1]).all() and (tok[g] < f["vocab_size"]).all()
+        starts = (tok == data.EXTRA_MODALITIES[0]["bos"]).sum()
+        assert starts > 0 and (mod[tok == data.EXTRA_MODALITIES[0]["bos"]] == data.TEXT).all()   # markers are text
+        assert "[gesture: 3 codes]" in ds.decode(b)
+        if setting == "transfusion":
+            assert torch.equal(b["image_index"] >= 0, mod == data.IMAGE)
+    assert data.MODALITIES[-1] == "gesture" and data.make_data("text", 32).n_modalities == 1
+    data.unregister_modality(gesture)                             # undone: the world is the base world again
+    try:
+        assert data.MODALITIES == ("text", "image", "speech")
+        test_batches_are_bit_identical_to_the_base_code(("speech", 61, 0))
+    finally:
+        data.register_modality(gesture, 12, lambda scene, words, rng: [scene[0], 4 + scene[2], 6 + scene[3]])
+    with pytest.raises(ValueError, match="new identifier"):
+        data.register_modality("image", 4, lambda *a: [0])
+    bad = data.make_data("chameleon", 64)
+    bad.extras[0] = dict(bad.extras[0], encode=lambda *a: [99])
+    with pytest.raises(ValueError, match="codes in"):
+        bad.get_batch("train", 1, 0)
+
+
+@pytest.mark.parametrize("name,setting", [("mot", "speech"), ("mom", "speech"), ("moma", "speech"),
+                                          ("transfusion", "transfusion")])
+def test_a_fourth_modality_trains_in_every_multimodal_model(gesture, name, setting, tmp_path):
+    """Issue #16.4: with one register_modality call, train.py's train() runs each multimodal model on the new world,
+    reports a loss for every modality (training and eval) and finishes its run (end-of-run figures included)."""
+    import train
+    out = str(tmp_path / name)
+    train.train(name, dict(setting=setting, steps=3, batch_size=4, seq_len=64, eval_every=3, eval_batches=1,
+                           log_every=1, gen_n=4, out=out), quiet=True)
+    rows = train.read_jsonl(os.path.join(out, "metrics.jsonl"))
+    names = data.make_data(setting, 64).modality_names
+    assert names[-1] == "gesture" and len(names) == (4 if setting == "speech" else 3)
+    for n in names:
+        assert any(np.isfinite(r.get(f"loss_{n}", np.nan)) for r in rows), (n, rows[-1].keys())
+        assert any(np.isfinite(r.get(f"eval_loss_{n}", np.nan)) for r in rows), n
+    assert os.path.exists(os.path.join(out, "ckpt.pt"))

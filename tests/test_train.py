@@ -266,7 +266,7 @@ def test_one_run_per_output_dir(tmp_path, capsys):
 
 def test_two_concurrent_runs_on_one_out_dir(tmp_path):
     out = str(tmp_path)
-    args = TINY + ["--steps", "200", "--eval_every", "200", "--out", out]
+    args = TINY + ["--steps", "100000", "--eval_every", "100000", "--out", out]  # killed below
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=ENV, cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

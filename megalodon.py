@@ -159,6 +159,20 @@ class CEMA(nn.Module):
             p, (mag, theta), gamma = self.coeffs(polar=True)
             return self._kernel(L, p, mag, theta, gamma)
 
+    def flops(self, B, L, impl="fft"):
+        """Analytic FLOPs of one forward call on (B, L, D) without a carried state, added to kernels' tally (a
+        backward counts 2x its forward, kernels.py's convention). Both paths: omega x_t + y_t, 2 per (B, D, L).
+          fft:  3 real FFTs of length n = 2L per (row, channel) -- rfft(x), irfft(product) -- and 1 per channel for
+                rfft(K), at 5 n log2 n each (the usual count); the complex product, 6 per (B, D, bin) for n/2 + 1
+                bins; building K, 5 per (D, N, step): D (2B + 1) 5 n log2 n + 6 B D (n/2 + 1) + 5 D N L + 2 B D L.
+          scan: p x_t, 1 per (B, D, N, L), and the read-out Re(gamma . h_t), 4 per (B, D, N, L): 5 B D N L + 2 B D L;
+                kernels.linear_scan counts the recurrence itself (16 per complex element).
+        Not counted: decoding's carried-state terms (h0, want_state) and transcendental ops (sigmoid, cos, pow)."""
+        D, N, n = self.dim, self.ndim, 2 * L
+        if impl == "scan":
+            return 5 * B * D * N * L + 2 * B * D * L
+        return int(D * (2 * B + 1) * 5 * n * math.log2(n)) + 6 * B * D * (n // 2 + 1) + 5 * D * N * L + 2 * B * D * L
+
     def forward(self, x, h0=None, impl="fft", want_state=False, backend="auto"):
         # x: (B, L, D) -> y (B, L, D), h_L (B, D, N) complex or None
         with torch.autocast(x.device.type, enabled=False):                  # complex math stays in fp32
@@ -192,6 +206,10 @@ class CEMA(nn.Module):
                 if h0 is not None:
                     h_last = h_last + vander[..., L] * h0
         y = y + self.omega.float().unsqueeze(-1) * u                         # + omega x_t
+        f = self.flops(B, L, impl)                                           # FLOPs outside matmuls: kernels' tally
+        kernels.add_flops(f)
+        if y.requires_grad:
+            y.register_hook(lambda g: kernels.add_flops(2 * f))
         return y.transpose(1, 2), h_last
 
 

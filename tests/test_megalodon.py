@@ -374,3 +374,21 @@ def test_loss_parts_are_named_from_the_config():
     with pytest.raises(ValueError, match="modality_names"):
         tiny(n_modalities=2)
     assert M.SUPPORTED_SETTINGS == {"megalodon": ("bytes", "text")}
+
+
+@pytest.mark.parametrize("impl", ["fft", "scan"])
+def test_cema_flops_tallied_by_a_hand_count(impl):
+    """B = 2, L = 8, D = 4, N = 2. fft: n = 16, 5 n log2 n = 320 per real FFT; 2B + 1 = 5 FFTs per channel -> 6400;
+    product 6 * B * D * 9 bins = 432; kernel 5 * D * N * L = 320; omega 2 * B * D * L = 128: 7280 forward.
+    scan: 5 * B * D * N * L = 640 + 128 = 768, plus linear_scan's 16 * B * D * N * L = 2048 -> 2816.
+    A backward adds 2x (kernels.py's convention)."""
+    torch.manual_seed(0)
+    cema = M.CEMA(4, 2)
+    x = torch.randn(2, 8, 4, requires_grad=True)
+    fwd = {"fft": 6400 + 432 + 320 + 128, "scan": 640 + 128 + 2048}[impl]
+    with kernels.flop_tally() as t:
+        y, _ = cema(x, impl=impl, backend="torch")
+    assert t.flops == fwd
+    with kernels.flop_tally() as t:
+        cema(x, impl=impl, backend="torch")[0].sum().backward()
+    assert t.flops == 3 * fwd

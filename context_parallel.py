@@ -409,3 +409,47 @@ def attention(q, k, v, cp, mask=None, scale=None, impl="ring"):
     if impl not in ("ring", "allgather"):
         raise ValueError(f"attention impl={impl!r}: use 'ring' or 'allgather'")
     return (ring_attention if impl == "ring" else allgather_attention)(q, k, v, cp, mask, scale)
+
+
+# ==== Demo: python context_parallel.py [R] -- R gloo processes on CPU: each mixer = one process; bytes vs L =========
+
+def _demo(rank, R, init):
+    torch.manual_seed(0)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=R)
+    cp, _ = make_groups(R)
+    d = lambda *s: torch.randn(*s, dtype=torch.float64)
+    mixers = {   # name -> (the whole-sequence inputs for length L, each input's time dim (None: a parameter), call)
+        "linear_scan": (lambda L: [torch.rand(4, 16, L, dtype=torch.float64), d(4, 16, L)], (-1, -1),
+                        lambda g, a, b: linear_scan(a, b, g)),
+        "selective_scan": (lambda L: [d(4, 16, L), d(4, 16, L), -torch.rand(16, 8, dtype=torch.float64), d(4, 8, L),
+                                      d(4, 8, L)], (-1, -1, None, -1, -1),
+                           lambda g, u, t, A, B, C: selective_scan(u, t, A, B, C, delta_softplus=True, cp=g)),
+        "causal_conv1d": (lambda L: [d(4, 16, L), d(16, 1, 4)], (-1, None), lambda g, x, w: causal_conv1d(x, w, None, g)),
+        "ring_attention": (lambda L: [d(1, 2, L, 8) for _ in range(3)], (-2, -2, -2),
+                           lambda g, q, k, v: ring_attention(q, k, v, g).transpose(-1, -2)),
+    }
+    for name, (make, dims, call) in mixers.items():
+        row = []
+        for L in (256, 1024, 4096):
+            xs = make(L)
+            ref = call(None, *xs)                                     # one process, the whole sequence
+            mine = [t if dim is None else split_sequence(t, dim, cp) for t, dim in zip(xs, dims)]
+            reset_sent()
+            y = call(cp, *[t.requires_grad_() for t in mine])
+            y.sum().backward()
+            err = (y - split_sequence(ref, -1, cp)).abs().max().detach()
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+            row.append(f"L={L}: {SENT['forward'] + SENT['backward']:>7} B (max |err| {float(err):.0e})")
+        if rank == R - 1:
+            print(f"{name:>15}: " + "   ".join(row))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+    import torch.multiprocessing as mp
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    print(f"{n} CPU processes, one sequence split in {n} slices; bytes the last rank sends per call (forward +\n"
+          f"backward) as L grows, and the largest difference from one process on the whole sequence")
+    mp.start_processes(_demo, args=(n, tempfile.mktemp()), nprocs=n, start_method="spawn")

@@ -53,6 +53,29 @@ class CPGroup:
     size: int           # R
     ranks: tuple        # global rank of each group rank (point-to-point calls take global ranks)
 
+    attention_impl: str = "ring"   # "ring" | "allgather" (train.py --cp_attention)
+
+    # the sequence mixers bound to this group: a model holding `cp` calls cp.attention(...) etc. without importing
+    # this file (paper files import only torch, numpy and kernels)
+    def attention(self, q, k, v, mask=None, scale=None):
+        return attention(q, k, v, self, mask, scale, self.attention_impl)
+
+    def selective_scan(self, *args, **kw):
+        return selective_scan(*args, cp=self, **kw)
+
+    def linear_scan(self, a, b, **kw):
+        return linear_scan(a, b, self, **kw)
+
+    def causal_conv1d(self, x, weight, bias):
+        return causal_conv1d(x, weight, bias, self)
+
+    def incoming_state(self, P, S):
+        return incoming_state(P, S, self)
+
+    def timestep_state(self, x, groups):
+        """megalodon.TimestepNorm's carried state entering this slice: the statistics of all earlier positions."""
+        return incoming_moments(*slice_moments(x, groups), self)
+
     @property
     def next(self):
         return self.ranks[(self.rank + 1) % self.size]
@@ -148,6 +171,31 @@ def cp_loss(loss_sum, count, cp):
     total = count.detach().clone().float()
     dist.all_reduce(total, group=cp.group)
     return loss_sum / total.clamp(min=1)
+
+
+# The trainer's side: slice a batch, run the model on the slice, make its loss the whole sequences' loss.
+SEQUENCE_KEYS = ("tokens", "targets", "modality", "target_modality", "loss_mask")   # (B, T) batch entries
+
+
+def split_batch(batch, cp):
+    return {k: split_sequence(v, 1, cp) if k in SEQUENCE_KEYS else v for k, v in batch.items()}
+
+
+def model_loss(model, batch, cp, names):
+    """model(batch) of a token-mean cross-entropy LM (loss = mean over targets != -1, parts loss_<name> = the mean
+    over targets of modality m = batch["target_modality"]) on this rank's slice of the sequences.
+    -> (this rank's share of the loss: summed over the cp group it is the whole-sequence loss, so backward on
+    share x R under DDP's mean over dp x cp ranks; the whole-sequence loss and parts, detached, on every rank)."""
+    _, loss, parts = model(split_batch(batch, cp))
+    valid, tm = batch["targets"] != -1, batch["target_modality"]
+    sel = [valid] + [valid & (tm == m) for m in range(len(names))]
+    weight = [split_sequence(s, 1, cp).sum() / s.sum().clamp(min=1) for s in sel]        # local / global count
+    share = loss * weight[0]
+    values = [share.detach()] + [parts.get(f"loss_{n}", torch.zeros(())).to(share) * w for n, w in zip(names, weight[1:])]
+    total = torch.stack([v.float().reshape(()) for v in values])
+    dist.all_reduce(total, group=cp.group)
+    logged = {f"loss_{n}": total[i + 1] for i, n in enumerate(names) if sel[i + 1].any()}
+    return share, total[0], logged
 
 
 # ==== 2. LASP-2: linear recurrences across ranks =====================================================================

@@ -320,7 +320,7 @@ class _CPTimestepNorm(torch.nn.Module):
         self.tn, self.cp = tn, cp
 
     def forward(self, x, state=None):
-        return self.tn(x, C.incoming_moments(*C.slice_moments(x, self.tn.groups), self.cp))
+        return self.tn(x, self.cp.timestep_state(x, self.tn.groups))
 
 
 class _CPCEMA(torch.nn.Module):
@@ -364,6 +364,26 @@ def model_megalodon(cp):
         grads = summed_grads([cp_params[n] for n in cp_names], cp)
         for n, p, g in zip(names, model.parameters(), grads):
             torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{impl} {n}: {m}")
+            p.grad = None
+        # the trainer's helper: loss and parts of the whole sequences from the slices; the share's gradients sum to
+        # the one-process loss gradient (targets with ignored positions and two modalities)
+        targets = torch.randint(0, cfg.vocab_size, (2, 16))
+        targets[0, :5] = -1
+        tmod = torch.randint(0, 2, (2, 16))
+        tmod[:, 5:9] = 0
+        batch = dict(tokens=idx, targets=targets, target_modality=tmod, row_id=torch.arange(2))
+        cfg.n_modalities, cfg.modality_names = 2, ("text", "image")
+        _, loss, parts = model(batch)
+        loss.backward()
+        share, full, cp_parts = C.model_loss(cp_model, batch, cp, cfg.modality_names)
+        share.backward()
+        torch.testing.assert_close(full, loss.detach(), rtol=1e-5, atol=1e-5)
+        assert cp_parts.keys() == parts.keys()
+        for k in parts:
+            torch.testing.assert_close(cp_parts[k], parts[k], rtol=1e-5, atol=1e-5)
+        grads = summed_grads([cp_params[n] for n in cp_names], cp)
+        for n, p, g in zip(names, model.parameters(), grads):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"loss {impl} {n}: {m}")
 
 
 def _attention_layer_cp(att, x, rt, cp, impl, theta):

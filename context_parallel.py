@@ -235,8 +235,8 @@ def linear_scan(a, b, cp, *, backend="auto"):
     return h + decay * H.unsqueeze(-1)                                # h_t = h_t^local + (prod a) H_r
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, cp=None, *,
-                   backend="auto"):
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, cp=None, *, backend="auto"):
     """Mamba's selective scan (kernels.selective_scan's arguments) over the whole sequence; this rank holds
     u, delta, z (b, d, L/R), B, C (b, n, L/R) -> out (b, d, L/R).
       h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,  y_t = C_t . h_t + D u_t,  out = y * silu(z)
@@ -254,10 +254,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         decay = torch.exp(delta.cumsum(-1).unsqueeze(2) * A.to(cd)[None, :, :, None])   # (b, d, n, L/R)
         H = incoming_state(decay[..., -1], S, cp)                                        # (b, d, n)
         y = y + torch.einsum("bnl,bdnl,bdn->bdl", C.to(cd), decay, H)
+        S = S + decay[..., -1] * H                                                       # the true last state
     out = y if D is None else y + u.to(cd) * D.to(cd)[:, None]
     if z is not None:
         out = out * F.silu(z.to(cd))
-    return out.to(u.dtype)
+    return (out.to(u.dtype), S) if return_last_state else out.to(u.dtype)
 
 
 # ==== 3. Halo exchange: a causal convolution across the slice boundary ===============================================

@@ -142,13 +142,20 @@ def lasp2_selective_scan(cp):
     sp = lambda t: C.split_sequence(t, -1, cp)
 
     def fn(u, delta, A, B, Cm, D, z, bias):
-        return C.selective_scan(sp(u), sp(delta), A, sp(B), sp(Cm), D, sp(z), bias, True, cp)
+        return C.selective_scan(sp(u), sp(delta), A, sp(B), sp(Cm), D, sp(z), bias, True, cp=cp)
 
     def ref(u, delta, A, B, Cm, D, z, bias):
         return kernels.selective_scan_ref(u, delta, A, B, Cm, D, z, bias, delta_softplus=True)
 
     assert_same(fn, ref, inputs, cp)
     assert_causal(fn, inputs, cp, [-1, -1, None, -1, -1, None, -1, None])
+    # the last state (the prefill cache) on the last rank is the whole sequence's
+    _, last = kernels.selective_scan_ref(*inputs[:5], D=inputs[5], z=inputs[6], delta_bias=inputs[7],
+                                         delta_softplus=True, return_last_state=True)
+    _, mine = C.selective_scan(sp(inputs[0]), sp(inputs[1]), inputs[2], sp(inputs[3]), sp(inputs[4]), inputs[5],
+                               sp(inputs[6]), inputs[7], True, return_last_state=True, cp=cp)
+    if cp.rank == cp.size - 1:
+        torch.testing.assert_close(mine, last, rtol=1e-10, atol=1e-10)
     sent = [bytes_per_call(lambda: fn(*_selective_inputs(L))) for L in (16, 32)]
     assert sent[0] == sent[1], sent
     return {"bytes_fwd_bwd_L16_L32": sent}

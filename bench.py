@@ -7,13 +7,18 @@
     python bench.py --static             # compile every Triton kernel for sm_80 / sm_90: registers, shared memory,
                                          # spills, tensor-core instructions, roofline floor at the bench sizes
     python bench.py --kernels --static --out bench.json
+    python bench.py --gpu-check          # on a CUDA machine: every kernel config, model, train.py run and torchrun for
+                                         # real, PASS/FAIL table, gpu_check.json (<= 8 min on one H100-class GPU);
+                                         # without CUDA one line, exit 0; --device cpu rehearses the harness
 
 Results are merged into --out (bench.json) under "models", "kernels" and "static".
 On CPU the naive baselines (a Python loop over time with autograd; materialising (batch, dim, N, L)) would take
 minutes and gigabytes at the GPU sizes, so the CPU kernel benchmarks run at reduced sizes, printed with each row.
 """
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import re
@@ -512,6 +517,395 @@ def bench_static(args):
     return dict(triton=triton.__version__, torch=torch.__version__, report=rep, floors=fl, gpus=GPUS)
 
 
+# ------------------------------------------------------------------------------------------------ gpu check
+
+# python bench.py --gpu-check: the whole GPU truth in one command (issue 20). On CUDA, with compiled Triton kernels:
+#   kernels  every launch configuration kernels.launch_config picks on this GPU (each config of bench.compile_specs),
+#            Triton vs the torch path on the same CUDA tensors, forward and every gradient, fp32 / bf16 / fp64 /
+#            complex, odd sizes, the sizes of tests/test_kernels.py and the bench sizes;
+#   timings  each kernel at the bench sizes as a fraction of its roofline floor (floors() with the ceilings measured
+#            now), and the selective scan beside the pure-torch path on CUDA;
+#   models   every registered model: one training step in bf16 autocast on CUDA vs fp32 on CPU from the same weights
+#            and batch (loss within LOSS_TOL), then ms/step, tokens/s and MFU against the measured bf16 matmul peak;
+#   train    `train.py --steps 50` per model on CUDA (loss falls, checkpoint written, eval + generation ran), then
+#            --resume to step 55;
+#   ddp      torchrun --nproc_per_node=1 with nccl for one model (and 2 ranks when 2 GPUs are visible).
+# Writes gpu_check.json and prints a PASS/FAIL table; exit status 1 if anything failed. Without CUDA: one line, exit
+# 0. `--device cpu` rehearses the harness on CPU at small sizes (the torch path against itself, or Triton under
+# TRITON_INTERPRET=1); tests/test_gpu_check.py runs it so that the first GPU run fails only for GPU reasons.
+
+KERNEL_TOL = {torch.float64: 1e-9, torch.complex128: 1e-9, torch.float32: 1e-4, torch.complex64: 1e-4,
+              torch.bfloat16: 3e-2, "tf32": 1e-2}   # max |x - torch path| / max(|torch path|, 1), as tests/test_kernels
+LOSS_TOL = 0.05     # |loss (CUDA, bf16 autocast) - loss (CPU, fp32)| <= LOSS_TOL * max(1, loss CPU): bf16 keeps 8 bits
+_TAG = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64", torch.complex64: "cfp32",
+        torch.complex128: "cfp64"}
+
+
+def _rel(x, ref):
+    x, ref = (torch.view_as_real(t) if t.is_complex() else t for t in (x, ref))
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    if torch.isnan(x).any() or torch.isinf(x).any():
+        return float("inf")
+    return ((x - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item() if ref.numel() else 0.0
+
+
+def _run_op(op, make, backend, device, seed):
+    """Outputs and the gradient of every input of op(*inputs, backend=backend) for <outputs, fixed random weights>."""
+    ins = [t.to(device).requires_grad_() if t is not None and (t.is_floating_point() or t.is_complex()) else
+           (t.to(device) if t is not None else None) for t in make(seed)]
+    outs = op(*ins, backend=backend)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed + 1)
+    loss = sum(((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(device).conj()).real if o.is_complex() else
+                o.float() * torch.randn(o.shape, generator=g).to(device)).sum() for o in outs)
+    leaves = [t for t in ins if t is not None and t.requires_grad]
+    return list(outs) + list(torch.autograd.grad(loss, leaves))
+
+
+def kernel_cases(scale):
+    """(label, configs it launches, op, make(seed) -> inputs, tol): every launch configuration at odd, test and (on
+    scale 'gpu') bench sizes. configs name bench.compile_specs entries, so coverage can be checked."""
+    cases = []
+
+    def scan_make(shape, dt, h0):
+        def make(seed):
+            g = torch.Generator().manual_seed(seed)
+            real = torch.float64 if dt in (torch.float64, torch.complex128) else torch.float32
+            if dt.is_complex:
+                a = torch.polar(torch.rand(shape, generator=g, dtype=real) * 0.5 + 0.45,
+                                torch.randn(shape, generator=g, dtype=real) * 0.1)
+            else:
+                a = (torch.rand(shape, generator=g, dtype=real) * 0.5 + 0.45).to(dt)
+            b = torch.randn(shape, generator=g, dtype=real).to(dt) if not dt.is_complex else \
+                torch.randn(shape, generator=g, dtype=dt)
+            h = (torch.randn(shape[:-1], generator=g, dtype=dt if dt.is_complex else real).to(dt)) if h0 else None
+            return [a, b, h]
+        return make
+
+    scan_sizes = [("odd", (3, 7, 100))] + ([("test", (2, 3, 64)), ("bench", (8, 1536, 2048))] if scale == "gpu" else [])
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.complex64, torch.complex128]
+    for dt in (dtypes if scale == "gpu" else [torch.float32, torch.complex64]):
+        for where, shape in scan_sizes:
+            if where == "bench" and dt not in (torch.float32, torch.complex64):
+                continue
+            shape = (8, 128, 16, 2048) if where == "bench" and dt.is_complex else shape
+            for h0 in (False, True):
+                tag = _TAG[dt]
+                cases.append((f"linear_scan {tag} {where} {shape}{' +h0' if h0 else ''}",
+                              [f"scan_fwd[{tag}]", f"scan_bwd[{tag}]"], kernels.linear_scan, scan_make(shape, dt, h0),
+                              KERNEL_TOL[dt]))
+
+    def ss_make(b, d, n, L, dt, flags):
+        def make(seed):
+            g = torch.Generator().manual_seed(seed)
+            r = lambda *s: torch.randn(*s, generator=g)
+            u, B, C, z = r(b, d, L), r(b, n, L), r(b, n, L), r(b, d, L)
+            delta = r(b, d, L) if flags else torch.rand(b, d, L, generator=g) * 0.5 + 0.01
+            A, D, bias = -torch.rand(d, n, generator=g) - 0.1, r(d), r(d) * 0.1
+            act = [t.to(dt) for t in (u, delta)] + [A] + [t.to(dt) for t in (B, C)]
+            return act + ([D, z.to(dt), bias] if flags else [None, None, None])
+        return make
+
+    def ss_op(flags):
+        return lambda *x, backend: kernels.selective_scan(*x, delta_softplus=flags, return_last_state=True,
+                                                          backend=backend)
+
+    ss_sizes = [("odd", 2, 5, 33)] + ([("test", 2, 3, 100)] if scale == "gpu" else [])
+    n_buckets = ((4, 16), (16, 16), (24, 32), (32, 32), (40, 64), (64, 64)) if scale == "gpu" else ((4, 16), (24, 32))
+    for dt in ([torch.float32, torch.bfloat16] if scale == "gpu" else [torch.float32]):
+        for n, bucket in n_buckets:
+            for where, b, d, L in ss_sizes:
+                for flags in (True, False):
+                    tag = _TAG[dt]
+                    cases.append((f"selective_scan {tag} {where} b={b} d={d} N={n} L={L}"
+                                  f"{' +D+z+bias+softplus' if flags else ''}",
+                                  [f"selective_fwd[{tag},N<={bucket}]", f"selective_bwd[{tag},N<={bucket}]"],
+                                  ss_op(flags), ss_make(b, d, n, L, dt, flags), KERNEL_TOL[dt]))
+        if scale == "gpu":
+            p = sizes("cuda")["selective"]
+            cases.append((f"selective_scan {_TAG[dt]} bench b={p['b']} d={p['d']} N={p['n']} L={p['L']} +all",
+                          [f"selective_fwd[{_TAG[dt]},N<=16]", f"selective_bwd[{_TAG[dt]},N<=16]"], ss_op(True),
+                          ss_make(p["b"], p["d"], p["n"], p["L"], dt, True), KERNEL_TOL[dt]))
+
+    def gmm_make(groups, K, M, dt):
+        def make(seed):
+            g = torch.Generator().manual_seed(seed)
+            x = (torch.randn(sum(groups), K, generator=g) / K ** 0.5).to(dt)
+            return [x, torch.randn(len(groups), K, M, generator=g).to(dt), torch.tensor(groups)]
+        return make
+
+    gmm_op = lambda x, w, gs, backend: kernels.grouped_matmul(x, w, gs.to(x.device), backend=backend)
+    gmm_sizes = [("test", [5, 0, 17], 20, 18)]
+    if scale == "gpu":
+        p = sizes("cuda")["gmm"]
+        gmm_sizes += [("test", [0, 0, 9, 13], 20, 18), ("odd", [130, 0, 257], 72, 96),
+                      ("bench", list(p["groups"]), p["K"], p["M"])]
+    for dt in ([torch.bfloat16, torch.float32] if scale == "gpu" else [torch.float32]):
+        for where, groups, K, M in gmm_sizes:
+            tag = _TAG[dt]
+            cases.append((f"grouped_matmul {tag} {where} groups={groups} K={K} M={M}", [f"gmm[{tag}]", f"gmm_dw[{tag}]"],
+                          gmm_op, gmm_make(groups, K, M, dt), KERNEL_TOL["tf32" if dt == torch.float32 else dt]))
+    return cases
+
+
+def check_kernels(device, candidate, scale):
+    """One row per case: the candidate backend vs the torch path on `device`; then a row per compiled
+    configuration (bench.compile_specs) that no case launched."""
+    rows, covered = [], set()
+    for i, (label, configs, op, make, tol) in enumerate(kernel_cases(scale)):
+        row = dict(section="kernels", name=label, tol=tol)
+        try:
+            got = _run_op(op, make, candidate, device, seed=i)
+            ref = _run_op(op, make, "torch", device, seed=i)
+            err = max(_rel(x, r) for x, r in zip(got, ref))
+            row.update(err=err, status="PASS" if err <= tol else "FAIL")
+            covered.update(configs)
+        except Exception as e:   # reported in the table, never stops the check
+            row.update(status="FAIL", error=f"{type(e).__name__}: {str(e)[:300]}")
+        rows.append(row)
+    if device.startswith("cuda") and kernels.HAS_TRITON:
+        for s in compile_specs(tuple(torch.cuda.get_device_capability())):
+            if s["name"] not in covered:
+                rows.append(dict(section="kernels", name=s["name"], status="FAIL", error="no case launched this config"))
+    return rows
+
+
+def check_timings(device):
+    """Each kernel's time at the bench sizes as a fraction of its roofline floor on this GPU (bytes / measured copy
+    bandwidth, matmul FLOPs / measured bf16 matmul rate); the selective scan beside the pure-torch CUDA path."""
+    if not device.startswith("cuda"):
+        return [dict(section="timings", name="kernel timings", status="SKIP", error="needs CUDA")]
+    ceil = measure_ceilings()
+    fl, S, rows = floors(), sizes("cuda"), []
+
+    def floor_us(key):
+        f = fl[key]
+        return 1e6 * max(f["bytes"] / (ceil["copy_GBps"] * 1e9), f["flops"] / (ceil["mm_bf16_TFLOPs"] * 1e12))
+
+    def add(key, name, fwd_s, fb_s, note=""):
+        us = {key: fwd_s * 1e6}
+        if fb_s is not None and key.replace("_fwd", "_bwd") in fl:
+            us[key.replace("_fwd", "_bwd")] = (fb_s - fwd_s) * 1e6
+        for k, t in us.items():
+            rows.append(dict(section="timings", name=f"{k} {name}", us=round(t, 1), floor_us=round(floor_us(k), 1),
+                             frac_of_floor=round(floor_us(k) / t, 3), status="PASS", note=note))
+
+    p = S["selective"]
+    ins = selective_inputs(p["b"], p["d"], p["n"], p["L"], device)
+    f = lambda *x: kernels.selective_scan(*x, delta_softplus=True, backend="triton")
+    tf, tfb = timeit(fwd_only(f, ins), 10, 2, device), timeit(fwd_bwd(f, ins), 10, 2, device)
+    add("selective_fwd", fl["selective_fwd"]["size"], tf, tfb)
+    t = lambda *x: kernels.selective_scan(*x, delta_softplus=True, backend="torch")
+    ft, fbt = timeit(fwd_only(t, ins), 3, 1, device), timeit(fwd_bwd(t, ins), 3, 1, device)
+    rows.append(dict(section="timings", name=f"selective_scan torch path on CUDA {fl['selective_fwd']['size']}",
+                     us=round(ft * 1e6, 1), fwd_bwd_us=round(fbt * 1e6, 1), status="PASS",
+                     note=f"Triton {ft / tf:.1f}x faster forward, {fbt / tfb:.1f}x forward + backward"))
+    for key, shape, dt in (("scan_fwd", (S["scan"]["b"], S["scan"]["d"], S["scan"]["L"]), torch.float32),
+                           ("scan_fwd[complex]", (S["cema"]["b"], S["cema"]["d"], S["cema"]["n"], S["cema"]["L"]),
+                            torch.complex64)):
+        a, b, _ = [x.to(device).requires_grad_() if x is not None else None
+                   for x in kernel_cases_scan_inputs(shape, dt)]
+        g = lambda a, b: kernels.linear_scan(a, b, backend="triton")
+        add(key, fl[key]["size"], timeit(fwd_only(g, [a, b]), 10, 2, device),
+            timeit(fwd_bwd(g, [a, b]), 10, 2, device) if key == "scan_fwd" else None)
+    x, w, gs = gmm_inputs(S["gmm"]["groups"], S["gmm"]["K"], S["gmm"]["M"], device, torch.bfloat16)
+    g = lambda x, w: kernels.grouped_matmul(x, w, gs, backend="triton")
+    fwd, fb = timeit(fwd_only(g, [x, w]), 10, 2, device), timeit(fwd_bwd(g, [x, w]), 10, 2, device)
+    add("gmm", fl["gmm"]["size"], fwd, None)
+    bwd_floor = floor_us("gmm") + floor_us("gmm_dw")                   # dX = dY W^T (gmm) and dW (gmm_dw)
+    rows.append(dict(section="timings", name=f"gmm backward (dX + dW) {fl['gmm_dw']['size']}",
+                     us=round((fb - fwd) * 1e6, 1), floor_us=round(bwd_floor, 1),
+                     frac_of_floor=round(bwd_floor / ((fb - fwd) * 1e6), 3), status="PASS"))
+    for r in rows:
+        r["ceilings"] = ceil
+    return rows
+
+
+def kernel_cases_scan_inputs(shape, dt):
+    g = torch.Generator().manual_seed(0)
+    mag = torch.rand(shape, generator=g) * 0.5 + 0.45
+    a = torch.polar(mag, torch.randn(shape, generator=g) * 0.1) if dt.is_complex else mag
+    return [a, torch.randn(shape, generator=g, dtype=dt), None]
+
+
+def check_models(device, names, peak, reps=10, batch_size=None, overrides=None):
+    """Every model: one step on CPU fp32 and on `device` (bf16 autocast on CUDA) from the same weights and batch,
+    the losses compared; then ms/step, tokens/s, MFU (count_flops x tokens/s over the measured matmul peak)."""
+    import train
+    rows = []
+    cuda = device.startswith("cuda")
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    for name in names:
+        row = dict(section="models", name=name)
+        try:
+            over = (BENCH_OVERRIDES if overrides is None else overrides).get(name)
+            cpu_model, _, tc, ds = train.build(name, None, over, device="cpu")
+            dev_model = train.build(name, None, over, device=device)[0]
+            dev_model.load_state_dict(cpu_model.state_dict())
+            batch = ds.get_batch("train", 2, 0)
+            losses = []
+            for model, dev, ctx in ((cpu_model, "cpu", contextlib.nullcontext), (dev_model, device, amp)):
+                torch.manual_seed(0)
+                model.train()
+                with ctx():
+                    loss = model(train.to(batch, dev))[1]
+                loss.backward()
+                losses.append(float(loss.detach()))
+            diff = abs(losses[1] - losses[0])
+            ok = diff <= LOSS_TOL * max(1.0, abs(losses[0])) and all(map(math.isfinite, losses))
+            row.update(loss_cpu_fp32=losses[0], loss_device=losses[1], loss_diff=diff, tol=LOSS_TOL)
+            big = train.to(ds.get_batch("train", batch_size or tc.batch_size, 1), device)
+            fpt = train.count_flops(dev_model, big)
+            opt = torch.optim.AdamW([p for p in dev_model.parameters() if p.requires_grad], lr=1e-4)
+
+            def step():
+                with amp():
+                    loss = dev_model(big)[1]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            s = timeit(step, reps, 2, device, statistics.median)
+            tokens = big["tokens"].numel()
+            row.update(ms_step=round(1e3 * s, 2), tokens_s=round(tokens / s), flops_per_token=fpt,
+                       mfu=round(fpt * tokens / s / peak, 4), status="PASS" if ok else "FAIL")
+            if not ok:
+                row["error"] = f"loss {losses[1]:.5g} on {device} vs {losses[0]:.5g} on CPU fp32 (tol {LOSS_TOL})"
+        except Exception as e:
+            row.update(status="FAIL", error=f"{type(e).__name__}: {str(e)[:300]}")
+        rows.append(row)
+    return rows
+
+
+def _run(cmd, timeout=600):
+    """Run a command; -> (return code, last lines of its output)."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=os.path.dirname(os.path.abspath(__file__)))
+        return r.returncode, (r.stdout + r.stderr)[-2000:]
+    except subprocess.TimeoutExpired:
+        return 124, f"timed out after {timeout} s"
+
+
+def train_commands(name, device, out, steps=50):
+    """The train.py runs the check makes for one model: `steps` steps, then --resume to steps + 5."""
+    base = [sys.executable, "train.py", "--model", name, "--device", device, "--out", out, "--eval_every", str(steps),
+            "--log_every", "10", "--ckpt_every", str(steps)]
+    return [base + ["--steps", str(steps)], base + ["--steps", str(steps + 5), "--resume"]]
+
+
+def _metrics(out):
+    path = os.path.join(out, "metrics.jsonl")
+    return [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+
+
+def check_train_run(name, device, out, run=_run, steps=50):
+    """One model's train.py on `device`: the loss falls, a checkpoint and an eval (with generation metrics where the
+    model generates) are written, and --resume continues to steps + 5."""
+    row, problems = dict(section="train", name=name), []
+    first, again = train_commands(name, device, out, steps)
+    rc, log = run(first)
+    if rc != 0:
+        return dict(row, status="FAIL", error=f"train.py --steps {steps} exit {rc}: {log.strip()[-300:]}")
+    rows = _metrics(out)
+    losses = [r["loss"] for r in rows if "loss" in r and "eval_loss" not in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    if len(losses) < 2 or not losses[-1] < losses[0]:
+        problems.append(f"the training loss did not fall ({losses})")
+    if not os.path.exists(os.path.join(out, "ckpt.pt")):
+        problems.append("no checkpoint written")
+    if not evals:
+        problems.append("no eval record")
+    rc, log = run(again)
+    if rc != 0:
+        problems.append(f"--resume exit {rc}: {log.strip()[-200:]}")
+    elif max((r.get("step", 0) for r in _metrics(out)), default=0) != steps + 5:
+        problems.append(f"--resume did not reach step {steps + 5}")
+    row.update(first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+               eval_keys=sorted(k for k in (evals[-1] if evals else {}) if k not in ("step", "tokens", "flops")),
+               status="FAIL" if problems else "PASS", error="; ".join(problems) or None)
+    return row
+
+
+def check_train(device, names, jobs, run=_run, steps=50):
+    """check_train_run for every model, `jobs` at a time (tiny models share one GPU), in a temporary directory."""
+    import concurrent.futures
+    import shutil
+    root = tempfile.mkdtemp(prefix="nanomix_gpu_check_")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as ex:
+            return list(ex.map(lambda n: check_train_run(n, device, os.path.join(root, n), run, steps), names))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def check_ddp(device, name="mot", run=_run):
+    """torchrun with 1 rank (nccl on CUDA), and 2 ranks when 2 GPUs are visible."""
+    ranks = [1] + ([2] if device.startswith("cuda") and torch.cuda.device_count() >= 2 else [])
+    rows = []
+    for n in ranks:
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "train.py",
+                   "--model", name, "--steps", "20", "--eval_every", "20", "--device", device.split(":")[0],
+                   "--out", out]
+            rc, log = run(cmd)
+            ok = rc == 0 and os.path.exists(os.path.join(out, "ckpt.pt"))
+            rows.append(dict(section="ddp", name=f"torchrun --nproc_per_node={n} {name}", status="PASS" if ok else "FAIL",
+                             error=None if ok else f"exit {rc}: {log.strip()[-300:]}"))
+    return rows
+
+
+def print_table(rows):
+    """The PASS/FAIL table and a one-line summary; -> the summary dict."""
+    for r in rows:
+        detail = []
+        for k in ("err", "loss_diff", "frac_of_floor", "ms_step", "mfu"):
+            if r.get(k) is not None:
+                detail.append(f"{k} {r[k]:.3g}")
+        if r.get("tol") is not None and r.get("err", r.get("loss_diff")) is not None:
+            detail.append(f"tol {r['tol']:g}")
+        if r.get("error"):
+            detail.append(r["error"].splitlines()[0][:160])
+        print(f"  {r['status']:4s}  {r['section']:8s} {r['name'][:70]:70s} {'  '.join(detail)}")
+    summary = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "FAIL", "SKIP")}
+    print(f"gpu-check: {summary['PASS']} passed, {summary['FAIL']} failed, {summary['SKIP']} skipped"
+          + (" -- ALL PASS" if not summary["FAIL"] else " -- FAILURES above"))
+    return summary
+
+
+def gpu_check(args, run=_run):
+    """python bench.py --gpu-check [--device cpu] [--models ...] [--jobs N] [--out gpu_check.json]. -> exit status."""
+    import train
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "none")
+    if device == "none" or (device.startswith("cuda") and not torch.cuda.is_available()):
+        print(f"gpu-check: no CUDA GPU here (torch {torch.__version__}); nothing to check "
+              "(python bench.py --gpu-check --device cpu rehearses the harness)")
+        return 0
+    cuda = device.startswith("cuda")
+    if cuda and kernels._INTERPRET:
+        raise SystemExit("gpu-check: unset TRITON_INTERPRET: the check runs the compiled kernels")
+    scale = "gpu" if cuda else "cpu"
+    candidate = "triton" if cuda or (kernels.HAS_TRITON and kernels._INTERPRET) else "torch"
+    names = args.models or list(train.registry())
+    t0 = time.time()
+    info = dict(machine(), device=device, candidate_backend=candidate,
+                triton=kernels.triton.__version__ if kernels.HAS_TRITON else None)
+    print(f"gpu-check on {info.get('gpu', device)}: torch {info['torch']}, triton {info['triton']}, "
+          f"kernels {candidate} vs torch path, {len(names)} models")
+    rows = list(check_kernels(device, candidate, scale))
+    print(f"  kernels checked in {time.time() - t0:.0f} s", flush=True)
+    rows += check_timings(device)
+    peak = measure_ceilings()["mm_bf16_TFLOPs"] * 1e12 if cuda else matmul_peak(device)   # bf16 8192^3 on CUDA
+    info["matmul_peak_flops"] = peak
+    rows += check_models(device, names, peak, reps=10 if cuda else 2)
+    rows += check_train(device, names, args.jobs, run=run, steps=50 if cuda else args.train_steps)
+    rows += check_ddp(device, "mot" if "mot" in names else names[0], run=run)
+    summary = print_table(rows)
+    result = dict(info, seconds=round(time.time() - t0, 1), summary=summary, ok=not summary["FAIL"], rows=rows)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
+    return 0 if result["ok"] else 1
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main(argv=None):
@@ -524,8 +918,16 @@ def main(argv=None):
     ap.add_argument("--out", default="bench.json", help="JSON file the results are merged into")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (model benchmarks)")
     ap.add_argument("--scale_tokens", type=int, default=4096, help="tokens per batch in the length-scaling runs")
+    ap.add_argument("--gpu-check", dest="gpu_check", action="store_true",
+                    help="run every kernel and model on CUDA for real, write --out (gpu_check.json), PASS/FAIL table")
+    ap.add_argument("--jobs", type=int, default=4, help="--gpu-check: train.py runs at a time")
+    ap.add_argument("--train_steps", type=int, default=50, help="--gpu-check --device cpu: train.py steps (50 on CUDA)")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one model, in a child process
     args = ap.parse_args(argv)
+    if args.gpu_check:
+        if args.out == "bench.json":
+            args.out = "gpu_check.json"
+        return gpu_check(args)
     if args._one:
         print(json.dumps(bench_one(args._one, args.device, args.reps, args.scale_tokens)))
         return
@@ -551,4 +953,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

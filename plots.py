@@ -213,6 +213,8 @@ def plot_compare(base_out, names, path=None, keys=None, labels=None, title=None,
             if len(hi) > 4:        # zoom on the part of the curves where they differ
                 ax.set_ylim(lo - 0.05 * (hi[len(hi) // 5] - lo), hi[len(hi) // 5])
         t, unit = metric_name(k)
+        if chance and any(k.replace("_acc", "_chance") in r for _, ev, _ in runs.values() for r in ev if k.endswith("_acc")):
+            t += " (dotted: chance)"
         ax.set_title(t, fontsize=10)
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
@@ -569,8 +571,9 @@ def megabyte_patch_position(model, path):
     return _save(fig, path)
 
 
-def blt_patches(model, tokens, path, n=96):
-    """BLT (paper Fig. 4): the first n bytes of `tokens` (1-D), the entropy model's H(x_i) and the patch starts."""
+def blt_patches(model, tokens, path, n=96, kinds=None):
+    """BLT (paper Fig. 4): the first n bytes of `tokens` (1-D), the entropy model's H(x_i) and the patch starts;
+    kinds (1-D, optional): the data's byte kinds (0 caption, 1 random, 2 predictable), shaded."""
     plt = _plt()
     off = 4 if not hasattr(sys.modules.get("blt"), "OFFSET") else sys.modules["blt"].OFFSET
     dev = next(model.parameters()).device
@@ -591,14 +594,26 @@ def blt_patches(model, tokens, path, n=96):
                        label=f"threshold = {float(model.threshold):.2f} nats")
     for i in starts.nonzero().flatten().tolist():
         ax.axvline(i - 0.5, color="gray", lw=0.8)
+    if kinds is not None:
+        import matplotlib.patches as mp
+        shade = {1: ("#f6c9a0", "random bytes"), 2: ("#c8ecc4", "predictable bytes")}
+        for i, k in enumerate(kinds[:n].tolist()):
+            if k in shade:
+                ax.axvspan(i - 0.5, i + 0.5, color=shade[k][0], alpha=0.5, lw=0)
+        handles = [mp.Patch(color=c, alpha=0.5, label=l) for c, l in shade.values()]
+        ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=8, loc="upper center", ncol=4)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.2)
     ax.set_xticks(range(len(chars)), chars, fontsize=7, family="monospace")
     ax.set_xlim(-0.5, len(chars) - 0.5)
     ax.set_xlabel("byte of a bytes-setting eval row (grey line = a patch starts here)")
     ax.set_ylabel("entropy (nats)")
     ax.set_title(f"BLT {model.cfg.patching} patching: {int(starts.sum())} patches for {len(chars)} bytes "
                  f"(mean {len(chars) / max(1, int(starts.sum())):.1f} bytes per patch)", fontsize=10)
-    if ent is not None:
+    if ent is not None and kinds is None:
         ax.legend(loc="upper right", fontsize=8)
+    if ent is None:
+        ax.set_yticks([])
+        ax.set_ylabel("")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -783,6 +798,38 @@ def _model_from(name, ckpt=None, setting=None, overrides=None):
     return model, ds
 
 
+def blt_docs(path, steps=300, seed=0):
+    """docs/blt_patches.png: a small entropy model trained for `steps` steps on the bytes setting (seconds), BLT with
+    entropy patching on top of it (threshold tuned to a mean patch of 4 bytes on the row), on an eval row."""
+    import blt
+    import data
+    torch.manual_seed(seed)
+    ds = data.make_data("bytes", seq_len=512, seed=seed)
+    ent = blt.EntropyModel(blt.EntropyConfig(seq_len=512))
+    opt = torch.optim.AdamW(ent.parameters(), lr=3e-3)
+    for i in range(steps):
+        loss = ent(ds.get_batch("train", 4, i))[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ent.eval()
+    model = blt.BLT(blt.Config(seq_len=512), entropy_model=ent)
+    b = ds.get_batch("val", 1, 1)
+    row, kinds = b["tokens"][0], b.get("byte_kind")
+    n = 96
+    start = 0
+    if kinds is not None:        # a window that holds predictable and random bytes
+        k = kinds[0]
+        for s0 in range(0, len(k) - n, 8):
+            w = k[s0:s0 + n]
+            if (w == 1).sum() >= 32 and (w == 2).sum() >= 32:
+                start = s0
+                break
+    if hasattr(model, "tune_threshold"):
+        model.tune_threshold(b["tokens"])
+    return blt_patches(model, row[start:], path, n=n, kinds=None if kinds is None else kinds[0, start:])
+
+
 def _mech(name, overrides=None):
     """docs figure maker: the mechanism of model `name` (default config and setting, seed 0, untrained unless a
     checkpoint is given) on a real eval batch."""
@@ -793,12 +840,20 @@ def _mech(name, overrides=None):
     return f
 
 
+def _first_run_dir(*names):
+    """The first of docs/runs/NAME that holds runs (the 1800-step headline compare, else a shorter one)."""
+    for n in names:
+        if os.path.isdir(os.path.join(RUNS, n)):
+            return os.path.join(RUNS, n)
+    return os.path.join(RUNS, names[0])
+
+
 # name -> (function(path) that makes docs/NAME.png, the command, what it shows)
 DOCS_FIGURES = {
     "toy_world": (lambda path: toy_world(path), "the toy world: scenes, captions, a token stream per setting"),
-    "chameleon_compare": (lambda path: plot_compare(os.path.join(RUNS, "chameleon"), ["dense", "mot"], path,
+    "chameleon_compare": (lambda path: plot_compare(_first_run_dir("chameleon", "chameleon_moma"), ["dense", "mot"], path,
                                                     keys=["eval_loss_image", "eval_loss_text", "gen_image_acc"]),
-                          "dense vs MoT on the chameleon setting (docs/runs/chameleon)"),
+                          "dense vs MoT on the chameleon setting (docs/runs/chameleon, else chameleon_moma)"),
     "mot_speech": (lambda path: plot_compare(os.path.join(RUNS, "speech"), ["dense", "mot"], path),
                    "dense vs MoT on the speech setting (docs/runs/speech)"),
     "moma_chameleon": (lambda path: plot_compare(os.path.join(RUNS, "chameleon_moma"),
@@ -810,14 +865,15 @@ DOCS_FIGURES = {
                                                       path, keys=["eval_loss_image", "eval_loss_text", "gen_image_acc",
                                                                   "caption_acc"]),
                             "Transfusion dense vs MoT backbone (docs/runs/transfusion)"),
-    "bytes_compare": (lambda path: bytes_compare(os.path.join(RUNS, "bytes"), path),
+    "bytes_compare": (lambda path: bytes_compare(os.path.join(RUNS, "bytes"), path, names=("dense", "megabyte", "blt",
+                                                                                       "megalodon")),
                       "the byte models vs the byte Transformer (docs/runs/bytes)"),
     "mot_weights": (_mech("mot"), "MoT: the weight copy each token of a chameleon row uses"),
     "mom_projections": (_mech("mom"), "MoM: which projections each token takes per modality"),
     "moma_routing_tokens": (_mech("moma"), "MoMa: which expert takes each token, expert choice vs aux routers"),
     "transfusion_mask": (_mech("transfusion"), "Transfusion: the attention mask of a real row"),
     "megabyte_layout": (_mech("megabyte"), "MEGABYTE: patches, global and local inputs of a real byte row"),
-    "blt_patches": (_mech("blt", dict(patching="space")), "BLT: patch starts on a bytes row (space patching)"),
+    "blt_patches": (blt_docs, "BLT: entropy and patch starts on a bytes row (entropy model trained for 300 steps)"),
     "megalodon_cema": (_mech("megalodon"), "Megalodon: CEMA impulse response and attention chunks"),
 }
 

@@ -49,15 +49,57 @@ def matmul_peak(device, n=1024, reps=10):
     return 2 * n ** 3 / timeit(lambda: a @ b, reps, 2, device, statistics.median)
 
 
-def _step_time(model, batch, reps, device):
-    """Median seconds of a forward + backward + AdamW step, after 2 warm-up steps."""
+def _train_step(model, batch):
+    """One forward + backward + AdamW step of model on batch, as a closure."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
         model(batch)[1].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return timeit(step, reps, 2, device, statistics.median)
+    return step
+
+
+def _step_time(model, batch, reps, device):
+    """Median seconds of a forward + backward + AdamW step, after 2 warm-up steps."""
+    return timeit(_train_step(model, batch), reps, 2, device, statistics.median)
+
+
+def data_ms(ds, batch_size, n=5, start=1000):
+    """Median ms to draw one training batch (batch_size rows) at n fresh indices: the data path's cost per step."""
+    times = []
+    for i in range(start, start + n):
+        t = time.perf_counter()
+        ds.get_batch("train", batch_size, i)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+_NO_LAUNCH = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view",
+              "aten::as_strided", "aten::reshape", "aten::_reshape_alias", "aten::t", "aten::transpose",
+              "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice",
+              "aten::alias", "aten::detach", "aten::unbind", "aten::split", "aten::split_with_sizes", "aten::chunk",
+              "aten::narrow", "aten::view_as", "aten::lift_fresh", "aten::resize_", "aten::set_", "aten::item",
+              "aten::_local_scalar_dense", "aten::is_nonzero", "aten::result_type", "aten::to", "aten::_to_copy",
+              "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous"}
+
+
+def launch_count(step, device):
+    """Kernel launches in one call of step(), from torch.profiler: CUDA kernels on a GPU; on CPU the leaf aten ops
+    that compute (views and allocations excluded): each is at least one kernel launch on a GPU, where a tiny model's
+    step is bound by launch overhead (~5 us each) rather than FLOPs."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    ev = prof.events()
+    if cuda:
+        return sum(e.device_type == DeviceType.CUDA for e in ev)
+    computes = lambda e: e.name.startswith("aten::") and e.name not in _NO_LAUNCH
+    return sum(computes(e) and not any(computes(c) for c in e.cpu_children) for e in ev)   # innermost ones only
 
 
 BENCH_OVERRIDES = {"blt": dict(patching="space")}  # blt's default entropy patching needs a trained entropy model
@@ -75,12 +117,14 @@ def bench_one(name, device, reps, scale_tokens):
     batch = train.to(ds.get_batch("train", tc.batch_size, 0), device)
     fpt = train.count_flops(model, batch)
     s = _step_time(model, batch, reps, device)
+    launches = launch_count(_train_step(model, batch), device)
     tokens = tc.batch_size * tc.seq_len
     mem = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
     out = dict(model=name, setting=tc.setting, params=sum(p.numel() for p in model.parameters()),
                batch=f"{tc.batch_size}x{tc.seq_len}", ms_step=1000 * s, tokens_s=tokens / s, peak_mem_mb=mem / 2 ** 20,
-               flops_per_token=fpt, flops_s=fpt * tokens / s, scaling={})
+               flops_per_token=fpt, flops_s=fpt * tokens / s, data_ms=data_ms(ds, tc.batch_size), launches=launches,
+               scaling={})
     base = tc.seq_len if tc.setting != "bytes" else tc.seq_len // 2   # 256..2048 tokens; 1024..8192 bytes
     for L in (base, 2 * base, 4 * base, 8 * base):  # time per token as the sequence length doubles
         model, cfg, tc2, ds = train.build(name, setting or None, device=device, overrides=BENCH_OVERRIDES.get(name),
@@ -136,8 +180,8 @@ def bench_models(args):
         print(f"  {n} done", file=sys.stderr, flush=True)
     dense = {r["setting"]: r for r in rows if r["model"] == "dense"}
     print(f"\ndevice {device}, {torch.get_num_threads()} threads; matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'model':16s} {'setting':12s} {'params':>8s} {'batch':>8s} {'ms/step':>9s} {'x dense':>8s} {'tok/s':>9s} "
-          f"{'MiB':>7s} {'MFU':>6s}   us/token at 4 doubling lengths (ratio last/first)")
+    print(f"{'model':16s} {'setting':12s} {'params':>8s} {'batch':>8s} {'ms/step':>9s} {'data ms':>8s} {'x dense':>8s} "
+          f"{'tok/s':>9s} {'MiB':>7s} {'MFU':>6s} {'launch':>6s}   us/token at 4 doubling lengths (ratio last/first)")
     for r in rows:
         d = dense.get(r["setting"])
         sc = r["scaling"]
@@ -145,10 +189,31 @@ def bench_models(args):
         r["mfu"] = r["flops_s"] / peak
         r["x_dense"] = r["ms_step"] / d["ms_step"] if d else None
         xd = f"{r['x_dense']:.2f}" if d else "-"
+        r["data_share"] = r["data_ms"] / (r["data_ms"] + r["ms_step"])
         print(f"{r['model']:16s} {r['setting']:12s} {r['params'] / 1e6:7.2f}M {r['batch']:>8s} {r['ms_step']:9.1f} "
-              f"{xd:>8s} {r['tokens_s']:9,.0f} {r['peak_mem_mb']:7.0f} {100 * r['mfu']:5.1f}%   "
+              f"{r['data_ms']:8.1f} {xd:>8s} {r['tokens_s']:9,.0f} {r['peak_mem_mb']:7.0f} {100 * r['mfu']:5.1f}% "
+              f"{r['launches']:6d}   "
               + " ".join(f"{L}:{sc[L]:.1f}" for L in ls) + f"  ({sc[ls[-1]] / sc[ls[0]]:.2f}x)")
-    return dict(device=device, threads=torch.get_num_threads(), matmul_peak_flops=peak, models=rows)
+    print("data ms = drawing one training batch (ds.get_batch, default batch, median of 5 fresh indices) in the step's "
+          "process; launch = kernels per step (CUDA) or compute ops per step (CPU; each >= 1 launch on a GPU)")
+    return dict(device=device, threads=torch.get_num_threads(), matmul_peak_flops=peak, models=rows,
+                data=bench_data(rows))
+
+
+def bench_data(rows=()):
+    """Data ms per batch for every setting at its default batch, beside the model steps measured on it."""
+    import data
+    import train
+    out = []
+    print(f"\n{'setting':12s} {'batch':>8s} {'data ms':>8s}   share of each model's step on that setting")
+    for s in data.SETTINGS:
+        d = train.SETTING_DEFAULTS[s]
+        ms = data_ms(data.make_data(s, seq_len=d["seq_len"]), d["batch_size"])
+        steps = {r["model"]: r["ms_step"] for r in rows if r["setting"] == s}
+        share = {m: round(ms / (ms + st), 3) for m, st in steps.items()}
+        out.append(dict(setting=s, batch=f"{d['batch_size']}x{d['seq_len']}", data_ms=ms, share_of_step=share))
+        print(f"{s:12s} {out[-1]['batch']:>8s} {ms:8.1f}   " + " ".join(f"{m} {100 * v:.0f}%" for m, v in share.items()))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ helpers

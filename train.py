@@ -527,18 +527,27 @@ def evaluate(model, ds, tc, rank, world, device, autocast, micro=None):
     return out
 
 
+# The generation eval (caption -> image, image -> caption, scored against the scene) exists where there are images.
+GEN_EVAL_SETTINGS = ("chameleon", "speech", "transfusion")
+
+
+def has_gen_eval(model, ds):
+    return ds.setting in GEN_EVAL_SETTINGS and (hasattr(model, "gen_metrics") or
+                                                (hasattr(model, "generate") and hasattr(ds, "eval_generation")))
+
+
 def generation_metrics(model, ds, tc):
+    if not has_gen_eval(model, ds):
+        return {}
     model.eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(4321)
         if hasattr(model, "gen_metrics"):
-            m = model.gen_metrics(ds)
-        elif hasattr(model, "generate") and hasattr(ds, "eval_generation"):
+            m = model.gen_metrics(ds, n=tc.gen_n)
+        else:
             dev = next(model.parameters()).device
             m = ds.eval_generation(lambda p, n, temp: model.generate(p.to(dev), n, temperature=temp)[:, p.shape[1]:],
                                    n=tc.gen_n)
-        else:
-            m = {}
     model.train()
     return m
 
@@ -551,8 +560,9 @@ def gen_min_seq_len(ds):
     return max(3 + data.N_PATCHES + 14, 2 + max(len(e["caption"]) for e in ds.scenes(32)) + data.N_PATCHES)
 
 
-def check_run(name, model, tc, ds, world, dev):
-    """Relations between trainer keys (and with the device and world size): one-line UsageError on the first."""
+def check_run(name, model, tc, ds, world, dev, given=()):
+    """Relations between trainer keys (and with the device and world size): one-line UsageError on the first.
+    given: the trainer keys the user set (a key that would have no effect is an error naming why)."""
     if tc.batch_size % world:
         raise UsageError(f"batch_size={tc.batch_size} does not split over {world} ranks; use a multiple of {world}")
     per_rank = tc.batch_size // world
@@ -564,7 +574,10 @@ def check_run(name, model, tc, ds, world, dev):
         raise UsageError(f"--micro_batch_size={micro} must divide the per-rank batch {per_rank}")
     if tc.compile and not dev.startswith("cuda"):
         raise UsageError("--compile=True works on CUDA only (the CPU path runs eagerly); drop it or use --device cuda")
-    need = gen_min_seq_len(ds) if tc.gen_n and (hasattr(model, "gen_metrics") or hasattr(model, "generate")) else 0
+    if "gen_n" in given and tc.gen_n and not has_gen_eval(model, ds):
+        raise UsageError(f"--gen_n has no effect: {name} on --setting {tc.setting} has no generation eval (it runs "
+                         f"on {', '.join(GEN_EVAL_SETTINGS)} for models that generate); drop --gen_n")
+    need = gen_min_seq_len(ds) if tc.gen_n and has_gen_eval(model, ds) else 0
     if tc.seq_len < need:
         raise UsageError(f"--seq_len={tc.seq_len} is too short for the generation eval of setting {tc.setting} "
                          f"(its prompts + outputs take {need} tokens); use --seq_len >= {need} or --gen_n=0")
@@ -631,7 +644,7 @@ def train(name, over, resume=False, quiet=False):
     t_over["device"] = dev
     model, cfg, tc, ds = build(name, None, m_over, None, dev, t_over)
     out = tc.out = tc.out or os.path.join("out", name)
-    micro = check_run(name, model, tc, ds, world, dev)
+    micro = check_run(name, model, tc, ds, world, dev, given=set(t_over) - {"device"})
     accum = tc.batch_size // world // micro
     config = dict(model=name, setting=tc.setting, train=dataclasses.asdict(tc), model_cfg=dataclasses.asdict(cfg))
     ckpt_path = os.path.join(out, "ckpt.pt")
@@ -881,12 +894,102 @@ def compare(names, over, base_out):
     return summary
 
 
+# --- --help: generated from the code (Config comments, MODELS lines, data's docstring), so it cannot drift ----------
+def field_comments(cls):
+    """field -> the comment on its line in the class source (continuation comment lines joined)."""
+    import inspect
+    import re
+    out, last, indent = {}, None, 0
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        if line.strip().startswith(("def ", "@")):
+            break
+        m = re.match(r"^(\s+)(\w+)\s*:\s*[^=#]+=[^#]*?(?:#\s*(.*))?$", line)
+        c = re.match(r"^(\s+)#\s*(.*)$", line)
+        if m:
+            last, indent = m.group(2), len(m.group(1))
+            out[last] = (m.group(3) or "").strip()
+        elif c and last and len(c.group(1)) > indent:
+            out[last] += " " + c.group(2).strip()
+        else:
+            last = None
+    return out
+
+
+def model_descriptions(reg):
+    """name -> one line: the comment on the model's MODELS line, else its class docstring's first line."""
+    import inspect
+    import re
+    out = {}
+    for name, (mod, cfg_cls, model_cls, setting, over) in reg.items():
+        src = inspect.getsource(mod)
+        m = re.search(r'^\s*"' + re.escape(name) + r'"\s*:\s*\(.*?#\s*(.*)$', src, re.M)
+        doc = (model_cls.__doc__ or model_cls.__name__).strip().split(". ")[0].splitlines()[0].rstrip(".")
+        if m:
+            out[name] = m.group(1).strip()
+        else:  # the class's first sentence + the registered overrides that differ from the Config defaults
+            base = cfg_cls()
+            diff = [f"{k}={v}" for k, v in over.items() if getattr(base, k, None) != v]
+            out[name] = f"{model_cls.__name__} with {', '.join(diff)}" if diff else doc
+        if len(out[name]) > 86:
+            out[name] = out[name][:83] + "..."
+    return out
+
+
+def _key_lines(cls, obj, skip=()):
+    notes = field_comments(cls)
+    lines = []
+    for f in fields(obj):
+        if f.name in skip:
+            continue
+        v = getattr(obj, f.name)
+        shown = ",".join(map(str, v)) if isinstance(v, tuple) else v
+        rule = (range_of(cls, f.name) or "").split(";")[0].strip()
+        lines.append(f"  --{f.name}={shown}".ljust(34) + f" {notes.get(f.name, '')}" + (f"  [{rule}]" if rule else ""))
+    return lines
+
+
+def help_text(model=None):
+    reg = registry()
+    usage = ["usage: python train.py [--model NAME] [--setting NAME] [--KEY=VALUE ...] [--resume]   train one model",
+             "       python train.py --compare A,B[,C...] [--setting NAME] [--KEY=VALUE ...]   same data and training",
+             "       python train.py --help [--model NAME]                                   this text / a model's keys",
+             "       torchrun --nproc_per_node=N train.py ...   DDP (gloo on CPU, nccl on CUDA); on a bad value torchrun",
+             "       prints its own failure summary after the one-line error"]
+    if model is not None:
+        if model not in reg:
+            raise UsageError(f"unknown model {model!r}; choose one of {', '.join(sorted(reg))}")
+        mod, cfg_cls, model_cls, setting, over = reg[model]
+        cfg = cfg_cls(**over)
+        data_keys = {"vocab_size", "n_modalities", "modality_offsets", "modality_names", "seq_len", "bos_id", "boi_id",
+                     "eoi_id", "sep_id", "pad_id", "patch_dim", "n_patches", "image_size", "channels"}
+        if setting == "transfusion" or model.startswith(("transfusion", "lmfusion")):
+            data_keys.add("patch_size")
+        ok = supported_settings(model, reg) or data.SETTINGS
+        return "\n".join(usage + ["", f"{model}: {model_descriptions(reg)[model]}",
+                                  f"file {mod.__name__}.py, default setting {setting}, settings: {', '.join(ok)}",
+                                  "", f"{model} keys (default, what it does, [valid range]):"]
+                         + _key_lines(cfg_cls, cfg, skip=data_keys)
+                         + ["", "set by the data (follow --setting / --seq_len): "
+                            + ", ".join(f.name for f in fields(cfg) if f.name in data_keys),
+                            "", "trainer keys: python train.py --help"])
+    desc = model_descriptions(reg)
+    lines = usage + ["", "models (default setting: what it is; python train.py --help --model NAME lists its keys):"]
+    lines += [f"  {n:18s} {reg[n][3]:12s} {desc[n]}" for n in reg]
+    lines += ["", "settings (--setting; data.py):"]
+    for st in data.SETTINGS:
+        m = [l.strip()[len(st):].strip() for l in (data.__doc__ or "").splitlines() if l.strip().startswith(st + " ")]
+        lines.append(f"  {st:12s} {m[0] if m else ''}")
+    lines += ["", "trainer keys (default, what it does, [valid range]):"] + _key_lines(TrainConfig, TrainConfig())
+    lines += ["", "outputs in --out (default out/MODEL): config.json, metrics.jsonl, ckpt.pt, loss.png"]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         flags, over = parse_args(argv)
         if "help" in flags:
-            print(__doc__)
+            print(help_text(over.get("model")))
             return 0
         if "compare" in over:
             names = [n for n in over.pop("compare").split(",") if n]

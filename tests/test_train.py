@@ -190,6 +190,9 @@ BAD = [  # (argv, expected fragment of the one-line error); {tmp} is a fresh dir
     (["--out", "{file}/sub"], "cannot create that directory"),
     (["--bogus", "1"], "trainer keys: batch_size"),
     (["--compare", "dense,dense"], "names dense twice"),
+    (["--model", "megabyte", "--gen_n", "4"], "--gen_n has no effect"),   # issue 16: no silent flags (trainer keys)
+    (["--data", "{file}"], "add --setting bytes"),
+    (["--model", "megabyte", "--setting", "chameleon"], "supported: bytes"),
 ]
 
 
@@ -230,11 +233,11 @@ def test_resume_after_a_partial_metrics_line(tmp_path):
 
 
 @pytest.mark.parametrize("model, extra, eval_every", [
-    ("dense", ["--d_model", "32", "--n_layer", "1", "--n_head", "2"], 1),        # caught by the eval after step 1
+    ("dense", ["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--gen_n", "4"], 1),  # by the eval after step 1
     ("megalodon", ["--d_model", "32", "--n_layers", "1", "--chunk_size", "32"], 100)])  # by step 2's loss
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(model, extra, eval_every, tmp_path, capsys):
     # lr 1e9: the weights blow up at the first step; a NaN must never reach ckpt.pt, the run must stop in one line
-    argv = ["--model", model, *extra, "--seq_len", "64", "--batch_size", "4", "--eval_batches", "1", "--gen_n", "4",
+    argv = ["--model", model, *extra, "--seq_len", "64", "--batch_size", "4", "--eval_batches", "1",
             "--warmup", "1", "--lr", "1e9", "--steps", "20", "--ckpt_every", "1", "--eval_every", str(eval_every),
             "--out", str(tmp_path)]
     assert train.main(argv) == 2
@@ -288,3 +291,45 @@ def test_torchrun_validates_before_the_process_group(monkeypatch, capsys):
     assert train.main(TINY + ["--batch_size", "3"]) == 2
     assert "does not split over 2 ranks" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
+
+
+# --- issue 16: --help that teaches; no silent flags -------------------------------------------------------------
+def test_help_lists_models_settings_and_trainer_keys(capsys):
+    import re
+    import dataclasses
+    import data
+    assert train.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, (_, _, _, setting, _) in train.registry().items():  # name, default setting, a description
+        assert re.search(rf"^  {re.escape(name)} +{setting} +\S", out, re.M), name
+    for st in data.SETTINGS:
+        assert re.search(rf"^  {st} +\S", out, re.M), st
+    for f in dataclasses.fields(train.TrainConfig):
+        assert f"--{f.name}={f.default}" in out, f.name
+
+
+def test_help_for_each_model_shows_its_keys_with_the_comments_of_its_config_source(capsys):
+    import dataclasses
+    import inspect
+    import re
+    for name, (mod, cfg_cls, _, _, over) in train.registry().items():
+        assert train.main(["--help", "--model", name]) == 0
+        out = capsys.readouterr().out
+        src = inspect.getsource(cfg_cls)
+        cfg = cfg_cls(**over)
+        for f in dataclasses.fields(cfg):
+            if f"--{f.name}=" not in out:
+                assert f.name in out.split("set by the data")[1], (name, f.name)  # listed as a data key
+                continue
+            line = next(l for l in src.splitlines() if re.match(rf"\s+{f.name}\s*:", l))
+            if "#" in line:
+                assert line.split("#", 1)[1].strip() in out, (name, f.name)
+
+
+def test_text_setting_has_no_generation_eval_and_finishes(tmp_path):
+    # dense on the text setting used to train, then crash at the first eval in the chameleon generation eval
+    i = TINY.index("--gen_n")
+    argv = TINY[:i] + TINY[i + 2:]  # --gen_n would be refused: the text setting has no generation eval
+    assert train.main(argv + ["--setting", "text", "--steps", "2", "--eval_every", "2", "--out", str(tmp_path)]) == 0
+    ev = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if "eval_loss" in l][-1]
+    assert "gen_image_acc" not in ev

@@ -87,6 +87,12 @@ def _save(fig, path):
     return path
 
 
+def _wrap(text, fig):
+    """Break a title into lines that fit the figure's width (about 11 characters per inch at 11 pt)."""
+    import textwrap
+    return "\n".join(textwrap.wrap(text, int(fig.get_size_inches()[0] * 11)))
+
+
 def _flops_axis(ax, xs):
     """Training FLOPs on a linear axis in a readable unit: no overlapping log-scale labels."""
     top = max([x for x in xs if x] or [1.0])
@@ -196,7 +202,8 @@ def plot_compare(base_out, names, path=None, keys=None, labels=None, title=None,
             if not e:
                 continue
             lab = labels.get(rn, model_name(rn))
-            ax.plot([r["flops"] / u for r in e], [r[k] for r in e], "o-", ms=3, color=f"C{j}", label=lab)
+            main = f"{lab}, causal aux routers" if any(k + "_ec" in r for r in e) else lab
+            ax.plot([r["flops"] / u for r in e], [r[k] for r in e], "o-", ms=3, color=f"C{j}", label=main)
             for suffix, what in (("_aux", "causal aux routers"), ("_ec", "expert choice (non-causal)")):
                 if aux and any(k + suffix in r for r in e):   # MoMa: the other routing, dashed
                     ea = [r for r in e if k + suffix in r]
@@ -221,7 +228,8 @@ def plot_compare(base_out, names, path=None, keys=None, labels=None, title=None,
     axes[0][0].legend(fontsize=8)
     conf, tr, ev = runs[base][2], runs[base][0], runs[base][1]
     what = " vs ".join(labels.get(rn, model_name(rn)) for rn in runs)
-    fig.suptitle(title or f"{what}: eval curves at equal training FLOPs, {_describe(conf, tr, ev)}", fontsize=11)
+    fig.suptitle(_wrap(title or f"{what}: eval curves at equal training FLOPs, {_describe(conf, tr, ev)}", fig),
+                 fontsize=11)
     fig.tight_layout()
     _save(fig, path or os.path.join(base_out, "compare.png"))
     res = {}
@@ -781,7 +789,7 @@ def bytes_compare(base, path, names=("dense", "megabyte", "blt", "megalodon")):
         ax[1].set_title("final eval bpb vs inference cost", fontsize=10)
         ax[1].grid(alpha=0.3)
     first = next(iter(runs.values()))
-    fig.suptitle(f"Byte models at equal training budget: {_describe(first[2], first[0], first[1])}", fontsize=11)
+    fig.suptitle(_wrap(f"Byte models vs the byte Transformer: {_describe(first[2], first[0], first[1])}", fig), fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 

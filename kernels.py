@@ -172,11 +172,11 @@ def linear_scan(a, b, h0=None, *, backend="auto"):
     shape, dtype = a.shape, a.dtype
     R, L = a.numel() // shape[-1], shape[-1]
     flops = (16 if dtype.is_complex else 4) * a.numel()                    # see "FLOP tally" above
-    triton_ = _use_triton(backend, a, b, h0)   # the kernels load 16-bit inputs and compute in fp32 themselves
-    cdtype = dtype if triton_ or dtype != torch.bfloat16 else torch.float32
+    use_triton = _use_triton(backend, a, b, h0)   # the kernels load 16-bit inputs and compute in fp32 themselves
+    cdtype = dtype if use_triton or dtype != torch.bfloat16 else torch.float32
     a2, b2 = (t.reshape(R, L).to(cdtype).contiguous() for t in (a, b))
     h02 = None if h0 is None else h0.reshape(R).to(cdtype).contiguous()
-    h = (_LinearScanTriton if triton_ else _LinearScanTorch).apply(a2, b2, h02)
+    h = (_LinearScanTriton if use_triton else _LinearScanTorch).apply(a2, b2, h02)
     return _tally(flops, h.reshape(shape).to(dtype))
 
 

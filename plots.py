@@ -266,7 +266,7 @@ def _stream(ax, labels, mods, names, width=30, title=""):
     for i, (s, m) in enumerate(zip(labels, mods)):
         r, c = divmod(i, width)
         ax.add_patch(__import__("matplotlib").patches.Rectangle((c, -r - 0.9), 0.95, 0.8, color=MOD_COLOURS[m % 4]))
-        ax.text(c + 0.47, -r - 0.5, s[:6], ha="center", va="center", fontsize=6.5, family="monospace")
+        ax.text(c + 0.47, -r - 0.5, s[:7], ha="center", va="center", fontsize=6.5, family="monospace")
     ax.set_xlim(0, width)
     ax.set_ylim(-rows - 0.1, 0.1)
     ax.axis("off")
@@ -282,15 +282,16 @@ def toy_world(path="docs/toy_world.png", n_scenes=10, seed=0):
     plt = _plt()
     ds = data.make_data("chameleon", seq_len=256, seed=seed)
     ex = ds.scenes(n_scenes)
-    fig = plt.figure(figsize=(15, 11))
-    gs = fig.add_gridspec(6, n_scenes, height_ratios=[1.5, 1.05, 1.05, 1.05, 1.05, 1.2])
+    fig = plt.figure(figsize=(15, 10))
+    gs = fig.add_gridspec(6, n_scenes, height_ratios=[1.5, 1.05, 1.05, 1.05, 1.05, 0.45])
     for k, e in enumerate(ex):
         a = fig.add_subplot(gs[0, k])
         a.imshow(np.asarray(e["image"]).transpose(1, 2, 0))
         words = [data.WORDS[i] for i in e["caption"] if i < len(data.WORDS)]
         a.set_title("\n".join(" ".join(words[j:j + 4]) for j in range(0, len(words), 4)), fontsize=7)
         a.set_xticks([]), a.set_yticks([])
-    fig.text(0.01, 0.985, "Scenes (16 x 16 RGB) and a caption of each, from data.ToyWorld.scenes", fontsize=11)
+    fig.text(0.01, 0.985, "The toy world (data.py): scenes (16 x 16 RGB) with a caption of each, and the token stream of "
+             "every setting", fontsize=12)
     names = list(getattr(data, "MODALITIES", ("text", "image", "speech")))
     for j, s in enumerate(("chameleon", "speech", "transfusion")):
         d = data.make_data(s, seq_len=96, seed=seed)
@@ -302,9 +303,10 @@ def toy_world(path="docs/toy_world.png", n_scenes=10, seed=0):
         else:
             lab = [_token_label(t, m, offs) for t, m in zip(tok, mod)]
         ax = fig.add_subplot(gs[1 + j, :])
+        key = {"chameleon": "i12 = image token 12", "speech": "i12 = image token 12, s3 = speech code 3",
+               "transfusion": "patch = one continuous 4 x 4 x 3 image patch"}[s]
         _stream(ax, lab[:90], mod[:90], names[:d.n_modalities], width=30,
-                title=f"setting '{s}': the first 90 tokens of training row 0 (i12 = image code 12, s3 = speech code 3"
-                      + (", patch = one continuous 4 x 4 x 3 image patch" if s == "transfusion" else "") + ")")
+                title=f"setting '{s}': the first 90 tokens of training row 0 ({key})")
     d = data.make_data("bytes", seq_len=512, seed=seed)
     b = d.get_batch("train", 1, 0)
     raw = bytes(b["tokens"][0, :240].tolist())

@@ -9,10 +9,13 @@
 Every `--key=value` (or `--key value`) overrides a field of the training config below or of the model's Config,
 type-checked against its default. Outputs in OUT (default out/MODEL): config.json, metrics.jsonl, ckpt.pt, loss.png.
 
-FLOPs, one method for every model (`count_flops`): the matmul FLOPs actually executed by one forward + backward
-pass on the first four training batches, counted by torch.utils.flop_counter (linear layers, grouped matmuls, attention with
-the full T x T score matrix as counted for sdpa), divided by the tokens in the batch. Sparse models are charged
-for what they run, frozen modules for their forward only; elementwise work (scans, norms, softmax) is not counted.
+FLOPs, one method for every model (`count_flops`): the FLOPs actually executed by one forward + backward pass on the
+first four training batches, divided by the tokens in the batch: matmul FLOPs counted by torch.utils.flop_counter
+(linear layers, grouped matmuls, attention with the full T x T score matrix as counted for sdpa) plus the scans' and
+FFTs' analytic FLOPs tallied by kernels.flop_tally (selective scan 9 per (batch, channel, state, step), linear scan
+4 real / 16 complex per element, FFT 5 N log2 N; backward 2x forward: see kernels.py). Sparse models are charged for
+what they run, frozen modules for their forward only; other elementwise work (norms, softmax, activations) is not
+counted. metrics.jsonl: `flops` = total, `flops_matmul` = the matmul part.
 """
 import contextlib
 import copy
@@ -339,22 +342,28 @@ def _register_cpu_sdpa_flops():
         lambda g, q, k, v, *a, **kw: 2 * fc.sdpa_flop_count(q.shape, k.shape, v.shape))  # 2x fwd, as for any matmul
 
 
-def count_flops(model, batches, backward=True):
-    """Matmul FLOPs per input token of one forward (+ backward) pass, counted on a copy of the model and averaged
-    over the batches given (a batch or a list: a model whose work depends on the data, like BLT's patches, needs a few)."""
+def count_flops(model, batches, backward=True, parts=False):
+    """FLOPs per input token of one forward (+ backward) pass, counted on a copy of the model and averaged over the
+    batches given (a batch or a list: a model whose work depends on the data, like BLT's patches, needs a few):
+    matmul FLOPs (torch's FlopCounterMode) + the scans' and FFTs' analytic FLOPs (kernels.flop_tally, which every
+    scan entry point and megalodon's FFT convolution report to). -> the total, or with parts=True a dict
+    {total, matmul, scan_fft}."""
     from torch.utils.flop_counter import FlopCounterMode
+    import kernels
     _register_cpu_sdpa_flops()
     batches = [batches] if isinstance(batches, dict) else batches
     m = copy.deepcopy(model)
     m.train(backward)
-    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter, kernels.flop_tally() as tally:
         for batch in batches:
             if backward:
                 m(batch)[1].backward()
             else:
                 with torch.no_grad():
                     m(batch)
-    return counter.get_total_flops() / sum(b["tokens"].numel() for b in batches)
+    tokens = sum(b["tokens"].numel() for b in batches)
+    matmul, other = counter.get_total_flops() / tokens, tally.flops / tokens
+    return dict(total=matmul + other, matmul=matmul, scan_fft=other) if parts else matmul + other
 
 
 # --- distributed helpers ----------------------------------------------------------------------------------------
@@ -683,7 +692,8 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
     raw = model
     n_params = sum(p.numel() for p in model.parameters())
     try:  # the first forward/backward passes: a config or setting the model cannot run fails here, in one line
-        flops_per_token = count_flops(model, [to(ds.get_batch("train", micro, i), dev) for i in range(4)])
+        fl = count_flops(model, [to(ds.get_batch("train", micro, i), dev) for i in range(4)], parts=True)
+        flops_per_token, matmul_per_token = fl["total"], fl["matmul"]
     except (RuntimeError, ValueError, IndexError, AssertionError, KeyError, TypeError) as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise UsageError(f"{name} cannot run on --setting {tc.setting} with this config ({type(e).__name__}: {msg})"
@@ -731,13 +741,14 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
         if rank == 0:
             save_ckpt(ckpt_path, dict(model=raw.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                                       step=step, time=elapsed, config=config, rng=rng_state(), data_position=step,
-                                      flops_per_token=flops_per_token))
+                                      flops_per_token=flops_per_token, flops_matmul_per_token=matmul_per_token))
         last_good = step
         if world > 1:
             torch.distributed.barrier()
 
     def eval_now():
-        rec = dict(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * flops_per_token)
+        rec = dict(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * flops_per_token,
+                   flops_matmul=step * tokens_per_step * matmul_per_token)
         rec.update(evaluate(model, ds, tc, rank, world, dev, autocast, micro))
         if not math.isfinite(rec["eval_loss"]):
             raise diverged("the eval loss")
@@ -748,7 +759,8 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
 
     if not quiet and rank == 0:
         print(f"{name} on {tc.setting}: {n_params / 1e6:.3f}M params, {flops_per_token / 1e6:.3f} MFLOPs/token "
-              f"(fwd+bwd), {world} rank(s) x {accum} micro-step(s) of {micro} x {tc.seq_len}, device {dev}")
+              f"(fwd+bwd: {matmul_per_token / 1e6:.3f} matmul + {fl['scan_fft'] / 1e6:.3f} scan/FFT), "
+              f"{world} rank(s) x {accum} micro-step(s) of {micro} x {tc.seq_len}, device {dev}")
     from tqdm import tqdm
     bar = tqdm(total=tc.steps, initial=step, disable=quiet or rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True,
                leave=False)
@@ -784,14 +796,16 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
         if step % tc.log_every == 0 or step == tc.steps:
             loss_sum, parts_sum = mean_over_ranks(loss_sum, parts_sum, world)
             write(dict(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * flops_per_token,
-                       time=elapsed, lr=lr_at(step - 1, tc), loss=loss_sum, **parts_sum))
+                       flops_matmul=step * tokens_per_step * matmul_per_token, time=elapsed, lr=lr_at(step - 1, tc),
+                       loss=loss_sum, **parts_sum))
             if not quiet and rank == 0:
                 bar.write(f"step {step} | loss {loss_sum:.4f} | lr {lr_at(step - 1, tc):.2e} | grad norm {gnorm:.3f} | "
                           f"{dt * 1000:.1f} ms/step | {tokens_per_step / dt:,.0f} tokens/s")
         if step % tc.eval_every == 0 or step == tc.steps:
             rec = eval_now()
             if not quiet and rank == 0:
-                bar.write("eval " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("tokens", "flops")))
+                bar.write("eval " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                             if k not in ("tokens", "flops", "flops_matmul")))
         if step % tc.ckpt_every == 0 or step == tc.steps:
             checkpoint()
     bar.close()

@@ -35,7 +35,8 @@ def test_default_run_loss_falls(tmp_path):
     assert tr[0]["step"] == 10 and tr[-1]["step"] == 60
     assert tr[-1]["loss"] < tr[0]["loss"] - 0.5
     ev = [r for r in rows if "eval_loss" in r][-1]
-    for k in ("eval_loss_text", "eval_loss_image", "gen_image_acc", "gen_image_chance", "caption_acc", "flops", "tokens"):
+    for k in ("eval_loss_text", "eval_loss_image", "gen_image_acc", "gen_image_chance", "caption_acc", "flops", "tokens",
+              "flops_matmul"):
         assert k in ev, k
     assert ev["tokens"] == 60 * 8 * 256 and ev["flops"] > 0
     assert os.path.exists(tmp_path / "loss.png") and os.path.exists(tmp_path / "config.json")
@@ -91,6 +92,18 @@ def test_count_flops_matches_hand_count():
     if ffn:  # linear layers: 4 d^2 (attention) + 3 d ffn (SwiGLU) + d V (head); attention: 4 T d
         assert fwd == pytest.approx(2 * (4 * d * d + 3 * d * ffn + d * V) + 4 * T * d)
     assert train.count_flops(model, b) == pytest.approx(3 * fwd)
+
+
+def test_count_flops_adds_the_scans_analytic_flops():
+    # issue 17.4: matmuls (FlopCounterMode) + the selective scan tallied by kernels.flop_tally, by Mamba's count
+    model, cfg, tc, ds = train.build("mamba", overrides=dict(d_model=32, n_layer=1), train_overrides=dict(seq_len=64))
+    b = ds.get_batch("train", 2, 0)
+    f = train.count_flops(model, b, backward=False, parts=True)
+    B, L, D, N = 2, 64, 2 * 32, cfg.d_state  # d_inner = expand * d_model
+    assert f["scan_fft"] * B * L == pytest.approx(9 * B * L * D * N + 2 * B * L * D)  # 9 BLDN + D*u + silu(z) gate
+    assert f["matmul"] > 0 and f["total"] == pytest.approx(f["matmul"] + f["scan_fft"])
+    g = train.count_flops(model, b, parts=True)
+    assert g["scan_fft"] == pytest.approx(3 * f["scan_fft"]) and train.count_flops(model, b) == pytest.approx(g["total"])
 
 
 @pytest.mark.parametrize("argv, message", [

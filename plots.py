@@ -845,10 +845,12 @@ def blt_docs(path, steps=300, seed=0):
     return blt_patches(model, row[start:], path, n=n, kinds=None if kinds is None else kinds[0, start:])
 
 
-def _mech(name, overrides=None):
-    """docs figure maker: the mechanism of model `name` (default config and setting, seed 0, untrained unless a
-    checkpoint is given) on a real eval batch."""
+def _mech(name, overrides=None, trained=None):
+    """docs figure maker: the mechanism of model `name` (default config and setting, seed 0) on a real eval batch;
+    trained: a checkpoint (under docs/runs/, not shipped) used when it is on disk, else the model as built."""
     def f(path, ckpt=None):
+        if ckpt is None and trained and os.path.isfile(os.path.join(RUNS, trained)):
+            ckpt = os.path.join(RUNS, trained)
         torch.manual_seed(0)
         model, ds = _model_from(name, ckpt, None, overrides)
         return mechanism(model, ds, path=path)
@@ -885,7 +887,9 @@ DOCS_FIGURES = {
                       "the byte models vs the byte Transformer (docs/runs/bytes)"),
     "mot_weights": (_mech("mot"), "MoT: the weight copy each token of a chameleon row uses"),
     "mom_projections": (_mech("mom"), "MoM: which projections each token takes per modality"),
-    "moma_routing_tokens": (_mech("moma"), "MoMa: which expert takes each token, expert choice vs aux routers"),
+    "moma_routing_tokens": (_mech("moma", trained="chameleon_moma/moma/ckpt.pt"),
+                            "MoMa: which expert takes each token, expert choice vs aux routers (the trained run's "
+                            "checkpoint when on disk)"),
     "transfusion_mask": (_mech("transfusion"), "Transfusion: the attention mask of a real row"),
     "megabyte_layout": (_mech("megabyte"), "MEGABYTE: patches, global and local inputs of a real byte row"),
     "blt_patches": (blt_docs, "BLT: entropy and patch starts on a bytes row (entropy model trained for 300 steps)"),

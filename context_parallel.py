@@ -1,31 +1,32 @@
 """Context (sequence) parallelism: one sequence split across the R ranks of a group, exact, for scans and attention.
 
 Rank r of a context-parallel group holds positions [r L/R, (r+1) L/R) of every sequence. Token-wise layers
-(projections, FFNs, norms over features) need no communication; only the sequence mixers do, and each one gets a
-short function below that gives the same outputs and gradients as one process on the whole sequence:
+(projections, FFNs, norms over features) need no communication; only the sequence mixers do, and each gets a short
+function below with the same outputs and gradients as one process on the whole sequence:
 
-  mixer                                  method (paper)                      each rank sends per call
-  linear recurrence h_t = a_t h_{t-1} + b_t   LASP-2: ONE all-gather of (P_r, S_r)   one state (independent of L)
-    (CEMA, complex; Mamba's selective scan)    (Sun et al. 2025, arXiv 2502.07563)
-  causal conv1d of width w (Mamba)       halo exchange                       (batch, channels, w - 1)
-  cumulative statistics (timestep norm)  the LASP-2 prefix on (count, mean, M2) (Chan et al.'s merge)   one state
-  softmax attention                      Ring Attention (Liu et al. 2023, arXiv 2310.01889): K/V blocks pass
-                                         around the ring, merged by log-sum-exp; or all-gather K/V (reference)
-                                                                              (R - 1) K/V blocks: linear in L
+  sequence mixer                            method                                   each rank sends per call
+  h_t = a_t h_{t-1} + b_t (CEMA, complex;   LASP-2 (Sun et al. 2025, arXiv 2502.07563): one state: constant in L
+    Mamba's selective scan)                   ONE all-gather of (P_r, S_r), a prefix
+  causal conv1d of width w (Mamba)          halo exchange with the previous rank      (batch, channels, w - 1)
+  running statistics (timestep norm)        the same prefix on (count, mean, M2)      one state: constant in L
+  softmax attention                         Ring Attention (Liu et al. 2023,          R - 1 K/V blocks: linear in L
+                                              arXiv 2310.01889), or all-gather K/V
+                                              (LASP-2H's choice; here the reference)
 
-Glossary (paper -> code):  R -> cp.size, r -> cp.rank, P_r (slice decay) and S_r (slice final state) -> P, S,
-H_r (incoming state) -> incoming_state(P, S, cp), (P1, S1) o (P2, S2) -> lasp2_combine, lse -> log-sum-exp.
+Glossary (paper -> code): R -> cp.size, r -> cp.rank, P_r (the slice's total decay), S_r (its final state from 0),
+H_r (the state entering slice r) -> incoming_state(P, S, cp), (P1, S1) o (P2, S2) -> lasp2_combine,
+lse (log-sum-exp of a row of scores) -> lse.
 
-Every function takes `cp`, a CPGroup (make_groups builds them; world = dp x cp) or None for one process (then it
-is the plain computation). Collectives are differentiable (their backward is the reverse communication), so
-loss.backward() on every rank gives each rank its slice's share of every gradient: summed over the cp group it is
-the one-process gradient (train.py's DDP averages over dp; see cp_loss).
+Every function takes `cp`, a CPGroup (make_groups builds them; world = dp x cp), or None for one process (then it
+is the plain computation). The collectives are differentiable (their backward is the reverse communication), so
+backward on every rank gives each rank its slice's share of every gradient; summed over the cp group it is the
+one-process gradient (model_loss: the trainer's side).
 
 Left out: ZeCO's All-Scan (a pipelined collective that hands each rank only its own incoming state: same math, less
-traffic at large R), LightSeq's overlap of communication with compute (the ring here sends while it computes
-only through isend/irecv) and the zig-zag layout that balances causal ring attention (rank r holds chunks r and
-2R-1-r): with contiguous slices rank R-1 computes R blocks and rank 0 one.
-Tests: tests/test_context_parallel.py (gloo, CPU, 2 and 4 processes).            Read next: train.py
+traffic at large R); overlapping communication with compute (LightSeq; here each ring step sends after its block is
+computed); the zig-zag layout that balances causal ring attention (rank r holds chunks r and 2R-1-r): with
+contiguous slices rank R-1 computes R blocks and rank 0 one.
+Run: python context_parallel.py [R]     Tests: tests/test_context_parallel.py (gloo, CPU)     Read next: train.py
 """
 from dataclasses import dataclass
 
@@ -160,17 +161,6 @@ def _send_recv(send, recv_like, dst, src, cp, direction):
     for q in reqs:
         q.wait()
     return recv
-
-
-def cp_loss(loss_sum, count, cp):
-    """Token-mean loss over the whole sequences from this rank's slice: sum_r loss_sum_r / sum_r count_r.
-    Returns the loss to call backward on: its gradient summed over the cp group is the one-process gradient, so
-    multiply by R when DDP averages over all dp x cp ranks (train.py)."""
-    if cp is None:
-        return loss_sum / count.clamp(min=1)
-    total = count.detach().clone().float()
-    dist.all_reduce(total, group=cp.group)
-    return loss_sum / total.clamp(min=1)
 
 
 # The trainer's side: slice a batch, run the model on the slice, make its loss the whole sequences' loss.

@@ -453,6 +453,7 @@ def attention(q, k, v, cp, mask=None, scale=None, impl="ring"):
 # ==== Demo: python context_parallel.py [R] -- R gloo processes on CPU: each mixer = one process; bytes vs L =========
 
 def _demo(rank, R, init):
+    import time
     torch.manual_seed(0)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=R)
     cp, _ = make_groups(R)
@@ -466,21 +467,32 @@ def _demo(rank, R, init):
         "causal_conv1d": (lambda L: [d(4, 16, L), d(16, 1, 4)], (-1, None), lambda g, x, w: causal_conv1d(x, w, None, g)),
         "ring_attention": (lambda L: [d(1, 2, L, 8) for _ in range(3)], (-2, -2, -2),
                            lambda g, q, k, v: ring_attention(q, k, v, g).transpose(-1, -2)),
+        "allgather_attn": (lambda L: [d(1, 2, L, 8) for _ in range(3)], (-2, -2, -2),
+                           lambda g, q, k, v: allgather_attention(q, k, v, g).transpose(-1, -2)),
     }
+    if rank == R - 1:
+        print(f"{'mixer':>15} {'L':>5} {'sent (B)':>10} {'saved for backward':>19} {'ms fwd+bwd':>10} {'max |err|':>9}")
     for name, (make, dims, call) in mixers.items():
-        row = []
         for L in (256, 1024, 4096):
             xs = make(L)
             ref = call(None, *xs)                                     # one process, the whole sequence
-            mine = [t if dim is None else split_sequence(t, dim, cp) for t, dim in zip(xs, dims)]
+            mine = [t if dim is None else split_sequence(t, dim, cp).clone() for t, dim in zip(xs, dims)]
+            saved = {}                                                # storage -> bytes, of what autograd keeps
+
+            def pack(t):
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
             reset_sent()
-            y = call(cp, *[t.requires_grad_() for t in mine])
+            t0 = time.perf_counter()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = call(cp, *[t.requires_grad_() for t in mine])
             y.sum().backward()
+            ms = 1000 * (time.perf_counter() - t0)
             err = (y - split_sequence(ref, -1, cp)).abs().max().detach()
             dist.all_reduce(err, op=dist.ReduceOp.MAX)
-            row.append(f"L={L}: {SENT['forward'] + SENT['backward']:>7} B (max |err| {float(err):.0e})")
-        if rank == R - 1:
-            print(f"{name:>15}: " + "   ".join(row))
+            if rank == R - 1:
+                print(f"{name:>15} {L:>5} {SENT['forward'] + SENT['backward']:>10} "
+                      f"{sum(saved.values()) / 2 ** 10:>15.0f} KiB {ms:>10.1f} {float(err):>9.0e}")
     dist.destroy_process_group()
 
 
@@ -489,6 +501,7 @@ if __name__ == "__main__":
     import tempfile
     import torch.multiprocessing as mp
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    print(f"{n} CPU processes, one sequence split in {n} slices; bytes the last rank sends per call (forward +\n"
-          f"backward) as L grows, and the largest difference from one process on the whole sequence")
+    print(f"{n} CPU processes (gloo), one float64 sequence split in {n} slices. Per call of each mixer on the last rank:\n"
+          f"bytes it sends (forward + backward), what autograd keeps for backward, time, and the largest difference\n"
+          f"from one process on the whole sequence.")
     mp.start_processes(_demo, args=(n, tempfile.mktemp()), nprocs=n, start_method="spawn")

@@ -1,5 +1,7 @@
 """Tests for transfusion.py: the mask, the losses, isolation of the image modules, the schedule and samplers,
-guidance, causality, cached decoding, and LMFusion's frozen text model. Tiny models, CPU, a few seconds."""
+guidance, causality, cached and per-row generation (earlier images read as images), per-row diffusion draws (a split
+batch = the whole batch, exact resume), LMFusion's frozen text model and its safe checkpoint loading, settings and
+keys without effect. Tiny models, CPU, a few seconds each."""
 import os
 import sys
 

@@ -426,7 +426,8 @@ def ring_attention(q, k, v, cp, mask=None, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if cp is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-    return _RingAttention.apply(q, k, v, mask, scale, cp)
+    acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype   # merge softmaxes in fp32
+    return _RingAttention.apply(q.to(acc), k.to(acc), v.to(acc), mask, scale, cp).to(q.dtype)
 
 
 def allgather_attention(q, k, v, cp, mask=None, scale=None):

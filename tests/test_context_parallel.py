@@ -222,6 +222,11 @@ def _attention_check(cp, impl, mask=None):
 def ring_attention_causal(cp):
     fn, inputs = _attention_check(cp, "ring")
     assert_causal(fn, inputs, cp, [2, 2, 2])
+    # bf16 inputs (GPU autocast): the merge runs in fp32; the output is bf16 and within bf16 rounding of float64
+    ref = F.scaled_dot_product_attention(*inputs, is_causal=True).detach()
+    low = C.ring_attention(*(C.split_sequence(t.detach().bfloat16(), 2, cp) for t in inputs), cp)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), C.split_sequence(ref, 2, cp), rtol=3e-2, atol=3e-2)
     sent = [bytes_per_call(lambda: fn(*_qkv(L))) for L in (16, 32)]
     assert sent[1] == (2 * sent[0][0], 2 * sent[0][1]), sent             # linear in L
     return {"bytes_fwd_bwd_L16_L32": sent}

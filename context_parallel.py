@@ -181,7 +181,8 @@ def model_loss(model, batch, cp, names):
     sel = [valid] + [valid & (tm == m) for m in range(len(names))]
     weight = [split_sequence(s, 1, cp).sum() / s.sum().clamp(min=1) for s in sel]        # local / global count
     share = loss * weight[0]
-    values = [share.detach()] + [parts.get(f"loss_{n}", torch.zeros(())).to(share) * w for n, w in zip(names, weight[1:])]
+    values = [share.detach()] + [parts.get(f"loss_{n}", torch.zeros(())).to(share) * w
+                                 for n, w in zip(names, weight[1:])]
     total = torch.stack([v.float().reshape(()) for v in values])
     dist.all_reduce(total, group=cp.group)
     logged = {f"loss_{n}": total[i + 1] for i, n in enumerate(names) if sel[i + 1].any()}
@@ -465,7 +466,8 @@ def _demo(rank, R, init):
         "selective_scan": (lambda L: [d(4, 16, L), d(4, 16, L), -torch.rand(16, 8, dtype=torch.float64), d(4, 8, L),
                                       d(4, 8, L)], (-1, -1, None, -1, -1),
                            lambda g, u, t, A, B, C: selective_scan(u, t, A, B, C, delta_softplus=True, cp=g)),
-        "causal_conv1d": (lambda L: [d(4, 16, L), d(16, 1, 4)], (-1, None), lambda g, x, w: causal_conv1d(x, w, None, g)),
+        "causal_conv1d": (lambda L: [d(4, 16, L), d(16, 1, 4)], (-1, None),
+                          lambda g, x, w: causal_conv1d(x, w, None, g)),
         "ring_attention": (lambda L: [d(1, 2, L, 8) for _ in range(3)], (-2, -2, -2),
                            lambda g, q, k, v: ring_attention(q, k, v, g).transpose(-1, -2)),
         "allgather_attn": (lambda L: [d(1, 2, L, 8) for _ in range(3)], (-2, -2, -2),
@@ -502,7 +504,7 @@ if __name__ == "__main__":
     import tempfile
     import torch.multiprocessing as mp
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    print(f"{n} CPU processes (gloo), one float64 sequence split in {n} slices. Per call of each mixer on the last rank:\n"
-          f"bytes it sends (forward + backward), what autograd keeps for backward, time, and the largest difference\n"
-          f"from one process on the whole sequence.")
-    mp.start_processes(_demo, args=(n, tempfile.mktemp()), nprocs=n, start_method="spawn")
+    print(f"{n} CPU processes (gloo), one float64 sequence split in {n} slices. Per call of each mixer on the last\n"
+          f"rank: bytes it sends (forward + backward), what autograd keeps for backward, time, and the largest\n"
+          f"difference from one process on the whole sequence.")
+    mp.start_processes(_demo, args=(n, tempfile.mkdtemp() + "/init"), nprocs=n, start_method="spawn")

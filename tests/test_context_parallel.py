@@ -6,11 +6,13 @@ Every check runs on every rank of a cp group with the same whole-sequence inputs
     one-process gradient;
   - causality: changing position p changes no output before p on any rank, and does change the last rank's;
   - bytes each rank sends per call (forward + backward): the same at L and 2L for scans, halo and norm statistics;
-    doubled at 2L for ring attention.
+    doubled at 2L for ring attention;
+  - layers of the models (mom.MoMMixer as Mamba and MoM, megalodon.CEMA, mot.Attention) and the whole Megalodon LM
+    split across ranks by composing these functions around the model files' parts (used read-only).
 All checks of one world size run in ONE set of forked processes (module fixture); each test reads its result.
+The last test runs train.py --context_parallel under torchrun once train.py has the field (issue #21, phase 2).
 """
 import json
-import math
 import os
 import traceback
 from datetime import timedelta

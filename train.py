@@ -329,17 +329,16 @@ def build(name, setting=None, overrides=None, data_file=None, device="cpu", trai
 
 
 # --- FLOPs: one counting method for all models ------------------------------------------------------------------
-def _register_cpu_sdpa_flops():
+def _cpu_sdpa_flops():
     """torch's FLOP counter knows the CUDA attention kernels but not the CPU one. Count it as the math path
-    would: 2*T*S*hd for Q K^T and as much for P V forward, twice that backward (like any matmul)."""
+    would: 2*T*S*hd for Q K^T and as much for P V forward, twice that backward (like any matmul). Passed to
+    FlopCounterMode as custom_mapping (local to train's counter: torch's global registry is left unchanged)."""
     from torch.utils import flop_counter as fc
     aten = torch.ops.aten
-    if aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
-        return
-    fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(
-        lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q.shape, k.shape, v.shape))
-    fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)(
-        lambda g, q, k, v, *a, **kw: 2 * fc.sdpa_flop_count(q.shape, k.shape, v.shape))  # 2x fwd, as for any matmul
+    return {aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v),          # shapes (FlopCounterMode's shape_wrapper)
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, **kw: 2 * fc.sdpa_flop_count(q, k, v)}   # 2x fwd, as for any matmul
 
 
 def count_flops(model, batches, backward=True, parts=False):
@@ -350,11 +349,11 @@ def count_flops(model, batches, backward=True, parts=False):
     {total, matmul, scan_fft}."""
     from torch.utils.flop_counter import FlopCounterMode
     import kernels
-    _register_cpu_sdpa_flops()
     batches = [batches] if isinstance(batches, dict) else batches
     m = copy.deepcopy(model)
     m.train(backward)
-    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter, kernels.flop_tally() as tally:
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_flops()) as counter, \
+            kernels.flop_tally() as tally:
         for batch in batches:
             if backward:
                 m(batch)[1].backward()
@@ -811,9 +810,8 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
     bar.close()
     if rank == 0:
         log.close()
-        plot_run(out)
-        if hasattr(raw, "extra_plots"):
-            raw.extra_plots(out)
+        figures(lambda plots: plots.plot_run(out), "loss curve")
+        figures(lambda plots: plots.model_figures(raw, ds, out), "model figures")
         if not quiet:
             print(f"done: {step} steps in {elapsed:.1f}s. log: {metrics_path}  plot: {os.path.join(out, 'loss.png')}  "
                   f"checkpoint: {ckpt_path}")
@@ -827,18 +825,15 @@ def read_metrics(out):
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 
-def plot_run(out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    tr, ev = read_metrics(out)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k in [k for k in tr[0] if k.startswith("loss")]:
-        ax.plot([r["flops"] for r in tr], [r[k] for r in tr], label=f"train {k}", alpha=0.6)
-    for k in [k for k in ev[0] if k.startswith("eval_loss")]:
-        ax.plot([r["flops"] for r in ev], [r[k] for r in ev], "o-", label=k)
-    ax.set_xlabel("training FLOPs"); ax.set_ylabel("loss (nats)"); ax.legend(fontsize=7); ax.set_title(out)
-    fig.tight_layout(); fig.savefig(os.path.join(out, "loss.png"), dpi=110); plt.close(fig)
+def figures(draw, what):
+    """draw(plots) with plots.py imported lazily (its plotting library loads only to draw); a failure prints one warning
+    line and never costs a finished run."""
+    try:
+        import plots
+        draw(plots)
+    except Exception as e:  # noqa: BLE001 -- the run's outputs are written already
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        print(f"warning: the {what} figure failed ({type(e).__name__}: {msg}); the run's outputs are complete")
 
 
 def flops_to_reach(ev, key, target):
@@ -871,6 +866,9 @@ def compare(names, over, base_out):
         raise UsageError(f"--compare: the models default to different settings ({', '.join(sorted(settings))}); "
                          f"add --setting NAME")
     setting = settings.pop()
+    for n in names:  # every model's values are checked before the first one trains for minutes
+        build(n, None, {k: v for k, v in per[n].items() if k not in tc_keys}, None, "cpu",
+              {**{k: v for k, v in per[n].items() if k in tc_keys and k != "device"}, "setting": setting})
     for n in names:
         print(f"=== {n} ===", flush=True)
         train(n, {**per[n], "setting": setting, "out": os.path.join(base_out, n)})
@@ -878,18 +876,7 @@ def compare(names, over, base_out):
     keys = [k for k in runs[names[0]][-1] if k.startswith("eval_loss") or k == "eval_bpb"]
     if "eval_bpb" in keys:  # bytes: one modality, and bpb says it all
         keys = ["eval_bpb"]
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        for n in names:
-            ev = [r for r in runs[n] if k in r]
-            ax.plot([r["flops"] for r in ev], [r[k] for r in ev], "o-", ms=3, label=n)
-        ax.set_title(k); ax.set_xlabel("training FLOPs"); ax.set_xscale("log"); ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(base_out, "compare.png"), dpi=110)
-    plt.close(fig)
+    figures(lambda plots: plots.plot_compare(base_out, names), "compare")
     first = runs[names[0]]
     total = first[-1]["flops"]
     summary = {}
@@ -904,7 +891,8 @@ def compare(names, over, base_out):
                   f"   (final {final:.4f} vs {names[0]} {target:.4f})")
     with open(os.path.join(base_out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"plot: {os.path.join(base_out, 'compare.png')}")
+    if os.path.exists(os.path.join(base_out, "compare.png")):
+        print(f"plot: {os.path.join(base_out, 'compare.png')}")
     return summary
 
 

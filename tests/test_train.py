@@ -346,3 +346,30 @@ def test_text_setting_has_no_generation_eval_and_finishes(tmp_path):
     assert train.main(argv + ["--setting", "text", "--steps", "2", "--eval_every", "2", "--out", str(tmp_path)]) == 0
     ev = [json.loads(l) for l in open(tmp_path / "metrics.jsonl") if "eval_loss" in l][-1]
     assert "gen_image_acc" not in ev
+
+
+def test_compare_checks_every_model_before_training_and_plots_with_plots_py(tmp_path, capsys):
+    # a bad value for the second model fails before the first trains
+    assert train.main(["--compare", "dense,moma", "--routing", "xyz", "--out", str(tmp_path / "bad")]) == 2
+    assert not os.path.exists(tmp_path / "bad" / "dense")
+    args = [a for a in TINY if a != "dense"][1:] + ["--steps", "2", "--eval_every", "2"]
+    assert train.main(["--compare", "dense,mot", *args, "--out", str(tmp_path)]) == 0
+    assert os.path.exists(tmp_path / "compare.png") and os.path.exists(tmp_path / "compare.json")
+    assert os.path.exists(tmp_path / "dense" / "loss.png")
+
+
+def test_a_failing_figure_never_costs_a_finished_run(tmp_path, monkeypatch, capsys):
+    import plots
+
+    def boom(*a, **k):
+        raise RuntimeError("no display")
+    monkeypatch.setattr(plots, "plot_run", boom)
+    monkeypatch.setattr(plots, "model_figures", boom)
+    assert train.main(TINY + ["--steps", "2", "--eval_every", "2", "--out", str(tmp_path)]) == 0
+    assert "warning: the loss curve figure failed (RuntimeError: no display)" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_train_py_holds_no_plotting_code():
+    src = open(os.path.join(ROOT, "train.py")).read()
+    assert "matplotlib" not in src and "plt." not in src

@@ -397,7 +397,9 @@ def register_modality(name, n_codes, encode):
 
 def unregister_modality(name):
     """Undo register_modality(name) (tests, notebooks)."""
-    e = next(e for e in EXTRA_MODALITIES if e["name"] == name)
+    e = next((e for e in EXTRA_MODALITIES if e["name"] == name), None)
+    if e is None:
+        raise ValueError(f"no registered modality {name!r} (registered: {[e['name'] for e in EXTRA_MODALITIES]})")
     EXTRA_MODALITIES.remove(e)
     MARKERS.pop(e["bos"]), MARKERS.pop(e["eos"])
     _set_modalities()

@@ -263,15 +263,26 @@ def test_register_modality_adds_one_everywhere_and_undoes(gesture):
         bad.get_batch("train", 1, 0)
 
 
-@pytest.mark.parametrize("name,setting", [("mot", "speech"), ("mom", "speech"), ("moma", "speech"),
-                                          ("transfusion", "transfusion")])
-def test_a_fourth_modality_trains_in_every_multimodal_model(gesture, name, setting, tmp_path):
+class FigureWarning(Exception):
+    """An end-of-run figure printed a warning (the run itself finished)."""
+
+
+_PLOTS_3_COLOURS = pytest.mark.xfail(raises=FigureWarning, strict=True, reason=(
+    "plots.py (course owner): _legend_modalities has 3 colours; the MoT/MoM mechanism figure's legend raises "
+    "IndexError for a 4th modality (a warning, the run finishes)"))
+
+
+@pytest.mark.parametrize("name,setting", [pytest.param("mot", "speech", marks=_PLOTS_3_COLOURS),
+                                          pytest.param("mom", "speech", marks=_PLOTS_3_COLOURS),
+                                          ("moma", "speech"), ("transfusion", "transfusion")])
+def test_a_fourth_modality_trains_in_every_multimodal_model(gesture, name, setting, tmp_path, capsys):
     """Issue #16.4: with one register_modality call, train.py's train() runs each multimodal model on the new world,
-    reports a loss for every modality (training and eval) and finishes its run (end-of-run figures included)."""
+    reports a loss for every modality (training and eval) and finishes its run, end-of-run figures without a warning."""
     import train
     out = str(tmp_path / name)
     train.train(name, dict(setting=setting, steps=3, batch_size=4, seq_len=64, eval_every=3, eval_batches=1,
                            log_every=1, gen_n=4, out=out), quiet=True)
+    printed = capsys.readouterr()
     rows = train.read_jsonl(os.path.join(out, "metrics.jsonl"))
     names = data.make_data(setting, 64).modality_names
     assert names[-1] == "gesture" and len(names) == (4 if setting == "speech" else 3)
@@ -279,3 +290,5 @@ def test_a_fourth_modality_trains_in_every_multimodal_model(gesture, name, setti
         assert any(np.isfinite(r.get(f"loss_{n}", np.nan)) for r in rows), (n, rows[-1].keys())
         assert any(np.isfinite(r.get(f"eval_loss_{n}", np.nan)) for r in rows), n
     assert os.path.exists(os.path.join(out, "ckpt.pt"))
+    if "warning" in printed.out + printed.err:          # last: the losses above are checked in every case
+        raise FigureWarning(printed.out + printed.err)

@@ -13,6 +13,14 @@ function below with the same outputs and gradients as one process on the whole s
                                               arXiv 2310.01889), or all-gather K/V
                                               (LASP-2H's choice; here the reference)
 
+What each rank holds and sends (R = 3; the sequence x_0 .. x_{L-1}):
+  holds         rank 0: x[0 : L/3]        rank 1: x[L/3 : 2L/3]        rank 2: x[2L/3 : L]
+  scans         (P_0, S_0) ------------------- all-gather (one state each) -------------- (P_2, S_2)
+                H_0 = 0                    H_1 = S_0                    H_2 = P_1 S_0 + S_1
+  conv1d        last w-1 inputs ---------> halo   last w-1 inputs ---------> halo
+  ring attn     step i: rank r attends to the K/V block of rank r - i, then passes it to rank r + 1
+                (blocks of later ranks travel on but are skipped: causal)
+
 Glossary (paper -> code): R -> cp.size, r -> cp.rank, P_r (the slice's total decay), S_r (its final state from 0),
 H_r (the state entering slice r) -> incoming_state(P, S, cp), (P1, S1) o (P2, S2) -> lasp2_combine,
 lse (log-sum-exp of a row of scores) -> lse.

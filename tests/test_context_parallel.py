@@ -98,6 +98,28 @@ def bytes_per_call(fn):
     return C.SENT["forward"], C.SENT["backward"]
 
 
+# ---- 1. groups and slices -------------------------------------------------------------------------------------------
+
+@check
+def groups_and_slices(cp):
+    """cp groups are consecutive ranks; the dp group joins the ranks holding the same slice of other replicas;
+    split_sequence / gather_sequence are inverse (and gather is differentiable)."""
+    me, world = dist.get_rank(), dist.get_world_size()
+    mine, dp = C.make_groups(cp.size)
+    assert mine.ranks == tuple(range(me - me % cp.size, me - me % cp.size + cp.size)) and mine.rank == me % cp.size
+    t = torch.tensor([float(me)])
+    dist.all_reduce(t, group=dp)
+    assert t.item() == sum(range(me % cp.size, world, cp.size))
+    x = leaf(2, 8, 3)
+    y = C.gather_sequence(C.split_sequence(x, 1, cp) * 2, 1, cp)
+    torch.testing.assert_close(y, 2 * x.detach())
+    y.sum().backward()                                                # each rank's slice gets every rank's gradient
+    torch.testing.assert_close(C.split_sequence(x.grad, 1, cp), torch.full((2, 8 // cp.size, 3), 2.0 * cp.size,
+                                                                           dtype=torch.float64))
+    with pytest.raises(ValueError, match="divisible"):
+        C.split_sequence(torch.zeros(2, 8 * cp.size + 1), 1, cp)
+
+
 # ---- 2. LASP-2 scans -------------------------------------------------------------------------------------------------
 
 def _real_scan_inputs(L):

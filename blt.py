@@ -468,10 +468,9 @@ class BLT(nn.Module):
         return self
 
     # -- Sec. 2: patching --------------------------------------------------------------------------------------------
-    def entropies(self, x):
-        # x: (B, T) ids -> (B, T) H(x_{t+1}) from the frozen entropy model (forward only)
-        with torch.no_grad():
-            return self.entropy_model.entropies(x)
+    @torch.no_grad()
+    def entropies(self, x):   # x: (B, T) ids -> (B, T) H(x_{t+1}) from the frozen entropy model (forward only)
+        return self.entropy_model.entropies(x)
 
     @torch.no_grad()
     def sample_bytes(self, rows=16, length=256, seed=0):
@@ -492,6 +491,8 @@ class BLT(nn.Module):
         """Sec. 2.3: set (and return) the threshold giving mean patch size cfg.patch_size on `tokens` (B, T) bytes.
         Done at build on sample_bytes(); call it on training bytes (the same on every rank) to tune on the data."""
         x, cfg = tokens.to(self.threshold.device) + OFFSET, self.cfg
+        if self.entropy_model is None:
+            raise ValueError(f"tune_threshold: patching={cfg.patching} has no threshold; use entropy or monotonic")
         self.threshold.fill_(threshold_for(self.entropies(x), x, cfg.patching, cfg.patch_size, cfg.max_patch_len))
         return float(self.threshold)
 

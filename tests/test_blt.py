@@ -145,6 +145,8 @@ def test_config_refuses_flags_without_effect():
         small_cfg(patching="static", patch_size=4.5)            # was silently stride 4
     model = BLT(small_cfg(threshold=1.5, patch_size=4.0), entropy_model=entropy_model())
     assert float(model.threshold) == 1.5                    # a fixed threshold is used as given
+    with pytest.raises(ValueError, match="has no threshold"):
+        make_model("space").tune_threshold(text_batch()["tokens"])
 
 
 # the official code's hash multipliers (facebookresearch/blt, bytelatent/model/blt.py), one per hash function

@@ -791,7 +791,10 @@ def bytes_compare(base, path, names=("dense", "megabyte", "blt", "megalodon")):
         ax[1].set_title("final eval bpb vs inference cost", fontsize=10)
         ax[1].grid(alpha=0.3)
     first = next(iter(runs.values()))
-    fig.suptitle(_wrap(f"Byte models vs the byte Transformer: {_describe(first[2], first[0], first[1])}", fig), fontsize=11)
+    what = " vs ".join(model_name(n) for n in runs)
+    ax[0].axhline(first[1][-1]["eval_bpb"], color="gray", ls=":", lw=0.9)
+    fig.suptitle(_wrap(f"{what}: eval bits per byte at equal training FLOPs, {_describe(first[2], first[0], first[1])}",
+                       fig), fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 

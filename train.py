@@ -25,8 +25,10 @@ import importlib.util
 import json
 import math
 import os
+import queue
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass, fields
 
@@ -399,6 +401,53 @@ def to(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class Prefetch:
+    """The training batches, drawn ahead by a background thread in the order the loop uses them (data off the
+    critical path: the toy world is drawn in Python while the model step runs, mostly outside the GIL).
+    Batch n is ds.get_batch("train", micro, n, rank, world): a pure function of its arguments (data.py seeds every
+    row by (seed, split, global row) and touches no global RNG), so these are exactly the batches the loop would draw
+    itself, in any thread; a resumed run starts at its step's index. On CUDA batches are pinned, so that
+    .to(device, non_blocking=True) overlaps the copy with compute."""
+
+    def __init__(self, ds, micro, rank, world, first, last, pin=False, depth=4):
+        self.q, self.stop = queue.Queue(depth), threading.Event()
+        args = (ds, micro, rank, world, first, last, pin)
+        self.thread = threading.Thread(target=self._run, args=args, daemon=True, name="nanomix-prefetch")
+        self.thread.start()
+
+    def _put(self, item):
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def _run(self, ds, micro, rank, world, first, last, pin):
+        for n in range(first, last):
+            if self.stop.is_set():
+                return
+            try:
+                b = ds.get_batch("train", micro, n, rank, world)
+                if pin:
+                    b = {k: v.pin_memory() for k, v in b.items()}
+            except BaseException as e:  # noqa: BLE001 -- handed to the training loop, raised there
+                self._put((None, e))
+                return
+            self._put((n, b))
+
+    def get(self, n):
+        i, b = self.q.get()
+        if i is None:
+            raise b
+        assert i == n, f"prefetch out of order: {i} != {n}"
+        return b
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+
+
 # --- the output directory: checked, and locked for the run's life --------------------------------------------------
 def check_out(out):
     """Create OUT or raise a one-line UsageError naming why it cannot hold a run."""
@@ -733,8 +782,15 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
         return Diverged(f"step {step}: {what} is not finite, the run stopped; {kept}; lower --lr (now {tc.lr:g}) "
                         f"or --grad_clip (now {tc.grad_clip:g}) and start again")
 
+    spent = dict(eval=0.0, generation=0.0, checkpoints=0.0)  # wall seconds outside the training steps
+
+    def timed(what):
+        t = time.perf_counter()
+        return lambda: spent.__setitem__(what, spent[what] + time.perf_counter() - t)
+
     def checkpoint():
         nonlocal last_good
+        done = timed("checkpoints")
         if not all_finite(raw.parameters()):  # never write NaN weights over a good checkpoint
             raise diverged("a weight")
         if rank == 0:
@@ -744,15 +800,20 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
         last_good = step
         if world > 1:
             torch.distributed.barrier()
+        done()
 
     def eval_now():
         rec = dict(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * flops_per_token,
                    flops_matmul=step * tokens_per_step * matmul_per_token)
+        done = timed("eval")
         rec.update(evaluate(model, ds, tc, rank, world, dev, autocast, micro))
+        done()
         if not math.isfinite(rec["eval_loss"]):
             raise diverged("the eval loss")
         if rank == 0 and tc.gen_n:
+            done = timed("generation")
             rec.update(generation_metrics(raw, ds, tc))
+            done()
         write(rec)
         return rec
 
@@ -764,57 +825,66 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
     bar = tqdm(total=tc.steps, initial=step, disable=quiet or rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True,
                leave=False)
     model.train()
-    while step < tc.steps:
-        t0 = time.perf_counter()
-        parts_sum, loss_sum = {}, 0.0
-        for m in range(accum):
-            batch = to(ds.get_batch("train", micro, step * accum + m, rank, world), dev)
-            sync = m == accum - 1 or world == 1
-            ctx = model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
-            with ctx, autocast():
-                _, loss, parts = model(batch)
-                (loss / accum).backward()  # the mean over the global batch
-            loss_sum += float(loss.detach()) / accum
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
-        gnorm = float(raw.clip_grad_norm_(tc.grad_clip) if hasattr(raw, "clip_grad_norm_")  # a model may clip parts
-                      else torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip))  # apart (MoMa's aux routers)
-        bad = torch.tensor(float(not (math.isfinite(loss_sum) and math.isfinite(gnorm))))
-        if world > 1:  # every rank stops at the same step
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if bad.item():
+    t_start, step0 = time.perf_counter(), step
+    batches = Prefetch(ds, micro, rank, world, step * accum, tc.steps * accum, pin=dev.startswith("cuda"))
+    try:
+        while step < tc.steps:
+            t0 = time.perf_counter()
+            parts_sum, loss_sum = {}, 0.0
+            for m in range(accum):
+                batch = to(batches.get(step * accum + m), dev)
+                sync = m == accum - 1 or world == 1
+                ctx = model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
+                with ctx, autocast():
+                    _, loss, parts = model(batch)
+                    (loss / accum).backward()  # the mean over the global batch
+                loss_sum += float(loss.detach()) / accum
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
+            gnorm = float(raw.clip_grad_norm_(tc.grad_clip) if hasattr(raw, "clip_grad_norm_")  # a model may clip parts
+                          else torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip))  # apart (MoMa's aux routers)
+            bad = torch.tensor(float(not (math.isfinite(loss_sum) and math.isfinite(gnorm))))
+            if world > 1:  # every rank stops at the same step
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            if bad.item():
+                step += 1
+                raise diverged(f"the loss ({loss_sum:.4g}) or the gradient norm ({gnorm:.4g})")
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
             step += 1
-            raise diverged(f"the loss ({loss_sum:.4g}) or the gradient norm ({gnorm:.4g})")
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        bar.update(1)
-        if step % tc.log_every == 0 or step == tc.steps:
-            loss_sum, parts_sum = mean_over_ranks(loss_sum, parts_sum, world)
-            write(dict(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * flops_per_token,
-                       flops_matmul=step * tokens_per_step * matmul_per_token, time=elapsed, lr=lr_at(step - 1, tc),
-                       loss=loss_sum, **parts_sum))
-            if not quiet and rank == 0:
-                bar.write(f"step {step} | loss {loss_sum:.4f} | lr {lr_at(step - 1, tc):.2e} | grad norm {gnorm:.3f} | "
-                          f"{dt * 1000:.1f} ms/step | {tokens_per_step / dt:,.0f} tokens/s")
-        if step % tc.eval_every == 0 or step == tc.steps:
-            rec = eval_now()
-            if not quiet and rank == 0:
-                bar.write("eval " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                                             if k not in ("tokens", "flops", "flops_matmul")))
-        if step % tc.ckpt_every == 0 or step == tc.steps:
-            checkpoint()
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                loss_sum, parts_sum = mean_over_ranks(loss_sum, parts_sum, world)
+                write(dict(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * flops_per_token,
+                           flops_matmul=step * tokens_per_step * matmul_per_token, time=elapsed, lr=lr_at(step - 1, tc),
+                           loss=loss_sum, **parts_sum))
+                if not quiet and rank == 0:
+                    bar.write(f"step {step} | loss {loss_sum:.4f} | lr {lr_at(step - 1, tc):.2e} | "
+                              f"grad norm {gnorm:.3f} | {dt * 1000:.1f} ms/step | {tokens_per_step / dt:,.0f} tokens/s")
+            if step % tc.eval_every == 0 or step == tc.steps:
+                rec = eval_now()
+                if not quiet and rank == 0:
+                    bar.write("eval " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                 if k not in ("tokens", "flops", "flops_matmul")))
+            if step % tc.ckpt_every == 0 or step == tc.steps:
+                checkpoint()
+    finally:
+        batches.close()
     bar.close()
     if rank == 0:
         log.close()
         figures(lambda plots: plots.plot_run(out), "loss curve")
         figures(lambda plots: plots.model_figures(raw, ds, out), "model figures")
         if not quiet:
-            print(f"done: {step} steps in {elapsed:.1f}s. log: {metrics_path}  plot: {os.path.join(out, 'loss.png')}  "
-                  f"checkpoint: {ckpt_path}")
+            wall = time.perf_counter() - t_start
+            steps_s = wall - sum(spent.values())
+            print(f"done: {step} steps. this run: {wall:.1f}s wall = {step - step0} training steps {steps_s:.1f}s "
+                  f"({1000 * steps_s / max(1, step - step0):.0f} ms/step) + eval {spent['eval']:.1f}s + generation eval "
+                  f"{spent['generation']:.1f}s + checkpoints {spent['checkpoints']:.1f}s")
+            print(f"log: {metrics_path}  plot: {os.path.join(out, 'loss.png')}  checkpoint: {ckpt_path}")
     if world > 1:
         torch.distributed.barrier()
 

@@ -71,9 +71,18 @@ class TrainConfig:
     ckpt_every: int = 100      # steps between checkpoints (and at the end)
     log_every: int = 10        # steps between training log lines
     gen_n: int = 32            # prompts per generation eval (models that generate); 0 = no generation eval
+    gen_every: int = 0         # steps between generation evals; 0 = every 4th eval (and always at the last step)
     compile: bool = False      # torch.compile the model (CUDA only)
 
 
+# SIZES of the evaluation (issue 19: eval + generation <= 10% of a default run, the same statistical power):
+# - eval loss: eval_batches=4 batches of the training batch (4 x 16 x 256 tokens). Its standard error, logged as
+#   se_eval_loss from the spread of the per-batch losses, was 0.042 nats at step 120 of the default run; the
+#   compares are paired (every model sees the same fixed validation batches, whose difficulty is shared and cancels
+#   in a difference), so more batches would not change a conclusion, and 4 forward passes cost ~1.3 training steps.
+# - generation eval (gen_n=32 prompts per direction, the scored accuracies): the costly part (autoregressive, ~4 s
+#   on the default run vs ~0.25 s per step), so it runs every 4th eval and at the last step (gen_every): the final,
+#   headline numbers keep all 32 prompts; the curve has a quarter of the points.
 # Training defaults per *setting*, never per model: compared models get identical training.
 SETTING_DEFAULTS = {
     "chameleon":   dict(seq_len=256, batch_size=16, steps=1800),  # MoT's gain shows after ~3x 600 steps: README
@@ -102,7 +111,8 @@ RANGES = {
     "train.grad_clip": "float in (0, inf]; inf = no clipping",
     "train.eval_every": "int >= 0; 0 = every max(50, steps // 16) steps", "train.eval_batches": "int >= 1",
     "train.ckpt_every": "int >= 1", "train.log_every": "int >= 1",
-    "train.gen_n": "int >= 0; 0 = no generation eval", "train.compile": "bool",
+    "train.gen_n": "int >= 0; 0 = no generation eval", "train.gen_every": "int >= 0; 0 = 4 x eval_every",
+    "train.compile": "bool",
     # set by the data (ds.model_fields()); a different value is refused in build()
     "vocab_size": "int >= 1", "n_modalities": "int >= 1", "modality_offsets": "ints >= 0", "seq_len": "int >= 8",
     "modality_names": "names", "bos_id": "int >= 0", "boi_id": "int >= 0", "eoi_id": "int >= 0", "sep_id": "int >= 0",
@@ -299,6 +309,7 @@ def build(name, setting=None, overrides=None, data_file=None, device="cpu", trai
         if not getattr(tc, k):
             setattr(tc, k, v)
     tc.eval_every = tc.eval_every or max(50, tc.steps // 16)
+    tc.gen_every = tc.gen_every or 4 * tc.eval_every
     data_file = data_file or tc.data or None
     try:
         ds = data.make_data(tc.setting, seq_len=tc.seq_len, seed=tc.seed, data_file=data_file)
@@ -564,20 +575,25 @@ def evaluate(model, ds, tc, rank, world, device, autocast, micro=None):
     model.eval()
     micro = micro or tc.batch_size // world
     accum = tc.batch_size // world // micro
-    sums, counts = {}, {}
+    sums, counts, passes = {}, {}, []
     with torch.no_grad(), torch.random.fork_rng(devices=[]), autocast():
         torch.manual_seed(1234)
         for i in range(tc.eval_batches * accum):
             _, loss, parts = model(to(ds.get_batch("val", micro, i, rank, world), device))
+            passes.append(float(loss))
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
                 counts[k] = counts.get(k, 0) + 1
     mine = {k: v / counts[k] for k, v in sums.items()}
     if world > 1:  # average each key over the ranks that report it (a model may log a part on some ranks only)
         every = [None] * world
-        torch.distributed.all_gather_object(every, mine)
+        torch.distributed.all_gather_object(every, (mine, passes))
+        passes = [x for _, p in every for x in p]
+        every = [d for d, _ in every]
         mine = {k: sum(d[k] for d in every if k in d) / sum(k in d for d in every) for k in set().union(*every)}
     out = {f"eval_{k}": float(v) for k, v in sorted(mine.items())}
+    if len(passes) > 1:  # the standard error of eval_loss from the spread of its forward passes' losses: how many
+        out["se_eval_loss"] = float(np.std(passes, ddof=1) / math.sqrt(len(passes)))  # batches are enough (SIZES)
     if ds.setting == "bytes":
         out["eval_bpb"] = out["eval_loss"] / math.log(2)
     model.train()
@@ -634,6 +650,9 @@ def check_run(name, model, tc, ds, world, dev, given=()):
     if "gen_n" in given and tc.gen_n and not has_gen_eval(model, ds):
         raise UsageError(f"--gen_n has no effect: {name} on --setting {tc.setting} has no generation eval (it runs "
                          f"on {', '.join(GEN_EVAL_SETTINGS)} for models that generate); drop --gen_n")
+    if "gen_every" in given and not (tc.gen_n and has_gen_eval(model, ds)):
+        raise UsageError(f"--gen_every has no effect: {name} on --setting {tc.setting} runs no generation eval"
+                         + (" (--gen_n=0)" if not tc.gen_n else "") + "; drop --gen_every")
     need = gen_min_seq_len(ds) if tc.gen_n and has_gen_eval(model, ds) else 0
     if tc.seq_len < need:
         raise UsageError(f"--seq_len={tc.seq_len} is too short for the generation eval of setting {tc.setting} "
@@ -802,7 +821,7 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
             torch.distributed.barrier()
         done()
 
-    def eval_now():
+    def eval_now(gen=True):
         rec = dict(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * flops_per_token,
                    flops_matmul=step * tokens_per_step * matmul_per_token)
         done = timed("eval")
@@ -810,7 +829,7 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
         done()
         if not math.isfinite(rec["eval_loss"]):
             raise diverged("the eval loss")
-        if rank == 0 and tc.gen_n:
+        if rank == 0 and tc.gen_n and gen:
             done = timed("generation")
             rec.update(generation_metrics(raw, ds, tc))
             done()
@@ -865,7 +884,7 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
                     bar.write(f"step {step} | loss {loss_sum:.4f} | lr {lr_at(step - 1, tc):.2e} | "
                               f"grad norm {gnorm:.3f} | {dt * 1000:.1f} ms/step | {tokens_per_step / dt:,.0f} tokens/s")
             if step % tc.eval_every == 0 or step == tc.steps:
-                rec = eval_now()
+                rec = eval_now(gen=step % tc.gen_every == 0 or step == tc.steps)
                 if not quiet and rank == 0:
                     bar.write("eval " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                  if k not in ("tokens", "flops", "flops_matmul")))

@@ -152,14 +152,16 @@ RANGES = {
     "window": "int >= 1", "patching": "one of entropy|monotonic|space|static", "entropy_ckpt": "path",
     "threshold": "float; 0 = tuned once at build to mean patch_size", "blt.patch_size": "float >= 1",
     "max_patch_len": "int >= 0; 0 = no limit", "hash_ngrams": "ints >= 1; () = off", "hash_vocab": "int >= 1",
-    "hash_functions": "int in [1, 11]; one official hash prime each", "n_layer_enc": "int >= 1", "n_layer_dec": "int >= 1", "local_window": "int >= 1",
+    "hash_functions": "int in [1, 11]; one official hash prime each", "n_layer_enc": "int >= 1",
+    "n_layer_dec": "int >= 1", "local_window": "int >= 1",
     "cross_k": "int >= 1", "n_head_cross": "int >= 1", "enc_cross_all_layers": "bool", "dec_cross_all_layers": "bool",
     "pool": "one of max|mean", "cross_residual": "int in [1, 2]; 1 = the paper, 2 = the official code",
     "global_norm": "bool",
     # megalodon.py
     "z_dim": "int >= 1", "v_dim": "int >= 1", "ffn_dim": "int >= 1", "cema_ndim": "int >= 1", "chunk_size": "int >= 1",
     "norm_groups": "int >= 1", "swiglu": "bool", "rescale_nffn": "bool", "scale_emb": "bool", "share_emb": "bool",
-    "megalodon.init_mode": "one of he|torch", "cema_impl": "one of scan|fft", "scan_backend": "one of auto|triton|torch", "use_cema": "bool",
+    "megalodon.init_mode": "one of he|torch", "cema_impl": "one of scan|fft", "scan_backend": "one of auto|triton|torch",
+    "use_cema": "bool",
     "cema_complex": "bool", "timestep_norm": "bool", "normalized_attention": "bool", "two_hop_residual": "bool",
 }
 
@@ -860,8 +862,8 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
                 loss_sum += float(loss.detach()) / accum
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
-            gnorm = float(raw.clip_grad_norm_(tc.grad_clip) if hasattr(raw, "clip_grad_norm_")  # a model may clip parts
-                          else torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip))  # apart (MoMa's aux routers)
+            gnorm = float(raw.clip_grad_norm_(tc.grad_clip) if hasattr(raw, "clip_grad_norm_")  # MoMa clips its aux
+                          else torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip))  # routers apart
             bad = torch.tensor(float(not (math.isfinite(loss_sum) and math.isfinite(gnorm))))
             if world > 1:  # every rank stops at the same step
                 torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)

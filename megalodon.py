@@ -118,6 +118,7 @@ class Config:
 class CEMA(nn.Module):
     """Multi-dimensional damped complex EMA, one per channel: h_t = p x_t + q h_{t-1} (N-dim complex state),
     y_t = Re(gamma . h_t) + omega x_t. State h: (B, D, N) complex64."""
+    cp = None   # context_parallel.CPGroup: set by train.py --context_parallel N
 
     def __init__(self, dim, ndim, complex_=True):
         super().__init__()
@@ -176,6 +177,11 @@ class CEMA(nn.Module):
     def forward(self, x, h0=None, impl="fft", want_state=False, backend="auto"):
         # x: (B, L, D) -> y (B, L, D), h_L (B, D, N) complex or None
         with torch.autocast(x.device.type, enabled=False):                  # complex math stays in fp32
+            if self.cp is not None:  # context parallel (LASP-2): the slice from 0 gives S_r; with P_r = q^L, H_r
+                L = x.shape[1]
+                _, S = self._forward(x, None, impl, True, backend)
+                _, (mag, theta), _ = self.coeffs(polar=True)
+                h0 = self.cp.incoming_state(torch.polar(mag ** L, theta * L).squeeze(-1), S)
             return self._forward(x, h0, impl, want_state, backend)
 
     def _forward(self, x, h0, impl, want_state, backend):
@@ -236,6 +242,7 @@ def welford_prefix(n, mean, m2):
 class TimestepNorm(nn.Module):
     """Group norm whose mean/variance at step t are those of all positions <= t in the group (population var).
     State (carried between calls): count (B,) in time steps, mean (B, G), var (B, G)."""
+    cp = None   # context_parallel.CPGroup: set by train.py --context_parallel N
 
     def __init__(self, dim, groups, eps=1e-5):
         super().__init__()
@@ -246,6 +253,8 @@ class TimestepNorm(nn.Module):
     def forward(self, x, state=None):
         # x: (B, L, D) -> y (B, L, D), new state
         B, L, D = x.shape
+        if self.cp is not None:                 # context parallel: the statistics of the earlier ranks' positions
+            state = self.cp.timestep_state(x, self.groups)
         xg = x.float().view(B, L, self.groups, D // self.groups)
         step_mean = xg.mean(-1)                                              # (B, L, G) statistics of one step
         step_m2 = (xg - step_mean.unsqueeze(-1)).square().mean(-1)          # its population variance = M2 in steps

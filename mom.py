@@ -144,6 +144,8 @@ class ModalityLinear(nn.Module):
 # --- Mamba block (Gu & Dao Sec. 3.4, Fig. 3) with MoM's split projections (MoM Fig. 1) ---------------------
 
 class MoMMixer(nn.Module):
+    cp = None   # context_parallel.CPGroup: set by train.py --context_parallel N (each rank holds a slice of T)
+
     def __init__(self, cfg: Config):
         super().__init__()
         d, di, N, R, M = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.n_modalities
@@ -177,13 +179,17 @@ class MoMMixer(nn.Module):
         xz = self.in_proj(u.reshape(Bsz * T, -1), route).view(Bsz, T, 2 * di)
         xs, z = xz.transpose(1, 2).chunk(2, dim=1)                          # (B, di, T) each
         # causal depthwise conv: pad d_conv - 1 on both sides, keep the first T outputs
-        x = F.silu(self.conv1d(xs)[..., :T])                                 # (B, di, T)
+        if self.cp is None:
+            x = F.silu(self.conv1d(xs)[..., :T])                             # (B, di, T)
+        else:                               # context parallel: + the previous rank's last d_conv - 1 inputs (halo)
+            x = F.silu(self.cp.causal_conv1d(xs, self.conv1d.weight, self.conv1d.bias))
         x_dbl = self.x_proj(x.transpose(1, 2).reshape(Bsz * T, di), route)   # (B*T, R + 2N)
         dt, Bm, Cm = x_dbl.split([R, N, N], dim=-1)
         dt = self.dt_proj(dt, route)                                          # (B*T, di), dt bias included
         A = -torch.exp(self.A_log)                                           # (di, N), fp32 param
         # Mamba Eq. 2a-2b with the selective (input-dependent) Delta, B, C (Alg. 2); the SiLU(z) gate fused in
-        out = kernels.selective_scan(
+        scan = kernels.selective_scan if self.cp is None else self.cp.selective_scan   # cp: LASP-2 across ranks
+        out = scan(
             x, dt.view(Bsz, T, di).transpose(1, 2), A, Bm.view(Bsz, T, N).transpose(1, 2),
             Cm.view(Bsz, T, N).transpose(1, 2), D=self.D, z=z, delta_bias=None, delta_softplus=True,
             return_last_state=want_state, backend=self.cfg.backend)

@@ -187,6 +187,8 @@ def apply_rope(x, cos, sin):
 # --- Sec. 2.2, Eq. 2-3: modality-specific attention projections, global self-attention --------------------------------
 
 class Attention(nn.Module):
+    cp = None   # context_parallel.CPGroup: set by train.py --context_parallel N
+
     def __init__(self, cfg):
         super().__init__()
         n = cfg.n_modalities if cfg.untie_attn else 1
@@ -217,7 +219,10 @@ class Attention(nn.Module):
                 causal = False
             cache["k"], cache["v"] = k, v
         # Eq. 3: ONE attention over the whole interleaved sequence (weights per modality, computation shared)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+        if self.cp is not None and cache is None:                      # context parallel: K/V of every rank (ring)
+            y = self.cp.attention(q, k, v, mask=attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.proj(y, rt)                                          # W_O^m
 
@@ -261,6 +266,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Decoder-only Transformer; dense when every cfg.untie_* is False, Mixture-of-Transformers otherwise."""
+
+    cp = None   # context_parallel.CPGroup: set by train.py --context_parallel N
 
     def __init__(self, cfg):
         super().__init__()
@@ -312,6 +319,8 @@ class Transformer(nn.Module):
         attn_mask: None (causal) or bool (B, 1, T, T) / (T, T), True = may attend."""
         B, T, D = x.shape
         self._check_modality(modality, (B, T))
+        if self.cp is not None and caches is None:
+            pos0 = self.cp.rank * T                                    # context parallel: this rank's positions
         if pos0 + T > self.cfg.seq_len:
             raise ValueError(f"position {pos0 + T} > seq_len={self.cfg.seq_len}; crop the sequence or raise --seq_len")
         rt = Routing(modality, self.cfg.n_modalities, self.cfg.routing)

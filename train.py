@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import context_parallel
 import data
 
 MODEL_FILES = ("mot", "mom", "moma", "transfusion", "megabyte", "blt", "megalodon")
@@ -73,6 +74,8 @@ class TrainConfig:
     gen_n: int = 32            # prompts per generation eval (models that generate); 0 = no generation eval
     gen_every: int = 0         # steps between generation evals; 0 = every 4th eval (and always at the last step)
     compile: bool = False      # torch.compile the model (CUDA only)
+    context_parallel: int = 1  # ranks sharing each sequence (torchrun; world = data x this; context_parallel.py)
+    cp_attention: str = "ring"  # attention across them: ring (Ring Attention) | allgather (the reference)
 
 
 # SIZES of the evaluation (issue 19: eval + generation <= 10% of a default run, the same statistical power):
@@ -113,6 +116,8 @@ RANGES = {
     "train.ckpt_every": "int >= 1", "train.log_every": "int >= 1",
     "train.gen_n": "int >= 0; 0 = no generation eval", "train.gen_every": "int >= 0; 0 = 4 x eval_every",
     "train.compile": "bool",
+    "train.context_parallel": "int >= 1; must divide the torchrun world size",
+    "train.cp_attention": "one of ring|allgather",
     # set by the data (ds.model_fields()); a different value is refused in build()
     "vocab_size": "int >= 1", "n_modalities": "int >= 1", "modality_offsets": "ints >= 0", "seq_len": "int >= 8",
     "modality_names": "names", "bos_id": "int >= 0", "boi_id": "int >= 0", "eoi_id": "int >= 0", "sep_id": "int >= 0",
@@ -399,6 +404,13 @@ def setup_ddp(device):
     return True
 
 
+def set_cp(model, cp):
+    """Hand the context-parallel group to every module that takes one (a `cp` attribute), or None to run alone."""
+    for m in model.modules():
+        if hasattr(m, "cp"):
+            m.cp = cp
+
+
 def mean_over_ranks(loss, parts, world):
     """The logged train loss and parts as the mean over ranks (= the 1-process value); a part only some ranks report
     is averaged over those."""
@@ -570,18 +582,20 @@ def lr_at(step, tc):
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def evaluate(model, ds, tc, rank, world, device, autocast, micro=None):
+def evaluate(model, ds, tc, rank, world, device, autocast, micro=None, cp=None):
     """Mean eval loss and parts over tc.eval_batches fixed validation batches of tc.batch_size rows, run in forward
     passes of `micro` rows exactly as training cuts its batches (so 2 ranks x b rows == 1 process x micro-batches of b:
     the same rows in each forward pass, whatever a model's loss does per batch), averaged over passes and ranks."""
     model.eval()
-    micro = micro or tc.batch_size // world
-    accum = tc.batch_size // world // micro
+    micro = micro or tc.batch_size // (world // tc.context_parallel)
+    accum = tc.batch_size // (world // tc.context_parallel) // micro
     sums, counts, passes = {}, {}, []
     with torch.no_grad(), torch.random.fork_rng(devices=[]), autocast():
         torch.manual_seed(1234)
         for i in range(tc.eval_batches * accum):
-            _, loss, parts = model(to(ds.get_batch("val", micro, i, rank, world), device))
+            batch = to(ds.get_batch("val", micro, i, rank // tc.context_parallel, world // tc.context_parallel),
+                       device)
+            _, loss, parts = model(batch) if cp is None else (None, *cp_forward(model, batch, cp)[1:])
             passes.append(float(loss))
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -635,9 +649,42 @@ def gen_min_seq_len(ds):
     return max(3 + data.N_PATCHES + 14, 2 + max(len(e["caption"]) for e in ds.scenes(32)) + data.N_PATCHES)
 
 
+CP_MODELS = ("mamba", "mom", "megalodon", "dense", "mot")   # token-mean LMs whose sequence mixers take a cp group
+
+
+def check_context_parallel(name, model, tc, world):
+    """--context_parallel N: N divides the world and the sequence; the model splits (and its mixers allow it)."""
+    n = tc.context_parallel
+    if n == 1:
+        return world
+    if name not in CP_MODELS:
+        raise UsageError(f"--context_parallel works for {', '.join(CP_MODELS)}, not {name}; drop it")
+    if world % n:
+        raise UsageError(f"--context_parallel={n} must divide the number of ranks ({world}); run torchrun "
+                         f"--nproc_per_node=<a multiple of {n}>")
+    if tc.seq_len % n:
+        raise UsageError(f"--seq_len={tc.seq_len} must be divisible by --context_parallel={n}")
+    cfg = model.cfg
+    if name == "megalodon" and (tc.seq_len // n) % cfg.chunk_size:
+        raise UsageError(f"megalodon's chunk attention stays on one rank only if chunk_size={cfg.chunk_size} divides "
+                         f"seq_len / context_parallel = {tc.seq_len // n}; lower --chunk_size or the ranks")
+    if name in ("mamba", "mom") and tc.seq_len // n < cfg.d_conv - 1:
+        raise UsageError(f"each rank's slice ({tc.seq_len // n} tokens) is shorter than d_conv - 1 = {cfg.d_conv - 1}")
+    return world // n
+
+
+def cp_forward(model, batch, cp):
+    """This rank's slice of every sequence through the model -> (its share of the loss, whole-sequence loss, parts)."""
+    cfg = getattr(model, "module", model).cfg
+    names = tuple(cfg.modality_names[m] if m < len(cfg.modality_names) else f"modality{m}"
+                  for m in range(cfg.n_modalities))
+    return context_parallel.model_loss(model, batch, cp, names)
+
+
 def check_run(name, model, tc, ds, world, dev, given=()):
     """Relations between trainer keys (and with the device and world size): one-line UsageError on the first.
     given: the trainer keys the user set (a key that would have no effect is an error naming why)."""
+    world = check_context_parallel(name, model, tc, world)   # the batch splits over the data-parallel replicas
     if tc.batch_size % world:
         raise UsageError(f"batch_size={tc.batch_size} does not split over {world} ranks; use a multiple of {world}")
     per_rank = tc.batch_size // world
@@ -723,7 +770,7 @@ def train(name, over, resume=False, quiet=False):
     model, cfg, tc, ds = build(name, None, m_over, None, dev, t_over)
     out = tc.out = tc.out or os.path.join("out", name)
     micro = check_run(name, model, tc, ds, world, dev, given=set(t_over) - {"device"})
-    accum = tc.batch_size // world // micro
+    accum = tc.batch_size // (world // tc.context_parallel) // micro
     config = dict(model=name, setting=tc.setting, train=dataclasses.asdict(tc), model_cfg=dataclasses.asdict(cfg))
     ckpt_path = os.path.join(out, "ckpt.pt")
     ck = load_ckpt(ckpt_path) if resume else None
@@ -781,6 +828,12 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
         step, elapsed = ck["step"], ck["time"]
         set_rng_state(ck["rng"])
     last_good = step if ck is not None else None
+    cp = None
+    if tc.context_parallel > 1:  # after count_flops (one process's FLOPs per token); every rank makes the groups
+        cp, _ = context_parallel.make_groups(tc.context_parallel)
+        cp.attention_impl = tc.cp_attention
+        set_cp(raw, cp)
+    dp_rank, dp_world = rank // tc.context_parallel, world // tc.context_parallel
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if dev.startswith("cuda") else None,
                                                           find_unused_parameters=True)
@@ -827,13 +880,15 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
         rec = dict(step=step, tokens=step * tokens_per_step, flops=step * tokens_per_step * flops_per_token,
                    flops_matmul=step * tokens_per_step * matmul_per_token)
         done = timed("eval")
-        rec.update(evaluate(model, ds, tc, rank, world, dev, autocast, micro))
+        rec.update(evaluate(model, ds, tc, rank, world, dev, autocast, micro, cp))
         done()
         if not math.isfinite(rec["eval_loss"]):
             raise diverged("the eval loss")
         if rank == 0 and tc.gen_n and gen:
             done = timed("generation")
+            set_cp(raw, None)                                       # generation runs on rank 0 alone
             rec.update(generation_metrics(raw, ds, tc))
+            set_cp(raw, cp)
             done()
         write(rec)
         return rec
@@ -847,7 +902,7 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
                leave=False)
     model.train()
     t_start, step0 = time.perf_counter(), step
-    batches = Prefetch(ds, micro, rank, world, step * accum, tc.steps * accum, pin=dev.startswith("cuda"))
+    batches = Prefetch(ds, micro, dp_rank, dp_world, step * accum, tc.steps * accum, pin=dev.startswith("cuda"))
     try:
         while step < tc.steps:
             t0 = time.perf_counter()
@@ -857,8 +912,12 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
                 sync = m == accum - 1 or world == 1
                 ctx = model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
                 with ctx, autocast():
-                    _, loss, parts = model(batch)
-                    (loss / accum).backward()  # the mean over the global batch
+                    if cp is None:
+                        _, loss, parts = model(batch)
+                        (loss / accum).backward()  # the mean over the global batch
+                    else:                          # shares sum to the sequence's loss; DDP averages over dp x cp ranks
+                        share, loss, parts = cp_forward(model, batch, cp)
+                        (share * cp.size / accum).backward()
                 loss_sum += float(loss.detach()) / accum
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
@@ -895,6 +954,7 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
     finally:
         batches.close()
     bar.close()
+    set_cp(raw, None)                                               # the end-of-run figures run on rank 0 alone
     if rank == 0:
         log.close()
         figures(lambda plots: plots.plot_run(out), "loss curve")

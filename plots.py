@@ -258,6 +258,7 @@ def _token_label(t, m, offsets):
 
 
 MOD_COLOURS = ("#cfe3ff", "#ffd9b3", "#d5f5d0", "#f0d0f5")
+WEIGHT_COLOURS = ("#4c8be0", "#f08a24", "#3aa655", "#b05cc8", "#c8a23c", "#3cb8c8")  # one per modality (any number: cycled)
 
 
 def _stream(ax, labels, mods, names, width=30, title=""):
@@ -343,9 +344,10 @@ def _weight_grid(ax, rows, copies, mod, labels, title):
     """rows: names of weight tensors; copies[r]: number of copies of row r. Cell (r, t) = the copy token t uses."""
     plt = _plt()
     from matplotlib.colors import ListedColormap
-    grid = np.array([[m if c > 1 else -1 for m in mod] for c in copies], float)
-    cmap = ListedColormap(["#9a9a9a", "#4c8be0", "#f08a24", "#3aa655"])
-    ax.imshow(grid + 1, cmap=cmap, vmin=0, vmax=3, aspect="auto", interpolation="nearest")
+    k = len(WEIGHT_COLOURS)
+    grid = np.array([[m % k if c > 1 else -1 for m in mod] for c in copies], float)
+    cmap = ListedColormap(["#9a9a9a", *WEIGHT_COLOURS])
+    ax.imshow(grid + 1, cmap=cmap, vmin=0, vmax=k, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_xticks(range(len(labels)), labels, fontsize=6.5, rotation=90, family="monospace")
     ax.set_xlabel("the first tokens of an eval row of the toy data, in order")
@@ -376,8 +378,7 @@ def mot_weights(model, ds, path, n=64):
 
 def _legend_modalities(ax, names, shared=False):
     import matplotlib.patches as mp
-    cols = ["#4c8be0", "#f08a24", "#3aa655"]
-    h = [mp.Patch(color=cols[i], label=f"{n} weights") for i, n in enumerate(names)]
+    h = [mp.Patch(color=WEIGHT_COLOURS[i % len(WEIGHT_COLOURS)], label=f"{n} weights") for i, n in enumerate(names)]
     if shared:
         h.append(mp.Patch(color="#9a9a9a", label="shared weights"))
     ax.legend(handles=h, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)

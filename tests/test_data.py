@@ -267,13 +267,7 @@ class FigureWarning(Exception):
     """An end-of-run figure printed a warning (the run itself finished)."""
 
 
-_PLOTS_3_COLOURS = pytest.mark.xfail(raises=FigureWarning, strict=True, reason=(
-    "plots.py (course owner): _legend_modalities has 3 colours; the MoT/MoM mechanism figure's legend raises "
-    "IndexError for a 4th modality (a warning, the run finishes)"))
-
-
-@pytest.mark.parametrize("name,setting", [pytest.param("mot", "speech", marks=_PLOTS_3_COLOURS),
-                                          pytest.param("mom", "speech", marks=_PLOTS_3_COLOURS),
+@pytest.mark.parametrize("name,setting", [("mot", "speech"), ("mom", "speech"),
                                           ("moma", "speech"), ("transfusion", "transfusion")])
 def test_a_fourth_modality_trains_in_every_multimodal_model(gesture, name, setting, tmp_path, capsys):
     """Issue #16.4: with one register_modality call, train.py's train() runs each multimodal model on the new world,

@@ -7,6 +7,7 @@
     python bench.py --static             # compile every Triton kernel for sm_80 / sm_90: registers, shared memory,
                                          # spills, tensor-core instructions, roofline floor at the bench sizes
     python bench.py --kernels --static --out bench.json
+    python bench.py --context-parallel 2 # one sequence over 2 CPU ranks: bytes sent, memory kept, time per mixer vs L
     python bench.py --gpu-check          # on a CUDA machine: every kernel config, model, train.py run and torchrun for
                                          # real, PASS/FAIL table, gpu_check.json (<= 8 min on one H100-class GPU);
                                          # without CUDA one line, exit 0; --device cpu rehearses the harness
@@ -987,12 +988,18 @@ def main(argv=None):
                     help="run every kernel and model on CUDA for real, write --out (gpu_check.json), PASS/FAIL table")
     ap.add_argument("--jobs", type=int, default=4, help="--gpu-check: train.py runs at a time")
     ap.add_argument("--train_steps", type=int, default=50, help="--gpu-check --device cpu: train.py steps (50 on CUDA)")
+    ap.add_argument("--context-parallel", dest="context_parallel", type=int, default=0, metavar="R",
+                    help="context_parallel.py's table over R gloo ranks: per mixer and sequence length, the bytes a "
+                         "rank sends, what autograd keeps for backward, ms per forward + backward, error vs 1 process")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one model, in a child process
     args = ap.parse_args(argv)
     if args.gpu_check:
         if args.out == "bench.json":
             args.out = "gpu_check.json"
         return gpu_check(args)
+    if args.context_parallel:   # the method and its table live in context_parallel.py; this runs it where benches run
+        return subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                             "context_parallel.py"), str(args.context_parallel)])
     if args._one:
         print(json.dumps(bench_one(args._one, args.device, args.reps, args.scale_tokens)))
         return

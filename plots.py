@@ -366,12 +366,23 @@ def mot_weights(model, ds, path, n=64):
             w = m.weight[0]
             rows.append(f"{name} ({w.shape[0]} -> {w.shape[1]})" if w.dim() == 2 else f"{name} (gain, {w.shape[0]})")
             copies.append(m.n)
+    names = _modality_names(model)
+    return _weight_figure(rows, copies, mod, labels, names, path, 0.35 * len(rows) + 2.6,
+                          f"MoT block 0: the weight copy each token uses (colour = {', '.join(names)}"
+                          f" copy; grey = shared). Attention stays global over all tokens.")
+
+
+def _modality_names(model):
     names = getattr(model.cfg, "modality_names", ("text", "image", "speech"))
-    fig, ax = plt.subplots(figsize=(15, 0.35 * len(rows) + 2.6))
-    _weight_grid(ax, rows, copies, mod, labels,
-                 f"MoT block 0: the weight copy each token uses (colour = {', '.join(names[:model.cfg.n_modalities])}"
-                 f" copy; grey = shared). Attention stays global over all tokens.")
-    _legend_modalities(ax, names[:model.cfg.n_modalities], shared=True)
+    return tuple(names[:model.cfg.n_modalities])
+
+
+def _weight_figure(rows, copies, mod, labels, names, path, height, title):
+    """The weight-copy grid (_weight_grid) with its modality legend, saved to path."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(15, height))
+    _weight_grid(ax, rows, copies, mod, labels, title)
+    _legend_modalities(ax, names, shared=True)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -400,14 +411,9 @@ def mom_projections(model, ds, path, n=64):
         else:
             rows.append(f"{name} {tuple((m.weight if hasattr(m, 'weight') else m).shape)}")
             copies.append(1)
-    names = getattr(model.cfg, "modality_names", ("text", "image", "speech"))
-    fig, ax = plt.subplots(figsize=(15, 4.8))
-    _weight_grid(ax, rows, copies, mod, labels,
-                 f"Mixture-of-Mamba, one block: the projection copy each token uses (grey = shared by all modalities). "
-                 f"The selective scan runs over all tokens in order.")
-    _legend_modalities(ax, names[:model.cfg.n_modalities], shared=True)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _weight_figure(rows, copies, mod, labels, _modality_names(model), path, 4.8,
+                          "Mixture-of-Mamba, one block: the projection copy each token uses (grey = shared by all "
+                          "modalities). The selective scan runs over all tokens in order.")
 
 
 def transfusion_mask(model, ds, path, n=56):

@@ -356,7 +356,6 @@ def _weight_grid(ax, rows, copies, mod, labels, title):
 
 def mot_weights(model, ds, path, n=64):
     """MoT: which copy of every weight tensor of block 0 each token of a real row uses (grey = shared)."""
-    plt = _plt()
     batch = ds.get_batch("val", 1, 0)
     labels, mod = _row_labels(ds, batch, n)
     rows, copies = [], []
@@ -397,7 +396,6 @@ def _legend_modalities(ax, names, shared=False):
 
 def mom_projections(model, ds, path, n=64):
     """MoM: which projections of a Mamba block are per-modality (in/x/dt/out_proj) and which shared (conv, A, D)."""
-    plt = _plt()
     batch = ds.get_batch("val", 1, 0)
     labels, mod = _row_labels(ds, batch, n)
     mixer = next(m for m in model.modules() if hasattr(m, "in_proj") and hasattr(m, "A_log"))

@@ -884,8 +884,8 @@ DOCS_FIGURES = {
     "moma_chameleon": (lambda path: plot_compare(os.path.join(RUNS, "chameleon_moma"),
                                                  ["dense", "mot", "moma", "moma-mod", "moma-ec8"], path),
                        "dense vs MoT vs MoMa on the chameleon setting (docs/runs/chameleon_moma)"),
-    "mom_chameleon": (lambda path: plot_compare(os.path.join(RUNS, "mom_chameleon"), ["mamba", "mom"], path),
-                      "Mamba vs MoM on the chameleon setting (docs/runs/mom_chameleon)"),
+    "mom_chameleon": (lambda path: plot_compare(os.path.join(RUNS, "chameleon_mom"), ["mamba", "mom"], path),
+                      "Mamba vs MoM on the chameleon setting (docs/runs/chameleon_mom)"),
     "transfusion_compare": (lambda path: plot_compare(os.path.join(RUNS, "transfusion"), ["transfusion", "transfusion-mot"],
                                                       path, keys=["eval_loss_image", "eval_loss_text", "gen_image_acc",
                                                                   "caption_acc"]),
@@ -929,7 +929,10 @@ def main(argv):
         elif cmd == "run" and rest:
             print(plot_run(rest[0]))
         elif cmd == "compare" and len(rest) >= 2:
-            plot_compare(rest[0], [n for n in rest[1].split(",") if n], rest[2] if len(rest) > 2 else None, verbose=True)
+            names = [n for n in rest[1].split(",") if n]
+            plot_compare(rest[0], names, rest[2] if len(rest) > 2 else None)
+            import train                                  # the FLOPs-to-reach table and compare.json, as --compare
+            train.summarize(names, rest[0])
             print(rest[2] if len(rest) > 2 else os.path.join(rest[0], "compare.png"))
         elif cmd == "mechanism" and rest:
             ckpt = next((a for a in rest[1:] if a.endswith(".pt")), None)
@@ -946,6 +949,11 @@ def main(argv):
             print(f"error: unknown command {' '.join(argv)!r}; python plots.py --help lists them", file=sys.stderr)
             return 2
     except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 -- train.UsageError from summarize: one line, exit 2
+        if type(e).__name__ != "UsageError":
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

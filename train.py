@@ -1023,11 +1023,23 @@ def compare(names, over, base_out):
     for n in names:
         print(f"=== {n} ===", flush=True)
         train(n, {**per[n], "setting": setting, "out": os.path.join(base_out, n)})
+    figures(lambda plots: plots.plot_compare(base_out, names), "compare")
+    summary = summarize(names, base_out)
+    if os.path.exists(os.path.join(base_out, "compare.png")):
+        print(f"plot: {os.path.join(base_out, 'compare.png')}")
+    return summary
+
+
+def summarize(names, base_out):
+    """The FLOPs each of names[1:] needs to reach names[0]'s final eval losses, from the finished runs in
+    base_out/NAME: printed, written to base_out/compare.json and returned. `python plots.py compare` calls it too."""
     runs = {n: read_metrics(os.path.join(base_out, n))[1] for n in names}
+    for n, ev in runs.items():
+        if not ev:
+            raise UsageError(f"{os.path.join(base_out, n)} has no eval rows yet; let its run reach an eval")
     keys = [k for k in runs[names[0]][-1] if k.startswith("eval_loss") or k == "eval_bpb"]
     if "eval_bpb" in keys:  # bytes: one modality, and bpb says it all
         keys = ["eval_bpb"]
-    figures(lambda plots: plots.plot_compare(base_out, names), "compare")
     first = runs[names[0]]
     total = first[-1]["flops"]
     summary = {}
@@ -1042,8 +1054,6 @@ def compare(names, over, base_out):
                   f"   (final {final:.4f} vs {names[0]} {target:.4f})")
     with open(os.path.join(base_out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    if os.path.exists(os.path.join(base_out, "compare.png")):
-        print(f"plot: {os.path.join(base_out, 'compare.png')}")
     return summary
 
 

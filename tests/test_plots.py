@@ -2,6 +2,7 @@
 fractions it reports are right; model_figures never raises."""
 import json
 import math
+import os
 import struct
 
 import pytest
@@ -119,3 +120,21 @@ def test_cli_list_and_bad_command(capsys):
     assert "python plots.py docs toy_world" in capsys.readouterr().out
     assert plots.main(["nonsense"]) == 2
     assert plots.main(["compare", "/nonexistent", "dense,mot"]) == 2
+
+
+def test_cli_compare_reproduces_the_shipped_summary(tmp_path, capsys):
+    """`python plots.py compare DIR a,b` on finished runs writes the same compare.json as `train.py --compare` did
+    (docs/runs/chameleon_moma ships both), and a run without eval rows is one line and exit 2."""
+    import shutil
+    src = os.path.join(plots.RUNS, "chameleon_moma")
+    shipped = json.load(open(os.path.join(src, "compare.json")))
+    for n in ("dense", "mot", "moma"):
+        os.makedirs(tmp_path / n)
+        shutil.copy(os.path.join(src, n, "metrics.jsonl"), tmp_path / n / "metrics.jsonl")
+    assert plots.main(["compare", str(tmp_path), "dense,mot,moma", str(tmp_path / "c.png")]) == 0
+    assert json.load(open(tmp_path / "compare.json")) == shipped
+    assert (tmp_path / "c.png").exists()
+    open(tmp_path / "mot" / "metrics.jsonl", "w").write(json.dumps(dict(step=1, loss=5.0)) + "\n")
+    capsys.readouterr()
+    assert plots.main(["compare", str(tmp_path), "dense,mot"]) == 2
+    assert "no eval rows" in capsys.readouterr().err

@@ -12,7 +12,16 @@
                                          # real, PASS/FAIL table, gpu_check.json (<= 8 min on one H100-class GPU);
                                          # without CUDA one line, exit 0; --device cpu rehearses the harness
 
-Results are merged into --out (bench.json) under "models", "kernels" and "static".
+    python bench.py --wall               # issue 19: each headline run's wall time (the default `python train.py`, the
+                                         # compares) projected from its measured pieces -- ms per step (fed by
+                                         # train.py's data thread, and alone), data ms, eval / generation eval /
+                                         # checkpoint ms x their counts, start and figures -- vs its target, the
+                                         # step's time by category (matmul, attention, scan/FFT, gather/scatter/
+                                         # routing, elementwise & norms, loss, optimizer, other; WALL_CATEGORIES) and
+                                         # how fast a step must be to meet it; ~5 min on 2 cores
+    python bench.py --wall default speech  # some of the runs (names: default chameleon speech mom transfusion bytes)
+
+Results are merged into --out (bench.json) under "models", "kernels", "static", "peers" and "wall".
 On CPU the naive baselines (a Python loop over time with autograd; materialising (batch, dim, N, L)) would take
 minutes and gigabytes at the GPU sizes, so the CPU kernel benchmarks run at reduced sizes, printed with each row.
 """
@@ -214,6 +223,331 @@ def bench_data(rows=()):
         share = {m: round(ms / (ms + st), 3) for m, st in steps.items()}
         out.append(dict(setting=s, batch=f"{d['batch_size']}x{d['seq_len']}", data_ms=ms, share_of_step=share))
         print(f"{s:12s} {out[-1]['batch']:>8s} {ms:8.1f}   " + " ".join(f"{m} {100 * v:.0f}%" for m, v in share.items()))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ wall time (issue 19)
+# `python bench.py --wall [RUN ...]`: what each headline run's wall time is made of, measured in this process with
+# train.py's own pieces, and projected to the whole run. Not a training run: a few steps per model (median).
+
+WALL_RUNS = {  # name: the command as a user types it, its models, setting, steps, target (s) and its time before
+    "default": dict(cmd="python train.py", models=("mot",), setting="chameleon", steps=1800, target_s=120,
+                    before_s=194, before="issue 19: 194 s alone"),
+    "chameleon": dict(cmd="python train.py --compare dense,mot --setting chameleon", models=("dense", "mot"),
+                      setting="chameleon", steps=1800, target_s=300, before_s=390, before="RESULTS: ~6.5 min"),
+    "speech": dict(cmd="python train.py --compare dense,mot --setting speech", models=("dense", "mot"),
+                   setting="speech", steps=1800, target_s=None, before_s=360, before="RESULTS: ~6 min"),
+    "mom": dict(cmd="python train.py --compare mamba,mom --setting chameleon --steps 600", models=("mamba", "mom"),
+                setting="chameleon", steps=600, target_s=None, before_s=None, before=None),
+    "transfusion": dict(cmd="python train.py --compare transfusion,transfusion-mot --steps 600",
+                        models=("transfusion", "transfusion-mot"), setting="transfusion", steps=600, target_s=None,
+                        before_s=None, before=None),
+    "bytes": dict(cmd="python train.py --compare dense,megabyte,blt,megalodon --setting bytes --entropy_ckpt "
+                      "docs/runs/bytes/blt-entropy/ckpt.pt", models=("dense", "megabyte", "blt", "megalodon"),
+                  setting="bytes", steps=400, target_s=None, before_s=None, before=None),
+}
+BLT_ENTROPY = "docs/runs/bytes/blt-entropy/ckpt.pt"   # the bytes compare's entropy model; patching=space without it
+
+# The step's time by category: each profiled op's self time goes to the category of the OUTERMOST event around it
+# (itself included) whose name matches one of these patterns (checked in this order; "aten::" stripped), so that an
+# op inside aten::linear is matmul, one inside cross_entropy is loss and one inside the optimizer region is the
+# optimizer's. bench labels three regions with torch.profiler.record_function while it profiles: nanomix:optimizer
+# (gradient clipping + AdamW + lr schedule + zero_grad), nanomix:scan (kernels.selective_scan / linear_scan: the
+# recurrences; their backward nodes are *Scan*Backward) and nanomix:routing (kernels.sort_by_group / unsort);
+# nanomix:grouped_matmul is matmul. Other aten ops are "elementwise & norms" (activations, adds, norms,
+# reductions, copies), except views and allocations (_NO_LAUNCH), which join the non-aten time (autograd engine,
+# Python) in "other".
+WALL_CATEGORIES = (
+    ("optimizer", r"^nanomix:optimizer$"),
+    ("scan/FFT", r"^nanomix:scan$|Scan\w*Backward|(^|_)fft_|^_fft"),
+    ("loss", r"cross_entropy|log_softmax|nll_loss|mse_loss|binary_cross_entropy|l1_loss"),
+    ("attention", r"scaled_dot_product|flash_attention|efficient_attention|^_?softmax(_backward_data)?$"),
+    ("matmul", r"^nanomix:grouped_matmul$|^(mm|bmm|addmm|addmv|mv|matmul|linear|baddbmm|addbmm|dot|einsum|_grouped_mm|"
+               r"convolution|_convolution|convolution_backward|conv1d|conv2d|mkldnn_convolution)$"),
+    ("gather/scatter/routing", r"^nanomix:routing$|^(index|index_select|index_add_?|index_put_?|_index_put_impl_|"
+                               r"index_copy_?|index_fill_?|gather|scatter_?|scatter_add_?|scatter_reduce_?|embedding|"
+                               r"embedding_backward|embedding_dense_backward|sort|argsort|topk|nonzero|masked_select|"
+                               r"masked_scatter_?|bincount|histc|take|repeat_interleave|cat|stack|searchsorted|"
+                               r"one_hot|_unique2|unique_dim|unique_consecutive)$"),
+)
+WALL_ORDER = ("matmul", "attention", "scan/FFT", "gather/scatter/routing", "elementwise & norms", "loss", "optimizer",
+              "other")
+
+
+def wall_category(chain):
+    """Category of an op from its event chain [outermost, ..., the op] of profiler names (see WALL_CATEGORIES)."""
+    for name in chain:
+        n = name[6:] if name.startswith("aten::") else name
+        for cat, pat in WALL_CATEGORIES:
+            if re.search(pat, n):
+                return cat
+    op = chain[-1]
+    return "elementwise & norms" if op.startswith("aten::") and op not in _NO_LAUNCH else "other"
+
+
+def split_by_category(step, device):
+    """torch.profiler over one call of step(), with bench's regions labelled: -> ({category: self time (ms)},
+    profiled total (ms)); the categories add up to the total (every op's self time is in exactly one)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    cuda = device.startswith("cuda")
+    wrapped = dict(selective_scan="scan", linear_scan="scan", sort_by_group="routing", unsort="routing",
+                   grouped_matmul="grouped_matmul")
+    orig = {k: getattr(kernels, k) for k in wrapped}
+
+    def label(f, what):
+        def g(*a, **k):
+            with record_function(f"nanomix:{what}"):
+                return f(*a, **k)
+        return g
+    try:
+        for k, what in wrapped.items():
+            setattr(kernels, k, label(orig[k], what))
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+    finally:
+        for k, f in orig.items():
+            setattr(kernels, k, f)
+    cats = dict.fromkeys(WALL_ORDER, 0.0)
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CPU:   # CUDA: each op's own kernels' time, by the op
+            continue
+        self_us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if not self_us:
+            continue
+        chain, p = [e.name], e.cpu_parent
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        cats[wall_category(chain[::-1])] += self_us / 1e3
+    return cats, sum(cats.values())
+
+
+def occurrences(steps, every, last=True):
+    """How many of steps 1..steps train.py's loop acts at: `step % every == 0 or step == steps`."""
+    return steps // every + (1 if last and steps % every else 0)
+
+
+def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None, train_overrides=None):
+    """One model of a headline run, timed with train.py's pieces: -> dict of ms per piece, counts, projection (s)."""
+    import shutil
+    import train
+    over = dict(overrides or {})
+    if name == "blt" and setting == "bytes" and "patching" not in over:
+        over.update(entropy_ckpt=BLT_ENTROPY) if os.path.isfile(BLT_ENTROPY) else over.update(patching="space")
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t = time.perf_counter()
+    model, cfg, tc, ds = train.build(name, setting, over, device=device,
+                                     train_overrides=dict(train_overrides or {}, steps=steps))
+    micro = tc.micro_batch_size or tc.batch_size
+    fl = train.count_flops(model, [train.to(ds.get_batch("train", micro, i), device) for i in range(4)], parts=True)
+    start_s = time.perf_counter() - t                                   # build + the FLOPs count train.py makes first
+    raw = model
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95), fused=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.lr_at(s, tc) / tc.lr)
+    use_bf16 = cuda and torch.cuda.is_bf16_supported()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    accum = tc.batch_size // micro
+    records = []
+
+    def step(get, profiled=False):                                      # train.py's _train loop body, one step
+        parts_sum, loss_sum = {}, 0.0
+        for m in range(accum):
+            batch = train.to(get(m), device)
+            with autocast():
+                _, loss, parts = model(batch)
+                (loss / accum).backward()
+            loss_sum += float(loss.detach()) / accum
+            for key, v in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + float(v) / accum
+        with torch.profiler.record_function("nanomix:optimizer") if profiled else contextlib.nullcontext():
+            gnorm = float(raw.clip_grad_norm_(tc.grad_clip) if hasattr(raw, "clip_grad_norm_")
+                          else torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip))
+            if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
+                raise RuntimeError(f"--wall: {name} diverged while timing")
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        n = len(records) + 1
+        records.append(dict(step=n, tokens=n * tc.batch_size * tc.seq_len, flops=n * tc.batch_size * tc.seq_len
+                            * fl["total"], loss=loss_sum, **parts_sum))
+        sync()
+
+    fixed = [ds.get_batch("train", micro, 10_000 + i) for i in range(k * accum)]   # pre-drawn: the step alone
+    pick = lambda i: (lambda m: fixed[(i * accum + m) % len(fixed)])
+    for i in range(2):                                                  # warm-up
+        step(pick(i))
+    fed, alone = [], []
+    batches = train.Prefetch(ds, micro, 0, 1, 0, 10 ** 9, pin=cuda)     # train.py's background data thread
+    n_fed = 0
+    try:
+        for _ in range(rounds):                                         # interleaved: fed by the thread / alone
+            for i in range(k):
+                t = time.perf_counter()
+                step(lambda m, n=n_fed: batches.get(n * accum + m))
+                fed.append(time.perf_counter() - t)
+                n_fed += 1
+            for i in range(k):
+                t = time.perf_counter()
+                step(pick(i))
+                alone.append(time.perf_counter() - t)
+    finally:
+        batches.close()
+    cats, prof_total = split_by_category(lambda: step(pick(0), True), device)
+    t = time.perf_counter()
+    ev = train.evaluate(model, ds, tc, 0, 1, device, autocast, micro)
+    eval_ms = 1e3 * (time.perf_counter() - t)
+    gen = bool(tc.gen_n and train.has_gen_eval(model, ds))
+    gen_ms = 0.0
+    if gen:
+        t = time.perf_counter()
+        ev.update(train.generation_metrics(model, ds, tc))
+        gen_ms = 1e3 * (time.perf_counter() - t)
+    tmp = tempfile.mkdtemp(prefix="nanomix_wall_")
+    try:
+        t = time.perf_counter()
+        train.save_ckpt(os.path.join(tmp, "ckpt.pt"), dict(
+            model=raw.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=1, time=0.0,
+            config=dict(model=name), rng=train.rng_state(), data_position=1, flops_per_token=fl["total"]))
+        ckpt_ms = 1e3 * (time.perf_counter() - t)
+        with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:      # the timed steps' log + the eval: figures
+            f.writelines(json.dumps(r) + "\n" for r in records + [dict(step=len(records), tokens=records[-1]["tokens"],
+                                                                       flops=records[-1]["flops"], **ev)])
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(dict(model=name, setting=tc.setting), f)
+        import plots
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            plots.plot_run(tmp)
+            plots.model_figures(raw, ds, tmp)
+        figures_s = time.perf_counter() - t
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    r = dict(model=name, setting=tc.setting, steps=steps, batch=f"{tc.batch_size}x{tc.seq_len}",
+             step_ms=1e3 * statistics.median(alone), fed_step_ms=1e3 * statistics.median(fed),
+             data_ms=data_ms(ds, micro, n=3) * accum, eval_ms=eval_ms, n_eval=occurrences(steps, tc.eval_every),
+             gen_ms=gen_ms, n_gen=0, ckpt_ms=ckpt_ms, n_ckpt=occurrences(steps, tc.ckpt_every), start_s=start_s,
+             figures_s=figures_s, categories_ms=cats, profiled_ms=prof_total, timed_steps=len(fed) + len(alone),
+             blt_patching=over.get("patching", "entropy") if name == "blt" else None)
+    if gen:  # generation runs at the evals where step % gen_every == 0, and at the last step
+        r["n_gen"] = sum(1 for s in range(1, steps + 1) if (s % tc.eval_every == 0 or s == steps)
+                         and (s % tc.gen_every == 0 or s == steps))
+    r["data_steal_ms"] = r["fed_step_ms"] - r["step_ms"]
+    r["projected_s"] = wall_projection(r)
+    return r
+
+
+def wall_projection(r):
+    """Seconds of one model's run in a train.py process: its steps (fed by the data thread, as train.py runs them),
+    evals, generation evals, checkpoints, build + FLOPs count and end-of-run figures."""
+    return (r["steps"] * r["fed_step_ms"] + r["n_eval"] * r["eval_ms"] + r["n_gen"] * r["gen_ms"]
+            + r["n_ckpt"] * r["ckpt_ms"]) / 1e3 + r["start_s"] + r["figures_s"]
+
+
+def process_start_s():
+    """Seconds for a fresh `python -c "import train"` (torch + the model files): paid once per command."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import train"], cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+    return time.perf_counter() - t
+
+
+def wall_run(name, spec, measured, start_s, device="cpu", **kw):
+    """One headline run: its models measured (cached in `measured` across runs), projected and judged."""
+    models = []
+    for m in spec["models"]:
+        key = (m, spec["setting"], spec["steps"])
+        if key not in measured:
+            print(f"  timing {m} on {spec['setting']} ({spec['steps']} steps) ...", file=sys.stderr, flush=True)
+            measured[key] = wall_model(m, spec["setting"], spec["steps"], device, overrides=spec.get("overrides",
+                                       {}).get(m), train_overrides=spec.get("train_overrides"), **kw)
+        models.append(measured[key])
+    steps_s = sum(r["steps"] * r["fed_step_ms"] for r in models) / 1e3
+    total = start_s + sum(r["projected_s"] for r in models)
+    out = dict(run=name, cmd=spec["cmd"], models=models, process_start_s=start_s, projected_s=total,
+               steps_s=steps_s, other_s=total - steps_s, target_s=spec["target_s"], before_s=spec["before_s"],
+               before=spec["before"])
+    out["two_thirds_s"] = 2 / 3 * spec["before_s"] if spec["before_s"] else None
+    goal = spec["target_s"] or out["two_thirds_s"]
+    out["goal_s"] = goal
+    n_steps = sum(r["steps"] for r in models)
+    if goal:
+        out["met"] = total <= goal
+        room = goal - out["other_s"]            # what is left for the training steps once evals etc. are paid
+        out["need_step_ms"] = 1e3 * room / n_steps if room > 0 else 0.0
+        out["need_speedup"] = steps_s / room if room > 0 else float("inf")
+    cat = dict.fromkeys(WALL_ORDER, 0.0)        # the steps' time by category, weighted by each model's steps
+    for r in models:
+        for c, ms in r["categories_ms"].items():
+            cat[c] += r["steps"] * r["fed_step_ms"] * ms / r["profiled_ms"] / 1e3
+    out["steps_by_category_s"] = cat
+    return out
+
+
+def print_wall(runs, device, threads):
+    """The table a teacher can quote, then each model's pieces and its step's split."""
+    print(f"\nwall time of the headline runs, projected from pieces measured in this process (device {device}, "
+          f"{threads} torch thread(s); a few steps per model, median; not a training run)")
+    print(f"{'run':12s} {'projected':>9s} {'goal':>7s} {'':6s} {'steps':>7s} {'evals':>7s}  to meet the goal a step "
+          f"must take          biggest part of a step")
+    for w in runs:
+        goal = w.get("goal_s")
+        kind = "" if not goal else ("target" if w["target_s"] else "2/3 bef")
+        if not goal:
+            verdict, need = "-", "no target given (time before not recorded)"
+        else:
+            verdict = "MET" if w["met"] else "missed"
+            mean = 1e3 * w["steps_s"] / sum(r["steps"] for r in w["models"])
+            need = (f"<= {w['need_step_ms']:.0f} ms, now {mean:.0f} ({w['need_speedup']:.1f}x faster)"
+                    if w["need_speedup"] != float("inf") else "impossible: evals etc. alone exceed it")
+        top = max(w["steps_by_category_s"].items(), key=lambda kv: kv[1])
+        print(f"{w['run']:12s} {w['projected_s']:8.0f}s {(f'{goal:.0f}s' if goal else '-'):>7s} {verdict:6s} "
+              f"{w['steps_s']:6.0f}s {w['other_s']:6.0f}s  {need:38s} {top[0]} {100 * top[1] / w['steps_s']:.0f}%")
+    print("projected = process start + per model (steps x step fed by train.py's data thread + evals x eval + "
+          "generation evals x gen + checkpoints x ckpt + build/FLOPs count + end figures); steps = the training steps' "
+          "share, evals = all the rest; goal = the issue's target (2 min default, 5 min chameleon compare) or 2/3 of "
+          "the time before (bef); commands:")
+    for w in runs:
+        print(f"  {w['run']:12s} {w['cmd']}" + (f"   (before: {w['before']})" if w["before"] else ""))
+    print(f"\n{'run':12s} {'model':16s} {'steps':>5s} {'step ms':>8s} {'fed ms':>7s} {'data ms':>8s} "
+          f"{'eval ms x n':>12s} {'gen ms x n':>12s} {'ckpt ms x n':>12s} {'start+figs':>10s} {'projected':>9s}")
+    for w in runs:
+        for r in w["models"]:
+            print(f"{w['run']:12s} {r['model']:16s} {r['steps']:5d} {r['step_ms']:8.1f} {r['fed_step_ms']:7.1f} "
+                  f"{r['data_ms']:8.1f} {r['eval_ms']:7.0f} x{r['n_eval']:3d} {r['gen_ms']:7.0f} x{r['n_gen']:3d} "
+                  f"{r['ckpt_ms']:7.0f} x{r['n_ckpt']:3d} {r['start_s'] + r['figures_s']:9.1f}s {r['projected_s']:8.0f}s")
+    print("step ms = forward + backward + clip + AdamW on pre-drawn batches; fed ms = the same step with batches from "
+          "train.py's background Prefetch thread (what the run pays: the data costs only what the thread steals); "
+          "data ms = drawing one batch inline (for reference)")
+    print(f"\nthe step's time by category (torch.profiler self time, % of the profiled step; bench.WALL_CATEGORIES)")
+    print(f"{'model':16s} {'setting':10s} {'prof ms':>8s} " + " ".join(f"{c[:12]:>12s}" for c in WALL_ORDER))
+    seen = set()
+    for w in runs:
+        for r in w["models"]:
+            if (r["model"], r["setting"]) in seen:
+                continue
+            seen.add((r["model"], r["setting"]))
+            print(f"{r['model']:16s} {r['setting']:10s} {r['profiled_ms']:8.1f} "
+                  + " ".join(f"{100 * r['categories_ms'][c] / r['profiled_ms']:11.1f}%" for c in WALL_ORDER))
+
+
+def bench_wall(args, runs=None):
+    """python bench.py --wall [RUN ...]: -> list of run dicts (also printed)."""
+    runs = runs or WALL_RUNS
+    names = args.wall or list(runs)
+    bad = [n for n in names if n not in runs]
+    if bad:
+        raise SystemExit(f"bench.py --wall: unknown run {', '.join(bad)}; choose from {', '.join(runs)}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    start = process_start_s()
+    measured, out = {}, []
+    for n in names:
+        out.append(wall_run(n, runs[n], measured, start, device))
+    print_wall(out, device, torch.get_num_threads())
     return out
 
 
@@ -991,6 +1325,9 @@ def main(argv=None):
     ap.add_argument("--context-parallel", dest="context_parallel", type=int, default=0, metavar="R",
                     help="context_parallel.py's table over R gloo ranks: per mixer and sequence length, the bytes a "
                          "rank sends, what autograd keeps for backward, ms per forward + backward, error vs 1 process")
+    ap.add_argument("--wall", nargs="*", default=None, metavar="RUN",
+                    help="what each headline run's wall time is made of, projected vs its target (issue 19): runs "
+                         + ", ".join(WALL_RUNS) + " (default all)")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one model, in a child process
     args = ap.parse_args(argv)
     if args.gpu_check:
@@ -1007,6 +1344,9 @@ def main(argv=None):
     if os.path.exists(args.out):
         with open(args.out) as f:
             results = json.load(f)
+    if args.wall is not None:
+        print("== wall ==")
+        results["wall"] = dict(device=args.device, threads=torch.get_num_threads(), runs=bench_wall(args))
     if args.kernels:
         print("== kernels ==")
         results["kernels"] = bench_kernels(args)
@@ -1016,7 +1356,7 @@ def main(argv=None):
     if args.peers:
         print("== peers (batch 8 x 256) ==")
         results["peers"] = bench_peers(args)
-    if not (args.kernels or args.static or args.peers) or args.models is not None:
+    if not (args.kernels or args.static or args.peers or args.wall is not None) or args.models is not None:
         print("== models ==")
         results["models"] = bench_models(args)
     with open(args.out, "w") as f:

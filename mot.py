@@ -24,10 +24,11 @@ Glossary (paper -> code):
                                                  out = h + Norm_m(FFN_m(h))); "pre" = standard pre-norm
     QK-norm (Chameleon)                      -> cfg.qk_norm (per modality when untie_attn)
 
-Implementation: tokens are sorted by modality once per forward (kernels.sort_by_group); every per-modality
-projection is ONE kernels.grouped_matmul over the sorted tokens with the per-modality weights stacked to (M, K, N),
-then kernels.unsort puts rows back in sequence order for the global attention. cfg.routing = "masked" is the plain
-reference (every modality's weight on every token, then select by mask: M times the FLOPs, for tests only).
+Implementation: the residual stream is kept sorted by modality (Routing): tokens are sorted once per forward
+(kernels.sort_by_group), every per-modality projection is ONE kernels.grouped_matmul over the sorted rows with the
+per-modality weights stacked to (M, K, N), every norm gain a block of rows; only the global attention puts q, k, v
+back in sequence order (and its output back in sorted order). cfg.routing = "masked" is the plain reference (every
+modality's weight on every token, then select by mask: M times the FLOPs, for tests only).
 
 API used by transfusion.py (import mot):
     model.forward_hidden(x, modality, attn_mask=None) -> (B, T, D)
@@ -108,17 +109,31 @@ def modality_names(cfg):
 # --- Sec. 2.1: modality-specific parameters -------------------------------------------------------------------------
 
 class Routing:
-    """The modality of every token, and (lazily, once per forward) the permutation that sorts tokens by modality."""
+    """Where each token's weights come from, and the order of the residual stream.
+
+    MoT keeps its residual stream SORTED BY MODALITY: tokens are sorted once per forward (sort), so modality m's
+    rows form one contiguous block and every per-modality op is a block of rows (one grouped matmul, one gain per
+    block); only the global attention needs sequence order (unsort its q, k, v, sort its output). Per-token ops
+    (norms, SwiGLU, residual adds) do not care about row order. The dense model (nothing untied) and the "masked"
+    reference keep sequence order: sort and unsort are then plain reshapes."""
 
     def __init__(self, modality, n_modalities, impl="grouped"):
-        self.modality, self.n, self.impl = modality, n_modalities, impl      # modality: (B, T) int64
-        self._sorted = None
+        self.shape, self.impl = modality.shape, impl                          # modality: (B, T) int64
+        self.modality, self.order = modality.reshape(-1), None                # (N,): the modality of each row
+        if n_modalities > 1 and impl == "grouped":
+            self.order, self.sizes = kernels.sort_by_group(self.modality, n_modalities)   # sizes: rows per modality
+            self.inverse = torch.argsort(self.order)                           # a permutation's argsort: its inverse
+            self.modality = self.modality[self.order]
 
-    @property
-    def sorted(self):
-        if self._sorted is None:                                              # (order, group_sizes)
-            self._sorted = kernels.sort_by_group(self.modality.reshape(-1), self.n)
-        return self._sorted
+    def sort(self, x):
+        # (B, T, ...) in sequence order -> (N, ...) in the stream's order
+        x = x.flatten(0, 1)
+        return x if self.order is None else x.index_select(0, self.order)
+
+    def unsort(self, x):
+        # (N, ...) in the stream's order -> (B, T, ...) in sequence order
+        x = x if self.order is None else x.index_select(0, self.inverse)
+        return x.view(*self.shape, *x.shape[1:])
 
 
 def _compute_dtype(x):
@@ -135,20 +150,16 @@ class ModalityLinear(nn.Module):
         self.weight = nn.ParameterList([nn.Parameter(torch.randn(d_in, d_out) * std) for _ in range(n)])
 
     def forward(self, x, rt):
-        # x: (B, T, d_in) -> (B, T, d_out)
+        # x: (N, d_in) in the stream's order (Routing) -> (N, d_out); or (B, T, d_in) in sequence order -> (B, T, d_out)
         if self.n == 1:                                   # dense: every token uses the same weight
             return x @ self.weight[0]
-        w = torch.stack(list(self.weight))                # (M, d_in, d_out), stacked at forward time
+        if x.dim() == 3:                                  # sequence order (a caller outside the stream): sort, unsort
+            return rt.unsort(self(rt.sort(x), rt))
         if rt.impl == "masked":                           # reference: all weights on all tokens, keep the own one
-            y = 0
-            for m in range(self.n):
-                y = y + (rt.modality == m).unsqueeze(-1).to(x.dtype) * (x @ w[m])
-            return y
-        order, sizes = rt.sorted
+            return sum((rt.modality == m).unsqueeze(-1).to(x.dtype) * (x @ w) for m, w in enumerate(self.weight))
         dt = _compute_dtype(x)
-        xs = x.reshape(-1, x.shape[-1])[order]            # (N, d_in) sorted by modality
-        ys = kernels.grouped_matmul(xs.to(dt), w.to(dt), sizes)   # (N, d_out): each group its own weight
-        return kernels.unsort(ys, order).view(*x.shape[:-1], -1)
+        w = torch.stack(list(self.weight)).to(dt)         # (M, d_in, d_out)
+        return kernels.grouped_matmul(x.to(dt), w, rt.sizes)   # sorted rows: modality m's block @ W[m]
 
 
 class ModalityRMSNorm(nn.Module):
@@ -160,28 +171,31 @@ class ModalityRMSNorm(nn.Module):
         self.weight = nn.ParameterList([nn.Parameter(torch.ones(dim)) for _ in range(n)])
 
     def forward(self, x, rt):
-        # x: (B, T, ..., dim) -> same shape
+        # x: (N, ..., dim) in the stream's order -> same shape
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         if self.n == 1:
             return y * self.weight[0]
-        w = torch.stack(list(self.weight))[rt.modality]  # (B, T, dim): gather by modality, no matmul
-        return y * w.view(*w.shape[:2], *([1] * (x.dim() - 3)), w.shape[-1])
+        if rt.order is not None and not x.is_cuda:        # sorted stream: one gain per block of rows (CPU: cheapest)
+            return torch.cat([y_m * w for y_m, w in zip(y.split(rt.sizes.tolist()), self.weight)])
+        w = torch.stack(list(self.weight))[rt.modality]   # any order (and no host sync on a GPU): a gain per row
+        return y * w.view(-1, *([1] * (x.dim() - 2)), w.shape[-1])
 
 
 # --- Rotary position embedding (the Chameleon / Llama backbone) ------------------------------------------------------
 
 def rope(pos, head_dim, theta, device):
-    # pos: (T,) int64 -> cos, sin: (T, head_dim/2)
+    # pos: (T,) int64 -> cos, sin: (T, head_dim), the angles pos * inv[i] once per half; sin signed as (-sin, sin)
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     ang = pos.to(device=device, dtype=torch.float32)[:, None] * inv[None]
-    return ang.cos(), ang.sin()
+    return torch.cat([ang.cos(), ang.cos()], -1), torch.cat([-ang.sin(), ang.sin()], -1)
 
 
 def apply_rope(x, cos, sin):
-    # x: (B, T, H, hd); rotate the pairs (x1[i], x2[i]) of the two halves by angle pos * inv[i]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).type_as(x)
+    # x: (B, T, H, hd); rotate the pairs (x1[i], x2[i]) of the two halves by angle pos * inv[i]:
+    # (x1 cos - x2 sin, x2 cos + x1 sin) = x * cos + (x2, x1) * (-sin, sin): one swap of halves, no split outputs
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos[:, None] + torch.cat([x2, x1], dim=-1) * sin[:, None]).type_as(x)
 
 
 # --- Sec. 2.2, Eq. 2-3: modality-specific attention projections, global self-attention --------------------------------
@@ -201,12 +215,15 @@ class Attention(nn.Module):
             self.k_norm = ModalityRMSNorm(self.hd, n, cfg.norm_eps)
 
     def forward(self, x, rt, cos, sin, attn_mask=None, cache=None):
-        # x: (B, T, D) -> (B, T, D); cache: None or dict with "k", "v" (B, H, T_past, hd), updated in place
-        B, T, D = x.shape
-        q, k, v = self.qkv(x, rt).split(D, dim=-1)                       # each token: its own modality's W_Q/K/V
-        q, k, v = (t.view(B, T, self.n_head, self.hd) for t in (q, k, v))
+        # x: (N, D) in the stream's order -> (N, D), or (B, T, D) in sequence order -> (B, T, D);
+        # cache: None or dict with "k", "v" (B, H, T_past, hd), updated in place
+        if x.dim() == 3:                                                 # sequence order (a caller outside the stream)
+            return rt.unsort(self(rt.sort(x), rt, cos, sin, attn_mask, cache))
+        (B, T), D = rt.shape, x.shape[-1]
+        q, k, v = self.qkv(x, rt).view(-1, 3, self.n_head, self.hd).unbind(1)   # each token: its modality's W_Q/K/V
         if self.qk_norm:
             q, k = self.q_norm(q, rt), self.k_norm(k, rt)
+        q, k, v = (rt.unsort(t) for t in (q, k, v))                      # (B, T, H, hd): attention needs sequence order
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, H, T, hd)
         causal = attn_mask is None
@@ -224,7 +241,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, D)
-        return self.proj(y, rt)                                          # W_O^m
+        return self.proj(rt.sort(y), rt)                                 # back to the stream's order; W_O^m
 
 
 # --- Sec. 2.2, Eq. 4: modality-specific feed-forward network (SwiGLU) ------------------------------------------------
@@ -238,7 +255,7 @@ class FeedForward(nn.Module):
         self.w2 = ModalityLinear(hidden, cfg.d_model, n, 0.02 / math.sqrt(2 * cfg.n_layer))
 
     def forward(self, x, rt):
-        # x: (B, T, D) -> (B, T, D)
+        # x: (N, D) in the stream's order -> (N, D): every op is per token, so the rows stay sorted throughout
         a, b = self.w13(x, rt).chunk(2, dim=-1)
         return self.w2(F.silu(a) * b, rt)
 
@@ -254,7 +271,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
 
     def forward(self, x, rt, cos, sin, attn_mask=None, cache=None):
-        # x: (B, T, D) -> (B, T, D)
+        # x: (N, D) the residual stream (Routing) -> (N, D)
         if self.post:   # Chameleon reordering (official MoT code): norm the sublayer's OUTPUT, per modality
             h = x + self.norm_attn(self.attn(x, rt, cos, sin, attn_mask, cache), rt)
             return h + self.norm_ffn(self.ffn(h, rt), rt)
@@ -323,11 +340,14 @@ class Transformer(nn.Module):
             pos0 = self.cp.rank * T                                    # context parallel: this rank's positions
         if pos0 + T > self.cfg.seq_len:
             raise ValueError(f"position {pos0 + T} > seq_len={self.cfg.seq_len}; crop the sequence or raise --seq_len")
-        rt = Routing(modality, self.cfg.n_modalities, self.cfg.routing)
-        cos, sin = rope(torch.arange(pos0, pos0 + T), D // self.cfg.n_head, self.cfg.rope_theta, x.device)
+        cfg = self.cfg
+        untied = cfg.untie_attn or cfg.untie_ffn or cfg.untie_norm
+        rt = Routing(modality, cfg.n_modalities if untied else 1, cfg.routing)   # dense: no sorting
+        cos, sin = rope(torch.arange(pos0, pos0 + T), D // cfg.n_head, cfg.rope_theta, x.device)
+        x = rt.sort(x)                                       # (N, D): MoT's stream is sorted by modality once, here
         for i, block in enumerate(self.blocks):
             x = block(x, rt, cos, sin, attn_mask, None if caches is None else caches[i])
-        return self.norm_f(x, rt)
+        return rt.unsort(self.norm_f(x, rt))                 # (B, T, D) in sequence order
 
     def forward(self, batch):
         # batch["tokens"]: (B, T) -> logits (B, T, V), loss (scalar), parts {loss_<modality>: detached scalar}

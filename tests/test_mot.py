@@ -149,6 +149,35 @@ def test_grouped_matmul_path_equals_masked_reference():
         assert torch.allclose(pf.grad, pr.grad, atol=1e-5), n
 
 
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_sorted_stream_equals_masked_reference_to_1e6(placement):
+    """The sorted residual stream (sort once, grouped matmuls and per-block gains, unsort only around attention)
+    equals the masked reference (no permutation at all), forward and every gradient, with one modality absent from
+    the batch; and the sequence-order entry points (a (B, T, d) input) equal the stream's."""
+    torch.manual_seed(0)
+    over = untied(qk_norm=True, norm_placement=placement)
+    fast, ref = mot.MoT(tiny(3, **over)), mot.MoT(tiny(3, routing="masked", **over))
+    for p in fast.parameters():                                        # gains off 1, so a wrong gain shows
+        p.data += 0.1 * torch.randn_like(p)
+    ref.load_state_dict(fast.state_dict())
+    b = make_batch(fast, B=3, T=20)
+    b["tokens"] = b["tokens"] % 64                                     # modalities 0 and 1 only: modality 2 is empty
+    b["modality"] = fast.modality_of(b["tokens"])
+    (lf, lossf, _), (lr, lossr, _) = fast(b), ref(b)
+    torch.testing.assert_close(lf, lr, atol=1e-6, rtol=0)
+    lossf.backward()
+    lossr.backward()
+    for (n, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, atol=1e-6, rtol=0, msg=n)
+    att, x = fast.blocks[0].attn, torch.randn(3, 20, 16)
+    rt = mot.Routing(b["modality"], 3)
+    cos, sin = mot.rope(torch.arange(20), 8, 1e4, x.device)
+    torch.testing.assert_close(att.qkv(x, rt), rt.unsort(att.qkv(rt.sort(x), rt)))
+    torch.testing.assert_close(att(x, rt, cos, sin), rt.unsort(att(rt.sort(x), rt, cos, sin)))
+    torch.testing.assert_close(att(x, rt, cos, sin), ref.blocks[0].attn(x, mot.Routing(b["modality"], 3, "masked"),
+                                                                       cos, sin), atol=1e-6, rtol=0)
+
+
 def _flops(model, batch):
     with FlopCounterMode(display=False) as fc:
         model(batch)[1].backward()

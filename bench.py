@@ -488,10 +488,12 @@ def wall_run(name, spec, measured, start_s, device="cpu", **kw):
     return out
 
 
-def print_wall(runs, device, threads):
+def print_wall(runs, device, threads, load=None):
     """The table a teacher can quote, then each model's pieces and its step's split."""
     print(f"\nwall time of the headline runs, projected from pieces measured in this process (device {device}, "
-          f"{threads} torch thread(s); a few steps per model, median; not a training run)")
+          f"{threads} torch thread(s); a few steps per model, median; not a training run)"
+          + (f"; load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores while measuring "
+             f"(other jobs on it inflate every time)" if load else ""))
     print(f"{'run':12s} {'projected':>9s} {'goal':>7s} {'':6s} {'steps':>7s} {'evals':>7s}  to meet the goal a step "
           f"must take          biggest part of a step")
     for w in runs:
@@ -543,11 +545,15 @@ def bench_wall(args, runs=None):
     if bad:
         raise SystemExit(f"bench.py --wall: unknown run {', '.join(bad)}; choose from {', '.join(runs)}")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    load = [os.getloadavg()[0]]
     start = process_start_s()
     measured, out = {}, []
     for n in names:
         out.append(wall_run(n, runs[n], measured, start, device))
-    print_wall(out, device, torch.get_num_threads())
+        load.append(os.getloadavg()[0])
+    for w in out:
+        w["load_average"] = (min(load), max(load))
+    print_wall(out, device, torch.get_num_threads(), load)
     return out
 
 
@@ -929,6 +935,12 @@ def bench_static(args):
 #            and batch (loss within LOSS_TOL), then ms/step, tokens/s and MFU against the measured bf16 matmul peak;
 #   train    `train.py --steps 50` per model on CUDA (loss falls, checkpoint written, eval + generation ran), then
 #            --resume to step 55;
+#   compile  (issue 19.4) per model, in its own process: torch.compile(model) forward + backward vs eager in fp32 on
+#            one batch (loss within COMPILE_TOL, every gradient within COMPILE_GRAD_TOL), compile seconds, ms and
+#            kernels launched per forward + backward each way; and `train.py --compile=True --steps 50` beside the
+#            eager run of `train`: its logged losses within COMPILE_TRAIN_TOL of the eager run's at every logged step.
+#            On CPU (--device cpu) train.py refuses --compile (SKIP rows); --cpu_compile runs the forward + backward
+#            check there with inductor (~1-2 min a model on one core);
 #   ddp      torchrun --nproc_per_node=1 with nccl for one model (and 2 ranks when 2 GPUs are visible).
 # Writes gpu_check.json and prints a PASS/FAIL table; exit status 1 if anything failed. Without CUDA: one line, exit
 # 0. `--device cpu` rehearses the harness on CPU at small sizes (the torch path against itself, or Triton under
@@ -937,6 +949,11 @@ def bench_static(args):
 KERNEL_TOL = {torch.float64: 1e-9, torch.complex128: 1e-9, torch.float32: 1e-4, torch.complex64: 1e-4,
               torch.bfloat16: 3e-2, "tf32": 1e-2}   # max |x - torch path| / max(|torch path|, 1), as tests/test_kernels
 LOSS_TOL = 0.05     # |loss (CUDA, bf16 autocast) - loss (CPU, fp32)| <= LOSS_TOL * max(1, loss CPU): bf16 keeps 8 bits
+COMPILE_TOL = 1e-4        # torch.compile vs eager, fp32, one batch: |loss diff| <= COMPILE_TOL * max(1, |loss|) and
+COMPILE_GRAD_TOL = 1e-3   # every gradient's max |diff| <= COMPILE_GRAD_TOL * max |eager gradient| (fused kernels
+                          # reorder sums: on CPU dense and MoT agree to 7e-7)
+COMPILE_TRAIN_TOL = 0.02  # train.py --compile=True vs eager, bf16 autocast, 50 steps: |loss diff| at every logged step
+                          # <= COMPILE_TRAIN_TOL * max(1, eager loss) (bf16 rounding of fused kernels grows by steps)
 _TAG = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64", torch.complex64: "cfp32",
         torch.complex128: "cfp64"}
 
@@ -1225,16 +1242,141 @@ def check_train_run(name, device, out, run=_run, steps=50):
     return row
 
 
-def check_train(device, names, jobs, run=_run, steps=50):
-    """check_train_run for every model, `jobs` at a time (tiny models share one GPU), in a temporary directory."""
+def check_compile_train_run(name, device, out, eager_out, run=_run, steps=50):
+    """`train.py --compile=True --steps N` (torch.compile, CUDA only) beside the eager run in eager_out: it finishes
+    and its logged losses follow the eager run's within COMPILE_TRAIN_TOL at every logged step."""
+    row = dict(section="compile", name=f"{name} train.py --compile=True, {steps} steps vs eager", tol=COMPILE_TRAIN_TOL)
+    if not device.startswith("cuda"):
+        return dict(row, status="SKIP", error="train.py --compile=True is CUDA only (it refuses it on CPU)")
+    rc, log = run(train_commands(name, device, out, steps)[0] + ["--compile=True"])
+    if rc != 0:
+        return dict(row, status="FAIL", error=f"train.py --compile=True exit {rc}: {log.strip()[-300:]}")
+    loss = lambda d: {r["step"]: r["loss"] for r in _metrics(d) if "loss" in r and "eval_loss" not in r}
+    eager, comp = loss(eager_out), loss(out)
+    common = sorted(set(eager) & set(comp))
+    if not common or max(common) != steps:
+        return dict(row, status="FAIL", error=f"no loss to compare at step {steps} (eager logged {sorted(eager)}, "
+                                              f"compiled {sorted(comp)})")
+    diff = max(abs(comp[s] - eager[s]) / max(1.0, abs(eager[s])) for s in common)
+    ok = diff <= COMPILE_TRAIN_TOL and all(map(math.isfinite, comp.values()))
+    return dict(row, loss_diff=diff, eager_loss=eager[steps], compiled_loss=comp[steps], status="PASS" if ok else "FAIL",
+                error=None if ok else f"compiled loss {comp[steps]:.5g} vs eager {eager[steps]:.5g} at step {steps}; "
+                                      f"max relative difference {diff:.3g} over steps {common} (tol {COMPILE_TRAIN_TOL})")
+
+
+def check_train(device, names, jobs, run=_run, steps=50, compile=False):
+    """check_train_run for every model, `jobs` at a time (tiny models share one GPU), in a temporary directory;
+    with compile, each model's check_compile_train_run after it (rows: every model's train row, then its compile)."""
     import concurrent.futures
     import shutil
     root = tempfile.mkdtemp(prefix="nanomix_gpu_check_")
+
+    def one(n):
+        rows = [check_train_run(n, device, os.path.join(root, n), run, steps)]
+        if compile:
+            rows.append(check_compile_train_run(n, device, os.path.join(root, n + "-compile"), os.path.join(root, n),
+                                                run, steps))
+        return rows
     try:
         with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as ex:
-            return list(ex.map(lambda n: check_train_run(n, device, os.path.join(root, n), run, steps), names))
+            done = list(ex.map(one, names))
+        return [r[0] for r in done] + [r[1] for r in done if len(r) > 1]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+_MODEL_FILES = ("mot.py", "mom.py", "moma.py", "transfusion.py", "megabyte.py", "blt.py", "megalodon.py", "kernels.py")
+
+
+def _model_line(text):
+    """The last 'File ".../<model file>.py", line N' in a traceback or a dynamo error: the model code responsible."""
+    hits = re.findall(r'File "([^"]+)", line (\d+)', text)
+    hits = [(f, n) for f, n in hits if os.path.basename(f) in _MODEL_FILES]
+    return f"{os.path.basename(hits[-1][0])}:{hits[-1][1]}" if hits else None
+
+
+def compile_one(name, device, overrides=None, batch_size=2, reps=3):
+    """torch.compile(model) forward + backward vs eager, fp32 (no TF32), one batch, the same weights: -> a row with
+    both losses, the largest gradient difference, compile seconds, ms per forward + backward each way and, on CUDA,
+    kernels launched per forward + backward each way (the launch-bound overhead compile removes)."""
+    import traceback
+
+    import torch._inductor.config as inductor_config
+    import train
+    row = dict(section="compile", name=f"{name} torch.compile fwd+bwd vs eager (fp32)", tol=COMPILE_TOL)
+    cuda = device.startswith("cuda")
+    try:
+        inductor_config.fallback_random = True            # random ops in a compiled graph draw as eager's do
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        model, _, _, ds = train.build(name, None, (BENCH_OVERRIDES if overrides is None else overrides).get(name),
+                                      device=device)
+        batch = train.to(ds.get_batch("train", batch_size, 0), device)
+        model.train()
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+        def fwd_bwd(m):
+            torch.manual_seed(0)
+            for p in model.parameters():
+                p.grad = None
+            loss = m(batch)[1]
+            loss.backward()
+            sync()
+            return loss
+
+        def run(m):
+            loss = fwd_bwd(m)
+            return float(loss.detach()), {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                          if p.grad is not None}
+        le, ge = run(model)
+        compiled = torch.compile(model)
+        t = time.perf_counter()
+        lc, gc = run(compiled)
+        row["compile_s"] = round(time.perf_counter() - t, 1)
+        missing = sorted(set(ge) ^ set(gc))
+        grad = max((((gc[n] - ge[n]).abs().max() / ge[n].abs().max().clamp(min=1e-30)).item() for n in ge if n in gc),
+                   default=0.0)
+        diff = abs(lc - le)
+        row.update(loss_eager=le, loss_compiled=lc, loss_diff=diff, grad_err=grad, grad_tol=COMPILE_GRAD_TOL,
+                   ms_eager=round(1e3 * timeit(lambda: fwd_bwd(model), reps, 1, device, statistics.median), 2),
+                   ms_compiled=round(1e3 * timeit(lambda: fwd_bwd(compiled), reps, 1, device, statistics.median), 2))
+        if cuda:
+            row.update(launches_eager=launch_count(lambda: fwd_bwd(model), device),
+                       launches_compiled=launch_count(lambda: fwd_bwd(compiled), device))
+        problems = []
+        if not (math.isfinite(lc) and diff <= COMPILE_TOL * max(1.0, abs(le))):
+            problems.append(f"loss {lc:.6g} compiled vs {le:.6g} eager (tol {COMPILE_TOL})")
+        if not grad <= COMPILE_GRAD_TOL:
+            problems.append(f"a gradient differs by {grad:.3g} of its max (tol {COMPILE_GRAD_TOL})")
+        if missing:
+            problems.append(f"gradients only one way: {', '.join(missing[:4])}")
+        row.update(status="FAIL" if problems else "PASS", error="; ".join(problems) or None)
+    except Exception as e:  # noqa: BLE001 -- a model that does not compile is a FAIL row naming its line of code
+        where = _model_line(f"{e}\n{traceback.format_exc()}")
+        row.update(status="FAIL", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:240] if str(e).strip() else ''}"
+                                        + (f" (at {where})" if where else ""))
+    return row
+
+
+def check_compile(device, names, jobs, run=_run, cpu=False):
+    """compile_one per model, each in its own process (a compile's caches and a crash stay its own), `jobs` at a time;
+    on CPU only with cpu=True (--cpu_compile), else SKIP rows."""
+    import concurrent.futures
+    if not device.startswith("cuda") and not cpu:
+        return [dict(section="compile", name=f"{n} torch.compile fwd+bwd vs eager (fp32)", status="SKIP",
+                     error="CPU: add --cpu_compile to compile on CPU (inductor, ~1-2 min a model)") for n in names]
+    root = tempfile.mkdtemp(prefix="nanomix_compile_")
+
+    def one(n):
+        path = os.path.join(root, f"{n}.json")
+        rc, log = run([sys.executable, "bench.py", "--_compile", n, "--device", device, "--out", path], timeout=900)
+        if rc == 0 and os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        return dict(section="compile", name=f"{n} torch.compile fwd+bwd vs eager (fp32)", status="FAIL",
+                    error=f"bench.py --_compile exit {rc}: {log.strip()[-300:]}")
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as ex:
+        return list(ex.map(one, names))
 
 
 def check_ddp(device, name="mot", run=_run):
@@ -1257,7 +1399,8 @@ def print_table(rows):
     """The PASS/FAIL table and a one-line summary; -> the summary dict."""
     for r in rows:
         detail = []
-        for k in ("err", "loss_diff", "frac_of_floor", "ms_step", "mfu"):
+        for k in ("err", "loss_diff", "grad_err", "frac_of_floor", "ms_step", "mfu", "compile_s", "ms_eager",
+                  "ms_compiled", "launches_eager", "launches_compiled"):
             if r.get(k) is not None:
                 detail.append(f"{k} {r[k]:.3g}")
         if r.get("tol") is not None and r.get("err", r.get("loss_diff")) is not None:
@@ -1296,7 +1439,8 @@ def gpu_check(args, run=_run):
     peak = measure_ceilings()["mm_bf16_TFLOPs"] * 1e12 if cuda else matmul_peak(device)   # bf16 8192^3 on CUDA
     info["matmul_peak_flops"] = peak
     rows += check_models(device, names, peak, reps=10 if cuda else 2)
-    rows += check_train(device, names, args.jobs, run=run, steps=50 if cuda else args.train_steps)
+    rows += check_compile(device, names, args.jobs, run=run, cpu=args.cpu_compile)
+    rows += check_train(device, names, args.jobs, run=run, steps=50 if cuda else args.train_steps, compile=True)
     rows += check_ddp(device, "mot" if "mot" in names else names[0], run=run)
     summary = print_table(rows)
     result = dict(info, seconds=round(time.time() - t0, 1), summary=summary, ok=not summary["FAIL"], rows=rows)
@@ -1328,8 +1472,16 @@ def main(argv=None):
     ap.add_argument("--wall", nargs="*", default=None, metavar="RUN",
                     help="what each headline run's wall time is made of, projected vs its target (issue 19): runs "
                          + ", ".join(WALL_RUNS) + " (default all)")
+    ap.add_argument("--cpu_compile", action="store_true",
+                    help="--gpu-check --device cpu: also torch.compile every model on CPU (inductor, ~1-2 min each)")
+    ap.add_argument("--_compile", default=None, help=argparse.SUPPRESS)  # internal: compile_one in a child process
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one model, in a child process
     args = ap.parse_args(argv)
+    if args._compile:
+        row = compile_one(args._compile, args.device)
+        with open(args.out, "w") as f:
+            json.dump(row, f, default=str)
+        return 0
     if args.gpu_check:
         if args.out == "bench.json":
             args.out = "gpu_check.json"

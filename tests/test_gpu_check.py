@@ -147,8 +147,9 @@ def test_gpu_check_writes_json_and_table_and_exit_status(tmp_path, capsys, monke
     monkeypatch.setattr(bench, "_run", fake_runner())
     assert bench.gpu_check(bench_args(argv), run=fake_runner()) == 0
     res = json.loads(out.read_text())
-    assert res["ok"] and res["summary"] == {"PASS": 4, "FAIL": 0, "SKIP": 1} and res["device"] == "cpu"
-    assert {r["section"] for r in res["rows"]} == {"kernels", "timings", "models", "train", "ddp"}
+    # SKIP: the CUDA timings, and on CPU both compile checks (no --cpu_compile; train.py refuses --compile on CPU)
+    assert res["ok"] and res["summary"] == {"PASS": 4, "FAIL": 0, "SKIP": 3} and res["device"] == "cpu"
+    assert {r["section"] for r in res["rows"]} == {"kernels", "timings", "models", "compile", "train", "ddp"}
     text = capsys.readouterr().out
     assert "ALL PASS" in text and "SKIP  timings" in text
     rows["check_models"][0].update(status="FAIL", error="loss 9 on cuda vs 3 on CPU fp32")
@@ -175,6 +176,78 @@ def test_default_out_is_gpu_check_json():
     assert bench_args(["--gpu-check", "--out", "x.json"]).out == "x.json"
 
 
+# ------------------------------------------------------------------------------------------------ compile (issue 19.4)
+
+def test_compile_check_judges_compiled_against_eager(monkeypatch):
+    """compile_one with stand-ins for torch.compile: the model itself passes with zero differences; a compiled model
+    whose loss is off by 2e-3 fails on the loss and its gradients; one whose compile raises is a FAIL row naming it."""
+    monkeypatch.setattr(torch, "compile", lambda m: m)
+    r = bench.compile_one("dense", "cpu", overrides=TINY, reps=1)
+    assert r["status"] == "PASS" and r["loss_diff"] == 0 and r["grad_err"] == 0 and r["loss_eager"] > 0, r
+    assert r["ms_eager"] > 0 and r["ms_compiled"] > 0 and r["section"] == "compile"
+
+    def off(m):
+        def f(batch):
+            logits, loss, parts = m(batch)
+            return logits, loss * (1 + 2e-3), parts
+        return f
+    monkeypatch.setattr(torch, "compile", off)
+    r = bench.compile_one("dense", "cpu", overrides=TINY, reps=1)
+    assert r["status"] == "FAIL" and "loss" in r["error"] and "gradient" in r["error"], r
+    assert bench.COMPILE_TOL < r["loss_diff"] / r["loss_eager"] < 3e-3
+
+    def broken(m):
+        raise RuntimeError("Unsupported: data-dependent operator\n\nfrom user code:\n   File \"/w/mot.py\", "
+                           "line 151, in forward")
+    monkeypatch.setattr(torch, "compile", broken)
+    r = bench.compile_one("dense", "cpu", overrides=TINY, reps=1)
+    assert r["status"] == "FAIL" and r["error"].startswith("RuntimeError: Unsupported") and "(at mot.py:151)" in r["error"]
+
+
+def test_model_line_names_the_last_model_file_frame():
+    tb = ('File "/usr/lib/torch/_dynamo/x.py", line 9, in f\n  File "/repo/moma.py", line 162, in forward\n'
+          '  File "/repo/kernels.py", line 40, in g\n  File "/usr/lib/torch/nn/functional.py", line 3, in h')
+    assert bench._model_line(tb) == "kernels.py:40"
+    assert bench._model_line('File "/usr/lib/torch/x.py", line 1') is None
+
+
+def test_compile_train_run_compares_losses_step_by_step(tmp_path):
+    """train.py --compile=True beside the eager run: equal logs pass; a 10% higher loss at one step fails; CPU skips
+    (train.py refuses --compile there); a crashed compiled run fails with its exit."""
+    eager = str(tmp_path / "eager")
+    fake_runner()(bench.train_commands("dense", "cuda", eager)[0])            # the eager run's metrics.jsonl
+    run = fake_runner()
+    r = bench.check_compile_train_run("dense", "cuda", str(tmp_path / "c1"), eager, run)
+    assert r["status"] == "PASS" and r["loss_diff"] == 0 and "--compile=True" in run.calls[0], r
+    r = bench.check_compile_train_run("dense", "cuda", str(tmp_path / "c2"), eager,
+                                      fake_runner(losses=(3.0, 2.5, 2.2, 1.5, 1.2)))
+    assert r["status"] == "FAIL" and abs(r["loss_diff"] - 0.2 / 2.0) < 1e-12 and "tol" in r["error"], r
+    r = bench.check_compile_train_run("dense", "cpu", str(tmp_path / "c3"), eager, fake_runner())
+    assert r["status"] == "SKIP" and "CUDA only" in r["error"]
+    r = bench.check_compile_train_run("dense", "cuda", str(tmp_path / "c4"), eager, fake_runner(rc=1))
+    assert r["status"] == "FAIL" and "exit 1" in r["error"]
+    rows = bench.check_train("cuda", ["dense", "mot"], jobs=2, run=fake_runner(), compile=True)
+    assert [(r["section"], r["name"].split()[0], r["status"]) for r in rows] == [
+        ("train", "dense", "PASS"), ("train", "mot", "PASS"), ("compile", "dense", "PASS"), ("compile", "mot", "PASS")]
+
+
+def test_compile_check_runs_each_model_in_its_own_process():
+    calls = []
+
+    def run(cmd, timeout=600):
+        calls.append(cmd)
+        name = cmd[cmd.index("--_compile") + 1]
+        if name == "mot":
+            return 1, "Traceback ...\nSegmentation fault"
+        with open(cmd[cmd.index("--out") + 1], "w") as f:
+            json.dump(dict(section="compile", name=f"{name} torch.compile", status="PASS"), f)
+        return 0, ""
+    rows = bench.check_compile("cuda", ["dense", "mot", "mamba"], jobs=2, run=run)
+    assert [(r["name"].split()[0], r["status"]) for r in rows] == [("dense", "PASS"), ("mot", "FAIL"), ("mamba", "PASS")]
+    assert "exit 1" in rows[1]["error"] and all(c[1] == "bench.py" and "cuda" in c for c in calls)
+    assert all(r["status"] == "SKIP" for r in bench.check_compile("cpu", ["dense"], 1, run=run)) and len(calls) == 3
+
+
 # ------------------------------------------------------------------------------------------------ CUDA only
 
 @pytest.mark.cuda
@@ -184,6 +257,12 @@ def test_compiled_kernels_match_torch_path_on_cuda():
     rows = bench.check_kernels("cuda", "triton", "cpu")
     assert all(r["status"] == "PASS" for r in rows if r["name"].split()[0] in ("linear_scan", "selective_scan",
                                                                               "grouped_matmul")), rows
+
+
+@pytest.mark.cuda
+def test_torch_compile_matches_eager_on_cuda():
+    rows = [bench.compile_one(n, "cuda") for n in ("dense", "mamba")]
+    assert all(r["status"] == "PASS" for r in rows), rows
 
 
 @pytest.mark.cuda

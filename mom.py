@@ -111,6 +111,7 @@ class Route:
     def __init__(self, modality, n_modalities):
         self.modality = modality.reshape(-1)                                   # (N,)
         self.order, self.group_sizes = kernels.sort_by_group(self.modality, n_modalities)
+        self.inverse = torch.argsort(self.order)        # a permutation's argsort is its inverse: unsort = a gather
 
 
 class ModalityLinear(nn.Module):
@@ -134,10 +135,10 @@ class ModalityLinear(nn.Module):
             y = x @ self.weights[0]
             return y + self.biases[0] if self.biases is not None else y
         w = torch.stack(list(self.weights)).to(x.dtype)                                # (M, d_in, d_out)
-        y = kernels.grouped_matmul(x[route.order], w, route.group_sizes, backend=self.backend)
-        y = kernels.unsort(y, route.order)                                             # (N, d_out)
-        if self.biases is not None:
-            y = y + torch.stack(list(self.biases))[route.modality]
+        y = kernels.grouped_matmul(x.index_select(0, route.order), w, route.group_sizes, backend=self.backend)
+        y = y.index_select(0, route.inverse)                                           # (N, d_out), time order
+        if self.biases is not None:                                                    # each token's bias, by modality
+            y = y + F.embedding(route.modality, torch.stack(list(self.biases)))
         return y
 
 

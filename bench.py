@@ -329,8 +329,23 @@ def occurrences(steps, every, last=True):
     return steps // every + (1 if last and steps % every else 0)
 
 
+class _Clock:
+    """Wall and CPU time (this process, all its threads) since creation, in ms: .wall, .cpu."""
+    def __init__(self):
+        self.t, self.c = time.perf_counter(), time.process_time()
+
+    @property
+    def wall(self):
+        return 1e3 * (time.perf_counter() - self.t)
+
+    @property
+    def cpu(self):
+        return 1e3 * (time.process_time() - self.c)
+
+
 def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None, train_overrides=None):
-    """One model of a headline run, timed with train.py's pieces: -> dict of ms per piece, counts, projection (s)."""
+    """One model of a headline run, timed with train.py's pieces, each by the wall clock and by CPU time: -> dict of
+    ms per piece (key_ms wall, key_cpu_ms CPU), their counts in the run, and both projections (s)."""
     import shutil
     import train
     over = dict(overrides or {})
@@ -338,12 +353,12 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
         over.update(entropy_ckpt=BLT_ENTROPY) if os.path.isfile(BLT_ENTROPY) else over.update(patching="space")
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    t = time.perf_counter()
+    c = _Clock()
     model, cfg, tc, ds = train.build(name, setting, over, device=device,
                                      train_overrides=dict(train_overrides or {}, steps=steps))
     micro = tc.micro_batch_size or tc.batch_size
     fl = train.count_flops(model, [train.to(ds.get_batch("train", micro, i), device) for i in range(4)], parts=True)
-    start_s = time.perf_counter() - t                                   # build + the FLOPs count train.py makes first
+    start = (c.wall, c.cpu)                                             # build + the FLOPs count train.py makes first
     raw = model
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -382,82 +397,105 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     pick = lambda i: (lambda m: fixed[(i * accum + m) % len(fixed)])
     for i in range(2):                                                  # warm-up
         step(pick(i))
+    cpu = []
+    for i in range(k + 1):                                              # CPU time: no data thread alive yet
+        c = _Clock()
+        step(pick(i))
+        cpu.append(c.cpu)
+    draws = []
+    for i in range(3):                                                  # one training batch drawn inline
+        c = _Clock()
+        for m in range(accum):
+            ds.get_batch("train", micro, 20_000 + i * accum + m)
+        draws.append((c.wall, c.cpu))
     fed, alone = [], []
     batches = train.Prefetch(ds, micro, 0, 1, 0, 10 ** 9, pin=cuda)     # train.py's background data thread
     n_fed = 0
     try:
-        for _ in range(rounds):                                         # interleaved: fed by the thread / alone
+        for _ in range(rounds):                                         # wall: interleaved, fed by the thread / alone
             for i in range(k):
-                t = time.perf_counter()
+                c = _Clock()
                 step(lambda m, n=n_fed: batches.get(n * accum + m))
-                fed.append(time.perf_counter() - t)
+                fed.append(c.wall)
                 n_fed += 1
             for i in range(k):
-                t = time.perf_counter()
+                c = _Clock()
                 step(pick(i))
-                alone.append(time.perf_counter() - t)
+                alone.append(c.wall)
     finally:
         batches.close()
     cats, prof_total = split_by_category(lambda: step(pick(0), True), device)
-    t = time.perf_counter()
+    c = _Clock()
     ev = train.evaluate(model, ds, tc, 0, 1, device, autocast, micro)
-    eval_ms = 1e3 * (time.perf_counter() - t)
+    ev_t = (c.wall, c.cpu)
     gen = bool(tc.gen_n and train.has_gen_eval(model, ds))
-    gen_ms = 0.0
+    gen_t = (0.0, 0.0)
     if gen:
-        t = time.perf_counter()
+        c = _Clock()
         ev.update(train.generation_metrics(model, ds, tc))
-        gen_ms = 1e3 * (time.perf_counter() - t)
+        gen_t = (c.wall, c.cpu)
     tmp = tempfile.mkdtemp(prefix="nanomix_wall_")
     try:
-        t = time.perf_counter()
+        c = _Clock()
         train.save_ckpt(os.path.join(tmp, "ckpt.pt"), dict(
             model=raw.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=1, time=0.0,
             config=dict(model=name), rng=train.rng_state(), data_position=1, flops_per_token=fl["total"]))
-        ckpt_ms = 1e3 * (time.perf_counter() - t)
+        ckpt_t = (c.wall, c.cpu)
         with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:      # the timed steps' log + the eval: figures
             f.writelines(json.dumps(r) + "\n" for r in records + [dict(step=len(records), tokens=records[-1]["tokens"],
                                                                        flops=records[-1]["flops"], **ev)])
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(dict(model=name, setting=tc.setting), f)
         import plots
-        t = time.perf_counter()
+        c = _Clock()
         with contextlib.redirect_stdout(sys.stderr):
             plots.plot_run(tmp)
             plots.model_figures(raw, ds, tmp)
-        figures_s = time.perf_counter() - t
+        fig_t = (c.wall, c.cpu)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    med = statistics.median
     r = dict(model=name, setting=tc.setting, steps=steps, batch=f"{tc.batch_size}x{tc.seq_len}",
-             step_ms=1e3 * statistics.median(alone), fed_step_ms=1e3 * statistics.median(fed),
-             data_ms=data_ms(ds, micro, n=3) * accum, eval_ms=eval_ms, n_eval=occurrences(steps, tc.eval_every),
-             gen_ms=gen_ms, n_gen=0, ckpt_ms=ckpt_ms, n_ckpt=occurrences(steps, tc.ckpt_every), start_s=start_s,
-             figures_s=figures_s, categories_ms=cats, profiled_ms=prof_total, timed_steps=len(fed) + len(alone),
-             blt_patching=over.get("patching", "entropy") if name == "blt" else None)
+             step_ms=med(alone), fed_step_ms=med(fed), step_cpu_ms=med(cpu),
+             data_ms=med(w for w, _ in draws), data_cpu_ms=med(c for _, c in draws),
+             eval_ms=ev_t[0], eval_cpu_ms=ev_t[1], n_eval=occurrences(steps, tc.eval_every),
+             gen_ms=gen_t[0], gen_cpu_ms=gen_t[1], n_gen=0, ckpt_ms=ckpt_t[0], ckpt_cpu_ms=ckpt_t[1],
+             n_ckpt=occurrences(steps, tc.ckpt_every), start_s=start[0] / 1e3, start_cpu_s=start[1] / 1e3,
+             figures_s=fig_t[0] / 1e3, figures_cpu_s=fig_t[1] / 1e3, categories_ms=cats, profiled_ms=prof_total,
+             timed_steps=len(fed) + len(alone) + len(cpu), blt_patching=over.get("patching", "entropy")
+             if name == "blt" else None)
     if gen:  # generation runs at the evals where step % gen_every == 0, and at the last step
         r["n_gen"] = sum(1 for s in range(1, steps + 1) if (s % tc.eval_every == 0 or s == steps)
                          and (s % tc.gen_every == 0 or s == steps))
     r["data_steal_ms"] = r["fed_step_ms"] - r["step_ms"]
-    r["projected_s"] = wall_projection(r)
+    r["projected_s"], r["projected_cpu_s"] = wall_projection(r), wall_projection(r, cpu=True)
     return r
 
 
-def wall_projection(r):
-    """Seconds of one model's run in a train.py process: its steps (fed by the data thread, as train.py runs them),
-    evals, generation evals, checkpoints, build + FLOPs count and end-of-run figures."""
+def wall_projection(r, cpu=False):
+    """Seconds of one model's run in a train.py process: its steps, evals, generation evals, checkpoints, build +
+    FLOPs count and end-of-run figures. Wall (cpu=False): each step as measured fed by train.py's data thread, under
+    whatever else the machine runs now. CPU (cpu=True): CPU seconds of every piece, a step's plus one batch's draw
+    (the thread's work, here charged in full): the run alone on one core with one torch thread."""
+    if cpu:
+        return (r["steps"] * (r["step_cpu_ms"] + r["data_cpu_ms"]) + r["n_eval"] * r["eval_cpu_ms"]
+                + r["n_gen"] * r["gen_cpu_ms"] + r["n_ckpt"] * r["ckpt_cpu_ms"]) / 1e3 + r["start_cpu_s"] + r["figures_cpu_s"]
     return (r["steps"] * r["fed_step_ms"] + r["n_eval"] * r["eval_ms"] + r["n_gen"] * r["gen_ms"]
             + r["n_ckpt"] * r["ckpt_ms"]) / 1e3 + r["start_s"] + r["figures_s"]
 
 
 def process_start_s():
-    """Seconds for a fresh `python -c "import train"` (torch + the model files): paid once per command."""
-    t = time.perf_counter()
+    """(wall, CPU) seconds of a fresh `python -c "import train"` (torch + the model files): paid once per command."""
+    import resource
+    ru = lambda: (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN))
+    t, c = time.perf_counter(), ru()
     subprocess.run([sys.executable, "-c", "import train"], cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, ru() - c
 
 
-def wall_run(name, spec, measured, start_s, device="cpu", **kw):
-    """One headline run: its models measured (cached in `measured` across runs), projected and judged."""
+def wall_run(name, spec, measured, start, device="cpu", **kw):
+    """One headline run: its models measured (cached in `measured` across runs), projected and judged. The verdict
+    and the step time needed use the CPU projection (the run alone on one core); the wall one is printed beside."""
     models = []
     for m in spec["models"]:
         key = (m, spec["setting"], spec["steps"])
@@ -466,9 +504,10 @@ def wall_run(name, spec, measured, start_s, device="cpu", **kw):
             measured[key] = wall_model(m, spec["setting"], spec["steps"], device, overrides=spec.get("overrides",
                                        {}).get(m), train_overrides=spec.get("train_overrides"), **kw)
         models.append(measured[key])
-    steps_s = sum(r["steps"] * r["fed_step_ms"] for r in models) / 1e3
-    total = start_s + sum(r["projected_s"] for r in models)
-    out = dict(run=name, cmd=spec["cmd"], models=models, process_start_s=start_s, projected_s=total,
+    steps_s = sum(r["steps"] * (r["step_cpu_ms"] + r["data_cpu_ms"]) for r in models) / 1e3
+    total = start[1] + sum(r["projected_cpu_s"] for r in models)
+    out = dict(run=name, cmd=spec["cmd"], models=models, process_start_s=start[0], process_start_cpu_s=start[1],
+               projected_s=start[0] + sum(r["projected_s"] for r in models), projected_cpu_s=total,
                steps_s=steps_s, other_s=total - steps_s, target_s=spec["target_s"], before_s=spec["before_s"],
                before=spec["before"])
     out["two_thirds_s"] = 2 / 3 * spec["before_s"] if spec["before_s"] else None
@@ -483,7 +522,8 @@ def wall_run(name, spec, measured, start_s, device="cpu", **kw):
     cat = dict.fromkeys(WALL_ORDER, 0.0)        # the steps' time by category, weighted by each model's steps
     for r in models:
         for c, ms in r["categories_ms"].items():
-            cat[c] += r["steps"] * r["fed_step_ms"] * ms / r["profiled_ms"] / 1e3
+            cat[c] += r["steps"] * r["step_cpu_ms"] * ms / r["profiled_ms"] / 1e3
+    cat["data"] = sum(r["steps"] * r["data_cpu_ms"] for r in models) / 1e3    # the batches' draws
     out["steps_by_category_s"] = cat
     return out
 
@@ -492,48 +532,49 @@ def print_wall(runs, device, threads, load=None):
     """The table a teacher can quote, then each model's pieces and its step's split."""
     print(f"\nwall time of the headline runs, projected from pieces measured in this process (device {device}, "
           f"{threads} torch thread(s); a few steps per model, median; not a training run)"
-          + (f"; load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores while measuring "
-             f"(other jobs on it inflate every time)" if load else ""))
-    print(f"{'run':12s} {'projected':>9s} {'goal':>7s} {'':6s} {'steps':>7s} {'evals':>7s}  to meet the goal a step "
-          f"must take          biggest part of a step")
+          + (f"; load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores while measuring" if load else ""))
+    print(f"{'run':12s} {'1 core':>7s} {'now':>7s} {'goal':>6s} {'':6s} {'steps':>6s} {'rest':>5s}  "
+          f"{'to meet the goal a step must take':42s} the steps' biggest part")
     for w in runs:
         goal = w.get("goal_s")
-        kind = "" if not goal else ("target" if w["target_s"] else "2/3 bef")
         if not goal:
-            verdict, need = "-", "no target given (time before not recorded)"
+            verdict, need = "-", "no goal: time before not recorded"
         else:
             verdict = "MET" if w["met"] else "missed"
             mean = 1e3 * w["steps_s"] / sum(r["steps"] for r in w["models"])
             need = (f"<= {w['need_step_ms']:.0f} ms, now {mean:.0f} ({w['need_speedup']:.1f}x faster)"
                     if w["need_speedup"] != float("inf") else "impossible: evals etc. alone exceed it")
         top = max(w["steps_by_category_s"].items(), key=lambda kv: kv[1])
-        print(f"{w['run']:12s} {w['projected_s']:8.0f}s {(f'{goal:.0f}s' if goal else '-'):>7s} {verdict:6s} "
-              f"{w['steps_s']:6.0f}s {w['other_s']:6.0f}s  {need:38s} {top[0]} {100 * top[1] / w['steps_s']:.0f}%")
-    print("projected = process start + per model (steps x step fed by train.py's data thread + evals x eval + "
-          "generation evals x gen + checkpoints x ckpt + build/FLOPs count + end figures); steps = the training steps' "
-          "share, evals = all the rest; goal = the issue's target (2 min default, 5 min chameleon compare) or 2/3 of "
-          "the time before (bef); commands:")
+        print(f"{w['run']:12s} {w['projected_cpu_s']:6.0f}s {w['projected_s']:6.0f}s "
+              f"{(f'{goal:.0f}s' if goal else '-'):>6s} {verdict:6s} {w['steps_s']:5.0f}s {w['other_s']:4.0f}s  "
+              f"{need:42s} {top[0]} {100 * top[1] / w['steps_s']:.0f}%")
+    print("1 core = CPU seconds of every piece (a step + one batch's draw, x steps; evals, generation evals, checkpoints "
+          "x their counts; build + FLOPs count, end figures, process start): the run alone on one core, one thread, "
+          "whatever else the machine runs (the verdict uses it); now = the same from wall times measured now, steps "
+          "fed by train.py's data thread; steps / rest = the 1-core seconds in training steps / in all the rest; goal "
+          "= issue 19's target (default 2 min, chameleon compare 5 min) or 2/3 of the time before. Commands:")
     for w in runs:
         print(f"  {w['run']:12s} {w['cmd']}" + (f"   (before: {w['before']})" if w["before"] else ""))
-    print(f"\n{'run':12s} {'model':16s} {'steps':>5s} {'step ms':>8s} {'fed ms':>7s} {'data ms':>8s} "
-          f"{'eval ms x n':>12s} {'gen ms x n':>12s} {'ckpt ms x n':>12s} {'start+figs':>10s} {'projected':>9s}")
+    print(f"\n{'run':12s} {'model':16s} {'steps':>5s} {'step ms':>8s} {'cpu ms':>7s} {'fed ms':>7s} {'data':>6s} "
+          f"{'eval ms x n':>11s} {'gen ms x n':>12s} {'ckpt x n':>9s} {'start+figs':>10s} {'1 core':>7s} {'now':>7s}")
     for w in runs:
         for r in w["models"]:
-            print(f"{w['run']:12s} {r['model']:16s} {r['steps']:5d} {r['step_ms']:8.1f} {r['fed_step_ms']:7.1f} "
-                  f"{r['data_ms']:8.1f} {r['eval_ms']:7.0f} x{r['n_eval']:3d} {r['gen_ms']:7.0f} x{r['n_gen']:3d} "
-                  f"{r['ckpt_ms']:7.0f} x{r['n_ckpt']:3d} {r['start_s'] + r['figures_s']:9.1f}s {r['projected_s']:8.0f}s")
-    print("step ms = forward + backward + clip + AdamW on pre-drawn batches; fed ms = the same step with batches from "
-          "train.py's background Prefetch thread (what the run pays: the data costs only what the thread steals); "
-          "data ms = drawing one batch inline (for reference)")
+            print(f"{w['run']:12s} {r['model']:16s} {r['steps']:5d} {r['step_ms']:8.1f} {r['step_cpu_ms']:7.1f} "
+                  f"{r['fed_step_ms']:7.1f} {r['data_cpu_ms']:6.1f} {r['eval_cpu_ms']:6.0f} x{r['n_eval']:3d} "
+                  f"{r['gen_cpu_ms']:7.0f} x{r['n_gen']:3d} {r['ckpt_cpu_ms']:4.0f} x{r['n_ckpt']:3d} "
+                  f"{r['start_cpu_s'] + r['figures_cpu_s']:9.1f}s {r['projected_cpu_s']:6.0f}s {r['projected_s']:6.0f}s")
+    print("step ms = forward + backward + clip + AdamW + lr step, wall, pre-drawn batches; cpu ms = its CPU time; fed "
+          "ms = wall, batches from train.py's background Prefetch thread (the data costs only what the thread steals "
+          "from the step); data = CPU ms to draw one batch; eval, gen, ckpt, start+figs: CPU")
     print(f"\nthe step's time by category (torch.profiler self time, % of the profiled step; bench.WALL_CATEGORIES)")
-    print(f"{'model':16s} {'setting':10s} {'prof ms':>8s} " + " ".join(f"{c[:12]:>12s}" for c in WALL_ORDER))
+    print(f"{'model':16s} {'setting':11s} {'prof ms':>8s} " + " ".join(f"{c[:12]:>12s}" for c in WALL_ORDER))
     seen = set()
     for w in runs:
         for r in w["models"]:
             if (r["model"], r["setting"]) in seen:
                 continue
             seen.add((r["model"], r["setting"]))
-            print(f"{r['model']:16s} {r['setting']:10s} {r['profiled_ms']:8.1f} "
+            print(f"{r['model']:16s} {r['setting']:11s} {r['profiled_ms']:8.1f} "
                   + " ".join(f"{100 * r['categories_ms'][c] / r['profiled_ms']:11.1f}%" for c in WALL_ORDER))
 
 
@@ -1329,10 +1370,14 @@ def compile_one(name, device, overrides=None, batch_size=2, reps=3):
             return float(loss.detach()), {n: p.grad.detach().clone() for n, p in model.named_parameters()
                                           if p.grad is not None}
         le, ge = run(model)
+        from torch._dynamo.utils import counters
+        counters.clear()
         compiled = torch.compile(model)
         t = time.perf_counter()
         lc, gc = run(compiled)
         row["compile_s"] = round(time.perf_counter() - t, 1)
+        breaks = counters["graph_break"]    # each break splits the step into more graphs (more launches, host syncs)
+        row.update(graph_breaks=sum(breaks.values()), graph_break_reasons=[k[:200] for k in list(breaks)[:4]])
         missing = sorted(set(ge) ^ set(gc))
         grad = max((((gc[n] - ge[n]).abs().max() / ge[n].abs().max().clamp(min=1e-30)).item() for n in ge if n in gc),
                    default=0.0)
@@ -1399,8 +1444,8 @@ def print_table(rows):
     """The PASS/FAIL table and a one-line summary; -> the summary dict."""
     for r in rows:
         detail = []
-        for k in ("err", "loss_diff", "grad_err", "frac_of_floor", "ms_step", "mfu", "compile_s", "ms_eager",
-                  "ms_compiled", "launches_eager", "launches_compiled"):
+        for k in ("err", "loss_diff", "grad_err", "frac_of_floor", "ms_step", "mfu", "compile_s", "graph_breaks",
+                  "ms_eager", "ms_compiled", "launches_eager", "launches_compiled"):
             if r.get(k) is not None:
                 detail.append(f"{k} {r[k]:.3g}")
         if r.get("tol") is not None and r.get("err", r.get("loss_diff")) is not None:

@@ -8,8 +8,9 @@
                                          # spills, tensor-core instructions, roofline floor at the bench sizes
     python bench.py --kernels --static --out bench.json
     python bench.py --context-parallel 2 # one sequence over 2 CPU ranks: bytes sent, memory kept, time per mixer vs L
-    python bench.py --gpu-check          # on a CUDA machine: every kernel config, model, train.py run and torchrun for
-                                         # real, PASS/FAIL table, gpu_check.json (<= 8 min on one H100-class GPU);
+    python bench.py --gpu-check          # on a CUDA machine: every kernel config, model, torch.compile per model family,
+                                         # train.py run (eager and --compile=True) and torchrun for real, PASS/FAIL
+                                         # table, gpu_check.json (~10-15 min on one H100-class GPU, compiles included);
                                          # without CUDA one line, exit 0; --device cpu rehearses the harness
 
     python bench.py --wall               # issue 19: each headline run's wall time (the default `python train.py`, the
@@ -18,7 +19,7 @@
                                          # checkpoint ms x their counts, start and figures -- vs its target, the
                                          # step's time by category (matmul, attention, scan/FFT, gather/scatter/
                                          # routing, elementwise & norms, loss, optimizer, other; WALL_CATEGORIES) and
-                                         # how fast a step must be to meet it; ~5 min on 2 cores
+                                         # how fast a step must be to meet it; ~3.5 CPU-min
     python bench.py --wall default speech  # some of the runs (names: default chameleon speech mom transfusion bytes)
 
 Results are merged into --out (bench.json) under "models", "kernels", "static", "peers" and "wall".
@@ -976,7 +977,7 @@ def bench_static(args):
 #            and batch (loss within LOSS_TOL), then ms/step, tokens/s and MFU against the measured bf16 matmul peak;
 #   train    `train.py --steps 50` per model on CUDA (loss falls, checkpoint written, eval + generation ran), then
 #            --resume to step 55;
-#   compile  (issue 19.4) per model, in its own process: torch.compile(model) forward + backward vs eager in fp32 on
+#   compile  (issue 19.4) per model family (COMPILE_MODELS, or --models), in its own process: torch.compile(model) forward + backward vs eager in fp32 on
 #            one batch (loss within COMPILE_TOL, every gradient within COMPILE_GRAD_TOL), compile seconds, ms and
 #            kernels launched per forward + backward each way; and `train.py --compile=True --steps 50` beside the
 #            eager run of `train`: its logged losses within COMPILE_TRAIN_TOL of the eager run's at every logged step.
@@ -1305,16 +1306,16 @@ def check_compile_train_run(name, device, out, eager_out, run=_run, steps=50):
                                       f"max relative difference {diff:.3g} over steps {common} (tol {COMPILE_TRAIN_TOL})")
 
 
-def check_train(device, names, jobs, run=_run, steps=50, compile=False):
-    """check_train_run for every model, `jobs` at a time (tiny models share one GPU), in a temporary directory;
-    with compile, each model's check_compile_train_run after it (rows: every model's train row, then its compile)."""
+def check_train(device, names, jobs, run=_run, steps=50, compile=()):
+    """check_train_run for every model, `jobs` at a time (tiny models share one GPU), in a temporary directory; for
+    the models in `compile`, check_compile_train_run after it (rows: every model's train row, then the compile ones)."""
     import concurrent.futures
     import shutil
     root = tempfile.mkdtemp(prefix="nanomix_gpu_check_")
 
     def one(n):
         rows = [check_train_run(n, device, os.path.join(root, n), run, steps)]
-        if compile:
+        if n in compile:
             rows.append(check_compile_train_run(n, device, os.path.join(root, n + "-compile"), os.path.join(root, n),
                                                 run, steps))
         return rows
@@ -1326,6 +1327,8 @@ def check_train(device, names, jobs, run=_run, steps=50, compile=False):
         shutil.rmtree(root, ignore_errors=True)
 
 
+COMPILE_MODELS = ("dense", "mot", "mamba", "mom", "moma", "transfusion", "transfusion-mot", "megabyte", "blt",
+                  "megalodon")   # the compile checks: one model per family (the variants share its code)
 _MODEL_FILES = ("mot.py", "mom.py", "moma.py", "transfusion.py", "megabyte.py", "blt.py", "megalodon.py", "kernels.py")
 
 
@@ -1484,8 +1487,9 @@ def gpu_check(args, run=_run):
     peak = measure_ceilings()["mm_bf16_TFLOPs"] * 1e12 if cuda else matmul_peak(device)   # bf16 8192^3 on CUDA
     info["matmul_peak_flops"] = peak
     rows += check_models(device, names, peak, reps=10 if cuda else 2)
-    rows += check_compile(device, names, args.jobs, run=run, cpu=args.cpu_compile)
-    rows += check_train(device, names, args.jobs, run=run, steps=50 if cuda else args.train_steps, compile=True)
+    comp = args.models or [n for n in COMPILE_MODELS if n in names]   # one per family unless --models names them
+    rows += check_compile(device, comp, args.jobs, run=run, cpu=args.cpu_compile)
+    rows += check_train(device, names, args.jobs, run=run, steps=50 if cuda else args.train_steps, compile=comp)
     rows += check_ddp(device, "mot" if "mot" in names else names[0], run=run)
     summary = print_table(rows)
     result = dict(info, seconds=round(time.time() - t0, 1), summary=summary, ok=not summary["FAIL"], rows=rows)

@@ -226,7 +226,7 @@ def test_compile_train_run_compares_losses_step_by_step(tmp_path):
     assert r["status"] == "SKIP" and "CUDA only" in r["error"]
     r = bench.check_compile_train_run("dense", "cuda", str(tmp_path / "c4"), eager, fake_runner(rc=1))
     assert r["status"] == "FAIL" and "exit 1" in r["error"]
-    rows = bench.check_train("cuda", ["dense", "mot"], jobs=2, run=fake_runner(), compile=True)
+    rows = bench.check_train("cuda", ["dense", "mot"], jobs=2, run=fake_runner(), compile=("dense", "mot"))
     assert [(r["section"], r["name"].split()[0], r["status"]) for r in rows] == [
         ("train", "dense", "PASS"), ("train", "mot", "PASS"), ("compile", "dense", "PASS"), ("compile", "mot", "PASS")]
 

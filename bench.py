@@ -403,6 +403,7 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
         c = _Clock()
         step(pick(i))
         cpu.append(c.cpu)
+    ds.get_batch("train", micro, 19_999)                                # the data's first-use cost is start's
     draws = []
     for i in range(3):                                                  # one training batch drawn inline
         c = _Clock()
@@ -463,6 +464,7 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
              gen_ms=gen_t[0], gen_cpu_ms=gen_t[1], n_gen=0, ckpt_ms=ckpt_t[0], ckpt_cpu_ms=ckpt_t[1],
              n_ckpt=occurrences(steps, tc.ckpt_every), start_s=start[0] / 1e3, start_cpu_s=start[1] / 1e3,
              figures_s=fig_t[0] / 1e3, figures_cpu_s=fig_t[1] / 1e3, categories_ms=cats, profiled_ms=prof_total,
+             flops_per_step=fl["total"] * tc.batch_size * tc.seq_len,
              timed_steps=len(fed) + len(alone) + len(cpu), blt_patching=over.get("patching", "entropy")
              if name == "blt" else None)
     if gen:  # generation runs at the evals where step % gen_every == 0, and at the last step
@@ -485,6 +487,18 @@ def wall_projection(r, cpu=False):
             + r["n_ckpt"] * r["ckpt_ms"]) / 1e3 + r["start_s"] + r["figures_s"]
 
 
+def cpu_matmul_peak(n=1024, reps=7):
+    """FLOP/s of an n^3 fp32 matmul by CPU time (median), with this process's torch threads: the step's floor rate."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        c = _Clock()
+        a @ b
+        times.append(c.cpu / 1e3)
+    return 2 * n ** 3 / statistics.median(times)
+
+
 def process_start_s():
     """(wall, CPU) seconds of a fresh `python -c "import train"` (torch + the model files): paid once per command."""
     import resource
@@ -494,7 +508,7 @@ def process_start_s():
     return time.perf_counter() - t, ru() - c
 
 
-def wall_run(name, spec, measured, start, device="cpu", **kw):
+def wall_run(name, spec, measured, start, device="cpu", peak=None, **kw):
     """One headline run: its models measured (cached in `measured` across runs), projected and judged. The verdict
     and the step time needed use the CPU projection (the run alone on one core); the wall one is printed beside."""
     models = []
@@ -526,16 +540,18 @@ def wall_run(name, spec, measured, start, device="cpu", **kw):
             cat[c] += r["steps"] * r["step_cpu_ms"] * ms / r["profiled_ms"] / 1e3
     cat["data"] = sum(r["steps"] * r["data_cpu_ms"] for r in models) / 1e3    # the batches' draws
     out["steps_by_category_s"] = cat
+    if peak:   # every FLOP of the run's steps at the matmul peak: no step can be faster than this (mean ms)
+        out["floor_step_ms"] = 1e3 * sum(r["steps"] * r["flops_per_step"] for r in models) / peak / n_steps
     return out
 
 
-def print_wall(runs, device, threads, load=None):
+def print_wall(runs, device, threads, load=None, peak=None):
     """The table a teacher can quote, then each model's pieces and its step's split."""
     print(f"\nwall time of the headline runs, projected from pieces measured in this process (device {device}, "
           f"{threads} torch thread(s); a few steps per model, median; not a training run)"
           + (f"; load average {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores while measuring" if load else ""))
     print(f"{'run':12s} {'1 core':>7s} {'now':>7s} {'goal':>6s} {'':6s} {'steps':>6s} {'rest':>5s}  "
-          f"{'to meet the goal a step must take':42s} the steps' biggest part")
+          f"{'to meet the goal a step must take':42s} {'floor':>6s}  the steps' biggest part")
     for w in runs:
         goal = w.get("goal_s")
         if not goal:
@@ -546,14 +562,18 @@ def print_wall(runs, device, threads, load=None):
             need = (f"<= {w['need_step_ms']:.0f} ms, now {mean:.0f} ({w['need_speedup']:.1f}x faster)"
                     if w["need_speedup"] != float("inf") else "impossible: evals etc. alone exceed it")
         top = max(w["steps_by_category_s"].items(), key=lambda kv: kv[1])
+        floor = f"{w['floor_step_ms']:.0f}ms" if w.get("floor_step_ms") else "-"
         print(f"{w['run']:12s} {w['projected_cpu_s']:6.0f}s {w['projected_s']:6.0f}s "
               f"{(f'{goal:.0f}s' if goal else '-'):>6s} {verdict:6s} {w['steps_s']:5.0f}s {w['other_s']:4.0f}s  "
-              f"{need:42s} {top[0]} {100 * top[1] / w['steps_s']:.0f}%")
+              f"{need:42s} {floor:>6s}  "
+              f"{top[0]} {100 * top[1] / w['steps_s']:.0f}%")
     print("1 core = CPU seconds of every piece (a step + one batch's draw, x steps; evals, generation evals, checkpoints "
           "x their counts; build + FLOPs count, end figures, process start): the run alone on one core, one thread, "
           "whatever else the machine runs (the verdict uses it); now = the same from wall times measured now, steps "
           "fed by train.py's data thread; steps / rest = the 1-core seconds in training steps / in all the rest; goal "
-          "= issue 19's target (default 2 min, chameleon compare 5 min) or 2/3 of the time before. Commands:")
+          "= issue 19's target (default 2 min, chameleon compare 5 min) or 2/3 of the time before; floor = the mean "
+          "step's FLOPs (count_flops: forward + backward, all work) at this core's fp32 matmul peak"
+          + (f" ({peak / 1e9:.0f} GFLOP/s by CPU time)" if peak else "") + ": no step is faster. Commands:")
     for w in runs:
         print(f"  {w['run']:12s} {w['cmd']}" + (f"   (before: {w['before']})" if w["before"] else ""))
     print(f"\n{'run':12s} {'model':16s} {'steps':>5s} {'step ms':>8s} {'cpu ms':>7s} {'fed ms':>7s} {'data':>6s} "
@@ -589,13 +609,16 @@ def bench_wall(args, runs=None):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     load = [os.getloadavg()[0]]
     start = process_start_s()
+    peak = cpu_matmul_peak() if device == "cpu" else None
     measured, out = {}, []
     for n in names:
-        out.append(wall_run(n, runs[n], measured, start, device))
+        out.append(wall_run(n, runs[n], measured, start, device, peak))
         load.append(os.getloadavg()[0])
     for w in out:
         w["load_average"] = (min(load), max(load))
-    print_wall(out, device, torch.get_num_threads(), load)
+    print_wall(out, device, torch.get_num_threads(), load, peak)
+    for w in out:
+        w["matmul_peak_flops"] = peak
     return out
 
 

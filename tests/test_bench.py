@@ -117,6 +117,10 @@ def test_wall_projects_a_tiny_run_from_its_pieces(tmp_path, capsys, monkeypatch)
     # the step's split: every category, adding up to the profiled total; a Transformer step has each of these
     assert abs(sum(r["categories_ms"].values()) - r["profiled_ms"]) < 1e-9
     assert all(r["categories_ms"][c] > 0 for c in ("matmul", "attention", "loss", "optimizer", "elementwise & norms"))
+    # the FLOP floor: the step's FLOPs at the matmul peak measured now; the measured step is slower than it
+    assert r["flops_per_step"] > 0 and w["matmul_peak_flops"] > 0
+    assert abs(w["floor_step_ms"] - 1e3 * r["flops_per_step"] / w["matmul_peak_flops"]) < 1e-9
+    assert w["floor_step_ms"] < r["step_cpu_ms"]
     # goals: 2/3 of the time before; a target of 1 ms cannot be met whatever the step
     assert w["goal_s"] == 2000 and w["met"] == (w["projected_cpu_s"] <= 2000)
     assert abs(w["need_step_ms"] * 24 / 1e3 + w["other_s"] - 2000) < 1e-6

@@ -175,7 +175,8 @@ class ModalityRMSNorm(nn.Module):
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         if self.n == 1:
             return y * self.weight[0]
-        if rt.order is not None and not x.is_cuda:        # sorted stream: one gain per block of rows (CPU: cheapest)
+        if rt.order is not None and not x.is_cuda:        # sorted stream: one gain per block of rows (on CPU cheaper
+            # than a per-row gather, whose backward is a scatter-add; split sizes need the host, so not on a GPU)
             return torch.cat([y_m * w for y_m, w in zip(y.split(rt.sizes.tolist()), self.weight)])
         w = torch.stack(list(self.weight))[rt.modality]   # any order (and no host sync on a GPU): a gain per row
         return y * w.view(-1, *([1] * (x.dim() - 2)), w.shape[-1])

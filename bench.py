@@ -605,7 +605,8 @@ def bench_wall(args, runs=None):
     names = args.wall or list(runs)
     bad = [n for n in names if n not in runs]
     if bad:
-        raise SystemExit(f"bench.py --wall: unknown run {', '.join(bad)}; choose from {', '.join(runs)}")
+        print(f"bench.py --wall: unknown run {', '.join(bad)}; choose from {', '.join(runs)}", file=sys.stderr)
+        raise SystemExit(2)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     load = [os.getloadavg()[0]]
     start = process_start_s()
@@ -1570,7 +1571,8 @@ def main(argv=None):
             results = json.load(f)
     if args.wall is not None:
         print("== wall ==")
-        results["wall"] = dict(device=args.device, threads=torch.get_num_threads(), runs=bench_wall(args))
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        results["wall"] = dict(device=device, threads=torch.get_num_threads(), runs=bench_wall(args))
     if args.kernels:
         print("== kernels ==")
         results["kernels"] = bench_kernels(args)

@@ -129,3 +129,12 @@ def test_wall_projects_a_tiny_run_from_its_pieces(tmp_path, capsys, monkeypatch)
     for name, spec in runs.items():
         assert name in text and spec["cmd"] in text
     assert "impossible" in text and "matmul" in text
+
+
+def test_wall_unknown_run_is_one_line_and_exit_2(capsys):
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--wall", "nosuch", "--out", "/nonexistent/never_written.json"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nosuch" in err[0] and "default" in err[0]

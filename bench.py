@@ -252,12 +252,13 @@ BLT_ENTROPY = "docs/runs/bytes/blt-entropy/ckpt.pt"   # the bytes compare's entr
 # The step's time by category: each profiled op's self time goes to the category of the OUTERMOST event around it
 # (itself included) whose name matches one of these patterns (checked in this order; "aten::" stripped), so that an
 # op inside aten::linear is matmul, one inside cross_entropy is loss and one inside the optimizer region is the
-# optimizer's. bench labels three regions with torch.profiler.record_function while it profiles: nanomix:optimizer
+# optimizer's. While it profiles, bench labels regions with torch.profiler.record_function: nanomix:optimizer
 # (gradient clipping + AdamW + lr schedule + zero_grad), nanomix:scan (kernels.selective_scan / linear_scan: the
-# recurrences; their backward nodes are *Scan*Backward) and nanomix:routing (kernels.sort_by_group / unsort);
-# nanomix:grouped_matmul is matmul. Other aten ops are "elementwise & norms" (activations, adds, norms,
-# reductions, copies), except views and allocations (_NO_LAUNCH), which join the non-aten time (autograd engine,
-# Python) in "other".
+# recurrences, Python step loop included; their backward nodes are *Scan*Backward), nanomix:routing
+# (kernels.sort_by_group / unsort) and nanomix:grouped_matmul (matmul). Other aten ops are "elementwise & norms"
+# (activations, adds, norms, reductions, copies), except views and allocations (_NO_LAUNCH), which join the non-aten
+# time (autograd engine nodes, other labelled Python) in "other". Python between top-level ops is in no event: the
+# profiled total is a little under the step's time, so shares are of the profiled total.
 WALL_CATEGORIES = (
     ("optimizer", r"^nanomix:optimizer$"),
     ("scan/FFT", r"^nanomix:scan$|Scan\w*Backward|(^|_)fft_|^_fft"),

@@ -1,4 +1,8 @@
-"""bench.py's measuring helpers (issue 19): the data path's ms per batch and the step's launch count."""
+"""bench.py's measuring helpers (issue 19): the data path's ms per batch, the step's launch count, and --wall (each
+headline run's wall time projected from its measured pieces, the step split by category)."""
+import argparse
+
+import pytest
 import torch
 
 import bench
@@ -83,7 +87,6 @@ def test_wall_projects_a_tiny_run_from_its_pieces(tmp_path, capsys, monkeypatch)
     """--wall on a tiny dense run: the counts of evals, generation evals and checkpoints are those train.py makes
     (a real run of the same config), the projection is the sum of the measured pieces, the goal arithmetic holds,
     the step's categories add up to the profiled total, and the table names each run."""
-    import argparse
     runs = {"tiny": TINY_RUN, "tiny-again": dict(TINY_RUN, cmd="the same run again", before_s=None, target_s=1e-3)}
     out = bench.bench_wall(argparse.Namespace(wall=None, device="cpu"), runs=runs)
     text = capsys.readouterr().out
@@ -132,7 +135,6 @@ def test_wall_projects_a_tiny_run_from_its_pieces(tmp_path, capsys, monkeypatch)
 
 
 def test_wall_unknown_run_is_one_line_and_exit_2(capsys):
-    import pytest
     with pytest.raises(SystemExit) as e:
         bench.main(["--wall", "nosuch", "--out", "/nonexistent/never_written.json"])
     assert e.value.code == 2

@@ -1,6 +1,7 @@
 """`python bench.py --gpu-check` (issue 20). On CPU: its harness -- argument handling, the one-line exit without
 CUDA, the kernel comparison catching a wrong kernel, the model step check, the train.py / torchrun judgements (with a
-fake command runner), the table and gpu_check.json -- so that the first GPU run fails only for GPU reasons.
+fake command runner), the torch.compile judgements (with stand-ins for torch.compile), the table and gpu_check.json --
+so that the first GPU run fails only for GPU reasons.
 With CUDA (skipped here with a reason): the compiled kernels against the torch path and the bf16 autocast step."""
 import json
 import os

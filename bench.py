@@ -229,7 +229,8 @@ def bench_data(rows=()):
 
 # ------------------------------------------------------------------------------------------------ wall time (issue 19)
 # `python bench.py --wall [RUN ...]`: what each headline run's wall time is made of, measured in this process with
-# train.py's own pieces, and projected to the whole run. Not a training run: a few steps per model (median).
+# train.py's own pieces, and projected to the whole run. Not a training run: a few steps per model (median). Made for
+# the CPU targets of issue 19 (the verdict reads CPU time, robust to other jobs); on CUDA read the wall projection.
 
 WALL_RUNS = {  # name: the command as a user types it, its models, setting, steps, target (s) and its time before
     "default": dict(cmd="python train.py", models=("mot",), setting="chameleon", steps=1800, target_s=120,

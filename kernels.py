@@ -44,10 +44,8 @@ except ImportError:  # the torch paths work without triton
 def _use_triton(backend, *tensors):
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend={backend!r} is unknown; use 'auto', 'triton' or 'torch'")
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return HAS_TRITON and all(t.is_cuda for t in tensors if t is not None)
+    if backend != "triton":                      # "torch": never; "auto": CUDA tensors, when triton is installed
+        return backend == "auto" and HAS_TRITON and all(t.is_cuda for t in tensors if t is not None)
     if not HAS_TRITON:
         raise ValueError("backend='triton' needs the triton package; pip install triton or use backend='torch'")
     if not all(t.is_cuda for t in tensors if t is not None) and os.environ.get("TRITON_INTERPRET") != "1":
@@ -165,6 +163,7 @@ def _check_scan_args(a, b, h0):
         raise ValueError(f"linear_scan: h0 {tuple(h0.shape)} must have shape a.shape[:-1] = {tuple(a.shape[:-1])}")
 
 
+@torch.compiler.disable  # under torch.compile the scan is one opaque call (dynamo would unroll its time loop)
 def linear_scan(a, b, h0=None, *, backend="auto"):
     """h_t = a_t * h_{t-1} + b_t along the last dim. a, b (..., L); h0 (...) or None (zeros) -> h (..., L).
     Real (fp32, bf16, fp64; 16-bit inputs are scanned in fp32) or complex (complex64/128). Differentiable in a, b, h0."""
@@ -305,6 +304,7 @@ def _check_selective_args(u, delta, A, B, C, D, z, delta_bias):
             raise ValueError(f"selective_scan: {name} {tuple(t.shape)} must be (dim={d},)")
 
 
+@torch.compiler.disable  # under torch.compile the scan is one opaque call (dynamo would unroll its time loop)
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, backend="auto"):
     """Mamba's selective scan (mamba_ssm selective_scan_fn semantics).

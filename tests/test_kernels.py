@@ -385,3 +385,18 @@ def test_flop_tally_output_is_usable_in_place():
     a.grad = None
     (K.linear_scan(a, b, backend="torch") * 2.0).sum().backward()
     torch.testing.assert_close(a.grad, g)
+
+
+def test_scans_are_opaque_to_torch_compile():
+    """Under torch.compile (dynamo) each scan is one opaque call, not its torch path's time loop unrolled step by step
+    (which never finished compiling Mamba). Before torch.compiler.disable: 100 graph nodes for L = 16."""
+    torch._dynamo.reset()
+    a, b = torch.rand(2, 3, 16) * 0.9, torch.randn(2, 3, 16)
+    u, delta, z = torch.randn(1, 4, 16), torch.rand(1, 4, 16), torch.randn(1, 4, 16)
+    A, B, C = -torch.rand(4, 3), torch.randn(1, 3, 16), torch.randn(1, 3, 16)
+    for f, args in ((lambda a, b: K.linear_scan(a, b) * 2, (a, b)),
+                    (lambda u, d, z: K.selective_scan(u, d, A, B, C, z=z) * 2, (u, delta, z))):
+        e = torch._dynamo.explain(f)(*args)
+        assert sum(len(list(g.graph.nodes)) for g in e.graphs) < 10
+        torch.testing.assert_close(torch.compile(f, backend="eager")(*args), f(*args))
+    torch._dynamo.reset()

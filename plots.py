@@ -220,8 +220,10 @@ def plot_compare(base_out, names, path=None, keys=None, labels=None, title=None,
             if len(hi) > 4:        # zoom on the part of the curves where they differ
                 ax.set_ylim(lo - 0.05 * (hi[len(hi) // 5] - lo), hi[len(hi) // 5])
         t, unit = metric_name(k)
+        if k == "eval_loss_image" and runs[base][2].get("setting") == "transfusion":   # diffusion, not next-token
+            t, unit = "image diffusion loss (eval)", "noise-prediction MSE per image"
         if chance and any(k.replace("_acc", "_chance") in r for _, ev, _ in runs.values() for r in ev if k.endswith("_acc")):
-            t += " (dotted: chance)"
+            unit += "; dotted: chance"
         ax.set_title(t, fontsize=10)
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
@@ -881,9 +883,8 @@ DOCS_FIGURES = {
                           "dense vs MoT on the chameleon setting (docs/runs/chameleon, else chameleon_moma)"),
     "mot_speech": (lambda path: plot_compare(os.path.join(RUNS, "speech"), ["dense", "mot"], path),
                    "dense vs MoT on the speech setting (docs/runs/speech)"),
-    "moma_chameleon": (lambda path: plot_compare(os.path.join(RUNS, "chameleon_moma"),
-                                                 ["dense", "mot", "moma", "moma-mod", "moma-ec8"], path),
-                       "dense vs MoT vs MoMa on the chameleon setting (docs/runs/chameleon_moma)"),
+    "moma_chameleon": (lambda path: plot_compare(os.path.join(RUNS, "chameleon"), ["dense", "mot", "moma"], path),
+                       "dense vs MoT vs MoMa (causal eval) on the chameleon setting, 1800 steps (docs/runs/chameleon)"),
     "mom_chameleon": (lambda path: plot_compare(os.path.join(RUNS, "chameleon_mom"), ["mamba", "mom"], path),
                       "Mamba vs MoM on the chameleon setting (docs/runs/chameleon_mom)"),
     "transfusion_compare": (lambda path: plot_compare(os.path.join(RUNS, "transfusion"), ["transfusion", "transfusion-mot"],

@@ -299,6 +299,16 @@ def _pronounced():
 
 
 # --- scoring: read a caption or an image back into attributes ------------------------------------------------
+def _after_segment(ids, skip):
+    """ids without a leading non-text segment (skip: {begin marker: end marker}, e.g. <bosp> ... <eosp>): what a model
+    wrote after it. Unchanged when ids start otherwise; empty when the segment never ends."""
+    ids = [int(i) for i in ids]
+    if ids and ids[0] in skip:
+        end = skip[ids[0]]
+        return ids[ids.index(end) + 1:] if end in ids else []
+    return ids
+
+
 def parse_caption(ids):
     """text ids -> attribute tuple (None where the caption does not say); stops at the first "." or marker."""
     got = [None, None, None, None]
@@ -607,6 +617,15 @@ class ToyWorld:
             out.append(dict(scene=s, caption=[WORD_ID[w] for w in caption_words(s, rng)] + [SEP], image=img))
         return out
 
+    def caption_tokens(self, ex):
+        """Tokens the image -> caption eval would generate for scenes ex: 14 (a caption and its "."), plus, in the
+        speech setting, the longest speech segment of their captions (each code held at most 2 steps, two markers).
+        eval_generation generates fewer when seq_len is shorter (the default 256 fits them all)."""
+        if self.setting != "speech":
+            return 14
+        say = _pronounced()
+        return 14 + 2 + max(sum(2 * len(say[WORDS[i]]) for i in e["caption"] if WORDS[i] in say) for e in ex)
+
     def eval_generation(self, generate_fn, n=32, image_temperature=1.0):
         """Caption -> image (sampled at image_temperature: greedy decoding of an image picks the likeliest token at
         every patch -- background -- and erases the object) and image -> caption (greedy), scored against the
@@ -623,9 +642,12 @@ class ToyWorld:
             out = generate_fn(p, N_PATCHES, image_temperature).cpu().numpy()
             for i, o in zip(idx, out):
                 img_pred[i] = classify_image(detokenize_image(o))
-        # image -> caption: <bos> <boi> image <eoi>  => caption words up to "."
+        # image -> caption: <bos> <boi> image <eoi>  => caption words up to "."; in the speech setting the segments
+        # come in random order, so a model may first say the caption (<bosp> ... <eosp>): the caption is read after it
         p = torch.tensor([[BOS, BOI] + list(tokenize_image(e["image"])) + [EOI] for e in ex])
-        cap_pred = [parse_caption(o) for o in generate_fn(p, 14, 0.0).cpu().numpy()]
+        skip = {BOSP: EOSP, **{e["bos"]: e["eos"] for e in self.extras}}
+        n_new = max(14, min(self.caption_tokens(ex), self.seq_len - p.shape[1]))    # what fits in the model's length
+        cap_pred = [parse_caption(_after_segment(o, skip)) for o in generate_fn(p, n_new, 0.0).cpu().numpy()]
         return dict(gen_image_acc=attribute_accuracy(img_pred, truth), gen_image_chance=shuffled_chance(img_pred, truth),
                     caption_acc=attribute_accuracy(cap_pred, truth), caption_chance=shuffled_chance(cap_pred, truth))
 

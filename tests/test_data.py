@@ -93,6 +93,32 @@ def test_eval_generation_scores_an_oracle_and_a_fool():
     assert fool["caption_acc"] == 0.0 and fool["gen_image_acc"] == 0.0
 
 
+def test_image_to_caption_reads_the_caption_after_speech():
+    """In the speech setting the segments come in random order: a model that says the caption (<bosp> ... <eosp>)
+    before writing it is scored on what it writes after the speech (it scored 0 / 0 before); one that never ends its
+    speech scores 0; at the default seq_len the budget holds the longest held speech of the eval captions."""
+    ds = data.make_data("speech", seq_len=256)
+    caps = {tuple(data.tokenize_image(e["image"])): e["caption"] for e in ds.scenes(16)}
+    say = data._pronounced()
+
+    def speaker(prompt, n, temperature, end=True):     # image -> the caption spoken (each code held twice), then written
+        out = []
+        for p in prompt.tolist():
+            if p[-1] == data.BOI:                          # caption -> image: not under test here
+                out.append([data.PAD] * n)
+                continue
+            cap = caps[tuple(p[2:-1])]
+            seg = [data.BOSP] + [c for i in cap if data.WORDS[i] in say for c in say[data.WORDS[i]] for _ in range(2)]
+            seg += [data.EOSP] if end else []
+            assert len(seg) + len(cap) <= n                # the budget holds the whole answer
+            out.append((seg + cap + [data.PAD] * n)[:n])
+        return torch.tensor(out)
+
+    assert ds.eval_generation(speaker, n=16)["caption_acc"] == 1.0
+    assert ds.eval_generation(lambda p, n, t: speaker(p, n, t, end=False), n=16)["caption_acc"] == 0.0
+    assert data._after_segment([5, 7], {data.BOSP: data.EOSP}) == [5, 7]
+
+
 def test_speech_is_tied_to_words():
     ds = data.make_data("speech", seq_len=256)
     t = ds.get_batch("train", 1, 0)["tokens"][0].tolist()

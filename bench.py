@@ -363,13 +363,8 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     fl = train.count_flops(model, [train.to(ds.get_batch("train", micro, i), device) for i in range(4)], parts=True)
     start = (c.wall, c.cpu)                                             # build + the FLOPs count train.py makes first
     raw = model
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95), fused=False)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.lr_at(s, tc) / tc.lr)
-    use_bf16 = cuda and torch.cuda.is_bf16_supported()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    opt, sched = train.make_optimizer(model, tc)                       # train.py's optimizer and precision
+    autocast = train.autocast_for(device)
     accum = tc.batch_size // micro
     records = []
 
@@ -384,8 +379,7 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
             for key, v in parts.items():
                 parts_sum[key] = parts_sum.get(key, 0.0) + float(v) / accum
         with torch.profiler.record_function("nanomix:optimizer") if profiled else contextlib.nullcontext():
-            gnorm = float(raw.clip_grad_norm_(tc.grad_clip) if hasattr(raw, "clip_grad_norm_")
-                          else torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip))
+            gnorm = train.clip_grads(raw, tc.grad_clip)
             if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
                 raise RuntimeError(f"--wall: {name} diverged while timing")
             opt.step()

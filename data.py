@@ -299,6 +299,9 @@ def _pronounced():
 
 
 # --- scoring: read a caption or an image back into attributes ------------------------------------------------
+CAPTION_TOKENS = 14   # tokens the image -> caption eval generates for a caption and its "."
+
+
 def _after_segment(ids, skip):
     """ids without a leading non-text segment (skip: {begin marker: end marker}, e.g. <bosp> ... <eosp>): what a model
     wrote after it. Unchanged when ids start otherwise; empty when the segment never ends."""
@@ -618,13 +621,13 @@ class ToyWorld:
         return out
 
     def caption_tokens(self, ex):
-        """Tokens the image -> caption eval would generate for scenes ex: 14 (a caption and its "."), plus, in the
-        speech setting, the longest speech segment of their captions (each code held at most 2 steps, two markers).
+        """Tokens the image -> caption eval would generate for scenes ex: CAPTION_TOKENS, plus, in the speech
+        setting, the longest speech segment of their captions (each code held at most 2 steps, two markers).
         eval_generation generates fewer when seq_len is shorter (the default 256 fits them all)."""
         if self.setting != "speech":
-            return 14
+            return CAPTION_TOKENS
         say = _pronounced()
-        return 14 + 2 + max(sum(2 * len(say[WORDS[i]]) for i in e["caption"] if WORDS[i] in say) for e in ex)
+        return CAPTION_TOKENS + 2 + max(sum(2 * len(say[WORDS[i]]) for i in e["caption"] if WORDS[i] in say) for e in ex)
 
     def eval_generation(self, generate_fn, n=32, image_temperature=1.0):
         """Caption -> image (sampled at image_temperature: greedy decoding of an image picks the likeliest token at
@@ -646,7 +649,7 @@ class ToyWorld:
         # come in random order, so a model may first say the caption (<bosp> ... <eosp>): the caption is read after it
         p = torch.tensor([[BOS, BOI] + list(tokenize_image(e["image"])) + [EOI] for e in ex])
         skip = {BOSP: EOSP, **{e["bos"]: e["eos"] for e in self.extras}}
-        n_new = max(14, min(self.caption_tokens(ex), self.seq_len - p.shape[1]))    # what fits in the model's length
+        n_new = max(CAPTION_TOKENS, min(self.caption_tokens(ex), self.seq_len - p.shape[1]))   # what fits the model
         cap_pred = [parse_caption(_after_segment(o, skip)) for o in generate_fn(p, n_new, 0.0).cpu().numpy()]
         return dict(gen_image_acc=attribute_accuracy(img_pred, truth), gen_image_chance=shuffled_chance(img_pred, truth),
                     caption_acc=attribute_accuracy(cap_pred, truth), caption_chance=shuffled_chance(cap_pred, truth))

@@ -933,7 +933,10 @@ def main(argv):
             names = [n for n in rest[1].split(",") if n]
             plot_compare(rest[0], names, rest[2] if len(rest) > 2 else None)
             import train                                  # the FLOPs-to-reach table and compare.json, as --compare
-            train.summarize(names, rest[0])
+            try:
+                train.summarize(names, rest[0])
+            except train.UsageError as e:                 # a run without eval rows yet: one line, exit 2
+                raise ValueError(str(e)) from None
             print(rest[2] if len(rest) > 2 else os.path.join(rest[0], "compare.png"))
         elif cmd == "mechanism" and rest:
             ckpt = next((a for a in rest[1:] if a.endswith(".pt")), None)
@@ -950,11 +953,6 @@ def main(argv):
             print(f"error: unknown command {' '.join(argv)!r}; python plots.py --help lists them", file=sys.stderr)
             return 2
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 -- train.UsageError from summarize: one line, exit 2
-        if type(e).__name__ != "UsageError":
-            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -582,6 +582,29 @@ def lr_at(step, tc):
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def autocast_for(dev):
+    """The training/eval precision context: bf16 autocast on a CUDA GPU that has it, else none (fp32)."""
+    if dev.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def make_optimizer(model, tc):
+    """AdamW (betas 0.9 / 0.95; weight decay on matrices only) and the warm-up + cosine schedule of lr_at."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95), fused=False)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, tc) / tc.lr)
+
+
+def clip_grads(model, max_norm):
+    """Clip the gradient norm (a model may clip parts apart: MoMa its aux routers) -> the norm before clipping."""
+    if hasattr(model, "clip_grad_norm_"):
+        return float(model.clip_grad_norm_(max_norm))
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+
 def evaluate(model, ds, tc, rank, world, device, autocast, micro=None, cp=None):
     """Mean eval loss and parts over tc.eval_batches fixed validation batches of tc.batch_size rows, run in forward
     passes of `micro` rows exactly as training cuts its batches (so 2 ranks x b rows == 1 process x micro-batches of b:
@@ -643,10 +666,10 @@ def generation_metrics(model, ds, tc):
 
 def gen_min_seq_len(ds):
     """The shortest seq_len the generation eval fits in: its longest prompt + the tokens it generates
-    (image -> caption: <bos> <boi> 16 patches <eoi> + 14 caption tokens; caption -> image: <bos> caption <boi> + 16)."""
+    (image -> caption: <bos> <boi> 16 patches <eoi> + CAPTION_TOKENS; caption -> image: <bos> caption <boi> + 16)."""
     if ds.setting not in ("chameleon", "speech", "transfusion"):
         return 0
-    return max(3 + data.N_PATCHES + 14, 2 + max(len(e["caption"]) for e in ds.scenes(32)) + data.N_PATCHES)
+    return max(3 + data.N_PATCHES + data.CAPTION_TOKENS, 2 + max(len(e["caption"]) for e in ds.scenes(32)) + data.N_PATCHES)
 
 
 CP_MODELS = ("mamba", "mom", "megalodon", "dense", "mot")   # token-mean LMs whose sequence mixers take a cp group
@@ -803,8 +826,7 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
             json.dump(config, f, indent=1)
         if not quiet:
             print(json.dumps(config))
-    use_bf16 = dev.startswith("cuda") and torch.cuda.is_bf16_supported()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    autocast = autocast_for(dev)
     raw = model
     n_params = sum(p.numel() for p in model.parameters())
     try:  # the first forward/backward passes: a config or setting the model cannot run fails here, in one line
@@ -815,11 +837,7 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
         raise UsageError(f"{name} cannot run on --setting {tc.setting} with this config ({type(e).__name__}: {msg})"
                          + (f"; supported settings: {', '.join(supported_settings(name))}" if supported_settings(name)
                             else "")) from None
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tc.lr, betas=(0.9, 0.95), fused=False)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, tc) / tc.lr)
+    opt, sched = make_optimizer(model, tc)
     step, elapsed = 0, 0.0
     if ck is not None:
         model.load_state_dict(ck["model"])
@@ -921,8 +939,7 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
                 loss_sum += float(loss.detach()) / accum
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
-            gnorm = float(raw.clip_grad_norm_(tc.grad_clip) if hasattr(raw, "clip_grad_norm_")  # MoMa clips its aux
-                          else torch.nn.utils.clip_grad_norm_(raw.parameters(), tc.grad_clip))  # routers apart
+            gnorm = clip_grads(raw, tc.grad_clip)
             bad = torch.tensor(float(not (math.isfinite(loss_sum) and math.isfinite(gnorm))))
             if world > 1:  # every rank stops at the same step
                 torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)

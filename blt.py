@@ -48,6 +48,7 @@ Read next: megalodon.py (a byte model without patches); megabyte.py was the fixe
 import math
 import os
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -71,6 +72,10 @@ class EntropyConfig:
     d_model: int = 32
     window: int = 128                        # sliding-window attention (bytes)
     rope_theta: float = 10000.0
+    # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
+    RANGES: ClassVar[dict] = dict(
+        vocab_size="int >= 1", seq_len="int >= 8", n_layer="int >= 1", n_head="int >= 1", d_model="int >= 1",
+        window="int >= 1", rope_theta="float > 0")
 
     def __post_init__(self):
         _check_heads((self.d_model, self.n_head, "d_model/n_head"))
@@ -108,6 +113,16 @@ class Config:
     n_layer_global: int = 2
     global_norm: bool = False                # RMSNorm after the global model (official code: none)
     rope_theta: float = 10000.0
+    # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
+    RANGES: ClassVar[dict] = dict(
+        vocab_size="int >= 1", seq_len="int >= 8", patching="one of entropy|monotonic|space|static",
+        entropy_ckpt="path", threshold="float; 0 = tuned once at build to mean patch_size", patch_size="float >= 1",
+        max_patch_len="int >= 0; 0 = no limit", hash_ngrams="ints >= 1; () = off", hash_vocab="int >= 1",
+        hash_functions="int in [1, 11]; one official hash prime each", d_local="int >= 1", n_head_local="int >= 1",
+        n_layer_enc="int >= 1", n_layer_dec="int >= 1", local_window="int >= 1", cross_k="int >= 1",
+        n_head_cross="int >= 1", enc_cross_all_layers="bool", dec_cross_all_layers="bool", pool="one of max|mean",
+        cross_residual="int in [1, 2]; 1 = the paper, 2 = the official code", d_global="int >= 1",
+        n_head_global="int >= 1", n_layer_global="int >= 1", global_norm="bool", rope_theta="float > 0")
 
     def __post_init__(self):   # relations between fields (the trainer checks each field's own range)
         if self.patching not in PATCHINGS:

@@ -41,6 +41,7 @@ Run:  python train.py --compare dense,megabyte --setting bytes      Read next: b
 """
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -68,6 +69,13 @@ class Config:
     cross_patch: int = 4           # Sec. 2.3.2: r bytes of the previous patch the local model attends to (0 = off;
                                    # on in the paper's full model, Table 10 ablates it; r = P/2 is our choice)
     strided_inference: bool = False  # Sec. 2.3.3: two passes offset by P/2 at eval (doubles eval cost)
+    # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
+    RANGES: ClassVar[dict] = dict(
+        vocab_size="int >= 1", n_modalities="int >= 1", modality_names="names", seq_len="int >= 8",
+        patch_size="int >= 1", d_global="int >= 1", n_layer_global="int >= 1", n_head_global="int >= 1",
+        d_local="int >= 1", n_layer_local="int >= 1", n_head_local="int >= 1", mlp_ratio="int >= 1",
+        dropout="float in [0, 1)", tie_local_embed="bool", conv_encoder="bool", conv_kernels="ints >= 1",
+        cross_patch="int >= 0; 0 = off", strided_inference="bool")
 
     def check(self):                 # called by Megabyte(): bad values -> one-line ValueError with the fix
         P = self.patch_size

@@ -57,6 +57,7 @@ Read next: kernels.py (the scans and grouped matmul every model above calls).
 """
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -95,6 +96,15 @@ class Config:
     timestep_norm: bool = True       # False: per-token LayerNorm instead (Mega / Transformer)
     normalized_attention: bool = True
     two_hop_residual: bool = True
+    # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
+    RANGES: ClassVar[dict] = dict(
+        vocab_size="int >= 1", n_modalities="int >= 1", modality_names="names", seq_len="int >= 8",
+        d_model="int >= 1", n_layers="int >= 1", n_heads="int >= 1", z_dim="int >= 1", v_dim="int >= 1",
+        ffn_dim="int >= 1", cema_ndim="int >= 1", chunk_size="int >= 1", norm_groups="int >= 1",
+        norm_eps="float in (0, 1)", rope_base="float > 0", swiglu="bool", rescale_nffn="bool", scale_emb="bool",
+        share_emb="bool", cema_impl="one of scan|fft", scan_backend="one of auto|triton|torch",
+        init_mode="one of he|torch", use_cema="bool", cema_complex="bool", timestep_norm="bool",
+        normalized_attention="bool", two_hop_residual="bool")
 
     def __post_init__(self):
         if self.z_dim % self.n_heads or self.v_dim % self.n_heads or (self.z_dim // self.n_heads) % 2:

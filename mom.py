@@ -45,6 +45,7 @@ Read first: moma.py.  Read next: transfusion.py (uses this file as a backbone; t
 """
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -82,6 +83,14 @@ class Config:
     split_dt_proj: bool = True
     split_out_proj: bool = True
     backend: str = "auto"       # kernels backend for the scan and the grouped matmul: auto | torch | triton
+    # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
+    RANGES: ClassVar[dict] = dict(
+        vocab_size="int >= 1", n_modalities="int >= 1", seq_len="int >= 8", modality_offsets="ints >= 0",
+        modality_names="names", d_model="int >= 1", n_layer="int >= 1", d_state="int >= 1", d_conv="int >= 1",
+        expand="int >= 1", dt_rank="int >= 0; 0 = ceil(d_model / 16)", dt_min="float > 0", dt_max="float > 0",
+        dt_init_floor="float >= 0", dt_scale="float > 0", conv_bias="bool", bias="bool", norm_eps="float in (0, 1)",
+        tie_embeddings="bool", split_in_proj="bool", split_x_proj="bool", split_dt_proj="bool", split_out_proj="bool",
+        backend="one of auto|torch|triton")
 
     def __post_init__(self):
         if self.dt_rank == 0:

@@ -66,6 +66,7 @@ Read first: mot.py (the dense and MoT baselines).  Read next: mom.py (the same i
 """
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -110,6 +111,16 @@ class Config:
     upcycle_from: str = ""        # path to a train.py ckpt.pt of a 1t1i MoMa ("" = off)
     upcycle_noise: float = 0.0    # relative std of the noise added to copied experts/routers (symmetry breaking)
     init_std: float = 0.02
+    # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
+    RANGES: ClassVar[dict] = dict(
+        vocab_size="int >= 1", n_modalities="int >= 1", seq_len="int >= 8", modality_offsets="ints >= 0",
+        modality_names="names", n_layer="int >= 1", n_head="int >= 1", d_model="int >= 1",
+        ffn_hidden="int >= 0; 0 = 8/3 d_model rounded up to 16", rope_theta="float > 0", norm_eps="float in (0, 1)",
+        norm_placement="one of pre|post", experts="ints >= 1", modality_aware="bool", capacity_factor="float > 0",
+        expert_hidden="int >= 0; 0 = ffn_hidden / capacity_factor", gumbel="float >= 0", aux_router="bool",
+        aux_hidden="int >= 1", aux_threshold="float in (0, 1)", routing="one of ec|aux", mod="bool",
+        mod_capacity="float in (0, 1]", mod_every="int >= 1", upcycle_from="path", upcycle_noise="float >= 0",
+        init_std="float > 0")
 
     def __post_init__(self):  # checks only (the trainer calls it again after its overrides): derived sizes are properties
         n_groups = self.n_modalities if self.modality_aware else 1

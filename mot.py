@@ -56,6 +56,7 @@ Read first: data.py (the toy world).  Read next: moma.py (the same FFN split, wi
 """
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -82,6 +83,13 @@ class Config:
     untie_ffn: bool = False                  # per-modality SwiGLU feed-forward
     untie_norm: bool = False                 # per-modality attention / FFN / final norms
     routing: str = "grouped"                 # "grouped": sorted tokens + grouped matmul; "masked": reference
+    # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
+    RANGES: ClassVar[dict] = dict(
+        vocab_size="int >= 1", n_modalities="int >= 1", modality_offsets="ints >= 0", modality_names="names",
+        seq_len="int >= 8", n_layer="int >= 1", n_head="int >= 1", d_model="int >= 1",
+        ffn_hidden="int >= 0; 0 = 8/3 d_model rounded up to 16", rope_theta="float > 0", norm_eps="float in (0, 1)",
+        norm_placement="one of pre|post", qk_norm="bool", untie_attn="bool", untie_ffn="bool", untie_norm="bool",
+        routing="one of grouped|masked")
 
 
 def _check_config(cfg):

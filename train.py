@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -76,6 +77,18 @@ class TrainConfig:
     compile: bool = False      # torch.compile the model (CUDA only)
     context_parallel: int = 1  # ranks sharing each sequence (torchrun; world = data x this; context_parallel.py)
     cp_attention: str = "ring"  # attention across them: ring (Ring Attention) | allgather (the reference)
+    # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note); a model's fields have
+    # theirs in its own Config.RANGES. build() checks every field once; tests fail on a field without a rule.
+    RANGES: ClassVar[dict] = dict(
+        model="str; a registered model", setting="str; a data setting", out="str",
+        steps="int >= 0; 0 = the setting's default", seed="int in [0, 4294967295]",
+        device="str; auto, cpu, cuda or cuda:N", data="path", batch_size="int >= 0; 0 = the setting's default",
+        micro_batch_size="int >= 0; 0 = no accumulation", seq_len="int >= 0; 0 = the setting's default, else >= 8",
+        lr="float > 0", min_lr_ratio="float in [0, 1]", warmup="int >= 0", weight_decay="float >= 0",
+        grad_clip="float in (0, inf]; inf = no clipping", eval_every="int >= 0; 0 = every max(50, steps // 16) steps",
+        eval_batches="int >= 1", ckpt_every="int >= 1", log_every="int >= 1",
+        gen_n="int >= 0; 0 = no generation eval", gen_every="int >= 0; 0 = 4 x eval_every", compile="bool",
+        context_parallel="int >= 1; must divide the torchrun world size", cp_attention="one of ring|allgather")
 
 
 # SIZES of the evaluation (issue 19: eval + generation <= 10% of a default run, the same statistical power):
@@ -96,90 +109,9 @@ SETTING_DEFAULTS = {
 }
 
 
-# --- valid ranges: ONE table for every TrainConfig field and every model Config field ----------------------------
-# Key: "train.FIELD" for the trainer; "FILE.CLASS.FIELD", "FILE.FIELD" or "FIELD" for a model Config (the most
-# specific key wins). Rule: "int >= 1", "float > 0", "float in (0, 1]", "ints >= 1" (a tuple of them), "one of a|b",
-# "bool", "str", "path" (a file the model's loader checks) or "names" (a tuple of strings); after ";" a note.
-# build() checks every field once; relations between fields (d_model % n_head) stay in each Config's __post_init__.
-# tests/test_train.py fails when a Config gains a field without a rule here.
-RANGES = {
-    # trainer
-    "train.model": "str; a registered model", "train.setting": "str; a data setting", "train.out": "str",
-    "train.steps": "int >= 0; 0 = the setting's default", "train.seed": "int in [0, 4294967295]",
-    "train.device": "str; auto, cpu, cuda or cuda:N", "train.data": "path",
-    "train.batch_size": "int >= 0; 0 = the setting's default",
-    "train.micro_batch_size": "int >= 0; 0 = no accumulation",
-    "train.seq_len": "int >= 0; 0 = the setting's default, else >= 8", "train.lr": "float > 0",
-    "train.min_lr_ratio": "float in [0, 1]", "train.warmup": "int >= 0", "train.weight_decay": "float >= 0",
-    "train.grad_clip": "float in (0, inf]; inf = no clipping",
-    "train.eval_every": "int >= 0; 0 = every max(50, steps // 16) steps", "train.eval_batches": "int >= 1",
-    "train.ckpt_every": "int >= 1", "train.log_every": "int >= 1",
-    "train.gen_n": "int >= 0; 0 = no generation eval", "train.gen_every": "int >= 0; 0 = 4 x eval_every",
-    "train.compile": "bool",
-    "train.context_parallel": "int >= 1; must divide the torchrun world size",
-    "train.cp_attention": "one of ring|allgather",
-    # set by the data (ds.model_fields()); a different value is refused in build()
-    "vocab_size": "int >= 1", "n_modalities": "int >= 1", "modality_offsets": "ints >= 0", "seq_len": "int >= 8",
-    "modality_names": "names", "bos_id": "int >= 0", "boi_id": "int >= 0", "eoi_id": "int >= 0", "sep_id": "int >= 0",
-    "pad_id": "int >= 0", "patch_dim": "int >= 1", "n_patches": "int >= 1", "image_size": "int >= 1",
-    "channels": "int >= 1", "patch_size": "int >= 1",
-    # shared names
-    "n_layer": "int >= 1", "n_layers": "int >= 1", "n_head": "int >= 1", "n_heads": "int >= 1", "d_model": "int >= 1",
-    "ffn_hidden": "int >= 0; 0 = 8/3 d_model rounded up to 16", "rope_theta": "float > 0", "rope_base": "float > 0",
-    "norm_eps": "float in (0, 1)", "norm_placement": "one of pre|post", "qk_norm": "bool", "init_std": "float > 0",
-    "d_global": "int >= 1", "n_layer_global": "int >= 1", "n_head_global": "int >= 1", "d_local": "int >= 1",
-    "n_head_local": "int >= 1", "backend": "one of auto|torch|triton",
-    # mot.py
-    "untie_attn": "bool", "untie_ffn": "bool", "untie_norm": "bool", "mot.routing": "one of grouped|masked",
-    # mom.py
-    "d_state": "int >= 1", "d_conv": "int >= 1", "expand": "int >= 1", "dt_rank": "int >= 0; 0 = ceil(d_model / 16)",
-    "dt_min": "float > 0", "dt_max": "float > 0", "dt_init_floor": "float >= 0", "dt_scale": "float > 0",
-    "conv_bias": "bool", "bias": "bool", "tie_embeddings": "bool", "split_in_proj": "bool", "split_x_proj": "bool",
-    "split_dt_proj": "bool", "split_out_proj": "bool",
-    # moma.py
-    "experts": "ints >= 1", "modality_aware": "bool", "capacity_factor": "float > 0",
-    "expert_hidden": "int >= 0; 0 = ffn_hidden / capacity_factor", "gumbel": "float >= 0", "aux_router": "bool",
-    "aux_hidden": "int >= 1", "aux_threshold": "float in (0, 1)", "moma.routing": "one of ec|aux",
-    "mod": "bool", "mod_capacity": "float in (0, 1]", "mod_every": "int >= 1", "upcycle_from": "path",
-    "upcycle_noise": "float >= 0",
-    # transfusion.py
-    "backbone": "one of dense|mot|mamba|mom", "patch_codec": "one of linear|unet", "unet_channels": "int >= 1",
-    "diffusion_steps": "int >= 1", "schedule": "one of cosine|linear", "lam": "float >= 0",
-    "noise_limit": "int >= 0; 0 = off", "image_attn": "one of bidirectional|causal", "cond_dropout": "float in [0, 1]",
-    "sampler": "one of ddim|ddpm", "sample_steps": "int >= 1", "guidance": "float >= 0", "clip_x0": "bool",
-    "eps_param": "one of direct|v", "loss_weight": "one of uniform|min_snr|trunc_snr", "patch_pos_emb": "bool",
-    "lmfusion": "path",
-    # megabyte.py
-    "n_layer_local": "int >= 1", "mlp_ratio": "int >= 1", "dropout": "float in [0, 1)", "tie_local_embed": "bool",
-    "conv_encoder": "bool", "conv_kernels": "ints >= 1", "cross_patch": "int >= 0; 0 = off",
-    "strided_inference": "bool",
-    # blt.py
-    "window": "int >= 1", "patching": "one of entropy|monotonic|space|static", "entropy_ckpt": "path",
-    "threshold": "float; 0 = tuned once at build to mean patch_size", "blt.patch_size": "float >= 1",
-    "max_patch_len": "int >= 0; 0 = no limit", "hash_ngrams": "ints >= 1; () = off", "hash_vocab": "int >= 1",
-    "hash_functions": "int in [1, 11]; one official hash prime each", "n_layer_enc": "int >= 1",
-    "n_layer_dec": "int >= 1", "local_window": "int >= 1",
-    "cross_k": "int >= 1", "n_head_cross": "int >= 1", "enc_cross_all_layers": "bool", "dec_cross_all_layers": "bool",
-    "pool": "one of max|mean", "cross_residual": "int in [1, 2]; 1 = the paper, 2 = the official code",
-    "global_norm": "bool",
-    # megalodon.py
-    "z_dim": "int >= 1", "v_dim": "int >= 1", "ffn_dim": "int >= 1", "cema_ndim": "int >= 1", "chunk_size": "int >= 1",
-    "norm_groups": "int >= 1", "swiglu": "bool", "rescale_nffn": "bool", "scale_emb": "bool", "share_emb": "bool",
-    "megalodon.init_mode": "one of he|torch", "cema_impl": "one of scan|fft", "scan_backend": "one of auto|triton|torch",
-    "use_cema": "bool",
-    "cema_complex": "bool", "timestep_norm": "bool", "normalized_attention": "bool", "two_hop_residual": "bool",
-}
-
-
 def range_of(cls, name):
-    """The RANGES rule of field `name` of dataclass `cls` (TrainConfig or a model Config), or None."""
-    if cls is TrainConfig:
-        return RANGES.get(f"train.{name}")
-    mod = cls.__module__
-    for key in (f"{mod}.{cls.__name__}.{name}", f"{mod}.{name}", name):
-        if key in RANGES:
-            return RANGES[key]
-    return None
+    """The rule of field `name` of dataclass `cls` (TrainConfig or a model Config: its RANGES), or None."""
+    return getattr(cls, "RANGES", {}).get(name)
 
 
 def _fits_number(v, kind, cond):
@@ -220,8 +152,8 @@ def check_ranges(obj, keys=None):
             continue
         rule, v = range_of(type(obj), f.name), getattr(obj, f.name)
         if rule is None:
-            raise UsageError(f"{type(obj).__module__}.{type(obj).__name__}.{f.name} has no valid range in train.RANGES; "
-                             f"add one (the trainer owner keeps that table)")
+            raise UsageError(f"{type(obj).__module__}.{type(obj).__name__}.{f.name} has no valid range; "
+                             f"add one to {type(obj).__name__}.RANGES")
         if not fits(v, rule):
             shown = ",".join(map(str, v)) if isinstance(v, tuple) else v
             main, _, note = rule.partition(";")

@@ -53,6 +53,7 @@ Read first: mot.py (the Transformer backbone), mom.py (the Mamba backbones).  Re
 import math
 import os
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -104,9 +105,20 @@ class Config:
     loss_weight: str = "trunc_snr"      # uniform: plain eps-MSE (paper) | min_snr | trunc_snr (training only)
     patch_pos_emb: bool = True          # a learned embedding of each patch's place in the image, added by the encoder
     lmfusion: str = ""                  # LMFusion: a text-only ckpt.pt (lmfusion-base); freezes text, trains image
+    # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
+    RANGES: ClassVar[dict] = dict(
+        vocab_size="int >= 1", n_modalities="int >= 1", modality_names="names", seq_len="int >= 8", bos_id="int >= 0",
+        boi_id="int >= 0", eoi_id="int >= 0", patch_dim="int >= 1", n_patches="int >= 1", image_size="int >= 1",
+        patch_size="int >= 1", channels="int >= 1", backbone="one of dense|mot|mamba|mom", n_layer="int >= 1",
+        n_head="int >= 1", d_model="int >= 1", norm_placement="one of pre|post", qk_norm="bool",
+        patch_codec="one of linear|unet", unet_channels="int >= 1", diffusion_steps="int >= 1",
+        schedule="one of cosine|linear", lam="float >= 0", noise_limit="int >= 0; 0 = off",
+        image_attn="one of bidirectional|causal", cond_dropout="float in [0, 1]", sampler="one of ddim|ddpm",
+        sample_steps="int >= 1", guidance="float >= 0", clip_x0="bool", eps_param="one of direct|v",
+        loss_weight="one of uniform|min_snr|trunc_snr", patch_pos_emb="bool", lmfusion="path")
 
     def __post_init__(self):
-        # each field's valid range is checked in train.py's RANGES table; here: relations between fields
+        # each field's valid range is in RANGES above (checked when built); here: relations between fields
         g = self.image_size // self.patch_size
         if (self.patch_dim, self.n_patches) != (self.patch_size ** 2 * self.channels, g * g):
             raise ValueError("patch_dim, n_patches disagree with image_size, patch_size, channels: use data.py's")

@@ -146,12 +146,12 @@ def test_compare_fraction_interpolates():
 
 # --- issue 18: valid ranges, one table; every bad value is one line and exit 2 ----------------------------------
 def test_every_config_field_has_a_valid_range():
-    # a new field in TrainConfig or in any registered model's Config without a rule in train.RANGES fails here
+    # a new field in TrainConfig or in any registered model's Config without a rule in its RANGES fails here
     import dataclasses
     classes = {train.TrainConfig} | {c for (_, c, _, _, _) in train.registry().values()}
     missing = [f"{c.__module__}.{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c)
                if train.range_of(c, f.name) is None]
-    assert not missing, f"add valid ranges to train.RANGES for: {missing}"
+    assert not missing, f"add valid ranges (Config.RANGES) for: {missing}"
     for name, (mod, cfg_cls, _, setting, over) in train.registry().items():  # every default is inside its range
         train.check_ranges(cfg_cls(**over))
     train.check_ranges(train.TrainConfig())

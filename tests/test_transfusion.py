@@ -367,7 +367,7 @@ def test_bad_input_raises_one_line_value_error():
         model({k: v for k, v in b.items() if k != "patches"})
     with pytest.raises(ValueError, match="boi"):
         model.generate_image(torch.tensor([[1, 5]]))
-    import train                                                   # field ranges: train.py's one table (RANGES)
+    import train                                                   # field ranges: Config.RANGES, checked by build()
     with pytest.raises(train.UsageError, match="backbone"):
         train.build("transfusion", overrides=dict(backbone="rnn"))
 

@@ -12,8 +12,8 @@ training runs) and Triton kernels (what a GPU runs; testable on a CPU under TRIT
   grouped_matmul(x, w, sizes)    rows of x sorted by group, y[rows of g] = x[rows of g] @ w[g]   (MoT, MoMa, MoM)
   sort_by_group / unsort         the permutation that sorts tokens by group id, and its inverse
 
-backend="auto" runs Triton on CUDA tensors and the torch path otherwise; "triton" forces the kernels (on CPU
-tensors they need TRITON_INTERPRET=1); "torch" forces the torch path. Every backend is differentiable in every
+backend="auto" runs Triton on CUDA tensors of a GPU in TRITON_TARGETS and the torch path otherwise; "triton" forces
+the kernels (on CPU tensors they need TRITON_INTERPRET=1); "torch" forces the torch path. Every backend is differentiable in every
 input.  Layout: scans run along the LAST dimension (mamba_ssm's (batch, dim, L)); grouped matmul is (T, K) x (G, K, M).
 
 Backward of a linear recurrence (used by all paths): with g_t = dL/dh_t (total),
@@ -41,14 +41,37 @@ except ImportError:  # the torch paths work without triton
     triton, tl, HAS_TRITON = None, None, False
 
 
+# The GPUs the Triton kernels are compiled and tested for, as compute capability (major, minor): A100, A10/RTX 30xx,
+# L4/RTX 40xx, H100. tests/test_gpu_compile.py compiles every launch configuration for each with no spills or stack.
+# Older cards (T4 = 7.5, V100 = 7.0) have no bf16 and no tf32 or cp.async: the kernels' tiles are built on those, and
+# no sm_75 / sm_70 configuration has been measured on hardware, so there backend="auto" runs the torch paths
+# (cuBLAS matmuls per group; the scans' time loop) and backend="triton" is refused.
+TRITON_TARGETS = ((8, 0), (8, 6), (8, 9), (9, 0))
+
+
+def _capability(device):
+    return tuple(torch.cuda.get_device_capability(device))
+
+
 def _use_triton(backend, *tensors):
+    """Which path runs: the Triton kernels (True) or the torch path (False)."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend={backend!r} is unknown; use 'auto', 'triton' or 'torch'")
-    if backend != "triton":                      # "torch": never; "auto": CUDA tensors, when triton is installed
-        return backend == "auto" and HAS_TRITON and all(t.is_cuda for t in tensors if t is not None)
+    tensors = [t for t in tensors if t is not None]
+    on_cuda = all(t.is_cuda for t in tensors)
+    if backend == "torch":
+        return False
+    if backend == "auto":                        # Triton on a CUDA GPU it is tested for, when triton is installed
+        return HAS_TRITON and on_cuda and _capability(tensors[0].device) in TRITON_TARGETS
     if not HAS_TRITON:
         raise ValueError("backend='triton' needs the triton package; pip install triton or use backend='torch'")
-    if not all(t.is_cuda for t in tensors if t is not None) and os.environ.get("TRITON_INTERPRET") != "1":
+    if on_cuda and _capability(tensors[0].device) not in TRITON_TARGETS:
+        cap = _capability(tensors[0].device)
+        raise ValueError(f"backend='triton': the kernels are built and tested for compute capability "
+                         f"{', '.join(f'{a}.{b}' for a, b in TRITON_TARGETS)}; this GPU "
+                         f"({torch.cuda.get_device_name(tensors[0].device)}) is {cap[0]}.{cap[1]}; use backend='auto' "
+                         f"(the torch path here)")
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing kernels")
     return True
 

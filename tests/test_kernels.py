@@ -400,3 +400,39 @@ def test_scans_are_opaque_to_torch_compile():
         assert sum(len(list(g.graph.nodes)) for g in e.graphs) < 10
         torch.testing.assert_close(torch.compile(f, backend="eager")(*args), f(*args))
     torch._dynamo.reset()
+
+
+# --- dispatch by compute capability: which path each GPU gets (mocked device properties, no GPU needed) -------------
+class FakeCuda:
+    """Stands in for a CUDA tensor in kernels._use_triton: only is_cuda and device are read there."""
+    is_cuda, device = True, "cuda:0"
+
+
+@pytest.mark.parametrize("cap", [(7, 0), (7, 5), (8, 0), (8, 6), (8, 9), (9, 0)])
+def test_auto_uses_triton_only_on_tested_gpus(monkeypatch, cap):
+    monkeypatch.setattr(K, "HAS_TRITON", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"FakeGPU sm_{cap[0]}{cap[1]}")
+    tested = cap >= (8, 0)                         # the compile gate's targets: 8.0, 8.6, 8.9, 9.0
+    assert (cap in K.TRITON_TARGETS) == tested
+    assert K._use_triton("auto", FakeCuda(), FakeCuda(), None) == tested
+    assert K._use_triton("torch", FakeCuda()) is False
+    if tested:
+        assert K._use_triton("triton", FakeCuda()) is True
+    else:                                          # one line naming the card and the fix
+        with pytest.raises(ValueError, match=rf"FakeGPU sm_{cap[0]}{cap[1]}\) is {cap[0]}\.{cap[1]}; use backend='auto'"):
+            K._use_triton("triton", FakeCuda())
+    monkeypatch.setattr(K, "HAS_TRITON", False)    # no triton package: auto never picks it
+    assert K._use_triton("auto", FakeCuda()) is False
+
+
+def test_every_kernel_entry_point_dispatches_through_use_triton(monkeypatch):
+    """linear_scan, selective_scan and grouped_matmul all ask _use_triton (so the capability rule covers each)."""
+    asked = []
+    monkeypatch.setattr(K, "_use_triton", lambda backend, *t: asked.append(backend) or False)
+    a = torch.rand(2, 8)
+    K.linear_scan(a, a)
+    u = torch.randn(1, 2, 8)
+    K.selective_scan(u, u.abs(), -torch.rand(2, 4), torch.randn(1, 4, 8), torch.randn(1, 4, 8))
+    K.grouped_matmul(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([1, 3]))
+    assert asked == ["auto", "auto", "auto"]

@@ -158,15 +158,15 @@ def gather_sequence(x, dim, cp):
 
 def _send_recv(send, recv_like, dst, src, cp, direction):
     """Send `send` to global rank dst and receive a tensor shaped like recv_like from src (either side may be None)."""
-    reqs = []
+    ops = []   # posted together (batch_isend_irecv): NCCL pairs them, so no rank waits on a send nobody receives
     recv = None if recv_like is None else torch.empty_like(recv_like).contiguous()
     if send is not None:
         send = send.contiguous()
-        reqs.append(dist.isend(send, dst, group=cp.group))
+        ops.append(dist.P2POp(dist.isend, send, dst, group=cp.group))
         SENT[direction] += send.nbytes
     if recv is not None:
-        reqs.append(dist.irecv(recv, src, group=cp.group))
-    for q in reqs:
+        ops.append(dist.P2POp(dist.irecv, recv, src, group=cp.group))
+    for q in dist.batch_isend_irecv(ops) if ops else []:
         q.wait()
     return recv
 

@@ -53,13 +53,25 @@ def _capability(device):
     return tuple(torch.cuda.get_device_capability(device))
 
 
+class torch_paths:
+    """with kernels.torch_paths(): every op takes its torch path, whatever backend it is given. For FLOP counting:
+    torch's FlopCounterMode sees the torch path's matmuls, not what runs inside a Triton kernel."""
+    depth = 0
+
+    def __enter__(self):
+        torch_paths.depth += 1
+
+    def __exit__(self, *exc):
+        torch_paths.depth -= 1
+
+
 def _use_triton(backend, *tensors):
     """Which path runs: the Triton kernels (True) or the torch path (False)."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend={backend!r} is unknown; use 'auto', 'triton' or 'torch'")
     tensors = [t for t in tensors if t is not None]
     on_cuda = all(t.is_cuda for t in tensors)
-    if backend == "torch":
+    if backend == "torch" or torch_paths.depth:
         return False
     if backend == "auto":                        # Triton on a CUDA GPU it is tested for, when triton is installed
         return HAS_TRITON and on_cuda and _capability(tensors[0].device) in TRITON_TARGETS
@@ -370,7 +382,8 @@ def sort_by_group(group_ids, n_groups):
     if flat.dtype.is_floating_point or flat.is_complex():
         raise ValueError(f"sort_by_group: group_ids must be integer, got {flat.dtype}")
     order = torch.argsort(flat, stable=True)
-    return order, torch.bincount(flat, minlength=n_groups)[:n_groups]
+    sizes = torch.zeros(n_groups, dtype=torch.long, device=flat.device)
+    return order, sizes.index_add_(0, flat, torch.ones_like(flat, dtype=torch.long))   # no host sync (bincount has one)
 
 
 def unsort(y_sorted, order):
@@ -392,6 +405,7 @@ def _check_gmm_args(x, w, group_sizes):
         raise ValueError(f"grouped_matmul: x is {x.dtype} but w is {w.dtype}; cast both to one dtype")
 
 
+@torch.compiler.disable  # one opaque call under torch.compile (dynamo would trace the Triton autograd Function)
 def grouped_matmul(x, w, group_sizes, *, backend="auto"):
     """x (T, K) with rows sorted by group, w (G, K, M), group_sizes (G,) summing to T -> (T, M).
     Any group may be empty. Differentiable in x and w. The torch path is a per-group loop of matmuls (so

@@ -399,7 +399,30 @@ def test_scans_are_opaque_to_torch_compile():
         e = torch._dynamo.explain(f)(*args)
         assert sum(len(list(g.graph.nodes)) for g in e.graphs) < 10
         torch.testing.assert_close(torch.compile(f, backend="eager")(*args), f(*args))
+    # the grouped matmul too: dynamo would trace its Triton autograd Function on a GPU; here its torch path's matmuls
+    x, w, sizes = torch.randn(6, 4), torch.randn(2, 4, 3), torch.tensor([2, 4])
+    f = lambda x, w: K.grouped_matmul(x, w, sizes) * 2
+    e = torch._dynamo.explain(f)(x, w)
+    traced = [str(n.target) for g in e.graphs for n in g.graph.nodes]
+    assert not any("matmul" in t or "mm" in t for t in traced), traced
+    torch.testing.assert_close(torch.compile(f, backend="eager")(x, w), f(x, w))
     torch._dynamo.reset()
+
+
+def test_flops_under_torch_paths_match_the_torch_backend():
+    """kernels.torch_paths() makes every op take its torch path, so FlopCounterMode counts a Triton model's matmuls
+    (it counts 0 for what runs inside a Triton kernel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, w, sizes = torch.randn(40, 16), torch.randn(3, 16, 8), torch.tensor([10, 0, 30])
+
+    def count(backend, force):
+        with FlopCounterMode(display=False) as c, (K.torch_paths() if force else torch.enable_grad()):
+            K.grouped_matmul(x, w, sizes, backend=backend)
+        return c.get_total_flops()
+    assert count("torch", False) == 2 * 40 * 16 * 8
+    assert count("triton", True) == count("torch", False)
+    with K.torch_paths():
+        assert K._use_triton("triton", x) is False
 
 
 # --- dispatch by compute capability: which path each GPU gets (mocked device properties, no GPU needed) -------------

@@ -1,57 +1,33 @@
-"""Megalodon: Efficient LLM Pretraining and Inference with Unlimited Context Length (Ma et al. 2024), arXiv 2404.08801
+"""Megalodon: Efficient LLM Pretraining and Inference with Unlimited Context Length
+Ma, Yang, Xiong, Chen, Yu, Zhang, May, Zettlemoyer, Levy, Zhou (2024) -- https://arxiv.org/abs/2404.08801
 
-Megalodon keeps Mega's recipe -- a moving average that carries information across the whole sequence, feeding a
-gated softmax attention that only looks inside fixed-length chunks -- so that cost grows linearly with length and
-the context is unlimited. It adds a complex EMA (CEMA), timestep normalization, normalized attention and a
-pre-norm with two-hop residual. Official code: github.com/XuezheMax/megalodon (this file follows it; facts only).
+Mega's recipe: a moving average carries information across the whole sequence into a gated softmax attention that
+looks only inside fixed-length chunks, so cost grows linearly with length and the context is unlimited. Megalodon
+makes the moving average complex (CEMA, Sec. 3.1) and adds timestep normalization (Sec. 3.2), normalized attention
+(Sec. 3.3) and a pre-norm with a two-hop residual (Sec. 3.4).
 
 Glossary (paper -> code)
-  u_t / X              layer input (B, L, D)                       D = cfg.d_model
-  alpha, delta         CEMA.alpha, CEMA.delta  (D, N, 1) raw; sigmoid() gives the paper's alpha, delta in (0, 1)
-  theta_j, omega(wav.) CEMA.theta (D, 1, 1) raw; theta_{j,n} = n * sigmoid(theta_j) * 2 pi / N,  n = 1..N
-  eta (output proj.)   CEMA.gamma (D, N, 2) = complex (D, N), scaled by N^-1/2
-  omega (skip)         CEMA.omega (D,): y_t = Re(eta . h_t) + omega * x_t
-  h (EMA dimension N)  cfg.cema_ndim = 16
-  X_hat (timestep norm) TimestepNorm: group norm with cumulative statistics over positions <= t
-  M' = CEMA out, X'    mx = RMSNorm(CEMA(X_hat))
-  Z, Q, K              z = W_z mx, per-head RMS-normalized; q, k = z * (gamma + 1)/sqrt(d_z) + beta
-  V, R (gate)          v = SiLU(W_v X_hat),  r = SiLU(W_r mx)
-  c (chunk length)     cfg.chunk_size: softmax attention only inside chunks; rotary positions restart per chunk
-  H = W_h1 M' + W_h2 (O * R)      out = X + H
-  two-hop residual     Y = FFN(LayerNorm(X + H)) + X   (the FFN's residual is the *block input*)
+  X, D                  layer input (B, L, D), D = cfg.d_model
+  alpha, delta          CEMA.alpha, CEMA.delta (D, N, 1) raw; sigmoid() gives alpha, delta in (0, 1)
+  theta (wavelets)      CEMA.theta (D, 1, 1) raw; theta_{j,n} = n * sigmoid(theta_j) * 2 pi / N, n = 1..N
+  eta, omega            CEMA.gamma (D, N, 2) = complex (D, N) scaled by N^-1/2; CEMA.omega (D,) the skip
+  h, N                  CEMA state (B, D, N) complex; N = cfg.cema_ndim
+  X_hat                 TimestepNorm(X): group norm with the statistics of all positions <= t
+  M', mx                mx = RMSNorm(CEMA(X_hat))
+  Z, Q, K               z = W_z mx, normalized per head; q, k = z * (gamma + 1) / sqrt(d_z) + beta
+  V, R                  v = SiLU(W_v X_hat), r = SiLU(W_r mx)
+  c                     cfg.chunk_size: attention only inside chunks; rotary positions restart per chunk
+  H, Y                  H = W_h1 mx + W_h2 (O * R);  Y = FFN(LayerNorm(X + H)) + X (two-hop residual)
 
-CEMA, paper vs official code (this file follows the CODE):
-  paper, Sec. 3.1:  h_t = alpha (cos theta + i sin theta) u_t + (1 - alpha delta)(cos theta + i sin theta) h_{t-1}
-                    with Mega's expansion u = beta x (beta: D x N) and theta_j = 2 pi j / h * omega.
-  code:             h_t = p x_t + q h_{t-1},  p = sigmoid(alpha) (real),  q = (1 - sigmoid(alpha) sigmoid(delta)) e^{i theta}
-                    -- the phase only on the recurrence, no beta expansion; theta_{j,n} = n sigmoid(theta_j) 2pi/N
-                    (one learned base frequency per channel, harmonics n = 1..N); gamma complex, scaled by N^-1/2;
-                    init: theta from log-spaced frequencies exp(-j log D / D), randomly permuted over channels.
-  Hence |q| = 1 - sigmoid(alpha) sigmoid(delta) < 1 always: the recurrence is stable by construction.
-  The official code computes CEMA as a causal FFT convolution with kernel K_j = Re sum_n p gamma_n q_n^j, plus the
-  bias Re sum_n gamma_n q_n^{t+1} h0 when a state is carried. Here cema_impl="scan" runs the complex recurrence
-  with kernels.linear_scan (Triton on CUDA, torch on CPU) and cema_impl="fft" the FFT convolution; tests check
-  both against a float64 sequential loop. Default "fft": the scan materializes the (B, D, N, L) complex state
-  (N = 16 times the activations) and is the slower of the two on CPU (bench.py, RESULTS.md); decoding with the
-  cache works with either (one step of the recurrence is cheap in both). `CEMA.kernel(L)` returns K (D, L), the
-  impulse response of each channel (what the FFT path convolves with).
-
-Timestep normalization (Sec. 3.2): statistics per group of D/G channels, cumulative over time, computed with a
-Welford merge (count, mean, M2) so that it is stable; the merge is associative, so the prefix over L steps is a
-log-depth parallel scan here (Hillis-Steele) and a single merge per step when decoding with carried statistics.
-
-Left out: 4-D parallelism (chunk/tensor/data/sequence parallel; Sec. 3.5) and the fused CUDA kernels; dropout
-(toy scale); the timestep-norm prior (prior_count = 0 in the official configs); padding masks (no padding here).
+Follows the official code (github.com/XuezheMax/megalodon) where it differs from the paper's Sec. 3.1:
+  h_t = p x_t + q h_{t-1}, p = sigmoid(alpha) real, q = (1 - sigmoid(alpha) sigmoid(delta)) e^{i theta}: the phase
+  only on the recurrence, no beta expansion (paper: alpha e^{i theta} u_t + ..., u = beta x); so |q| < 1, stable by
+  construction. The official code runs CEMA as a causal FFT convolution: cfg.cema_impl = "sequential" is the
+  recurrence above (the form to read), "fft" the official convolution (default), "scan" kernels.linear_scan; the
+  timestep norm's statistics likewise (cfg.norm_impl). Tests hold every speed path equal to its plain form.
 Chunk-wise attention pads the last chunk instead of requiring L % c == 0 (same result, causal).
-
-Ablation switches (Config): cema_complex (False: real EMA, theta = 0, as Mega), timestep_norm (False: LayerNorm),
-normalized_attention (False: plain q, k projections with 1/sqrt(d) scaling), two_hop_residual (False: the FFN's
-residual is the attention output), chunk_size = seq_len (full attention), use_cema (False: no EMA at all).
-
-Initialization (official init_mode="he"): the attention and FFN linear layers draw kaiming_normal_(a=sqrt(5)),
-i.e. N(0, 1/(3 fan_in)), biases zero; embedding and output layer truncated N(0, 1/D) within 3 std. cfg.init_mode =
-"torch" keeps nn.Linear's default uniform init instead (same std, a uniform shape; what this file used before).
-
+Left out: 4-D parallelism (Sec. 3.5) and the fused CUDA kernels; dropout (toy scale); the timestep-norm prior
+(prior_count = 0 in the official configs); padding masks (no padding here).
 Run:  python train.py --compare dense,megalodon --setting bytes      python megalodon.py (demo)
 Read next: kernels.py (the scans and grouped matmul every model above calls).
 """
@@ -87,24 +63,26 @@ class Config:
     rescale_nffn: bool = False       # layer scale 0.1 * 0.5^layer on the FFN output (official option)
     scale_emb: bool = False          # multiply embeddings by sqrt(D) (official option)
     share_emb: bool = False          # tie the output layer to the embedding (official option)
-    cema_impl: str = "fft"           # "scan" (kernels.linear_scan) | "fft" (causal FFT convolution, official)
+    cema_impl: str = "fft"           # "sequential" (the recurrence, step by step) | "fft" (causal FFT convolution,
+                                     # official) | "scan" (kernels.linear_scan): same results
     scan_backend: str = "auto"       # kernels.linear_scan backend: "auto" | "triton" | "torch"
+    norm_impl: str = "scan"          # timestep-norm statistics: "sequential" (one merge per step) | "scan" (log-depth)
     init_mode: str = "he"            # linear layers: "he" (kaiming normal, official) | "torch" (nn.Linear uniform)
     # ablations (paper components, all on by default)
     use_cema: bool = True            # False: no moving average (mx = RMSNorm(X_hat))
     cema_complex: bool = True        # False: theta = 0, a real damped EMA (Mega)
     timestep_norm: bool = True       # False: per-token LayerNorm instead (Mega / Transformer)
-    normalized_attention: bool = True
-    two_hop_residual: bool = True
+    normalized_attention: bool = True  # False: plain q, k projections with 1/sqrt(d) scaling
+    two_hop_residual: bool = True    # False: the FFN's residual is the attention output
     # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
     RANGES: ClassVar[dict] = dict(
         vocab_size="int >= 1", n_modalities="int >= 1", modality_names="names", seq_len="int >= 8",
         d_model="int >= 1", n_layers="int >= 1", n_heads="int >= 1", z_dim="int >= 1", v_dim="int >= 1",
         ffn_dim="int >= 1", cema_ndim="int >= 1", chunk_size="int >= 1", norm_groups="int >= 1",
         norm_eps="float in (0, 1)", rope_base="float > 0", swiglu="bool", rescale_nffn="bool", scale_emb="bool",
-        share_emb="bool", cema_impl="one of scan|fft", scan_backend="one of auto|triton|torch",
-        init_mode="one of he|torch", use_cema="bool", cema_complex="bool", timestep_norm="bool",
-        normalized_attention="bool", two_hop_residual="bool")
+        share_emb="bool", cema_impl="one of sequential|fft|scan", scan_backend="one of auto|triton|torch",
+        norm_impl="one of sequential|scan", init_mode="one of he|torch", use_cema="bool", cema_complex="bool",
+        timestep_norm="bool", normalized_attention="bool", two_hop_residual="bool")
 
     def __post_init__(self):
         if self.z_dim % self.n_heads or self.v_dim % self.n_heads or (self.z_dim // self.n_heads) % 2:
@@ -112,16 +90,8 @@ class Config:
                              "heads with an even z head size; change z_dim, v_dim or n_heads")
         if self.d_model % self.norm_groups:
             raise ValueError(f"d_model={self.d_model} is not divisible by norm_groups={self.norm_groups}; change one")
-        if self.cema_impl not in ("scan", "fft"):
-            raise ValueError(f"cema_impl={self.cema_impl!r} is unknown; use 'scan' or 'fft'")
-        if self.scan_backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"scan_backend={self.scan_backend!r} is unknown; use 'auto', 'triton' or 'torch'")
-        if self.init_mode not in ("he", "torch"):
-            raise ValueError(f"init_mode={self.init_mode!r} is unknown; use 'he' (official) or 'torch'")
         if len(self.modality_names) < self.n_modalities:
             raise ValueError(f"modality_names={self.modality_names} names fewer than n_modalities={self.n_modalities}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size={self.chunk_size} must be >= 1")
 
 
 # ----- Sec. 3.1: complex exponential moving average (CEMA) -----------------------------------------------------
@@ -135,7 +105,8 @@ class CEMA(nn.Module):
         self.dim, self.ndim, self.complex = dim, ndim, complex_
         self.alpha = nn.Parameter(torch.randn(dim, ndim, 1) * 0.2)
         self.delta = nn.Parameter(torch.randn(dim, ndim, 1) * 0.2)
-        # theta: log-spaced base frequencies f_j = exp(-j log D / D), permuted over channels, stored as logit(f)
+        # theta (official init): log-spaced base frequencies f_j = exp(-j log D / D), permuted over channels, stored
+        # as logit(f); channel j's N wavelets are its harmonics n = 1..N
         freqs = torch.exp(-torch.arange(1, dim + 1) * (math.log(dim) / dim))[torch.randperm(dim)]
         self.theta = nn.Parameter(torch.log(freqs / (1 - freqs)).view(dim, 1, 1))
         gamma = torch.randn(dim, ndim, 2)
@@ -154,38 +125,28 @@ class CEMA(nn.Module):
         gamma = torch.view_as_complex(self.gamma.float().contiguous()) * self.ndim ** -0.5
         return p, ((mag, theta) if polar else torch.polar(mag, theta)), gamma
 
-    @staticmethod
-    def _kernel(L, p, mag, theta, gamma):
-        """K_j = Re sum_n p_n gamma_n q_n^j, j < L -> (D, L); built in real arithmetic (faster on CPU than a complex
-        exp): Re(c q^j) = |q|^j (Re c cos(j theta) - Im c sin(j theta))."""
-        j = torch.arange(L, device=mag.device, dtype=torch.float32)
-        c = p * gamma.unsqueeze(-1)                                          # (D, N, 1) complex
-        ang = theta * j                                                      # (D, N, L)
-        return (mag ** j * (c.real * torch.cos(ang) - c.imag * torch.sin(ang))).sum(1)
+    def recurrence(self, u, h0=None):
+        """The recurrence as written, one step at a time. u (B, D, L) real, h0 (B, D, N) complex or None ->
+        Re(gamma . h_t) (B, D, L) and the last state h_L (B, D, N)."""
+        B, D, L = u.shape
+        p, q, gamma = self.coeffs()
+        p, q = p[..., 0], q[..., 0]                                          # (D, N)
+        h = torch.zeros(B, D, self.ndim, dtype=torch.complex64, device=u.device) if h0 is None else h0
+        ys = []
+        for t in range(L):
+            h = p * u[:, :, t, None] + q * h                                 # h_t = p x_t + q h_{t-1}
+            ys.append((gamma * h).sum(-1).real)                              # Re(gamma . h_t)
+        return torch.stack(ys, -1), h
 
     def kernel(self, L):
         """The impulse response of each channel over L steps, (D, L): y_t = sum_j K_j x_{t-j} + omega x_t, so an
         input impulse at step 0 comes out as K (plus omega at t = 0). Decays as |q|^j, oscillates at the n theta."""
         with torch.no_grad():
             p, (mag, theta), gamma = self.coeffs(polar=True)
-            return self._kernel(L, p, mag, theta, gamma)
-
-    def flops(self, B, L, impl="fft"):
-        """Analytic FLOPs of one forward call on (B, L, D) without a carried state, added to kernels' tally (a
-        backward counts 2x its forward, kernels.py's convention). Both paths: omega x_t + y_t, 2 per (B, D, L).
-          fft:  3 real FFTs of length n = 2L per (row, channel) -- rfft(x), irfft(product) -- and 1 per channel for
-                rfft(K), at 5 n log2 n each (the usual count); the complex product, 6 per (B, D, bin) for n/2 + 1
-                bins; building K, 5 per (D, N, step): D (2B + 1) 5 n log2 n + 6 B D (n/2 + 1) + 5 D N L + 2 B D L.
-          scan: p x_t, 1 per (B, D, N, L), and the read-out Re(gamma . h_t), 4 per (B, D, N, L): 5 B D N L + 2 B D L;
-                kernels.linear_scan counts the recurrence itself (16 per complex element).
-        Not counted: decoding's carried-state terms (h0, want_state) and transcendental ops (sigmoid, cos, pow)."""
-        D, N, n = self.dim, self.ndim, 2 * L
-        if impl == "scan":
-            return 5 * B * D * N * L + 2 * B * D * L
-        return int(D * (2 * B + 1) * 5 * n * math.log2(n)) + 6 * B * D * (n // 2 + 1) + 5 * D * N * L + 2 * B * D * L
+            return impulse_response(L, p, mag, theta, gamma)
 
     def forward(self, x, h0=None, impl="fft", want_state=False, backend="auto"):
-        # x: (B, L, D) -> y (B, L, D), h_L (B, D, N) complex or None
+        # x: (B, L, D), h0: (B, D, N) complex or None -> y (B, L, D), h_L (B, D, N) complex or None
         with torch.autocast(x.device.type, enabled=False):                  # complex math stays in fp32
             if self.cp is not None:  # context parallel (LASP-2): the slice from 0 gives S_r; with P_r = q^L, H_r
                 L = x.shape[1]
@@ -197,32 +158,15 @@ class CEMA(nn.Module):
     def _forward(self, x, h0, impl, want_state, backend):
         B, L, D = x.shape
         u = x.float().transpose(1, 2)                                        # (B, D, L)
-        p, (mag, theta), gamma = self.coeffs(polar=True)
-        if impl == "scan":
-            q = torch.polar(mag, theta)
-            b = (p * u.unsqueeze(2)).to(torch.complex64)                     # (B, D, N, L)
-            a = q.expand(B, D, self.ndim, L)
-            h = kernels.linear_scan(a, b, h0, backend=backend)               # (B, D, N, L) complex
-            y = (gamma.unsqueeze(-1) * h).sum(2).real                        # Re(gamma . h_t)
-            h_last = h[..., -1] if want_state else None
+        if impl == "sequential":
+            y, h_last = self.recurrence(u, h0)
+            h_last = h_last if want_state else None
+        elif impl == "scan":                                                 # speed paths: end of the file
+            y, h_last = cema_scan(self, u, h0, want_state, backend)
         else:
-            # causal FFT convolution with K_j = Re sum_n p gamma q^j (the official computation)
-            k = self._kernel(L, p, mag, theta, gamma)                       # (D, L)
-            n = 2 * L
-            y = torch.fft.irfft(torch.fft.rfft(u, n) * torch.fft.rfft(k, n), n)[..., :L]
-            j = torch.arange(L + 1, device=x.device, dtype=torch.float32)
-            h_last = None
-            if h0 is not None or want_state:
-                vander = torch.polar(mag ** j, theta * j)                    # (D, N, L + 1): q^j
-            if h0 is not None:                                               # carried state: + Re sum gamma q^{t+1} h0
-                y = y + ((gamma * h0).unsqueeze(-1) * vander[:, :, 1:]).sum(2).real
-            if want_state:                                                   # h_L = q^L h0 + sum_j p q^{L-1-j} x_j
-                w = (p * vander[..., :L].flip(-1))                           # (D, N, L)
-                h_last = (w.unsqueeze(0) * u.unsqueeze(2)).sum(-1)          # (B, D, N) complex
-                if h0 is not None:
-                    h_last = h_last + vander[..., L] * h0
+            y, h_last = cema_fft(self, u, h0, want_state)
         y = y + self.omega.float().unsqueeze(-1) * u                         # + omega x_t
-        f = self.flops(B, L, impl)                                           # FLOPs outside matmuls: kernels' tally
+        f = cema_flops(B, L, D, self.ndim, impl)                             # FLOPs outside matmuls: kernels' tally
         kernels.add_flops(f)
         if y.requires_grad:
             y.register_hook(lambda g: kernels.add_flops(2 * f))
@@ -231,7 +175,7 @@ class CEMA(nn.Module):
 
 # ----- Sec. 3.2: timestep normalization ------------------------------------------------------------------------
 def welford_merge(a, b):
-    """Merge two sets of statistics (count, mean, M2) -- Chan et al.'s pairwise form; associative."""
+    """Merge two sets of statistics (count, mean, M2) -- Chan et al.'s pairwise form, stable and associative."""
     (na, ma, m2a), (nb, mb, m2b) = a, b
     n = na + nb
     d = mb - ma
@@ -239,14 +183,15 @@ def welford_merge(a, b):
     return n, ma + d * frac, m2a + m2b + d * d * na * frac
 
 
-def welford_prefix(n, mean, m2):
-    """Inclusive prefix merge along dim 1 (time) in log2(L) vectorised steps (Hillis-Steele scan)."""
-    L, off = n.shape[1], 1
-    while off < L:
-        shifted = [torch.cat([torch.zeros_like(t[:, :off]), t[:, :-off]], 1) for t in (n, mean, m2)]
-        n, mean, m2 = welford_merge(shifted, (n, mean, m2))
-        off *= 2
-    return n, mean, m2
+def welford_sequential(n, mean, m2, start=None):
+    """Cumulative statistics along dim 1 (time), one merge per step. n, mean, m2 (B, L, G): each step's own
+    statistics; start: statistics (B, 1, G) of earlier steps or None -> the statistics of steps <= t, (B, L, G)."""
+    acc = start if start is not None else tuple(torch.zeros_like(t[:, :1]) for t in (n, mean, m2))
+    out = []
+    for t in range(n.shape[1]):
+        acc = welford_merge(acc, (n[:, t:t + 1], mean[:, t:t + 1], m2[:, t:t + 1]))
+        out.append(acc)
+    return tuple(torch.cat(s, 1) for s in zip(*out))
 
 
 class TimestepNorm(nn.Module):
@@ -254,9 +199,9 @@ class TimestepNorm(nn.Module):
     State (carried between calls): count (B,) in time steps, mean (B, G), var (B, G)."""
     cp = None   # context_parallel.CPGroup: set by train.py --context_parallel N
 
-    def __init__(self, dim, groups, eps=1e-5):
+    def __init__(self, dim, groups, eps=1e-5, impl="scan"):
         super().__init__()
-        self.dim, self.groups, self.eps = dim, groups, eps
+        self.dim, self.groups, self.eps, self.impl = dim, groups, eps, impl
         self.weight = nn.Parameter(torch.zeros(dim))                        # used as (1 + weight)
         self.bias = nn.Parameter(torch.zeros(dim))
 
@@ -268,11 +213,20 @@ class TimestepNorm(nn.Module):
         xg = x.float().view(B, L, self.groups, D // self.groups)
         step_mean = xg.mean(-1)                                              # (B, L, G) statistics of one step
         step_m2 = (xg - step_mean.unsqueeze(-1)).square().mean(-1)          # its population variance = M2 in steps
-        n, mean, m2 = welford_prefix(torch.ones_like(step_mean), step_mean, step_m2)
-        if state is not None:
-            c0, mu0, var0 = state
-            c0 = c0.float().view(B, 1, 1).expand_as(n)
-            n, mean, m2 = welford_merge((c0, mu0.unsqueeze(1), var0.unsqueeze(1) * c0), (n, mean, m2))
+        # cumulative (count, mean, M2) over steps <= t, merged after the carried state (Welford: stable)
+        if self.impl == "sequential":
+            start = None
+            if state is not None:
+                c0, mu0, var0 = state
+                c0 = c0.float().view(B, 1, 1).expand(B, 1, self.groups)
+                start = (c0, mu0.unsqueeze(1), var0.unsqueeze(1) * c0)
+            n, mean, m2 = welford_sequential(torch.ones_like(step_mean), step_mean, step_m2, start)
+        else:                                                                # speed path: end of the file
+            n, mean, m2 = welford_prefix(torch.ones_like(step_mean), step_mean, step_m2)
+            if state is not None:
+                c0, mu0, var0 = state
+                c0 = c0.float().view(B, 1, 1).expand_as(n)
+                n, mean, m2 = welford_merge((c0, mu0.unsqueeze(1), var0.unsqueeze(1) * c0), (n, mean, m2))
         var = m2 / n
         y = (xg - mean.unsqueeze(-1)) * torch.rsqrt(var.unsqueeze(-1) + self.eps)
         y = y.view(B, L, D) * (1 + self.weight.float()) + self.bias.float()
@@ -297,7 +251,7 @@ def rotary(x, pos, base):
 
 
 def chunk_attention(q, k, v, c, base):
-    """Training path: softmax attention inside each chunk of c positions (block-diagonal, causal).
+    """Softmax attention inside each chunk of c positions (block-diagonal, causal): linear in L at fixed c.
     q, k: (B, L, H, dz), v: (B, L, H, dv) -> (B, L, H, dv). Scores are q.k (scale folded into q, k)."""
     B, L, H, dz = q.shape
     c = min(c, L)
@@ -312,24 +266,6 @@ def chunk_attention(q, k, v, c, base):
     return o.transpose(1, 2).reshape(B, Lp, H, -1)[:, :L]
 
 
-def cached_chunk_attention(q, k, v, cache, start, c, base):
-    """Streaming path: the new positions start..start+L-1 attend to the cached keys of the current chunk plus
-    themselves. cache = (k, v) of positions chunk_start..start-1 (already rotated). Returns o and the new cache,
-    which keeps only the keys of the chunk that the next position falls in (memory bounded by c)."""
-    B, L, H, _ = q.shape
-    pos = start + torch.arange(L, device=q.device)
-    q, k = rotary(q, pos % c, base), rotary(k, pos % c, base)
-    k_all, v_all = (torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1)) if cache is not None else (k, v)
-    kstart = start - k_all.shape[1] + L
-    kpos = kstart + torch.arange(k_all.shape[1], device=q.device)
-    mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] // c == pos[:, None] // c)       # (L, Lk)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
-                                       attn_mask=mask, scale=1.0).transpose(1, 2)
-    keep = ((start + L) // c) * c - kstart                                    # first index of the next chunk's keys
-    keep = max(keep, 0)
-    return o, (k_all[:, keep:], v_all[:, keep:])
-
-
 class MovingAverageGatedAttention(nn.Module):
     """One Megalodon attention layer: timestep norm -> CEMA -> RMSNorm -> shared z -> q, k; v; gate r;
     chunk-wise attention; H = W_h1 mx + W_h2 (o * r); returns X + H."""
@@ -339,7 +275,7 @@ class MovingAverageGatedAttention(nn.Module):
         self.cfg = cfg
         D, H = cfg.d_model, cfg.n_heads
         self.dz, self.dv = cfg.z_dim // H, cfg.v_dim // H
-        self.timenorm = (TimestepNorm(D, cfg.norm_groups, cfg.norm_eps) if cfg.timestep_norm
+        self.timenorm = (TimestepNorm(D, cfg.norm_groups, cfg.norm_eps, cfg.norm_impl) if cfg.timestep_norm
                          else LayerNormStateless(D, eps=cfg.norm_eps))
         self.cema = CEMA(D, cfg.cema_ndim, cfg.cema_complex) if cfg.use_cema else None
         self.rmsnorm = nn.RMSNorm(D, eps=cfg.norm_eps)
@@ -382,7 +318,7 @@ class MovingAverageGatedAttention(nn.Module):
         if cache is None:
             o = chunk_attention(q, k, v, cfg.chunk_size, cfg.rope_base)
             new_cache = None
-        else:
+        else:                                                                 # streaming decoding (below)
             o, kv = cached_chunk_attention(q, k, v, state.get("kv"), state["pos"], cfg.chunk_size, cfg.rope_base)
             new_cache = {"norm": norm_state, "h": h_last, "kv": kv, "pos": state["pos"] + L}
         h = self.wh1(mx) + self.wh2(o.reshape(B, L, cfg.v_dim) * r)          # H = W_h1 M' + W_h2 (O * R)
@@ -426,32 +362,23 @@ class Megalodon(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        std = cfg.d_model ** -0.5
+        std = cfg.d_model ** -0.5                       # embedding and output layer: truncated N(0, 1/D) within 3 std
         nn.init.trunc_normal_(self.embed.weight, std=std, a=-3 * std, b=3 * std)
         self.layers = nn.ModuleList(MegalodonBlock(cfg, i) for i in range(cfg.n_layers))
-        self.final_norm = (TimestepNorm(cfg.d_model, cfg.norm_groups, cfg.norm_eps) if cfg.timestep_norm
+        self.final_norm = (TimestepNorm(cfg.d_model, cfg.norm_groups, cfg.norm_eps, cfg.norm_impl) if cfg.timestep_norm
                            else LayerNormStateless(cfg.d_model, eps=cfg.norm_eps))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.share_emb:
             self.lm_head.weight = self.embed.weight
         else:
             nn.init.trunc_normal_(self.lm_head.weight, std=std, a=-3 * std, b=3 * std)
-        if cfg.init_mode == "he":             # official get_init_fn('he'): kaiming_normal_(a=sqrt(5)), biases zero
+        # official init_mode "he": kaiming_normal_(a=sqrt(5)) = N(0, 1/(3 fan_in)), biases zero; "torch" keeps
+        # nn.Linear's default uniform init (same std, a uniform shape)
+        if cfg.init_mode == "he":
             for layer in self.layers:
                 for m in layer.modules():
                     if isinstance(m, nn.Linear):
                         nn.init.kaiming_normal_(m.weight, a=math.sqrt(5))
-
-    def _check_tokens(self, idx, limit=True):
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
-            raise ValueError("tokens must be an int64 tensor of shape (B, T); convert with .long() and add a batch dim")
-        if idx.shape[1] == 0:
-            raise ValueError("tokens are empty (T = 0); pass at least one token")
-        if limit and idx.shape[1] > self.cfg.seq_len:
-            raise ValueError(f"sequence length {idx.shape[1]} > cfg.seq_len={self.cfg.seq_len}; "
-                             "raise --seq_len or use generate() for unlimited streaming")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}); check the data or vocab_size")
 
     def forward_tokens(self, idx, cache=None):
         # idx: (B, T) -> logits (B, T, V), new cache (or None)
@@ -471,9 +398,7 @@ class Megalodon(nn.Module):
     def forward(self, batch):
         # batch["tokens"], ["targets"]: (B, T) -> logits (B, T, V), loss (mean CE in nats), parts
         idx, targets = batch["tokens"], batch["targets"]
-        self._check_tokens(idx)
-        if "modality" in batch and batch["modality"].numel() and int(batch["modality"].max()) >= self.cfg.n_modalities:
-            raise ValueError(f"modality ids must be < n_modalities={self.cfg.n_modalities}; check the data setting")
+        check_batch(self.cfg, batch)
         logits, _ = self.forward_tokens(idx)
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
         mask = (targets.flatten() != -1).float()
@@ -486,14 +411,15 @@ class Megalodon(nn.Module):
                 parts[f"loss_{name}"] = ((ce * sel).sum() / sel.sum()).detach()
         return logits, loss, parts
 
+    # --- streaming decoding: per layer, the current chunk's keys/values, the CEMA state and the timestep-norm
+    # statistics, so the cache does not grow with the sequence (unlimited context) -----------------------------
     def init_cache(self):
         return {"layers": [{"pos": 0} for _ in self.layers], "norm": None}
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0):
-        """Streaming decoding: the cache holds the current chunk's keys/values, the CEMA state and the
-        timestep-norm statistics per layer, so its size does not grow with the sequence. idx (B, T) -> (B, T + n)."""
-        self._check_tokens(idx, limit=False)
+        """idx (B, T) -> (B, T + max_new_tokens). Greedy when temperature == 0; may run past cfg.seq_len."""
+        check_tokens(self.cfg, idx, limit=False)
         c, cache, pos = self.cfg.chunk_size, self.init_cache(), 0
         while pos < idx.shape[1]:                                            # prefill chunk-aligned pieces
             n = min(c - pos % c, idx.shape[1] - pos)
@@ -510,6 +436,115 @@ class Megalodon(nn.Module):
             if i + 1 < max_new_tokens:
                 logits, cache = self.forward_tokens(nxt, cache)
         return torch.cat(out, 1)
+
+
+def cached_chunk_attention(q, k, v, cache, start, c, base):
+    """chunk_attention for the new positions start..start+L-1 (B, L, H, d), given cache = (k, v) of positions
+    chunk_start..start-1 (already rotated). Returns o and the new cache, which keeps only the keys of the chunk
+    that the next position falls in (memory bounded by c)."""
+    B, L, H, _ = q.shape
+    pos = start + torch.arange(L, device=q.device)
+    q, k = rotary(q, pos % c, base), rotary(k, pos % c, base)
+    k_all, v_all = (torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1)) if cache is not None else (k, v)
+    kstart = start - k_all.shape[1] + L
+    kpos = kstart + torch.arange(k_all.shape[1], device=q.device)
+    mask = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] // c == pos[:, None] // c)       # (L, Lk)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+                                       attn_mask=mask, scale=1.0).transpose(1, 2)
+    keep = max(((start + L) // c) * c - kstart, 0)                            # first index of the next chunk's keys
+    return o, (k_all[:, keep:], v_all[:, keep:])
+
+
+# ==== Speed paths: same results as the plain forms above, faster (tests/test_megalodon.py holds them equal) ====
+def impulse_response(L, p, mag, theta, gamma):
+    """K_j = Re sum_n p_n gamma_n q_n^j, j < L -> (D, L); built in real arithmetic (no complex exp):
+    Re(c q^j) = |q|^j (Re c cos(j theta) - Im c sin(j theta))."""
+    j = torch.arange(L, device=mag.device, dtype=torch.float32)
+    c = p * gamma.unsqueeze(-1)                                          # (D, N, 1) complex
+    ang = theta * j                                                      # (D, N, L)
+    return (mag ** j * (c.real * torch.cos(ang) - c.imag * torch.sin(ang))).sum(1)
+
+
+def cema_fft(cema, u, h0, want_state):
+    """CEMA as a causal FFT convolution with the impulse response K (the official computation), plus the carried
+    state's term Re sum_n gamma_n q_n^{t+1} h0. u (B, D, L) -> Re(gamma . h_t) (B, D, L), h_L or None."""
+    B, D, L = u.shape
+    p, (mag, theta), gamma = cema.coeffs(polar=True)
+    k = impulse_response(L, p, mag, theta, gamma)                        # (D, L)
+    n = 2 * L
+    y = torch.fft.irfft(torch.fft.rfft(u, n) * torch.fft.rfft(k, n), n)[..., :L]
+    j = torch.arange(L + 1, device=u.device, dtype=torch.float32)
+    h_last = None
+    if h0 is not None or want_state:
+        vander = torch.polar(mag ** j, theta * j)                        # (D, N, L + 1): q^j
+    if h0 is not None:                                                   # carried state: + Re sum gamma q^{t+1} h0
+        y = y + ((gamma * h0).unsqueeze(-1) * vander[:, :, 1:]).sum(2).real
+    if want_state:                                                       # h_L = q^L h0 + sum_j p q^{L-1-j} x_j
+        w = (p * vander[..., :L].flip(-1))                               # (D, N, L)
+        h_last = (w.unsqueeze(0) * u.unsqueeze(2)).sum(-1)              # (B, D, N) complex
+        if h0 is not None:
+            h_last = h_last + vander[..., L] * h0
+    return y, h_last
+
+
+def cema_scan(cema, u, h0, want_state, backend):
+    """CEMA's recurrence as one kernels.linear_scan over time (Triton on CUDA, torch on CPU); it materializes the
+    (B, D, N, L) complex state. u (B, D, L) -> Re(gamma . h_t) (B, D, L), h_L or None."""
+    B, D, L = u.shape
+    p, (mag, theta), gamma = cema.coeffs(polar=True)
+    q = torch.polar(mag, theta)
+    b = (p * u.unsqueeze(2)).to(torch.complex64)                         # (B, D, N, L)
+    a = q.expand(B, D, cema.ndim, L)
+    h = kernels.linear_scan(a, b, h0, backend=backend)                   # (B, D, N, L) complex
+    y = (gamma.unsqueeze(-1) * h).sum(2).real                            # Re(gamma . h_t)
+    return y, (h[..., -1] if want_state else None)
+
+
+def cema_flops(B, L, D, N, impl="fft"):
+    """Analytic FLOPs of one CEMA forward on (B, L, D) without a carried state, added to kernels' tally (a backward
+    counts 2x its forward, kernels.py's convention). All paths: omega x_t + y_t, 2 per (B, D, L).
+      fft:  3 real FFTs of length n = 2L per (row, channel) -- rfft(x), irfft(product) -- and 1 per channel for
+            rfft(K), at 5 n log2 n each (the usual count); the complex product, 6 per (B, D, bin) for n/2 + 1
+            bins; building K, 5 per (D, N, step): D (2B + 1) 5 n log2 n + 6 B D (n/2 + 1) + 5 D N L + 2 B D L.
+      scan: p x_t, 1 per (B, D, N, L), and the read-out Re(gamma . h_t), 4 per (B, D, N, L): 5 B D N L + 2 B D L;
+            kernels.linear_scan counts the recurrence itself (16 per complex element).
+      sequential: the scan's count plus its recurrence, 16 per (B, D, N, L).
+    Not counted: decoding's carried-state terms (h0, want_state) and transcendental ops (sigmoid, cos, pow)."""
+    n = 2 * L
+    if impl == "scan":
+        return 5 * B * D * N * L + 2 * B * D * L
+    if impl == "sequential":
+        return 21 * B * D * N * L + 2 * B * D * L
+    return int(D * (2 * B + 1) * 5 * n * math.log2(n)) + 6 * B * D * (n // 2 + 1) + 5 * D * N * L + 2 * B * D * L
+
+
+def welford_prefix(n, mean, m2):
+    """welford_sequential in log2(L) vectorised steps (Hillis-Steele scan; the merge is associative)."""
+    L, off = n.shape[1], 1
+    while off < L:
+        shifted = [torch.cat([torch.zeros_like(t[:, :off]), t[:, :-off]], 1) for t in (n, mean, m2)]
+        n, mean, m2 = welford_merge(shifted, (n, mean, m2))
+        off *= 2
+    return n, mean, m2
+
+
+# ---- input checks ------------------------------------------------------------------------------------------------
+def check_tokens(cfg, idx, limit=True):
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+        raise ValueError("tokens must be an int64 tensor of shape (B, T); convert with .long() and add a batch dim")
+    if idx.shape[1] == 0:
+        raise ValueError("tokens are empty (T = 0); pass at least one token")
+    if limit and idx.shape[1] > cfg.seq_len:
+        raise ValueError(f"sequence length {idx.shape[1]} > cfg.seq_len={cfg.seq_len}; "
+                         "raise --seq_len or use generate() for unlimited streaming")
+    if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); check the data or vocab_size")
+
+
+def check_batch(cfg, batch):
+    check_tokens(cfg, batch["tokens"])
+    if "modality" in batch and batch["modality"].numel() and int(batch["modality"].max()) >= cfg.n_modalities:
+        raise ValueError(f"modality ids must be < n_modalities={cfg.n_modalities}; check the data setting")
 
 
 MODELS = {"megalodon": (Config, Megalodon, "bytes", dict())}

@@ -133,7 +133,7 @@ def test_greedy_cached_generation_equals_teacher_forced_argmax(variant, tp):
     torch.manual_seed(6)
     prompt = torch.randint(0, 256, (2, tp))
     n = 13
-    out, step_logits = m._generate(prompt, n)
+    out, step_logits = megabyte.cached_generate(m, prompt, n)
     assert torch.equal(out, m.generate(prompt, n))
     assert out.shape == (2, tp + n) and torch.equal(out[:, :tp], prompt)
     logits, _, _ = m(dict(tokens=out[:, :-1]))
@@ -141,11 +141,31 @@ def test_greedy_cached_generation_equals_teacher_forced_argmax(variant, tp):
     assert torch.equal(out[:, tp:], logits[:, tp - 1:].argmax(-1))            # greedy == teacher-forced argmax
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("tp", [1, 4, 6])
+def test_cached_generation_equals_the_plain_recomputing_loop(variant, tp):
+    """The speed path (cfg.kv_cache: one global step per patch, P local steps, KV caches) against the plain form
+    (the whole forward again for every byte): the same bytes, greedy and sampled with the same seed."""
+    m = tiny(**VARIANTS[variant])
+    torch.manual_seed(6)
+    prompt = torch.randint(0, 256, (2, tp))
+    outs = {}
+    for cached in (True, False):
+        m.cfg.kv_cache = cached
+        torch.manual_seed(7)
+        outs[cached] = (m.generate(prompt, 13), m.generate(prompt, 13, temperature=1.0))
+    assert torch.equal(outs[True][0], outs[False][0])                         # greedy
+    assert torch.equal(outs[True][1], outs[False][1])                         # sampled, same seed
+
+
 def test_sampling_and_length_checks():
     m = tiny()
     torch.manual_seed(7)
     out = m.generate(torch.randint(0, 256, (2, 3)), 9, temperature=1.0)
     assert out.shape == (2, 12) and out.min() >= 0 and out.max() < 256
+    with pytest.raises(ValueError, match="seq_len"):
+        m.generate(torch.zeros(1, 30, dtype=torch.long), 5)
+    m.cfg.kv_cache = False                                  # the plain path checks the same
     with pytest.raises(ValueError, match="seq_len"):
         m.generate(torch.zeros(1, 30, dtype=torch.long), 5)
 

@@ -314,9 +314,8 @@ class Transfusion(nn.Module):
 
     # -- Sec. 3.4: L = L_LM + lambda * L_DDPM (Eq. 5) ---------------------------------------------------------------
     def forward(self, batch):
-        # batch: tokens/modality/targets (B, T), patches (B, T, patch_dim), image_index (B, T) (an image's index in
-        # its row, -1 at text), image_first (B, T), optional row_id (B,) -> logits (B, T, V), loss, parts
-        # {loss_<modality name>}
+        # batch: tokens/modality/targets (B, T), patches (B, T, patch_dim), image_index (B, T) (index of the image in
+        # its row, -1 at text), image_first (B, T), row_id (B,) (optional) -> logits (B, T, V), loss, {loss_<name>}
         self._check(batch)
         cfg, tokens, modality, targets = self.cfg, batch["tokens"], batch["modality"], batch.get("targets")
         image_index = batch.get("image_index", torch.full_like(tokens, -1))
@@ -357,9 +356,8 @@ class Transfusion(nn.Module):
             se = ((self._eps(h, gid, slot, n_img, skips) - noise) ** 2).mean(-1) * valid
             per_img = se.sum(1) / valid.sum(1).clamp(min=1)
             if cfg.loss_weight != "uniform" and "diffusion_t" not in batch and self.training:
-                # trunc_snr (Salimans & Ho): max(SNR, 1) / SNR, the x_0-MSE where SNR < 1. At high t, where the caption
-                # decides the image, the eps-MSE is ~SNR times the x_0-MSE: unweighted, the caption path is barely
-                # learned. min_snr (Min-SNR-5, Hang et al. 2023): min(SNR, 5) / SNR
+                # trunc_snr (Salimans & Ho): max(SNR, 1) / SNR, the x_0-MSE where SNR < 1: at high t, where the caption
+                # decides the image, eps-MSE ~ SNR * x_0-MSE barely trains the caption path. min_snr: min(SNR, 5) / SNR
                 snr = self.diffusion.alpha_bar[t] / (1 - self.diffusion.alpha_bar[t])
                 per_img = per_img * (snr.clamp(max=5.0) if cfg.loss_weight == "min_snr" else snr.clamp(min=1.0)) / snr
             loss = loss + cfg.lam * per_img.mean()                  # Sec. 3.4, Eq. 5
@@ -422,11 +420,10 @@ class Transfusion(nn.Module):
                  use_cache=True):
         """idx: (B, Tp) int64, with images given by image_index (B, Tp) and patches (B, Tp, patch_dim) -> tokens
         (B, Tp + max_new_tokens), id 0 at generated patches; self.last_images[b]: row b's images (n_patches, patch_dim).
-        Text autoregressively (greedy at temperature 0); a row whose last token is <boi> (if the image fits) goes to
-        diffusion mode: n_patches noise patches denoised with the row so far as context (its earlier images read as
-        images), then <eoi>, then text again. Rows of equal length run as one batch: a batch gives what each row
-        gives alone. seeds: one int per row for its sampling and sampler noise (default: from torch's RNG).
-        use_cache: the KV-cached speed path of the text steps (dense / MoT)."""
+        Sec. 3.5: text autoregressively (greedy at temperature 0); a row ending with <boi> (if the image fits) goes to
+        diffusion mode: n_patches noise patches denoised with the row so far as context (earlier images read as
+        images), then <eoi>, then text again. A batch gives what each row gives alone; seeds: one int per row for its
+        sampling and sampler noise (default: from torch's RNG). use_cache: the KV-cached speed path (dense / MoT)."""
         cfg = self.cfg
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2 or \
                 idx.shape[1] + max_new_tokens > cfg.seq_len:
@@ -568,7 +565,6 @@ class Transfusion(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(id(p) in image)
 
-
     # ==== Bookkeeping: per-row random draws, input checks ============================================================
     def _draws(self, batch, per_row, dev):
         """Every image's u (N,) -> t, noise (N, n_patches, patch_dim), u_drop (N,) -> condition dropout. With
@@ -586,17 +582,15 @@ class Transfusion(nn.Module):
 
     def _check(self, batch):   # the batch forward reads: one ValueError naming the fix
         tok, mod, rid, p, ii = (batch.get(k) for k in ("tokens", "modality", "row_id", "patches", "image_index"))
-        T, M = self.cfg.seq_len, self.cfg.n_modalities
+        T, M, P = self.cfg.seq_len, self.cfg.n_modalities, self.cfg.patch_dim
         if not (isinstance(tok, torch.Tensor) and tok.dtype == torch.long and tok.ndim == 2) or tok.shape[1] > T:
             raise ValueError(f"batch['tokens'] must be an int64 tensor of shape (B, T <= seq_len={T}); convert with "
                              ".long(), crop it or raise --seq_len")
         if mod is None or mod.shape != tok.shape or mod.dtype != torch.long or (mod.numel() and int(mod.max()) >= M):
             raise ValueError(f"batch['modality'] must be an int64 (B, T) tensor like tokens with ids < n_modalities="
                              f"{M} (data.py provides it; or set --n_modalities)")
-        if ii is not None and bool((ii >= 0).any()) and (
-                p is None or p.shape[:2] != tok.shape or p.shape[2] != self.cfg.patch_dim):
-            raise ValueError(f"batch['patches'] must be (B, T, {self.cfg.patch_dim}) float at image positions; "
-                             "use data.make_data('transfusion')")
+        if ii is not None and bool((ii >= 0).any()) and (p is None or tuple(p.shape) != (*tok.shape, P)):
+            raise ValueError(f"batch['patches'] must be (B, T, {P}) float at image positions; use data.make_data")
         if rid is not None and (rid.dtype != torch.long or tuple(rid.shape) != tok.shape[:1]):
             raise ValueError(f"batch['row_id'] must be an int64 tensor of shape ({tok.shape[0]},); data.py makes it")
 

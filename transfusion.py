@@ -8,7 +8,8 @@ is causal across the sequence and bidirectional inside each image. LMFusion star
 copy of every module (MoT-style, attention joint), freezes the text side and trains the image side.
 
 Glossary (paper -> code):
-    x_0; t ~ U{0..T-1}, T               -> an image's clean patches (n_patches, patch_dim); t per image; diffusion_steps
+    x_0 (clean latent patches)          -> an image's patches (n_patches, patch_dim): batch["patches"] at its positions
+    t ~ U{0..T-1}, one per image; T     -> t (N_img,); cfg.diffusion_steps
     alpha_bar_t, x_t (Sec. 2.2, Eq. 3)  -> Diffusion.alpha_bar (cosine schedule), Diffusion.q_sample
     eps_theta(x_t, t, c) (Eq. 4)        -> Transfusion._eps (backbone + patch decoder); predict_eps adds guidance
     L_LM (Eq. 1), L_DDPM (Eq. 4)        -> parts["loss_text"], parts["loss_image"]; L = L_LM + cfg.lam L_DDPM (Eq. 5)
@@ -27,12 +28,13 @@ Departures from the paper (the measurements behind them: RESULTS.md):
     image by cfg.loss_weight="trunc_snr" (Salimans & Ho 2022; "uniform" = the paper, "min_snr" = Min-SNR-5).
   * a learned embedding of each patch's place in its image (cfg.patch_pos_emb), beside RoPE.
   * sampling: 50 DDIM steps by default (the paper: 250); --sampler=ddpm --sample_steps=250 for ancestral sampling.
-  * a partial image at the end of a packed row (data.py truncates) gets a diffusion loss on its present patches.
-  * each row's diffusion draws (t, noise, caption dropout) come from a generator seeded by (model seed, row_id).
-Left out: the 7B scale and 2T tokens, the VAE, image editing, FID / CLIP metrics (data.py's pixel scorer stands in).
+  * each row's diffusion draws (t, noise, caption dropout) come from a generator seeded by (model seed, row_id), so
+    any split of a batch (micro-batches, DDP ranks) trains on the same noise.
+Left out, for a CPU toy: the 7B scale and 2T tokens, the VAE, image editing, and FID / CLIP metrics (data.py's pixel
+scorer stands in).
 
 Run:   python train.py --model transfusion     (also transfusion-mot, -mamba, -mom; python transfusion.py: a demo)
-       python train.py --model transfusion --patch_codec=unet --eps_param=direct --loss_weight=uniform   (the paper's)
+       python train.py --model transfusion --patch_codec=unet --eps_param=direct --loss_weight=uniform   (paper-like)
        python train.py --model lmfusion-base && python train.py --model lmfusion     (LMFusion in two steps)
 Read first: mot.py (the Transformer backbone), mom.py (the Mamba backbones).  Read next: megabyte.py.
 """
@@ -350,8 +352,8 @@ class Transfusion(nn.Module):
         parts = {f"loss_{cfg.modality_names[m]}": (ce[sel].sum() / sel.sum()).detach()
                  for m in range(cfg.n_modalities) if (sel := lm_mask & (tm == m)).any()}
         if n_img:
-            # Sec. 2.2, Eq. 4: L_DDPM = ||eps - eps_theta(x_t, t, c)||^2, averaged over each image's present patches,
-            # then over images
+            # Sec. 2.2, Eq. 4: L_DDPM = ||eps - eps_theta(x_t, t, c)||^2, averaged over each image's present patches
+            # (a partial image at the end of a packed row: data.py truncates), then over images
             valid = self._gather(is_img[..., None].float(), gid, slot, n_img)[..., 0]
             se = ((self._eps(h, gid, slot, n_img, skips) - noise) ** 2).mean(-1) * valid
             per_img = se.sum(1) / valid.sum(1).clamp(min=1)

@@ -141,8 +141,8 @@ def attention_mask(gid, drop=None, bidirectional=True):
     same = (gid[:, :, None] == gid[:, None, :]) & (gid[:, :, None] >= 0)   # i and j in the same image
     if bidirectional:
         allowed = allowed | same                                          # a patch sees its whole image
-    if drop is not None and bool(drop.any()):
-        nxt = torch.cat([gid[:, 1:], gid.new_full((B, 1), -1)], 1)
+    if drop is not None and bool(drop.any()):   # unconditional images (CFG): their own patches and <boi> only
+        nxt = torch.cat([gid[:, 1:], gid.new_full((B, 1), -1)], 1)                   # the image id at i + 1
         boi_of = torch.where((gid < 0) & (nxt >= 0), nxt, gid.new_full((B, T), -2))   # <boi> -> its image id
         own = (same | (boi_of[:, None, :] == gid[:, :, None])) & allowed
         allowed = torch.where(drop[:, :, None], own, allowed)

@@ -21,13 +21,13 @@ Glossary (paper -> code):
 
 Departures from the paper (the measurements behind them: RESULTS.md):
   * no VAE: toy 16x16x3 images in [-1, 1], cut into 16 patches of 4x4x3, stand in for latents.
-  * the backbone comes from mot.py ("dense" = mot.Transformer with every untie_* off, so dense and MoT differ only in
+  * cfg.backbone from mot.py ("dense" = mot.Transformer with every untie_* off, so "dense" and "mot" differ only in
     the untied weights) or mom.py ("mamba" / "mom": causal everywhere, the image mask does not apply).
   * U-Net codec: two conv levels, AdaGroupNorm on t (the paper: AdaLayerNorm), skip connections around the transformer.
   * the eps head is v-parametrized (cfg.eps_param="v"; "direct" = the paper); the loss stays the eps-MSE, weighted per
     image by cfg.loss_weight="trunc_snr" (Salimans & Ho 2022; "uniform" = the paper, "min_snr" = Min-SNR-5).
   * a learned embedding of each patch's place in its image (cfg.patch_pos_emb), beside RoPE.
-  * sampling: 50 DDIM steps by default (the paper: 250); --sampler=ddpm --sample_steps=250 for ancestral sampling.
+  * sampling: 50 DDIM steps by default, for fast CPU evals (the paper: 250); --sampler=ddpm --sample_steps=250.
   * each row's diffusion draws (t, noise, caption dropout) come from a generator seeded by (model seed, row_id), so
     any split of a batch (micro-batches, DDP ranks) trains on the same noise.
 Left out, for a CPU toy: the 7B scale and 2T tokens, the VAE, image editing, and FID / CLIP metrics (data.py's pixel

@@ -1,52 +1,40 @@
-"""Transfusion (Zhou, Yu, Babu et al. 2024) -- arXiv 2408.11039, and LMFusion (Shi, Han, Zhou et al. 2024) --
-arXiv 2412.15188.
+"""Transfusion: Predict the Next Token and Diffuse Images with One Multi-Modal Model (Zhou, Yu, Babu et al. 2024),
+arXiv 2408.11039; and LMFusion: Adapting Pretrained Language Models for Multimodal Generation (Shi, Han, Zhou et al.
+2024), arXiv 2412.15188.
 
-"Transfusion combines the language modeling loss function (next token prediction) with diffusion to train a single
-transformer over mixed-modality sequences." Text is discrete tokens; each image is continuous patch vectors between
-<boi> and <eoi>, noised with DDPM, and the same transformer predicts the noise. LMFusion starts from a text-only LM,
-adds image copies of every module (MoT-style, attention joint), freezes the text side and trains the image side.
+One transformer reads mixed sequences: text as discrete tokens, trained by next-token prediction, and each image as
+continuous patch vectors between <boi> and <eoi>, noised by DDPM, whose noise the same transformer predicts. Attention
+is causal across the sequence and bidirectional inside each image. LMFusion starts from a text-only LM, adds an image
+copy of every module (MoT-style, attention joint), freezes the text side and trains the image side.
 
 Glossary (paper -> code):
-    x_0 (clean latent patches)         -> batch["patches"] at image positions (toy: raw 4x4x3 pixel patches)
-    t ~ U{0..T-1}, T = 1000            -> t (one per image), cfg.diffusion_steps; cosine schedule (Nichol & Dhariwal)
-    alpha_bar_t, x_t (Sec. 2.2, Eq. 3) -> Diffusion.alpha_bar, Diffusion.q_sample
-    eps_theta(x_t, t, context) (Eq. 4) -> Transfusion.predict_eps (backbone + patch decoder)
-    L_LM (2.1), L_DDPM (2.2), L (3.4)  -> parts["loss_text"], parts["loss_image"] (per image); L = L_LM + cfg.lam L_DDPM
-    E (patch encoder/decoder, Sec. 3.2) -> PatchCodec: "linear" or "unet" (cfg.patch_codec); timestep MLP -> t_mlp
-    BOI / EOI; CFG                     -> cfg.boi_id / cfg.eoi_id (text tokens); cfg.cond_dropout, cfg.guidance
-    noise limiting (Sec. 4 ablations) -> cfg.noise_limit: images that precede their caption get t < 500
-    MoT backbone (MoT paper Sec. 5)    -> cfg.backbone = "mot" (mot.py); "mamba" / "mom" from mom.py
-    LMFusion theta_text, theta_img     -> modality 0 / 1 weights of the MoT backbone; cfg.lmfusion = base ckpt path
+    x_0 (clean latent patches)          -> an image's patches (n_patches, patch_dim): batch["patches"] at its positions
+    t ~ U{0..T-1}, one per image; T     -> t (N_img,); cfg.diffusion_steps
+    alpha_bar_t, x_t (Sec. 2.2, Eq. 3)  -> Diffusion.alpha_bar (cosine schedule), Diffusion.q_sample
+    eps_theta(x_t, t, c) (Eq. 4)        -> Transfusion._eps (backbone + patch decoder); predict_eps adds guidance
+    L_LM (Eq. 1), L_DDPM (Eq. 4)        -> parts["loss_text"], parts["loss_image"]; L = L_LM + cfg.lam L_DDPM (Eq. 5)
+    patch encoder / decoder (Sec. 3.2)  -> PatchCodec: "linear" or "unet" (cfg.patch_codec); timestep MLP -> t_mlp
+    Transfusion attention (Sec. 3.3)    -> attention_mask; cfg.image_attn="causal" is the paper's ablation
+    BOI / EOI; classifier-free guidance -> cfg.boi_id / cfg.eoi_id; cfg.cond_dropout (training), cfg.guidance
+    noise limiting (Sec. 4)             -> cfg.noise_limit: images that precede their caption get t < noise_limit
+    LMFusion theta_text, theta_img      -> modality 0 / 1 weights of the MoT backbone; cfg.lmfusion = base ckpt path
 
-The attention mask (Sec. 3.3): allowed[i, j] = (j <= i) or (i and j are patches of the same image). A text token
-sees its past (an image once its <eoi> is behind), <boi> sees its past, every patch sees its whole image. For
-classifier-free guidance the "unconditional" image sees only its own patches and its <boi>; training drops the
-condition this way with probability cfg.cond_dropout, so the same mask gives the unconditional prediction.
-Generation: text autoregressively; at <boi>, n_patches noise patches are denoised with the row so far as context
-(earlier images read as images), then <eoi>, then text again -- each row of a batch on its own.
-
-Where this departs from the paper, and why (the measurements behind each choice: RESULTS.md):
-  * no VAE: the toy images are 16x16x3 pixels in [-1, 1] cut into 16 patches of 4x4x3, standing in for latents.
-  * the dense backbone is mot.Transformer with every untie_* off, so dense vs MoT differs only in the untied weights.
-    Pre-norm (the paper's Llama-2 blocks): with Chameleon's post-norm the encoded patches outscale the text
-    embeddings in the first attention, and the patches learned to ignore the caption.
-  * U-Net codec: the paper conditions its U-Net blocks on t with AdaLayerNorm; ours is a two-level conv U-Net with
-    AdaGroupNorm (scale/shift from the t embedding) and skip connections around the transformer.
-  * the eps head is v-parametrized (eps_param="v"; "direct" = the paper): eps = sqrt(ab) v + sqrt(1 - ab) x_t, the
-    loss still eps-MSE. Why: a plain eps head's error at t near T is multiplied by 1/sqrt(ab) in x_0 (saturation).
-  * a learned embedding of each patch's place in the image (cfg.patch_pos_emb), beside RoPE.
-  * the default codec is linear: the U-Net (slower on CPU) reached a lower diffusion loss, but used the caption later.
-  * sampling: 50 DDIM steps by default (paper: 250) to keep CPU evaluation fast; sampler="ddpm", sample_steps=250.
-  * cfg.loss_weight = "trunc_snr" (Salimans & Ho 2022) reweights the training eps-MSE per image by max(SNR, 1) / SNR
-    (an x_0-MSE above t = 500; "uniform" = the paper, "min_snr" = Min-SNR-5). Why: at high t, where the caption
-    decides the image, eps-MSE is ~SNR times the x_0-MSE, so with "uniform" the caption path was not learned.
-  * a partial image at the end of a packed row (data.py truncates) gets a diffusion loss on its present patches.
-  * a row's diffusion draws (t, noise, condition dropout) come from a generator seeded by (model seed, row_id), so
+Departures from the paper (the measurements behind them: RESULTS.md):
+  * no VAE: toy 16x16x3 images in [-1, 1], cut into 16 patches of 4x4x3, stand in for latents.
+  * cfg.backbone from mot.py ("dense" = mot.Transformer with every untie_* off, so "dense" and "mot" differ only in
+    the untied weights) or mom.py ("mamba" / "mom": causal everywhere, the image mask does not apply).
+  * U-Net codec: two conv levels, AdaGroupNorm on t (the paper: AdaLayerNorm), skip connections around the transformer.
+  * the eps head is v-parametrized (cfg.eps_param="v"; "direct" = the paper); the loss stays the eps-MSE, weighted per
+    image by cfg.loss_weight="trunc_snr" (Salimans & Ho 2022; "uniform" = the paper, "min_snr" = Min-SNR-5).
+  * a learned embedding of each patch's place in its image (cfg.patch_pos_emb), beside RoPE.
+  * sampling: 50 DDIM steps by default, for fast CPU evals (the paper: 250); --sampler=ddpm --sample_steps=250.
+  * each row's diffusion draws (t, noise, caption dropout) come from a generator seeded by (model seed, row_id), so
     any split of a batch (micro-batches, DDP ranks) trains on the same noise.
-Left out: the 7B scale, 2T tokens, the VAE, image editing, and FID/CLIP metrics (a pixel scorer stands in).
+Left out, for a CPU toy: the 7B scale and 2T tokens, the VAE, image editing, and FID / CLIP metrics (data.py's pixel
+scorer stands in).
 
-Run:   python train.py --model transfusion     (dense; also transfusion-mot, -mamba, -mom; python transfusion.py: demo)
-       python train.py --model transfusion --patch_codec=unet --eps_param=direct --loss_weight=uniform
+Run:   python train.py --model transfusion     (also transfusion-mot, -mamba, -mom; python transfusion.py: a demo)
+       python train.py --model transfusion --patch_codec=unet --eps_param=direct --loss_weight=uniform   (paper-like)
        python train.py --model lmfusion-base && python train.py --model lmfusion     (LMFusion in two steps)
 Read first: mot.py (the Transformer backbone), mom.py (the Mamba backbones).  Read next: megabyte.py.
 """
@@ -140,7 +128,28 @@ class Config:
                 raise ValueError(f"--{bad[0]}={getattr(self, bad[0])} has no effect here; it needs {needs}")
 
 
-# --- Sec. 2.2: DDPM forward process, cosine schedule; DDPM and DDIM samplers --------------------------------------
+# --- Sec. 3.3: Transfusion attention -- causal across the sequence, bidirectional inside each image ----------------
+
+def attention_mask(gid, drop=None, bidirectional=True):
+    """gid: (B, T) the image id of each position (-1 at text) -> (B, 1, T, T) bool, True = query i may attend to key j
+    (as SDPA takes it): allowed[i, j] = (j <= i) or (i and j are patches of the same image). A text token sees its past
+    (an image once its <eoi> is behind), <boi> sees its past, every patch sees its whole image. bidirectional=False:
+    causal everywhere (the paper's ablation). drop: (B, T) bool, True on the patches of images whose condition is
+    dropped (classifier-free guidance): they see only their own image and its <boi>."""
+    B, T = gid.shape
+    allowed = torch.ones(T, T, dtype=torch.bool, device=gid.device).tril().expand(B, T, T)   # causal: j <= i
+    same = (gid[:, :, None] == gid[:, None, :]) & (gid[:, :, None] >= 0)   # i and j in the same image
+    if bidirectional:
+        allowed = allowed | same                                          # a patch sees its whole image
+    if drop is not None and bool(drop.any()):   # unconditional images (CFG): their own patches and <boi> only
+        nxt = torch.cat([gid[:, 1:], gid.new_full((B, 1), -1)], 1)                   # the image id at i + 1
+        boi_of = torch.where((gid < 0) & (nxt >= 0), nxt, gid.new_full((B, T), -2))   # <boi> -> its image id
+        own = (same | (boi_of[:, None, :] == gid[:, :, None])) & allowed
+        allowed = torch.where(drop[:, :, None], own, allowed)
+    return allowed[:, None]
+
+
+# --- Sec. 2.2: DDPM -- the forward process (noising) on a cosine schedule; the reverse process (DDPM, DDIM) --------
 
 class Diffusion(nn.Module):
     """Noise schedule (buffers only) + q_sample + the two samplers. Time t is an integer in [0, T)."""
@@ -185,25 +194,13 @@ class Diffusion(nn.Module):
         return x
 
 
-def randn(shape, generator, device):
-    """torch.randn, or with a list of per-row generators one draw per row (so a batch equals its rows one by one)."""
-    if isinstance(generator, (list, tuple)):
-        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
-    return torch.randn(shape, generator=generator, device=device)
-
-
-def _groups(rows, key):   # rows grouped by key(row), in first-seen order
-    keys = [key(r) for r in rows]
-    return [[r for r, k in zip(rows, keys) if k == u] for u in dict.fromkeys(keys)]
-
+# --- Sec. 3.2: patch encoder and decoder (linear, or U-Net down/up blocks), conditioned on t ------------------------
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of integer timesteps (Transformer / DDPM). t: (N,) -> (N, dim)."""
     ang = t.float()[:, None] * torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     return torch.cat([ang.cos(), ang.sin()], dim=-1)
 
-
-# --- Sec. 3.2: patch encoder and decoder (linear, or U-Net down/up blocks), conditioned on t ------------------
 
 def unpatchify(p, cfg):
     """(N, n_patches, p*p*C) -> (N, C, H, W), data.py's layout: raster order of patches, each (p, p, C) channel last."""
@@ -282,11 +279,14 @@ class PatchCodec(nn.Module):
         return patchify(self.conv_out(u), self.cfg)
 
 
-# --- The model ----------------------------------------------------------------------------------------------------
+
+
+# --- The model: one backbone over the mixed sequence, two losses --------------------------------------------------
 
 def _build_backbone(cfg):
     """The transformer (or Mamba) that reads the mixed sequence: an LM with tok_emb, lm_head and forward_hidden.
-    Routing comes from batch["modality"] and images have no token ids, so modality_offsets are dummies."""
+    Routing comes from batch["modality"] and images have no token ids, so modality_offsets are dummies. Pre-norm by
+    default: with post-norm (Chameleon's) the encoded patches outscale the text embeddings in the first attention."""
     common = dict(vocab_size=cfg.vocab_size, n_modalities=cfg.n_modalities, seq_len=cfg.seq_len, n_layer=cfg.n_layer,
                   d_model=cfg.d_model, modality_offsets=tuple(range(cfg.n_modalities)))
     if cfg.backbone in ("dense", "mot"):
@@ -311,107 +311,24 @@ class Transfusion(nn.Module):
         if cfg.lmfusion:
             self.load_lmfusion(cfg.lmfusion)
 
-    # -- Sec. 3.3: the attention mask --------------------------------------------------------------------------------
-    def attention_mask(self, gid, drop=None):
-        """gid: (B, T) global image id of each position (-1 for text); drop: (B, T) bool, True on patches of images
-        whose condition is dropped -> (B, 1, T, T) bool, True = query i may attend to key j (as SDPA takes it)."""
-        B, T = gid.shape
-        allowed = torch.ones(T, T, dtype=torch.bool, device=gid.device).tril().expand(B, T, T)   # causal: j <= i
-        same = (gid[:, :, None] == gid[:, None, :]) & (gid[:, :, None] >= 0)   # i and j in the same image
-        if self.cfg.image_attn == "bidirectional":
-            allowed = allowed | same                                          # a patch sees its whole image
-        if drop is not None and bool(drop.any()):
-            # unconditional image (CFG): its patches see only their own image and their <boi>
-            nxt = torch.cat([gid[:, 1:], gid.new_full((B, 1), -1)], 1)
-            boi_of = torch.where((gid < 0) & (nxt >= 0), nxt, gid.new_full((B, T), -2))   # <boi> -> its image id
-            own = (same | (boi_of[:, None, :] == gid[:, :, None])) & allowed
-            allowed = torch.where(drop[:, :, None], own, allowed)
-        return allowed[:, None]
-
-    # -- images in a batch: gather patches of each image into (N_img, n_patches, patch_dim) ---------------------------
-    def _images(self, image_index):
-        """image_index: (B, T) -> gid (B, T) global image id, slot (B, T) patch index inside its image, N_img."""
-        (B, T), is_img = image_index.shape, image_index >= 0
-        per_row = (image_index.max(1).values + 1).clamp(min=0)                      # images per row
-        row_base = torch.cumsum(per_row, 0) - per_row
-        gid = torch.where(is_img, image_index + row_base[:, None], torch.full_like(image_index, -1))
-        n_img = int(per_row.sum())
-        pos = torch.arange(T, device=image_index.device).expand(B, T)
-        first = torch.full((n_img + 1,), T, dtype=torch.long, device=image_index.device)
-        first = first.scatter_reduce(0, (gid % (n_img + 1))[is_img], pos[is_img], "amin")
-        slot = torch.where(is_img, pos - first[gid.clamp(min=0)], torch.full_like(pos, -1))
-        if is_img.any() and int(slot.max()) >= self.cfg.n_patches:
-            raise ValueError(f"an image has more than n_patches={self.cfg.n_patches} patches; check image_index")
-        return gid, slot, n_img
-
-    def _gather(self, v, gid, slot, n_img):
-        """Per-position values v (B, T, F) of every image -> (N_img, n_patches, F) (zeros where a patch is absent)."""
-        is_img = gid >= 0
-        return v.new_zeros(n_img, self.cfg.n_patches, v.shape[-1]).index_put((gid[is_img], slot[is_img]), v[is_img])
-
-    def _embed(self, tokens, xt, t, gid, slot):
-        """Input vectors: token embeddings at text positions, encoded noisy patches at image positions."""
-        x, skips, is_img = self.backbone.tok_emb(tokens), None, gid >= 0             # (B, T, D)
-        if xt is not None and len(xt):
-            e, skips = self.codec.encode(xt, t)                                      # (N_img, n_patches, D)
-            x = x.masked_scatter(is_img[..., None], e[gid[is_img], slot[is_img]].to(x.dtype))
-        return x, skips
-
-    def _eps(self, h, gid, slot, n_img, ctx):
-        """Gather the transformer outputs of every image back into (N_img, n_patches, D), decode to eps."""
-        out = self.codec.decode(self._gather(h, gid, slot, n_img), ctx).float()
-        if self.cfg.eps_param == "v":
-            # v-prediction (Salimans & Ho 2022): x_0 = sqrt(ab) x_t - sqrt(1 - ab) v has no 1/sqrt(ab) error blow-up
-            ab = self.diffusion.alpha_bar[ctx["t"]].view(-1, 1, 1)
-            out = ab.sqrt() * out + (1 - ab).sqrt() * ctx["xt"].float()
-        return out
-
-    def _check(self, batch):
-        tok, modality, rid, p, ii = (batch.get(k) for k in ("tokens", "modality", "row_id", "patches", "image_index"))
-        T, M = self.cfg.seq_len, self.cfg.n_modalities
-        if not (isinstance(tok, torch.Tensor) and tok.dtype == torch.long and tok.ndim == 2) or tok.shape[1] > T:
-            raise ValueError(f"batch['tokens'] must be an int64 tensor of shape (B, T <= seq_len={T}); convert with "
-                             ".long(), crop it or raise --seq_len")
-        if modality is None or modality.shape != tok.shape or modality.dtype != torch.long or (
-                modality.numel() and int(modality.max()) >= M):
-            raise ValueError(f"batch['modality'] must be an int64 (B, T) tensor like tokens with ids < n_modalities="
-                             f"{M} (data.py provides it; or set --n_modalities)")
-        if ii is not None and bool((ii >= 0).any()) and (
-                p is None or p.shape[:2] != tok.shape or p.shape[2] != self.cfg.patch_dim):
-            raise ValueError(f"batch['patches'] must be (B, T, {self.cfg.patch_dim}) float at image positions; "
-                             "use data.make_data('transfusion')")
-        if rid is not None and (rid.dtype != torch.long or tuple(rid.shape) != tok.shape[:1]):
-            raise ValueError(f"batch['row_id'] must be an int64 tensor of shape ({tok.shape[0]},); data.py makes it")
-
-    def _draws(self, batch, per_row, dev):
-        """Every image's u (N,) -> t, noise (N, n_patches, patch_dim), u_drop (N,) -> condition dropout. With
-        batch["row_id"], each row draws from a generator seeded by (model seed, row_id): the same draws in any split
-        of the batch (micro-batches, DDP ranks). Without it, torch's RNG. Eval: fixed draws (seed 1234) either way."""
-        shape, rid = (self.cfg.n_patches, self.cfg.patch_dim), batch.get("row_id")
-        draw = lambda k, g, d: (torch.rand(k, generator=g, device=d), torch.randn(k, *shape, generator=g, device=d),
-                                torch.rand(k, generator=g, device=d))
-        if rid is None:
-            return draw(int(per_row.sum()), None if self.training else torch.Generator(dev).manual_seed(1234), dev)
-        base = self.noise_seed if self.training else 1234      # CPU generators: the same draws on any device
-        draws = [draw(k, torch.Generator().manual_seed((base * 0x9E3779B97F4A7C15 + r) % 2 ** 64), "cpu")
-                 for r, k in zip(rid.tolist(), per_row.tolist())]
-        return tuple(torch.cat(d).to(dev) for d in zip(*draws))
+    def attention_mask(self, gid, drop=None):           # Sec. 3.3: the mask above, with this model's cfg.image_attn
+        return attention_mask(gid, drop, self.cfg.image_attn == "bidirectional")
 
     # -- Sec. 3.4: L = L_LM + lambda * L_DDPM (Eq. 5) ---------------------------------------------------------------
     def forward(self, batch):
-        # batch: tokens/modality/targets (B, T), patches (B, T, patch_dim), image_index (B, T), image_first (B, T),
-        # optional row_id (B,) -> logits (B, T, V), loss, parts {loss_<modality name>}
+        # batch: tokens/modality/targets (B, T), patches (B, T, patch_dim), image_index (B, T) (index of the image in
+        # its row, -1 at text), image_first (B, T), row_id (B,) (optional) -> logits (B, T, V), loss, {loss_<name>}
         self._check(batch)
         cfg, tokens, modality, targets = self.cfg, batch["tokens"], batch["modality"], batch.get("targets")
         image_index = batch.get("image_index", torch.full_like(tokens, -1))
-        gid, slot, n_img = self._images(image_index)
+        gid, slot, n_img = self._images(image_index)    # (B, T) image id in the batch (-1: text), patch slot in it
         is_img, dev = gid >= 0, tokens.device
         xt = t = drop = None
         if n_img:
-            x0 = self._gather(batch["patches"].float(), gid, slot, n_img)
+            x0 = self._gather(batch["patches"].float(), gid, slot, n_img)          # (N_img, n_patches, patch_dim)
             u, noise, u_drop = self._draws(batch, (image_index.max(1).values + 1).clamp(min=0), dev)
-            # Sec. 3.4: every image gets its own t ~ U{0..T-1}. Sec. 4 (image noising): an image that precedes its
-            # caption is noised at most to t = noise_limit (500), so the caption that follows sees a recognisable image
+            # every image gets its own t ~ U{0..T-1}. Sec. 4 (noise limiting): an image that precedes its caption is
+            # noised at most to t = noise_limit, so the caption that follows sees a recognisable image
             t_max = torch.full((n_img,), cfg.diffusion_steps, device=dev)
             if cfg.noise_limit and "image_first" in batch:
                 first = self._gather(batch["image_first"][..., None].float(), gid, slot, n_img).amax(1)[:, 0] > 0
@@ -419,7 +336,7 @@ class Transfusion(nn.Module):
             t = (u * t_max).long().clamp(max=cfg.diffusion_steps - 1)
             if "diffusion_t" in batch:                       # evaluation at one fixed t (loss per timestep bucket)
                 t = torch.full_like(t, int(batch["diffusion_t"]))
-            xt = self.diffusion.q_sample(x0, t, noise)
+            xt = self.diffusion.q_sample(x0, t, noise)       # Sec. 2.2, Eq. 3
             if self.training and cfg.cond_dropout > 0:       # classifier-free guidance: drop the caption sometimes
                 drop = (u_drop < cfg.cond_dropout)[gid.clamp(min=0)] & is_img
         x, skips = self._embed(tokens, xt, t, gid, slot)
@@ -427,7 +344,7 @@ class Transfusion(nn.Module):
         logits = self.backbone.lm_head(h)                           # (B, T, V)
         if targets is None:
             return logits, None, {}
-        # Sec. 2.1: LM loss on discrete positions, never at or into a patch; reported per predicted modality
+        # Sec. 2.1, Eq. 1: L_LM on discrete positions, never at or into a patch; reported per predicted modality
         lm_mask, tm = (targets != -1) & ~is_img, batch.get("target_modality", modality)
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
         ce = ce.view_as(targets) * lm_mask
@@ -435,23 +352,44 @@ class Transfusion(nn.Module):
         parts = {f"loss_{cfg.modality_names[m]}": (ce[sel].sum() / sel.sum()).detach()
                  for m in range(cfg.n_modalities) if (sel := lm_mask & (tm == m)).any()}
         if n_img:
-            # Sec. 2.2: epsilon-prediction MSE, averaged over each image's present patches, then over images
+            # Sec. 2.2, Eq. 4: L_DDPM = ||eps - eps_theta(x_t, t, c)||^2, averaged over each image's present patches
+            # (a partial image at the end of a packed row: data.py truncates), then over images
             valid = self._gather(is_img[..., None].float(), gid, slot, n_img)[..., 0]
             se = ((self._eps(h, gid, slot, n_img, skips) - noise) ** 2).mean(-1) * valid
             per_img = se.sum(1) / valid.sum(1).clamp(min=1)
             if cfg.loss_weight != "uniform" and "diffusion_t" not in batch and self.training:
-                # Min-SNR-5 (Hang et al. 2023): min(SNR, 5) / SNR; truncated SNR (Salimans & Ho): max(SNR, 1) / SNR
+                # trunc_snr (Salimans & Ho): max(SNR, 1) / SNR, the x_0-MSE where SNR < 1: at high t, where the caption
+                # decides the image, eps-MSE ~ SNR * x_0-MSE barely trains the caption path. min_snr: min(SNR, 5) / SNR
                 snr = self.diffusion.alpha_bar[t] / (1 - self.diffusion.alpha_bar[t])
                 per_img = per_img * (snr.clamp(max=5.0) if cfg.loss_weight == "min_snr" else snr.clamp(min=1.0)) / snr
-            loss = loss + cfg.lam * per_img.mean()
+            loss = loss + cfg.lam * per_img.mean()                  # Sec. 3.4, Eq. 5
             parts[f"loss_{cfg.modality_names[IMAGE]}"] = per_img.mean().detach()
         return logits, loss, parts
 
-    # -- inference: noise prediction with classifier-free guidance ----------------------------------------------------
+    def _embed(self, tokens, xt, t, gid, slot):
+        """Input vectors (Sec. 3.1): token embeddings at text positions, encoded noisy patches at image positions."""
+        x, skips, is_img = self.backbone.tok_emb(tokens), None, gid >= 0             # (B, T, D)
+        if xt is not None and len(xt):
+            e, skips = self.codec.encode(xt, t)                                      # (N_img, n_patches, D)
+            x = x.masked_scatter(is_img[..., None], e[gid[is_img], slot[is_img]].to(x.dtype))
+        return x, skips
+
+    def _eps(self, h, gid, slot, n_img, ctx):
+        """eps_theta: the transformer outputs of every image, gathered to (N_img, n_patches, D), decoded to eps."""
+        out = self.codec.decode(self._gather(h, gid, slot, n_img), ctx).float()
+        if self.cfg.eps_param == "v":
+            # v-prediction (Salimans & Ho 2022): x_0 = sqrt(ab) x_t - sqrt(1 - ab) v has no 1/sqrt(ab) error blow-up
+            # (a plain eps head's error near t = T is multiplied by 1/sqrt(ab) in x_0: saturated samples)
+            ab = self.diffusion.alpha_bar[ctx["t"]].view(-1, 1, 1)
+            out = ab.sqrt() * out + (1 - ab).sqrt() * ctx["xt"].float()
+        return out
+
+    # -- Sec. 3.5: inference -- noise prediction with classifier-free guidance, then mixed-modal decoding ------------
     def predict_eps(self, prefix, xt, t, guidance=None, image_index=None, patches=None):
         """prefix: (B, Tp) int64 ending with <boi>, earlier images given by image_index (B, Tp) and clean patches
         (B, Tp, patch_dim) (they enter as images: t = 0, image mask); xt: (B, n_patches, patch_dim) the new image at
-        time t (B,) -> guided eps = eps_c + (g - 1)(eps_c - eps_u) (g = 1: exactly conditional), one batch of 2B."""
+        time t (B,) -> guided eps = eps_c + (g - 1)(eps_c - eps_u) (g = 1: exactly conditional), one batch of 2B.
+        The unconditional half drops the condition with the training mask: the new image sees only itself and <boi>."""
         cfg, g = self.cfg, self.cfg.guidance if guidance is None else guidance
         (B, Tp), n, dev = prefix.shape, cfg.n_patches, xt.device
         ii = prefix.new_full((B, Tp), -1) if image_index is None else image_index
@@ -479,40 +417,15 @@ class Transfusion(nn.Module):
         return self.diffusion.sample(lambda xt, t: self.predict_eps(prefix, xt, t, guidance, image_index, patches),
                                      x, steps or cfg.sample_steps, sampler or cfg.sampler, cfg.clip_x0, generator)
 
-    @staticmethod
-    def _append(r, tok, ii, pp):   # extend a decoding row: tokens, image index, patches
-        r["tok"], r["ii"] = (torch.cat([r[k], r[k].new_tensor(v)]) for k, v in (("tok", tok), ("ii", ii)))
-        r["pp"] = torch.cat([r["pp"], pp])
-
-    def _text_step(self, grp, temperature, use_cache):
-        """One decoding step of rows with equal length and equal cached length, as one batch; images in the context
-        enter clean (t = 0). The KV cache (dense / MoT) holds what a row has read; it is dropped after an image,
-        which is read again whole (with its mask)."""
-        done, kw = grp[0]["done"], {}
-        tok, ii, pp = (torch.stack([r[k] for r in grp])[:, done:] for k in ("tok", "ii", "pp"))
-        if use_cache and self.cfg.backbone in ("dense", "mot"):
-            kw = dict(pos0=done, caches=[{k: torch.cat([r["cache"][i][k] for r in grp]) for k in ("k", "v")} if done
-                                         else {} for i in range(len(self.backbone.blocks))])
-        gid, slot, n_img = self._images(ii)
-        x, _ = self._embed(tok, self._gather(pp, gid, slot, n_img), gid.new_zeros(n_img), gid, slot)
-        h = self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, self.attention_mask(gid) if n_img else None,
-                                         **kw)
-        logits, caches = self.backbone.lm_head(h[:, -1]).float(), kw.get("caches")
-        for j, r in enumerate(grp):
-            nxt = (int(torch.multinomial(F.softmax(logits[j] / temperature, -1), 1, generator=r["g"]))
-                   if temperature > 0 else int(logits[j].argmax()))
-            if caches is not None:
-                r["cache"], r["done"] = [{k: c[k][j:j + 1] for k in c} for c in caches], len(r["tok"])
-            self._append(r, [nxt], [-1], pp.new_zeros(1, self.cfg.patch_dim))
-
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, patches=None, image_index=None, seeds=None,
                  use_cache=True):
         """idx: (B, Tp) int64, with images given by image_index (B, Tp) and patches (B, Tp, patch_dim) -> tokens
         (B, Tp + max_new_tokens), id 0 at generated patches; self.last_images[b]: row b's images (n_patches, patch_dim).
-        Text greedy at temperature 0; a row whose last token is <boi> (if the image fits) goes to diffusion mode, its
-        earlier images read as images, then <eoi>. Rows of equal length run as one batch: a batch gives what each row
-        gives alone. seeds: one int per row for its sampling and sampler noise (default: from torch's RNG)."""
+        Sec. 3.5: text autoregressively (greedy at temperature 0); a row ending with <boi> (if the image fits) goes to
+        diffusion mode: n_patches noise patches denoised with the row so far as context (earlier images read as
+        images), then <eoi>, then text again. A batch gives what each row gives alone; seeds: one int per row for its
+        sampling and sampler noise (default: from torch's RNG). use_cache: the KV-cached speed path (dense / MoT)."""
         cfg = self.cfg
         if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2 or \
                 idx.shape[1] + max_new_tokens > cfg.seq_len:
@@ -525,6 +438,7 @@ class Transfusion(nn.Module):
         rows = [dict(b=b, tok=idx[b], ii=ii[b], pp=pp[b], done=0, g=torch.Generator(device=dev).manual_seed(seeds[b]))
                 for b in range(B)]
         self.last_images = [[] for _ in range(B)]      # (inference needs no eval(): no layer differs in training)
+        step = self._text_step_cached if use_cache and cfg.backbone in ("dense", "mot") else self._text_step
         while any(len(r["tok"]) < end for r in rows):
             boi = [r for r in rows if int(r["tok"][-1]) == cfg.boi_id and end - len(r["tok"]) > n]
             for grp in _groups(boi, lambda r: len(r["tok"])):       # diffusion mode, rows of one length batched
@@ -536,8 +450,27 @@ class Transfusion(nn.Module):
                     r["done"] = 0
                     self.last_images[r["b"]].append(img)
             for grp in _groups([r for r in rows if len(r["tok"]) < end], lambda r: (len(r["tok"]), r["done"])):
-                self._text_step(grp, temperature, use_cache)
+                step(grp, temperature)                               # text mode, rows of one length batched
         return torch.stack([r["tok"] for r in rows])
+
+    def _text_step(self, grp, temperature, start=0, **cache):
+        """One decoding step of rows of equal length, as one batch: read each row from position `start` (0: whole),
+        its images clean (t = 0), and append each row's next token (sampled at temperature; greedy at 0)."""
+        tok, ii, pp = (torch.stack([r[k] for r in grp])[:, start:] for k in ("tok", "ii", "pp"))
+        gid, slot, n_img = self._images(ii)
+        x, _ = self._embed(tok, self._gather(pp, gid, slot, n_img), gid.new_zeros(n_img), gid, slot)
+        h = self.backbone.forward_hidden(x, (gid >= 0).long() * IMAGE, self.attention_mask(gid) if n_img else None,
+                                         **cache)
+        logits = self.backbone.lm_head(h[:, -1]).float()
+        for j, r in enumerate(grp):
+            nxt = (int(torch.multinomial(F.softmax(logits[j] / temperature, -1), 1, generator=r["g"]))
+                   if temperature > 0 else int(logits[j].argmax()))
+            self._append(r, [nxt], [-1], pp.new_zeros(1, self.cfg.patch_dim))
+
+    @staticmethod
+    def _append(r, tok, ii, pp):   # extend a decoding row: tokens, image index, patches
+        r["tok"], r["ii"] = (torch.cat([r[k], r[k].new_tensor(v)]) for k, v in (("tok", tok), ("ii", ii)))
+        r["pp"] = torch.cat([r["pp"], pp])
 
     # -- evaluation: generation scored by data.py, diffusion loss per timestep bucket ---------------------------------
     @torch.no_grad()
@@ -633,6 +566,80 @@ class Transfusion(nn.Module):
         image = {id(p) for m in range(1, self.cfg.n_modalities) for p in self.backbone.modality_parameters(m)}
         for p in self.backbone.parameters():
             p.requires_grad_(id(p) in image)
+
+    # ==== Bookkeeping: per-row random draws, input checks ============================================================
+    def _draws(self, batch, per_row, dev):
+        """Every image's u (N,) -> t, noise (N, n_patches, patch_dim), u_drop (N,) -> condition dropout. With
+        batch["row_id"], each row draws from a generator seeded by (model seed, row_id): the same draws in any split
+        of the batch (micro-batches, DDP ranks). Without it, torch's RNG. Eval: fixed draws (seed 1234) either way."""
+        shape, rid = (self.cfg.n_patches, self.cfg.patch_dim), batch.get("row_id")
+        draw = lambda k, g, d: (torch.rand(k, generator=g, device=d), torch.randn(k, *shape, generator=g, device=d),
+                                torch.rand(k, generator=g, device=d))
+        if rid is None:
+            return draw(int(per_row.sum()), None if self.training else torch.Generator(dev).manual_seed(1234), dev)
+        base = self.noise_seed if self.training else 1234      # CPU generators: the same draws on any device
+        draws = [draw(k, torch.Generator().manual_seed((base * 0x9E3779B97F4A7C15 + r) % 2 ** 64), "cpu")
+                 for r, k in zip(rid.tolist(), per_row.tolist())]
+        return tuple(torch.cat(d).to(dev) for d in zip(*draws))
+
+    def _check(self, batch):   # the batch forward reads: one ValueError naming the fix
+        tok, mod, rid, p, ii = (batch.get(k) for k in ("tokens", "modality", "row_id", "patches", "image_index"))
+        T, M, P = self.cfg.seq_len, self.cfg.n_modalities, self.cfg.patch_dim
+        if not (isinstance(tok, torch.Tensor) and tok.dtype == torch.long and tok.ndim == 2) or tok.shape[1] > T:
+            raise ValueError(f"batch['tokens'] must be an int64 tensor of shape (B, T <= seq_len={T}); convert with "
+                             ".long(), crop it or raise --seq_len")
+        if mod is None or mod.shape != tok.shape or mod.dtype != torch.long or (mod.numel() and int(mod.max()) >= M):
+            raise ValueError(f"batch['modality'] must be an int64 (B, T) tensor like tokens with ids < n_modalities="
+                             f"{M} (data.py provides it; or set --n_modalities)")
+        if ii is not None and bool((ii >= 0).any()) and (p is None or tuple(p.shape) != (*tok.shape, P)):
+            raise ValueError(f"batch['patches'] must be (B, T, {P}) float at image positions; use data.make_data")
+        if rid is not None and (rid.dtype != torch.long or tuple(rid.shape) != tok.shape[:1]):
+            raise ValueError(f"batch['row_id'] must be an int64 tensor of shape ({tok.shape[0]},); data.py makes it")
+
+    # ==== Speed paths: same results as the plain forms above, faster (tests/test_transfusion.py holds them equal) ====
+    def _text_step_cached(self, grp, temperature):
+        """_text_step with a KV cache (dense / MoT): rows of equal length and equal cached length read only their
+        positions after the cache. The cache is dropped after an image, which is then read again whole (its mask)."""
+        done = grp[0]["done"]
+        caches = [{k: torch.cat([r["cache"][i][k] for r in grp]) for k in ("k", "v")} if done else {}
+                  for i in range(len(self.backbone.blocks))]
+        self._text_step(grp, temperature, done, pos0=done, caches=caches)       # fills caches in place
+        for j, r in enumerate(grp):
+            r["cache"], r["done"] = [{k: c[k][j:j + 1] for k in c} for c in caches], len(r["tok"]) - 1
+
+    # batched gathers: every image of a batch in one (N_img, n_patches, .) tensor, so the codec runs once per batch
+    def _images(self, image_index):
+        """image_index: (B, T) -> gid (B, T) global image id, slot (B, T) patch index inside its image, N_img."""
+        (B, T), is_img = image_index.shape, image_index >= 0
+        per_row = (image_index.max(1).values + 1).clamp(min=0)                      # images per row
+        row_base = torch.cumsum(per_row, 0) - per_row
+        gid = torch.where(is_img, image_index + row_base[:, None], torch.full_like(image_index, -1))
+        n_img = int(per_row.sum())
+        pos = torch.arange(T, device=image_index.device).expand(B, T)
+        first = torch.full((n_img + 1,), T, dtype=torch.long, device=image_index.device)
+        first = first.scatter_reduce(0, (gid % (n_img + 1))[is_img], pos[is_img], "amin")
+        slot = torch.where(is_img, pos - first[gid.clamp(min=0)], torch.full_like(pos, -1))
+        if is_img.any() and int(slot.max()) >= self.cfg.n_patches:
+            raise ValueError(f"an image has more than n_patches={self.cfg.n_patches} patches; check image_index")
+        return gid, slot, n_img
+
+    def _gather(self, v, gid, slot, n_img):
+        """Per-position values v (B, T, F) of every image -> (N_img, n_patches, F) (zeros where a patch is absent)."""
+        is_img = gid >= 0
+        return v.new_zeros(n_img, self.cfg.n_patches, v.shape[-1]).index_put((gid[is_img], slot[is_img]), v[is_img])
+
+
+# batched rows (generate, evaluation): rows of a batch decoded together give what each row gives alone
+def _groups(rows, key):   # rows grouped by key(row), in first-seen order
+    keys = [key(r) for r in rows]
+    return [[r for r, k in zip(rows, keys) if k == u] for u in dict.fromkeys(keys)]
+
+
+def randn(shape, generator, device):
+    """torch.randn, or with a list of per-row generators one draw per row (so a batch equals its rows one by one)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
 
 
 MODELS = {

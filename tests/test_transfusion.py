@@ -1,7 +1,8 @@
 """Tests for transfusion.py: the mask, the losses, isolation of the image modules, the schedule and samplers,
 guidance, causality, cached and per-row generation (earlier images read as images), per-row diffusion draws (a split
 batch = the whole batch, exact resume), LMFusion's frozen text model and its safe checkpoint loading, settings and
-keys without effect. Tiny models, CPU, a few seconds each."""
+keys without effect. Every speed path against its plain form: batched image gathers (a loop over images), the KV
+cache (recompute), batched rows (one row at a time). Tiny models, CPU, a few seconds each."""
 import os
 import sys
 
@@ -68,8 +69,10 @@ def test_mask_position_by_position(backbone):
     assert m[0, last + 1, :last + 2].all()                         # <eoi> sees everything before it
     drop = (gid >= 0) & (gid == gid[0, first])
     assert torch.equal(model.attention_mask(gid, drop)[:, 0], reference_mask(gid, drop))
+    assert torch.equal(tf.attention_mask(gid, drop), model.attention_mask(gid, drop))   # the method = the function
     causal = tf.Transfusion(tiny_cfg(image_attn="causal")[0]).attention_mask(gid)[:, 0]
     assert torch.equal(causal, torch.ones(gid.shape[1], gid.shape[1], dtype=torch.bool).tril().expand_as(causal))
+    assert torch.equal(tf.attention_mask(gid, bidirectional=False)[:, 0], causal)
 
 
 def test_images_gathered_with_truncation():
@@ -80,6 +83,37 @@ def test_images_gathered_with_truncation():
     for g in range(n_img):                                        # each image: consecutive slots 0..k-1
         s = slot[gid == g]
         assert torch.equal(s, torch.arange(len(s)))
+
+
+def test_batched_image_gather_equals_a_loop_over_images():
+    """Speed path: _images / _gather put every image of a batch in one (N_img, n_patches, .) tensor and _embed
+    scatters the encoded patches back; the same as a loop over rows and images, in values and gradients."""
+    model, ds = tiny()
+    b = ds.get_batch("train", 4, 3)
+    ii, n, F_ = b["image_index"], model.cfg.n_patches, 5
+    gid, slot, n_img = model._images(ii)
+    v = torch.randn(*ii.shape, F_, requires_grad=True)
+    ref, pos_of = [], []
+    for r in range(ii.shape[0]):                                  # images in row order, patches in sequence order
+        for k in range(int(ii[r].max()) + 1):
+            pos = (ii[r] == k).nonzero()[:, 0]
+            ref.append(torch.cat([v[r, pos], v.new_zeros(n - len(pos), F_)]))
+            pos_of.append((r, pos))
+    assert len(ref) == n_img and any(len(p) < n for _, p in pos_of)   # a truncated image is among them
+    assert bool((gid[ii < 0] == -1).all())
+    for g, (r, pos) in enumerate(pos_of):
+        assert torch.equal(gid[r, pos], torch.full_like(pos, g)) and torch.equal(slot[r, pos], torch.arange(len(pos)))
+    out, ref = model._gather(v, gid, slot, n_img), torch.stack(ref)
+    assert torch.equal(out, ref)
+    w = torch.randn_like(out)
+    assert torch.equal(*(torch.autograd.grad((o * w).sum(), v)[0] for o in (out, ref)))
+    # _embed: token embeddings at text positions, the encoded patch (image g, slot s) at its position
+    xt, t = torch.randn(n_img, n, model.cfg.patch_dim), torch.randint(0, 1000, (n_img,))
+    x, _ = model._embed(b["tokens"], xt, t, gid, slot)
+    e, _ = model.codec.encode(xt, t)
+    assert torch.equal(x[ii < 0], model.backbone.tok_emb(b["tokens"])[ii < 0])
+    for g, (r, pos) in enumerate(pos_of):
+        assert torch.equal(x[r, pos], e[g, :len(pos)])
 
 
 def test_patchify_matches_data():

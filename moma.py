@@ -16,7 +16,7 @@ Glossary (paper -> code)
     Gumbel-sigmoid noise, s       cfg.gumbel, in training only                                        (Eq. 5)
     auxiliary router              AuxRouter (D -> cfg.aux_hidden -> E_m), BCE on the EC choices       (Sec. 2.4)
     MoD router, capacity beta     Block.mod_router, cfg.mod_capacity; every cfg.mod_every-th layer    (Sec. 2.3)
-    upcycling                     cfg.upcycle_from (a train.py ckpt.pt of a 1t1i MoMa), cfg.upcycle_noise (Sec. 2.5)
+    upcycling                     cfg.upcycle_from (a ckpt.pt of a 1t1i MoMa), cfg.upcycle_noise      (Sec. 2.5)
 Training always routes by EC. Outside training cfg.routing picks "aux" (causal: what generate uses, the headline
 eval loss) or "ec" (the paper's non-causal loss); every eval reports the other routing beside it (loss_ec, loss_aux).
 
@@ -26,7 +26,7 @@ train alongside the main model (the paper: a second stage, MoMa.fit_aux_routers)
 The default `moma` has half-width experts at c = 2 (the paper's full-width experts at c = 1 is `moma-paper`): the
 same active FLOPs, fewer dropped tokens at toy scale. Upcycling splits the parent's hidden units when the experts are
 narrower. The MoD output is scaled by sigmoid(router score) (Raposo et al. use the raw score).
-Left out: the paper's scale (1.4B parameters, 1T tokens) and data; the image tokenizer (data.py's toy world).
+Left out: the paper's scale, data and image tokenizer (data.py's toy world stands in: the method is the same).
 The code: MoMaFFN.route (grouping, EC, aux routers) and MoMaFFN.forward (one matmul per expert) are the method; what
 runs by default is one grouped matmul over all experts (cfg.expert_impl, the speed-path section at the end).
 Run:  python train.py --compare dense,mot,moma --setting chameleon        python moma.py   (a demo)
@@ -156,7 +156,7 @@ class MoMaFFN(nn.Module):
             x_m = xf[idx]
             logits = (x_m @ self.router[m]).float()          # (n, E)
             gate = torch.sigmoid(logits)                      # Sec. 2.2: sigmoid gate, independent per expert
-            if mode == "ec":                                  # stage 2, expert choice: expert i takes its top k_e tokens
+            if mode == "ec":                                  # stage 2, expert choice: each expert takes k_e tokens
                 k = min(n, math.ceil(cfg.capacity_factor * n / E))
                 if self.training and cfg.gumbel > 0:         # Eq. 5: Gumbel-sigmoid, training only
                     u = torch.rand(2, *logits.shape, device=dev).clamp_(1e-9, 1 - 1e-9)
@@ -390,7 +390,7 @@ class MoMa(nn.Module):
         caches = [dict() for _ in self.blocks]
         out, new, start = idx, idx, 0
         for _ in range(max_new_tokens):
-            mod = checked_input(self, new, None)
+            mod = self.modality_of(new)
             pos = torch.arange(start, start + new.shape[1], device=idx.device).expand(idx.shape[0], -1)
             x, _ = self.trunk(new, mod, "aux", pos=pos, caches=caches)
             logits = self.lm_head(x[:, -1]).float()

@@ -1,67 +1,35 @@
-"""MoMa: Efficient Early-Fusion Pre-training with Mixture of Modality-Aware Experts (Lin et al. 2024), arXiv 2407.21770
+"""MoMa: Efficient Early-Fusion Pre-training with Mixture of Modality-Aware Experts
+Lin, Shrivastava, Luo et al., 2024 -- arXiv 2407.21770 (https://arxiv.org/abs/2407.21770)
 
-An early-fusion (Chameleon-style) transformer whose attention is shared by all tokens, while each feed-forward
-layer is split into *modality-aware expert groups*: text tokens may only visit text experts, image tokens only
-image experts. Routing is hierarchical (Sec. 2.2): first deterministically by the token's modality, then, inside
-the group, by learned *expert-choice* (EC) routing: every expert scores the group's tokens with a sigmoid gate
-and takes its top k_e of them, so the load is balanced by construction. A token can be chosen by
-0, 1 or several experts; their outputs are gate-weighted and summed; an unchosen token rides the residual.
-EC is not causal (an expert's top-k looks at the whole batch, future tokens included), so for autoregressive
-inference small *auxiliary routers* predict, from a token's own hidden state, whether each expert would have
-picked it (Sec. 2.4). Mixture-of-depths (MoD, Sec. 2.3) adds a per-layer router that lets only a fraction of
-the tokens through a layer. Upcycling (Sec. 2.5) starts a 4t4i model from a trained 1t1i one.
+An early-fusion (Chameleon-style) transformer whose attention is shared by all tokens, while every feed-forward layer
+is split into modality-aware expert groups: text tokens only visit text experts, image tokens only image experts.
+Inside its group a token meets expert-choice (EC) routing: every expert takes its top k_e tokens by a sigmoid gate,
+so the load is balanced by construction. EC looks at the whole batch, so for causal inference small auxiliary
+routers learn to predict, from a token's own hidden state, whether each expert would have taken it.
 
 Glossary (paper -> code)
-    modality groups / "4t4i"      cfg.experts = (4,)     experts per group, group m = modality m (0 text, 1 image)
-    E_m, expert e_{m,i}           MoMaFFN.w_up[g], w_down[g]   g = global expert id (groups laid out in order)
-    router W_m, gate sigmoid      MoMaFFN.router[m]  (D, E_m);  g_{m,i}(x) = sigmoid(x W_m)_i      (Sec. 2.2)
-    output sum_i g_{m,i} E_i(x)   MoMaFFN.forward: gate-weighted sum over the experts that chose x    (Eq. 1)
-    capacity factor c, k_e        cfg.capacity_factor;  k_e = ceil(c * T_m / E_m), T_m = modality-m tokens
-                                  (the paper writes c_e = 1/|E_m| for c = 1)
-    Gumbel-sigmoid (training)     cfg.gumbel: sigmoid(logits + s (G' - G'')), G', G'' ~ Gumbel(0, 1)    (Eq. 5)
-    auxiliary router              AuxRouter  (2-layer MLP, D -> cfg.aux_hidden -> E_m), BCE on the EC choices
-    MoD router, capacity beta     Block.mod_router (D -> 1), cfg.mod_capacity; MoD on every cfg.mod_every-th layer
-    upcycling                     cfg.upcycle_from (a train.py ckpt.pt of a 1t1i model), cfg.upcycle_noise
+    modality groups, "4t4i"       cfg.experts = (4,): experts per group; group m = modality m (0 text, 1 image)
+    expert e_{m,i}                MoMaFFN.w_up[g], w_down[g]; g = global expert id (groups laid out in order)
+    router W_m, gate g_{m,i}(x)   MoMaFFN.router[m] (D, E_m); gate = sigmoid(x W_m)                  (Sec. 2.2)
+    capacity factor c, k_e        cfg.capacity_factor; k_e = ceil(c * T_m / E_m), T_m = modality-m tokens
+                                  (the paper's c_e = 1/|E_m| is c = 1 here: `moma-paper`)
+    Gumbel-sigmoid noise, s       cfg.gumbel, in training only                                        (Eq. 5)
+    auxiliary router              AuxRouter (D -> cfg.aux_hidden -> E_m), BCE on the EC choices       (Sec. 2.4)
+    MoD router, capacity beta     Block.mod_router, cfg.mod_capacity; every cfg.mod_every-th layer    (Sec. 2.3)
+    upcycling                     cfg.upcycle_from (a ckpt.pt of a 1t1i MoMa), cfg.upcycle_noise      (Sec. 2.5)
+Training always routes by EC. Outside training cfg.routing picks "aux" (causal: what generate uses, the headline
+eval loss) or "ec" (the paper's non-causal loss); every eval reports the other routing beside it (loss_ec, loss_aux).
 
-How training and inference route (cfg.routing picks the routing used outside training):
-    training          EC inside each modality group (and EC top-k per row for MoD): exact, batch-level, non-causal
-    "aux" (default)   each token decides alone: expert i takes it iff aux_router_i(x) > cfg.aux_threshold
-                      (MoD likewise): causal, what `generate` uses with its KV cache. The headline eval loss.
-    "ec"              the training routing at eval: the paper's pre-training loss, which a model that generates
-                      token by token cannot reach (an expert's top-k sees future tokens and the other rows).
-    Every eval (with aux routers) also runs the other routing and reports it under its own name: loss_ec,
-    loss_<modality>_ec beside the causal loss, loss_<modality> (loss_*_aux when routing="ec"). The gap between the
-    two is the quality that causal inference loses.
-Expert choice's capacity k_e is computed over the tokens of ONE forward pass (all its rows), so the training loss
-depends on how the batch is split into micro-batches or DDP ranks: training equals another run exactly only when
-both see the same forward batches. The causal aux routing is per token, so its loss does not depend on the split.
-
-Auxiliary routers (Sec. 2.4): the paper trains them in a second stage with the main model frozen. Here they
-train *alongside* the main model by default, on detached hidden states with a straight-through-valued loss
-(loss value = LM loss, gradient of the BCE reaches only the aux routers). The main model then trains exactly as
-it would without them: their weights are drawn from a side random stream (the main model's init is the same
-with aux_router on or off), and MoMa.clip_grad_norm_ (which train.py calls in place of its global clip) clips their
-gradients apart from the main model's (one clip over both would let the aux routers' gradient shrink its steps). `MoMa.fit_aux_routers(batches)`
-runs the paper's stage 2 (main model frozen) after training, e.g.
-`model.fit_aux_routers(ds.get_batch("train", 16, 10**4 + i) for i in range(150))`.
-Their accuracy is logged as parts["router_acc"] (and "mod_router_acc").
-
-Experts and capacity ("4t4i"). The paper's 4t4i has four FULL-width experts per modality (each the size of the
-dense FFN) at capacity 1/|E_m|: each expert takes T_m / E_m tokens, a token is processed once on average, so the
-active FLOPs are the dense model's. That is `--capacity_factor=1` here (registered as `moma-paper`). The default
-here is different: four HALF-width experts at capacity factor c = 2 (expert_hidden = 0 picks ffn_hidden / c), so a
-token is still processed at the dense FFN's FLOPs on average (by 2 experts of half the width), with fewer dropped
-tokens at toy scale; the total FFN parameters per modality are 2x the dense FFN's instead of 4x. The extra active
-FLOPs are the routers (D x E_m per token) and the aux routers (trained alongside, forward + weight gradients).
-
-Departures: the EC batch is the whole forward batch (B x T tokens of a modality), not per sequence; norms are
-shared (only the FFN is modality-aware, as in the paper); upcycling splits the parent FFN's hidden units into
-the experts when they are narrower and scales down-projections by s / c (see MoMa.upcycle) so the expected FFN
-output equals the parent's; the MoD block output is scaled by sigmoid(router) (Raposo et al. use the raw weight).
-The eval pass runs the model twice (aux and EC routing); train.py counts FLOPs on training passes only.
-For plots: MoMa.history holds one record per eval forward (routed fraction per layer and expert under each
-routing, aux-router accuracy per layer); MoMa.aux_parameters() lists the auxiliary routers' parameters.
-Run:  python train.py --compare dense,mot,moma --setting chameleon
+Departures: the EC batch is the whole forward batch (B x T tokens of a modality), not one sequence, so the training
+loss depends on how a batch is split into micro-batches or ranks (the causal aux routing does not). The aux routers
+train alongside the main model (the paper: a second stage, MoMa.fit_aux_routers) without changing its training.
+The default `moma` has half-width experts at c = 2 (the paper's full-width experts at c = 1 is `moma-paper`): the
+same active FLOPs, fewer dropped tokens at toy scale. Upcycling splits the parent's hidden units when the experts are
+narrower. The MoD output is scaled by sigmoid(router score) (Raposo et al. use the raw score).
+Left out: the paper's scale, data and image tokenizer (data.py's toy world stands in: the method is the same).
+The code: MoMaFFN.route (grouping, EC, aux routers) and MoMaFFN.forward (one matmul per expert) are the method; what
+runs by default is one grouped matmul over all experts (cfg.expert_impl, the speed-path section at the end).
+Run:  python train.py --compare dense,mot,moma --setting chameleon        python moma.py   (a demo)
 Read first: mot.py (the dense and MoT baselines).  Read next: mom.py (the same idea for state-space models).
 """
 import math
@@ -98,6 +66,7 @@ class Config:
                                   # paper's 4t4i (full-width experts at capacity 1/|E_m|, `moma-paper`), 2 = half-width
     expert_hidden: int = 0        # hidden size of one expert; 0 = ffn_hidden / capacity_factor: dense FLOPs/token
     gumbel: float = 0.0           # scale s of the Gumbel-sigmoid noise in training (Eq. 5; 0 = off)
+    expert_impl: str = "grouped"  # "grouped": one grouped matmul over all experts (speed path); "loop": one per expert
     # Sec. 2.4: auxiliary routers for causal inference
     aux_router: bool = True
     aux_hidden: int = 16
@@ -117,31 +86,24 @@ class Config:
         modality_names="names", n_layer="int >= 1", n_head="int >= 1", d_model="int >= 1",
         ffn_hidden="int >= 0; 0 = 8/3 d_model rounded up to 16", rope_theta="float > 0", norm_eps="float in (0, 1)",
         norm_placement="one of pre|post", experts="ints >= 1", modality_aware="bool", capacity_factor="float > 0",
-        expert_hidden="int >= 0; 0 = ffn_hidden / capacity_factor", gumbel="float >= 0", aux_router="bool",
+        expert_hidden="int >= 0; 0 = ffn_hidden / capacity_factor", gumbel="float >= 0",
+        expert_impl="one of grouped|loop", aux_router="bool",
         aux_hidden="int >= 1", aux_threshold="float in (0, 1)", routing="one of ec|aux", mod="bool",
         mod_capacity="float in (0, 1]", mod_every="int >= 1", upcycle_from="path", upcycle_noise="float >= 0",
         init_std="float > 0")
 
-    def __post_init__(self):  # checks only (the trainer calls it again after its overrides): derived sizes are properties
+    def __post_init__(self):  # relations between fields (each field's range: RANGES); derived sizes are properties
         n_groups = self.n_modalities if self.modality_aware else 1
-        if len(self.experts) not in (1, n_groups) or min(self.experts) < 1:
-            raise ValueError(f"experts={self.experts} must give >= 1 expert for each of the {n_groups} groups "
-                             f"(or one number for all); e.g. --experts=(4,4) for chameleon, (4,4,4) for speech")
+        if len(self.experts) not in (1, n_groups):
+            raise ValueError(f"experts={self.experts} must give one number, or one for each of the {n_groups} groups; "
+                             f"e.g. --experts=(4,4) for chameleon, (4,4,4) for speech")
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ValueError(f"d_model={self.d_model} must be a multiple of 2*n_head={2 * self.n_head}; change one of them")
-        if self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0")
-        if self.routing not in ("ec", "aux"):
-            raise ValueError(f"routing={self.routing!r} is unknown; use 'ec' or 'aux'")
         if self.routing == "aux" and not self.aux_router:
             raise ValueError("routing='aux' (causal) needs the auxiliary routers; set aux_router=True "
                              "(or routing='ec' for the non-causal loss only)")
         if len(set(self.modality_names)) != len(self.modality_names):
             raise ValueError(f"modality_names={self.modality_names} must be distinct")
-        if self.norm_placement not in ("post", "pre"):
-            raise ValueError(f"norm_placement={self.norm_placement!r} is unknown; use 'post' or 'pre'")
-        if not 0 < self.mod_capacity <= 1:
-            raise ValueError(f"mod_capacity={self.mod_capacity} must be in (0, 1]")
 
     @property
     def group_experts(self):  # E_m for every group m (experts broadcast over the groups)
@@ -161,104 +123,10 @@ class Config:
         return self.mod and (layer + 1) % self.mod_every == 0
 
 
-def modality_names(cfg):
-    """One name per modality: cfg.modality_names (the data fills it), "modality<m>" for any it does not name."""
-    return tuple(cfg.modality_names[m] if m < len(cfg.modality_names) else f"modality{m}"
-                 for m in range(cfg.n_modalities))
-
-
-def side_stream(make):
-    """make() run on a side random stream seeded from the global one, which is then restored: modules built so
-    (the auxiliary routers) leave the main model's init, and every later draw, as they would be without them."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(2 ** 62, ())) ^ 0x5EED)
-        return make()
-
-
-# --- shared attention: RMSNorm, RoPE, causal SDPA (the same numerics and names as mot.py's dense model) --------
-class RMSNorm(nn.Module):
-    def __init__(self, d, eps):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        # x: (..., D) -> same shape; normalised in fp32 as mot.py
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
-
-
-def apply_rope(x, pos, theta):
-    """x (B, H, T, hd), pos (B, T) absolute positions -> x rotated (the two halves rotate as pairs, as mot.py)."""
-    hd = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    ang = pos.to(torch.float32)[:, None, :, None] * inv  # (B, 1, T, hd/2)
-    c, s = ang.cos(), ang.sin()
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).type_as(x)
-
-
-class Attention(nn.Module):
-    """Shared by all modalities: W_Q, W_K, W_V fused in one (D, 3D) matrix, W_O (D, D); global causal attention."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        D = cfg.d_model
-        self.n_head, self.theta = cfg.n_head, cfg.rope_theta
-        self.qkv = nn.Parameter(torch.randn(D, 3 * D) * cfg.init_std)
-        self.proj = nn.Parameter(torch.randn(D, D) * cfg.init_std / math.sqrt(2 * cfg.n_layer))
-
-    def forward(self, x, pos, key_ok=None, cache=None):
-        """x (B, T, D), pos (B, T) positions; key_ok (B, T) bool: which tokens may be attended to (MoD under aux
-        routing: tokens that skip the layer leave no key); cache: dict with k, v (B, H, Tc, hd) and ok (B, Tc),
-        appended to in place. -> (B, T, D)"""
-        B, T, D = x.shape
-        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (x @ self.qkv).split(D, -1))
-        q, k = apply_rope(q, pos, self.theta), apply_rope(k, pos, self.theta)  # (B, H, T, hd)
-        ok = key_ok if key_ok is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
-        past = 0
-        if cache is not None:
-            if "k" in cache:
-                past = cache["k"].shape[2]
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-                ok = torch.cat([cache["ok"], ok], 1)
-            cache["k"], cache["v"], cache["ok"] = k, v, ok
-        if key_ok is None and past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # causal over (cache + new) keys, only keys that are ok; a query always sees itself (no empty rows)
-            qi = torch.arange(T, device=x.device)[:, None] + past
-            kj = torch.arange(k.shape[2], device=x.device)[None, :]
-            mask = ((kj <= qi)[None] & ok[:, None, :]) | (kj == qi)[None]  # (B, T, Tk)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-        return y.transpose(1, 2).reshape(B, T, D) @ self.proj
-
-
-def compute_dtype(x):
-    """The dtype matmuls run in: autocast's when it is on (bf16 on CUDA), else x's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
-# --- Sec. 2.4: auxiliary router -------------------------------------------------------------------------------
-class AuxRouter(nn.Module):
-    """Predicts from one token's hidden state (B', D) whether each of n_out routers would select it -> logits."""
-
-    def __init__(self, d, hidden, n_out):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, n_out)
-
-    def forward(self, x):
-        return self.fc2(F.silu(self.fc1(x)))
-
-
-def bce_and_acc(logits, target):
-    """Aux-router loss (BCE against the EC choices) and accuracy (threshold 0.5 on the probability)."""
-    t = target.to(logits.dtype)
-    return F.binary_cross_entropy_with_logits(logits.float(), t.float()), ((logits > 0) == target).float().mean()
-
-
-# --- Sec. 2.2: modality-aware experts with expert-choice routing ------------------------------------------------
+# --- Sec. 2.2: modality-aware expert groups, expert-choice routing inside each group ------------------------------
 class MoMaFFN(nn.Module):
-    """All experts of all modality groups: SwiGLU experts stored as (G, D, 2H) and (G, H, D), run as ONE grouped
-    matmul per projection over (token, expert) pairs sorted by expert."""
+    """The FFN of one layer: E_m SwiGLU experts for each modality group m, all groups' experts stored together as
+    w_up (G, D, 2H) = [w1 | w3] and w_down (G, H, D); expert i of group m has global id g = first[m] + i."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -272,30 +140,29 @@ class MoMaFFN(nn.Module):
                     if cfg.aux_router else None)
 
     def route(self, xf, mf, mode):
-        """Sec. 2.2 hierarchical routing. xf (N, D) tokens, mf (N,) modality, mode "ec" | "aux" ->
-        tok (P,) token index, exp (P,) global expert id, g (P,) gate of the (token, expert) pairs, sorted by expert;
-        stats (routed fraction per expert, aux-router BCE and accuracy)."""
+        """Hierarchical routing. xf (N, D) tokens, mf (N,) modality, mode "ec" | "aux" -> tok (P,) token index,
+        exp (P,) global expert id, g (P,) gate of the (token, expert) pairs, sorted by expert, then token (None when
+        no token is routed); stats: routed fraction per expert ("counts"), aux-router BCE and accuracy."""
         cfg, dev = self.cfg, xf.device
         if not cfg.modality_aware:
             mf = torch.zeros_like(mf)  # one mixed-modal group
         toks, exps, gates, counts = [], [], [], torch.zeros(cfg.n_experts_total)
         aux_loss, aux_correct, aux_n = xf.new_zeros((), dtype=torch.float32), 0.0, 0
         for m, E in enumerate(cfg.group_experts):
-            idx = (mf == m).nonzero().squeeze(1)  # Sec. 2.2 stage 1: modality-aware grouping (deterministic)
+            idx = (mf == m).nonzero().squeeze(1)  # Sec. 2.2, stage 1: the modality's tokens (deterministic)
             n = idx.numel()
             if n == 0:
                 continue
             x_m = xf[idx]
             logits = (x_m @ self.router[m]).float()          # (n, E)
             gate = torch.sigmoid(logits)                      # Sec. 2.2: sigmoid gate, independent per expert
-            if mode == "ec":                                  # expert choice: every expert takes its top k_e tokens
+            if mode == "ec":                                  # stage 2, expert choice: each expert takes k_e tokens
                 k = min(n, math.ceil(cfg.capacity_factor * n / E))
-                if self.training and cfg.gumbel > 0:         # Eq. 5: Gumbel-sigmoid noise, training only
+                if self.training and cfg.gumbel > 0:         # Eq. 5: Gumbel-sigmoid, training only
                     u = torch.rand(2, *logits.shape, device=dev).clamp_(1e-9, 1 - 1e-9)
                     g2 = -torch.log(-torch.log(u))
                     gate = torch.sigmoid(logits + cfg.gumbel * (g2[0] - g2[1]))
-                top = gate.detach().t().topk(k, dim=1).indices  # (E, k) row positions inside the group
-                top = top.sort(dim=1).values
+                top = gate.detach().t().topk(k, dim=1).indices.sort(dim=1).values  # (E, k) its tokens, in time order
                 pair_e = torch.arange(E, device=dev).repeat_interleave(k)
                 pair_i = top.reshape(-1)
                 if self.aux is not None:                      # Sec. 2.4: learn to predict the EC choice
@@ -303,7 +170,7 @@ class MoMaFFN(nn.Module):
                     target[top, torch.arange(E, device=dev)[:, None]] = True
                     l, acc = bce_and_acc(self.aux[m](x_m.detach()), target)
                     aux_loss, aux_correct, aux_n = aux_loss + l * n, aux_correct + acc.item() * n, aux_n + n
-            else:                                             # causal: each token decides alone
+            else:                                             # Sec. 2.4, causal: each token decides alone
                 pick = torch.sigmoid(self.aux[m](x_m)) > cfg.aux_threshold  # (n, E)
                 pair_e, pair_i = pick.t().nonzero().unbind(1)  # sorted by expert, then by token
             toks.append(idx[pair_i])
@@ -317,22 +184,49 @@ class MoMaFFN(nn.Module):
 
     def forward(self, h, modality, mode):
         """h (B, T, D) FFN input, modality (B, T), mode "ec" | "aux" -> y (B, T, D), stats dict."""
+        if self.cfg.expert_impl == "grouped":
+            return grouped_ffn(self, h, modality, mode)
         B, T, D = h.shape
-        cfg, xf = self.cfg, h.reshape(-1, D)
-        tok, exp, g, stats = self.route(xf, modality.reshape(-1), mode)
-        if tok is None:
-            return torch.zeros_like(h), stats
-        sizes = torch.bincount(exp, minlength=cfg.n_experts_total)
-        dt = compute_dtype(xf)
-        up = kernels.grouped_matmul(xf[tok].to(dt), self.w_up.to(dt), sizes)       # (P, 2H): [w1 | w3] per pair
-        a, b = up.chunk(2, dim=-1)
-        y = kernels.grouped_matmul(F.silu(a) * b, self.w_down.to(dt), sizes)      # (P, D): SwiGLU expert outputs
-        y = y * g[:, None].to(y.dtype)                                              # Eq. 1: gate-weighted ...
-        out = torch.zeros_like(xf).index_add_(0, tok, y.to(xf.dtype))              # ... and summed per token
+        x = h.reshape(-1, D)
+        tok, exp, gate, stats = self.route(x, modality.reshape(-1), mode)
+        out = torch.zeros_like(x)                    # a token no expert took adds nothing: it rides the residual
+        if tok is None:                              # (aux routing may pick no token at all)
+            return out.view(B, T, D), stats
+        for g in range(self.cfg.n_experts_total):
+            sel = exp == g                           # expert g's pairs: the tokens it took
+            a, b = (x[tok[sel]] @ self.w_up[g]).chunk(2, dim=-1)
+            y = (F.silu(a) * b) @ self.w_down[g]     # SwiGLU expert
+            # Eq. 1: a token's output is the gate-weighted sum over the experts that took it
+            out.index_add_(0, tok[sel], (gate[sel, None] * y).to(x.dtype))
         return out.view(B, T, D), stats
 
 
-# --- one block: shared attention + MoMa FFN, optionally wrapped in mixture-of-depths (Sec. 2.3) ------------------
+# --- Sec. 2.4: auxiliary routers, for causal inference -------------------------------------------------------------
+class AuxRouter(nn.Module):
+    """Predicts from one token's hidden state (B', D) whether each of n_out routers would select it -> logits."""
+
+    def __init__(self, d, hidden, n_out):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, n_out)
+
+    def forward(self, x):
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+def bce_and_acc(logits, target):
+    """Aux-router loss (BCE against the EC choices, a bool target) and accuracy (threshold 0.5 on the probability)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float()), ((logits > 0) == target).float().mean()
+
+
+def side_stream(make):
+    """make() run on a side random stream seeded from the global one, which is then restored: modules built so
+    (the auxiliary routers) leave the main model's init, and every later draw, as they would be without them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2 ** 62, ())) ^ 0x5EED)
+        return make()
+
+
+# --- one block: shared attention + MoMaFFN, on MoD layers wrapped in mixture-of-depths (Sec. 2.3) -----------------
 class Block(nn.Module):
     def __init__(self, cfg, is_mod):
         super().__init__()
@@ -358,7 +252,7 @@ class Block(nn.Module):
         if not self.is_mod:
             return self.block(x, modality, pos, mode, cache=cache)
         B, T, D = x.shape
-        r = x @ self.mod_router.to(compute_dtype(x))             # (B, T) Sec. 2.3: MoD router score
+        r = x @ self.mod_router                                  # (B, T) Sec. 2.3: MoD router score
         if mode == "ec":                                         # top beta*T tokens of each row go through
             k = max(1, round(self.cfg.mod_capacity * T))
             sel = r.detach().topk(k, dim=1).indices.sort(dim=1).values  # (B, k) kept in time order: causal inside
@@ -391,28 +285,15 @@ class MoMa(nn.Module):
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
-        self.history = []  # one record per eval forward: routed fractions per layer/expert, aux accuracy (plots)
+        # one record per eval forward (for plots): per layer, each expert's share of its group's tokens under each
+        # routing ("counts" for EC, "aux_counts"), MoD fractions, and the aux routers' accuracy against EC ("acc")
+        self.history = []
         if cfg.upcycle_from:
             self.upcycle(cfg.upcycle_from, cfg.upcycle_noise)
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
         return n - (self.tok_emb.weight.numel() + self.lm_head.weight.numel() if non_embedding else 0)
-
-    def _check(self, tokens, modality):
-        cfg = self.cfg
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
-            raise ValueError("tokens must be an int64 tensor of shape (B, T); convert with .long()")
-        if tokens.shape[1] > cfg.seq_len:
-            raise ValueError(f"sequence length {tokens.shape[1]} > seq_len={cfg.seq_len}; crop it or raise --seq_len")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); check the data or --vocab_size")
-        if modality.dtype != torch.long or modality.shape != tokens.shape:
-            raise ValueError(f"modality must be an int64 tensor of shape {tuple(tokens.shape)}, got "
-                             f"{modality.dtype} {tuple(modality.shape)}")
-        if modality.numel() and (modality.min() < 0 or modality.max() >= cfg.n_modalities):
-            raise ValueError(f"modality ids must be in [0, {cfg.n_modalities}); got max {int(modality.max())}: "
-                             f"set --n_modalities (and --experts) for this data")
 
     def modality_of(self, idx):
         """Modality of each token id from cfg.modality_offsets (markers are text). idx (B, T) -> (B, T)."""
@@ -433,21 +314,21 @@ class MoMa(nn.Module):
         """batch: tokens, targets, modality, target_modality (B, T) -> logits (B, T, V), loss, parts.
         routing: None = EC in training, cfg.routing otherwise; or force "ec" / "aux"."""
         tokens = batch["tokens"]
-        modality = batch.get("modality")
-        modality = self.modality_of(tokens) if modality is None and isinstance(tokens, torch.Tensor) else modality
-        self._check(tokens, modality)
+        modality = checked_input(self, tokens, batch.get("modality"))
         mode = routing or ("ec" if self.training else self.cfg.routing)
         x, stats = self.trunk(tokens, modality, mode)
         logits = self.lm_head(x)
         if batch.get("targets") is None:
             return logits, None, {}
         loss, parts = self._lm_loss(logits, batch)
-        if mode == "ec" and self.cfg.aux_router:  # aux routers: their BCE's gradient reaches only them, value unchanged
+        if mode == "ec" and self.cfg.aux_router:
+            # Sec. 2.4, trained alongside: the aux routers see detached hidden states, and their BCE enters
+            # straight-through-valued (the loss value stays the LM loss; its gradient reaches only the aux routers)
             aux = sum(s["aux_loss"] + s.get("mod_loss", 0.0) for s in stats)
             loss = loss + (aux - aux.detach())
             parts.update(self._router_parts(stats))
-        if not self.training and routing is None:  # an eval: the other routing beside, and a record for the plots
-            rec = {"mode": mode, **self._record(mode, stats)}
+        if not self.training and routing is None:  # an eval: the other routing beside (its gap to the causal loss
+            rec = {"mode": mode, **self._record(mode, stats)}  # is what causal inference loses), and a record
             if self.cfg.aux_router:
                 other = "aux" if mode == "ec" else "ec"
                 with torch.no_grad():
@@ -473,9 +354,7 @@ class MoMa(nn.Module):
 
     @staticmethod
     def _record(mode, stats):
-        """One routing's entry in self.history: per layer, the fraction of each group's tokens each expert took
-        (counts under EC, aux_counts under aux routing), the fraction of tokens through MoD layers, and under EC the
-        aux routers' accuracy against the EC choices (acc, mod_acc)."""
+        """One routing's entry in self.history (keys prefixed "aux_" for the aux routing; acc, mod_acc under EC)."""
         pre = "" if mode == "ec" else "aux_"
         rec = {pre + "counts": [s["counts"].tolist() for s in stats],
                pre + "mod_frac": [s.get("mod_frac", 1.0) for s in stats]}
@@ -484,6 +363,7 @@ class MoMa(nn.Module):
         return rec
 
     def _lm_loss(self, logits, batch):
+        """Next-token cross-entropy over the targets != -1, and its mean per target modality (loss_<name>)."""
         targets = batch["targets"]
         tmod = batch.get("target_modality")
         tmod = self.modality_of(targets.clamp(min=0)) if tmod is None else tmod
@@ -491,32 +371,27 @@ class MoMa(nn.Module):
         valid = targets.flatten() != -1
         loss = ce.sum() / valid.sum().clamp(min=1)
         parts = {}
-        for m, name in enumerate(modality_names(self.cfg)):
+        for m in range(self.cfg.n_modalities):
             sel = valid & (tmod.flatten() == m)
             if sel.any():
+                name = self.cfg.modality_names[m] if m < len(self.cfg.modality_names) else f"modality{m}"
                 parts[f"loss_{name}"] = ce[sel].mean().detach()
         return loss, parts
 
-    # --- generation: aux-router routing (causal) with a KV cache ---
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0):
-        """idx (B, Tp) int64 prompt -> (B, Tp + max_new_tokens); experts (and MoD) chosen by the aux routers."""
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
-            raise ValueError("generate: idx must be an int64 tensor of shape (B, T)")
+        """idx (B, Tp) int64 prompt -> (B, Tp + max_new_tokens); experts (and MoD) chosen by the aux routers (causal),
+        with a KV cache: each step runs only the new token."""
         if not self.cfg.aux_router:
             raise ValueError("generate needs auxiliary routers (expert choice is not causal); set aux_router=True")
-        if idx.shape[1] + max_new_tokens > self.cfg.seq_len:
-            raise ValueError(f"generate: {idx.shape[1]} + {max_new_tokens} tokens > seq_len={self.cfg.seq_len}; "
-                             "shorten the prompt or generate fewer tokens")
+        checked_input(self, idx, None, n_new=max_new_tokens)
         was = self.training
         self.eval()
         caches = [dict() for _ in self.blocks]
-        B = idx.shape[0]
         out, new, start = idx, idx, 0
         for _ in range(max_new_tokens):
             mod = self.modality_of(new)
-            self._check(new, mod)
-            pos = torch.arange(start, start + new.shape[1], device=idx.device).expand(B, -1)
+            pos = torch.arange(start, start + new.shape[1], device=idx.device).expand(idx.shape[0], -1)
             x, _ = self.trunk(new, mod, "aux", pos=pos, caches=caches)
             logits = self.lm_head(x[:, -1]).float()
             new = (torch.multinomial(F.softmax(logits / temperature, -1), 1) if temperature > 0
@@ -533,8 +408,8 @@ class MoMa(nn.Module):
 
     def clip_grad_norm_(self, max_norm):
         """Clip the main model's gradients and the aux routers' separately, each to max_norm; -> the main model's
-        norm. (The trainer calls this instead of one global clip: the main model then steps exactly as without aux
-        routers.)"""
+        norm. train.py calls this instead of one global clip (which would let the aux routers' gradient shrink the
+        main model's steps): with the aux routers' side-stream init, the main model trains exactly as without them."""
         aux = {id(p) for p in self.aux_parameters()}
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if id(p) not in aux], max_norm)
         if aux:
@@ -543,7 +418,8 @@ class MoMa(nn.Module):
 
     # --- Sec. 2.4, stage 2: refit the auxiliary routers with the main model frozen ---
     def fit_aux_routers(self, batches, lr=3e-3):
-        """batches: iterable of data batches. Trains only the aux routers on EC targets; returns the last accuracy."""
+        """batches: iterable of data batches, e.g. (ds.get_batch("train", 16, 10**4 + i) for i in range(150)).
+        Trains only the aux routers on EC targets; returns the last accuracy."""
         aux = self.aux_parameters()
         opt, was, acc = torch.optim.AdamW(aux, lr=lr, weight_decay=0.0), self.training, 0.0
         self.eval()  # no Gumbel noise; EC targets from the frozen main model
@@ -597,6 +473,111 @@ class MoMa(nn.Module):
                 raise ValueError(f"upcycle_from={path!r}: {k} has shape {tuple(v.shape)}, this model needs "
                                  f"{tuple(own[k].shape)}; use the parent's d_model, n_layer and vocabulary")
             own[k].copy_(v)
+
+
+# --- the shared backbone: RMSNorm, RoPE, causal attention (the same numerics and names as mot.py's dense model) ---
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        # x: (..., D) -> same shape; normalised in fp32 as mot.py
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+def apply_rope(x, pos, theta):
+    """x (B, H, T, hd), pos (B, T) absolute positions -> x rotated (the two halves rotate as pairs, as mot.py)."""
+    hd = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    ang = pos.to(torch.float32)[:, None, :, None] * inv  # (B, 1, T, hd/2)
+    c, s = ang.cos(), ang.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Shared by all modalities: W_Q, W_K, W_V fused in one (D, 3D) matrix, W_O (D, D); global causal attention."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.d_model
+        self.n_head, self.theta = cfg.n_head, cfg.rope_theta
+        self.qkv = nn.Parameter(torch.randn(D, 3 * D) * cfg.init_std)
+        self.proj = nn.Parameter(torch.randn(D, D) * cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def forward(self, x, pos, key_ok=None, cache=None):
+        """x (B, T, D), pos (B, T) positions -> (B, T, D). key_ok (B, T) bool: the tokens that may be attended to
+        (MoD under aux routing: a token that skips the layer leaves no key); cache: generate's KV cache."""
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (x @ self.qkv).split(D, -1))
+        q, k = apply_rope(q, pos, self.theta), apply_rope(k, pos, self.theta)  # (B, H, T, hd)
+        ok = key_ok if key_ok is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        k, v, ok, past = kv_cache(cache, k, v, ok) if cache is not None else (k, v, ok, 0)
+        if key_ok is None and past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # causal over (cache + new) keys, only keys that are ok; a query always sees itself (no empty rows)
+            qi = torch.arange(T, device=x.device)[:, None] + past
+            kj = torch.arange(k.shape[2], device=x.device)[None, :]
+            mask = ((kj <= qi)[None] & ok[:, None, :]) | (kj == qi)[None]  # (B, T, Tk)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        return y.transpose(1, 2).reshape(B, T, D) @ self.proj
+
+
+# ==== Speed paths: same results as the plain forms above, faster (tests/test_moma.py holds them equal) ============
+def grouped_ffn(ffn, h, modality, mode):
+    """MoMaFFN.forward with every expert of every group in ONE grouped matmul per projection (kernels.grouped_matmul,
+    a Triton kernel on GPU) over the (token, expert) pairs, which route() returns sorted by expert."""
+    B, T, D = h.shape
+    xf = h.reshape(-1, D)
+    tok, exp, g, stats = ffn.route(xf, modality.reshape(-1), mode)
+    if tok is None:
+        return torch.zeros_like(h), stats
+    sizes = torch.bincount(exp, minlength=ffn.cfg.n_experts_total)
+    dt = compute_dtype(xf)                                                      # one dtype for the kernel
+    up = kernels.grouped_matmul(xf[tok].to(dt), ffn.w_up.to(dt), sizes)         # (P, 2H): [w1 | w3] per pair
+    a, b = up.chunk(2, dim=-1)
+    y = kernels.grouped_matmul(F.silu(a) * b, ffn.w_down.to(dt), sizes)        # (P, D): SwiGLU expert outputs
+    y = y * g[:, None].to(y.dtype)                                              # Eq. 1: gate-weighted ...
+    out = torch.zeros_like(xf).index_add_(0, tok, y.to(xf.dtype))              # ... and summed per token
+    return out.view(B, T, D), stats
+
+
+def compute_dtype(x):
+    """The dtype matmuls run in: autocast's when it is on (bf16 on CUDA), else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def kv_cache(cache, k, v, ok):
+    """generate's KV cache (a dict, appended to in place): this step's keys, values (B, H, T, hd) and key mask
+    (B, T) after the cached ones -> all keys, values, mask, and the number of cached positions before this step."""
+    past = cache["k"].shape[2] if "k" in cache else 0
+    if past:
+        k, v, ok = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2), torch.cat([cache["ok"], ok], 1)
+    cache.update(k=k, v=v, ok=ok)
+    return k, v, ok, past
+
+
+# --- runtime input checks (one-line ValueErrors) ---------------------------------------------------------------
+def checked_input(model, tokens, modality, n_new=0):
+    """tokens (B, T), modality (B, T) or None (from the token ids), n_new tokens to generate -> modality."""
+    cfg = model.cfg
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
+        raise ValueError("tokens must be an int64 tensor of shape (B, T); convert with .long()")
+    if tokens.shape[1] + n_new > cfg.seq_len:
+        raise ValueError(f"sequence length {tokens.shape[1]} (+ {n_new} to generate) > seq_len={cfg.seq_len}; "
+                         "crop it, generate fewer tokens or raise --seq_len")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); check the data or --vocab_size")
+    modality = model.modality_of(tokens) if modality is None else modality
+    if modality.dtype != torch.long or modality.shape != tokens.shape:
+        raise ValueError(f"modality must be an int64 tensor of shape {tuple(tokens.shape)}, got "
+                         f"{modality.dtype} {tuple(modality.shape)}")
+    if modality.numel() and (modality.min() < 0 or modality.max() >= cfg.n_modalities):
+        raise ValueError(f"modality ids must be in [0, {cfg.n_modalities}); got max {int(modality.max())}: "
+                         f"set --n_modalities (and --experts) for this data")
+    return modality
 
 
 MODELS = {

@@ -1,5 +1,6 @@
 """Tests for moma.py: modality isolation, exact expert-choice capacity, 1t1i == FFN-only MoT, (non-)causality of the
-two routings, MoD capacity, upcycling, KV-cached generation, FLOPs, learning, bad input. Tiny models, CPU, seconds."""
+two routings, MoD capacity, upcycling, KV-cached generation, FLOPs, learning, bad input, and the speed paths against
+the plain forms (grouped matmul vs the per-expert loop, KV cache vs the full forward). Tiny models, CPU, seconds."""
 import math
 
 import pytest
@@ -141,6 +142,7 @@ def test_mod_passes_exactly_the_capacity_fraction():
 
 @pytest.mark.parametrize("mod", [False, True])
 def test_cached_generation_equals_full_aux_forward(mod):
+    """generate's KV cache (a speed path, moma.kv_cache) gives the tokens the plain full forward would pick."""
     torch.manual_seed(0)
     model = moma.MoMa(cfg_(mod=mod, mod_capacity=0.5, aux_threshold=0.5))
     with torch.no_grad():  # biases so that aux routers pick some and skip some tokens
@@ -353,3 +355,37 @@ def test_causal_routing_does_not_depend_on_the_batch_split_but_expert_choice_doe
     loss_whole = model(b)[1].item()
     loss_split = sum(model(h)[1].item() for h in halves) / 2  # the trainer's mean over 2 micro-batches
     assert abs(loss_whole - loss_split) > 1e-5
+
+
+@pytest.mark.parametrize("routing,mod", [("ec", False), ("ec", True), ("aux", False), ("aux", True)])
+def test_grouped_matmul_speed_path_equals_the_plain_per_expert_loop(routing, mod, monkeypatch):
+    """expert_impl="grouped" (the default: one grouped matmul over all experts' (token, expert) pairs) against "loop"
+    (the plain form: one matmul per expert): the same logits, loss and gradients of every parameter, under expert
+    choice in training (with Gumbel noise and the aux routers' BCE) and under the causal aux routing."""
+    calls, real = [], moma.kernels.grouped_matmul
+    monkeypatch.setattr(moma.kernels, "grouped_matmul", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    b, runs = batch_(B=3, T=32, seed=5), {}
+    for impl in ("grouped", "loop"):
+        torch.manual_seed(0)
+        model = moma.MoMa(cfg_(expert_impl=impl, experts=(3, 2), capacity_factor=1.5, gumbel=1.0, mod=mod,
+                               mod_capacity=0.5, mod_every=1)).train()
+        with torch.no_grad():  # aux routers that pick some tokens and skip others
+            for blk in model.blocks:
+                for a in blk.ffn.aux:
+                    a.fc2.bias.normal_(0, 1.0)
+                if mod:
+                    blk.mod_aux.fc2.weight.normal_(0, 1.0)
+        n_calls = len(calls)
+        torch.manual_seed(1)   # the same Gumbel noise in both runs
+        logits, loss, _ = model(b, routing=routing)
+        loss.backward()
+        runs[impl] = (logits, loss, {n: p.grad for n, p in model.named_parameters()}, len(calls) - n_calls)
+    (lg, sg, gg, cg), (ll, sl, gl, cl) = runs["grouped"], runs["loop"]
+    assert cg > 0 and cl == 0                              # the loop never calls the grouped kernel
+    torch.testing.assert_close(ll, lg, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sl, sg, atol=1e-6, rtol=1e-6)
+    assert gl.keys() == gg.keys() and any(g is not None and g.abs().sum() > 0 for n, g in gg.items() if ".w_up" in n)
+    for n in gg:
+        assert (gg[n] is None) == (gl[n] is None), n
+        if gg[n] is not None:
+            torch.testing.assert_close(gl[n], gg[n], atol=1e-6, rtol=1e-5, msg=n)

@@ -24,10 +24,10 @@ the default); its eleven hash primes.  Departures: under the monotonic constrain
 official code always starts a patch there); static patching makes the same real-byte patches without the official
 code's BOE padding; the threshold is tuned on a sample of the entropy model, a stand-in for its training data.
 Left out: the 8B scale, BPE-delimiter patching and n-gram lookup tables (the hashed embeddings are the paper's main
-model); SwiGLU (GELU MLPs here); the entropy-context reset at newlines.  Generation is incremental only in the
-entropy model (a KV cache); the local and global stacks rerun on the prefix.
-The plain masked attention forms come first; sliding-window attention in blocks and gathered cross-attention
-(cfg.attention = "fast", the default) are speed paths at the end of the file, tested equal.
+model); SwiGLU (GELU MLPs here); the entropy-context reset at newlines; incremental local / global stacks in
+generation (only the entropy model, which decides the patches, keeps a KV cache).  The plain masked attention forms
+come first; window attention in blocks and gathered cross-attention (cfg.attention = "fast", the default) are speed
+paths at the end of the file, tested equal.
 Run:  python train.py --model blt-entropy --setting bytes                     (saves the entropy model)
       python train.py --compare dense,megabyte,blt --setting bytes --entropy_ckpt PATH
       python train.py --model blt --patching space                            (no entropy model needed)
@@ -43,8 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-OFFSET = 4                                   # Sec. 2: bytes are shifted past the special ids
-BOE_ID, BOS_ID, EOS_ID, BPE_ID = 0, 1, 2, 3
+OFFSET = 4                                   # Sec. 2: ids 0..3 are the specials BOE, BOS, EOS, BPE; byte b is b + 4
 # Sec. 3.2.1: the rolling polynomial hash's multipliers, one per hash function (the official code's eleven)
 HASH_PRIMES = (1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899, 9576890767, 3628273133,
                2860486313, 5463458053, 3367900313)
@@ -482,10 +481,10 @@ class BLT(nn.Module):
         for i, blk in enumerate(self.decoder):
             if self.cfg.dec_cross_all_layers or i == 0:
                 ca = self.dec_cross[i if self.cfg.dec_cross_all_layers else 0]
-                if self.cfg.attention == "fast":                   # speed path: k scores per byte
-                    read = decode_gathered(ca, h, slots, dec, K)
-                else:                                             # a (B, T, P*k) mask "slot of patch dec[t]"
+                if self.cfg.attention == "masked":                 # a (B, T, P*k) mask "slot of patch dec[t]"
                     read = ca(h, slots, dec[:, :, None] == torch.arange(P, device=h.device).repeat_interleave(K))
+                else:                                             # speed path (end of file): k scores per byte
+                    read = decode_gathered(ca, h, slots, dec, K)
                 h = self.cfg.cross_residual * h + read
             h = blk(h)
         return self.head(self.norm(h))
@@ -627,8 +626,7 @@ def load_entropy_model(path, vocab_size):
         raise ValueError(f"cannot read entropy_ckpt {path!r} ({type(e).__name__}: {why}); {hint}") from None
     if name != "blt-entropy":
         raise ValueError(f"entropy_ckpt {path!r} holds model {name!r}, not 'blt-entropy'; {hint}")
-    known = {f.name for f in fields(EntropyConfig)}
-    ecfg = EntropyConfig(**{k: v for k, v in mcfg.items() if k in known})
+    ecfg = EntropyConfig(**{k: v for k, v in mcfg.items() if k in {f.name for f in fields(EntropyConfig)}})
     if ecfg.vocab_size != vocab_size:
         raise ValueError(f"entropy model vocab_size={ecfg.vocab_size} != blt vocab_size={vocab_size}; "
                          "train the entropy model on the same setting")
@@ -636,7 +634,8 @@ def load_entropy_model(path, vocab_size):
     try:
         model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})
     except RuntimeError as e:
-        raise ValueError(f"entropy_ckpt {path!r} does not fit EntropyModel ({str(e).splitlines()[0]}); {hint}") from None
+        raise ValueError(f"entropy_ckpt {path!r} does not fit EntropyModel ({str(e).splitlines()[0]}); "
+                         f"{hint}") from None
     return model
 
 
@@ -644,7 +643,8 @@ def _check_tokens(tokens, cfg, who):
     if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] < 1:
         raise ValueError(f"{who}: tokens must be an int64 tensor of shape (B, T) with T >= 1; convert with .long()")
     if tokens.shape[1] > cfg.seq_len:
-        raise ValueError(f"{who}: sequence length {tokens.shape[1]} > seq_len={cfg.seq_len}; crop it or raise --seq_len")
+        raise ValueError(f"{who}: sequence length {tokens.shape[1]} > seq_len={cfg.seq_len}; "
+                         "crop it or raise --seq_len")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
         raise ValueError(f"{who}: byte ids must be in [0, {cfg.vocab_size}); check the data or use --setting bytes")
 

@@ -1,48 +1,37 @@
-"""Byte Latent Transformer (Pagnoni, Pasunuru, Rodriguez et al. 2024) -- arXiv 2412.09871.
+"""Byte Latent Transformer: Patches Scale Better Than Tokens (Pagnoni, Pasunuru, Rodriguez et al. 2024)
+https://arxiv.org/abs/2412.09871
 
-"BLT encodes bytes into dynamically sized patches, which serve as the primary units of computation. Patches are
-segmented based on the entropy of the next byte, allocating more compute and model capacity where increased data
-complexity demands it."  A small frozen byte LM (the entropy model) decides where patches start; a light local
-encoder pools the bytes of each patch into one vector; a large latent (global) Transformer runs over patches only;
-a light local decoder turns the patch states back into next-byte predictions.  Predictable bytes share long patches
-(few global steps), surprising bytes get short ones.
+BLT reads raw bytes grouped into patches of varying size.  A small frozen byte LM (the entropy model) starts a new
+patch where the next byte is hard to predict; a light local encoder pools the bytes of each patch into one vector; a
+large latent Transformer runs over patches only; a light local decoder turns patch states back into next-byte
+predictions.  Predictable bytes share long patches (few global steps), surprising bytes get short ones.
 
 Glossary (paper -> code):
-    bytes + specials BOE, BOS, EOS, BPE (Sec. 2) -> ids b + OFFSET (OFFSET = 4), vocab = cfg.vocab_size + 4 = 260
-    entropy model, H(x_i) (Sec. 2.3)             -> EntropyModel (registered "blt-entropy"), BLT.entropies()
-    global / approx. monotonic constraint (2.3)  -> cfg.patching = "entropy" (theta_g) | "monotonic" (theta_r)
-    space patching (Sec. 2.2), strided (2.1)      -> cfg.patching = "space" | "static" (stride cfg.patch_size)
-    max patch length                             -> cfg.max_patch_len (0 = none)
-    threshold for a target mean patch size       -> cfg.threshold = 0: BLT.tune_threshold() ONCE, at build, to mean
-                                                    cfg.patch_size on sample_bytes() (fixed seed: same on all ranks)
-    hash n-gram embeddings (Sec. 3.2.1)          -> hash_ngram_ids(), BLT.hash_embs (n = cfg.hash_ngrams)
-    local encoder E, l_E layers (Sec. 3.2)       -> BLT.encoder (causal, sliding window cfg.local_window)
-    encoder cross-attention (Sec. 3.2.2)         -> BLT.enc_cross: queries = the patch's max-pooled bytes projected
-                                                    to cfg.cross_k vectors; keys/values = that patch's bytes only
-    latent global transformer G (Sec. 3.1)       -> BLT.global_blocks, causal over patches
-    local decoder D, l_D layers (Sec. 3.3)       -> BLT.dec_cross (before every layer) + BLT.decoder + BLT.head
+    bytes + specials BOE, BOS, EOS, BPE (Sec. 2)  -> ids b + OFFSET (OFFSET = 4): cfg.vocab_size + 4 = 260 ids
+    entropy model, H(x_i) (Sec. 2.3)              -> EntropyModel (registered "blt-entropy"), BLT.entropies()
+    global / approx. monotonic constraint (2.3)   -> cfg.patching = "entropy" (theta_g) | "monotonic" (theta_r)
+    space patching (2.2), strided patching (2.1)  -> cfg.patching = "space" | "static" (stride cfg.patch_size)
+    theta_g / theta_r                             -> cfg.threshold (0: tuned at build to mean cfg.patch_size)
+    hash n-gram embeddings (Sec. 3.2.1)           -> hash_ngram_ids(), BLT.hash_embs (n in cfg.hash_ngrams)
+    local encoder E, l_E layers (Sec. 3.2)        -> BLT.encoder + BLT.enc_cross (a patch reads its own bytes)
+    k query vectors per patch (Sec. 3.2.2)        -> cfg.cross_k
+    latent global transformer G (Sec. 3.1)        -> BLT.global_blocks, causal over patches
+    local decoder D, l_D layers (Sec. 3.3)        -> BLT.dec_cross (a byte reads ended patches) + BLT.decoder
 
-Patch convention (the official code's): starts[:, i] says "byte i begins a patch", for i = 0..T (i = T is the next,
-unseen byte, decided from H(x_T), which the entropy model computes from x_<T).  Bytes 0 and 1 always start patches.
-The decoder state at byte t predicts x_{t+1} and cross-attends to the global output of the LAST PATCH THAT ENDED AT
-OR BEFORE t, so every logit at t depends on x_<=t only, including through the patch boundaries.  Patches are
-right-padded per row (after every real one, so the causal global model and the decoder never read them).
-
-Official code vs paper (checked against facebookresearch/blt), matched behind switches: its CrossAttention returns
-x + out and its callers add x again: 2x + out (cfg.cross_residual = 2; default 1, the paper's residual); its global
-model ends without a norm (cfg.global_norm = False, default); its eleven hash primes.  Departures: the official code
-always starts a patch at byte 2 under the monotonic constraint, here byte 2 follows the rule like every byte; static
-patching gives [1, ps, ps, ..., rest] real bytes in both, but the official code pads the first patch with ps - 1 BOE
-ids; the threshold is tuned on a sample of the entropy model (a stand-in for its training data), not the corpus.
-Left out: the 8B scale, BPE delimiter patching and n-gram lookup-table embeddings (the hashed ones are the paper's
-main model); generation reruns the local and global stacks on the prefix (only the entropy model -- the patching --
-is incremental, with a KV cache); GELU MLPs, not SwiGLU; no entropy-context reset at newlines.  Local attention is a
-blocked sliding window (T x 2W scores, so the trainer's FLOP count sees the window).  forward returns the 256 byte
-columns of the 260-way head; the loss is the 260-way cross-entropy in nats per byte.  The frozen entropy model is a
-submodule (saved with BLT's checkpoint; the trainer counts only its forward FLOPs).
+Official code (facebookresearch/blt) vs paper, matched behind switches: its cross-attention residual is 2x + out
+(cfg.cross_residual = 2; default 1, the paper's); its global model ends without a norm (cfg.global_norm = False,
+the default); its eleven hash primes.  Departures: under the monotonic constraint byte 2 follows the rule (the
+official code always starts a patch there); static patching makes the same real-byte patches without the official
+code's BOE padding; the threshold is tuned on a sample of the entropy model, a stand-in for its training data.
+Left out: the 8B scale, BPE-delimiter patching and n-gram lookup tables (the hashed embeddings are the paper's main
+model); SwiGLU (GELU MLPs here); the entropy-context reset at newlines; incremental local / global stacks in
+generation (only the entropy model, which decides the patches, keeps a KV cache).  The plain masked attention forms
+come first; window attention in blocks and gathered cross-attention (cfg.attention = "fast", the default) are speed
+paths at the end of the file, tested equal.
 Run:  python train.py --model blt-entropy --setting bytes                     (saves the entropy model)
       python train.py --compare dense,megabyte,blt --setting bytes --entropy_ckpt PATH
       python train.py --model blt --patching space                            (no entropy model needed)
+      python blt.py                                                           (each patching on a demo text)
 Read next: megalodon.py (a byte model without patches); megabyte.py was the fixed-patch ancestor.
 """
 import math
@@ -54,8 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-OFFSET = 4                                   # Sec. 2: bytes are shifted past the special ids
-BOE_ID, BOS_ID, EOS_ID, BPE_ID = 0, 1, 2, 3
+OFFSET = 4                                   # Sec. 2: ids 0..3 are the specials BOE, BOS, EOS, BPE; byte b is b + 4
 # Sec. 3.2.1: the rolling polynomial hash's multipliers, one per hash function (the official code's eleven)
 HASH_PRIMES = (1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899, 9576890767, 3628273133,
                2860486313, 5463458053, 3367900313)
@@ -72,13 +60,16 @@ class EntropyConfig:
     d_model: int = 32
     window: int = 128                        # sliding-window attention (bytes)
     rope_theta: float = 10000.0
+    attention: str = "fast"                  # fast: window attention in blocks | masked: the plain masked form
     # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
     RANGES: ClassVar[dict] = dict(
         vocab_size="int >= 1", seq_len="int >= 8", n_layer="int >= 1", n_head="int >= 1", d_model="int >= 1",
-        window="int >= 1", rope_theta="float > 0")
+        window="int >= 1", rope_theta="float > 0", attention="one of fast|masked; the same results")
 
     def __post_init__(self):
-        _check_heads((self.d_model, self.n_head, "d_model/n_head"))
+        if self.d_model % (2 * self.n_head):
+            raise ValueError(f"d_model/n_head: {self.d_model} must be a multiple of 2 * {self.n_head} (RoPE needs an "
+                             "even head size); change one of them")
 
 
 @dataclass
@@ -113,6 +104,7 @@ class Config:
     n_layer_global: int = 2
     global_norm: bool = False                # RMSNorm after the global model (official code: none)
     rope_theta: float = 10000.0
+    attention: str = "fast"                  # fast: window attention, gathered cross-attention | masked: plain forms
     # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
     RANGES: ClassVar[dict] = dict(
         vocab_size="int >= 1", seq_len="int >= 8", patching="one of entropy|monotonic|space|static",
@@ -122,20 +114,16 @@ class Config:
         n_layer_enc="int >= 1", n_layer_dec="int >= 1", local_window="int >= 1", cross_k="int >= 1",
         n_head_cross="int >= 1", enc_cross_all_layers="bool", dec_cross_all_layers="bool", pool="one of max|mean",
         cross_residual="int in [1, 2]; 1 = the paper, 2 = the official code", d_global="int >= 1",
-        n_head_global="int >= 1", n_layer_global="int >= 1", global_norm="bool", rope_theta="float > 0")
+        n_head_global="int >= 1", n_layer_global="int >= 1", global_norm="bool", rope_theta="float > 0",
+        attention="one of fast|masked; the same results")
 
     def __post_init__(self):   # relations between fields (the trainer checks each field's own range)
-        if self.patching not in PATCHINGS:
-            raise ValueError(f"patching={self.patching!r} is unknown; use one of {', '.join(PATCHINGS)}")
-        _check_heads((self.d_local, self.n_head_local, "d_local/n_head_local"),
-                     (self.d_local, self.n_head_cross, "d_local/n_head_cross"),
-                     (self.d_global, self.n_head_global, "d_global/n_head_global"))
-        if min(self.patch_size, self.cross_k, self.hash_vocab, *self.hash_ngrams) < 1 or self.max_patch_len < 0:
-            raise ValueError("patch_size, cross_k, hash_vocab, hash_ngrams must be >= 1 and max_patch_len >= 0")
-        if not 1 <= self.hash_functions <= len(HASH_PRIMES):
-            raise ValueError(f"hash_functions={self.hash_functions}: use 1..{len(HASH_PRIMES)} (one prime each)")
-        if self.pool not in ("max", "mean") or self.cross_residual not in (1, 2):
-            raise ValueError(f"pool={self.pool!r} / cross_residual={self.cross_residual}: use max|mean and 1|2")
+        for d, h, name in ((self.d_local, self.n_head_local, "d_local/n_head_local"),
+                           (self.d_local, self.n_head_cross, "d_local/n_head_cross"),
+                           (self.d_global, self.n_head_global, "d_global/n_head_global")):
+            if d % (2 * h):
+                raise ValueError(f"{name}: {d} must be a multiple of 2 * {h} (RoPE needs an even head size); "
+                                 "change one of them")
         # no silent flags: a key that cannot act in this configuration is an error naming the key that enables it
         if self.patching in ("space", "static") and (self.threshold or self.entropy_ckpt):
             raise ValueError(f"threshold and entropy_ckpt act only with --patching entropy or monotonic, "
@@ -146,12 +134,6 @@ class Config:
         if self.patching in ("entropy", "monotonic") and self.threshold and self.patch_size != Config.patch_size:
             raise ValueError("patch_size (the tuning target) has no effect with a fixed --threshold; "
                              "set --threshold 0 to tune the threshold to patch_size, or drop --patch_size")
-
-
-def _check_heads(*triples):
-    for d, h, name in triples:
-        if h < 1 or d % h or (d // h) % 2:
-            raise ValueError(f"{name}: {d} must be a multiple of 2 * {h}; change one of them")
 
 
 # --- Shared Transformer pieces (pre-norm, RoPE, causal sliding-window attention) -------------------------------------
@@ -166,28 +148,10 @@ def apply_rope(x, pos, theta):
     return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).type_as(x)
 
 
-def window_attention(q, k, v, W):
-    """Causal sliding-window attention computed in blocks of W queries, each against its own and the previous block
-    of keys: T * 2W scores instead of T * T (what makes the local models cheap).  q, k, v: (B, H, T, hd)."""
-    B, H, T, hd = q.shape
-    n = -(-T // W)
-    pad = n * W - T
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    q = q.view(B, H * n, W, hd)
-    k, v = (torch.cat([F.pad(t, (0, 0, W, 0))[:, :, :n * W], t], -1).view(B, H, n, W, 2, hd)
-            .permute(0, 1, 2, 4, 3, 5).reshape(B, H * n, 2 * W, hd) for t in (k, v))   # previous block, own block
-    i = torch.arange(W, device=q.device)[:, None] + W              # query position inside its 2W key span
-    j = torch.arange(2 * W, device=q.device)[None, :]
-    first = (torch.arange(n, device=q.device) == 0)[:, None, None]   # block 0 has no previous block
-    mask = (j <= i) & (i - j < W) & ~(first & (j < W))              # (n, W, 2W)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(H, 1, 1)[None])
-    return y.view(B, H, n * W, hd)[:, :, :T]
-
-
 class SelfAttention(nn.Module):
-    def __init__(self, d, n_head, window, theta):
+    def __init__(self, d, n_head, window, theta, fast=True):
         super().__init__()
-        self.n_head, self.window, self.theta = n_head, window, theta
+        self.n_head, self.window, self.theta, self.fast = n_head, window, theta, fast
         self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
 
     def forward(self, x, cache=None):
@@ -201,10 +165,10 @@ class SelfAttention(nn.Module):
             k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
         if cache is not None:
             cache["k"], cache["v"] = k, v
-        if past == 0 and (self.window <= 0 or self.window >= T):
+        if self.fast and past == 0 and 0 < 2 * self.window < T:
+            y = window_attention(q, k, v, self.window)            # speed path (end of file): T x 2W scores
+        elif past == 0 and (self.window <= 0 or self.window >= T):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif past == 0 and T > 2 * self.window:
-            y = window_attention(q, k, v, self.window)
         else:   # causal sliding window: query i sees keys j with i - window < j <= i
             kpos = torch.arange(k.shape[2], device=x.device)
             mask = kpos[None, :] <= pos[:, None]
@@ -215,10 +179,10 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d, n_head, window, theta):
+    def __init__(self, d, n_head, window, theta, fast=True):
         super().__init__()
         self.norm1, self.norm2 = nn.RMSNorm(d, eps=1e-5), nn.RMSNorm(d, eps=1e-5)
-        self.attn = SelfAttention(d, n_head, window, theta)
+        self.attn = SelfAttention(d, n_head, window, theta, fast)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d, bias=False), nn.GELU(), nn.Linear(4 * d, d, bias=False))
 
     def forward(self, x, cache=None):
@@ -233,17 +197,8 @@ def _init(module):
             nn.init.normal_(m.weight, std=0.02)
 
 
-def _check_tokens(tokens, cfg, who):
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] < 1:
-        raise ValueError(f"{who}: tokens must be an int64 tensor of shape (B, T) with T >= 1; convert with .long()")
-    if tokens.shape[1] > cfg.seq_len:
-        raise ValueError(f"{who}: sequence length {tokens.shape[1]} > seq_len={cfg.seq_len}; crop it or raise --seq_len")
-    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
-        raise ValueError(f"{who}: byte ids must be in [0, {cfg.vocab_size}); check the data or use --setting bytes")
-
-
 def _byte_loss(logits, targets):
-    # logits: (B, T, vocab + OFFSET), targets: (B, T) bytes or -1 -> mean cross-entropy in nats per byte
+    # logits: (B, T, vocab + OFFSET), targets: (B, T) bytes or -1 -> mean cross-entropy in nats per byte (260-way)
     tgt = torch.where(targets >= 0, targets + OFFSET, torch.full_like(targets, -1))
     return F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-1)
 
@@ -258,7 +213,7 @@ class EntropyModel(nn.Module):
         self.cfg = cfg
         V = cfg.vocab_size + OFFSET
         self.emb = nn.Embedding(V, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.window, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.window, cfg.rope_theta, cfg.attention == "fast")
                                     for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
         self.head = nn.Linear(cfg.d_model, V, bias=False)
@@ -288,42 +243,13 @@ class EntropyModel(nn.Module):
         return logits[..., OFFSET:], loss, {"loss_text": loss.detach()}
 
 
-def load_entropy_model(path, vocab_size):
-    """A frozen EntropyModel from a train.py checkpoint of "blt-entropy".  ValueError (one line) when it can't."""
-    hint = "train one with `python train.py --model blt-entropy --setting bytes` and pass --entropy_ckpt PATH " \
-           "(or use --patching space / static, which need no entropy model)"
-    if not path or not os.path.isfile(path):
-        raise ValueError(f"entropy patching needs a trained entropy model (no file {path!r}); {hint}")
-    try:   # tensors and plain types only: a pickled Python object in the file is refused, never run
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        conf = ckpt["config"]
-        name, mcfg, state = conf["model"], dict(conf["model_cfg"]), ckpt["model"]
-    except Exception as e:   # noqa: BLE001 -- any unreadable file gets the same one-line answer
-        if "Unsupported global" in str(e):
-            raise ValueError(f"entropy_ckpt {path!r} holds pickled Python objects, which are never loaded "
-                             f"(weights_only=True); {hint}") from None
-        why = (str(e).strip().splitlines() or [""])[0][:120]
-        raise ValueError(f"cannot read entropy_ckpt {path!r} ({type(e).__name__}: {why}); {hint}") from None
-    if name != "blt-entropy":
-        raise ValueError(f"entropy_ckpt {path!r} holds model {name!r}, not 'blt-entropy'; {hint}")
-    known = {f.name for f in fields(EntropyConfig)}
-    ecfg = EntropyConfig(**{k: v for k, v in mcfg.items() if k in known})
-    if ecfg.vocab_size != vocab_size:
-        raise ValueError(f"entropy model vocab_size={ecfg.vocab_size} != blt vocab_size={vocab_size}; "
-                         "train the entropy model on the same setting")
-    model = EntropyModel(ecfg)
-    try:
-        model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})
-    except RuntimeError as e:
-        raise ValueError(f"entropy_ckpt {path!r} does not fit EntropyModel ({str(e).splitlines()[0]}); {hint}") from None
-    return model
-
-
 # --- Sec. 2: patching functions (all causal: starts[:, i] depends on x_<i only) ------------------------------------
 
 def patch_starts(x, mode, ent=None, threshold=0.0, patch_size=4.0, max_patch_len=0):
-    """x: (B, T) ids (bytes + OFFSET); ent: (B, T) entropies of the next byte (ent[:, t] = H(x_{t+1})).
-    -> starts: (B, T + 1) bool, starts[:, i] = byte i begins a patch (i = T: the next, not yet seen byte)."""
+    """Where patches start.  x: (B, T) ids (bytes + OFFSET); ent: (B, T) entropies of the next byte,
+    ent[:, t] = H(x_{t+1}) (entropy / monotonic only).  -> starts: (B, T + 1) bool, starts[:, i] = byte i begins a
+    patch; i = T is the next, unseen byte, decided from H(x_T), which needs x_<T only (the official convention).
+    Bytes 0 and 1 always start patches.  Causal: the patches of a prefix are a prefix of the patches."""
     B, T = x.shape
     starts = torch.zeros(B, T + 1, dtype=torch.bool, device=x.device)
     H = None if ent is None else torch.cat([ent.new_zeros(B, 1), ent], 1)     # H[:, i] = H(x_i), i = 1..T
@@ -331,13 +257,11 @@ def patch_starts(x, mode, ent=None, threshold=0.0, patch_size=4.0, max_patch_len
         starts[:, 2:] = H[:, 2:] > threshold
     elif mode == "monotonic":          # Sec. 2.3 approximate monotonic constraint H(x_i) - H(x_{i-1}) > theta_r
         starts[:, 2:] = H[:, 2:] - H[:, 1:-1] > threshold
-    elif mode == "space":              # Sec. 2.2: a new patch after a space-like byte (runs of them stay together)
-        b = x - OFFSET
+    elif mode == "space":              # Sec. 2.2: byte i starts a patch when byte i-1 is space-like and byte i-2 is
+        b = x - OFFSET                 # not (the first byte of a run closes a patch, the rest of the run opens one)
         alnum = ((b >= 48) & (b <= 57)) | ((b >= 65) & (b <= 90)) | ((b >= 97) & (b <= 122))
         space_like = ~alnum & ~((b >= 0x80) & (b < 0xC0))        # not a letter, digit or UTF-8 continuation byte
-        end = space_like.clone()
-        end[:, 1:] &= ~space_like[:, :-1]
-        starts[:, 2:] = end[:, 1:]
+        starts[:, 2:] = space_like[:, 1:] & ~space_like[:, :-1]
     elif mode == "static":             # Sec. 2.1: fixed stride (after the 1-byte first patch)
         i = torch.arange(T + 1, device=x.device)
         starts[:] = ((i - 1) % int(patch_size) == 0)[None]
@@ -407,7 +331,7 @@ class CrossAttention(nn.Module):
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
 
     def forward(self, x, kv, mask):
-        # Dense form (encoder). x: (B, Q, D) queries, kv: (B, S, D), mask: (B, Q, S) bool -> (B, Q, D)
+        # x: (B, Q, D) queries, kv: (B, S, D), mask: (B, Q, S) bool (True: query may read that row) -> (B, Q, D)
         B, Q, D = x.shape
         q = self.wq(self.q_norm(x)).view(B, Q, self.n_head, -1).transpose(1, 2)
         kvn = self.kv_norm(kv)
@@ -415,23 +339,6 @@ class CrossAttention(nn.Module):
         mask = mask | ~mask.any(-1, keepdim=True)              # padded queries (no keys) read anything, unused
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         return self.wo(y.transpose(1, 2).reshape(B, Q, D))
-
-    def forward_gather(self, x, kv, index, valid=None):
-        # Gathered form. x: (B, N, Q, D) queries in N groups, kv: (B, S, D), index: (B, N, L) the kv positions each
-        # group reads, valid: (B, N, L) bool or None -> (B, N, Q, D).  Same result as the dense form with
-        # mask = "s is a valid entry of index[group]", at N * L instead of N * S scores.
-        B, N, Q, D = x.shape
-        L, H = index.shape[-1], self.n_head
-        q = self.wq(self.q_norm(x)).view(B, N, Q, H, D // H)
-        kvn = self.kv_norm(kv)
-        idx = index.reshape(B, N * L, 1).expand(B, N * L, D)
-        k, v = (w(kvn).gather(1, idx).view(B, N, L, H, D // H) for w in (self.wk, self.wv))
-        att = torch.einsum("bnqhd,bnlhd->bnhql", q, k) / math.sqrt(D // H)
-        if valid is not None:
-            valid = valid | ~valid.any(-1, keepdim=True)          # padded groups (no entries) read anything, unused
-            att = att.masked_fill(~valid[:, :, None, None, :], float("-inf"))
-        y = torch.einsum("bnhql,bnlhd->bnqhd", att.softmax(-1), v)
-        return self.wo(y.reshape(B, N, Q, D))
 
 
 # --- The model ---------------------------------------------------------------------------------------------------
@@ -442,12 +349,13 @@ class BLT(nn.Module):
         cfg.__post_init__()
         self.cfg = cfg
         V, D, G, K = cfg.vocab_size + OFFSET, cfg.d_local, cfg.d_global, cfg.cross_k
+        fast = cfg.attention == "fast"
         # Sec. 3.2.1: byte embeddings + hash n-gram embeddings (one table per (hash function, n))
         self.tok_emb = nn.Embedding(V, D)
         self.hash_embs = nn.ModuleList(nn.Embedding(cfg.hash_vocab, D)
                                        for _ in range(cfg.hash_functions) for _ in cfg.hash_ngrams)
         # Sec. 3.2: local encoder + cross-attention pooling bytes into patches
-        self.encoder = nn.ModuleList(Block(D, cfg.n_head_local, cfg.local_window, cfg.rope_theta)
+        self.encoder = nn.ModuleList(Block(D, cfg.n_head_local, cfg.local_window, cfg.rope_theta, fast)
                                      for _ in range(cfg.n_layer_enc))
         self.enc_cross = nn.ModuleList(CrossAttention(D, cfg.n_head_cross)
                                        for _ in range(cfg.n_layer_enc if cfg.enc_cross_all_layers else 1))
@@ -461,12 +369,13 @@ class BLT(nn.Module):
         self.to_decoder = nn.Linear(G, K * D, bias=False)       # patch state -> k key/value slots
         self.dec_cross = nn.ModuleList(CrossAttention(D, cfg.n_head_cross)
                                        for _ in range(cfg.n_layer_dec if cfg.dec_cross_all_layers else 1))
-        self.decoder = nn.ModuleList(Block(D, cfg.n_head_local, cfg.local_window, cfg.rope_theta)
+        self.decoder = nn.ModuleList(Block(D, cfg.n_head_local, cfg.local_window, cfg.rope_theta, fast)
                                      for _ in range(cfg.n_layer_dec))
         self.norm = nn.RMSNorm(D, eps=1e-5)
         self.head = nn.Linear(D, V, bias=False)
         _init(self)
-        # Sec. 2.3: the frozen entropy model (only for the entropy-based patchings) and the threshold
+        # Sec. 2.3: the frozen entropy model (only for the entropy-based patchings) and the threshold.  A submodule:
+        # saved with BLT's checkpoint (the trainer counts its forward FLOPs only)
         self.entropy_model = None
         if cfg.patching in ("entropy", "monotonic"):
             self.entropy_model = entropy_model if entropy_model is not None else \
@@ -530,7 +439,7 @@ class BLT(nn.Module):
         """Sec. 3.2.2. h: (B, T, D) byte states, pid: (B, T) patch of each byte -> patches (B, P*k, D).
         Queries start as the pooled bytes of each patch, projected to k vectors; each patch reads its own bytes."""
         B, T, D = h.shape
-        K = self.cfg.cross_k
+        K, ca = self.cfg.cross_k, self.enc_cross[layer]
         if patches is None:
             idx = pid[..., None].expand(B, T, D)
             if self.cfg.pool == "max":
@@ -541,25 +450,19 @@ class BLT(nn.Module):
                 cnt = torch.zeros(B, P, device=h.device).scatter_add_(1, pid, torch.ones_like(pid, dtype=torch.float))
                 pooled = s / cnt.clamp(min=1)[..., None].to(s.dtype)
             patches = self.patch_query(pooled).view(B, P * K, D)
-        L = self.cfg.max_patch_len
-        if L > 0:   # gathered: patch p reads its own <= L bytes, first[p] .. first[p] + len[p] - 1
-            ar = torch.arange(T, device=h.device).expand(B, T)
-            first = torch.full((B, P), T - 1, device=h.device, dtype=torch.long).scatter_reduce(1, pid, ar, "amin")
-            n = torch.zeros(B, P, device=h.device, dtype=torch.long).scatter_add_(1, pid, torch.ones_like(pid))
-            off = torch.arange(L, device=h.device)
-            index = (first[..., None] + off).clamp(max=T - 1)                       # (B, P, L)
-            cross = self.enc_cross[layer].forward_gather(patches.view(B, P, K, D), h, index, off < n[..., None])
-            return self.cfg.cross_residual * patches + cross.view(B, P * K, D)
-        # dense reference (no max patch length): a (B, P*k, T) mask "byte t belongs to patch p"
+        if self.cfg.attention == "fast" and self.cfg.max_patch_len > 0:   # speed path: P * max_patch_len scores
+            return self.cfg.cross_residual * patches + encode_gathered(ca, patches, h, pid, P, self.cfg.max_patch_len)
+        # the k queries of patch p read the bytes of patch p only: a (B, P*k, T) mask
         mask = torch.arange(P, device=h.device).repeat_interleave(K)[None, :, None] == pid[:, None, :]
-        return self.cfg.cross_residual * patches + self.enc_cross[layer](patches, h, mask)
+        return self.cfg.cross_residual * patches + ca(patches, h, mask)
 
     def forward_ids(self, x, starts):
         """x: (B, T) ids, starts: (B, T + 1) -> logits (B, T, V) over the 260 ids."""
         B, T = x.shape
         D, K = self.cfg.d_local, self.cfg.cross_k
         pid, dec = patch_index(starts)
-        P = int(pid[:, -1].max()) + 1                             # patches per row, right-padded to the longest row
+        # patches per row, right-padded to the longest row: after every real patch, so no real position reads them
+        P = int(pid[:, -1].max()) + 1
         # Sec. 3.2: local encoder (causal, windowed) and cross-attention pooling into patches
         h = self.embed(x)
         patches = None
@@ -572,18 +475,23 @@ class BLT(nn.Module):
         for blk in self.global_blocks:
             g = blk(g)
         g = self.global_norm(g)                                   # (B, P, d_global)
-        # Sec. 3.3: local decoder; byte t reads the k slots of patch dec[t] (ended at or before t), then a block
+        # Sec. 3.3: local decoder; before a block, byte t reads the k slots of patch dec[t], the last patch that ended
+        # at or before t: the logit at t (which predicts x_{t+1}) depends on x_<=t only, patch boundaries included
         slots = self.to_decoder(g).view(B, P * K, D)                 # k key/value slots per patch
         for i, blk in enumerate(self.decoder):
             if self.cfg.dec_cross_all_layers or i == 0:
                 ca = self.dec_cross[i if self.cfg.dec_cross_all_layers else 0]
-                idx = dec[..., None] * K + torch.arange(K, device=h.device)         # the k slots of patch dec[t]
-                h = self.cfg.cross_residual * h + ca.forward_gather(h[:, :, None], slots, idx)[:, :, 0]
+                if self.cfg.attention == "masked":                 # a (B, T, P*k) mask "slot of patch dec[t]"
+                    read = ca(h, slots, dec[:, :, None] == torch.arange(P, device=h.device).repeat_interleave(K))
+                else:                                             # speed path (end of file): k scores per byte
+                    read = decode_gathered(ca, h, slots, dec, K)
+                h = self.cfg.cross_residual * h + read
             h = blk(h)
         return self.head(self.norm(h))
 
     def forward(self, batch):
-        # batch["tokens"]: (B, T) bytes -> byte logits (B, T, 256), loss (nats per byte), parts
+        # batch["tokens"]: (B, T) bytes -> logits (B, T, 256): the byte columns of the 260-way head;
+        # loss: the 260-way cross-entropy in nats per byte; parts
         tokens = batch["tokens"]
         _check_tokens(tokens, self.cfg, "blt")
         x = tokens + OFFSET
@@ -638,6 +546,107 @@ class BLT(nn.Module):
                 ent = torch.cat([ent, self.entropy_model.entropies(new + OFFSET, caches)], 1)
         self.train(was_training)
         return x - OFFSET
+
+
+# ==== Speed paths: same results as the plain forms above, faster (tests/test_blt.py holds them equal) ============
+
+def window_attention(q, k, v, W):
+    """Causal sliding-window attention computed in blocks of W queries, each against its own and the previous block
+    of keys: T * 2W scores instead of T * T (what makes the local models cheap, and what the trainer's FLOP count
+    sees).  q, k, v: (B, H, T, hd) -> (B, H, T, hd)."""
+    B, H, T, hd = q.shape
+    n = -(-T // W)
+    pad = n * W - T
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    q = q.view(B, H * n, W, hd)
+    k, v = (torch.cat([F.pad(t, (0, 0, W, 0))[:, :, :n * W], t], -1).view(B, H, n, W, 2, hd)
+            .permute(0, 1, 2, 4, 3, 5).reshape(B, H * n, 2 * W, hd) for t in (k, v))   # previous block, own block
+    i = torch.arange(W, device=q.device)[:, None] + W              # query position inside its 2W key span
+    j = torch.arange(2 * W, device=q.device)[None, :]
+    first = (torch.arange(n, device=q.device) == 0)[:, None, None]   # block 0 has no previous block
+    mask = (j <= i) & (i - j < W) & ~(first & (j < W))              # (n, W, 2W)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(H, 1, 1)[None])
+    return y.view(B, H, n * W, hd)[:, :, :T]
+
+
+def gathered_cross_attention(ca, x, kv, index, valid=None):
+    """CrossAttention `ca` where query group n reads only the kv rows index[:, n] (where valid): the dense form with
+    mask "s is a valid entry of index[group]", at N * L instead of N * S scores.
+    x: (B, N, Q, D) queries in N groups, kv: (B, S, D), index: (B, N, L), valid: (B, N, L) bool or None -> x's shape"""
+    B, N, Q, D = x.shape
+    L, H = index.shape[-1], ca.n_head
+    q = ca.wq(ca.q_norm(x)).view(B, N, Q, H, D // H)
+    kvn = ca.kv_norm(kv)
+    idx = index.reshape(B, N * L, 1).expand(B, N * L, D)
+    k, v = (w(kvn).gather(1, idx).view(B, N, L, H, D // H) for w in (ca.wk, ca.wv))
+    att = torch.einsum("bnqhd,bnlhd->bnhql", q, k) / math.sqrt(D // H)
+    if valid is not None:
+        valid = valid | ~valid.any(-1, keepdim=True)          # padded groups (no entries) read anything, unused
+        att = att.masked_fill(~valid[:, :, None, None, :], float("-inf"))
+    y = torch.einsum("bnhql,bnlhd->bnqhd", att.softmax(-1), v)
+    return ca.wo(y.reshape(B, N, Q, D))
+
+
+def encode_gathered(ca, patches, h, pid, P, L):
+    # BLT.encode_patches' cross-attention: patches (B, P*k, D), h: (B, T, D), pid: (B, T) -> (B, P*k, D).
+    # Patch p reads its own n[p] <= L bytes, first[p] .. first[p] + n[p] - 1 (L = max_patch_len)
+    B, T, D = h.shape
+    ar = torch.arange(T, device=h.device).expand(B, T)
+    first = torch.full((B, P), T - 1, device=h.device, dtype=torch.long).scatter_reduce(1, pid, ar, "amin")
+    n = torch.zeros(B, P, device=h.device, dtype=torch.long).scatter_add_(1, pid, torch.ones_like(pid))
+    off = torch.arange(L, device=h.device)
+    index = (first[..., None] + off).clamp(max=T - 1)                       # (B, P, L)
+    return gathered_cross_attention(ca, patches.view(B, P, -1, D), h, index, off < n[..., None]).view(B, -1, D)
+
+
+def decode_gathered(ca, h, slots, dec, K):
+    # BLT.forward_ids' decoder cross-attention: h: (B, T, D) bytes, slots: (B, P*k, D), dec: (B, T) -> (B, T, D).
+    # Byte t reads the k slots of patch dec[t]
+    idx = dec[..., None] * K + torch.arange(K, device=h.device)             # (B, T, k)
+    return gathered_cross_attention(ca, h[:, :, None], slots, idx)[:, :, 0]
+
+
+# --- Loading the entropy model, input checks ------------------------------------------------------------------------
+
+def load_entropy_model(path, vocab_size):
+    """A frozen EntropyModel from a train.py checkpoint of "blt-entropy".  ValueError (one line) when it can't."""
+    hint = "train one with `python train.py --model blt-entropy --setting bytes` and pass --entropy_ckpt PATH " \
+           "(or use --patching space / static, which need no entropy model)"
+    if not path or not os.path.isfile(path):
+        raise ValueError(f"entropy patching needs a trained entropy model (no file {path!r}); {hint}")
+    try:   # tensors and plain types only: a pickled Python object in the file is refused, never run
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        conf = ckpt["config"]
+        name, mcfg, state = conf["model"], dict(conf["model_cfg"]), ckpt["model"]
+    except Exception as e:   # noqa: BLE001 -- any unreadable file gets the same one-line answer
+        if "unsupported global" in str(e).lower():   # torch's wording varies in case between versions
+            raise ValueError(f"entropy_ckpt {path!r} holds pickled Python objects, which are never loaded "
+                             f"(weights_only=True); {hint}") from None
+        why = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"cannot read entropy_ckpt {path!r} ({type(e).__name__}: {why}); {hint}") from None
+    if name != "blt-entropy":
+        raise ValueError(f"entropy_ckpt {path!r} holds model {name!r}, not 'blt-entropy'; {hint}")
+    ecfg = EntropyConfig(**{k: v for k, v in mcfg.items() if k in {f.name for f in fields(EntropyConfig)}})
+    if ecfg.vocab_size != vocab_size:
+        raise ValueError(f"entropy model vocab_size={ecfg.vocab_size} != blt vocab_size={vocab_size}; "
+                         "train the entropy model on the same setting")
+    model = EntropyModel(ecfg)
+    try:
+        model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})
+    except RuntimeError as e:
+        raise ValueError(f"entropy_ckpt {path!r} does not fit EntropyModel ({str(e).splitlines()[0]}); "
+                         f"{hint}") from None
+    return model
+
+
+def _check_tokens(tokens, cfg, who):
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] < 1:
+        raise ValueError(f"{who}: tokens must be an int64 tensor of shape (B, T) with T >= 1; convert with .long()")
+    if tokens.shape[1] > cfg.seq_len:
+        raise ValueError(f"{who}: sequence length {tokens.shape[1]} > seq_len={cfg.seq_len}; "
+                         "crop it or raise --seq_len")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        raise ValueError(f"{who}: byte ids must be in [0, {cfg.vocab_size}); check the data or use --setting bytes")
 
 
 MODELS = {"blt-entropy": (EntropyConfig, EntropyModel, "bytes", dict()), "blt": (Config, BLT, "bytes", dict())}

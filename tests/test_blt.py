@@ -1,11 +1,14 @@
 """Tests for blt.py: causality with the entropy model in the loop, incremental patching, hash n-grams, cross-attention
-isolation, patch bookkeeping, row independence, generation, the entropy checkpoint, and learning."""
+isolation, patch bookkeeping, row independence, generation, the entropy checkpoint, learning, and the speed paths
+(window attention, gathered cross-attention) equal to the plain masked forms."""
 import math
+import pickle
 
 import pytest
 import torch
 
 import blt
+import train
 from blt import BLT, OFFSET, Config, EntropyConfig, EntropyModel
 
 torch.set_num_threads(1)
@@ -47,6 +50,13 @@ def make_model(mode="entropy", seed=0, **kw):
 
 
 MODES = ["entropy", "monotonic", "space", "static"]
+
+
+def build_error(**over):
+    """The trainer's one-line UsageError for these model overrides (field ranges live in Config.RANGES)."""
+    with pytest.raises(train.UsageError) as e:
+        train.build("blt", overrides=over, train_overrides=dict(seq_len=64))
+    return str(e.value)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -172,8 +182,7 @@ def test_hash_ids_match_reference_and_depend_only_on_ngram():
     y[0, 10:14] = x[0, 10:14]                                      # same 4-gram ending at 13, different elsewhere
     assert blt.hash_ngram_ids(x[:1], 4, 0, 997)[0, 13] == blt.hash_ngram_ids(y, 4, 0, 997)[0, 13]
     small_cfg(hash_functions=11)
-    with pytest.raises(ValueError, match="1..11"):
-        small_cfg(hash_functions=12)
+    assert "--hash_functions=12 is out of range; valid: int in [1, 11]" in build_error(hash_functions=12)
 
 
 def test_static_layout_equals_official_in_real_bytes():
@@ -196,31 +205,34 @@ def test_monotonic_byte_2_follows_the_rule():
     assert s[:, :2].all() and s[:, 2].tolist() == [False, True]
 
 
-def _decoder_and_global_io(model, b):
+def _decoder_and_global_io(model, b, monkeypatch):
     """The input and output of the first decoder cross-attention, the next block's input, the global model's last
     output and what the decoder projection reads."""
     rec, ca = {}, model.dec_cross[0]
-    orig = ca.forward_gather
+    orig = blt.decode_gathered
 
-    def wrap(x, *a, **kw):
-        out = orig(x, *a, **kw)
-        rec["x"], rec["out"] = x[:, :, 0], out[:, :, 0]
+    def wrap(ca_, h, *a):                                           # the speed path (attention="fast")
+        out = orig(ca_, h, *a)
+        if ca_ is ca:
+            rec["x"], rec["out"] = h, out
         return out
-    ca.forward_gather = wrap
-    hooks = [model.decoder[0].register_forward_pre_hook(lambda m, a: rec.__setitem__("block_in", a[0])),
+    monkeypatch.setattr(blt, "decode_gathered", wrap)
+    hooks = [ca.register_forward_hook(lambda m, a, o: rec.update(x=a[0], out=o)),   # the plain form ("masked")
+             model.decoder[0].register_forward_pre_hook(lambda m, a: rec.__setitem__("block_in", a[0])),
              model.global_blocks[-1].register_forward_hook(lambda m, a, o: rec.__setitem__("g", o)),
              model.to_decoder.register_forward_pre_hook(lambda m, a: rec.__setitem__("dec_in", a[0]))]
     model(b)
     for h in hooks:
         h.remove()
-    del ca.forward_gather
+    monkeypatch.undo()
     return rec
 
 
+@pytest.mark.parametrize("attention", ["fast", "masked"])
 @pytest.mark.parametrize("r", [1, 2])
-def test_cross_residual_switch(r):
-    model = make_model("space", cross_residual=r)
-    rec = _decoder_and_global_io(model, text_batch())               # decoder: r * h + cross(h)
+def test_cross_residual_switch(r, attention, monkeypatch):
+    model = make_model("space", cross_residual=r, attention=attention)
+    rec = _decoder_and_global_io(model, text_batch(), monkeypatch)   # decoder: r * h + cross(h)
     assert torch.allclose(rec["block_in"], r * rec["x"] + rec["out"], atol=1e-6)
     x = text_batch()["tokens"] + OFFSET                             # encoder: r * queries + cross(queries)
     pid, _ = blt.patch_index(model.patch(x))
@@ -230,22 +242,21 @@ def test_cross_residual_switch(r):
     out = model.encode_patches(h, 0, pid, P, q)
     model.cfg.cross_residual = 1
     assert torch.allclose(out - model.encode_patches(h, 0, pid, P, q), (r - 1) * q, atol=1e-6)
-    with pytest.raises(ValueError, match="cross_residual"):
-        small_cfg(cross_residual=3)
+    assert "--cross_residual=3 is out of range" in build_error(cross_residual=3)
 
 
 @pytest.mark.parametrize("norm", [False, True])
-def test_global_norm_switch(norm):
+def test_global_norm_switch(norm, monkeypatch):
     model = make_model("space", global_norm=norm)
-    rec = _decoder_and_global_io(model, text_batch())
+    rec = _decoder_and_global_io(model, text_batch(), monkeypatch)
     g = rec["g"]
     ref = torch.nn.functional.rms_norm(g, (g.shape[-1],), eps=1e-5) if norm else g   # official: no norm (False)
     assert torch.allclose(rec["dec_in"], ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("max_len", [6, 0])                        # gathered form, dense reference
-def test_encoder_cross_attention_reads_only_own_bytes(max_len):
-    model = make_model("space", max_patch_len=max_len)
+@pytest.mark.parametrize("max_len,attention", [(6, "fast"), (0, "fast"), (6, "masked")])   # gathered, dense, dense
+def test_encoder_cross_attention_reads_only_own_bytes(max_len, attention):
+    model = make_model("space", max_patch_len=max_len, attention=attention)
     x = text_batch(B=2)["tokens"] + OFFSET
     pid, _ = blt.patch_index(model.patch(x))
     P = int(pid.max()) + 1
@@ -260,8 +271,10 @@ def test_encoder_cross_attention_reads_only_own_bytes(max_len):
         h3 = h.clone()
         h3[pid == p] += 1.0                                          # its own bytes do matter
         assert not torch.allclose(enc(h3)[0, p], ref[0, p])
-    if max_len:                   # the gathered form equals the dense masked cross-attention
+    if max_len and attention == "fast":   # the gathered form equals the dense masked cross-attention
         model.cfg.max_patch_len = 0
+        assert torch.allclose(enc(h)[:, :int(pid[:, -1].min()) + 1], ref[:, :int(pid[:, -1].min()) + 1], atol=1e-5)
+        model.cfg.max_patch_len, model.cfg.attention = max_len, "masked"
         assert torch.allclose(enc(h)[:, :int(pid[:, -1].min()) + 1], ref[:, :int(pid[:, -1].min()) + 1], atol=1e-5)
 
 
@@ -288,8 +301,10 @@ def test_decoder_reads_only_patches_ended_before():
     torch.manual_seed(0)
     h, slots = torch.randn(1, T, 16), torch.randn(1, P * 2, 16)
     ca = model.dec_cross[0]
-    read = lambda sl: ca.forward_gather(h[:, :, None], sl, dec[..., None] * 2 + torch.arange(2))[:, :, 0]
+    read = lambda sl: blt.decode_gathered(ca, h, sl, dec, 2)
     ref = read(slots)
+    idx = dec[..., None] * 2 + torch.arange(2)
+    assert torch.equal(blt.gathered_cross_attention(ca, h[:, :, None], slots, idx)[:, :, 0], ref)
     # the gathered form equals dense cross-attention masked to "slot belongs to patch dec[t]"
     mask = torch.arange(P).repeat_interleave(2)[None, None, :] == dec[:, :, None]
     assert torch.allclose(ca(h, slots, mask), ref, atol=1e-5)
@@ -361,6 +376,58 @@ def test_entropy_checkpoint_with_pickled_object_is_refused_and_nothing_runs(tmp_
     assert "\n" not in str(e.value) and not marker.exists()
 
 
+@pytest.mark.parametrize("message", ["Weights only load failed. Unsupported global: GLOBAL x.Y was not an allowed global",
+                                     "Weights only load failed. WeightsUnpickler error: unsupported GLOBAL x.Y"])
+def test_entropy_checkpoint_pickled_object_message_in_any_case(tmp_path, monkeypatch, message):
+    path = tmp_path / "evil.pt"
+    path.write_bytes(b"x")
+
+    def refuse(*a, **kw):
+        raise pickle.UnpicklingError(message)
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(ValueError, match="holds pickled Python objects, which are never loaded"):
+        blt.load_entropy_model(str(path), 256)
+
+
+def _grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode,kw", [("entropy", {}), ("space", dict(enc_cross_all_layers=True, n_layer_enc=2,
+                                                                      dec_cross_all_layers=False, pool="mean"))])
+def test_speed_paths_equal_masked_forms_forward_and_gradients(mode, kw):
+    # attention="fast": window attention (T > 2 * local_window) and gathered cross-attention (max_patch_len > 0)
+    b = text_batch(B=2)
+    out = {}
+    for attention in ("fast", "masked"):
+        model = make_model(mode, attention=attention, **kw)
+        assert 2 * model.cfg.local_window < T and model.cfg.max_patch_len > 0
+        logits, loss, _ = model(b)
+        loss.backward()
+        out[attention] = logits, _grads(model)
+    (lf, gf), (lm, gm) = out["fast"], out["masked"]
+    assert torch.allclose(lf, lm, atol=1e-5)
+    assert gf.keys() == gm.keys() and len(gf) > 20
+    for k in gf:
+        assert torch.allclose(gf[k], gm[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_entropy_model_window_attention_equals_masked_form_forward_and_gradients():
+    b = text_batch(B=2)
+    out = {}
+    for attention in ("fast", "masked"):
+        torch.manual_seed(0)
+        m = EntropyModel(EntropyConfig(seq_len=64, d_model=16, n_head=2, window=16, attention=attention))
+        assert 2 * m.cfg.window < T
+        logits, loss, _ = m(b)
+        loss.backward()
+        out[attention] = logits, _grads(m)
+    (lf, gf), (lm, gm) = out["fast"], out["masked"]
+    assert torch.allclose(lf, lm, atol=1e-5)
+    for k in gf:
+        assert torch.allclose(gf[k], gm[k], atol=1e-5, rtol=1e-4), k
+
+
 def test_frozen_entropy_model_gets_no_gradient_and_loss_falls():
     torch.manual_seed(0)
     model = BLT(small_cfg(), entropy_model=entropy_model())
@@ -391,7 +458,8 @@ def test_entropy_model_and_bad_input():
         model(dict(tokens=torch.zeros(1, 65, dtype=torch.long)))
     with pytest.raises(ValueError, match="byte ids"):
         model(dict(tokens=torch.full((1, 4), 300)))
+    assert "--patching=bpe is out of range; valid: one of entropy|monotonic|space|static" in build_error(patching="bpe")
     with pytest.raises(ValueError, match="patching"):
-        BLT(small_cfg(patching="bpe"))
+        blt.patch_starts(b["tokens"] + OFFSET, "bpe")
     with pytest.raises(ValueError, match="seq_len"):
         model.generate(b["tokens"], 40)

@@ -84,9 +84,12 @@ class Config:
             raise ValueError(f"modality_names={self.modality_names} must be distinct")
 
 
-# ==== Sec. 2.2, Algorithm 1: each token's weights are chosen by its modality ========================================
-# Every module below takes the token modalities m_t, `modality` (B, T), beside its input: in the sorted stream (the
-# speed path) a Routing stands in its place, and the module hands over to the speed path's version of itself.
+# ==== The method (Sec. 2.2, Algorithm 1): per-modality weights, global self-attention ===============================
+# Every non-embedding weight has one copy per modality and token t uses the copy of its modality m_t: the attention
+# projections W_Q, W_K, W_V, W_O, the feed-forward network and the norms, all built from the two modules below. The
+# tokens of all modalities then meet in ONE causal self-attention over the whole sequence (Attention.attend).
+# Each module takes `modality` (B, T), the m_t of every token, beside its input; in the sorted stream (the speed
+# path, at the end of the file) a Routing stands in its place and the module hands over to its speed-path version.
 
 class ModalityLinear(nn.Module):
     """y_t = x_t W[m_t]: one (d_in, d_out) weight per modality, each token multiplied by its own modality's weight
@@ -164,7 +167,7 @@ class Attention(nn.Module):
 
     def forward(self, x, modality, cos, sin, attn_mask=None, cache=None):
         # x: (B, T, D), modality: (B, T) -> (B, T, D); cos, sin: (T, hd) rotary tables
-        if isinstance(modality, Routing):
+        if isinstance(modality, Routing):                              # the sorted stream (speed paths, below)
             return routed_attention(self, x, modality, cos, sin, attn_mask, cache)
         B, T, D = x.shape
         # Eq. 2: each token's query, key and value from its own modality's W_Q^m, W_K^m, W_V^m
@@ -262,7 +265,7 @@ class Transformer(nn.Module):
             pos0 = self.cp.rank * T                                    # context parallel: this rank's positions
         check_modality(self.cfg, modality, (B, T), pos0 + T)
         cos, sin = rope(torch.arange(pos0, pos0 + T), D // self.cfg.n_head, self.cfg.rope_theta, x.device)
-        if self.sorted_stream:
+        if self.sorted_stream:                                         # the default for MoT (speed paths, below)
             return sorted_forward_hidden(self, x, Routing(modality, self.cfg.n_modalities), cos, sin, attn_mask, caches)
         for i, block in enumerate(self.blocks):
             x = block(x, modality, cos, sin, attn_mask, None if caches is None else caches[i])
@@ -343,9 +346,10 @@ SUPPORTED_SETTINGS = {"dense": ("chameleon", "speech", "text", "bytes"), "mot": 
 
 
 # ==== Speed paths: same results as the plain forms above, faster (tests/test_mot.py holds them equal) ===============
-# routing="grouped" (the default) keeps the residual stream SORTED BY MODALITY: the tokens are sorted once per
-# forward, so modality m's rows form one contiguous block, every per-modality projection is ONE grouped matmul (each
-# token multiplied once: the FLOPs the paper counts) and every norm gain scales a block of rows. Per-token ops (norms,
+# routing="grouped" (the default) keeps the residual stream SORTED BY MODALITY, Algorithm 1's grouping of the tokens
+# (I_m, X_m) held through every block: the tokens are sorted once per forward, so modality m's rows form one block,
+# every per-modality projection is ONE grouped matmul (each token multiplied once: the FLOPs the paper counts) and
+# every norm gain scales a block of rows. Per-token ops (norms,
 # SwiGLU, residual adds) do not care about row order: Block and FeedForward run unchanged on the stream; only the
 # global attention needs sequence order (it unsorts its q, k, v and sorts its output). A model with nothing untied
 # has nothing to sort and always runs the plain form.

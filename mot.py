@@ -1,61 +1,39 @@
-"""Mixture-of-Transformers (Liang, Yu, Luo et al. 2024) -- arXiv 2411.04996, and the dense Transformer baseline.
+"""Mixture-of-Transformers (Liang, Yu, Luo et al. 2024) -- https://arxiv.org/abs/2411.04996
+"Mixture-of-Transformers: A Sparse and Scalable Architecture for Multi-Modal Foundation Models".
 
-"MoT decouples the non-embedding parameters of the model by modality -- including feed-forward networks, attention
-matrices, and layer normalization -- enabling modality-specific processing with global self-attention over the full
-input sequence." Routing is fixed by each token's modality id: no router, no load balancing, no auxiliary loss. Every
-token runs exactly the computation it would run in the dense model, only with its own modality's weights, so the
-FLOPs per token equal the dense model's while the non-embedding parameters are about n_modalities times larger.
-
-The same class is the dense Transformer baseline of the whole repo (RoPE, SwiGLU, RMSNorm, causal attention): with
-every untie_* switch off, each ModalityLinear / ModalityRMSNorm holds ONE weight and its forward is a plain `x @ W`
-(no sorting, no routing). `--model dense --setting bytes` is the byte-level Transformer baseline.
+The idea: every non-embedding parameter -- the attention projections, the feed-forward network, the norms -- has one
+copy per modality, and each token uses the copy of its own modality; self-attention stays global, one attention over
+the whole interleaved sequence. Routing is fixed by the token's modality (no router, no auxiliary loss), so each token
+costs the dense model's FLOPs while the non-embedding parameters grow about n_modalities times. With every untie_*
+switch off the same classes are the dense Transformer baseline of the whole repo (RoPE, SwiGLU, RMSNorm).
 
 Glossary (paper -> code):
-    M modalities                             -> cfg.n_modalities (ids 0..M-1, from the data; markers are text);
-                                                 cfg.modality_names names them in the losses (loss_<name>)
-    theta_m (modality-m parameters)          -> weight[m] of every ModalityLinear / ModalityRMSNorm (separate
-                                                 nn.Parameters per modality, so LMFusion can freeze weight[0])
-    W_Q^m, W_K^m, W_V^m (Eq. 2)              -> Attention.qkv.weight[m]  (the three fused in one (D, 3D) matrix)
-    W_O^m (Eq. 3)                            -> Attention.proj.weight[m]
-    FFN_m, LayerNorm_m (Eq. 4)               -> Block.ffn (SwiGLU w13/w2), Block.norm_attn / norm_ffn
-    global self-attention (Eq. 3)            -> one F.scaled_dot_product_attention over the whole mixed sequence
-    "untie" ablations (Sec. 4, Fig. 14)      -> cfg.untie_attn, cfg.untie_ffn, cfg.untie_norm
-    Chameleon norm reordering                -> cfg.norm_placement = "post" (h = x + Norm_m(Attn(x)),
-                                                 out = h + Norm_m(FFN_m(h))); "pre" = standard pre-norm
-    QK-norm (Chameleon)                      -> cfg.qk_norm (per modality when untie_attn)
+    M modalities; m_t, token t's modality  -> cfg.n_modalities; the `modality` tensor (B, T), ids from the data
+    theta_m, the parameters of modality m  -> weight[m] of every ModalityLinear / ModalityRMSNorm
+    W_Q^m, W_K^m, W_V^m  /  W_O^m          -> Attention.qkv.weight[m] (the three fused)  /  Attention.proj.weight[m]
+    FFN_m  /  LayerNorm_m                  -> FeedForward.w13, w2 (SwiGLU)  /  Block.norm_attn, norm_ffn, norm_f
+    global self-attention                  -> Attention.attend: one causal attention over all tokens
+    untying ablations (Sec. 4)             -> cfg.untie_attn, cfg.untie_ffn, cfg.untie_norm
+    Chameleon's norm reordering, QK-norm   -> cfg.norm_placement = "post", cfg.qk_norm
 
-Implementation: the residual stream is kept sorted by modality (Routing): tokens are sorted once per forward
-(kernels.sort_by_group), every per-modality projection is ONE kernels.grouped_matmul over the sorted rows with the
-per-modality weights stacked to (M, K, N), every norm gain a block of rows; only the global attention puts q, k, v
-back in sequence order (and its output back in sorted order). cfg.routing = "masked" is the plain reference (every
-modality's weight on every token, then select by mask: M times the FLOPs, for tests only).
+Read the plain form first: ModalityLinear.forward is the paper's y_t = x_t W[m_t]. It runs with routing="masked";
+the default, routing="grouped", runs the same model on a residual stream sorted by modality with one grouped matmul
+per projection (the speed-path section at the end; tests/test_mot.py holds the two equal).
 
-API used by transfusion.py (import mot):
-    model.forward_hidden(x, modality, attn_mask=None) -> (B, T, D)
-        x: (B, T, D) input embeddings; modality: (B, T) int64 in [0, n_modalities); attn_mask: None (causal) or a
-        bool (B, 1, T, T) / (T, T) mask, True = may attend. Runs every block and the final norm (no embedding, no head).
-    model.modality_parameters(m) -> list of the nn.Parameters specific to modality m (to freeze one, as LMFusion).
-    model.generate(idx, max_new_tokens, temperature=0.0) -> (B, T + max_new_tokens), KV-cached; the modality of each
-        token comes from its id via cfg.modality_offsets (so it switches to image weights after BOI).
-    Classes: Config, RMSNorm-style ModalityRMSNorm, ModalityLinear, Attention, FeedForward, Block, Transformer, MoT.
-
-Toy scale (Config defaults): d_model 64, n_layer 2, pre-norm without QK-norm. The official code's default is
-Chameleon's post-norm reordering (--norm_placement=post); here pre-norm is the default because it makes the DENSE
-baseline much stronger at toy scale (RESULTS.md), and a sparse model must be measured against the strongest baseline
-of its FLOPs. In short runs MoT's text gain comes late: the circuits that text needs -- reading the image for a
-caption, the text-only language's lookup -- form sooner in shared weights, which every token trains.
-Try: --norm_placement=post, --qk_norm=True; the untie ablation, one switch per component: --untie_ffn=False (attention
-and norms per modality, FFN shared), --untie_ffn=False --untie_norm=False (attention only), --untie_attn=False.
-
-Left out: the paper's 7B scale and its data; Transfusion's diffusion head lives in transfusion.py (MoT backbone via
-forward_hidden). Departures: the embedding and the LM head are untied from each other (as in Chameleon); q, k and v
-are fused into one matrix per modality (same math as three matrices).
+Departures: pre-norm is the default; the official code uses Chameleon's post-norm reordering, but pre-norm makes the
+dense baseline stronger at toy scale, and a sparse model is measured against the strongest baseline of its FLOPs.
+q, k and v share one matrix per modality (the same math as three). The embedding and the LM head are shared by all
+modalities and untied from each other (as in Chameleon).
+Left out: the paper's scale and data. The Transfusion setting (diffusion on continuous images) is transfusion.py,
+with this file's Transformer as its backbone.
+Try: --norm_placement=post, --qk_norm=True; the ablations: --untie_ffn=False (attention and norms per modality),
+--untie_ffn=False --untie_norm=False (attention only), --untie_attn=False.
 Run:  python train.py --compare dense,mot --setting chameleon     (and --setting speech)
-      python mot.py                                              (a 20-line demo)
-Read first: data.py (the toy world).  Read next: moma.py (the same FFN split, with learned routing inside each modality).
+      python mot.py                                              (a short demo)
+Read first: data.py (the toy world).  Read next: moma.py (the FFN split, with learned routing inside each modality).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -64,11 +42,12 @@ import torch.nn.functional as F
 
 import kernels
 
+
 @dataclass
 class Config:
     vocab_size: int = 512
     n_modalities: int = 2                    # M; 1 = plain Transformer (bytes)
-    modality_offsets: tuple = (0, 256)       # first token id of each modality (data.py sets it)
+    modality_offsets: tuple = (0, 256)       # first token id of each modality (data.py sets it; markers are text)
     modality_names: tuple = ("text", "image")  # loss names (loss_<name>), data.py sets it; unnamed: "modality<m>"
     seq_len: int = 256                       # longest sequence accepted (forward and generate)
     n_layer: int = 2
@@ -77,12 +56,12 @@ class Config:
     ffn_hidden: int = 0                      # SwiGLU hidden size; 0 -> 8/3 * d_model rounded up to a multiple of 16
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    norm_placement: str = "pre"              # "pre": pre-norm (the strong baseline); "post": Chameleon reordering (official MoT code)
+    norm_placement: str = "pre"              # "pre": pre-norm; "post": Chameleon's reordering (the official MoT code)
     qk_norm: bool = False                    # RMSNorm on q and k per head (Chameleon); per modality if untie_attn
     untie_attn: bool = False                 # per-modality W_Q, W_K, W_V, W_O (and q/k norms)
     untie_ffn: bool = False                  # per-modality SwiGLU feed-forward
     untie_norm: bool = False                 # per-modality attention / FFN / final norms
-    routing: str = "grouped"                 # "grouped": sorted tokens + grouped matmul; "masked": reference
+    routing: str = "grouped"                 # "grouped": sorted stream, grouped matmul (speed path); "masked": plain
     # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
     RANGES: ClassVar[dict] = dict(
         vocab_size="int >= 1", n_modalities="int >= 1", modality_offsets="ints >= 0", modality_names="names",
@@ -91,103 +70,66 @@ class Config:
         norm_placement="one of pre|post", qk_norm="bool", untie_attn="bool", untie_ffn="bool", untie_norm="bool",
         routing="one of grouped|masked")
 
-
-def _check_config(cfg):
-    if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2:
-        raise ValueError(f"d_model={cfg.d_model} must be a multiple of 2*n_head={2 * cfg.n_head}; change one of them")
-    if cfg.norm_placement not in ("post", "pre"):
-        raise ValueError(f"norm_placement={cfg.norm_placement!r} is unknown; use 'post' or 'pre'")
-    if cfg.routing not in ("grouped", "masked"):
-        raise ValueError(f"routing={cfg.routing!r} is unknown; use 'grouped' or 'masked'")
-    if cfg.n_modalities < 1 or len(cfg.modality_offsets) != cfg.n_modalities:
-        raise ValueError(f"modality_offsets={cfg.modality_offsets} must hold one first-id per modality "
-                         f"(n_modalities={cfg.n_modalities})")
-    if list(cfg.modality_offsets) != sorted(cfg.modality_offsets) or cfg.modality_offsets[-1] >= cfg.vocab_size:
-        raise ValueError(f"modality_offsets={cfg.modality_offsets} must be increasing and < vocab_size={cfg.vocab_size}")
-    if len(set(cfg.modality_names)) != len(cfg.modality_names):
-        raise ValueError(f"modality_names={cfg.modality_names} must be distinct")
+    def __post_init__(self):
+        offs, D, H = list(self.modality_offsets), self.d_model, self.n_head
+        if D % H or (D // H) % 2:
+            raise ValueError(f"d_model={D} must be a multiple of 2*n_head={2 * H}; change one of them")
+        if len(offs) != self.n_modalities:
+            raise ValueError(f"modality_offsets={self.modality_offsets} must hold one first-id per modality "
+                             f"(n_modalities={self.n_modalities})")
+        if offs != sorted(offs) or any(o >= self.vocab_size for o in offs):
+            raise ValueError(f"modality_offsets={self.modality_offsets} must be increasing and "
+                             f"< vocab_size={self.vocab_size}")
+        if len(set(self.modality_names)) != len(self.modality_names):
+            raise ValueError(f"modality_names={self.modality_names} must be distinct")
 
 
-def modality_names(cfg):
-    """One name per modality: cfg.modality_names (the data fills it), "modality<m>" for any it does not name."""
-    return tuple(cfg.modality_names[m] if m < len(cfg.modality_names) else f"modality{m}"
-                 for m in range(cfg.n_modalities))
-
-
-# --- Sec. 2.1: modality-specific parameters -------------------------------------------------------------------------
-
-class Routing:
-    """Where each token's weights come from, and the order of the residual stream.
-
-    MoT keeps its residual stream SORTED BY MODALITY: tokens are sorted once per forward (sort), so modality m's
-    rows form one contiguous block and every per-modality op is a block of rows (one grouped matmul, one gain per
-    block); only the global attention needs sequence order (unsort its q, k, v, sort its output). Per-token ops
-    (norms, SwiGLU, residual adds) do not care about row order. The dense model (nothing untied) and the "masked"
-    reference keep sequence order: sort and unsort are then plain reshapes."""
-
-    def __init__(self, modality, n_modalities, impl="grouped"):
-        self.shape, self.impl = modality.shape, impl                          # modality: (B, T) int64
-        self.modality, self.order = modality.reshape(-1), None                # (N,): the modality of each row
-        if n_modalities > 1 and impl == "grouped":
-            self.order, self.sizes = kernels.sort_by_group(self.modality, n_modalities)   # sizes: rows per modality
-            self.inverse = torch.argsort(self.order)                           # a permutation's argsort: its inverse
-            self.modality = self.modality[self.order]
-
-    def sort(self, x):
-        # (B, T, ...) in sequence order -> (N, ...) in the stream's order
-        x = x.flatten(0, 1)
-        return x if self.order is None else x.index_select(0, self.order)
-
-    def unsort(self, x):
-        # (N, ...) in the stream's order -> (B, T, ...) in sequence order
-        x = x if self.order is None else x.index_select(0, self.inverse)
-        return x.view(*self.shape, *x.shape[1:])
-
-
-def _compute_dtype(x):
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
+# ==== The method (Sec. 2.2, Algorithm 1): per-modality weights, global self-attention ===============================
+# Every non-embedding weight has one copy per modality and token t uses the copy of its modality m_t: the attention
+# projections W_Q, W_K, W_V, W_O, the feed-forward network and the norms, all built from the two modules below. The
+# tokens of all modalities then meet in ONE causal self-attention over the whole sequence (Attention.attend).
+# Each module takes `modality` (B, T), the m_t of every token, beside its input; in the sorted stream (the speed
+# path, at the end of the file) a Routing stands in its place and the module hands over to its speed-path version.
 
 class ModalityLinear(nn.Module):
-    """y_t = x_t @ W[m_t]: one (d_in, d_out) nn.Parameter per modality (n=1: a plain bias-free linear layer)."""
+    """y_t = x_t W[m_t]: one (d_in, d_out) weight per modality, each token multiplied by its own modality's weight
+    (n=1: a plain bias-free linear layer, shared by all tokens)."""
 
     def __init__(self, d_in, d_out, n, std=0.02):
         super().__init__()
         self.n = n
         self.weight = nn.ParameterList([nn.Parameter(torch.randn(d_in, d_out) * std) for _ in range(n)])
 
-    def forward(self, x, rt):
-        # x: (N, d_in) in the stream's order (Routing) -> (N, d_out); or (B, T, d_in) in sequence order -> (B, T, d_out)
+    def forward(self, x, modality):
+        # x: (B, T, d_in), modality: (B, T) -> (B, T, d_out)
         if self.n == 1:                                   # dense: every token uses the same weight
             return x @ self.weight[0]
-        if x.dim() == 3:                                  # sequence order (a caller outside the stream): sort, unsort
-            return rt.unsort(self(rt.sort(x), rt))
-        if rt.impl == "masked":                           # reference: all weights on all tokens, keep the own one
-            return sum((rt.modality == m).unsqueeze(-1).to(x.dtype) * (x @ w) for m, w in enumerate(self.weight))
-        dt = _compute_dtype(x)
-        w = torch.stack(list(self.weight)).to(dt)         # (M, d_in, d_out)
-        return kernels.grouped_matmul(x.to(dt), w, rt.sizes)   # sorted rows: modality m's block @ W[m]
+        if isinstance(modality, Routing):                 # the sorted stream: one grouped matmul (speed paths, below)
+            return routed_linear(self, x, modality)
+        # Algorithm 1: y_t = x_t W[m_t], as M dense products, each kept on the tokens of its modality (the plainest
+        # form; it costs M times the FLOPs, which the grouped matmul of the speed path does not)
+        return sum((modality == m).unsqueeze(-1).to(x.dtype) * (x @ w) for m, w in enumerate(self.weight))
 
 
 class ModalityRMSNorm(nn.Module):
-    """RMSNorm whose gain vector is chosen by each token's modality (n=1: plain RMSNorm)."""
+    """RMSNorm whose gain vector g[m_t] is chosen by each token's modality (n=1: plain RMSNorm)."""
 
     def __init__(self, dim, n, eps=1e-5):
         super().__init__()
         self.n, self.eps = n, eps
         self.weight = nn.ParameterList([nn.Parameter(torch.ones(dim)) for _ in range(n)])
 
-    def forward(self, x, rt):
-        # x: (N, ..., dim) in the stream's order -> same shape
+    def forward(self, x, modality):
+        # x: (B, T, dim), or (B, T, H, dim) for a q/k norm; modality: (B, T) -> the shape of x
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
         if self.n == 1:
             return y * self.weight[0]
-        if rt.order is not None and not x.is_cuda:        # sorted stream: one gain per block of rows (on CPU cheaper
-            # than a per-row gather, whose backward is a scatter-add; split sizes need the host, so not on a GPU)
-            return torch.cat([y_m * w for y_m, w in zip(y.split(rt.sizes.tolist()), self.weight)])
-        w = torch.stack(list(self.weight))[rt.modality]   # any order (and no host sync on a GPU): a gain per row
-        return y * w.view(-1, *([1] * (x.dim() - 2)), w.shape[-1])
+        if isinstance(modality, Routing):                 # the sorted stream: one gain per block of rows
+            return routed_gain(self, y, modality)
+        g = torch.stack(list(self.weight))[modality]      # (B, T, dim): each token's g[m_t]
+        if x.dim() == 4:                                  # a q/k norm: the same gain for every head
+            g = g.unsqueeze(2)
+        return y * g
 
 
 # --- Rotary position embedding (the Chameleon / Llama backbone) ------------------------------------------------------
@@ -207,7 +149,7 @@ def apply_rope(x, cos, sin):
     return (xf * cos[:, None] + torch.cat([x2, x1], dim=-1) * sin[:, None]).type_as(x)
 
 
-# --- Sec. 2.2, Eq. 2-3: modality-specific attention projections, global self-attention --------------------------------
+# --- Sec. 2.2, Eq. 2-3: modality-specific projections, global self-attention ----------------------------------------
 
 class Attention(nn.Module):
     cp = None   # context_parallel.CPGroup: set by train.py --context_parallel N
@@ -223,16 +165,22 @@ class Attention(nn.Module):
             self.q_norm = ModalityRMSNorm(self.hd, n, cfg.norm_eps)
             self.k_norm = ModalityRMSNorm(self.hd, n, cfg.norm_eps)
 
-    def forward(self, x, rt, cos, sin, attn_mask=None, cache=None):
-        # x: (N, D) in the stream's order -> (N, D), or (B, T, D) in sequence order -> (B, T, D);
-        # cache: None or dict with "k", "v" (B, H, T_past, hd), updated in place
-        if x.dim() == 3:                                                 # sequence order (a caller outside the stream)
-            return rt.unsort(self(rt.sort(x), rt, cos, sin, attn_mask, cache))
-        (B, T), D = rt.shape, x.shape[-1]
-        q, k, v = self.qkv(x, rt).view(-1, 3, self.n_head, self.hd).unbind(1)   # each token: its modality's W_Q/K/V
+    def forward(self, x, modality, cos, sin, attn_mask=None, cache=None):
+        # x: (B, T, D), modality: (B, T) -> (B, T, D); cos, sin: (T, hd) rotary tables
+        if isinstance(modality, Routing):                              # the sorted stream (speed paths, below)
+            return routed_attention(self, x, modality, cos, sin, attn_mask, cache)
+        B, T, D = x.shape
+        # Eq. 2: each token's query, key and value from its own modality's W_Q^m, W_K^m, W_V^m
+        q, k, v = self.qkv(x, modality).view(B, T, 3, self.n_head, self.hd).unbind(2)     # each (B, T, H, hd)
         if self.qk_norm:
-            q, k = self.q_norm(q, rt), self.k_norm(k, rt)
-        q, k, v = (rt.unsort(t) for t in (q, k, v))                      # (B, T, H, hd): attention needs sequence order
+            q, k = self.q_norm(q, modality), self.k_norm(k, modality)
+        y = self.attend(q, k, v, cos, sin, attn_mask, cache)
+        return self.proj(y, modality)                                    # Eq. 3: W_O^m of each token's modality
+
+    def attend(self, q, k, v, cos, sin, attn_mask=None, cache=None):
+        # q, k, v: (B, T, H, hd) in sequence order -> (B, T, H * hd). attn_mask: None (causal) or bool, True = may
+        # attend; cache: None or a dict with "k", "v" (B, H, T_past, hd), extended in place
+        B, T = q.shape[:2]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                 # (B, H, T, hd)
         causal = attn_mask is None
@@ -240,20 +188,19 @@ class Attention(nn.Module):
             if "k" in cache:
                 past = cache["k"].shape[2]
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-                if T > 1:                                                # new tokens see the past and causally each other
-                    attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+                if T > 1:                                        # new tokens see the past and causally each other
+                    attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(past)
                 causal = False
             cache["k"], cache["v"] = k, v
-        # Eq. 3: ONE attention over the whole interleaved sequence (weights per modality, computation shared)
+        # Eq. 3: ONE attention over the whole interleaved sequence (weights per modality, the computation shared)
         if self.cp is not None and cache is None:                      # context parallel: K/V of every rank (ring)
             y = self.cp.attention(q, k, v, mask=attn_mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
-        y = y.transpose(1, 2).reshape(B, T, D)
-        return self.proj(rt.sort(y), rt)                                 # back to the stream's order; W_O^m
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
-# --- Sec. 2.2, Eq. 4: modality-specific feed-forward network (SwiGLU) ------------------------------------------------
+# --- Sec. 2.2, Eq. 4: modality-specific feed-forward network (SwiGLU) and norms -------------------------------------
 
 class FeedForward(nn.Module):
     def __init__(self, cfg):
@@ -263,10 +210,10 @@ class FeedForward(nn.Module):
         self.w13 = ModalityLinear(cfg.d_model, 2 * hidden, n)            # gate and up projections, fused
         self.w2 = ModalityLinear(hidden, cfg.d_model, n, 0.02 / math.sqrt(2 * cfg.n_layer))
 
-    def forward(self, x, rt):
-        # x: (N, D) in the stream's order -> (N, D): every op is per token, so the rows stay sorted throughout
-        a, b = self.w13(x, rt).chunk(2, dim=-1)
-        return self.w2(F.silu(a) * b, rt)
+    def forward(self, x, modality):
+        # x: (B, T, D) -> (B, T, D): FFN_m(x) = W2[m] (silu(x W1[m]) * x W3[m]), every op per token
+        a, b = self.w13(x, modality).chunk(2, dim=-1)
+        return self.w2(F.silu(a) * b, modality)
 
 
 class Block(nn.Module):
@@ -279,13 +226,13 @@ class Block(nn.Module):
         self.norm_ffn = ModalityRMSNorm(cfg.d_model, n, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, rt, cos, sin, attn_mask=None, cache=None):
-        # x: (N, D) the residual stream (Routing) -> (N, D)
+    def forward(self, x, modality, cos, sin, attn_mask=None, cache=None):
+        # x: (B, T, D), modality: (B, T) -> (B, T, D)
         if self.post:   # Chameleon reordering (official MoT code): norm the sublayer's OUTPUT, per modality
-            h = x + self.norm_attn(self.attn(x, rt, cos, sin, attn_mask, cache), rt)
-            return h + self.norm_ffn(self.ffn(h, rt), rt)
-        h = x + self.attn(self.norm_attn(x, rt), rt, cos, sin, attn_mask, cache)
-        return h + self.ffn(self.norm_ffn(h, rt), rt)
+            h = x + self.norm_attn(self.attn(x, modality, cos, sin, attn_mask, cache), modality)
+            return h + self.norm_ffn(self.ffn(h, modality), modality)
+        h = x + self.attn(self.norm_attn(x, modality), modality, cos, sin, attn_mask, cache)
+        return h + self.ffn(self.norm_ffn(h, modality), modality)
 
 
 # --- The model: shared embedding and head, M-way untied blocks ------------------------------------------------------
@@ -297,7 +244,6 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        _check_config(cfg)
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)        # shared by all modalities
         nn.init.normal_(self.tok_emb.weight, std=0.02)
@@ -306,57 +252,24 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)  # shared by all modalities
         nn.init.normal_(self.lm_head.weight, std=0.02)
 
-    # -- helpers ------------------------------------------------------------------------------------------------------
-    def modality_of(self, idx):
-        """Modality of each token id from cfg.modality_offsets (markers are text). idx: (B, T) -> (B, T)."""
-        bounds = torch.tensor(self.cfg.modality_offsets[1:], device=idx.device, dtype=idx.dtype)
-        return torch.bucketize(idx.contiguous(), bounds, right=True)
+    @property
+    def sorted_stream(self):   # routing="grouped" runs the speed path (below) where there is something to sort
+        c = self.cfg
+        return c.routing == "grouped" and c.n_modalities > 1 and (c.untie_attn or c.untie_ffn or c.untie_norm)
 
-    def modality_parameters(self, m):
-        """The nn.Parameters that only tokens of modality m use (weight[m] of every untied module)."""
-        return [mod.weight[m] for mod in self.modules()
-                if isinstance(mod, (ModalityLinear, ModalityRMSNorm)) and mod.n > 1]
-
-    def num_params(self, non_embedding=True):
-        n = sum(p.numel() for p in self.parameters())
-        return n - (self.tok_emb.weight.numel() + self.lm_head.weight.numel() if non_embedding else 0)
-
-    def _check_tokens(self, tokens, modality):
-        cfg = self.cfg
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
-            raise ValueError("tokens must be an int64 tensor of shape (B, T); convert with .long()")
-        if tokens.shape[1] > cfg.seq_len:
-            raise ValueError(f"sequence length {tokens.shape[1]} > seq_len={cfg.seq_len}; crop it or raise --seq_len")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); check the data or --vocab_size")
-        self._check_modality(modality, tokens.shape)
-
-    def _check_modality(self, modality, shape):
-        if modality.dtype != torch.long or tuple(modality.shape) != tuple(shape):
-            raise ValueError(f"modality must be an int64 tensor of shape {tuple(shape)}, got "
-                             f"{modality.dtype} {tuple(modality.shape)}")
-        if modality.numel() and (modality.min() < 0 or modality.max() >= self.cfg.n_modalities):
-            raise ValueError(f"modality ids must be in [0, {self.cfg.n_modalities}); got "
-                             f"[{int(modality.min())}, {int(modality.max())}]: set --n_modalities or fix the data")
-
-    # -- forward ------------------------------------------------------------------------------------------------------
     def forward_hidden(self, x, modality, attn_mask=None, caches=None, pos0=0):
-        """All blocks + final norm. x: (B, T, D) embeddings, modality: (B, T) -> (B, T, D).
-        attn_mask: None (causal) or bool (B, 1, T, T) / (T, T), True = may attend."""
+        # x: (B, T, D) embeddings, modality: (B, T) -> (B, T, D): every block, then the final norm.
+        # attn_mask: None (causal) or bool (B, 1, T, T) / (T, T), True = may attend; caches: one dict per block
         B, T, D = x.shape
-        self._check_modality(modality, (B, T))
         if self.cp is not None and caches is None:
             pos0 = self.cp.rank * T                                    # context parallel: this rank's positions
-        if pos0 + T > self.cfg.seq_len:
-            raise ValueError(f"position {pos0 + T} > seq_len={self.cfg.seq_len}; crop the sequence or raise --seq_len")
-        cfg = self.cfg
-        untied = cfg.untie_attn or cfg.untie_ffn or cfg.untie_norm
-        rt = Routing(modality, cfg.n_modalities if untied else 1, cfg.routing)   # dense: no sorting
-        cos, sin = rope(torch.arange(pos0, pos0 + T), D // cfg.n_head, cfg.rope_theta, x.device)
-        x = rt.sort(x)                                       # (N, D): MoT's stream is sorted by modality once, here
+        check_modality(self.cfg, modality, (B, T), pos0 + T)
+        cos, sin = rope(torch.arange(pos0, pos0 + T), D // self.cfg.n_head, self.cfg.rope_theta, x.device)
+        if self.sorted_stream:                                         # the default for MoT (speed paths, below)
+            return sorted_forward_hidden(self, x, Routing(modality, self.cfg.n_modalities), cos, sin, attn_mask, caches)
         for i, block in enumerate(self.blocks):
-            x = block(x, rt, cos, sin, attn_mask, None if caches is None else caches[i])
-        return rt.unsort(self.norm_f(x, rt))                 # (B, T, D) in sequence order
+            x = block(x, modality, cos, sin, attn_mask, None if caches is None else caches[i])
+        return self.norm_f(x, modality)
 
     def forward(self, batch):
         # batch["tokens"]: (B, T) -> logits (B, T, V), loss (scalar), parts {loss_<modality>: detached scalar}
@@ -364,31 +277,28 @@ class Transformer(nn.Module):
         modality = batch.get("modality")
         if modality is None and isinstance(tokens, torch.Tensor):
             modality = self.modality_of(tokens)
-        self._check_tokens(tokens, modality)
-        h = self.forward_hidden(self.tok_emb(tokens), modality)
-        logits = self.lm_head(h)
+        check_tokens(self.cfg, tokens)
+        logits = self.lm_head(self.forward_hidden(self.tok_emb(tokens), modality))
         targets = batch.get("targets")
         if targets is None:
             return logits, None, {}
         loss_tok = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none")
         mask = targets.flatten() != -1
         loss = loss_tok.sum() / mask.sum().clamp(min=1)
-        parts = {}
         tmod = batch.get("target_modality")
-        tmod = self.modality_of(targets.clamp(min=0)) if tmod is None else tmod
-        tmod = tmod.flatten()
-        for m, name in enumerate(modality_names(self.cfg)):
+        tmod = (self.modality_of(targets.clamp(min=0)) if tmod is None else tmod).flatten()
+        parts = {}
+        for m, name in enumerate(modality_names(self.cfg)):          # one loss per modality, for the logs
             sel = mask & (tmod == m)
             if sel.any():
                 parts[f"loss_{name}"] = (loss_tok[sel].mean()).detach()
         return logits, loss, parts
 
-    # -- generation with a KV cache -----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0):
-        """idx: (B, Tp) int64 prompt -> (B, Tp + max_new_tokens). Greedy when temperature == 0."""
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
-            raise ValueError("generate: idx must be an int64 tensor of shape (B, T)")
+        """idx: (B, Tp) int64 prompt -> (B, Tp + max_new_tokens), KV-cached; greedy when temperature == 0. Each new
+        token's modality comes from its id (modality_of), so the weights switch to image after an image marker."""
+        check_tokens(self.cfg, idx, "generate: idx")
         if idx.shape[1] + max_new_tokens > self.cfg.seq_len:
             raise ValueError(f"generate: {idx.shape[1]} + {max_new_tokens} tokens > seq_len={self.cfg.seq_len}; "
                              "shorten the prompt or generate fewer tokens")
@@ -397,9 +307,7 @@ class Transformer(nn.Module):
         caches = [dict() for _ in self.blocks]
         out, new, pos = idx, idx, 0
         for _ in range(max_new_tokens):
-            mod = self.modality_of(new)                       # each new token's modality from its id
-            self._check_tokens(new, mod)
-            h = self.forward_hidden(self.tok_emb(new), mod, caches=caches, pos0=pos)
+            h = self.forward_hidden(self.tok_emb(new), self.modality_of(new), caches=caches, pos0=pos)
             pos += new.shape[1]
             logits = self.lm_head(h[:, -1]).float()           # (B, V)
             if temperature > 0:
@@ -409,6 +317,20 @@ class Transformer(nn.Module):
             out = torch.cat([out, new], dim=1)
         self.train(was_training)
         return out
+
+    def modality_of(self, idx):
+        """Modality of each token id from cfg.modality_offsets (markers are text). idx: (B, T) -> (B, T)."""
+        bounds = torch.tensor(self.cfg.modality_offsets[1:], device=idx.device, dtype=idx.dtype)
+        return torch.bucketize(idx.contiguous(), bounds, right=True)
+
+    def modality_parameters(self, m):
+        """The nn.Parameters that only tokens of modality m use (weight[m] of every untied module; to freeze one)."""
+        return [mod.weight[m] for mod in self.modules()
+                if isinstance(mod, (ModalityLinear, ModalityRMSNorm)) and mod.n > 1]
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - (self.tok_emb.weight.numel() + self.lm_head.weight.numel() if non_embedding else 0)
 
 
 class MoT(Transformer):
@@ -421,6 +343,105 @@ MODELS = {
 }
 # MoT with one modality is the dense model, and the transfusion setting's images are not tokens: train.py refuses those
 SUPPORTED_SETTINGS = {"dense": ("chameleon", "speech", "text", "bytes"), "mot": ("chameleon", "speech")}
+
+
+# ==== Speed paths: same results as the plain forms above, faster (tests/test_mot.py holds them equal) ===============
+# routing="grouped" (the default) keeps the residual stream SORTED BY MODALITY, Algorithm 1's grouping of the tokens
+# (I_m, X_m) held through every block: the tokens are sorted once per forward, so modality m's rows form one block,
+# every per-modality projection is ONE grouped matmul (each token multiplied once: the FLOPs the paper counts) and
+# every norm gain scales a block of rows. Per-token ops (norms,
+# SwiGLU, residual adds) do not care about row order: Block and FeedForward run unchanged on the stream; only the
+# global attention needs sequence order (it unsorts its q, k, v and sorts its output). A model with nothing untied
+# has nothing to sort and always runs the plain form.
+
+class Routing:
+    """The sorted stream's order, handed to the modules in place of `modality`: sort (B, T, ...) -> (N, ...) rows
+    grouped by modality (stable), unsort back to sequence order."""
+
+    def __init__(self, modality, n_modalities):
+        self.shape = modality.shape                                            # (B, T)
+        self.order, self.sizes = kernels.sort_by_group(modality.reshape(-1), n_modalities)  # sizes: rows per modality
+        self.inverse = torch.argsort(self.order)                               # a permutation's argsort: its inverse
+        self.modality = modality.reshape(-1)[self.order]                       # (N,): the modality of each row
+
+    def sort(self, x):
+        # (B, T, ...) in sequence order -> (N, ...) in the stream's order
+        return x.flatten(0, 1).index_select(0, self.order)
+
+    def unsort(self, x):
+        # (N, ...) in the stream's order -> (B, T, ...) in sequence order
+        x = x.index_select(0, self.inverse)
+        return x.view(*self.shape, *x.shape[1:])
+
+
+def sorted_forward_hidden(model, x, rt, cos, sin, attn_mask=None, caches=None):
+    # Transformer.forward_hidden's loop on the stream. x: (B, T, D) -> (B, T, D)
+    x = rt.sort(x)                                       # (N, D): sorted by modality once, here
+    for i, block in enumerate(model.blocks):
+        x = block(x, rt, cos, sin, attn_mask, None if caches is None else caches[i])
+    return rt.unsort(model.norm_f(x, rt))                # (B, T, D) in sequence order
+
+
+def _compute_dtype(x):
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def routed_linear(lin, x, rt):
+    # ModalityLinear on the stream. x: (N, d_in) sorted -> (N, d_out); or (B, T, d_in) in sequence order (a caller
+    # outside the stream): sort, multiply, unsort
+    if x.dim() == 3:
+        return rt.unsort(routed_linear(lin, rt.sort(x), rt))
+    dt = _compute_dtype(x)
+    w = torch.stack(list(lin.weight)).to(dt)             # (M, d_in, d_out)
+    return kernels.grouped_matmul(x.to(dt), w, rt.sizes)   # modality m's block of rows @ W[m]
+
+
+def routed_gain(norm, y, rt):
+    # ModalityRMSNorm's gain on the stream. y: (N, ..., dim) normalised rows, sorted -> the same shape
+    if not y.is_cuda:   # one gain per block of rows (on CPU cheaper than a per-row gather, whose backward is a
+        # scatter-add; the block sizes need the host, so not on a GPU)
+        return torch.cat([y_m * w for y_m, w in zip(y.split(rt.sizes.tolist()), norm.weight)])
+    w = torch.stack(list(norm.weight))[rt.modality]      # a gain per row: no host sync
+    return y * w.view(-1, *([1] * (y.dim() - 2)), w.shape[-1])
+
+
+def routed_attention(att, x, rt, cos, sin, attn_mask=None, cache=None):
+    # Attention on the stream. x: (N, D) sorted -> (N, D); or (B, T, D) in sequence order: sort, attend, unsort
+    if x.dim() == 3:
+        return rt.unsort(routed_attention(att, rt.sort(x), rt, cos, sin, attn_mask, cache))
+    q, k, v = att.qkv(x, rt).view(-1, 3, att.n_head, att.hd).unbind(1)   # each (N, H, hd)
+    if att.qk_norm:
+        q, k = att.q_norm(q, rt), att.k_norm(k, rt)
+    y = att.attend(rt.unsort(q), rt.unsort(k), rt.unsort(v), cos, sin, attn_mask, cache)   # in sequence order
+    return att.proj(rt.sort(y), rt)                      # back to the stream's order; W_O^m
+
+
+# ==== Input checks and names (the Config's fields are checked against RANGES by train.build) =======================
+
+def check_tokens(cfg, tokens, what="tokens"):
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
+        raise ValueError(f"{what} must be an int64 tensor of shape (B, T); convert with .long()")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); check the data or --vocab_size")
+
+
+def check_modality(cfg, modality, shape, end):
+    # modality: (B, T) int64 in [0, n_modalities); end: the last position + 1, at most seq_len
+    if modality.dtype != torch.long or tuple(modality.shape) != tuple(shape):
+        raise ValueError(f"modality must be an int64 tensor of shape {tuple(shape)}, got "
+                         f"{modality.dtype} {tuple(modality.shape)}")
+    if modality.numel() and (modality.min() < 0 or modality.max() >= cfg.n_modalities):
+        raise ValueError(f"modality ids must be in [0, {cfg.n_modalities}); got "
+                         f"[{int(modality.min())}, {int(modality.max())}]: set --n_modalities or fix the data")
+    if end > cfg.seq_len:
+        raise ValueError(f"position {end} > seq_len={cfg.seq_len}; crop the sequence or raise --seq_len")
+
+
+def modality_names(cfg):
+    """One name per modality: cfg.modality_names (the data fills it), "modality<m>" for any it does not name."""
+    return tuple(cfg.modality_names[m] if m < len(cfg.modality_names) else f"modality{m}"
+                 for m in range(cfg.n_modalities))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ VARIANTS = {
     "mot": untied(),
     "mot_pre_qk": untied(norm_placement="pre", qk_norm=True),
     "mot_ffn_only": dict(untie_ffn=True),
+    "mot_masked": untied(routing="masked"),   # the plain form: every module reads the (B, T) modality tensor
 }
 
 
@@ -114,7 +115,7 @@ def test_earlier_image_token_changes_later_text():
     assert (out1[0, 8:] - out2[0, 8:]).abs().max() > 1e-4   # text after the image sees it (global attention)
 
 
-@pytest.mark.parametrize("variant", ["dense", "mot", "mot_pre_qk"])
+@pytest.mark.parametrize("variant", ["dense", "mot", "mot_pre_qk", "mot_masked"])
 def test_cached_generation_equals_full_forward(variant):
     torch.manual_seed(0)
     model = mot.Transformer(tiny(3, **VARIANTS[variant]))
@@ -131,6 +132,43 @@ def test_cached_generation_equals_full_forward(variant):
         h2 = model.forward_hidden(model.tok_emb(seq[:, 9:]), model.modality_of(seq[:, 9:]), caches=caches, pos0=9)
         full = model.forward_hidden(model.tok_emb(seq), model.modality_of(seq))
     assert torch.allclose(torch.cat([h1, h2], 1), full, atol=1e-5)
+
+
+def test_plain_modality_layers_are_the_per_token_definition():
+    """The plain forms are the paper's per-token rule: y_t = x_t W[m_t], and the norm's gain g[m_t]."""
+    torch.manual_seed(0)
+    lin, norm = mot.ModalityLinear(8, 5, 3), mot.ModalityRMSNorm(8, 3)
+    for p in norm.parameters():
+        p.data += torch.randn_like(p)
+    x, mod = torch.randn(2, 7, 8), torch.randint(0, 3, (2, 7))
+    y, z = lin(x, mod), norm(x, mod)
+    for b in range(2):
+        for t in range(7):
+            m = mod[b, t]
+            torch.testing.assert_close(y[b, t], x[b, t] @ lin.weight[m], atol=1e-6, rtol=0)
+            torch.testing.assert_close(z[b, t], x[b, t] * torch.rsqrt(x[b, t].pow(2).mean() + norm.eps) * norm.weight[m])
+    xh = torch.randn(2, 7, 4, 8)                                       # a q/k norm: (B, T, H, hd), one gain per token
+    torch.testing.assert_close(norm(xh, mod), torch.stack([norm(xh[:, :, h], mod) for h in range(4)], 2))
+
+
+@pytest.mark.parametrize("untie", ["untie_attn", "untie_ffn", "untie_norm"])
+def test_sorted_stream_equals_plain_form_for_each_untie_switch(untie):
+    """One component untied: the shared ones run on the sorted rows too (attention unsorts around the shared W_QKV);
+    forward and every gradient equal the plain form's."""
+    torch.manual_seed(0)
+    over = {untie: True, "qk_norm": True}
+    fast, ref = mot.MoT(tiny(3, **over)), mot.MoT(tiny(3, routing="masked", **over))
+    assert fast.sorted_stream and not ref.sorted_stream
+    for p in fast.parameters():
+        p.data += 0.1 * torch.randn_like(p)
+    ref.load_state_dict(fast.state_dict())
+    b = make_batch(fast, B=3, T=20)
+    (lf, lossf, _), (lr, lossr, _) = fast(b), ref(b)
+    torch.testing.assert_close(lf, lr, atol=1e-6, rtol=0)
+    lossf.backward()
+    lossr.backward()
+    for (n, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, atol=1e-6, rtol=0, msg=n)
 
 
 def test_grouped_matmul_path_equals_masked_reference():
@@ -174,8 +212,7 @@ def test_sorted_stream_equals_masked_reference_to_1e6(placement):
     cos, sin = mot.rope(torch.arange(20), 8, 1e4, x.device)
     torch.testing.assert_close(att.qkv(x, rt), rt.unsort(att.qkv(rt.sort(x), rt)))
     torch.testing.assert_close(att(x, rt, cos, sin), rt.unsort(att(rt.sort(x), rt, cos, sin)))
-    torch.testing.assert_close(att(x, rt, cos, sin), ref.blocks[0].attn(x, mot.Routing(b["modality"], 3, "masked"),
-                                                                       cos, sin), atol=1e-6, rtol=0)
+    torch.testing.assert_close(att(x, rt, cos, sin), ref.blocks[0].attn(x, b["modality"], cos, sin), atol=1e-6, rtol=0)
 
 
 def _flops(model, batch):

@@ -12,9 +12,8 @@
     python bench.py --static             # gpu_check.py's static report: every Triton kernel compiled for sm_80 / sm_90
     python bench.py --gpu-check          # gpu_check.py: on a CUDA machine, every kernel, model and run for real
 
-Results are merged into --out (bench.json) under "models", "kernels", "static", "peers" and "wall".
-On CPU the naive baselines (a Python loop over time with autograd; materialising (batch, dim, N, L)) would take
-minutes and gigabytes at the GPU sizes, so the CPU kernel benchmarks run at reduced sizes, printed with each row.
+Results are merged into --out (bench.json) under "models", "kernels", "static", "peers" and "wall". On CPU the kernel
+benchmarks run at reduced sizes (printed with each row): the naive baselines would take minutes and gigabytes.
 """
 import argparse
 import contextlib
@@ -33,6 +32,8 @@ import torch
 
 import kernels
 import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ------------------------------------------------------------------------------------------------ models
 
@@ -64,6 +65,7 @@ def bench_step(model, batch, amp=contextlib.nullcontext):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
 
 
 def _step_time(model, batch, reps, device):
@@ -189,8 +191,7 @@ def bench_models(args):
     print(f"{'model':16s} {'setting':12s} {'params':>8s} {'batch':>8s} {'ms/step':>9s} {'data ms':>8s} {'x dense':>8s} "
           f"{'tok/s':>9s} {'MiB':>7s} {'MFU':>6s} {'launch':>6s}   us/token at 4 doubling lengths (ratio last/first)")
     for r in rows:
-        d = dense.get(r["setting"])
-        sc = r["scaling"]
+        d, sc = dense.get(r["setting"]), r["scaling"]
         ls = sorted(sc, key=int)
         r["mfu"] = r["flops_s"] / peak
         r["x_dense"] = r["ms_step"] / d["ms_step"] if d else None
@@ -243,15 +244,14 @@ WALL_RUNS = {  # name: the command as a user types it, its models, setting, step
 }
 
 # The step's time by category: each profiled op's self time goes to the category of the OUTERMOST event around it
-# (itself included) whose name matches one of these patterns (checked in this order; "aten::" stripped), so that an
-# op inside aten::linear is matmul, one inside cross_entropy is loss and one inside the optimizer region is the
-# optimizer's. While it profiles, bench labels regions with torch.profiler.record_function: nanomix:optimizer
-# (train.clip_grads; torch itself labels AdamW's Optimizer.step# and Optimizer.zero_grad#), nanomix:scan
-# (kernels.selective_scan / linear_scan: the recurrences, Python step loop included; their backward nodes are
-# *Scan*Backward), nanomix:routing (kernels.sort_by_group / unsort) and nanomix:grouped_matmul (matmul). Other aten ops are "elementwise & norms"
-# (activations, adds, norms, reductions, copies), except views and allocations (_NO_LAUNCH), which join the non-aten
-# time (autograd engine nodes, other labelled Python) in "other". Python between top-level ops is in no event: the
-# profiled total is a little under the step's time, so shares are of the profiled total.
+# (itself included) whose name matches one of these patterns (checked in order; "aten::" stripped): an op inside
+# aten::linear is matmul, one inside cross_entropy is loss, one inside the optimizer is the optimizer's. While it
+# profiles, bench labels regions (record_function): nanomix:optimizer (train.clip_grads; torch labels AdamW's
+# Optimizer.step# and Optimizer.zero_grad# itself), nanomix:scan (kernels.selective_scan / linear_scan, their Python
+# loop included; backward nodes *Scan*Backward), nanomix:routing (sort_by_group / unsort), nanomix:grouped_matmul
+# (matmul). Other aten ops are "elementwise & norms", except views and allocations (_NO_LAUNCH), which join the
+# non-aten time (autograd engine nodes, other labelled Python) in "other". Python between top-level ops is in no
+# event, so shares are of the profiled total, a little under the step's time.
 WALL_CATEGORIES = (
     ("optimizer", r"^nanomix:optimizer$|^Optimizer\.(step|zero_grad)#"),
     ("scan/FFT", r"^nanomix:scan$|Scan\w*Backward|(^|_)fft_|^_fft"),
@@ -325,14 +325,15 @@ class _Clock:
     """Wall and CPU time (this process, all its threads) since creation, in ms: .wall, .cpu."""
     def __init__(self):
         self.t, self.c = time.perf_counter(), time.process_time()
+    wall = property(lambda self: 1e3 * (time.perf_counter() - self.t))
+    cpu = property(lambda self: 1e3 * (time.process_time() - self.c))
 
-    @property
-    def wall(self):
-        return 1e3 * (time.perf_counter() - self.t)
 
-    @property
-    def cpu(self):
-        return 1e3 * (time.process_time() - self.c)
+def _timed(f):
+    """f() -> (its result, (wall ms, CPU ms))."""
+    c = _Clock()
+    out = f()
+    return out, (c.wall, c.cpu)
 
 
 def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None, train_overrides=None):
@@ -374,15 +375,10 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
         step(pick(i))
         cpu.append(c.cpu)
     ds.get_batch("train", micro, 19_999)                                # the data's first-use cost is start's
-    draws = []
-    for i in range(3):                                                  # one training batch drawn inline
-        c = _Clock()
-        for m in range(accum):
-            ds.get_batch("train", micro, 20_000 + i * accum + m)
-        draws.append((c.wall, c.cpu))
-    fed, alone = [], []
+    draws = [_timed(lambda i=i: [ds.get_batch("train", micro, 20_000 + i * accum + m) for m in range(accum)])[1]
+             for i in range(3)]                                         # one training batch drawn inline
+    fed, alone, n_fed = [], [], 0
     batches = train.Prefetch(ds, micro, 0, 1, 0, 10 ** 9, pin=cuda)     # train.py's background data thread
-    n_fed = 0
     try:
         for _ in range(rounds):                                         # wall: interleaved, fed by the thread / alone
             for i in range(k):
@@ -397,33 +393,25 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     finally:
         batches.close()
     cats, prof_total = split_by_category(lambda: step(pick(0)), device)
-    c = _Clock()
-    ev = train.evaluate(model, ds, tc, 0, 1, device, autocast, micro)
-    ev_t = (c.wall, c.cpu)
+    ev, ev_t = _timed(lambda: train.evaluate(model, ds, tc, 0, 1, device, autocast, micro))
     gen = bool(tc.gen_n and train.has_gen_eval(model, ds))
     gen_t = (0.0, 0.0)
     if gen:
-        c = _Clock()
-        ev.update(train.generation_metrics(model, ds, tc))
-        gen_t = (c.wall, c.cpu)
+        g, gen_t = _timed(lambda: train.generation_metrics(model, ds, tc))
+        ev.update(g)
     tmp = tempfile.mkdtemp(prefix="nanomix_wall_")
     try:
-        c = _Clock()
-        train.save_ckpt(os.path.join(tmp, "ckpt.pt"), dict(
+        _, ckpt_t = _timed(lambda: train.save_ckpt(os.path.join(tmp, "ckpt.pt"), dict(
             model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=1, time=0.0,
-            config=dict(model=name), rng=train.rng_state(), data_position=1, flops_per_token=fl["total"]))
-        ckpt_t = (c.wall, c.cpu)
+            config=dict(model=name), rng=train.rng_state(), data_position=1, flops_per_token=fl["total"])))
         with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:      # the timed steps' log + the eval: figures
             f.writelines(json.dumps(r) + "\n" for r in records + [dict(step=len(records), tokens=records[-1]["tokens"],
                                                                        flops=records[-1]["flops"], **ev)])
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(dict(model=name, setting=tc.setting), f)
         import plots
-        c = _Clock()
         with contextlib.redirect_stdout(sys.stderr):
-            plots.plot_run(tmp)
-            plots.model_figures(model, ds, tmp)
-        fig_t = (c.wall, c.cpu)
+            _, fig_t = _timed(lambda: (plots.plot_run(tmp), plots.model_figures(model, ds, tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = statistics.median
@@ -431,15 +419,14 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
              step_ms=med(alone), fed_step_ms=med(fed), step_cpu_ms=med(cpu),
              data_ms=med(w for w, _ in draws), data_cpu_ms=med(c for _, c in draws),
              eval_ms=ev_t[0], eval_cpu_ms=ev_t[1], n_eval=occurrences(steps, tc.eval_every),
-             gen_ms=gen_t[0], gen_cpu_ms=gen_t[1], n_gen=0, ckpt_ms=ckpt_t[0], ckpt_cpu_ms=ckpt_t[1],
+             gen_ms=gen_t[0], gen_cpu_ms=gen_t[1], ckpt_ms=ckpt_t[0], ckpt_cpu_ms=ckpt_t[1],
              n_ckpt=occurrences(steps, tc.ckpt_every), start_s=start[0] / 1e3, start_cpu_s=start[1] / 1e3,
              figures_s=fig_t[0] / 1e3, figures_cpu_s=fig_t[1] / 1e3, categories_ms=cats, profiled_ms=prof_total,
              flops_per_step=fl["total"] * tc.batch_size * tc.seq_len,
              timed_steps=len(fed) + len(alone) + len(cpu), blt_patching=over.get("patching", "entropy")
-             if name == "blt" else None)
-    if gen:  # generation runs at the evals where step % gen_every == 0, and at the last step
-        r["n_gen"] = sum(1 for s in range(1, steps + 1) if (s % tc.eval_every == 0 or s == steps)
-                         and (s % tc.gen_every == 0 or s == steps))
+             if name == "blt" else None,   # generation runs at the evals where step % gen_every == 0, and the last
+             n_gen=sum((s % tc.eval_every == 0 or s == steps) and (s % tc.gen_every == 0 or s == steps)
+                       for s in range(1, steps + 1)) if gen else 0)
     r["data_steal_ms"] = r["fed_step_ms"] - r["step_ms"]
     r["projected_s"], r["projected_cpu_s"] = wall_projection(r), wall_projection(r, cpu=True)
     return r
@@ -462,7 +449,7 @@ def process_start_s():
     import resource
     ru = lambda: (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(resource.RUSAGE_CHILDREN))
     t, c = time.perf_counter(), ru()
-    subprocess.run([sys.executable, "-c", "import train"], cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+    subprocess.run([sys.executable, "-c", "import train"], cwd=HERE, check=True)
     return time.perf_counter() - t, ru() - c
 
 
@@ -484,8 +471,7 @@ def wall_run(name, spec, measured, start, device="cpu", peak=None, **kw):
                steps_s=steps_s, other_s=total - steps_s, target_s=spec.get("target_s"),
                before_s=spec.get("before_s"), before=spec.get("before"))
     out["two_thirds_s"] = 2 / 3 * out["before_s"] if out["before_s"] else None
-    goal = out["target_s"] or out["two_thirds_s"]
-    out["goal_s"] = goal
+    goal = out["goal_s"] = out["target_s"] or out["two_thirds_s"]
     n_steps = sum(r["steps"] for r in models)
     if goal:
         out["met"] = total <= goal
@@ -523,8 +509,7 @@ def print_wall(runs, device, threads, load=None, peak=None):
         floor = f"{w['floor_step_ms']:.0f}ms" if w.get("floor_step_ms") else "-"
         print(f"{w['run']:12s} {w['projected_cpu_s']:6.0f}s {w['projected_s']:6.0f}s "
               f"{(f'{goal:.0f}s' if goal else '-'):>6s} {verdict:6s} {w['steps_s']:5.0f}s {w['other_s']:4.0f}s  "
-              f"{need:42s} {floor:>6s}  "
-              f"{top[0]} {100 * top[1] / w['steps_s']:.0f}%")
+              f"{need:42s} {floor:>6s}  {top[0]} {100 * top[1] / w['steps_s']:.0f}%")
     print("1 core = CPU seconds of every piece (a step + one batch's draw, x steps; evals, generation evals, checkpoints "
           "x their counts; build + FLOPs count, end figures, process start): the run alone on one core, one thread, "
           "whatever else the machine runs (the verdict uses it); now = the same from wall times measured now, steps "
@@ -547,14 +532,12 @@ def print_wall(runs, device, threads, load=None, peak=None):
           "from the step); data = CPU ms to draw one batch; eval, gen, ckpt, start+figs: CPU")
     print(f"\nthe step's time by category (torch.profiler self time, % of the profiled step; bench.WALL_CATEGORIES)")
     print(f"{'model':16s} {'setting':11s} {'prof ms':>8s} " + " ".join(f"{c[:12]:>12s}" for c in WALL_ORDER))
-    seen = set()
-    for w in runs:
-        for r in w["models"]:
-            if (r["model"], r["setting"]) in seen:
-                continue
-            seen.add((r["model"], r["setting"]))
-            print(f"{r['model']:16s} {r['setting']:11s} {r['profiled_ms']:8.1f} "
-                  + " ".join(f"{100 * r['categories_ms'][c] / r['profiled_ms']:11.1f}%" for c in WALL_ORDER))
+    first = {}                                  # each model and setting once, as first measured
+    for r in (r for w in runs for r in w["models"]):
+        first.setdefault((r["model"], r["setting"]), r)
+    for r in first.values():
+        print(f"{r['model']:16s} {r['setting']:11s} {r['profiled_ms']:8.1f} "
+              + " ".join(f"{100 * r['categories_ms'][c] / r['profiled_ms']:11.1f}%" for c in WALL_ORDER))
 
 
 def bench_wall(args, runs=None):
@@ -614,8 +597,6 @@ def fwd_only(f, inputs):
             f(*inputs)
     return run
 
-
-# ------------------------------------------------------------------------------------------------ sizes
 
 def sizes(device):
     """Benchmark sizes: realistic GPU sizes; reduced on CPU where the naive baseline needs them."""
@@ -744,8 +725,7 @@ def bench_kernels(args):
 
 def measure_ceilings():
     """Measured device ceilings: device-to-device copy bandwidth and a large bf16 matmul."""
-    x = torch.empty(256 * 2 ** 20, dtype=torch.float32, device="cuda")
-    y = torch.empty_like(x)
+    x, y = (torch.empty(256 * 2 ** 20, dtype=torch.float32, device="cuda") for _ in range(2))
     t = timeit(lambda: y.copy_(x), 10, device="cuda")
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     tm = timeit(lambda: a @ a, 10, device="cuda")
@@ -787,8 +767,7 @@ def main(argv=None):
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one model, in a child process
     args = ap.parse_args(argv)
     if args.context_parallel:   # the method and its table live in context_parallel.py; this runs it where benches run
-        return subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                             "context_parallel.py"), str(args.context_parallel)])
+        return subprocess.call([sys.executable, os.path.join(HERE, "context_parallel.py"), str(args.context_parallel)])
     if args._one:
         print(json.dumps(bench_one(args._one, args.device, args.reps, args.scale_tokens)))
         return

@@ -48,8 +48,8 @@ import torch
 
 import kernels
 import train
-from bench import (BENCH_OVERRIDES, fwd_bwd, fwd_only, gmm_inputs, launch_count, machine, matmul_peak,
-                   measure_ceilings, scan_inputs, selective_inputs, sizes, timeit, bench_step)
+from bench import (BENCH_OVERRIDES, bench_step, fwd_bwd, fwd_only, gmm_inputs, launch_count, machine, matmul_peak,
+                   measure_ceilings, scan_inputs, selective_inputs, sizes, timeit)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_TOL = {torch.float64: 1e-9, torch.complex128: 1e-9, torch.float32: 1e-4, torch.complex64: 1e-4,

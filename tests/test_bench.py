@@ -1,6 +1,7 @@
-"""bench.py's measuring helpers (issue 19): the data path's ms per batch, the step's launch count, and --wall (each
-headline run's wall time projected from its measured pieces, the step split by category)."""
+"""bench.py's measuring helpers: the data path's ms per batch, the step's launch count, and --wall (each headline
+run's wall time projected from its measured pieces, the step split by category)."""
 import argparse
+import math
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def test_launch_count_grows_with_depth():
     counts = []
     for n_layer in (1, 2):
         model, _, _, ds = train.build("dense", None, dict(TINY, n_layer=n_layer), train_overrides=dict(seq_len=32))
-        counts.append(bench.launch_count(bench._train_step(model, ds.get_batch("train", 2, 0)), "cpu"))
+        counts.append(bench.launch_count(bench.bench_step(model, ds.get_batch("train", 2, 0)), "cpu"))
     assert 0 < counts[0] < counts[1]
 
 
@@ -38,7 +39,33 @@ def test_data_ms_draws_fresh_batches():
     assert all(s == "train" and b == 16 for s, b, _ in seen)
 
 
-# ------------------------------------------------------------------------------------------------ --wall (issue 19)
+# ------------------------------------------------------------------------------------------------ --wall
+
+def _train_step_shim(model, batches, opt, sched, tc, autocast, world=1, cp=None):
+    """train.train_step as the trainer adds it (the body of train.py's loop, one process), for a train.py without it."""
+    accum, parts_sum, loss_sum = len(batches), {}, 0.0
+    for batch in batches:
+        with autocast():
+            _, loss, parts = model(batch)
+            (loss / accum).backward()
+        loss_sum += float(loss.detach()) / accum
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
+    gnorm = train.clip_grads(model, tc.grad_clip)
+    ok = math.isfinite(loss_sum) and math.isfinite(gnorm)
+    if ok:
+        opt.step()
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, parts_sum, gnorm, ok
+
+
+@pytest.fixture
+def train_step(monkeypatch):
+    """train.train_step (the shim above where train.py has none yet), counting its calls."""
+    inner, calls = getattr(train, "train_step", _train_step_shim), []
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: (calls.append(1), inner(*a, **k))[1], raising=False)
+    return calls
 
 def test_wall_category_follows_the_outermost_named_event():
     cat = bench.wall_category
@@ -83,7 +110,7 @@ TINY_RUN = dict(cmd="python train.py --model dense (tiny)", models=("dense",), s
                                      ckpt_every=10))
 
 
-def test_wall_projects_a_tiny_run_from_its_pieces(tmp_path, capsys, monkeypatch):
+def test_wall_projects_a_tiny_run_from_its_pieces(tmp_path, capsys, monkeypatch, train_step):
     """--wall on a tiny dense run: the counts of evals, generation evals and checkpoints are those train.py makes
     (a real run of the same config), the projection is the sum of the measured pieces, the goal arithmetic holds,
     the step's categories add up to the profiled total, and the table names each run."""
@@ -93,6 +120,7 @@ def test_wall_projects_a_tiny_run_from_its_pieces(tmp_path, capsys, monkeypatch)
     w, again = out
     r = w["models"][0]
     assert again["models"][0] is r                                        # one model measured once across runs
+    assert len(train_step) == r["timed_steps"] + 3              # train.py's step: + 2 warm-up steps, 1 profiled
     # the counts train.py's loop makes for the same config
     saves = []
     orig_save = train.save_ckpt

@@ -1,4 +1,4 @@
-"""`python bench.py --gpu-check` (issue 20). On CPU: its harness -- argument handling, the one-line exit without
+"""gpu_check.py (`python bench.py --gpu-check`). On CPU: its harness -- argument handling, the one-line exit without
 CUDA, the kernel comparison catching a wrong kernel, the model step check, the train.py / torchrun judgements (with a
 fake command runner), the torch.compile judgements (with stand-ins for torch.compile), the table and gpu_check.json --
 so that the first GPU run fails only for GPU reasons.
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench
+import gpu_check
 import kernels
 
 
@@ -41,14 +42,14 @@ def _patch_ops(monkeypatch, fault):
 
 def test_kernel_check_passes_equal_kernels_and_catches_wrong_ones(monkeypatch):
     _patch_ops(monkeypatch, lambda name, o: o)
-    rows = bench.check_kernels("cpu", "triton", "cpu")
+    rows = gpu_check.check_kernels("cpu", "triton", "cpu")
     assert rows and all(r["status"] == "PASS" and r["err"] == 0 for r in rows), rows
     names = {r["name"].split()[0] for r in rows}
     assert names == {"linear_scan", "selective_scan", "grouped_matmul"}
     # a scan off by 1e-3 (10x the fp32 tolerance), a NaN in the grouped matmul: FAIL rows, the rest still runs
     _patch_ops(monkeypatch, lambda name, o: o + 1e-3 if name == "linear_scan" else
                (o.index_fill(0, torch.tensor([0]), float("nan")) if name == "grouped_matmul" else o))
-    rows = bench.check_kernels("cpu", "triton", "cpu")
+    rows = gpu_check.check_kernels("cpu", "triton", "cpu")
     by = {r["name"].split()[0]: [] for r in rows}
     for r in rows:
         by[r["name"].split()[0]].append(r)
@@ -58,14 +59,14 @@ def test_kernel_check_passes_equal_kernels_and_catches_wrong_ones(monkeypatch):
 
 
 def test_kernel_cases_cover_every_compiled_config():
-    """At GPU scale the cases launch every configuration bench.compile_specs compiles for sm_80 and sm_90."""
+    """At GPU scale the cases launch every configuration gpu_check.compile_specs compiles for sm_80 and sm_90."""
     pytest.importorskip("triton")
     if kernels._INTERPRET:   # the @triton.jit objects are interpreter stand-ins: compile_specs needs the real ones
         names = {"scan_fwd", "scan_bwd", "selective_fwd", "selective_bwd", "gmm", "gmm_dw"}
-    covered = {c for case in bench.kernel_cases("gpu") for c in case[1]}
+    covered = {c for case in gpu_check.kernel_cases("gpu") for c in case[1]}
     if not kernels._INTERPRET:
         for cap in ((8, 0), (9, 0)):
-            missing = {s["name"] for s in bench.compile_specs(cap)} - covered
+            missing = {s["name"] for s in gpu_check.compile_specs(cap)} - covered
             assert not missing, missing
     else:
         assert {c.split("[")[0] for c in covered} == names
@@ -80,14 +81,14 @@ TINY = {"dense": dict(d_model=32, n_layer=1, n_head=2)}
 
 
 def test_model_check_compares_losses_and_times_a_step(monkeypatch):
-    rows = bench.check_models("cpu", ["dense"], peak=1e9, reps=1, batch_size=2, overrides=TINY)
+    rows = gpu_check.check_models("cpu", ["dense"], peak=1e9, reps=1, batch_size=2, overrides=TINY)
     r = rows[0]
     assert r["status"] == "PASS" and r["loss_diff"] == 0 and r["loss_cpu_fp32"] > 0, r
     assert r["ms_step"] > 0 and r["tokens_s"] > 0 and 0 < r["mfu"] and r["flops_per_token"] > 0
-    monkeypatch.setattr(bench, "LOSS_TOL", -1.0)            # any difference fails: a FAIL row, not an exception
-    r = bench.check_models("cpu", ["dense"], peak=1e9, reps=1, batch_size=2, overrides=TINY)[0]
+    monkeypatch.setattr(gpu_check, "LOSS_TOL", -1.0)            # any difference fails: a FAIL row, not an exception
+    r = gpu_check.check_models("cpu", ["dense"], peak=1e9, reps=1, batch_size=2, overrides=TINY)[0]
     assert r["status"] == "FAIL" and "tol" in r["error"]
-    r = bench.check_models("cpu", ["no-such-model"], peak=1e9, reps=1)[0]
+    r = gpu_check.check_models("cpu", ["no-such-model"], peak=1e9, reps=1)[0]
     assert r["status"] == "FAIL" and "no-such-model" in r["error"]
 
 
@@ -116,7 +117,7 @@ def fake_runner(losses=(3.0, 2.5, 2.0, 1.5, 1.2), rc=0, resume_rc=0, ckpt=True):
 
 def test_train_and_ddp_judgements_with_a_fake_runner(tmp_path):
     run = fake_runner()
-    rows = bench.check_train("cuda", ["dense", "mot"], jobs=2, run=run)
+    rows = gpu_check.check_train("cuda", ["dense", "mot"], jobs=2, run=run)
     assert [r["status"] for r in rows] == ["PASS", "PASS"] and rows[0]["eval_keys"] == ["eval_loss", "gen_accuracy"]
     first, again = [c for c in run.calls if "dense" in c]
     assert first[:2] == [sys.executable, "train.py"] and first[first.index("--device") + 1] == "cuda"
@@ -126,14 +127,14 @@ def test_train_and_ddp_judgements_with_a_fake_runner(tmp_path):
            "resume": fake_runner(resume_rc=1), "no ckpt": fake_runner(ckpt=False)}
     expect = {"rising loss": "did not fall", "crash": "exit 1", "resume": "--resume exit 1", "no ckpt": "no checkpoint"}
     for k, runner in bad.items():
-        r = bench.check_train_run("dense", "cuda", str(tmp_path / k.replace(" ", "_")), runner)
+        r = gpu_check.check_train_run("dense", "cuda", str(tmp_path / k.replace(" ", "_")), runner)
         assert r["status"] == "FAIL" and expect[k] in r["error"], (k, r)
     run = fake_runner()
-    rows = bench.check_ddp("cuda", "mot", run=run)
+    rows = gpu_check.check_ddp("cuda", "mot", run=run)
     assert len(rows) == (2 if torch.cuda.device_count() >= 2 else 1) and rows[0]["status"] == "PASS"
     cmd = run.calls[0]
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=1" in cmd and "cuda" in cmd
-    assert bench.check_ddp("cuda", "mot", run=fake_runner(rc=1))[0]["status"] == "FAIL"
+    assert gpu_check.check_ddp("cuda", "mot", run=fake_runner(rc=1))[0]["status"] == "FAIL"
 
 
 def test_gpu_check_writes_json_and_table_and_exit_status(tmp_path, capsys, monkeypatch):
@@ -141,12 +142,12 @@ def test_gpu_check_writes_json_and_table_and_exit_status(tmp_path, capsys, monke
     rows = {"check_kernels": [dict(section="kernels", name="k", status="PASS", err=0.0, tol=1e-4)],
             "check_models": [dict(section="models", name="dense", status="PASS", loss_diff=0.0, tol=0.05)]}
     for fn, r in rows.items():
-        monkeypatch.setattr(bench, fn, lambda *a, _r=r, **k: _r)
-    monkeypatch.setattr(bench, "matmul_peak", lambda device: 1e9)
+        monkeypatch.setattr(gpu_check, fn, lambda *a, _r=r, **k: _r)
+    monkeypatch.setattr(gpu_check, "matmul_peak", lambda device: 1e9)
     out = tmp_path / "gpu_check.json"
     argv = ["--gpu-check", "--device", "cpu", "--models", "dense", "--out", str(out)]
-    monkeypatch.setattr(bench, "_run", fake_runner())
-    assert bench.gpu_check(bench_args(argv), run=fake_runner()) == 0
+    monkeypatch.setattr(gpu_check, "_run", fake_runner())
+    assert gpu_check.gpu_check(bench_args(argv), run=fake_runner()) == 0
     res = json.loads(out.read_text())
     # SKIP: the CUDA timings, and on CPU both compile checks (no --cpu_compile; train.py refuses --compile on CPU)
     assert res["ok"] and res["summary"] == {"PASS": 4, "FAIL": 0, "SKIP": 3} and res["device"] == "cpu"
@@ -154,7 +155,7 @@ def test_gpu_check_writes_json_and_table_and_exit_status(tmp_path, capsys, monke
     text = capsys.readouterr().out
     assert "ALL PASS" in text and "SKIP  timings" in text
     rows["check_models"][0].update(status="FAIL", error="loss 9 on cuda vs 3 on CPU fp32")
-    assert bench.gpu_check(bench_args(argv), run=fake_runner()) == 1
+    assert gpu_check.gpu_check(bench_args(argv), run=fake_runner()) == 1
     res = json.loads(out.read_text())
     assert not res["ok"] and res["summary"]["FAIL"] == 1
     assert "FAIL  models" in capsys.readouterr().out
@@ -163,12 +164,12 @@ def test_gpu_check_writes_json_and_table_and_exit_status(tmp_path, capsys, monke
 def bench_args(argv):
     """The parsed arguments main() would pass to gpu_check."""
     captured = {}
-    orig = bench.gpu_check
-    bench.gpu_check = lambda args, run=None: captured.setdefault("args", args) and 0
+    orig = gpu_check.gpu_check
+    gpu_check.gpu_check = lambda args, run=None: captured.setdefault("args", args) and 0
     try:
         bench.main(argv)
     finally:
-        bench.gpu_check = orig
+        gpu_check.gpu_check = orig
     return captured["args"]
 
 
@@ -177,13 +178,13 @@ def test_default_out_is_gpu_check_json():
     assert bench_args(["--gpu-check", "--out", "x.json"]).out == "x.json"
 
 
-# ------------------------------------------------------------------------------------------------ compile (issue 19.4)
+# ------------------------------------------------------------------------------------------------ compile
 
 def test_compile_check_judges_compiled_against_eager(monkeypatch):
     """compile_one with stand-ins for torch.compile: the model itself passes with zero differences; a compiled model
     whose loss is off by 2e-3 fails on the loss and its gradients; one whose compile raises is a FAIL row naming it."""
     monkeypatch.setattr(torch, "compile", lambda m: m)
-    r = bench.compile_one("dense", "cpu", overrides=TINY, reps=1)
+    r = gpu_check.compile_one("dense", "cpu", overrides=TINY, reps=1)
     assert r["status"] == "PASS" and r["loss_diff"] == 0 and r["grad_err"] == 0 and r["loss_eager"] > 0, r
     assert r["ms_eager"] > 0 and r["ms_compiled"] > 0 and r["section"] == "compile"
 
@@ -193,41 +194,41 @@ def test_compile_check_judges_compiled_against_eager(monkeypatch):
             return logits, loss * (1 + 2e-3), parts
         return f
     monkeypatch.setattr(torch, "compile", off)
-    r = bench.compile_one("dense", "cpu", overrides=TINY, reps=1)
+    r = gpu_check.compile_one("dense", "cpu", overrides=TINY, reps=1)
     assert r["status"] == "FAIL" and "loss" in r["error"] and "gradient" in r["error"], r
-    assert bench.COMPILE_TOL < r["loss_diff"] / r["loss_eager"] < 3e-3
+    assert gpu_check.COMPILE_TOL < r["loss_diff"] / r["loss_eager"] < 3e-3
 
     def broken(m):
         raise RuntimeError("Unsupported: data-dependent operator\n\nfrom user code:\n   File \"/w/mot.py\", "
                            "line 151, in forward")
     monkeypatch.setattr(torch, "compile", broken)
-    r = bench.compile_one("dense", "cpu", overrides=TINY, reps=1)
+    r = gpu_check.compile_one("dense", "cpu", overrides=TINY, reps=1)
     assert r["status"] == "FAIL" and r["error"].startswith("RuntimeError: Unsupported") and "(at mot.py:151)" in r["error"]
 
 
 def test_model_line_names_the_last_model_file_frame():
     tb = ('File "/usr/lib/torch/_dynamo/x.py", line 9, in f\n  File "/repo/moma.py", line 162, in forward\n'
           '  File "/repo/kernels.py", line 40, in g\n  File "/usr/lib/torch/nn/functional.py", line 3, in h')
-    assert bench._model_line(tb) == "kernels.py:40"
-    assert bench._model_line('File "/usr/lib/torch/x.py", line 1') is None
+    assert gpu_check._model_line(tb) == "kernels.py:40"
+    assert gpu_check._model_line('File "/usr/lib/torch/x.py", line 1') is None
 
 
 def test_compile_train_run_compares_losses_step_by_step(tmp_path):
     """train.py --compile=True beside the eager run: equal logs pass; a 10% higher loss at one step fails; CPU skips
     (train.py refuses --compile there); a crashed compiled run fails with its exit."""
     eager = str(tmp_path / "eager")
-    fake_runner()(bench.train_commands("dense", "cuda", eager)[0])            # the eager run's metrics.jsonl
+    fake_runner()(gpu_check.train_commands("dense", "cuda", eager)[0])            # the eager run's metrics.jsonl
     run = fake_runner()
-    r = bench.check_compile_train_run("dense", "cuda", str(tmp_path / "c1"), eager, run)
+    r = gpu_check.check_compile_train_run("dense", "cuda", str(tmp_path / "c1"), eager, run)
     assert r["status"] == "PASS" and r["loss_diff"] == 0 and "--compile=True" in run.calls[0], r
-    r = bench.check_compile_train_run("dense", "cuda", str(tmp_path / "c2"), eager,
+    r = gpu_check.check_compile_train_run("dense", "cuda", str(tmp_path / "c2"), eager,
                                       fake_runner(losses=(3.0, 2.5, 2.2, 1.5, 1.2)))
     assert r["status"] == "FAIL" and abs(r["loss_diff"] - 0.2 / 2.0) < 1e-12 and "tol" in r["error"], r
-    r = bench.check_compile_train_run("dense", "cpu", str(tmp_path / "c3"), eager, fake_runner())
+    r = gpu_check.check_compile_train_run("dense", "cpu", str(tmp_path / "c3"), eager, fake_runner())
     assert r["status"] == "SKIP" and "CUDA only" in r["error"]
-    r = bench.check_compile_train_run("dense", "cuda", str(tmp_path / "c4"), eager, fake_runner(rc=1))
+    r = gpu_check.check_compile_train_run("dense", "cuda", str(tmp_path / "c4"), eager, fake_runner(rc=1))
     assert r["status"] == "FAIL" and "exit 1" in r["error"]
-    rows = bench.check_train("cuda", ["dense", "mot"], jobs=2, run=fake_runner(), compile=("dense", "mot"))
+    rows = gpu_check.check_train("cuda", ["dense", "mot"], jobs=2, run=fake_runner(), compile=("dense", "mot"))
     assert [(r["section"], r["name"].split()[0], r["status"]) for r in rows] == [
         ("train", "dense", "PASS"), ("train", "mot", "PASS"), ("compile", "dense", "PASS"), ("compile", "mot", "PASS")]
 
@@ -243,10 +244,10 @@ def test_compile_check_runs_each_model_in_its_own_process():
         with open(cmd[cmd.index("--out") + 1], "w") as f:
             json.dump(dict(section="compile", name=f"{name} torch.compile", status="PASS"), f)
         return 0, ""
-    rows = bench.check_compile("cuda", ["dense", "mot", "mamba"], jobs=2, run=run)
+    rows = gpu_check.check_compile("cuda", ["dense", "mot", "mamba"], jobs=2, run=run)
     assert [(r["name"].split()[0], r["status"]) for r in rows] == [("dense", "PASS"), ("mot", "FAIL"), ("mamba", "PASS")]
-    assert "exit 1" in rows[1]["error"] and all(c[1] == "bench.py" and "cuda" in c for c in calls)
-    assert all(r["status"] == "SKIP" for r in bench.check_compile("cpu", ["dense"], 1, run=run)) and len(calls) == 3
+    assert "exit 1" in rows[1]["error"] and all(c[1] == "gpu_check.py" and "cuda" in c for c in calls)
+    assert all(r["status"] == "SKIP" for r in gpu_check.check_compile("cpu", ["dense"], 1, run=run)) and len(calls) == 3
 
 
 # ------------------------------------------------------------------------------------------------ CUDA only
@@ -255,18 +256,18 @@ def test_compile_check_runs_each_model_in_its_own_process():
 def test_compiled_kernels_match_torch_path_on_cuda():
     """Compiled Triton kernels (no interpreter) vs the torch path on CUDA tensors, at the small sizes."""
     assert not kernels._INTERPRET, "conftest must not force TRITON_INTERPRET=1 on a CUDA machine"
-    rows = bench.check_kernels("cuda", "triton", "cpu")
+    rows = gpu_check.check_kernels("cuda", "triton", "cpu")
     assert all(r["status"] == "PASS" for r in rows if r["name"].split()[0] in ("linear_scan", "selective_scan",
                                                                               "grouped_matmul")), rows
 
 
 @pytest.mark.cuda
 def test_torch_compile_matches_eager_on_cuda():
-    rows = [bench.compile_one(n, "cuda") for n in ("dense", "mamba")]
+    rows = [gpu_check.compile_one(n, "cuda") for n in ("dense", "mamba")]
     assert all(r["status"] == "PASS" for r in rows), rows
 
 
 @pytest.mark.cuda
 def test_bf16_autocast_step_matches_cpu_fp32():
-    rows = bench.check_models("cuda", ["dense", "mamba", "megalodon"], peak=1e12, reps=2, batch_size=2)
+    rows = gpu_check.check_models("cuda", ["dense", "mamba", "megalodon"], peak=1e12, reps=2, batch_size=2)
     assert all(r["status"] == "PASS" for r in rows), rows

@@ -1,5 +1,5 @@
 """Every @triton.jit kernel in kernels.py compiles ahead of time for A100 (sm_80) and H100 (sm_90), in every
-dtype and configuration the launchers can pick (bench.compile_specs, built from kernels.launch_config), with no
+dtype and configuration the launchers can pick (gpu_check.compile_specs, built from kernels.launch_config), with no
 register spills (local memory), no stack, shared memory within the target's per-block limit, and the tensor-core
 instructions expected for the grouped matmul. No GPU needed: triton compiles for a target that is not present, and
 the wheel ships cuobjdump. Run under every Triton that requirements.txt admits (.ci/run: 3.8 and 3.9)."""
@@ -13,7 +13,7 @@ try:
 except ImportError:
     pytest.skip("triton is not installed (it has wheels for Linux only): nothing to compile", allow_module_level=True)
 
-import bench  # noqa: E402
+import gpu_check  # noqa: E402
 import kernels as K  # noqa: E402
 
 TARGETS = ("sm_80", "sm_90")
@@ -21,7 +21,7 @@ TARGETS = ("sm_80", "sm_90")
 
 @pytest.fixture(scope="module")
 def report():
-    return bench.static_report(((8, 0), (9, 0)))
+    return gpu_check.static_report(((8, 0), (9, 0)))
 
 
 def jit_objects():
@@ -40,8 +40,8 @@ def problems(rec):
     if rec["stack"]:
         out.append(f"uses {rec['stack']} bytes of stack")
     shared = rec["static_shared"] + rec["dynamic_shared"]
-    if shared > bench.SHARED_LIMIT[rec["target"]]:
-        out.append(f"needs {shared} B shared memory > {bench.SHARED_LIMIT[rec['target']]} B")
+    if shared > gpu_check.SHARED_LIMIT[rec["target"]]:
+        out.append(f"needs {shared} B shared memory > {gpu_check.SHARED_LIMIT[rec['target']]} B")
     if rec["regs"] * rec["num_warps"] * 32 > 65536:
         out.append(f"{rec['regs']} registers x {rec['num_warps']} warps exceed the register file")
     return out
@@ -54,7 +54,7 @@ def test_every_jit_function_is_covered(report):
     for target in TARGETS:
         compiled = {r["kernel"] for r in report if r["target"] == target}
         missing = kernels - compiled
-        assert not missing, f"kernels with no compile spec for {target}: {sorted(missing)} (add them to bench.compile_specs)"
+        assert not missing, f"kernels with no compile spec for {target}: {sorted(missing)} (add them to gpu_check.compile_specs)"
     sources = "".join(inspect.getsource(jits[n].fn) for n in kernels)
     for helper in set(jits) - kernels:   # a helper is covered by the kernels that call it
         assert re.search(rf"\b{helper}\b", sources), f"@triton.jit {helper} is neither a kernel nor used by one"

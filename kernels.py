@@ -24,7 +24,7 @@ Torch paths (CPU): time-major loops, ONE fused addcmul per step on contiguous ro
 selective scan runs chunks of CPU_CHUNK steps, never materialising (batch, dim, N, L). Triton paths: chunks along
 L, tl.associative_scan inside a chunk, the state carried in registers; the selective scan's backward recomputes
 each chunk from the forward's checkpoints; grouped-matmul tiles never straddle groups (tile table built on the
-device: no host sync). launch_config() picks every launch parameter from the target (bench.py compiles every
+device: no host sync). launch_config() picks every launch parameter from the target (gpu_check.py compiles every
 choice for sm_80 / sm_90 with no GPU). flop_tally(): the scans' analytic FLOPs (section 0).
 Tests: tests/test_kernels.py (interpreter), tests/test_gpu_compile.py (AOT). Bench: python bench.py --kernels --static
 """
@@ -421,7 +421,7 @@ def grouped_matmul(x, w, group_sizes, *, backend="auto"):
 
 # ==== 4. Triton kernels (GPU; on CPU tensors under TRITON_INTERPRET=1) ===============================================
 # Launch parameters come from one function, launch_config(kernel, target, ...); tests/test_gpu_compile.py compiles
-# every choice it can make for sm_80 / sm_90 (bench.compile_specs).
+# every choice it can make for sm_80 / sm_90 (gpu_check.compile_specs).
 
 POISON = False          # tests set True: kernel outputs start as NaN, so an element a kernel forgets to write fails
 

@@ -86,7 +86,7 @@ class Config:
         expand="int >= 1", dt_rank="int >= 0; 0 = ceil(d_model / 16)", dt_min="float > 0", dt_max="float > 0",
         dt_init_floor="float >= 0", dt_scale="float > 0", conv_bias="bool", bias="bool", norm_eps="float in (0, 1)",
         tie_embeddings="bool", split_in_proj="bool", split_x_proj="bool", split_dt_proj="bool", split_out_proj="bool",
-        routing="one of grouped|masked; masked = the plain form", backend="one of auto|torch|triton")
+        routing="one of grouped|masked", backend="one of auto|torch|triton")
 
     def __post_init__(self):
         if self.dt_rank == 0:

@@ -703,6 +703,36 @@ def all_finite(params):
     return all(bool(torch.isfinite(p).all()) for p in params)
 
 
+def train_step(model, batches, opt, sched, tc, autocast, world=1, cp=None):
+    """One optimizer step on this rank's micro-batches (already on the device) -> (loss, parts, grad norm, ok).
+    Gradients accumulate over the micro-batches (DDP syncs them on the last only); ok: the loss and the gradient norm
+    are finite on every rank, and only then do the optimizer and the schedule step."""
+    accum, loss_sum, parts_sum = len(batches), 0.0, {}
+    for m, batch in enumerate(batches):
+        sync = m == accum - 1 or world == 1
+        ctx = model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
+        with ctx, autocast():
+            if cp is None:
+                _, loss, parts = model(batch)
+                (loss / accum).backward()  # the mean over the global batch
+            else:                          # shares sum to the sequence's loss; DDP averages over dp x cp ranks
+                share, loss, parts = cp_forward(model, batch, cp)
+                (share * cp.size / accum).backward()
+        loss_sum += float(loss.detach()) / accum
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
+    gnorm = clip_grads(getattr(model, "module", model), tc.grad_clip)
+    bad = torch.tensor(float(not (math.isfinite(loss_sum) and math.isfinite(gnorm))))
+    if world > 1:  # every rank stops at the same step
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    ok = not bad.item()
+    if ok:
+        opt.step()
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, parts_sum, gnorm, ok
+
+
 def train(name, over, resume=False, quiet=False):
     """Train one model. over: every --key=value (trainer and model keys mixed). Returns the output dir.
     Everything a user can get wrong is checked before the process group starts (torchrun) and before any file is
@@ -856,31 +886,11 @@ def _train(name, model, cfg, tc, ds, config, ck, micro, accum, rank, world, loca
     try:
         while step < tc.steps:
             t0 = time.perf_counter()
-            parts_sum, loss_sum = {}, 0.0
-            for m in range(accum):
-                batch = to(batches.get(step * accum + m), dev)
-                sync = m == accum - 1 or world == 1
-                ctx = model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
-                with ctx, autocast():
-                    if cp is None:
-                        _, loss, parts = model(batch)
-                        (loss / accum).backward()  # the mean over the global batch
-                    else:                          # shares sum to the sequence's loss; DDP averages over dp x cp ranks
-                        share, loss, parts = cp_forward(model, batch, cp)
-                        (share * cp.size / accum).backward()
-                loss_sum += float(loss.detach()) / accum
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
-            gnorm = clip_grads(raw, tc.grad_clip)
-            bad = torch.tensor(float(not (math.isfinite(loss_sum) and math.isfinite(gnorm))))
-            if world > 1:  # every rank stops at the same step
-                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-            if bad.item():
+            micro_batches = [to(batches.get(step * accum + m), dev) for m in range(accum)]
+            loss_sum, parts_sum, gnorm, ok = train_step(model, micro_batches, opt, sched, tc, autocast, world, cp)
+            if not ok:
                 step += 1
                 raise diverged(f"the loss ({loss_sum:.4g}) or the gradient norm ({gnorm:.4g})")
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
             elapsed += dt

@@ -139,9 +139,10 @@ def test_cli_exit_status():
 
 
 def test_compare_fraction_interpolates():
+    import plots  # the one flops_to_reach (train.py --compare and plots.py compare both use it)
     ev = [dict(flops=0, k=5.0), dict(flops=10, k=3.0), dict(flops=20, k=1.0)]
-    assert train.flops_to_reach(ev, "k", 2.0) == 15
-    assert train.flops_to_reach(ev, "k", 0.5) is None
+    assert plots.flops_to_reach(ev, "k", 2.0) == 15
+    assert plots.flops_to_reach(ev, "k", 0.5) is None
 
 
 # --- issue 18: valid ranges, one table; every bad value is one line and exit 2 ----------------------------------

@@ -190,7 +190,7 @@ def from_patches(p):
 @functools.lru_cache(maxsize=None)
 def codebook():
     """The fixed toy image tokenizer: k-means (256 entries) on 4x4x3 patches of 3000 seeded scenes.
-    Fitted once per process (~1 s), identical everywhere (fixed seed, float64)."""
+    Fitted once per process, identical everywhere (fixed seed, float64)."""
     rng = np.random.default_rng(12345)
     scenes = [tuple(int(rng.integers(n)) for n in N_VALUES) for _ in range(3000)]
     x = to_patches(np.stack([render(s, rng) for s in scenes])).reshape(-1, PATCH_DIM).astype(np.float64)

@@ -842,7 +842,7 @@ def bytes_compare(base, path, names=("dense", "megabyte", "blt", "megalodon")):
 
 def _model_from(name, ckpt=None, setting=None, overrides=None):
     """A model built with cli.py's checks (optionally loading a train.py checkpoint, weights only) and its data (seed
-    0): the checkpoint's setting and seq_len, else the model's default setting at the data's default seq_len."""
+    0): the checkpoint's setting and seq_len, else the model's default setting and its Config's seq_len."""
     over, seq_len, reg = dict(overrides or {}), None, cli.registry()
     cli.check_model(name, reg)
     if ckpt:
@@ -854,7 +854,8 @@ def _model_from(name, ckpt=None, setting=None, overrides=None):
         setting, seq_len = setting or conf.get("setting"), conf.get("train", {}).get("seq_len")
     setting = setting or reg[name][3]
     cli.check_setting(name, setting, reg)
-    ds = cli.make_data(setting, seq_len or over.get("seq_len"), 0, None)
+    _, cfg_cls, _, _, base = reg[name]
+    ds = cli.make_data(setting, seq_len or over.get("seq_len") or getattr(cfg_cls(**base), "seq_len", None), 0, None)
     cfg = cli.model_config(name, ds, over, reg)
     torch.manual_seed(0)
     model = cli.make_model(name, cfg, "cpu", reg)

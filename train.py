@@ -325,7 +325,7 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
     tokens_per_step = tc.batch_size * tc.seq_len
     spent = dict(eval=0.0, generation=0.0, checkpoints=0.0)  # wall seconds outside the training steps
 
-    def record(**rec):  # a metrics.jsonl row: where the run is in tokens and FLOPs, then the values
+    def record(**rec):  # a metrics.jsonl row: step, tokens, FLOPs (total, matmul part), then the values
         t = step * tokens_per_step
         rec = dict(step=step, tokens=t, flops=t * flops_per_token, flops_matmul=t * matmul_per_token, **rec)
         if log:

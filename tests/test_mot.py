@@ -48,6 +48,16 @@ VARIANTS = {
 }
 
 
+def same_logits_and_grads(fast, ref, b, atol, rtol):
+    """fast and ref (same weights) give the same logits and every parameter gradient on batch b."""
+    (lf, lossf, _), (lr, lossr, _) = fast(b), ref(b)
+    torch.testing.assert_close(lf, lr, atol=atol, rtol=rtol)
+    lossf.backward()
+    lossr.backward()
+    for (n, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, atol=atol, rtol=rtol, msg=n)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_causality(variant):
     torch.manual_seed(0)
@@ -163,12 +173,7 @@ def test_sorted_stream_equals_plain_form_for_each_untie_switch(untie):
         p.data += 0.1 * torch.randn_like(p)
     ref.load_state_dict(fast.state_dict())
     b = make_batch(fast, B=3, T=20)
-    (lf, lossf, _), (lr, lossr, _) = fast(b), ref(b)
-    torch.testing.assert_close(lf, lr, atol=1e-6, rtol=0)
-    lossf.backward()
-    lossr.backward()
-    for (n, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(pf.grad, pr.grad, atol=1e-6, rtol=0, msg=n)
+    same_logits_and_grads(fast, ref, b, atol=1e-6, rtol=0)
 
 
 def test_grouped_matmul_path_equals_masked_reference():
@@ -178,13 +183,7 @@ def test_grouped_matmul_path_equals_masked_reference():
     ref = mot.MoT(tiny(3, **untied(qk_norm=True, routing="masked")))
     ref.load_state_dict(fast.state_dict())
     b = make_batch(fast)
-    lf, lossf, _ = fast(b)
-    lr, lossr, _ = ref(b)
-    assert torch.allclose(lf, lr, atol=1e-5)
-    lossf.backward()
-    lossr.backward()
-    for (n, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters()):
-        assert torch.allclose(pf.grad, pr.grad, atol=1e-5), n
+    same_logits_and_grads(fast, ref, b, atol=1e-5, rtol=1e-5)   # torch.allclose's rtol
 
 
 @pytest.mark.parametrize("placement", ["pre", "post"])
@@ -201,12 +200,7 @@ def test_sorted_stream_equals_masked_reference_to_1e6(placement):
     b = make_batch(fast, B=3, T=20)
     b["tokens"] = b["tokens"] % 64                                     # modalities 0 and 1 only: modality 2 is empty
     b["modality"] = fast.modality_of(b["tokens"])
-    (lf, lossf, _), (lr, lossr, _) = fast(b), ref(b)
-    torch.testing.assert_close(lf, lr, atol=1e-6, rtol=0)
-    lossf.backward()
-    lossr.backward()
-    for (n, pf), (_, pr) in zip(fast.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(pf.grad, pr.grad, atol=1e-6, rtol=0, msg=n)
+    same_logits_and_grads(fast, ref, b, atol=1e-6, rtol=0)
     att, x = fast.blocks[0].attn, torch.randn(3, 20, 16)
     rt = mot.Routing(b["modality"], 3)
     cos, sin = mot.rope(torch.arange(20), 8, 1e4, x.device)

@@ -59,13 +59,14 @@ def test_kernel_check_passes_equal_kernels_and_catches_wrong_ones(monkeypatch):
 
 
 def test_kernel_cases_cover_every_compiled_config():
-    """At GPU scale the cases launch every configuration gpu_check.compile_specs compiles for sm_80 and sm_90."""
+    """At GPU scale the cases launch every configuration gpu_check.compile_specs compiles for each target of
+    kernels.TRITON_TARGETS."""
     pytest.importorskip("triton")
     if kernels._INTERPRET:   # the @triton.jit objects are interpreter stand-ins: compile_specs needs the real ones
         names = {"scan_fwd", "scan_bwd", "selective_fwd", "selective_bwd", "gmm", "gmm_dw"}
     covered = {c for case in gpu_check.kernel_cases("gpu") for c in case[1]}
     if not kernels._INTERPRET:
-        for cap in ((8, 0), (9, 0)):
+        for cap in kernels.TRITON_TARGETS:
             missing = {s["name"] for s in gpu_check.compile_specs(cap)} - covered
             assert not missing, missing
     else:
@@ -92,8 +93,9 @@ def test_model_check_compares_losses_and_times_a_step(monkeypatch):
     assert r["status"] == "FAIL" and "no-such-model" in r["error"]
 
 
-def fake_runner(losses=(3.0, 2.5, 2.0, 1.5, 1.2), rc=0, resume_rc=0, ckpt=True):
-    """Stands in for subprocess: writes what train.py would (metrics.jsonl, ckpt.pt) and records the commands."""
+def fake_runner(losses=(3.0, 2.5, 2.0, 1.5, 1.2), rc=0, resume_rc=0, ckpt=True, per_step=lambda s, resumed: 3.0 / s):
+    """Stands in for subprocess: writes what train.py would (metrics.jsonl, ckpt.pt) and records the commands. With
+    --log_every 1 it logs every step (from the last one logged when resuming) with loss per_step(step, resumed)."""
     calls = []
 
     def run(cmd, timeout=600):
@@ -104,6 +106,12 @@ def fake_runner(losses=(3.0, 2.5, 2.0, 1.5, 1.2), rc=0, resume_rc=0, ckpt=True):
         if rc or (resume and resume_rc):
             return rc or resume_rc, "Traceback ...\nRuntimeError: boom"
         os.makedirs(out, exist_ok=True)
+        if "--log_every" in cmd and cmd[cmd.index("--log_every") + 1] == "1":
+            start = max((r["step"] for r in gpu_check._metrics(out)), default=0) if resume else 0
+            with open(os.path.join(out, "metrics.jsonl"), "a" if resume else "w") as f:
+                f.writelines(json.dumps(dict(step=s, loss=per_step(s, resume))) + "\n" for s in range(start + 1, steps + 1))
+            open(os.path.join(out, "ckpt.pt"), "wb").close()
+            return 0, "done"
         with open(os.path.join(out, "metrics.jsonl"), "a" if resume else "w") as f:
             for i, loss in enumerate(losses if not resume else losses[-1:]):
                 f.write(json.dumps(dict(step=steps if resume else 10 * (i + 1), loss=loss)) + "\n")
@@ -129,19 +137,33 @@ def test_train_and_ddp_judgements_with_a_fake_runner(tmp_path):
     for k, runner in bad.items():
         r = gpu_check.check_train_run("dense", "cuda", str(tmp_path / k.replace(" ", "_")), runner)
         assert r["status"] == "FAIL" and expect[k] in r["error"], (k, r)
+
+
+def test_ddp_runs_two_ranks_or_says_not_exercised(monkeypatch):
+    """Two GPUs: torchrun --nproc_per_node=2 with nccl's device; one GPU: a SKIP row "not exercised (1 GPU)" and no
+    run (one rank skips the DDP wrap and its collectives: never a PASS); CPU: 2 gloo ranks."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     run = fake_runner()
     rows = gpu_check.check_ddp("cuda", "mot", run=run)
-    assert len(rows) == (2 if torch.cuda.device_count() >= 2 else 1) and rows[0]["status"] == "PASS"
+    assert [(r["status"], r["error"]) for r in rows] == [("SKIP", "not exercised (1 GPU)")] and not run.calls
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    rows = gpu_check.check_ddp("cuda", "mot", run=run, extra=["--precision", "fp16"])
+    assert len(rows) == 1 and rows[0]["status"] == "PASS" and len(run.calls) == 1
     cmd = run.calls[0]
-    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=1" in cmd and "cuda" in cmd
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in cmd and "cuda" in cmd
+    assert cmd[-2:] == ["--precision", "fp16"]
     assert gpu_check.check_ddp("cuda", "mot", run=fake_runner(rc=1))[0]["status"] == "FAIL"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert gpu_check.ddp_ranks("cpu") == 2 and gpu_check.ddp_ranks("cuda") == 0
 
 
 def test_gpu_check_writes_json_and_table_and_exit_status(tmp_path, capsys, monkeypatch):
     """The whole command on CPU with quick stand-ins for the slow sections: table, summary, json, exit status."""
-    rows = {"check_kernels": [dict(section="kernels", name="k", status="PASS", err=0.0, tol=1e-4)],
-            "check_models": [dict(section="models", name="dense", status="PASS", loss_diff=0.0, tol=0.05)]}
-    for fn, r in rows.items():
+    row = {"kernel_row": dict(section="kernels", name="k", status="PASS", err=0.0, tol=1e-4),
+           "check_determinism": dict(section="determinism", name="d", status="PASS", err=0.0, tol=1e-5),
+           "check_model": [dict(section="models", name="dense", status="PASS", loss_diff=0.0, tol=0.05),
+                           dict(section="flops", name="dense count_flops", status="PASS")]}
+    for fn, r in row.items():
         monkeypatch.setattr(gpu_check, fn, lambda *a, _r=r, **k: _r)
     monkeypatch.setattr(gpu_check, "matmul_peak", lambda device: 1e9)
     out = tmp_path / "gpu_check.json"
@@ -149,16 +171,61 @@ def test_gpu_check_writes_json_and_table_and_exit_status(tmp_path, capsys, monke
     monkeypatch.setattr(gpu_check, "_run", fake_runner())
     assert gpu_check.gpu_check(bench_args(argv), run=fake_runner()) == 0
     res = json.loads(out.read_text())
-    # SKIP: the CUDA timings, and on CPU both compile checks (no --cpu_compile; train.py refuses --compile on CPU)
-    assert res["ok"] and res["summary"] == {"PASS": 4, "FAIL": 0, "SKIP": 3} and res["device"] == "cpu"
-    assert {r["section"] for r in res["rows"]} == {"kernels", "timings", "models", "compile", "train", "ddp"}
+    # every kernel case, determinism, models, flops, train, resume, ddp (2 gloo ranks) PASS; SKIP: the CUDA timings,
+    # and on CPU both compile checks (no --cpu_compile; train.py refuses --compile on CPU)
+    n_kernels = len(gpu_check.kernel_cases("cpu"))
+    assert res["ok"] and res["complete"] and res["device"] == "cpu"
+    assert res["summary"] == {"PASS": n_kernels + 6, "FAIL": 0, "SKIP": 3}
+    assert [r["section"] for r in res["rows"]][n_kernels:] == ["determinism", "timings", "models", "flops", "compile",
+                                                               "train", "compile", "resume", "ddp"]
     text = capsys.readouterr().out
     assert "ALL PASS" in text and "SKIP  timings" in text
-    rows["check_models"][0].update(status="FAIL", error="loss 9 on cuda vs 3 on CPU fp32")
+    row["check_model"][0].update(status="FAIL", error="loss 9 on cuda vs 3 on CPU fp32")
     assert gpu_check.gpu_check(bench_args(argv), run=fake_runner()) == 1
     res = json.loads(out.read_text())
     assert not res["ok"] and res["summary"]["FAIL"] == 1
     assert "FAIL  models" in capsys.readouterr().out
+
+
+def test_a_failing_kernel_still_gives_the_full_table_and_json(tmp_path, capsys, monkeypatch):
+    """The --device cpu rehearsal with a selective scan that raises, and a timing section that crashes: their rows
+    FAIL with a one-line reason, every later section still runs, the table is printed and gpu_check.json is complete;
+    the JSON on disk is rewritten after every row (a later section finds the earlier rows there)."""
+    _patch_ops(monkeypatch, lambda name, o: o)
+
+    def broken(*a, **k):
+        raise RuntimeError("injected kernel failure\nsecond line")
+    monkeypatch.setattr(kernels, "selective_scan", broken)
+    monkeypatch.setattr(gpu_check, "check_timings", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(gpu_check, "BENCH_OVERRIDES", TINY)
+    monkeypatch.setattr(gpu_check, "matmul_peak", lambda device: 1e9)
+    out = tmp_path / "gpu_check.json"
+    seen = {}
+    real_ddp = gpu_check.check_ddp
+
+    def ddp(*a, **k):   # the last section: the rows before it are on disk already
+        seen["rows"] = json.loads(out.read_text())["rows"]
+        return real_ddp(*a, **k)
+    monkeypatch.setattr(gpu_check, "check_ddp", ddp)
+    argv = ["--gpu-check", "--device", "cpu", "--models", "dense", "--out", str(out)]
+    assert gpu_check.gpu_check(bench_args(argv), run=fake_runner()) == 1
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert res["complete"] and not res["ok"]
+    assert [r["section"] for r in seen["rows"]] == [r["section"] for r in rows[:-1]] and rows[-1]["section"] == "ddp"
+    sel = [r for r in rows if r["section"] == "kernels" and r["name"].startswith("selective_scan")]
+    assert sel and all(r["status"] == "FAIL" and r["error"] == "RuntimeError: injected kernel failure" for r in sel)
+    det = [r for r in rows if r["section"] == "determinism"]
+    assert [(r["status"], r["error"]) for r in det] == [("FAIL", "RuntimeError: injected kernel failure")]
+    tim = [r for r in rows if r["section"] == "timings"]
+    assert [(r["status"], r["error"]) for r in tim] == [("FAIL", "ZeroDivisionError: division by zero")]
+    assert {r["section"] for r in rows} == {"kernels", "determinism", "timings", "models", "flops", "compile", "train",
+                                            "resume", "ddp"}
+    assert all(r["status"] == "PASS" for r in rows if r["name"].startswith(("linear_scan", "grouped_matmul")))
+    assert res["summary"]["FAIL"] == len(sel) + 2 and res["summary"]["PASS"] == len(rows) - len(sel) - 2 - 2
+    text = capsys.readouterr().out
+    assert text.count("FAIL  kernels") == len(sel) and "FAIL  timings" in text and "PASS  ddp" in text
+    assert "FAILURES above" in text and f"wrote {out}" in text
 
 
 def bench_args(argv):

@@ -476,13 +476,13 @@ def check_determinism(device, backend, scale):
 # ------------------------------------------------------------------------------------------------ gpu check: timings
 
 def ceilings(dtype=torch.bfloat16):
-    """Measured ceilings of this GPU: device-to-device copy bandwidth and a large matmul in `dtype`."""
+    """Measured ceilings of this GPU: device-to-device copy bandwidth (copy_GBps) and a large matmul in `dtype`
+    (mm_bf16_TFLOPs, or mm_fp16_TFLOPs). bench.py --kernels reports them too."""
     x, y = (torch.empty(256 * 2 ** 20, dtype=torch.float32, device="cuda") for _ in range(2))
     t = timeit(lambda: y.copy_(x), 10, device="cuda")
     a = torch.randn(8192, 8192, dtype=dtype, device="cuda")
     tm = timeit(lambda: a @ a, 10, device="cuda")
-    return dict(copy_GBps=round(2 * x.numel() * 4 / t / 1e9, 1), mm_TFLOPs=round(2 * 8192 ** 3 / tm / 1e12, 1),
-                mm_dtype=_TAG[dtype])
+    return {"copy_GBps": round(2 * x.numel() * 4 / t / 1e9, 1), f"mm_{_TAG[dtype]}_TFLOPs": round(2 * 8192 ** 3 / tm / 1e12, 1)}
 
 
 def _dtype(c):
@@ -499,7 +499,7 @@ def check_timings(device, backend="triton", c=None):
     c = c or card(device)
     half = _dtype(c)
     ceil = ceilings(half)
-    bw, mm = (c["bw"], c["tensor"]) if c.get("key") else (ceil["copy_GBps"] * 1e9, ceil["mm_TFLOPs"] * 1e12)
+    bw, mm = (c["bw"], c["tensor"]) if c.get("key") else (ceil["copy_GBps"] * 1e9, ceil[f"mm_{_TAG[half]}_TFLOPs"] * 1e12)
     fl, S, rows = floors(), sizes("cuda"), []
 
     def floor_us(key):
@@ -892,7 +892,7 @@ def plan(device, names, args, run=_run):
 
     def peak():   # the MFU denominator, measured once: a large 16-bit matmul on CUDA
         if "peak" not in cache:
-            cache["peak"] = ceilings(_dtype(c))["mm_TFLOPs"] * 1e12 if cuda else matmul_peak(device)
+            cache["peak"] = ceilings(_dtype(c))[f"mm_{_TAG[_dtype(c)]}_TFLOPs"] * 1e12 if cuda else matmul_peak(device)
         return cache["peak"]
     for n in names:
         add("models", n, lambda n=n: check_model(n, device, peak, reps=10 if cuda else 2, c=c))

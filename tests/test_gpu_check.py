@@ -13,6 +13,7 @@ import torch
 import bench
 import gpu_check
 import kernels
+import train
 
 
 def test_without_cuda_one_line_and_exit_0(capsys, tmp_path, monkeypatch):
@@ -243,6 +244,143 @@ def bench_args(argv):
 def test_default_out_is_gpu_check_json():
     assert bench_args(["--gpu-check"]).out == "gpu_check.json"
     assert bench_args(["--gpu-check", "--out", "x.json"]).out == "x.json"
+
+
+# ------------------------------------------------------------------------------------------------ the plan by card
+
+def fake_gpu(monkeypatch, cap, name, count=1):
+    """torch.cuda reporting one (or `count`) GPU of compute capability `cap` named `name`."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_plan_on_a_t4_is_the_torch_path_plan_with_the_t4_figures(monkeypatch):
+    fake_gpu(monkeypatch, (7, 5), "Tesla T4")
+    p = gpu_check.plan("cuda", ["dense", "mot", "mamba"], bench_args(["--gpu-check"]))
+    c = p["card"]
+    assert (c["key"], c["cap"], c["bw"], c["tensor"], c["fp32"], c["dtype"]) == ("T4", (7, 5), 320e9, 65e12, 8.1e12, "fp16")
+    assert p["backend"] == "torch" and p["precision"] == "fp16" and not c["triton"]
+    names = [(sec, name) for sec, name, _ in p["steps"]]
+    skipped = [fn() for sec, name, fn in p["steps"] if name.startswith("Triton kernels")]
+    assert [(r["section"], r["status"], r["error"]) for r in skipped] == [
+        ("kernels", "SKIP", gpu_check.NOT_RUN), ("timings", "SKIP", gpu_check.NOT_RUN)]
+    assert gpu_check.NOT_RUN == "not run: torch paths on this card (kernels.TRITON_TARGETS)"
+    kernel_steps = [n for sec, n in names if sec == "kernels" and not n.startswith("Triton")]
+    assert kernel_steps == [case[0] for case in gpu_check.kernel_cases("gpu", bf16=False)]
+    assert not any("bf16" in n for n in kernel_steps) and any("reversed" in n for n in kernel_steps)
+    assert ("kernels", "every compiled configuration launched") not in names
+    assert ("train", "train.py --precision fp16") in names
+    assert gpu_check.precision_flags(c) == (["--precision", "fp16"] if gpu_check.has_precision() else [])
+    r = gpu_check.check_precision(c)
+    assert (r["status"], r.get("error")) == (("PASS", None) if gpu_check.has_precision() else
+                                             ("SKIP", "--precision: not available in this train.py (its runs used "
+                                                      "its default)"))
+    assert [sec for sec, _ in names if sec not in ("kernels", "models")] == [
+        "determinism", "timings", "timings", "compile", "train", "train", "resume", "resume", "ddp"]
+    ddp = [fn for sec, _, fn in p["steps"] if sec == "ddp"][0]()
+    assert [r["error"] for r in ddp] == ["not exercised (1 GPU)"]
+    # its own figures in the roofline floors
+    fl = gpu_check.floors()["gmm"]
+    assert fl["floor_us_T4"] == round(max(fl["bytes"] / 320e9, fl["flops"] / 65e12) * 1e6, 1)
+
+
+def test_plan_on_an_a100_is_the_triton_plan(monkeypatch):
+    fake_gpu(monkeypatch, (8, 0), "NVIDIA A100-SXM4-80GB")
+    p = gpu_check.plan("cuda", ["dense", "mot"], bench_args(["--gpu-check"]))
+    c = p["card"]
+    assert (c["key"], c["tensor"], c["dtype"]) == ("A100", 312e12, "bf16") and c["triton"]
+    assert p["backend"] == "triton" and p["precision"] == "bf16"
+    names = [(sec, name) for sec, name, _ in p["steps"]]
+    assert not any(n.startswith("Triton kernels") for _, n in names)
+    kernel_steps = [n for sec, n in names if sec == "kernels"]
+    assert kernel_steps == [case[0] for case in gpu_check.kernel_cases("gpu")] + ["every compiled configuration launched"]
+    assert any("bf16" in n for n in kernel_steps) and ("train", "train.py --precision fp16") not in names
+    assert gpu_check.precision_flags(c) == []
+
+
+@pytest.mark.parametrize("cap,name,key,triton", [
+    ((7, 0), "Tesla V100-SXM2-16GB", "V100", False), ((8, 6), "NVIDIA A10G", "A10", True),
+    ((8, 6), "NVIDIA GeForce RTX 3090", "A10", True), ((8, 9), "NVIDIA L4", "L4", True),
+    ((9, 0), "NVIDIA H100 80GB HBM3", "H100", True), ((9, 0), "NVIDIA H200", "H100", True),
+    ((12, 0), "NVIDIA RTX PRO 6000", None, False)])
+def test_card_by_name_then_capability(monkeypatch, cap, name, key, triton):
+    fake_gpu(monkeypatch, cap, name)
+    c = gpu_check.card("cuda")
+    assert (c["key"], c["triton"], c["name"]) == (key, triton, name)
+    assert c["triton"] == (cap in kernels.TRITON_TARGETS) and c["precision"] == ("bf16" if cap >= (8, 0) else "fp16")
+    assert {g["cap"] for g in gpu_check.GPUS.values()} >= set(kernels.TRITON_TARGETS) | {(7, 5), (7, 0)}
+
+
+# ------------------------------------------------------------------------------------------------ determinism, resume, FLOPs
+
+def test_determinism_row_reports_bit_exact_or_the_difference(monkeypatch):
+    r = gpu_check.check_determinism("cpu", "torch", "cpu")
+    assert r["status"] == "PASS" and r["bit_exact"] and r["err"] == 0 and r["note"] == "bit-exact", r
+    assert r["tol"] == gpu_check.DETERMINISM_TOL == 1e-5
+    orig, calls = kernels.selective_scan, []
+
+    def noisy(scale):   # a scan whose backward differs run to run, as fp32 atomics do on a GPU
+        def f(*a, **k):
+            calls.append(1)
+            return orig(*a, **k) * (1 + scale * len(calls))
+        return f
+    monkeypatch.setattr(kernels, "selective_scan", noisy(1e-7))
+    r = gpu_check.check_determinism("cpu", "torch", "cpu")
+    assert r["status"] == "PASS" and not r["bit_exact"] and 0 < r["err"] <= 1e-5 and "not bit-exact" in r["note"], r
+    monkeypatch.setattr(kernels, "selective_scan", noisy(1e-3))
+    r = gpu_check.check_determinism("cpu", "torch", "cpu")
+    assert r["status"] == "FAIL" and r["err"] > 1e-5, r
+
+
+def test_resume_row_two_n_steps_vs_n_plus_resume(tmp_path):
+    run = fake_runner()
+    r = gpu_check.check_resume("mot", "cuda", run, n=10, extra=["--precision", "fp16"])
+    assert r["status"] == "PASS" and r["bit_exact"] and r["tol"] == 0, r
+    one, first, again = run.calls
+    for c in run.calls:
+        assert c[c.index("--min_lr_ratio") + 1] == "1" and c[c.index("--log_every") + 1] == "1"
+        assert c[c.index("--gen_n") + 1] == "0" and c[c.index("--precision") + 1] == "fp16"
+    assert [c[c.index("--steps") + 1] for c in run.calls] == ["20", "10", "20"] and again[-1] == "--resume"
+    assert one[one.index("--out") + 1] != first[first.index("--out") + 1] == again[again.index("--out") + 1]
+    off = lambda rel: fake_runner(per_step=lambda s, resumed: 3.0 / s * (1 + rel * resumed))
+    r = gpu_check.check_resume("mot", "cuda", off(1e-7), n=10)       # bit-exact expected: any difference fails
+    assert r["status"] == "FAIL" and not r["bit_exact"] and "tol 0" in r["error"], r
+    r = gpu_check.check_resume("mamba", "cuda", off(1e-7), n=10)     # on the selective scan: within 1e-5
+    assert r["status"] == "PASS" and not r["bit_exact"] and "not bit-exact" in r["note"], r
+    r = gpu_check.check_resume("mamba", "cuda", off(1e-4), n=10)
+    assert r["status"] == "FAIL", r
+    r = gpu_check.check_resume("mot", "cuda", fake_runner(resume_rc=1), n=10)
+    assert r["status"] == "FAIL" and "exit 1" in r["error"]
+
+
+def test_flops_row_equal_counts_pass_different_counts_fail(monkeypatch):
+    rows = gpu_check.check_model("dense", "cpu", peak=1e9, reps=1, batch_size=2, overrides=TINY)
+    assert [r["section"] for r in rows] == ["models", "flops"]
+    assert rows[1]["status"] == "PASS" and rows[1]["flops_per_token"] == rows[1]["flops_per_token_cpu"] > 0
+    orig = train.count_flops
+    seen = []
+
+    def half_on_the_second(model, batches, *a, **k):   # the device count first, then the CPU one
+        seen.append(1)
+        return orig(model, batches, *a, **k) * (0.46 if len(seen) == 1 else 1)
+    monkeypatch.setattr(train, "count_flops", half_on_the_second)
+    r = gpu_check.check_model("dense", "cpu", peak=1e9, reps=1, batch_size=2, overrides=TINY)[1]
+    assert r["status"] == "FAIL" and "0.46x" in r["error"], r
+
+
+def test_reversed_scan_case_runs_forward_and_grads():
+    cases = [c for c in gpu_check.kernel_cases("cpu") if "reversed" in c[0]]
+    assert len(cases) == 1 and cases[0][1] == ["scan_fwd[fp32]", "scan_bwd[fp32]"]
+    row = gpu_check.kernel_row(cases[0], "torch", "cpu", "cpu", 0)
+    assert row["status"] == "PASS" and row["err"] == 0
+    a, b, h0 = cases[0][3](0)        # the case is the reverse recurrence h_t = a_t h_{t+1} + b_t
+    y = cases[0][2](a, b, h0, backend="torch")
+    h = h0
+    for t in reversed(range(a.shape[-1])):
+        h = a[..., t] * h + b[..., t]
+        assert torch.allclose(y[..., t], h, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ compile

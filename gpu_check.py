@@ -631,7 +631,7 @@ def check_precision(c):
 def train_commands(name, device, out, steps=50, extra=()):
     """The train.py runs the check makes for one model: `steps` steps, then --resume to steps + 5."""
     base = [sys.executable, "train.py", "--model", name, "--device", device, "--out", out, "--eval_every", str(steps),
-            "--log_every", "10", "--ckpt_every", str(steps), *extra]
+            "--log_every", str(min(10, max(1, steps // 5))), "--ckpt_every", str(steps), *extra]
     return [base + ["--steps", str(steps)], base + ["--steps", str(steps + 5), "--resume"]]
 
 

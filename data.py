@@ -26,7 +26,7 @@ disjoint vocabularies and very different statistics (what modality-specific weig
 images depend on each other (cross-modal learning can be measured, and generations scored); images carry
 jitter and one of four background colours but no pixel noise (noise no model can predict only lifts the loss
 floor, for every model alike); bytes mix stretches of very different predictability (what dynamic patching has
-to find). Why text-only documents (MoT, issue #4): when every text token is a caption, text and image carry the same
+to find). Why text-only documents (MoT): when every text token is a caption, text and image carry the same
 information, and a dense model's shared weights are the better deal -- the circuits that read one modality from
 the other are learned once. Per-modality weights pay off when each modality also has much of its own to model, as
 in real data; the text-only share gives the text side that. (The measurements behind these choices: RESULTS.md.)
@@ -50,7 +50,7 @@ id m: text 0, image 1, speech 2 where present); `ds.model_fields()` gives models
 modality_offsets, so no model hard-codes them. `register_modality(name, n_codes, encode)` adds a modality to
 the chameleon, speech and transfusion settings (the exercise "a fourth modality"; see its docstring).
 
-Run:  python data.py   (a training row of every setting, decoded; docs/toy_world.png via plots.py)
+Run:  python data.py   (a training row of every setting, decoded; the figure: python plots.py toy_world)
 Read next: mot.py (the first paper: a weight set per modality)
 """
 import functools
@@ -190,7 +190,7 @@ def from_patches(p):
 @functools.lru_cache(maxsize=None)
 def codebook():
     """The fixed toy image tokenizer: k-means (256 entries) on 4x4x3 patches of 3000 seeded scenes.
-    Fitted once per process (~1 s), identical everywhere (fixed seed, float64)."""
+    Fitted once per process, identical everywhere (fixed seed, float64)."""
     rng = np.random.default_rng(12345)
     scenes = [tuple(int(rng.integers(n)) for n in N_VALUES) for _ in range(3000)]
     x = to_patches(np.stack([render(s, rng) for s in scenes])).reshape(-1, PATCH_DIM).astype(np.float64)
@@ -757,7 +757,7 @@ def make_data(setting, seq_len=256, seed=0, data_file=None):
 
 
 if __name__ == "__main__":
-    # the toy world: training row 0 of every setting, readable; then the figure (plots.py) if it is there
+    # the toy world: training row 0 of every setting, readable (the figure: python plots.py toy_world)
     for s in SETTINGS:
         ds = make_data(s, seq_len=200 if s != "bytes" else 400)
         b = ds.get_batch("train", 1, 0)
@@ -765,9 +765,3 @@ if __name__ == "__main__":
               f"training row 0 ({ds.seq_len} tokens), decoded" + (" (each image as the scorer reads it back, "
               "tokenizer errors included)" if s in ("chameleon", "speech", "transfusion") else "") + ":")
         print(ds.decode(b), "\n")
-    try:
-        import plots
-    except ImportError:
-        plots = None
-    if plots is not None and hasattr(plots, "toy_world"):
-        print("figure:", plots.toy_world(os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "toy_world.png")))

@@ -1,47 +1,41 @@
-"""Mixture-of-Mamba (Liang, Shen, Zhang, Dong, Zettlemoyer, Yu 2025) -- arXiv 2501.16295
-beside its baseline, Mamba (Gu & Dao 2023) -- arXiv 2312.00752.
+"""Mixture-of-Mamba: Enhancing Multi-Modal State-Space Models with Modality-Aware Sparsity
+Liang, Shen, Zhang, Dong, Zettlemoyer, Yu (2025) -- https://arxiv.org/abs/2501.16295
+Baseline: Mamba, Gu & Dao (2023) -- https://arxiv.org/abs/2312.00752
 
-Mamba is a selective state-space model: every token updates a per-channel state h with input-dependent
-step size delta and input-dependent B, C (the "selective scan"). Mixture-of-Mamba (MoM) adds
-*modality-aware sparsity*: each modality (text, image, speech) gets its own copy of the block's projections
-(in_proj, x_proj, dt_proj, out_proj), chosen by the modality id of each token, while the causal conv1d,
-the state matrix A, the skip D and the norms stay shared. Compute per token is unchanged (each token runs
-exactly one copy), so MoM buys capacity at equal FLOPs -- the paper reports the dense Mamba's loss at
-34.76% (Transfusion image), 42.50% / 65.40% (Chameleon image / text) and 24.80% (speech) of the FLOPs.
+Mamba is a selective state-space model: every token updates a per-channel state h with an input-dependent step
+size Delta and input-dependent B, C (the "selective scan"). Mixture-of-Mamba (MoM) gives each modality (text,
+image, speech) its own copy of the block's projections in_proj, x_proj, dt_proj and out_proj, picked by each token's
+modality id, while the causal conv1d, A, D and the norms stay shared. Each token runs exactly one copy, so MoM adds
+capacity at the FLOPs of the dense Mamba.
 
 Glossary (paper -> code)
-    modalities m = 1..M     -> cfg.n_modalities, ids 0..M-1 from the data (batch["modality"]); cfg.modality_names
-                               names them in the losses (loss_<name>)
-    W_in^m, W_x^m, W_dt^m, W_out^m -> ModalityLinear weights[m] of in_proj, x_proj, dt_proj, out_proj
-    x, z (Mamba Fig. 3)     -> xs, z = in_proj(u).chunk(2)
-    Delta, B, C             -> dt, Bm, Cm (from x_proj; Delta = softplus(dt_proj(dt)) with its own bias per modality)
-    A = -exp(A_log), D      -> MoMMixer.A_log, MoMMixer.D (shared, S4D-real init A_n = n + 1)
-    h_t = exp(Delta A) h_{t-1} + Delta B x_t;  y_t = C h_t + D x_t     -> kernels.selective_scan / MoMMixer.step
-    d_state N, d_conv, expand E, dt_rank R -> cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank
+    modality m = 1..M              -> ids 0..M-1 (batch["modality"]); cfg.n_modalities, cfg.modality_names
+    W_in^m, W_x^m, W_dt^m, W_out^m -> weights[m] of the ModalityLinear in_proj, x_proj, dt_proj, out_proj
+    x, z (Mamba Fig. 3)            -> xs, z = in_proj(u).chunk(2)
+    Delta, B, C                    -> dt, Bm, Cm = x_proj(x); Delta = softplus(dt_proj(dt)), dt bias per modality
+    A = -exp(A_log), D             -> MoMMixer.A_log, MoMMixer.D (shared; S4D-real init A_n = -(n + 1))
+    h_t = exp(Delta A) h_{t-1} + Delta B x_t;  y_t = C h_t + D x_t  -> kernels.selective_scan, MoMMixer.step
+    N, d_conv, E, R                -> cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank
+    decoupling ablation            -> cfg.split_in_proj, split_x_proj, split_dt_proj, split_out_proj
+                                      (all True: MoM; all False: exactly Mamba; registered as mom-in, -x, -dt, -out)
 
-Switches (the MoM ablation "decoupling projection components", one at a time or jointly): cfg.split_in_proj,
-split_x_proj, split_dt_proj, split_out_proj. All four True = MoM; all False = exactly the Mamba baseline (a test checks that a one-modality
-MoM with Mamba's weights gives Mamba's outputs). Registered names: mamba, mom, mom-in, mom-x, mom-dt, mom-out.
+Departures from the official code (Weixin-Liang/Mixture-of-Mamba, MixtureOfMamba.py), on purpose:
+  * dt bias: there, with dt_proj not split, the shared dt bias is silently dropped. Here dt_proj always holds the
+    bias and the scan gets none, so it is added exactly once in every configuration (tested).
+  * Decoding: there `step` is called but not defined. Here MoMMixer.step runs the recurrence with a
+    (conv_state, ssm_state) cache, O(1) per token, and generation equals the parallel forward (tested).
+  * Routing: the plain form (cfg.routing = "masked") picks each modality's tokens with a boolean mask, as the
+    official code does; the default sorts the tokens by modality once per forward and runs every split projection
+    as one kernels.grouped_matmul (a speed path at the end of the file, tested equal).
+Left out: the fused CUDA mamba_inner_fn (kernels.selective_scan is the one scan: Triton on GPU, torch on CPU; its
+plain sequential form is kernels.selective_scan_ref), the paper's 1.4B scale and its data (toy data from data.py).
+Mamba is causal, so images stay causal too (as in the paper's Transfusion setting): forward_hidden ignores the
+bidirectional image mask transfusion.py hands it.
 
-Where this departs from the official code (Weixin-Liang/Mixture-of-Mamba, MixtureOfMamba.py), on purpose:
-  * dt bias. There, when dt_proj is not split, dt is computed as `dt_proj.weight @ dt` and the scan is called
-    with delta_bias=None, so the shared dt bias (and its careful inverse-softplus init) is silently dropped; when
-    dt_proj is split the per-modality nn.Linear adds its bias. Here the bias lives in dt_proj in both cases and the
-    scan gets delta_bias=None, so it is applied exactly once in every configuration (tested).
-  * Decoding. There, `step` is called but not defined and the cache allocation reads a non-existent out_proj when
-    it is split. Here MoMMixer.step runs the recurrence with a (conv_state, ssm_state) cache, O(1) per token, and
-    generation equals the parallel forward (tested).
-  * Routing. There each projection loops over modalities with boolean masks; here tokens are sorted by modality
-    once per forward and every split projection is one kernels.grouped_matmul over the sorted tokens, so the
-    FLOPs counted are what a token really runs.
-Left out: the fused CUDA mamba_inner_fn (kernels.selective_scan is the one scan, Triton on GPU, torch on CPU);
-the paper's 1.4B scale and its real data (toy data from data.py).
-Causality: Mamba is causal by construction, so inside an image it stays causal (the paper's Transfusion
-setting does the same); forward_hidden ignores the bidirectional-image attention mask it is handed.
-
-Run:  python train.py --compare mamba,mom --setting chameleon        (and --setting speech)
-      python train.py --compare mamba,mom-in,mom-out,mom              (the ablation)
-Read first: moma.py.  Read next: transfusion.py (uses this file as a backbone; the scan itself is in kernels.py).
+Run:  python train.py --compare mamba,mom --setting chameleon     (or --setting speech)
+      python train.py --compare mamba,mom-in,mom-out,mom           (the decoupling ablation)
+      python mom.py                                                 (a demo: parameters, loss, generation)
+Read first: moma.py.  Read next: transfusion.py (uses this file as a backbone).
 """
 import math
 from dataclasses import dataclass
@@ -52,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+
 
 @dataclass
 class Config:
@@ -77,11 +72,12 @@ class Config:
     bias: bool = False          # bias of in_proj / out_proj
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    # Mixture-of-Mamba (method section, Fig. 1): per-modality copies of each projection (ablated one by one)
+    # Mixture-of-Mamba (Fig. 1): per-modality copies of each projection, decoupled one by one in the ablation
     split_in_proj: bool = True
     split_x_proj: bool = True
     split_dt_proj: bool = True
     split_out_proj: bool = True
+    routing: str = "grouped"    # "masked": the plain form (a boolean mask per modality); "grouped": the speed path
     backend: str = "auto"       # kernels backend for the scan and the grouped matmul: auto | torch | triton
     # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
     RANGES: ClassVar[dict] = dict(
@@ -90,7 +86,7 @@ class Config:
         expand="int >= 1", dt_rank="int >= 0; 0 = ceil(d_model / 16)", dt_min="float > 0", dt_max="float > 0",
         dt_init_floor="float >= 0", dt_scale="float > 0", conv_bias="bool", bias="bool", norm_eps="float in (0, 1)",
         tie_embeddings="bool", split_in_proj="bool", split_x_proj="bool", split_dt_proj="bool", split_out_proj="bool",
-        backend="one of auto|torch|triton")
+        routing="one of grouped|masked", backend="one of auto|torch|triton")
 
     def __post_init__(self):
         if self.dt_rank == 0:
@@ -112,22 +108,21 @@ class Config:
         return self.expand * self.d_model
 
 
-# --- MoM method: modality-specific parameters, routed by the modality id of each token ---------------------
+# --- MoM (Fig. 1): a projection with one copy per modality, picked by each token's modality id -------------------
 
 class Route:
-    """Tokens sorted by modality once per forward; every split projection reuses the same permutation."""
+    """The modality id of every token, flattened once per forward and shared by every split projection.
+    routing="grouped" also sorts the tokens by modality here, once (for the speed path, grouped_linear)."""
 
-    def __init__(self, modality, n_modalities):
-        self.modality = modality.reshape(-1)                                   # (N,)
-        self.order, self.group_sizes = kernels.sort_by_group(self.modality, n_modalities)
-        self.inverse = torch.argsort(self.order)        # a permutation's argsort is its inverse: unsort = a gather
+    def __init__(self, modality, n_modalities, routing="grouped"):
+        self.modality, self.order = modality.reshape(-1), None                 # (N,)
+        if routing == "grouped":
+            self.order, self.group_sizes = kernels.sort_by_group(self.modality, n_modalities)
+            self.inverse = torch.argsort(self.order)    # a permutation's argsort is its inverse: unsort = a gather
 
 
 class ModalityLinear(nn.Module):
-    """y = x W_m (+ b_m), m = the modality of the token. split=False: one W shared by all modalities (Mamba).
-
-    Weights are separate Parameters per modality (weights[m]: (d_in, d_out)); the split path stacks them to
-    (M, d_in, d_out) and runs one grouped matmul over the tokens sorted by modality."""
+    """y_t = x_t W^{m_t} (+ b^{m_t}), m_t = the modality of token t. split=False: one W shared by all (Mamba)."""
 
     def __init__(self, d_in, d_out, n_modalities, split, bias=False, backend="auto"):
         super().__init__()
@@ -135,23 +130,26 @@ class ModalityLinear(nn.Module):
         n = n_modalities if split else 1
         bound = 1.0 / math.sqrt(d_in)  # nn.Linear's default init, drawn independently for each modality
         self.weights = nn.ParameterList([nn.Parameter(torch.empty(d_in, d_out).uniform_(-bound, bound))
-                                         for _ in range(n)])
+                                         for _ in range(n)])            # weights[m]: (d_in, d_out)
         self.biases = nn.ParameterList([nn.Parameter(torch.zeros(d_out)) for _ in range(n)]) if bias else None
 
     def forward(self, x, route):
-        # x: (N, d_in) tokens in time order; route: Route for these N tokens -> (N, d_out)
-        if not self.split:
+        # x: (N, d_in) tokens in time order; route: the Route of these N tokens (None if nothing is split) -> (N, d_out)
+        if not self.split:                                  # Mamba: one weight for every token
             y = x @ self.weights[0]
             return y + self.biases[0] if self.biases is not None else y
-        w = torch.stack(list(self.weights)).to(x.dtype)                                # (M, d_in, d_out)
-        y = kernels.grouped_matmul(x.index_select(0, route.order), w, route.group_sizes, backend=self.backend)
-        y = y.index_select(0, route.inverse)                                           # (N, d_out), time order
-        if self.biases is not None:                                                    # each token's bias, by modality
-            y = y + F.embedding(route.modality, torch.stack(list(self.biases)))
+        if route.order is not None:                         # routing="grouped": the speed path (end of file)
+            return grouped_linear(self, x, route)
+        # MoM: the tokens of modality m, picked by a boolean mask, go through the m-th copy
+        y = x.new_zeros(x.shape[0], self.weights[0].shape[1])
+        for m, w in enumerate(self.weights):
+            rows = route.modality == m                                        # (N,) bool
+            y_m = x[rows] @ w if self.biases is None else x[rows] @ w + self.biases[m]
+            y[rows] = y_m.to(y.dtype)
         return y
 
 
-# --- Mamba block (Gu & Dao Sec. 3.4, Fig. 3) with MoM's split projections (MoM Fig. 1) ---------------------
+# --- The Mamba block (Mamba Sec. 3.4, Fig. 3) with MoM's split projections ---------------------------------------
 
 class MoMMixer(nn.Module):
     cp = None   # context_parallel.CPGroup: set by train.py --context_parallel N (each rank holds a slice of T)
@@ -161,10 +159,10 @@ class MoMMixer(nn.Module):
         d, di, N, R, M = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.n_modalities
         self.cfg = cfg
         self.in_proj = ModalityLinear(d, 2 * di, M, cfg.split_in_proj, bias=cfg.bias, backend=cfg.backend)  # -> x, z
-        # shared across modalities: causal depthwise conv, A, D
+        # shared across modalities: the causal depthwise conv, A and D
         self.conv1d = nn.Conv1d(di, di, cfg.d_conv, groups=di, padding=cfg.d_conv - 1, bias=cfg.conv_bias)
         self.x_proj = ModalityLinear(di, R + 2 * N, M, cfg.split_x_proj, backend=cfg.backend)  # -> dt, B, C
-        # dt_proj carries the dt bias in BOTH cases, so it is added exactly once (see the docstring)
+        # dt_proj holds the dt bias whether split or not, so it is added exactly once (the scan gets none)
         self.dt_proj = ModalityLinear(R, di, M, cfg.split_dt_proj, bias=True, backend=cfg.backend)
         self.out_proj = ModalityLinear(di, d, M, cfg.split_out_proj, bias=cfg.bias, backend=cfg.backend)
         # Mamba Sec. 3.6 / App.: dt_proj weight uniform(+-R^-0.5); each modality's bias = softplus^-1(dt),
@@ -240,10 +238,12 @@ class Block(nn.Module):
         self.mixer = MoMMixer(cfg)
 
     def forward(self, u, route, want_state=False):
+        # u: (B, T, d_model) -> (B, T, d_model) [, this layer's cache]
         out = self.mixer(self.norm(u), route, want_state)
         return (u + out[0], out[1]) if want_state else u + out
 
     def step(self, u, route, cache):
+        # u: (B, d_model) -> (B, d_model), new cache
         y, cache = self.mixer.step(self.norm(u), route, cache)
         return u + y, cache
 
@@ -259,7 +259,7 @@ class MoMStack(nn.Module):
         self.any_split = cfg.split_in_proj or cfg.split_x_proj or cfg.split_dt_proj or cfg.split_out_proj
 
     def route(self, modality):
-        return Route(modality, self.cfg.n_modalities) if self.any_split else None
+        return Route(modality, self.cfg.n_modalities, self.cfg.routing) if self.any_split else None
 
     def forward(self, x, modality, want_state=False):
         # x: (B, T, d_model), modality: (B, T) -> (B, T, d_model) [, per-layer caches]
@@ -288,7 +288,7 @@ class MoMStack(nn.Module):
                 for _ in range(cfg.n_layer)]
 
 
-# --- the language model (Chameleon / speech settings: one token stream, modality ids from data.py) ----------
+# --- The language model (Chameleon / speech settings: one token stream, modality ids from data.py) ---------------
 
 class MixtureOfMamba(nn.Module):
     """Mamba LM with modality-specific projections; with every split_* False it is exactly Mamba."""
@@ -303,26 +303,6 @@ class MixtureOfMamba(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    # -- input checks: one-line ValueErrors instead of deep tracebacks --
-    def _check(self, tokens, modality=None, check_len=True):
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
-            raise ValueError(f"tokens must be a (B, T) int64 tensor, got "
-                             f"{getattr(tokens, 'dtype', type(tokens))} {tuple(getattr(tokens, 'shape', ()))}; "
-                             f"pass LongTensor ids")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); "
-                             f"check the data's vocab_size matches cfg.vocab_size")
-        if check_len and tokens.shape[1] > self.cfg.seq_len:
-            raise ValueError(f"sequence length {tokens.shape[1]} > cfg.seq_len={self.cfg.seq_len}; "
-                             f"shorten the batch or pass --seq_len")
-        if modality is not None:
-            if modality.shape != tokens.shape:
-                raise ValueError(f"modality shape {tuple(modality.shape)} != tokens shape {tuple(tokens.shape)}; "
-                                 f"give one modality id per token")
-            if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= self.cfg.n_modalities):
-                raise ValueError(f"modality ids must be in [0, {self.cfg.n_modalities}), got "
-                                 f"[{int(modality.min())}, {int(modality.max())}]; set n_modalities to match the data")
-
     def modality_of(self, idx):
         """Modality of token ids from cfg.modality_offsets (marker tokens are text)."""
         edges = torch.tensor(self.cfg.modality_offsets[1:], device=idx.device, dtype=idx.dtype)
@@ -331,16 +311,13 @@ class MixtureOfMamba(nn.Module):
     def forward_hidden(self, x, modality, attn_mask=None):
         """x: (B, T, d_model) embeddings, modality: (B, T) -> (B, T, d_model) after the final norm.
         attn_mask is ignored: Mamba is causal, so inside an image it stays causal (as in the paper)."""
-        if modality.dtype != torch.long or modality.shape != x.shape[:2]:
-            raise ValueError(f"modality must be int64 of shape {tuple(x.shape[:2])}, got "
-                             f"{modality.dtype} {tuple(modality.shape)}; pass one modality id per position")
-        if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= self.cfg.n_modalities):
-            raise ValueError(f"modality ids must be in [0, {self.cfg.n_modalities}); set n_modalities to match")
+        check_inputs(self.cfg, modality=modality, shape=x.shape[:2])
         return self.backbone(x, modality)
 
     def forward(self, batch):
-        tokens, modality = batch["tokens"], batch["modality"]                # (B, T), (B, T)
-        self._check(tokens, modality)
+        # batch: tokens, modality (B, T) [, targets, target_modality (B, T)] -> logits (B, T, V), loss, loss parts
+        tokens, modality = batch["tokens"], batch["modality"]
+        check_inputs(self.cfg, tokens, modality, max_len=self.cfg.seq_len)
         h = self.backbone(self.tok_emb(tokens), modality)                    # (B, T, d_model)
         logits = self.lm_head(h)                                             # (B, T, V)
         targets = batch.get("targets")
@@ -371,7 +348,7 @@ class MixtureOfMamba(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0):
         """idx: (B, T) prompt -> (B, T + max_new_tokens). Greedy at temperature 0. No length limit: recurrent."""
-        self._check(idx, check_len=False)
+        check_inputs(self.cfg, idx)
         if idx.shape[1] == 0:
             raise ValueError("generate needs a prompt of at least one token (e.g. BOS)")
         logits, cache = self.prefill(idx)
@@ -383,6 +360,44 @@ class MixtureOfMamba(nn.Module):
             idx = torch.cat([idx, nxt[:, None]], dim=1)
             logits, cache = self.step(nxt, cache)
         return idx
+
+
+# ==== Speed paths: same results as the plain forms above, faster (tests/test_mom.py holds them equal) =============
+
+def grouped_linear(lin, x, route):
+    """ModalityLinear.forward with routing="grouped": the tokens sorted by modality (route.order, once per forward),
+    then ONE kernels.grouped_matmul over the M weights, so each token runs its own copy only and the FLOPs counted
+    are the FLOPs a token really runs. x: (N, d_in) in time order -> (N, d_out) in time order."""
+    w = torch.stack(list(lin.weights)).to(x.dtype)                                 # (M, d_in, d_out)
+    y = kernels.grouped_matmul(x.index_select(0, route.order), w, route.group_sizes, backend=lin.backend)
+    y = y.index_select(0, route.inverse)                                           # (N, d_out), time order
+    if lin.biases is not None:                                                     # each token's bias, by modality
+        y = y + F.embedding(route.modality, torch.stack(list(lin.biases)))
+    return y
+
+
+# ==== Input checks: a one-line ValueError instead of a deep traceback ===============================================
+
+def check_inputs(cfg, tokens=None, modality=None, shape=None, max_len=None):
+    """tokens, modality: (B, T) int64 ids (either may be None); shape: the (B, T) they must have; max_len: T's cap."""
+    if tokens is not None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
+            raise ValueError(f"tokens must be a (B, T) int64 tensor, got {getattr(tokens, 'dtype', type(tokens))} "
+                             f"{tuple(getattr(tokens, 'shape', ()))}; pass LongTensor ids")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size):
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); check the data's vocab_size matches "
+                             f"cfg.vocab_size")
+        if max_len is not None and tokens.shape[1] > max_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} > cfg.seq_len={max_len}; shorten the batch or "
+                             f"pass --seq_len")
+        shape = tokens.shape
+    if modality is not None:
+        if modality.dtype != torch.long or modality.shape != shape:
+            raise ValueError(f"modality must be int64 of shape {tuple(shape)}, got {modality.dtype} "
+                             f"{tuple(modality.shape)}; give one modality id per token")
+        if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= cfg.n_modalities):
+            raise ValueError(f"modality ids must be in [0, {cfg.n_modalities}), got [{int(modality.min())}, "
+                             f"{int(modality.max())}]; set n_modalities to match the data")
 
 
 _SHARED = dict(split_in_proj=False, split_x_proj=False, split_dt_proj=False, split_out_proj=False)

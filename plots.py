@@ -11,7 +11,8 @@ config.json + metrics.jsonl) and models' public methods and attributes. One comm
     python plots.py toy_world [PNG]                       # scenes, captions and a token stream of every setting
 
 The trainer calls plot_run(out) and model_figures(model, ds, out) at the end of a run, and plot_compare(base, names)
-after --compare; data.py's demo calls toy_world(path). Every figure is at most 1600 px wide, has axis labels with
+and summarize(names, base) after --compare. This file never imports train.py: it reads runs itself (rundir.read_jsonl)
+and builds models with cli.py's checks. Every figure is at most 1600 px wide, has axis labels with
 units and a title that says what is compared, on which setting, for how many steps.
 """
 import json
@@ -21,6 +22,9 @@ import sys
 
 import numpy as np
 import torch
+
+import cli
+from rundir import read_jsonl
 
 DPI = 100
 MAX_PX = 1600
@@ -104,7 +108,7 @@ def _flops_axis(ax, xs):
 # --- reading runs ------------------------------------------------------------------------------------------------
 def read_run(out):
     """-> (train rows, eval rows, config dict or {}) of a train.py output directory."""
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if line.strip()]
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     conf = {}
     p = os.path.join(out, "config.json")
     if os.path.isfile(p):
@@ -137,6 +141,36 @@ def flops_to_reach(ev, key, target):
             return prev["flops"] + f * (r["flops"] - prev["flops"])
         prev = r
     return None
+
+
+def summarize(names, base_out, png=None):
+    """The FLOPs each of names[1:] needs to reach names[0]'s final eval losses, from the finished runs in
+    base_out/NAME: printed, written to base_out/compare.json and returned (train.py --compare and `compare` here)."""
+    runs = {n: read_run(os.path.join(base_out, n))[1] for n in names}
+    for n, ev in runs.items():
+        if not ev:
+            raise cli.UsageError(f"{os.path.join(base_out, n)} has no eval rows yet; let its run reach an eval")
+    keys = [k for k in runs[names[0]][-1] if k.startswith("eval_loss") or k == "eval_bpb"]
+    if "eval_bpb" in keys:  # bytes: one modality, and bpb says it all
+        keys = ["eval_bpb"]
+    first = runs[names[0]]
+    total = first[-1]["flops"]
+    summary = {}
+    print(f"\nFLOPs each model needs to reach {names[0]}'s final eval loss (fraction of {names[0]}'s {total:.3g} FLOPs):")
+    for k in keys:
+        target = first[-1][k]
+        for n in names[1:]:
+            f = flops_to_reach(runs[n], k, target)
+            summary[f"{n}/{k}"] = None if f is None else f / total
+            final = runs[n][-1].get(k, float("nan"))
+            print(f"  {k:18s} {n:16s} " + (f"{100 * f / total:6.1f}%" if f is not None else "not reached") +
+                  f"   (final {final:.4f} vs {names[0]} {target:.4f})")
+    with open(os.path.join(base_out, "compare.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    png = png or os.path.join(base_out, "compare.png")
+    if os.path.exists(png):
+        print(f"plot: {png}")
+    return summary
 
 
 # --- one run, several runs ---------------------------------------------------------------------------------------
@@ -807,17 +841,24 @@ def bytes_compare(base, path, names=("dense", "megabyte", "blt", "megalodon")):
 
 
 def _model_from(name, ckpt=None, setting=None, overrides=None):
-    """A model built by train.build (optionally loading a train.py checkpoint, weights only) and its data."""
-    import train
-    over = dict(overrides or {})
+    """A model built with cli.py's checks (optionally loading a train.py checkpoint, weights only) and its data (seed
+    0): the checkpoint's setting and seq_len, else the model's default setting and its Config's seq_len."""
+    over, seq_len, reg = dict(overrides or {}), None, cli.registry()
+    cli.check_model(name, reg)
     if ckpt:
         c = torch.load(ckpt, map_location="cpu", weights_only=True)
         conf = c.get("config", {}) if isinstance(c, dict) else {}
         mc = conf.get("model_cfg", {}) if isinstance(conf, dict) else {}
         over = {**{k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()
                    if k not in ("entropy_ckpt", "upcycle_from", "lmfusion")}, **over}
-        setting = setting or conf.get("setting")
-    model, _, _, ds = train.build(name, setting, over)
+        setting, seq_len = setting or conf.get("setting"), conf.get("train", {}).get("seq_len")
+    setting = setting or reg[name][3]
+    cli.check_setting(name, setting, reg)
+    _, cfg_cls, _, _, base = reg[name]
+    ds = cli.make_data(setting, seq_len or over.get("seq_len") or getattr(cfg_cls(**base), "seq_len", None), 0, None)
+    cfg = cli.model_config(name, ds, over, reg)
+    torch.manual_seed(0)
+    model = cli.make_model(name, cfg, "cpu", reg)
     if ckpt:
         model.load_state_dict(c["model"], strict=False)
     return model, ds
@@ -932,12 +973,7 @@ def main(argv):
         elif cmd == "compare" and len(rest) >= 2:
             names = [n for n in rest[1].split(",") if n]
             plot_compare(rest[0], names, rest[2] if len(rest) > 2 else None)
-            import train                                  # the FLOPs-to-reach table and compare.json, as --compare
-            try:
-                train.summarize(names, rest[0])
-            except train.UsageError as e:                 # a run without eval rows yet: one line, exit 2
-                raise ValueError(str(e)) from None
-            print(rest[2] if len(rest) > 2 else os.path.join(rest[0], "compare.png"))
+            summarize(names, rest[0], rest[2] if len(rest) > 2 else None)  # the FLOPs table and compare.json
         elif cmd == "mechanism" and rest:
             ckpt = next((a for a in rest[1:] if a.endswith(".pt")), None)
             png = next((a for a in rest[1:] if a.endswith(".png")), None)
@@ -952,7 +988,7 @@ def main(argv):
         else:
             print(f"error: unknown command {' '.join(argv)!r}; python plots.py --help lists them", file=sys.stderr)
             return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, cli.UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

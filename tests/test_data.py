@@ -296,7 +296,7 @@ class FigureWarning(Exception):
 @pytest.mark.parametrize("name,setting", [("mot", "speech"), ("mom", "speech"),
                                           ("moma", "speech"), ("transfusion", "transfusion")])
 def test_a_fourth_modality_trains_in_every_multimodal_model(gesture, name, setting, tmp_path, capsys):
-    """Issue #16.4: with one register_modality call, train.py's train() runs each multimodal model on the new world,
+    """With one register_modality call, train.py's train() runs each multimodal model on the new world,
     reports a loss for every modality (training and eval) and finishes its run, end-of-run figures without a warning."""
     import train
     out = str(tmp_path / name)

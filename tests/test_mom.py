@@ -13,6 +13,7 @@ import mom  # noqa: E402
 torch.set_num_threads(1)
 SPLITS = ("split_in_proj", "split_x_proj", "split_dt_proj", "split_out_proj")
 ALL_OFF = {k: False for k in SPLITS}
+ROUTINGS = ("grouped", "masked")   # the speed path (default) and the plain form
 
 
 def tiny(n_modalities=2, **kw):
@@ -57,9 +58,10 @@ def test_parallel_scan_equals_sequential_recurrence():
     torch.testing.assert_close(y, ref_selective_scan(u, delta, A, B, C, D, z))
 
 
+@pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("split", [False, True])
-def test_model_forward_equals_step_by_step_recurrence(split):
-    model = tiny(**({} if split else ALL_OFF))
+def test_model_forward_equals_step_by_step_recurrence(split, routing):
+    model = tiny(routing=routing, **({} if split else ALL_OFF))
     batch = make_batch(model)
     logits, _, _ = model(batch)
     cache = model.backbone.empty_cache(2, "cpu", torch.float64)
@@ -118,9 +120,10 @@ def shared_params(model):
             for k, p in (("conv1d", layer.mixer.conv1d.weight), ("A_log", layer.mixer.A_log), ("D", layer.mixer.D))}
 
 
+@pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("n_mod", [2, 3])
-def test_isolation_and_shared_params_get_grads_from_every_modality(n_mod):
-    model = tiny(n_modalities=n_mod)
+def test_isolation_and_shared_params_get_grads_from_every_modality(n_mod, routing):
+    model = tiny(n_modalities=n_mod, routing=routing)
     for m in range(n_mod):
         model.zero_grad(set_to_none=True)
         lo, hi = model.cfg.modality_offsets[m], (model.cfg.modality_offsets + (60,))[m + 1]
@@ -139,9 +142,10 @@ def test_isolation_and_shared_params_get_grads_from_every_modality(n_mod):
             assert p.grad is not None and p.grad.abs().sum() > 0, f"shared {k} got no gradient from modality {m}"
 
 
-def test_out_proj_per_position_isolation():
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_out_proj_per_position_isolation(routing):
     # one layer: the output at position t passes through out_proj of t's modality only
-    model = tiny(n_layer=1)
+    model = tiny(n_layer=1, routing=routing)
     batch = make_batch(model, T=12)
     mixer = model.backbone.layers[0].mixer
     for t in (3, 7, 11):
@@ -154,9 +158,9 @@ def test_out_proj_per_position_isolation():
             assert touched == (other == m), f"position {t} (modality {m}) -> out_proj[{other}] touched={touched}"
 
 
-def copy_from_mamba(mamba, n_modalities):
+def copy_from_mamba(mamba, n_modalities, routing="grouped"):
     """A MoM (all projections split) whose every modality copy holds the Mamba weights."""
-    mixture = tiny(n_modalities=n_modalities)
+    mixture = tiny(n_modalities=n_modalities, routing=routing)
     sd = {}
     for k, v in mamba.state_dict().items():
         if ".weights.0" in k or ".biases.0" in k:
@@ -168,10 +172,11 @@ def copy_from_mamba(mamba, n_modalities):
     return mixture
 
 
+@pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("n_mod", [1, 2])
-def test_mom_with_mamba_weights_equals_mamba(n_mod):
+def test_mom_with_mamba_weights_equals_mamba(n_mod, routing):
     mamba = tiny(n_modalities=n_mod, **ALL_OFF)
-    mixture = copy_from_mamba(mamba, n_mod)
+    mixture = copy_from_mamba(mamba, n_mod, routing)
     assert all(getattr(mixture.cfg, k) for k in SPLITS)
     batch = make_batch(mamba, T=12, seed=3)
     if n_mod == 2:
@@ -310,3 +315,63 @@ def test_a_fourth_modality_trains_and_reports_its_loss(name):
     assert model.generate(b["tokens"][:, :4], 4).shape == (3, 8)
     unnamed = tiny(4, **mom.MODELS[name][3])  # names not given: numbered
     assert {"loss_modality2", "loss_modality3"} <= set(unnamed(b)[2])
+
+
+# --- the speed path (routing="grouped": tokens sorted by modality, one grouped matmul) equals the plain form -------
+
+def run_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    logits, loss, parts = model(batch)
+    loss.backward()
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values()), [k for k, g in grads.items() if g is None]
+    return logits, loss, parts, grads
+
+
+CASES = [(2, (True,) * 4, False), (3, (True,) * 4, True)] + [
+    (2, tuple(i == j for j in range(4)), i % 2 == 0) for i in range(4)]   # each projection split alone, bias or not
+
+
+@pytest.mark.parametrize("n_mod,flags,bias", CASES, ids=lambda v: str(v))
+def test_grouped_routing_equals_masked_forward_and_grads(n_mod, flags, bias):
+    models = {r: tiny(n_mod, routing=r, bias=bias, **dict(zip(SPLITS, flags))) for r in ROUTINGS}
+    for k, v in models["grouped"].state_dict().items():                 # the same weights (same seed)
+        assert torch.equal(v, models["masked"].state_dict()[k]), k
+    batch = make_batch(models["grouped"], B=3, T=14, seed=5)
+    assert batch["modality"].unique().numel() == n_mod                  # every modality present
+    got, ref = (run_and_grads(models[r], batch) for r in ROUTINGS)
+    torch.testing.assert_close(got[0], ref[0])                           # logits
+    torch.testing.assert_close(got[1], ref[1])                           # loss
+    assert got[2].keys() == ref[2].keys()
+    assert got[3].keys() == ref[3].keys()
+    for k in ref[3]:                                                     # every parameter's gradient
+        torch.testing.assert_close(got[3][k], ref[3][k], msg=k)
+
+
+def test_grouped_routing_equals_masked_with_an_absent_modality_and_in_decoding():
+    models = {r: tiny(3, routing=r, bias=True) for r in ROUTINGS}
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.where(torch.rand(2, 12, generator=g) < 0.5, torch.randint(0, 20, (2, 12), generator=g),
+                         torch.randint(40, 60, (2, 12), generator=g))    # modalities 0 and 2 only
+    batch = dict(tokens=tokens, modality=models["masked"].modality_of(tokens), targets=torch.roll(tokens, -1, 1))
+    assert set(batch["modality"].unique().tolist()) == {0, 2}
+    got, ref = (run_and_grads(models[r], batch) for r in ROUTINGS)
+    torch.testing.assert_close(got[0], ref[0])
+    for k in ref[3]:
+        torch.testing.assert_close(got[3][k], ref[3][k], msg=k)
+    assert ref[3]["backbone.layers.0.mixer.in_proj.weights.1"].abs().sum() == 0     # the absent copy is untouched
+    outs = [models[r].generate(tokens[:, :4], 6) for r in ROUTINGS]                 # prefill + recurrent steps
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_grouped_and_masked_routing_count_the_same_flops():
+    # both forms run each token through its own copy only: the matmul FLOPs (forward + backward) are equal
+    from torch.utils.flop_counter import FlopCounterMode
+    flops = {}
+    for r in ROUTINGS:
+        model = tiny(3, routing=r)
+        batch = make_batch(model, B=2, T=12)
+        with FlopCounterMode(display=False) as counter:
+            model(batch)[1].backward()
+        flops[r] = counter.get_total_flops()
+    assert flops["grouped"] == flops["masked"] > 0

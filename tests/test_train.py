@@ -95,7 +95,7 @@ def test_count_flops_matches_hand_count():
 
 
 def test_count_flops_adds_the_scans_analytic_flops():
-    # issue 17.4: matmuls (FlopCounterMode) + the selective scan tallied by kernels.flop_tally, by Mamba's count
+    # matmuls (FlopCounterMode) + the selective scan tallied by kernels.flop_tally, by Mamba's count
     model, cfg, tc, ds = train.build("mamba", overrides=dict(d_model=32, n_layer=1), train_overrides=dict(seq_len=64))
     b = ds.get_batch("train", 2, 0)
     f = train.count_flops(model, b, backward=False, parts=True)
@@ -139,12 +139,13 @@ def test_cli_exit_status():
 
 
 def test_compare_fraction_interpolates():
+    import plots  # the one flops_to_reach (train.py --compare and plots.py compare both use it)
     ev = [dict(flops=0, k=5.0), dict(flops=10, k=3.0), dict(flops=20, k=1.0)]
-    assert train.flops_to_reach(ev, "k", 2.0) == 15
-    assert train.flops_to_reach(ev, "k", 0.5) is None
+    assert plots.flops_to_reach(ev, "k", 2.0) == 15
+    assert plots.flops_to_reach(ev, "k", 0.5) is None
 
 
-# --- issue 18: valid ranges, one table; every bad value is one line and exit 2 ----------------------------------
+# --- valid ranges, one rule per field; every bad value is one line and exit 2 ------------------------------------
 def test_every_config_field_has_a_valid_range():
     # a new field in TrainConfig or in any registered model's Config without a rule in its RANGES fails here
     import dataclasses
@@ -203,7 +204,7 @@ BAD = [  # (argv, expected fragment of the one-line error); {tmp} is a fresh dir
     (["--out", "{file}/sub"], "cannot create that directory"),
     (["--bogus", "1"], "trainer keys: batch_size"),
     (["--compare", "dense,dense"], "names dense twice"),
-    (["--model", "megabyte", "--gen_n", "4"], "--gen_n has no effect"),   # issue 16: no silent flags (trainer keys)
+    (["--model", "megabyte", "--gen_n", "4"], "--gen_n has no effect"),   # no silent flags (trainer keys)
     (["--data", "{file}"], "add --setting bytes"),
     (["--model", "megabyte", "--setting", "chameleon"], "supported: bytes"),
 ]
@@ -306,7 +307,7 @@ def test_torchrun_validates_before_the_process_group(monkeypatch, capsys):
     assert not torch.distributed.is_initialized()
 
 
-# --- issue 16: --help that teaches; no silent flags -------------------------------------------------------------
+# --- --help that teaches; no silent flags ----------------------------------------------------------------------
 def test_help_lists_models_settings_and_trainer_keys(capsys):
     import re
     import dataclasses

@@ -1,0 +1,435 @@
+"""cli.py -- train.py's command line and guard rails: everything a user can get wrong, checked once, before training.
+
+`--key=value` (or `--key value`) overrides a field of train.TrainConfig or of the model's Config, converted to the type
+of its default (parse_args, convert, apply). Each field's valid range is written once, in its class's RANGES
+("int >= 1", "one of a|b", "float in (0, 1]"; after ";" a note): check_ranges checks a config against it and --help
+prints it. Relations between fields live in a model Config's __post_init__ or in check_run here. Every bad value is
+one line `error: ...` and exit status 2 (UsageError). The method is in train.py and the model files; none of it is here.
+"""
+import importlib
+import importlib.util
+import inspect
+import math
+import os
+import re
+from dataclasses import fields
+
+import torch
+
+import data
+
+MODEL_FILES = ("mot", "mom", "moma", "transfusion", "megabyte", "blt", "megalodon")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+class Diverged(UsageError):
+    """A non-finite loss, gradient or weight: the run stops before it can overwrite a good checkpoint (exit 2)."""
+
+
+def registry():
+    """name -> (module, ConfigClass, ModelClass, default setting, Config overrides), from every model file present."""
+    reg = {}
+    for f in MODEL_FILES:
+        if importlib.util.find_spec(f) is not None:
+            mod = importlib.import_module(f)
+            for name, (cfg_cls, model_cls, setting, over) in getattr(mod, "MODELS", {}).items():
+                reg[name] = (mod, cfg_cls, model_cls, setting, over)
+    return reg
+
+
+def supported_settings(name, reg=None):
+    """The settings model `name` can use fully (its file's SUPPORTED_SETTINGS), or None when it declares none."""
+    mod = (reg or registry())[name][0]
+    s = getattr(mod, "SUPPORTED_SETTINGS", {}).get(name)
+    return tuple(s) if s is not None else None
+
+
+# --- valid ranges: one rule per field, in its class's RANGES ---------------------------------------------------------
+def range_of(cls, name):
+    """The rule of field `name` of dataclass `cls` (TrainConfig or a model Config: its RANGES), or None."""
+    return getattr(cls, "RANGES", {}).get(name)
+
+
+def _fits_number(v, kind, cond):
+    if isinstance(v, bool) or not isinstance(v, int if kind == "int" else (int, float)):
+        return False
+    if kind == "float" and (math.isnan(v) or (math.isinf(v) and "inf" not in cond)):
+        return False
+    if not cond:
+        return True
+    op, _, rest = cond.partition(" ")
+    if op in (">=", ">"):
+        return v >= float(rest) if op == ">=" else v > float(rest)
+    lo, hi = (float(x) for x in rest[1:-1].split(","))   # "in [lo, hi)" etc.
+    return (v >= lo if rest[0] == "[" else v > lo) and (v <= hi if rest[-1] == "]" else v < hi)
+
+
+def fits(value, rule):
+    """Does value satisfy a RANGES rule?"""
+    rule = rule.split(";")[0].strip()
+    kind, _, cond = rule.partition(" ")
+    if kind in ("str", "path"):
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "names":
+        return isinstance(value, tuple) and all(isinstance(x, str) for x in value)
+    if kind == "one":
+        return value in cond[len("of "):].split("|")
+    if kind in ("ints", "floats"):
+        return isinstance(value, tuple) and all(_fits_number(x, kind[:-1], cond) for x in value)
+    return _fits_number(value, kind, cond)
+
+
+def check_ranges(obj, keys=None):
+    """Raise a one-line UsageError for the first field of dataclass obj (among keys) outside its RANGES rule."""
+    for f in fields(obj):
+        if keys is not None and f.name not in keys:
+            continue
+        rule, v = range_of(type(obj), f.name), getattr(obj, f.name)
+        if rule is None:
+            raise UsageError(f"{type(obj).__module__}.{type(obj).__name__}.{f.name} has no valid range; "
+                             f"add one to {type(obj).__name__}.RANGES")
+        if not fits(v, rule):
+            shown = ",".join(map(str, v)) if isinstance(v, tuple) else v
+            main, _, note = rule.partition(";")
+            raise UsageError(f"--{f.name}={shown} is out of range; valid: {main.strip()}"
+                             + (f" ({note.strip()})" if note else ""))
+
+
+# --- command line: --key=value overrides, type-checked ---------------------------------------------------------------
+def parse_args(argv):
+    """argv -> (flags, overrides): flags are the few switches without a value, overrides every --key value."""
+    flags, over, i = set(), {}, 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("--") or a == "--":
+            raise UsageError(f"unexpected argument {a!r}; options look like --key=value")
+        k = a[2:]
+        if "=" in k:
+            k, v = k.split("=", 1)
+        elif k in ("resume", "help"):
+            flags.add(k); i += 1; continue
+        elif i + 1 < len(argv):
+            v = argv[i + 1]; i += 1
+        else:
+            raise UsageError(f"--{k} needs a value: --{k}=VALUE")
+        over[k.replace("-", "_")] = v
+        i += 1
+    return flags, over
+
+
+def convert(key, value, default):
+    """Parse a string into the type of `default`, or raise a one-line UsageError."""
+    try:
+        if isinstance(default, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, tuple):
+            items = [x for x in value.replace("(", "").replace(")", "").split(",") if x.strip()]
+            kind = type(default[0]) if default else int
+            return tuple(kind(x.strip()) for x in items)
+        return type(default)(value)
+    except ValueError:
+        raise UsageError(f"--{key}={value}: expected a {type(default).__name__} like {default!r}") from None
+
+
+def apply(obj, over, what, also=()):
+    """Set the fields of dataclass obj from over (strings are converted); an unknown key is a one-line error."""
+    names = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    for k, v in over.items():
+        if k not in names:
+            extra = f"; trainer keys: {', '.join(sorted(also))}" if also else ""
+            raise UsageError(f"unknown key --{k} for {what}; valid keys: {', '.join(sorted(names))}{extra}")
+        setattr(obj, k, convert(k, v, names[k]) if isinstance(v, str) else v)
+
+
+# --- building: the checks of train.build ---------------------------------------------------------------------------
+def check_model(name, reg):
+    if name not in reg:
+        raise UsageError(f"unknown model {name!r}; choose one of {', '.join(sorted(reg))}")
+
+
+def check_setting(name, setting, reg):
+    if setting not in data.SETTINGS:
+        raise UsageError(f"unknown setting {setting!r}; choose one of {', '.join(data.SETTINGS)}")
+    ok = supported_settings(name, reg)
+    if ok is not None and setting not in ok:
+        raise UsageError(f"model {name} does not support --setting {setting}; supported: {', '.join(ok)}")
+
+
+def make_data(setting, seq_len=None, seed=0, data_file=None):
+    """data.make_data (seq_len None: the data's default), its errors as one line."""
+    try:
+        return data.make_data(setting, **({} if seq_len is None else dict(seq_len=seq_len)), seed=seed,
+                              data_file=data_file)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def model_config(name, ds, overrides, reg, trainer_keys=()):
+    """The checked Config of model `name`: its registered overrides, the fields the data sets (vocabulary, modalities,
+    seq_len), then the user's overrides, each field inside its RANGES rule."""
+    _, cfg_cls, _, _, base = reg[name]
+    cfg = cfg_cls(**base)
+    names = {f.name for f in fields(cfg)}
+    from_data = {k: v for k, v in ds.model_fields().items() if k in names}
+    for k, v in from_data.items():
+        setattr(cfg, k, v)
+    overrides = dict(overrides or {})
+    apply(cfg, overrides, f"model {name}", also=trainer_keys)
+    for k in overrides:
+        if k in from_data and getattr(cfg, k) != from_data[k]:
+            fix = "set --seq_len (a trainer key)" if k == "seq_len" else "it follows --setting"
+            raise UsageError(f"--{k} is set by the data ({from_data[k]} for --setting {ds.setting}); {fix}")
+    check_ranges(cfg)
+    return cfg
+
+
+def make_model(name, cfg, device, reg):
+    """The model of a checked Config; a relation between fields that fails is one line naming the model."""
+    try:
+        if hasattr(cfg, "__post_init__"):
+            cfg.__post_init__()  # derived fields and checks, after the overrides
+        return reg[name][2](cfg).to(device)
+    except ValueError as e:
+        raise UsageError(f"model {name}: {e}") from None
+    except (RuntimeError, AssertionError, IndexError, TypeError, ZeroDivisionError) as e:  # a relation no check names
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(f"model {name} cannot be built with this config ({type(e).__name__}: {msg}); "
+                         f"check the sizes given") from None
+
+
+def diverged(step, what, last_good, ckpt_path, tc):
+    """The error that stops a run whose loss, gradient or weights are not finite, before a checkpoint is written."""
+    kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt_path}" if last_good is not None
+            else "no checkpoint was written")
+    return Diverged(f"step {step}: {what} is not finite, the run stopped; {kept}; lower --lr (now {tc.lr:g}) "
+                    f"or --grad_clip (now {tc.grad_clip:g}) and start again")
+
+
+RUN_ERRORS = (RuntimeError, ValueError, IndexError, AssertionError, KeyError, TypeError)
+
+
+def cannot_run(name, setting, e):
+    """The one-line error for a model whose first forward/backward passes fail on this setting and config."""
+    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    ok = supported_settings(name)
+    return UsageError(f"{name} cannot run on --setting {setting} with this config ({type(e).__name__}: {msg})"
+                      + (f"; supported settings: {', '.join(ok)}" if ok else ""))
+
+
+# --- relations between trainer keys, the device and the world size -------------------------------------------------
+def ddp_env():
+    """(rank, world, local rank) from torchrun's environment, known before the process group starts."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(dev, local):
+    """--device (auto | cpu | cuda | cuda:N) -> the device this rank uses, or a one-line error."""
+    if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise UsageError(f"--device={dev}: choose auto, cpu or cuda")
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device=cuda but no CUDA GPU is visible; use --device=cpu (or auto)")
+    if dev == "cuda":
+        dev = f"cuda:{local}"
+        torch.cuda.set_device(dev)
+    return dev
+
+
+# The generation eval (caption -> image, image -> caption, scored against the scene) exists where there are images.
+GEN_EVAL_SETTINGS = ("chameleon", "speech", "transfusion")
+
+
+def has_gen_eval(model, ds):
+    return ds.setting in GEN_EVAL_SETTINGS and (hasattr(model, "gen_metrics") or
+                                                (hasattr(model, "generate") and hasattr(ds, "eval_generation")))
+
+
+def gen_min_seq_len(ds):
+    """The shortest seq_len the generation eval fits in: its longest prompt + the tokens it generates
+    (image -> caption: <bos> <boi> 16 patches <eoi> + CAPTION_TOKENS; caption -> image: <bos> caption <boi> + 16)."""
+    if ds.setting not in GEN_EVAL_SETTINGS:
+        return 0
+    return max(3 + data.N_PATCHES + data.CAPTION_TOKENS, 2 + max(len(e["caption"]) for e in ds.scenes(32)) + data.N_PATCHES)
+
+
+CP_MODELS = ("mamba", "mom", "megalodon", "dense", "mot")   # token-mean LMs whose sequence mixers take a cp group
+
+
+def check_context_parallel(name, model, tc, world):
+    """--context_parallel N: N divides the world and the sequence; the model splits (and its mixers allow it)."""
+    n = tc.context_parallel
+    if n == 1:
+        return world
+    if name not in CP_MODELS:
+        raise UsageError(f"--context_parallel works for {', '.join(CP_MODELS)}, not {name}; drop it")
+    if world % n:
+        raise UsageError(f"--context_parallel={n} must divide the number of ranks ({world}); run torchrun "
+                         f"--nproc_per_node=<a multiple of {n}>")
+    if tc.seq_len % n:
+        raise UsageError(f"--seq_len={tc.seq_len} must be divisible by --context_parallel={n}")
+    cfg = model.cfg
+    if name == "megalodon" and (tc.seq_len // n) % cfg.chunk_size:
+        raise UsageError(f"megalodon's chunk attention stays on one rank only if chunk_size={cfg.chunk_size} divides "
+                         f"seq_len / context_parallel = {tc.seq_len // n}; lower --chunk_size or the ranks")
+    if name in ("mamba", "mom") and tc.seq_len // n < cfg.d_conv - 1:
+        raise UsageError(f"each rank's slice ({tc.seq_len // n} tokens) is shorter than d_conv - 1 = {cfg.d_conv - 1}")
+    return world // n
+
+
+def check_run(name, model, tc, ds, world, dev, given=()):
+    """Relations between trainer keys (and with the device and world size): one-line UsageError on the first.
+    given: the trainer keys the user set (a key that would have no effect is an error naming why). -> micro-batch rows."""
+    world = check_context_parallel(name, model, tc, world)   # the batch splits over the data-parallel replicas
+    if tc.batch_size % world:
+        raise UsageError(f"batch_size={tc.batch_size} does not split over {world} ranks; use a multiple of {world}")
+    per_rank = tc.batch_size // world
+    if tc.micro_batch_size > per_rank:
+        raise UsageError(f"--micro_batch_size={tc.micro_batch_size} is larger than the per-rank batch {per_rank} "
+                         f"(--batch_size {tc.batch_size} over {world} rank(s)), so it has no effect; use <= {per_rank}")
+    micro = tc.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise UsageError(f"--micro_batch_size={micro} must divide the per-rank batch {per_rank}")
+    if tc.compile and not dev.startswith("cuda"):
+        raise UsageError("--compile=True works on CUDA only (the CPU path runs eagerly); drop it or use --device cuda")
+    if "gen_n" in given and tc.gen_n and not has_gen_eval(model, ds):
+        raise UsageError(f"--gen_n has no effect: {name} on --setting {tc.setting} has no generation eval (it runs "
+                         f"on {', '.join(GEN_EVAL_SETTINGS)} for models that generate); drop --gen_n")
+    if "gen_every" in given and not (tc.gen_n and has_gen_eval(model, ds)):
+        raise UsageError(f"--gen_every has no effect: {name} on --setting {tc.setting} runs no generation eval"
+                         + (" (--gen_n=0)" if not tc.gen_n else "") + "; drop --gen_every")
+    need = gen_min_seq_len(ds) if tc.gen_n and has_gen_eval(model, ds) else 0
+    if tc.seq_len < need:
+        raise UsageError(f"--seq_len={tc.seq_len} is too short for the generation eval of setting {tc.setting} "
+                         f"(its prompts + outputs take {need} tokens); use --seq_len >= {need} or --gen_n=0")
+    return micro
+
+
+# --- --compare: every model's keys and values checked before the first one trains -----------------------------------
+def compare_names(value, flags):
+    names = [n for n in value.split(",") if n]
+    if len(names) < 2:
+        raise UsageError("--compare needs at least two models, e.g. --compare dense,mot")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UsageError(f"--compare names {', '.join(dup)} twice; each model runs once (into OUT/NAME)")
+    if "resume" in flags:
+        raise UsageError("--resume is not supported with --compare; resume each run with --model NAME --out DIR/NAME")
+    return names
+
+
+def split_compare_keys(names, over, trainer_keys, reg):
+    """-> ({name: its keys}, the shared setting): a key goes to every model whose Config has it, trainer keys to all;
+    a key nobody has, or models that default to different settings without --setting, is a one-line error."""
+    for n in names:
+        if n not in reg:
+            raise UsageError(f"unknown model {n!r} in --compare; choose from {', '.join(sorted(reg))}")
+    per = {n: {k: v for k, v in over.items() if k in trainer_keys or k in {f.name for f in fields(reg[n][1])}}
+           for n in names}
+    for k in over:
+        if not any(k in p for p in per.values()):
+            raise UsageError(f"--{k} is not a key of the trainer or of any of {', '.join(names)}")
+    settings = {over.get("setting") or reg[n][3] for n in names}
+    if len(settings) > 1:
+        raise UsageError(f"--compare: the models default to different settings ({', '.join(sorted(settings))}); "
+                         f"add --setting NAME")
+    return per, settings.pop()
+
+
+# --- --help: generated from the code (Config comments, MODELS lines, data's docstring), so it cannot drift ----------
+def field_comments(cls):
+    """field -> the comment on its line in the class source (continuation comment lines joined)."""
+    out, last, indent = {}, None, 0
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        if line.strip().startswith(("def ", "@")):
+            break
+        m = re.match(r"^(\s+)(\w+)\s*:\s*[^=#]+=[^#]*?(?:#\s*(.*))?$", line)
+        c = re.match(r"^(\s+)#\s*(.*)$", line)
+        if m:
+            last, indent = m.group(2), len(m.group(1))
+            out[last] = (m.group(3) or "").strip()
+        elif c and last and len(c.group(1)) > indent:
+            out[last] += " " + c.group(2).strip()
+        else:
+            last = None
+    return out
+
+
+def model_descriptions(reg):
+    """name -> one line: the comment on the model's MODELS line, else its class docstring's first line."""
+    out = {}
+    for name, (mod, cfg_cls, model_cls, setting, over) in reg.items():
+        src = inspect.getsource(mod)
+        m = re.search(r'^\s*"' + re.escape(name) + r'"\s*:\s*\(.*?#\s*(.*)$', src, re.M)
+        doc = (model_cls.__doc__ or model_cls.__name__).strip().split(". ")[0].splitlines()[0].rstrip(".")
+        if m:
+            out[name] = m.group(1).strip()
+        else:  # the class's first sentence + the registered overrides that differ from the Config defaults
+            base = cfg_cls()
+            diff = [f"{k}={v}" for k, v in over.items() if getattr(base, k, None) != v]
+            out[name] = f"{model_cls.__name__} with {', '.join(diff)}" if diff else doc
+        if len(out[name]) > 86:
+            out[name] = out[name][:83] + "..."
+    return out
+
+
+def _key_lines(cls, obj, skip=()):
+    notes = field_comments(cls)
+    lines = []
+    for f in fields(obj):
+        if f.name in skip:
+            continue
+        v = getattr(obj, f.name)
+        shown = ",".join(map(str, v)) if isinstance(v, tuple) else v
+        rule = (range_of(cls, f.name) or "").split(";")[0].strip()
+        lines.append(f"  --{f.name}={shown}".ljust(34) + f" {notes.get(f.name, '')}" + (f"  [{rule}]" if rule else ""))
+    return lines
+
+
+def help_text(train_config, model=None):
+    """--help (train_config: train.TrainConfig, whose keys it lists) or --help --model NAME (that model's keys)."""
+    reg = registry()
+    usage = ["usage: python train.py [--model NAME] [--setting NAME] [--KEY=VALUE ...] [--resume]   train one model",
+             "       python train.py --compare A,B[,C...] [--setting NAME] [--KEY=VALUE ...]   same data and training",
+             "       python train.py --help [--model NAME]                                   this text / a model's keys",
+             "       torchrun --nproc_per_node=N train.py ...   DDP (gloo on CPU, nccl on CUDA); on a bad value torchrun",
+             "       prints its own failure summary after the one-line error"]
+    if model is not None:
+        check_model(model, reg)
+        mod, cfg_cls, model_cls, setting, over = reg[model]
+        cfg = cfg_cls(**over)
+        data_keys = {"vocab_size", "n_modalities", "modality_offsets", "modality_names", "seq_len", "bos_id", "boi_id",
+                     "eoi_id", "sep_id", "pad_id", "patch_dim", "n_patches", "image_size", "channels"}
+        if setting == "transfusion" or model.startswith(("transfusion", "lmfusion")):
+            data_keys.add("patch_size")
+        ok = supported_settings(model, reg) or data.SETTINGS
+        return "\n".join(usage + ["", f"{model}: {model_descriptions(reg)[model]}",
+                                  f"file {mod.__name__}.py, default setting {setting}, settings: {', '.join(ok)}",
+                                  "", f"{model} keys (default, what it does, [valid range]):"]
+                         + _key_lines(cfg_cls, cfg, skip=data_keys)
+                         + ["", "set by the data (follow --setting / --seq_len): "
+                            + ", ".join(f.name for f in fields(cfg) if f.name in data_keys),
+                            "", "trainer keys: python train.py --help"])
+    desc = model_descriptions(reg)
+    lines = usage + ["", "models (default setting: what it is; python train.py --help --model NAME lists its keys):"]
+    lines += [f"  {n:18s} {reg[n][3]:12s} {desc[n]}" for n in reg]
+    lines += ["", "settings (--setting; data.py):"]
+    for st in data.SETTINGS:
+        m = [l.strip()[len(st):].strip() for l in (data.__doc__ or "").splitlines() if l.strip().startswith(st + " ")]
+        lines.append(f"  {st:12s} {m[0] if m else ''}")
+    lines += ["", "trainer keys (default, what it does, [valid range]):"] + _key_lines(train_config, train_config())
+    lines += ["", "outputs in --out (default out/MODEL): config.json, metrics.jsonl, ckpt.pt, loss.png"]
+    return "\n".join(lines)

@@ -68,8 +68,8 @@ COMPILE_GRAD_TOL = 1e-3   # every gradient's max |diff| <= COMPILE_GRAD_TOL * ma
                           # reorder sums)
 COMPILE_TRAIN_TOL = 0.02  # train.py --compile=True vs eager, bf16 autocast, 50 steps: |loss diff| at every logged step
                           # <= COMPILE_TRAIN_TOL * max(1, eager loss) (bf16 rounding of fused kernels grows by steps)
-_TAG = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64", torch.complex64: "cfp32",
-        torch.complex128: "cfp64"}
+_TAG = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+        torch.complex64: "cfp32", torch.complex128: "cfp64"}
 DETERMINISM_TOL = 1e-5    # run-to-run on the same inputs: max |x1 - x2| / max |x1| of every gradient of the selective
                           # scan, and of the logged losses of a resumed run of a model on it (on a GPU its backward
                           # sums dB and dC with atomic adds, whose order varies); everything else must be bit-exact
@@ -97,8 +97,8 @@ def card(device):
     if not device.startswith("cuda"):
         return dict(name="cpu", cap=None, key=None, triton=False, precision="fp32")
     name, cap = torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device))
-    key = next((k for k in sorted(GPUS, key=len, reverse=True) if k in name and GPUS[k]["cap"] == cap),   # A100 before A10
-               next((k for k, g in GPUS.items() if g["cap"] == cap), None))
+    by_cap = next((k for k, g in GPUS.items() if g["cap"] == cap), None)
+    key = next((k for k in sorted(GPUS, key=len, reverse=True) if k in name and GPUS[k]["cap"] == cap), by_cap)
     return dict(GPUS.get(key, {}), name=name, cap=cap, key=key, triton=cap in kernels.TRITON_TARGETS,
                 precision="bf16" if cap >= (8, 0) else "fp16")
 
@@ -339,7 +339,8 @@ def kernel_cases(scale, bf16=True):
 
     scan_sizes = [("odd", (3, 7, 100))] + ([("test", (2, 3, 64)), ("bench", (8, 1536, 2048))] if scale == "gpu" else [])
     dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.complex64, torch.complex128]
-    for dt in ([d for d in dtypes if bf16 or d != torch.bfloat16] if scale == "gpu" else [torch.float32, torch.complex64]):
+    dtypes = [d for d in dtypes if bf16 or d != torch.bfloat16] if scale == "gpu" else [torch.float32, torch.complex64]
+    for dt in dtypes:
         for where, shape in scan_sizes:
             if where == "bench" and dt not in (torch.float32, torch.complex64):
                 continue
@@ -353,8 +354,8 @@ def kernel_cases(scale, bf16=True):
     # reversed associative scan then runs forwards, the forward kernel's backwards
     rev = lambda a, b, h0, backend: kernels.linear_scan(a.flip(-1), b.flip(-1), h0, backend=backend).flip(-1)
     for where, shape in scan_sizes[:2]:
-        cases.append((f"linear_scan fp32 reversed (flipped input) {where} {shape} +h0", ["scan_fwd[fp32]", "scan_bwd[fp32]"],
-                      rev, scan_make(shape, torch.float32, True), KERNEL_TOL[torch.float32]))
+        cases.append((f"linear_scan fp32 reversed (flipped input) {where} {shape} +h0", ["scan_fwd[fp32]",
+                      "scan_bwd[fp32]"], rev, scan_make(shape, torch.float32, True), KERNEL_TOL[torch.float32]))
 
     def ss_make(b, d, n, L, dt, flags):
         def make(seed):
@@ -444,7 +445,7 @@ def check_kernels(device, candidate, scale, ref_device=None, bf16=True):
     return rows
 
 
-# ------------------------------------------------------------------------------------------------ gpu check: determinism
+# -------------------------------------------------------------------------------------------- gpu check: determinism
 
 def _max_rel(x, y):
     """max |x - y| / max |x| (0 if both are zero)."""
@@ -482,7 +483,8 @@ def ceilings(dtype=torch.bfloat16):
     t = timeit(lambda: y.copy_(x), 10, device="cuda")
     a = torch.randn(8192, 8192, dtype=dtype, device="cuda")
     tm = timeit(lambda: a @ a, 10, device="cuda")
-    return {"copy_GBps": round(2 * x.numel() * 4 / t / 1e9, 1), f"mm_{_TAG[dtype]}_TFLOPs": round(2 * 8192 ** 3 / tm / 1e12, 1)}
+    return {"copy_GBps": round(2 * x.numel() * 4 / t / 1e9, 1),
+            f"mm_{_TAG[dtype]}_TFLOPs": round(2 * 8192 ** 3 / tm / 1e12, 1)}
 
 
 def _dtype(c):
@@ -499,7 +501,8 @@ def check_timings(device, backend="triton", c=None):
     c = c or card(device)
     half = _dtype(c)
     ceil = ceilings(half)
-    bw, mm = (c["bw"], c["tensor"]) if c.get("key") else (ceil["copy_GBps"] * 1e9, ceil[f"mm_{_TAG[half]}_TFLOPs"] * 1e12)
+    bw, mm = ((c["bw"], c["tensor"]) if c.get("key") else
+              (ceil["copy_GBps"] * 1e9, ceil[f"mm_{_TAG[half]}_TFLOPs"] * 1e12))
     fl, S, rows = floors(), sizes("cuda"), []
 
     def floor_us(key):
@@ -897,7 +900,8 @@ def plan(device, names, args, run=_run):
     for n in names:
         add("models", n, lambda n=n: check_model(n, device, peak, reps=10 if cuda else 2, c=c))
     comp = args.models or [n for n in COMPILE_MODELS if n in names]   # one per family unless --models names them
-    add("compile", "torch.compile per family", lambda: check_compile(device, comp, args.jobs, run=run, cpu=args.cpu_compile))
+    add("compile", "torch.compile per family",
+        lambda: check_compile(device, comp, args.jobs, run=run, cpu=args.cpu_compile))
     if c["precision"] == "fp16":
         add("train", "train.py --precision fp16", lambda: check_precision(c))
     add("train", "train.py per model", lambda: check_train(device, names, args.jobs, run=run, compile=comp, extra=flags,

@@ -1,8 +1,8 @@
 """Every @triton.jit kernel in kernels.py compiles ahead of time for every target of kernels.TRITON_TARGETS (A100
-sm_80, A10 / RTX 30xx sm_86, L4 / RTX 40xx sm_89, H100 sm_90), in every dtype and configuration the launchers can pick (gpu_check.compile_specs, built from kernels.launch_config), with no
-register spills (local memory), no stack, shared memory within the target's per-block limit, and the tensor-core
-instructions expected for the grouped matmul. No GPU needed: triton compiles for a target that is not present, and
-the wheel ships cuobjdump. Run under every Triton that requirements.txt admits (.ci/run: 3.8 and 3.9)."""
+sm_80, A10 / RTX 30xx sm_86, L4 / RTX 40xx sm_89, H100 sm_90), in every dtype and configuration the launchers can
+pick (gpu_check.compile_specs, built from kernels.launch_config), with no register spills (local memory), no stack,
+shared memory within the target's per-block limit, and the tensor-core instructions expected for the grouped matmul.
+No GPU needed: triton compiles for a target that is not present, and the wheel ships cuobjdump. Run under every Triton that requirements.txt admits (.ci/run: 3.8 and 3.9)."""
 import inspect
 import re
 

@@ -6,10 +6,11 @@
     python bench.py --peers              # our models at the sizes other implementations were timed at
     python bench.py --kernels            # each kernel vs its naive baseline and the torch path (+ Triton on GPU)
     python bench.py --wall               # each headline run's wall time (`python train.py`, the compares) projected
-                                         # from its measured pieces vs its target; the step's time by category
+                                         # from its pieces vs its target; the step by category; in-loop vs pure step
     python bench.py --wall default speech  # some of the runs (names: default chameleon speech mom transfusion bytes)
     python bench.py --context-parallel 2 # one sequence over 2 CPU ranks: bytes sent, memory kept, time per mixer vs L
-    python bench.py --static             # gpu_check.py's static report: every Triton kernel compiled for sm_80 / sm_90
+    python bench.py --static             # gpu_check.py's static report: every Triton kernel compiled for every GPU
+                                         # target of kernels.TRITON_TARGETS, and each card's roofline floors
     python bench.py --gpu-check          # gpu_check.py: on a CUDA machine, every kernel, model and run for real
 
 Results are merged into --out (bench.json) under "models", "kernels", "static", "peers" and "wall". On CPU the kernel
@@ -67,12 +68,6 @@ def bench_step(model, batch, amp=contextlib.nullcontext):
     return step
 
 
-
-def _step_time(model, batch, reps, device):
-    """Median seconds of a forward + backward + AdamW step, after 2 warm-up steps."""
-    return timeit(bench_step(model, batch), reps, 2, device, statistics.median)
-
-
 def data_ms(ds, batch_size, n=5, start=1000):
     """Median ms to draw one training batch (batch_size rows) at n fresh indices: the data path's cost per step."""
     times = []
@@ -83,13 +78,10 @@ def data_ms(ds, batch_size, n=5, start=1000):
     return 1e3 * statistics.median(times)
 
 
-_NO_LAUNCH = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view",
-              "aten::as_strided", "aten::reshape", "aten::_reshape_alias", "aten::t", "aten::transpose",
-              "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice",
-              "aten::alias", "aten::detach", "aten::unbind", "aten::split", "aten::split_with_sizes", "aten::chunk",
-              "aten::narrow", "aten::view_as", "aten::lift_fresh", "aten::resize_", "aten::set_", "aten::item",
-              "aten::_local_scalar_dense", "aten::is_nonzero", "aten::result_type", "aten::to", "aten::_to_copy",
-              "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous"}
+_NO_LAUNCH = {"aten::" + op for op in (   # views, allocations and scalar reads: no kernel launch of their own
+    "empty empty_strided empty_like view _unsafe_view as_strided reshape _reshape_alias t transpose permute expand "
+    "unsqueeze squeeze select slice alias detach unbind split split_with_sizes chunk narrow view_as lift_fresh resize_ "
+    "set_ item _local_scalar_dense is_nonzero result_type to _to_copy resolve_conj resolve_neg contiguous").split()}
 
 
 def profiled_events(step, device):
@@ -127,7 +119,7 @@ def bench_one(name, device, reps, scale_tokens):
     model, cfg, tc, ds = train.build(name, setting or None, device=device, overrides=BENCH_OVERRIDES.get(name))
     batch = train.to(ds.get_batch("train", tc.batch_size, 0), device)
     fpt = train.count_flops(model, batch)
-    s = _step_time(model, batch, reps, device)
+    s = timeit(bench_step(model, batch), reps, 2, device, statistics.median)   # median step after 2 warm-up steps
     launches = launch_count(bench_step(model, batch), device)
     tokens = tc.batch_size * tc.seq_len
     mem = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
@@ -141,8 +133,8 @@ def bench_one(name, device, reps, scale_tokens):
         model, cfg, tc2, ds = train.build(name, setting or None, device=device, overrides=BENCH_OVERRIDES.get(name),
                                           train_overrides=dict(seq_len=L))
         b = max(1, scale_tokens // L)
-        out["scaling"][L] = 1e6 * _step_time(model, train.to(ds.get_batch("train", b, 0), device), max(2, reps // 2),
-                                             device) / (b * L)
+        step = bench_step(model, train.to(ds.get_batch("train", b, 0), device))
+        out["scaling"][L] = 1e6 * timeit(step, max(2, reps // 2), 2, device, statistics.median) / (b * L)
     return out
 
 
@@ -162,7 +154,7 @@ def bench_peers(args):
     rows, base = [], None
     for label, name, setting, over, peer in PEERS:
         model, cfg, tc, ds = train.build(name, setting, overrides=over, device=device, train_overrides=dict(seq_len=256))
-        s = _step_time(model, train.to(ds.get_batch("train", 8, 0), device), args.reps, device)
+        s = timeit(bench_step(model, train.to(ds.get_batch("train", 8, 0), device)), args.reps, 2, device, statistics.median)
         base = base or s
         r = dict(label=label, params=sum(p.numel() for p in model.parameters()), ms_step=1000 * s,
                  tokens_s=8 * 256 / s, x_transformer=s / base, peer=peer)
@@ -342,8 +334,7 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     over = dict(overrides or {})
     if name == "blt" and setting == "bytes" and "patching" not in over:
         over.update(entropy_ckpt=BLT_ENTROPY) if os.path.isfile(BLT_ENTROPY) else over.update(patching="space")
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     c = _Clock()
     model, cfg, tc, ds = train.build(name, setting, over, device=device,
                                      train_overrides=dict(train_overrides or {}, steps=steps))
@@ -367,6 +358,16 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
 
     fixed = [ds.get_batch("train", micro, 10_000 + i) for i in range(k * accum)]   # pre-drawn: the step alone
     pick = lambda i: (lambda m: fixed[(i * accum + m) % len(fixed)])
+    on_dev = [train.to(b, device) for b in fixed]
+
+    def pure(i):   # the pure model step: forward + backward of each micro-batch (on the device already) + AdamW
+        for m in range(accum):
+            with autocast():
+                (model(on_dev[(i * accum + m) % len(on_dev)])[1] / accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+
     for i in range(2):                                                  # warm-up
         step(pick(i))
     cpu = []
@@ -377,8 +378,8 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     ds.get_batch("train", micro, 19_999)                                # the data's first-use cost is start's
     draws = [_timed(lambda i=i: [ds.get_batch("train", micro, 20_000 + i * accum + m) for m in range(accum)])[1]
              for i in range(3)]                                         # one training batch drawn inline
-    fed, alone, n_fed = [], [], 0
-    batches = train.Prefetch(ds, micro, 0, 1, 0, 10 ** 9, pin=cuda)     # train.py's background data thread
+    fed, alone, bare, n_fed = [], [], [], 0
+    batches = train.Prefetch(ds, micro, 0, 1, 0, 10 ** 9, pin=device.startswith("cuda"))   # train.py's data thread
     try:
         for _ in range(rounds):                                         # wall: interleaved, fed by the thread / alone
             for i in range(k):
@@ -390,6 +391,7 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
                 c = _Clock()
                 step(pick(i))
                 alone.append(c.wall)
+                bare.append(_timed(lambda: pure(i))[1][0])
     finally:
         batches.close()
     cats, prof_total = split_by_category(lambda: step(pick(0)), device)
@@ -416,7 +418,7 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
         shutil.rmtree(tmp, ignore_errors=True)
     med = statistics.median
     r = dict(model=name, setting=tc.setting, steps=steps, batch=f"{tc.batch_size}x{tc.seq_len}",
-             step_ms=med(alone), fed_step_ms=med(fed), step_cpu_ms=med(cpu),
+             step_ms=med(alone), fed_step_ms=med(fed), step_cpu_ms=med(cpu), pure_step_ms=med(bare),
              data_ms=med(w for w, _ in draws), data_cpu_ms=med(c for _, c in draws),
              eval_ms=ev_t[0], eval_cpu_ms=ev_t[1], n_eval=occurrences(steps, tc.eval_every),
              gen_ms=gen_t[0], gen_cpu_ms=gen_t[1], ckpt_ms=ckpt_t[0], ckpt_cpu_ms=ckpt_t[1],
@@ -428,6 +430,7 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
              n_gen=sum((s % tc.eval_every == 0 or s == steps) and (s % tc.gen_every == 0 or s == steps)
                        for s in range(1, steps + 1)) if gen else 0)
     r["data_steal_ms"] = r["fed_step_ms"] - r["step_ms"]
+    r["in_loop_ratio"] = r["fed_step_ms"] / r["pure_step_ms"]          # train.py's step as it runs / the model's
     r["projected_s"], r["projected_cpu_s"] = wall_projection(r), wall_projection(r, cpu=True)
     return r
 
@@ -468,7 +471,8 @@ def wall_run(name, spec, measured, start, device="cpu", peak=None, **kw):
     total = start[1] + sum(r["projected_cpu_s"] for r in models)
     out = dict(run=name, cmd=spec["cmd"], models=models, process_start_s=start[0], process_start_cpu_s=start[1],
                projected_s=start[0] + sum(r["projected_s"] for r in models), projected_cpu_s=total,
-               steps_s=steps_s, other_s=total - steps_s, target_s=spec.get("target_s"),
+               steps_s=steps_s, other_s=total - steps_s, target_s=spec.get("target_s"), wall_over_pure=(start[0] + sum(
+                   r["projected_s"] for r in models)) / sum(r["steps"] * r["pure_step_ms"] / 1e3 for r in models),
                before_s=spec.get("before_s"), before=spec.get("before"))
     out["two_thirds_s"] = 2 / 3 * out["before_s"] if out["before_s"] else None
     goal = out["goal_s"] = out["target_s"] or out["two_thirds_s"]
@@ -530,6 +534,12 @@ def print_wall(runs, device, threads, load=None, peak=None):
     print("step ms = forward + backward + clip + AdamW + lr step, wall, pre-drawn batches; cpu ms = its CPU time; fed "
           "ms = wall, batches from train.py's background Prefetch thread (the data costs only what the thread steals "
           "from the step); data = CPU ms to draw one batch; eval, gen, ckpt, start+figs: CPU")
+    print(f"\n{'run':12s} {'model':16s} {'pure ms':>8s} {'in-loop ms':>10s} {'in-loop/pure':>12s}  wall/(steps x pure)")
+    for w, i, r in ((w, i, r) for w in runs for i, r in enumerate(w["models"])):
+        print(f"{w['run']:12s} {r['model']:16s} {r['pure_step_ms']:8.1f} {r['fed_step_ms']:10.1f} "
+              f"{r['in_loop_ratio']:11.2f}x  " + (f"{w['wall_over_pure']:.2f}x (the run)" if i == 0 else ""))
+    print("pure = forward + backward + AdamW, batches already on the device; in-loop = train.train_step fed by "
+          "train.py's Prefetch (fed ms); goals: in-loop <= 1.05x pure, the run's wall (now) <= 1.15x steps x pure")
     print(f"\nthe step's time by category (torch.profiler self time, % of the profiled step; bench.WALL_CATEGORIES)")
     print(f"{'model':16s} {'setting':11s} {'prof ms':>8s} " + " ".join(f"{c[:12]:>12s}" for c in WALL_ORDER))
     first = {}                                  # each model and setting once, as first measured
@@ -592,10 +602,8 @@ def fwd_bwd(f, inputs):
 
 
 def fwd_only(f, inputs):
-    def run():
-        with torch.no_grad():
-            f(*inputs)
-    return run
+    """A closure running f(*inputs) forward only (no autograd)."""
+    return lambda: torch.no_grad()(f)(*inputs)
 
 
 def sizes(device):
@@ -714,22 +722,14 @@ def bench_kernels(args):
 
     result = dict(device=device, machine=machine(), rows=rows)
     if device == "cuda":
-        result["ceilings"] = measure_ceilings()
+        import gpu_check   # the measured copy bandwidth and bf16 matmul rate, as the GPU check measures them
+        result["ceilings"] = gpu_check.ceilings()
         for r in rows:
             if "GBps" in r:
                 r["frac_of_copy_bw"] = round(r["GBps"] / result["ceilings"]["copy_GBps"], 2)
             if "TFLOPs" in r:
                 r["frac_of_dense_mm"] = round(r["TFLOPs"] / result["ceilings"]["mm_bf16_TFLOPs"], 2)
     return result
-
-
-def measure_ceilings():
-    """Measured device ceilings: device-to-device copy bandwidth and a large bf16 matmul."""
-    x, y = (torch.empty(256 * 2 ** 20, dtype=torch.float32, device="cuda") for _ in range(2))
-    t = timeit(lambda: y.copy_(x), 10, device="cuda")
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    tm = timeit(lambda: a @ a, 10, device="cuda")
-    return dict(copy_GBps=round(2 * x.numel() * 4 / t / 1e9, 1), mm_bf16_TFLOPs=round(2 * 8192 ** 3 / tm / 1e12, 1))
 
 
 def machine():

@@ -1,8 +1,8 @@
-"""Every @triton.jit kernel in kernels.py compiles ahead of time for A100 (sm_80) and H100 (sm_90), in every
-dtype and configuration the launchers can pick (gpu_check.compile_specs, built from kernels.launch_config), with no
-register spills (local memory), no stack, shared memory within the target's per-block limit, and the tensor-core
-instructions expected for the grouped matmul. No GPU needed: triton compiles for a target that is not present, and
-the wheel ships cuobjdump. Run under every Triton that requirements.txt admits (.ci/run: 3.8 and 3.9)."""
+"""Every @triton.jit kernel in kernels.py compiles ahead of time for every target of kernels.TRITON_TARGETS (A100
+sm_80, A10 / RTX 30xx sm_86, L4 / RTX 40xx sm_89, H100 sm_90), in every dtype and configuration the launchers can
+pick (gpu_check.compile_specs, built from kernels.launch_config), with no register spills (local memory), no stack,
+shared memory within the target's per-block limit, and the tensor-core instructions expected for the grouped matmul.
+No GPU needed: triton compiles for a target that is not present, and the wheel ships cuobjdump. Run under every Triton that requirements.txt admits (.ci/run: 3.8 and 3.9)."""
 import inspect
 import re
 
@@ -16,12 +16,21 @@ except ImportError:
 import gpu_check  # noqa: E402
 import kernels as K  # noqa: E402
 
-TARGETS = ("sm_80", "sm_90")
+TARGETS = tuple(gpu_check.target_name(cap) for cap in K.TRITON_TARGETS)   # derived: a new target is compiled too
 
 
 @pytest.fixture(scope="module")
 def report():
-    return gpu_check.static_report(((8, 0), (9, 0)))
+    return gpu_check.static_report(K.TRITON_TARGETS)
+
+
+def test_every_target_is_compiled_with_its_shared_memory_limit(report):
+    assert {"sm_80", "sm_86", "sm_89", "sm_90"} <= set(TARGETS)
+    assert set(gpu_check.SHARED_LIMIT) == set(TARGETS)
+    assert gpu_check.SHARED_LIMIT["sm_86"] == gpu_check.SHARED_LIMIT["sm_89"] == 99 * 1024
+    assert {r["target"] for r in report} == set(TARGETS)
+    per_target = {t: sorted(r["name"] for r in report if r["target"] == t) for t in TARGETS}
+    assert all(names == per_target["sm_80"] for names in per_target.values())   # every config on every target
 
 
 def jit_objects():
@@ -71,7 +80,8 @@ def test_compiles_without_spills_within_limits(report, target):
 def test_grouped_matmul_uses_tensor_cores(report):
     by = {(r["name"], r["target"]): r for r in report}
     for dt in ("bf16", "fp32"):
-        assert by[(f"gmm[{dt}]", "sm_80")]["mma"], f"gmm[{dt}] has no mma.sync on sm_80"
+        for t in (t for t in TARGETS if t != "sm_90"):   # Ampere and Ada: mma.sync
+            assert by[(f"gmm[{dt}]", t)]["mma"], f"gmm[{dt}] has no mma.sync on {t}"
         assert by[(f"gmm[{dt}]", "sm_90")]["wgmma"], f"gmm[{dt}] has no wgmma on sm_90"
         assert by[(f"gmm_dw[{dt}]", "sm_90")]["wgmma"] or by[(f"gmm_dw[{dt}]", "sm_90")]["mma"]
 
@@ -81,4 +91,5 @@ def test_problems_flags_bad_records():
     assert problems(ok) == []
     assert problems(dict(ok, local=8)) and problems(dict(ok, stack=16))
     assert problems(dict(ok, dynamic_shared=240 * 1024)) and problems(dict(ok, target="sm_80", dynamic_shared=170 * 1024))
+    assert problems(dict(ok, target="sm_86", dynamic_shared=100 * 1024)) and not problems(dict(ok, target="sm_89"))
     assert problems(dict(ok, regs=255, num_warps=16)) and problems({"error": "x", "target": "sm_80"})

@@ -1,17 +1,14 @@
 """bench.py — benchmarks for nanomix: the models (default), the kernels, and each headline run's wall time.
 
-    python bench.py                      # every model at its default config: ms/step, tokens/s, peak memory, MFU,
-                                         # ratio to the dense Transformer, time per token at 4 doubling lengths
-    python bench.py --models dense mamba # some models
+    python bench.py [--models dense mamba]  # each model (default: all): ms/step, tokens/s, memory, MFU, ratio to dense
     python bench.py --peers              # our models at the sizes other implementations were timed at
     python bench.py --kernels            # each kernel vs its naive baseline and the torch path (+ Triton on GPU)
-    python bench.py --wall               # each headline run's wall time (`python train.py`, the compares) projected
-                                         # from its pieces vs its target; the step by category; in-loop vs pure step
-    python bench.py --wall default speech  # some of the runs (names: default chameleon speech mom transfusion bytes)
+    python bench.py --wall [default ...] # each headline run's wall time projected from its pieces vs its target; the
+                                         # step by category; in-loop vs pure step (runs: default chameleon speech mom
+                                         # transfusion bytes)
     python bench.py --context-parallel 2 # one sequence over 2 CPU ranks: bytes sent, memory kept, time per mixer vs L
-    python bench.py --static             # gpu_check.py's static report: every Triton kernel compiled for every GPU
-                                         # target of kernels.TRITON_TARGETS, and each card's roofline floors
-    python bench.py --gpu-check          # gpu_check.py: on a CUDA machine, every kernel, model and run for real
+    python bench.py --static             # runs gpu_check.py --static: every Triton kernel compiled for each target
+    python bench.py --gpu-check          # runs gpu_check.py: on a CUDA machine, every kernel, model and run for real
 
 Results are merged into --out (bench.json) under "models", "kernels", "static", "peers" and "wall". On CPU the kernel
 benchmarks run at reduced sizes (printed with each row): the naive baselines would take minutes and gigabytes.
@@ -70,12 +67,8 @@ def bench_step(model, batch, amp=contextlib.nullcontext):
 
 def data_ms(ds, batch_size, n=5, start=1000):
     """Median ms to draw one training batch (batch_size rows) at n fresh indices: the data path's cost per step."""
-    times = []
-    for i in range(start, start + n):
-        t = time.perf_counter()
-        ds.get_batch("train", batch_size, i)
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    idx = iter(range(start, start + n))
+    return 1e3 * timeit(lambda: ds.get_batch("train", batch_size, next(idx)), n, 0, stat=statistics.median)
 
 
 _NO_LAUNCH = {"aten::" + op for op in (   # views, allocations and scalar reads: no kernel launch of their own
@@ -120,14 +113,12 @@ def bench_one(name, device, reps, scale_tokens):
     batch = train.to(ds.get_batch("train", tc.batch_size, 0), device)
     fpt = train.count_flops(model, batch)
     s = timeit(bench_step(model, batch), reps, 2, device, statistics.median)   # median step after 2 warm-up steps
-    launches = launch_count(bench_step(model, batch), device)
-    tokens = tc.batch_size * tc.seq_len
+    launches, tokens = launch_count(bench_step(model, batch), device), tc.batch_size * tc.seq_len
     mem = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
-    out = dict(model=name, setting=tc.setting, params=sum(p.numel() for p in model.parameters()),
+    out = dict(model=name, setting=tc.setting, params=sum(p.numel() for p in model.parameters()), scaling={},
                batch=f"{tc.batch_size}x{tc.seq_len}", ms_step=1000 * s, tokens_s=tokens / s, peak_mem_mb=mem / 2 ** 20,
-               flops_per_token=fpt, flops_s=fpt * tokens / s, data_ms=data_ms(ds, tc.batch_size), launches=launches,
-               scaling={})
+               flops_per_token=fpt, flops_s=fpt * tokens / s, data_ms=data_ms(ds, tc.batch_size), launches=launches)
     base = tc.seq_len if tc.setting != "bytes" else tc.seq_len // 2   # 256..2048 tokens; 1024..8192 bytes
     for L in (base, 2 * base, 4 * base, 8 * base):  # time per token as the sequence length doubles
         model, cfg, tc2, ds = train.build(name, setting or None, device=device, overrides=BENCH_OVERRIDES.get(name),
@@ -722,8 +713,7 @@ def bench_kernels(args):
 
     result = dict(device=device, machine=machine(), rows=rows)
     if device == "cuda":
-        import gpu_check   # the measured copy bandwidth and bf16 matmul rate, as the GPU check measures them
-        result["ceilings"] = gpu_check.ceilings()
+        result["ceilings"] = ceilings()   # the measured copy bandwidth and bf16 matmul rate
         for r in rows:
             if "GBps" in r:
                 r["frac_of_copy_bw"] = round(r["GBps"] / result["ceilings"]["copy_GBps"], 2)
@@ -732,12 +722,19 @@ def bench_kernels(args):
     return result
 
 
+def ceilings(dtype=torch.bfloat16):
+    """Measured ceilings of this GPU: copy bandwidth (copy_GBps) and a large matmul in dtype (mm_bf16/fp16_TFLOPs)."""
+    x, y = (torch.empty(256 * 2 ** 20, dtype=torch.float32, device="cuda") for _ in range(2))
+    t, a = timeit(lambda: y.copy_(x), 10, device="cuda"), torch.randn(8192, 8192, dtype=dtype, device="cuda")
+    tm = timeit(lambda: a @ a, 10, device="cuda")
+    return {"copy_GBps": round(2 * x.numel() * 4 / t / 1e9, 1),
+            f"mm_{'bf16' if dtype == torch.bfloat16 else 'fp16'}_TFLOPs": round(2 * 8192 ** 3 / tm / 1e12, 1)}
+
+
 def machine():
-    info = dict(python=platform.python_version(), torch=torch.__version__, cpu=platform.processor() or platform.machine(),
-                threads=torch.get_num_threads())
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+    gpu = dict(gpu=torch.cuda.get_device_name()) if torch.cuda.is_available() else {}
+    return dict(python=platform.python_version(), torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                threads=torch.get_num_threads(), **gpu)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -745,8 +742,7 @@ def machine():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--gpu-check" in argv:   # the GPU check lives in gpu_check.py, with its own arguments (--help there)
-        import gpu_check
-        return gpu_check.main([a for a in argv if a != "--gpu-check"])
+        return subprocess.call([sys.executable, os.path.join(HERE, "gpu_check.py")] + [a for a in argv if a != "--gpu-check"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=None, help="model names to benchmark (default mode)")
     ap.add_argument("--kernels", action="store_true", help="kernel benchmarks")
@@ -783,8 +779,10 @@ def main(argv=None):
         results["kernels"] = bench_kernels(args)
     if args.static:
         print("== static ==")
-        import gpu_check
-        results["static"] = gpu_check.static_summary()
+        with tempfile.TemporaryDirectory() as d:   # gpu_check.py's report, run as its own program
+            subprocess.check_call([sys.executable, os.path.join(HERE, "gpu_check.py"), "--static", "--out", f"{d}/s.json"])
+            with open(f"{d}/s.json") as f:
+                results["static"] = json.load(f)
     if args.peers:
         print("== peers (batch 8 x 256) ==")
         results["peers"] = bench_peers(args)

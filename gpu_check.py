@@ -57,7 +57,7 @@ import torch
 import kernels
 import train
 from bench import (BENCH_OVERRIDES, bench_step, fwd_bwd, fwd_only, gmm_inputs, launch_count, machine, matmul_peak,
-                   scan_inputs, selective_inputs, sizes, timeit)
+                   scan_inputs, selective_inputs, sizes, timeit, ceilings)   # bench measures; this file checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_TOL = {torch.float64: 1e-9, torch.complex128: 1e-9, torch.float32: 1e-4, torch.complex64: 1e-4,
@@ -475,17 +475,6 @@ def check_determinism(device, backend, scale):
 
 
 # ------------------------------------------------------------------------------------------------ gpu check: timings
-
-def ceilings(dtype=torch.bfloat16):
-    """Measured ceilings of this GPU: device-to-device copy bandwidth (copy_GBps) and a large matmul in `dtype`
-    (mm_bf16_TFLOPs, or mm_fp16_TFLOPs). bench.py --kernels reports them too."""
-    x, y = (torch.empty(256 * 2 ** 20, dtype=torch.float32, device="cuda") for _ in range(2))
-    t = timeit(lambda: y.copy_(x), 10, device="cuda")
-    a = torch.randn(8192, 8192, dtype=dtype, device="cuda")
-    tm = timeit(lambda: a @ a, 10, device="cuda")
-    return {"copy_GBps": round(2 * x.numel() * 4 / t / 1e9, 1),
-            f"mm_{_TAG[dtype]}_TFLOPs": round(2 * 8192 ** 3 / tm / 1e12, 1)}
-
 
 def _dtype(c):
     """The 16-bit dtype a card computes matmuls in: bf16, or fp16 where it has no bf16 (T4, V100)."""
@@ -992,8 +981,13 @@ def main(argv=None):
     ap.add_argument("--train_steps", type=int, default=50, help="--device cpu: train.py steps (50 on CUDA)")
     ap.add_argument("--cpu_compile", action="store_true",
                     help="--device cpu: also torch.compile every model on CPU (inductor, ~1-2 min each)")
+    ap.add_argument("--static", action="store_true", help="only the static report (no GPU needed; = bench.py --static)")
     ap.add_argument("--_compile", default=None, help=argparse.SUPPRESS)  # internal: compile_one in a child process
     args = ap.parse_args(argv)
+    if args.static:
+        with open(args.out, "w") as f:
+            json.dump(static_summary(), f, indent=1, default=str)
+        return 0
     if args._compile:
         with open(args.out, "w") as f:
             json.dump(compile_one(args._compile, args.device), f, default=str)

@@ -25,7 +25,7 @@ selective scan runs chunks of CPU_CHUNK steps, never materialising (batch, dim, 
 L, tl.associative_scan inside a chunk, the state carried in registers; the selective scan's backward recomputes
 each chunk from the forward's checkpoints; grouped-matmul tiles never straddle groups (tile table built on the
 device: no host sync). launch_config() picks every launch parameter from the target (gpu_check.py compiles every
-choice for sm_80 / sm_90 with no GPU). flop_tally(): the scans' analytic FLOPs (section 0).
+choice for every target of TRITON_TARGETS with no GPU). flop_tally(): the scans' analytic FLOPs (section 0).
 Tests: tests/test_kernels.py (interpreter), tests/test_gpu_compile.py (AOT). Bench: python bench.py --kernels --static
 """
 import os
@@ -421,7 +421,7 @@ def grouped_matmul(x, w, group_sizes, *, backend="auto"):
 
 # ==== 4. Triton kernels (GPU; on CPU tensors under TRITON_INTERPRET=1) ===============================================
 # Launch parameters come from one function, launch_config(kernel, target, ...); tests/test_gpu_compile.py compiles
-# every choice it can make for sm_80 / sm_90 (gpu_check.compile_specs).
+# every choice it can make for each target of TRITON_TARGETS (gpu_check.compile_specs).
 
 POISON = False          # tests set True: kernel outputs start as NaN, so an element a kernel forgets to write fails
 
@@ -459,7 +459,7 @@ def launch_config(kernel, target, *, dtype=torch.float32, n_state=16):
             raise ValueError(f"selective_scan: the Triton kernels support N <= 64 state dims, got {n_state}")
         if dtype == torch.float64:
             raise ValueError("selective_scan: the Triton kernels on GPU compute in fp32; use backend='torch' for fp64")
-        # 3-D register tiles (BLOCK_D, BLOCK_N, BLOCK_T) of 1024 elements: no stack on sm_80 / sm_90 under Triton 3.8
+        # 3-D register tiles (BLOCK_D, BLOCK_N, BLOCK_T) of 1024 elements: no stack on any target under Triton 3.8
         # and 3.9 (tests/test_gpu_compile.py; 2048 left stack in the fused fwd). The bwd holds ~3x the fwd's live
         # tiles (h, h_{t-1}, g, exp(delta A), ...): 8 warps (with 4, Triton 3.8 left 8 bytes of stack at N = 32 on
         # sm_90). fwd and bwd share BLOCK_T: the bwd reuses the fwd's checkpoints.

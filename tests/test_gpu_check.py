@@ -5,6 +5,7 @@ so that the first GPU run fails only for GPU reasons.
 With CUDA (skipped here with a reason): the compiled kernels against the torch path and the bf16 autocast step."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -15,14 +16,20 @@ import gpu_check
 import kernels
 import train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_without_cuda_one_line_and_exit_0(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "g.json"
-    for argv in (["--gpu-check"], ["--gpu-check", "--device", "cuda"]):
-        assert bench.main(argv + ["--out", str(out)]) == 0
+    for argv in ([], ["--device", "cuda"]):                           # in process, and as `python bench.py --gpu-check`
+        assert gpu_check.main(argv + ["--out", str(out)]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         assert len(lines) == 1 and "no CUDA GPU" in lines[0]
+        r = subprocess.run([sys.executable, "bench.py", "--gpu-check", *argv, "--out", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        lines = r.stdout.strip().splitlines()
+        assert r.returncode == 0 and len(lines) == 1 and "no CUDA GPU" in lines[0], r.stdout + r.stderr
     assert not out.exists()
 
 
@@ -230,12 +237,12 @@ def test_a_failing_kernel_still_gives_the_full_table_and_json(tmp_path, capsys, 
 
 
 def bench_args(argv):
-    """The parsed arguments main() would pass to gpu_check."""
+    """The parsed arguments gpu_check.py gets from `python bench.py ARGV` (bench hands them on without --gpu-check)."""
     captured = {}
     orig = gpu_check.gpu_check
     gpu_check.gpu_check = lambda args, run=None: captured.setdefault("args", args) and 0
     try:
-        bench.main(argv)
+        gpu_check.main([a for a in argv if a != "--gpu-check"])
     finally:
         gpu_check.gpu_check = orig
     return captured["args"]

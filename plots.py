@@ -6,7 +6,8 @@ config.json + metrics.jsonl) and models' public methods and attributes. One comm
     python plots.py list                                  # every figure in docs/ and the command that makes it
     python plots.py docs NAME                             # remake docs/NAME.png (from docs/runs/ or the code itself)
     python plots.py run OUT_DIR                           # OUT_DIR/loss.png of one training run
-    python plots.py compare BASE_OUT dense,mot [PNG]      # eval curves of several runs (BASE_OUT/NAME/metrics.jsonl)
+    python plots.py compare BASE_OUT dense,mot [PNG] [--out DIR]   # eval curves of the runs BASE_OUT/NAME, the FLOPs
+                                                          # table; compare.png/.json into DIR (out/compare_BASE)
     python plots.py mechanism MODEL [CKPT] [PNG]          # the mechanism figure of one model on a real batch
     python plots.py toy_world [PNG]                       # scenes, captions and a token stream of every setting
 
@@ -143,9 +144,10 @@ def flops_to_reach(ev, key, target):
     return None
 
 
-def summarize(names, base_out, png=None):
+def summarize(names, base_out, png=None, out=None):
     """The FLOPs each of names[1:] needs to reach names[0]'s final eval losses, from the finished runs in
-    base_out/NAME: printed, written to base_out/compare.json and returned (train.py --compare and `compare` here)."""
+    base_out/NAME: printed, written to out/compare.json (out defaults to base_out) and returned (train.py --compare
+    and `compare` here)."""
     runs = {n: read_run(os.path.join(base_out, n))[1] for n in names}
     for n, ev in runs.items():
         if not ev:
@@ -165,9 +167,11 @@ def summarize(names, base_out, png=None):
             final = runs[n][-1].get(k, float("nan"))
             print(f"  {k:18s} {n:16s} " + (f"{100 * f / total:6.1f}%" if f is not None else "not reached") +
                   f"   (final {final:.4f} vs {names[0]} {target:.4f})")
-    with open(os.path.join(base_out, "compare.json"), "w") as f:
+    out = out or base_out
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    png = png or os.path.join(base_out, "compare.png")
+    png = png or os.path.join(out, "compare.png")
     if os.path.exists(png):
         print(f"plot: {png}")
     return summary
@@ -971,9 +975,18 @@ def main(argv):
         elif cmd == "run" and rest:
             print(plot_run(rest[0]))
         elif cmd == "compare" and len(rest) >= 2:
+            out = None
+            if "--out" in rest:                    # never into BASE_OUT: it may be a shipped docs/runs directory
+                i = rest.index("--out")
+                if i + 1 >= len(rest):
+                    raise ValueError("--out needs a directory")
+                out, rest = rest[i + 1], rest[:i] + rest[i + 2:]
+            out = out or os.path.join("out", "compare_" + os.path.basename(os.path.normpath(rest[0])))
             names = [n for n in rest[1].split(",") if n]
-            plot_compare(rest[0], names, rest[2] if len(rest) > 2 else None)
-            summarize(names, rest[0], rest[2] if len(rest) > 2 else None)  # the FLOPs table and compare.json
+            png = rest[2] if len(rest) > 2 else os.path.join(out, "compare.png")
+            plot_compare(rest[0], names, png)
+            summarize(names, rest[0], png, out)    # the FLOPs table and out/compare.json
+            print(f"wrote {os.path.join(out, 'compare.json')}")
         elif cmd == "mechanism" and rest:
             ckpt = next((a for a in rest[1:] if a.endswith(".pt")), None)
             png = next((a for a in rest[1:] if a.endswith(".png")), None)

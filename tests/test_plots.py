@@ -155,3 +155,28 @@ def test_cli_compare_never_writes_into_the_runs_it_reads(tmp_path, monkeypatch):
     assert (tmp_path / "o" / "compare.json").exists()
     if before.returncode == 0:                             # a git checkout (a tarball has nothing to compare)
         assert status().stdout == before.stdout          # (empty in a clean checkout)
+
+
+def test_docs_figures_are_slide_ready(tmp_path, monkeypatch):
+    """Every figure in docs/ (drawn here into tmp_path): at most MAX_ASPECT times as wide as high, every text at least
+    SLIDE_PT when the figure is shown MAX_PX wide, and at most MAX_PX wide as saved."""
+    import matplotlib.text
+    seen = {}
+    real = plots._save
+
+    def check(fig, path, rect=None):
+        out = real(fig, path, rect)                 # _save makes the text readable: what it saves is checked
+        w, h = fig.get_size_inches()
+        small = [(t.get_text()[:30], t.get_fontsize()) for t in fig.findobj(matplotlib.text.Text)
+                 if t.get_visible() and t.get_text().strip() and t.get_fontsize() * plots.MAX_PX / (w * plots.DPI)
+                 < plots.SLIDE_PT - 1e-6]
+        seen[os.path.basename(path)] = (w / h, small)
+        return out
+
+    monkeypatch.setattr(plots, "_save", check)
+    for name, (make, _) in plots.DOCS_FIGURES.items():
+        make(str(tmp_path / f"{name}.png"))
+        aspect, small = seen[f"{name}.png"]
+        assert aspect <= plots.MAX_ASPECT + 1e-9, f"docs/{name}.png is {aspect:.2f}:1 wide"
+        assert not small, f"docs/{name}.png: text below {plots.SLIDE_PT} pt at {plots.MAX_PX} px wide: {small[:5]}"
+        assert png_size(tmp_path / f"{name}.png")[0] <= plots.MAX_PX

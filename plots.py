@@ -9,7 +9,7 @@ config.json + metrics.jsonl) and models' public methods and attributes. One comm
     python plots.py compare BASE_OUT dense,mot [PNG] [--out DIR]   # eval curves of the runs BASE_OUT/NAME, the FLOPs
                                                           # table; compare.png/.json into DIR (out/compare_BASE)
     python plots.py mechanism MODEL [CKPT] [PNG]          # the mechanism figure of one model on a real batch
-    python plots.py toy_world [PNG]                       # scenes, captions and a token stream of every setting
+    python plots.py toy_world [PNG]                       # scenes, captions, a token stream per setting (out/)
 
 The trainer calls plot_run(out) and model_figures(model, ds, out) at the end of a run, and plot_compare(base, names)
 and summarize(names, base) after --compare. This file never imports train.py: it reads runs itself (rundir.read_jsonl)
@@ -351,7 +351,7 @@ def _stream(ax, labels, mods, names, width=30, title=""):
     ax.set_title(title, fontsize=9, loc="left")
 
 
-def toy_world(path="docs/toy_world.png", n_scenes=8, seed=0):
+def toy_world(path="out/toy_world.png", n_scenes=8, seed=0):
     """The toy world in one picture: rendered scenes with their captions (top) and the first tokens of a training
     row of every setting, coloured by modality (bottom)."""
     import data
@@ -1048,7 +1048,7 @@ def main(argv):
                 raise ValueError(f"no mechanism figure for {rest[0]!r} on its setting")
             print(p)
         elif cmd == "toy_world":
-            print(toy_world(rest[0] if rest else os.path.join(DOCS, "toy_world.png")))
+            print(toy_world(rest[0] if rest else os.path.join("out", "toy_world.png")))   # docs/: `docs toy_world`
         else:
             print(f"error: unknown command {' '.join(argv)!r}; python plots.py --help lists them", file=sys.stderr)
             return 2

@@ -6,14 +6,16 @@ config.json + metrics.jsonl) and models' public methods and attributes. One comm
     python plots.py list                                  # every figure in docs/ and the command that makes it
     python plots.py docs NAME                             # remake docs/NAME.png (from docs/runs/ or the code itself)
     python plots.py run OUT_DIR                           # OUT_DIR/loss.png of one training run
-    python plots.py compare BASE_OUT dense,mot [PNG]      # eval curves of several runs (BASE_OUT/NAME/metrics.jsonl)
+    python plots.py compare BASE_OUT dense,mot [PNG] [--out DIR]   # eval curves of the runs BASE_OUT/NAME, the FLOPs
+                                                          # table; compare.png/.json into DIR (out/compare_BASE)
     python plots.py mechanism MODEL [CKPT] [PNG]          # the mechanism figure of one model on a real batch
-    python plots.py toy_world [PNG]                       # scenes, captions and a token stream of every setting
+    python plots.py toy_world [PNG]                       # scenes, captions, a token stream per setting (out/)
 
 The trainer calls plot_run(out) and model_figures(model, ds, out) at the end of a run, and plot_compare(base, names)
 and summarize(names, base) after --compare. This file never imports train.py: it reads runs itself (rundir.read_jsonl)
 and builds models with cli.py's checks. Every figure is at most 1600 px wide, has axis labels with
-units and a title that says what is compared, on which setting, for how many steps.
+units and a title that says what it shows; the figures in docs/ are slide-ready: at most 2.5 times as wide as high,
+and every label at least 12 pt when the figure is shown 1600 px wide (_save enlarges any smaller text).
 """
 import json
 import math
@@ -28,6 +30,8 @@ from rundir import read_jsonl
 
 DPI = 100
 MAX_PX = 1600
+MAX_ASPECT = 2.5          # width / height of a docs figure: it fits a 16:9 slide with a title above it
+SLIDE_PT = 12             # the smallest label, in points, when the figure is shown MAX_PX wide
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
 RUNS = os.path.join(DOCS, "runs")
 
@@ -80,9 +84,28 @@ def _plt():
     return plt
 
 
-def _save(fig, path):
-    """Save at <= MAX_PX wide (the DPI drops for a wide figure) and close it. Returns the path."""
+def min_font_pt(fig):
+    """The smallest font size (points, in the figure's own inches) that reads as SLIDE_PT at MAX_PX wide."""
+    return SLIDE_PT * fig.get_size_inches()[0] * DPI / MAX_PX
+
+
+def _readable(fig, rect=None):
+    """Enlarge every text of fig below min_font_pt(fig) to it, then lay the figure out again."""
+    import matplotlib.text
+    lo, grew = min_font_pt(fig), False
+    for t in fig.findobj(matplotlib.text.Text):
+        if t.get_fontsize() < lo:
+            t.set_fontsize(lo)
+            grew = True
+    if grew and not fig.get_constrained_layout():
+        fig.tight_layout(rect=rect or (0, 0, 1, 1))
+
+
+def _save(fig, path, rect=None):
+    """Save at <= MAX_PX wide (the DPI drops for a wide figure) and close it, every label readable (_readable;
+    rect: the tight_layout rectangle the figure was drawn with). Returns the path."""
     plt = _plt()
+    _readable(fig, rect)
     w = fig.get_size_inches()[0]
     d = min(DPI, MAX_PX / w)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -94,7 +117,7 @@ def _save(fig, path):
 def _wrap(text, fig):
     """Break a title into lines that fit the figure's width (about 11 characters per inch at 11 pt)."""
     import textwrap
-    return "\n".join(textwrap.wrap(text, int(fig.get_size_inches()[0] * 11)))
+    return "\n".join(textwrap.wrap(text, int(fig.get_size_inches()[0] * 10)))
 
 
 def _flops_axis(ax, xs):
@@ -143,9 +166,10 @@ def flops_to_reach(ev, key, target):
     return None
 
 
-def summarize(names, base_out, png=None):
+def summarize(names, base_out, png=None, out=None):
     """The FLOPs each of names[1:] needs to reach names[0]'s final eval losses, from the finished runs in
-    base_out/NAME: printed, written to base_out/compare.json and returned (train.py --compare and `compare` here)."""
+    base_out/NAME: printed, written to out/compare.json (out defaults to base_out) and returned (train.py --compare
+    and `compare` here)."""
     runs = {n: read_run(os.path.join(base_out, n))[1] for n in names}
     for n, ev in runs.items():
         if not ev:
@@ -165,9 +189,11 @@ def summarize(names, base_out, png=None):
             final = runs[n][-1].get(k, float("nan"))
             print(f"  {k:18s} {n:16s} " + (f"{100 * f / total:6.1f}%" if f is not None else "not reached") +
                   f"   (final {final:.4f} vs {names[0]} {target:.4f})")
-    with open(os.path.join(base_out, "compare.json"), "w") as f:
+    out = out or base_out
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    png = png or os.path.join(base_out, "compare.png")
+    png = png or os.path.join(out, "compare.png")
     if os.path.exists(png):
         print(f"plot: {png}")
     return summary
@@ -227,9 +253,14 @@ def plot_compare(base_out, names, path=None, keys=None, labels=None, title=None,
             keys.remove("eval_loss")
     keys = [k for k in keys if any(k in r for _, ev, _ in runs.values() for r in ev)]
     n = len(keys)
-    fig, axes = plt.subplots(1, n, figsize=(min(15.5, 4.6 * n + 0.6), 4.0), squeeze=False)
+    cols = n if n < 4 else 2                                   # four panels: 2 x 2, so the figure stays slide-shaped
+    rows = math.ceil(n / cols)
+    w = min(11.0, 3.6 * cols + 0.6)
+    fig, axes = plt.subplots(rows, cols, figsize=(w, max(4.0 * rows, w / MAX_ASPECT)), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
     allx = [r["flops"] for _, ev, _ in runs.values() for r in ev]
-    for ax, k in zip(axes[0], keys):
+    for ax, k in zip(axes.flat, keys):
         u = _flops_axis(ax, allx)
         for j, (rn, (_, ev, _)) in enumerate(runs.items()):
             e = [r for r in ev if k in r]
@@ -237,10 +268,15 @@ def plot_compare(base_out, names, path=None, keys=None, labels=None, title=None,
                 continue
             lab = labels.get(rn, model_name(rn))
             main = f"{lab}, causal aux routers" if any(k + "_ec" in r for r in e) else lab
+            both = [r for r in e if k + "_ec" in r]
+            gap = max([abs(r[k] - r[k + "_ec"]) for r in both] or [1.0])
+            span = max(r[k] for r in e) - min(r[k] for r in e)
+            if aux and both and gap < 0.01 * max(span, 1e-9):   # the two routings' curves would hide each other
+                main = f"{lab}, aux routers = expert choice (to {gap:.3f})"
             ax.plot([r["flops"] / u for r in e], [r[k] for r in e], "o-", ms=3, color=f"C{j}", label=main)
             for suffix, what in (("_aux", "causal aux routers"), ("_ec", "expert choice (non-causal)")):
-                if aux and any(k + suffix in r for r in e):   # MoMa: the other routing, dashed
-                    ea = [r for r in e if k + suffix in r]
+                if aux and any(k + suffix in r for r in e) and not (suffix == "_ec" and "=" in main):
+                    ea = [r for r in e if k + suffix in r]    # MoMa: the other routing, dashed
                     ax.plot([r["flops"] / u for r in ea], [r[k + suffix] for r in ea], "--", color=f"C{j}", alpha=0.8,
                             label=f"{lab}, {what}")
             ck = k.replace("_acc", "_chance")
@@ -261,13 +297,16 @@ def plot_compare(base_out, names, path=None, keys=None, labels=None, title=None,
         ax.set_title(t, fontsize=10)
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, names_ = axes[0][0].get_legend_handles_labels()     # below the panels: no curve hidden under it
+    ncol = min(len(handles), 3)
+    fig.legend(handles, names_, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    rect = (0, 0.075 * math.ceil(len(handles) / ncol) * 4.4 / fig.get_size_inches()[1], 1, 1)
     conf, tr, ev = runs[base][2], runs[base][0], runs[base][1]
     what = " vs ".join(labels.get(rn, model_name(rn)) for rn in runs)
     fig.suptitle(_wrap(title or f"{what}: eval curves at equal training FLOPs, {_describe(conf, tr, ev)}", fig),
                  fontsize=11)
-    fig.tight_layout()
-    _save(fig, path or os.path.join(base_out, "compare.png"))
+    fig.tight_layout(rect=rect)
+    _save(fig, path or os.path.join(base_out, "compare.png"), rect=rect)
     res = {}
     for rn, (_, ev, _) in runs.items():
         res[rn] = {}
@@ -303,7 +342,7 @@ def _stream(ax, labels, mods, names, width=30, title=""):
     for i, (s, m) in enumerate(zip(labels, mods)):
         r, c = divmod(i, width)
         ax.add_patch(__import__("matplotlib").patches.Rectangle((c, -r - 0.9), 0.95, 0.8, color=MOD_COLOURS[m % 4]))
-        ax.text(c + 0.47, -r - 0.5, s[:7], ha="center", va="center", fontsize=6.5, family="monospace")
+        ax.text(c + 0.47, -r - 0.5, s[:6], ha="center", va="center", fontsize=6.5, family="monospace")
     ax.set_xlim(0, width)
     ax.set_ylim(-rows - 0.1, 0.1)
     ax.axis("off")
@@ -312,20 +351,20 @@ def _stream(ax, labels, mods, names, width=30, title=""):
     ax.set_title(title, fontsize=9, loc="left")
 
 
-def toy_world(path="docs/toy_world.png", n_scenes=10, seed=0):
+def toy_world(path="out/toy_world.png", n_scenes=8, seed=0):
     """The toy world in one picture: rendered scenes with their captions (top) and the first tokens of a training
     row of every setting, coloured by modality (bottom)."""
     import data
     plt = _plt()
     ds = data.make_data("chameleon", seq_len=256, seed=seed)
     ex = ds.scenes(n_scenes)
-    fig = plt.figure(figsize=(15, 10))
+    fig = plt.figure(figsize=(12, 10))
     gs = fig.add_gridspec(6, n_scenes, height_ratios=[1.5, 1.05, 1.05, 1.05, 1.05, 0.45])
     for k, e in enumerate(ex):
         a = fig.add_subplot(gs[0, k])
         a.imshow(np.asarray(e["image"]).transpose(1, 2, 0))
         words = [data.WORDS[i] for i in e["caption"] if i < len(data.WORDS)]
-        a.set_title("\n".join(" ".join(words[j:j + 4]) for j in range(0, len(words), 4)), fontsize=7)
+        a.set_title("\n".join(__import__("textwrap").wrap(" ".join(words), 17)), fontsize=7)
         a.set_xticks([]), a.set_yticks([])
     fig.text(0.01, 0.985, "The toy world (data.py): scenes (16 x 16 RGB) with a caption of each, and the token stream of "
              "every setting", fontsize=12)
@@ -342,8 +381,8 @@ def toy_world(path="docs/toy_world.png", n_scenes=10, seed=0):
         ax = fig.add_subplot(gs[1 + j, :])
         key = {"chameleon": "i12 = image token 12", "speech": "i12 = image token 12, s3 = speech code 3",
                "transfusion": "patch = one continuous 4 x 4 x 3 image patch"}[s]
-        _stream(ax, lab[:90], mod[:90], names[:d.n_modalities], width=30,
-                title=f"setting '{s}': the first 90 tokens of training row 0 ({key})")
+        _stream(ax, lab[:66], mod[:66], names[:d.n_modalities], width=22,
+                title=f"setting '{s}': the first 66 tokens of training row 0 ({key})")
     d = data.make_data("bytes", seq_len=512, seed=seed)
     b = d.get_batch("train", 1, 0)
     raw = bytes(b["tokens"][0, :240].tolist())
@@ -364,7 +403,7 @@ def toy_world(path="docs/toy_world.png", n_scenes=10, seed=0):
             "tokenizer of 4 x 4 patches (chameleon, speech) or 16 continuous patches (transfusion); speech codes follow "
             "the caption's words.", fontsize=9, va="top")
     fig.tight_layout(rect=(0, 0, 1, 0.975))
-    return _save(fig, path)
+    return _save(fig, path, rect=(0, 0, 1, 0.975))
 
 
 # --- mechanism figures: the code's own objects on a real batch ---------------------------------------------------
@@ -386,11 +425,11 @@ def _weight_grid(ax, rows, copies, mod, labels, title):
     ax.imshow(grid + 1, cmap=cmap, vmin=0, vmax=k, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_xticks(range(len(labels)), labels, fontsize=6.5, rotation=90, family="monospace")
-    ax.set_xlabel("the first tokens of an eval row of the toy data, in order")
+    ax.set_xlabel("the first tokens of an eval row of the toy data, in order (i12 = image token 12)")
     ax.set_title(title, fontsize=10)
 
 
-def mot_weights(model, ds, path, n=64):
+def mot_weights(model, ds, path, n=48):
     """MoT: which copy of every weight tensor of block 0 each token of a real row uses (grey = shared)."""
     batch = ds.get_batch("val", 1, 0)
     labels, mod = _row_labels(ds, batch, n)
@@ -401,10 +440,12 @@ def mot_weights(model, ds, path, n=64):
             w = m.weight[0]
             rows.append(f"{name} ({w.shape[0]} -> {w.shape[1]})" if w.dim() == 2 else f"{name} (gain, {w.shape[0]})")
             copies.append(m.n)
+    if all(c > 1 for c in copies):                   # everything untied: the dense model below it, for contrast
+        rows, copies = [f"MoT: {', '.join(r.split(' (')[0] for r in rows)}",
+                        "dense Transformer: the same tensors"], [2, 1]
     names = _modality_names(model)
-    return _weight_figure(rows, copies, mod, labels, names, path, 0.35 * len(rows) + 2.6,
-                          f"MoT block 0: the weight copy each token uses (colour = {', '.join(names)}"
-                          f" copy; grey = shared). Attention stays global over all tokens.")
+    return _weight_figure(rows, copies, mod, labels, names, path,
+                          "MoT block 0: the copy of each weight tensor that each token uses")
 
 
 def _modality_names(model):
@@ -412,25 +453,34 @@ def _modality_names(model):
     return tuple(names[:model.cfg.n_modalities])
 
 
-def _weight_figure(rows, copies, mod, labels, names, path, height, title):
-    """The weight-copy grid (_weight_grid) with its modality legend, saved to path."""
+def _weight_figure(rows, copies, mod, labels, names, path, title):
+    """The weight-copy grid (_weight_grid) with its modality legend, saved to path. Rows that colour the tokens alike
+    (all per-modality, or all shared) are drawn as one row naming its tensors."""
+    import textwrap
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(15, height))
+    groups = {}
+    for r, c in zip(rows, copies):
+        groups.setdefault(c > 1, []).append(r)
+    rows = ["\n".join(textwrap.wrap(", ".join(g), 34)) for g in groups.values()]
+    copies = [2 if split else 1 for split in groups]
+    fig, ax = plt.subplots(figsize=(11, 4.6))
     _weight_grid(ax, rows, copies, mod, labels, title)
-    _legend_modalities(ax, names, shared=True)
+    _legend_modalities(ax, [n if m in mod else None for m, n in enumerate(names)], shared=1 in copies)
     fig.tight_layout()
     return _save(fig, path)
 
 
 def _legend_modalities(ax, names, shared=False):
+    """Legend of the modality colours (names[m] None: modality m not drawn) and of grey = shared."""
     import matplotlib.patches as mp
-    h = [mp.Patch(color=WEIGHT_COLOURS[i % len(WEIGHT_COLOURS)], label=f"{n} weights") for i, n in enumerate(names)]
+    h = [mp.Patch(color=WEIGHT_COLOURS[i % len(WEIGHT_COLOURS)], label=f"{n} weights") for i, n in enumerate(names)
+         if n is not None]
     if shared:
         h.append(mp.Patch(color="#9a9a9a", label="shared weights"))
     ax.legend(handles=h, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
 
 
-def mom_projections(model, ds, path, n=64):
+def mom_projections(model, ds, path, n=48):
     """MoM: which projections of a Mamba block are per-modality (in/x/dt/out_proj) and which shared (conv, A, D)."""
     batch = ds.get_batch("val", 1, 0)
     labels, mod = _row_labels(ds, batch, n)
@@ -445,9 +495,8 @@ def mom_projections(model, ds, path, n=64):
         else:
             rows.append(f"{name} {tuple((m.weight if hasattr(m, 'weight') else m).shape)}")
             copies.append(1)
-    return _weight_figure(rows, copies, mod, labels, _modality_names(model), path, 4.8,
-                          "Mixture-of-Mamba, one block: the projection copy each token uses (grey = shared by all "
-                          "modalities). The selective scan runs over all tokens in order.")
+    return _weight_figure(rows, copies, mod, labels, _modality_names(model), path,
+                          "Mixture-of-Mamba, one block: the copy of each projection that each token uses")
 
 
 def transfusion_mask(model, ds, path, n=56):
@@ -469,7 +518,7 @@ def transfusion_mask(model, ds, path, n=56):
     return _save(fig, path)
 
 
-def moma_routing_tokens(model, ds, path, n=64):
+def moma_routing_tokens(model, ds, path, n=32):
     """MoMa: which expert each token goes to in every layer, under expert choice (training) and under the auxiliary
     routers (causal, inference), on a real batch (block.ffn.route on the hidden states that reach each FFN)."""
     plt = _plt()
@@ -490,7 +539,7 @@ def moma_routing_tokens(model, ds, path, n=64):
     modes = ["ec"] + (["aux"] if getattr(cfg, "aux_router", False) else [])
     L = len(seen)
     labels, mod = _row_labels(ds, batch, n)
-    fig, axes = plt.subplots(L, len(modes), figsize=(15, 2.2 * L + 1.4), squeeze=False)
+    fig, axes = plt.subplots(L, len(modes), figsize=(11, max(2.2 * L + 1.4, 11 / MAX_ASPECT)), squeeze=False)
     E = cfg.n_experts_total
     names = getattr(cfg, "modality_names", ("text", "image", "speech"))
     ylab = [f"{names[m][0] if m < len(names) else m}{i}" for m, e in enumerate(cfg.group_experts) for i in range(e)]
@@ -512,8 +561,8 @@ def moma_routing_tokens(model, ds, path, n=64):
             if l == 0:
                 ax.set_title("expert choice (training; sees the whole batch)" if mode == "ec" else
                              "auxiliary routers (causal: each token decides alone)", fontsize=10)
-    fig.suptitle(f"MoMa routing of the first {n} tokens of a chameleon-setting row: green = the expert takes the token "
-                 f"(shade = its gate); t = text experts, i = image experts", fontsize=10)
+    fig.suptitle(_wrap(f"MoMa routing of the first {n} tokens of a chameleon-setting row: green = the expert takes the "
+                       f"token (shade = its gate); t = text experts, i = image experts", fig), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -567,7 +616,8 @@ def megabyte_layout(model, ds, path, n_patches=4):
     batch = ds.get_batch("val", 1, 0)
     by = batch["tokens"][0, :P * n_patches].tolist()
     ch = [chr(c) if 32 <= c < 127 else "?" for c in by]
-    fig, ax = plt.subplots(figsize=(min(15, 0.42 * P * n_patches + 3), 4.4))
+    w = min(11.0, 0.3 * P * n_patches + 3)
+    fig, ax = plt.subplots(figsize=(w, max(4.4, w / MAX_ASPECT)))
     local = [("_" if i % P == 0 else ch[i - 1]) for i in range(len(ch))]
     if hasattr(model, "patch_layout"):       # the model's own account: trainer position t predicts byte t + 1
         lay = model.patch_layout(len(ch))
@@ -593,8 +643,8 @@ def megabyte_layout(model, ds, path, n_patches=4):
     ax.set_yticks([])
     ax.set_xticks([k * P + P / 2 for k in range(n_patches)], [f"patch {k}" for k in range(n_patches)])
     ax.set_xlabel(f"byte position t (patch size P = {P}); one global step per patch, P local steps inside it")
-    ax.set_title(f"MEGABYTE on a bytes-setting row: the global model predicts patch k from patches < k; the local model "
-                 f"predicts each byte\nfrom the global output's slot p and the previous byte", fontsize=10)
+    ax.set_title(_wrap(f"MEGABYTE on a bytes-setting row: what the global model reads at patch k (patch k-1) and what the "
+                       f"local model reads at each byte (the previous byte of the patch)", fig), fontsize=10)
     for s in ax.spines.values():
         s.set_visible(False)
     fig.tight_layout()
@@ -636,7 +686,7 @@ def blt_patches(model, tokens, path, n=96, kinds=None):
         starts = model.patch(x, ent)[0, :x.shape[1]].cpu()
     model.train(was)
     chars = [chr(b) if 32 <= b < 127 else "?" for b in tokens[:n].tolist()]
-    fig, ax = plt.subplots(figsize=(min(15.5, 0.15 * len(chars) + 1.2), 4))
+    fig, ax = plt.subplots(figsize=(11, 4.6))
     if ent is not None:   # H(x_i) = ent[i - 1]: the entropy of the byte at i before seeing it
         H = [float("nan")] + ent[0, :-1].cpu().tolist()
         ax.plot(range(len(chars)), H, "-o", ms=3, color="tab:blue", label="H(x_i): entropy model's next-byte entropy")
@@ -652,8 +702,8 @@ def blt_patches(model, tokens, path, n=96, kinds=None):
             if k in shade:
                 ax.axvspan(i - 0.5, i + 0.5, color=shade[k][0], alpha=0.5, lw=0)
         handles = [mp.Patch(color=c, alpha=0.5, label=l) for c, l in shade.values()]
-        ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=8, loc="upper center", ncol=4)
-        ax.set_ylim(top=ax.get_ylim()[1] * 1.2)
+        ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=8, loc="upper center", ncol=2,
+                  bbox_to_anchor=(0.5, -0.2), frameon=False)      # below the axes: the random bytes stay visible
     ax.set_xticks(range(len(chars)), chars, fontsize=7, family="monospace")
     ax.set_xlim(-0.5, len(chars) - 0.5)
     ax.set_xlabel("byte of a bytes-setting eval row (grey line = a patch starts here)")
@@ -683,20 +733,25 @@ def megalodon_cema(model, path, n_chunks=3, n_channels=6):
         x[0, 0] = 1.0
         with torch.no_grad():
             y = cema(x)[0][0] - cema.omega.float() * x[0]      # (L, D): the EMA part of the response
-    fig, ax = plt.subplots(1, 2, figsize=(14, 4.2), gridspec_kw=dict(width_ratios=[2, 1]))
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw=dict(width_ratios=[2, 1]))
     with torch.no_grad():
         slow = cema.coeffs(polar=True)[1][0].amax(dim=(1, 2))           # per channel: the largest |q|
+    reach = 0                                                       # last t where a drawn response is above 1e-8
     for d in slow.argsort(descending=True)[:n_channels].tolist():     # the channels that remember longest
-        ax[0].plot(range(L), y[:, d].abs().clamp(min=1e-9).numpy(), lw=1, label=f"channel {d}, max |q| {slow[d]:.3f}")
+        r = y[:, d].abs()
+        reach = max(reach, int((r > 1e-8).nonzero().max()) if (r > 1e-8).any() else 0)
+        ax[0].plot(range(L), r.clamp(min=1e-9).numpy(), lw=1, label=f"channel {d}, max |q| {slow[d]:.3f}")
     ax[0].set_yscale("log")
     ax[0].set_ylim(1e-9, None)
     for k in range(1, L // c + 1):
         ax[0].axvline(k * c, color="k", ls=":", lw=1)
-    ax[0].set_xlabel(f"time step t after an impulse at t = 0 (dotted = attention chunk boundaries, chunk = {c})")
+    ax[0].set_xlabel(f"time step t after an impulse at t = 0 (dotted: chunk boundaries, chunk = {c})")
     ax[0].set_ylabel("|CEMA response y_t| (log scale)")
-    ax[0].set_title(f"layer 0's CEMA impulse response, its {n_channels} longest-memory channels (|q| is learned)",
+    where = (f"below 1e-8 from t = {reach + 1}, before the first chunk boundary" if reach < c else
+             f"above 1e-8 until t = {reach}, past the first chunk boundary")
+    ax[0].set_title(_wrap(f"layer 0's CEMA impulse response, its {n_channels} longest-memory channels: {where}", fig),
                     fontsize=10)
-    ax[0].legend(fontsize=7, ncol=2)
+    ax[0].legend(fontsize=7, ncol=2, loc="upper right")
     T, cc = 4 * 8, 8
     i = np.arange(T)
     m = (i[None, :] <= i[:, None]) & (i[None, :] // cc == i[:, None] // cc)
@@ -704,8 +759,8 @@ def megalodon_cema(model, path, n_chunks=3, n_channels=6):
     ax[1].set_xlabel("key position (4 chunks of 8 shown)")
     ax[1].set_ylabel("query position")
     ax[1].set_title("chunk-wise attention: causal inside a chunk only", fontsize=10)
-    fig.suptitle(f"Megalodon: attention sees only its chunk of {c}; CEMA's moving average reaches across chunks as far "
-                 f"as |q|^t allows", fontsize=11)
+    fig.suptitle(f"Megalodon layer 0: the CEMA impulse response (left) and the chunk-wise attention mask (right)",
+                 fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -929,9 +984,9 @@ DOCS_FIGURES = {
     "mom_chameleon": (lambda path: plot_compare(os.path.join(RUNS, "chameleon_mom"), ["mamba", "mom"], path),
                       "Mamba vs MoM on the chameleon setting (docs/runs/chameleon_mom)"),
     "transfusion_compare": (lambda path: plot_compare(os.path.join(RUNS, "transfusion"), ["transfusion", "transfusion-mot"],
-                                                      path, keys=["eval_loss_image", "eval_loss_text", "gen_image_acc",
-                                                                  "caption_acc"]),
-                            "Transfusion dense vs MoT backbone (docs/runs/transfusion)"),
+                                                      path, keys=["eval_loss_image", "eval_loss_text"]),
+                            "Transfusion dense vs MoT backbone, eval losses (docs/runs/transfusion; at 600 steps the "
+                            "generation accuracies are still at chance, so they are not drawn)"),
     "bytes_compare": (lambda path: bytes_compare(os.path.join(RUNS, "bytes"), path, names=("dense", "megabyte", "blt",
                                                                                        "megalodon")),
                       "the byte models vs the byte Transformer (docs/runs/bytes)"),
@@ -971,9 +1026,18 @@ def main(argv):
         elif cmd == "run" and rest:
             print(plot_run(rest[0]))
         elif cmd == "compare" and len(rest) >= 2:
+            out = None
+            if "--out" in rest:                    # never into BASE_OUT: it may be a shipped docs/runs directory
+                i = rest.index("--out")
+                if i + 1 >= len(rest):
+                    raise ValueError("--out needs a directory")
+                out, rest = rest[i + 1], rest[:i] + rest[i + 2:]
+            out = out or os.path.join("out", "compare_" + os.path.basename(os.path.normpath(rest[0])))
             names = [n for n in rest[1].split(",") if n]
-            plot_compare(rest[0], names, rest[2] if len(rest) > 2 else None)
-            summarize(names, rest[0], rest[2] if len(rest) > 2 else None)  # the FLOPs table and compare.json
+            png = rest[2] if len(rest) > 2 else os.path.join(out, "compare.png")
+            plot_compare(rest[0], names, png)
+            summarize(names, rest[0], png, out)    # the FLOPs table and out/compare.json
+            print(f"wrote {os.path.join(out, 'compare.json')}")
         elif cmd == "mechanism" and rest:
             ckpt = next((a for a in rest[1:] if a.endswith(".pt")), None)
             png = next((a for a in rest[1:] if a.endswith(".png")), None)
@@ -984,7 +1048,7 @@ def main(argv):
                 raise ValueError(f"no mechanism figure for {rest[0]!r} on its setting")
             print(p)
         elif cmd == "toy_world":
-            print(toy_world(rest[0] if rest else os.path.join(DOCS, "toy_world.png")))
+            print(toy_world(rest[0] if rest else os.path.join("out", "toy_world.png")))   # docs/: `docs toy_world`
         else:
             print(f"error: unknown command {' '.join(argv)!r}; python plots.py --help lists them", file=sys.stderr)
             return 2

@@ -131,10 +131,52 @@ def test_cli_compare_reproduces_the_shipped_summary(tmp_path, capsys):
     for n in ("dense", "mot", "moma"):
         os.makedirs(tmp_path / n)
         shutil.copy(os.path.join(src, n, "metrics.jsonl"), tmp_path / n / "metrics.jsonl")
-    assert plots.main(["compare", str(tmp_path), "dense,mot,moma", str(tmp_path / "c.png")]) == 0
+    assert plots.main(["compare", str(tmp_path), "dense,mot,moma", str(tmp_path / "c.png"), "--out", str(tmp_path)]) == 0
     assert json.load(open(tmp_path / "compare.json")) == shipped
     assert (tmp_path / "c.png").exists()
     open(tmp_path / "mot" / "metrics.jsonl", "w").write(json.dumps(dict(step=1, loss=5.0)) + "\n")
     capsys.readouterr()
     assert plots.main(["compare", str(tmp_path), "dense,mot"]) == 2
     assert "no eval rows" in capsys.readouterr().err
+
+
+def test_cli_compare_never_writes_into_the_runs_it_reads(tmp_path, monkeypatch):
+    """README's example `python plots.py compare docs/runs/chameleon dense,mot` writes under out/ (or --out), and
+    leaves every shipped file as it is."""
+    import subprocess
+    root = os.path.dirname(plots.DOCS)
+    status = lambda: subprocess.run(["git", "status", "--porcelain", "docs/"], cwd=root, capture_output=True, text=True)
+    before = status()
+    monkeypatch.chdir(tmp_path)
+    assert plots.main(["compare", os.path.join(plots.RUNS, "chameleon"), "dense,mot"]) == 0
+    assert (tmp_path / "out" / "compare_chameleon" / "compare.json").exists()
+    assert (tmp_path / "out" / "compare_chameleon" / "compare.png").exists()
+    assert plots.main(["compare", os.path.join(plots.RUNS, "chameleon"), "dense,mot", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "compare.json").exists()
+    if before.returncode == 0:                             # a git checkout (a tarball has nothing to compare)
+        assert status().stdout == before.stdout          # (empty in a clean checkout)
+
+
+def test_docs_figures_are_slide_ready(tmp_path, monkeypatch):
+    """Every figure in docs/ (drawn here into tmp_path): at most MAX_ASPECT times as wide as high, every text at least
+    SLIDE_PT when the figure is shown MAX_PX wide, and at most MAX_PX wide as saved."""
+    import matplotlib.text
+    seen = {}
+    real = plots._save
+
+    def check(fig, path, rect=None):
+        out = real(fig, path, rect)                 # _save makes the text readable: what it saves is checked
+        w, h = fig.get_size_inches()
+        small = [(t.get_text()[:30], t.get_fontsize()) for t in fig.findobj(matplotlib.text.Text)
+                 if t.get_visible() and t.get_text().strip() and t.get_fontsize() * plots.MAX_PX / (w * plots.DPI)
+                 < plots.SLIDE_PT - 1e-6]
+        seen[os.path.basename(path)] = (w / h, small)
+        return out
+
+    monkeypatch.setattr(plots, "_save", check)
+    for name, (make, _) in plots.DOCS_FIGURES.items():
+        make(str(tmp_path / f"{name}.png"))
+        aspect, small = seen[f"{name}.png"]
+        assert aspect <= plots.MAX_ASPECT + 1e-9, f"docs/{name}.png is {aspect:.2f}:1 wide"
+        assert not small, f"docs/{name}.png: text below {plots.SLIDE_PT} pt at {plots.MAX_PX} px wide: {small[:5]}"
+        assert png_size(tmp_path / f"{name}.png")[0] <= plots.MAX_PX

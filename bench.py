@@ -10,7 +10,7 @@
     python bench.py --static             # runs gpu_check.py --static: every Triton kernel compiled for each target
     python bench.py --gpu-check          # runs gpu_check.py: on a CUDA machine, every kernel, model and run for real
 
-Results are merged into --out (bench.json) under "models", "kernels", "static", "peers" and "wall". On CPU the kernel
+Results are merged into --out (out/bench.json; the shipped bench.json holds ours) under "models", "kernels", "static", "peers" and "wall". On CPU the kernel
 benchmarks run at reduced sizes (printed with each row): the naive baselines would take minutes and gigabytes.
 """
 import argparse
@@ -749,7 +749,7 @@ def main(argv=None):
     ap.add_argument("--static", action="store_true", help="gpu_check.py's static GPU resource report (no GPU needed)")
     ap.add_argument("--peers", action="store_true", help="our models at the sizes other implementations were timed at")
     ap.add_argument("--reps", type=int, default=5, help="timing repetitions (the minimum is reported)")
-    ap.add_argument("--out", default="bench.json", help="JSON file the results are merged into")
+    ap.add_argument("--out", default="out/bench.json", help="JSON file the results are merged into (bench.json: ours)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (model benchmarks)")
     ap.add_argument("--scale_tokens", type=int, default=4096, help="tokens per batch in the length-scaling runs")
     ap.add_argument("--gpu-check", action="store_true",
@@ -789,6 +789,7 @@ def main(argv=None):
     if not (args.kernels or args.static or args.peers or args.wall is not None) or args.models is not None:
         print("== models ==")
         results["models"] = bench_models(args)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.out}")

@@ -139,17 +139,15 @@ class MoMaFFN(nn.Module):
         self.aux = (side_stream(lambda: nn.ModuleList([AuxRouter(D, cfg.aux_hidden, e) for e in cfg.group_experts]))
                     if cfg.aux_router else None)
 
-    def route(self, xf, mf, mode):
+    def route(self, xf, mf, mode, groups=None):
         """Hierarchical routing. xf (N, D) tokens, mf (N,) modality, mode "ec" | "aux" -> tok (P,) token index,
         exp (P,) global expert id, g (P,) gate of the (token, expert) pairs, sorted by expert, then token (None when
-        no token is routed); stats: routed fraction per expert ("counts"), aux-router BCE and accuracy."""
+        no token is routed); stats, as device tensors: routed fraction per expert ("counts"), aux BCE and accuracy."""
         cfg, dev = self.cfg, xf.device
-        if not cfg.modality_aware:
-            mf = torch.zeros_like(mf)  # one mixed-modal group
-        toks, exps, gates, counts = [], [], [], torch.zeros(cfg.n_experts_total)
-        aux_loss, aux_correct, aux_n = xf.new_zeros((), dtype=torch.float32), 0.0, 0
-        for m, E in enumerate(cfg.group_experts):
-            idx = (mf == m).nonzero().squeeze(1)  # Sec. 2.2, stage 1: the modality's tokens (deterministic)
+        groups = token_groups(cfg, mf) if groups is None else groups  # Sec. 2.2, stage 1 (trunk: once per forward)
+        toks, exps, gates, counts = [], [], [], torch.zeros(cfg.n_experts_total, device=dev)
+        aux_loss, aux_correct, aux_n = xf.new_zeros((), dtype=torch.float32), xf.new_zeros((), dtype=torch.float64), 0
+        for m, (E, idx) in enumerate(zip(cfg.group_experts, groups)):
             n = idx.numel()
             if n == 0:
                 continue
@@ -169,26 +167,26 @@ class MoMaFFN(nn.Module):
                     target = torch.zeros(n, E, dtype=torch.bool, device=dev)
                     target[top, torch.arange(E, device=dev)[:, None]] = True
                     l, acc = bce_and_acc(self.aux[m](x_m.detach()), target)
-                    aux_loss, aux_correct, aux_n = aux_loss + l * n, aux_correct + acc.item() * n, aux_n + n
+                    aux_loss, aux_correct, aux_n = aux_loss + l * n, aux_correct + acc.double() * n, aux_n + n
             else:                                             # Sec. 2.4, causal: each token decides alone
                 pick = torch.sigmoid(self.aux[m](x_m)) > cfg.aux_threshold  # (n, E)
-                pair_e, pair_i = pick.t().nonzero().unbind(1)  # sorted by expert, then by token
+                pair_e, pair_i = pick.t().nonzero().unbind(1)  # sorted by expert, then by token (a host read)
             toks.append(idx[pair_i])
             exps.append(pair_e + self.first[m])
             gates.append(gate[pair_i, pair_e])
-            counts[self.first[m]:self.first[m] + E] += torch.bincount(pair_e, minlength=E).float().cpu() / n
+            counts[self.first[m]:self.first[m] + E] += (pair_e[:, None] == torch.arange(E, device=dev)).sum(0) / n
         stats = dict(counts=counts, aux_loss=aux_loss / max(aux_n, 1), aux_acc=aux_correct / max(aux_n, 1))
         if not toks:
             return None, None, None, stats
         return torch.cat(toks), torch.cat(exps), torch.cat(gates), stats
 
-    def forward(self, h, modality, mode):
+    def forward(self, h, modality, mode, groups=None):
         """h (B, T, D) FFN input, modality (B, T), mode "ec" | "aux" -> y (B, T, D), stats dict."""
         if self.cfg.expert_impl == "grouped":
-            return grouped_ffn(self, h, modality, mode)
+            return grouped_ffn(self, h, modality, mode, groups)
         B, T, D = h.shape
         x = h.reshape(-1, D)
-        tok, exp, gate, stats = self.route(x, modality.reshape(-1), mode)
+        tok, exp, gate, stats = self.route(x, modality.reshape(-1), mode, groups)
         out = torch.zeros_like(x)                    # a token no expert took adds nothing: it rides the residual
         if tok is None:                              # (aux routing may pick no token at all)
             return out.view(B, T, D), stats
@@ -199,6 +197,12 @@ class MoMaFFN(nn.Module):
             # Eq. 1: a token's output is the gate-weighted sum over the experts that took it
             out.index_add_(0, tok[sel], (gate[sel, None] * y).to(x.dtype))
         return out.view(B, T, D), stats
+
+
+def token_groups(cfg, mf):
+    """Sec. 2.2, stage 1: mf (N,) modality -> each group's token indices, in order; ONE host read (the group sizes)."""
+    order, sizes = kernels.sort_by_group(mf if cfg.modality_aware else torch.zeros_like(mf), len(cfg.group_experts))
+    return list(order.split(sizes.tolist()))   # (what nonzero gives per group; the sizes fix each expert's k_e)
 
 
 # --- Sec. 2.4: auxiliary routers, for causal inference -------------------------------------------------------------
@@ -237,20 +241,20 @@ class Block(nn.Module):
             self.mod_router = nn.Parameter(torch.randn(cfg.d_model) * cfg.init_std)    # Sec. 2.3: w_MoD
             self.mod_aux = side_stream(lambda: AuxRouter(cfg.d_model, cfg.aux_hidden, 1)) if cfg.aux_router else None
 
-    def block(self, x, modality, pos, mode, key_ok=None, cache=None):
+    def block(self, x, modality, pos, mode, key_ok=None, cache=None, groups=None):
         """The transformer block proper: x (B, T, D) -> (B, T, D), stats. Shared norms (only the FFN is split)."""
         if self.cfg.norm_placement == "post":  # Chameleon's norm reordering (as mot.py)
             h = x + self.norm_attn(self.attn(x, pos, key_ok, cache))
-            y, st = self.ffn(h, modality, mode)
+            y, st = self.ffn(h, modality, mode, groups)
             return h + self.norm_ffn(y), st
         h = x + self.attn(self.norm_attn(x), pos, key_ok, cache)
-        y, st = self.ffn(self.norm_ffn(h), modality, mode)
+        y, st = self.ffn(self.norm_ffn(h), modality, mode, groups)
         return h + y, st
 
-    def forward(self, x, modality, pos, mode, cache=None):
-        """x (B, T, D), modality (B, T), pos (B, T) -> (B, T, D), stats"""
+    def forward(self, x, modality, pos, mode, cache=None, groups=None):
+        """x (B, T, D), modality (B, T), pos (B, T) -> (B, T, D), stats. groups: token_groups of modality."""
         if not self.is_mod:
-            return self.block(x, modality, pos, mode, cache=cache)
+            return self.block(x, modality, pos, mode, cache=cache, groups=groups)
         B, T, D = x.shape
         r = x @ self.mod_router                                  # (B, T) Sec. 2.3: MoD router score
         if mode == "ec":                                         # top beta*T tokens of each row go through
@@ -258,20 +262,20 @@ class Block(nn.Module):
             sel = r.detach().topk(k, dim=1).indices.sort(dim=1).values  # (B, k) kept in time order: causal inside
             take = lambda t: t.gather(1, sel if t.dim() == 2 else sel[..., None].expand(-1, -1, t.shape[-1]))
             xs = take(x)
-            out, st = self.block(xs, take(modality), take(pos), mode)
+            out, st = self.block(xs, take(modality), take(pos), mode)  # its own token groups: one host read
             xs = xs + torch.sigmoid(take(r).float())[..., None].to(xs.dtype) * (out - xs)  # x + w_MoD(x) * f(x)
             new = x.scatter(1, sel[..., None].expand(-1, -1, D), xs)                      # the rest skip the block
             if self.mod_aux is not None:
                 target = torch.zeros(B, T, dtype=torch.bool, device=x.device).scatter_(1, sel, True)
                 l, acc = bce_and_acc(self.mod_aux(x.detach()).squeeze(-1), target)
-                st = dict(st, mod_loss=l, mod_acc=acc.item())
+                st = dict(st, mod_loss=l, mod_acc=acc.double())
             st["mod_frac"] = k / T
             return new, st
         # causal: every token decides alone; tokens that skip leave no key (masked) and keep their residual
         go = torch.sigmoid(self.mod_aux(x).squeeze(-1).float()) > self.cfg.aux_threshold  # (B, T)
-        out, st = self.block(x, modality, pos, mode, key_ok=go, cache=cache)
+        out, st = self.block(x, modality, pos, mode, key_ok=go, cache=cache, groups=groups)
         new = torch.where(go[..., None], x + torch.sigmoid(r.float())[..., None].to(x.dtype) * (out - x), x)
-        st["mod_frac"] = go.float().mean().item()
+        st["mod_frac"] = go.float().mean()
         return new, st
 
 
@@ -304,9 +308,9 @@ class MoMa(nn.Module):
         B, T = tokens.shape
         if pos is None:
             pos = torch.arange(T, device=tokens.device).expand(B, T)
-        x, stats = self.tok_emb(tokens), []
+        x, stats, groups = self.tok_emb(tokens), [], token_groups(self.cfg, modality.reshape(-1))  # for every layer
         for l, block in enumerate(self.blocks):
-            x, st = block(x, modality, pos, mode, None if caches is None else caches[l])
+            x, st = block(x, modality, pos, mode, None if caches is None else caches[l], groups)
             stats.append(st)
         return self.norm_f(x), stats
 
@@ -345,11 +349,11 @@ class MoMa(nn.Module):
     def _router_parts(stats):
         """Aux routers against the EC choices of one EC pass: accuracy and BCE (and MoD's accuracy)."""
         aux = sum(s["aux_loss"] + s.get("mod_loss", 0.0) for s in stats)
-        parts = dict(router_acc=torch.tensor(sum(s["aux_acc"] for s in stats) / len(stats)),
+        parts = dict(router_acc=(sum(s["aux_acc"] for s in stats) / len(stats)).float(),
                      router_bce=(aux / len(stats)).detach())
         mods = [s["mod_acc"] for s in stats if "mod_acc" in s]
         if mods:
-            parts["mod_router_acc"] = torch.tensor(sum(mods) / len(mods))
+            parts["mod_router_acc"] = (sum(mods) / len(mods)).float()
         return parts
 
     @staticmethod
@@ -357,25 +361,23 @@ class MoMa(nn.Module):
         """One routing's entry in self.history (keys prefixed "aux_" for the aux routing; acc, mod_acc under EC)."""
         pre = "" if mode == "ec" else "aux_"
         rec = {pre + "counts": [s["counts"].tolist() for s in stats],
-               pre + "mod_frac": [s.get("mod_frac", 1.0) for s in stats]}
+               pre + "mod_frac": [float(s.get("mod_frac", 1.0)) for s in stats]}
         if mode == "ec":
-            rec.update(acc=[s["aux_acc"] for s in stats], mod_acc=[s.get("mod_acc") for s in stats])
+            rec.update(acc=[float(s["aux_acc"]) for s in stats],
+                       mod_acc=[float(s["mod_acc"]) if "mod_acc" in s else None for s in stats])
         return rec
 
     def _lm_loss(self, logits, batch):
         """Next-token cross-entropy over the targets != -1, and its mean per target modality (loss_<name>)."""
-        targets = batch["targets"]
-        tmod = batch.get("target_modality")
+        targets, tmod = batch["targets"], batch.get("target_modality")
         tmod = self.modality_of(targets.clamp(min=0)) if tmod is None else tmod
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none")
-        valid = targets.flatten() != -1
+        valid, M = targets.flatten() != -1, self.cfg.n_modalities
         loss = ce.sum() / valid.sum().clamp(min=1)
-        parts = {}
-        for m in range(self.cfg.n_modalities):
-            sel = valid & (tmod.flatten() == m)
-            if sel.any():
-                name = self.cfg.modality_names[m] if m < len(self.cfg.modality_names) else f"modality{m}"
-                parts[f"loss_{name}"] = ce[sel].mean().detach()
+        order, n = kernels.sort_by_group(torch.where(valid, tmod.flatten(), M), M + 1)  # ignored targets: group M
+        names = [self.cfg.modality_names[m] if m < len(self.cfg.modality_names) else f"modality{m}" for m in range(M)]
+        parts = {f"loss_{names[m]}": ce[sel].mean().detach()     # each target modality's positions: one host read
+                 for m, sel in enumerate(order.split(n.tolist())[:M]) if len(sel)}
         return loss, parts
 
     @torch.no_grad()
@@ -430,10 +432,9 @@ class MoMa(nn.Module):
             loss.backward()
             opt.step()
             acc = sum(s["aux_acc"] for s in stats) / len(stats)
-        for p in self.parameters():
-            p.grad = None
+        self.zero_grad(set_to_none=True)
         self.train(was)
-        return acc
+        return float(acc)
 
     # --- Sec. 2.5: upcycling from a trained 1t1i model ---
     @torch.no_grad()
@@ -525,15 +526,15 @@ class Attention(nn.Module):
 
 
 # ==== Speed paths: same results as the plain forms above, faster (tests/test_moma.py holds them equal) ============
-def grouped_ffn(ffn, h, modality, mode):
+def grouped_ffn(ffn, h, modality, mode, groups=None):
     """MoMaFFN.forward with every expert of every group in ONE grouped matmul per projection (kernels.grouped_matmul,
     a Triton kernel on GPU) over the (token, expert) pairs, which route() returns sorted by expert."""
     B, T, D = h.shape
     xf = h.reshape(-1, D)
-    tok, exp, g, stats = ffn.route(xf, modality.reshape(-1), mode)
+    tok, exp, g, stats = ffn.route(xf, modality.reshape(-1), mode, groups)
     if tok is None:
         return torch.zeros_like(h), stats
-    sizes = torch.bincount(exp, minlength=ffn.cfg.n_experts_total)
+    sizes = (exp[:, None] == torch.arange(ffn.cfg.n_experts_total, device=exp.device)).sum(0)  # pairs per expert
     dt = compute_dtype(xf)                                                      # one dtype for the kernel
     up = kernels.grouped_matmul(xf[tok].to(dt), ffn.w_up.to(dt), sizes)         # (P, 2H): [w1 | w3] per pair
     a, b = up.chunk(2, dim=-1)
@@ -568,13 +569,13 @@ def checked_input(model, tokens, modality, n_new=0):
     if tokens.shape[1] + n_new > cfg.seq_len:
         raise ValueError(f"sequence length {tokens.shape[1]} (+ {n_new} to generate) > seq_len={cfg.seq_len}; "
                          "crop it, generate fewer tokens or raise --seq_len")
-    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+    if tokens.numel() and bool((tokens.min() < 0) | (tokens.max() >= cfg.vocab_size)):
         raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); check the data or --vocab_size")
     modality = model.modality_of(tokens) if modality is None else modality
     if modality.dtype != torch.long or modality.shape != tokens.shape:
         raise ValueError(f"modality must be an int64 tensor of shape {tuple(tokens.shape)}, got "
                          f"{modality.dtype} {tuple(modality.shape)}")
-    if modality.numel() and (modality.min() < 0 or modality.max() >= cfg.n_modalities):
+    if modality.numel() and bool((modality.min() < 0) | (modality.max() >= cfg.n_modalities)):
         raise ValueError(f"modality ids must be in [0, {cfg.n_modalities}); got max {int(modality.max())}: "
                          f"set --n_modalities (and --experts) for this data")
     return modality
@@ -594,9 +595,8 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     B, T = 4, 64
     for name, (C, M, _, over) in MODELS.items():
-        cfg = C(**over)
-        model = M(cfg)
-        tokens = torch.randint(0, cfg.vocab_size, (B, T))
+        model = M(C(**over))
+        tokens = torch.randint(0, model.cfg.vocab_size, (B, T))
         batch = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1), modality=model.modality_of(tokens))
         logits, loss, parts = model(batch)
         loss.backward()

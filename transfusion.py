@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 import mot
 
 
@@ -141,7 +142,7 @@ def attention_mask(gid, drop=None, bidirectional=True):
     same = (gid[:, :, None] == gid[:, None, :]) & (gid[:, :, None] >= 0)   # i and j in the same image
     if bidirectional:
         allowed = allowed | same                                          # a patch sees its whole image
-    if drop is not None and bool(drop.any()):   # unconditional images (CFG): their own patches and <boi> only
+    if drop is not None:                        # unconditional images (CFG): their own patches and <boi> only
         nxt = torch.cat([gid[:, 1:], gid.new_full((B, 1), -1)], 1)                   # the image id at i + 1
         boi_of = torch.where((gid < 0) & (nxt >= 0), nxt, gid.new_full((B, T), -2))   # <boi> -> its image id
         own = (same | (boi_of[:, None, :] == gid[:, :, None])) & allowed
@@ -279,8 +280,6 @@ class PatchCodec(nn.Module):
         return patchify(self.conv_out(u), self.cfg)
 
 
-
-
 # --- The model: one backbone over the mixed sequence, two losses --------------------------------------------------
 
 def _build_backbone(cfg):
@@ -326,7 +325,7 @@ class Transfusion(nn.Module):
         xt = t = drop = None
         if n_img:
             x0 = self._gather(batch["patches"].float(), gid, slot, n_img)          # (N_img, n_patches, patch_dim)
-            u, noise, u_drop = self._draws(batch, (image_index.max(1).values + 1).clamp(min=0), dev)
+            u, noise, u_drop = self._draws(batch, (image_index.max(1).values + 1).clamp(min=0), n_img, dev)
             # every image gets its own t ~ U{0..T-1}. Sec. 4 (noise limiting): an image that precedes its caption is
             # noised at most to t = noise_limit, so the caption that follows sees a recognisable image
             t_max = torch.full((n_img,), cfg.diffusion_steps, device=dev)
@@ -349,8 +348,9 @@ class Transfusion(nn.Module):
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
         ce = ce.view_as(targets) * lm_mask
         loss = ce.sum() / lm_mask.sum().clamp(min=1)
-        parts = {f"loss_{cfg.modality_names[m]}": (ce[sel].sum() / sel.sum()).detach()
-                 for m in range(cfg.n_modalities) if (sel := lm_mask & (tm == m)).any()}
+        at, n_m = kernels.sort_by_group(torch.where(lm_mask, tm, cfg.n_modalities), cfg.n_modalities + 1)
+        parts = {f"loss_{cfg.modality_names[m]}": (ce.flatten()[a].sum() / n_m[m]).detach()    # one host read: each
+                 for m, a in enumerate(at.split(n_m.tolist())[:cfg.n_modalities]) if len(a)}   # modality's LM positions
         if n_img:
             # Sec. 2.2, Eq. 4: L_DDPM = ||eps - eps_theta(x_t, t, c)||^2, averaged over each image's present patches
             # (a partial image at the end of a packed row: data.py truncates), then over images
@@ -371,7 +371,7 @@ class Transfusion(nn.Module):
         x, skips, is_img = self.backbone.tok_emb(tokens), None, gid >= 0             # (B, T, D)
         if xt is not None and len(xt):
             e, skips = self.codec.encode(xt, t)                                      # (N_img, n_patches, D)
-            x = x.masked_scatter(is_img[..., None], e[gid[is_img], slot[is_img]].to(x.dtype))
+            x = torch.where(is_img[..., None], F.pad(e, (0, 0, 0, 0, 0, 1))[gid, slot].to(x.dtype), x)   # text: -1
         return x, skips
 
     def _eps(self, h, gid, slot, n_img, ctx):
@@ -568,7 +568,7 @@ class Transfusion(nn.Module):
             p.requires_grad_(id(p) in image)
 
     # ==== Bookkeeping: per-row random draws, input checks ============================================================
-    def _draws(self, batch, per_row, dev):
+    def _draws(self, batch, per_row, n_img, dev):
         """Every image's u (N,) -> t, noise (N, n_patches, patch_dim), u_drop (N,) -> condition dropout. With
         batch["row_id"], each row draws from a generator seeded by (model seed, row_id): the same draws in any split
         of the batch (micro-batches, DDP ranks). Without it, torch's RNG. Eval: fixed draws (seed 1234) either way."""
@@ -576,11 +576,11 @@ class Transfusion(nn.Module):
         draw = lambda k, g, d: (torch.rand(k, generator=g, device=d), torch.randn(k, *shape, generator=g, device=d),
                                 torch.rand(k, generator=g, device=d))
         if rid is None:
-            return draw(int(per_row.sum()), None if self.training else torch.Generator(dev).manual_seed(1234), dev)
+            return draw(n_img, None if self.training else torch.Generator(dev).manual_seed(1234), dev)
         base = self.noise_seed if self.training else 1234      # CPU generators: the same draws on any device
         draws = [draw(k, torch.Generator().manual_seed((base * 0x9E3779B97F4A7C15 + r) % 2 ** 64), "cpu")
-                 for r, k in zip(rid.tolist(), per_row.tolist())]
-        return tuple(torch.cat(d).to(dev) for d in zip(*draws))
+                 for r, k in zip(*torch.stack([rid, per_row]).tolist())]   # one host read per batch
+        return tuple(torch.cat(d).to(dev, non_blocking=True) for d in zip(*draws))   # copied without a sync
 
     def _check(self, batch):   # the batch forward reads: one ValueError naming the fix
         tok, mod, rid, p, ii = (batch.get(k) for k in ("tokens", "modality", "row_id", "patches", "image_index"))
@@ -591,7 +591,7 @@ class Transfusion(nn.Module):
         if mod is None or mod.shape != tok.shape or mod.dtype != torch.long or (mod.numel() and int(mod.max()) >= M):
             raise ValueError(f"batch['modality'] must be an int64 (B, T) tensor like tokens with ids < n_modalities="
                              f"{M} (data.py provides it; or set --n_modalities)")
-        if ii is not None and bool((ii >= 0).any()) and (p is None or tuple(p.shape) != (*tok.shape, P)):
+        if ii is not None and (p is None or tuple(p.shape) != (*tok.shape, P)) and bool((ii >= 0).any()):
             raise ValueError(f"batch['patches'] must be (B, T, {P}) float at image positions; use data.make_data")
         if rid is not None and (rid.dtype != torch.long or tuple(rid.shape) != tok.shape[:1]):
             raise ValueError(f"batch['row_id'] must be an int64 tensor of shape ({tok.shape[0]},); data.py makes it")
@@ -614,19 +614,19 @@ class Transfusion(nn.Module):
         per_row = (image_index.max(1).values + 1).clamp(min=0)                      # images per row
         row_base = torch.cumsum(per_row, 0) - per_row
         gid = torch.where(is_img, image_index + row_base[:, None], torch.full_like(image_index, -1))
-        n_img = int(per_row.sum())
+        n_img = int(per_row.sum())                     # a host read: the size of every per-image tensor
         pos = torch.arange(T, device=image_index.device).expand(B, T)
-        first = torch.full((n_img + 1,), T, dtype=torch.long, device=image_index.device)
-        first = first.scatter_reduce(0, (gid % (n_img + 1))[is_img], pos[is_img], "amin")
+        first = torch.full((n_img + 1,), T, dtype=torch.long, device=image_index.device)   # [n_img]: text's
+        first = first.scatter_reduce(0, (gid % (n_img + 1)).flatten(), pos.flatten(), "amin")
         slot = torch.where(is_img, pos - first[gid.clamp(min=0)], torch.full_like(pos, -1))
-        if is_img.any() and int(slot.max()) >= self.cfg.n_patches:
+        if slot.numel() and int(slot.max()) >= self.cfg.n_patches:   # (text's slot -1: no image, no error)
             raise ValueError(f"an image has more than n_patches={self.cfg.n_patches} patches; check image_index")
         return gid, slot, n_img
 
     def _gather(self, v, gid, slot, n_img):
-        """Per-position values v (B, T, F) of every image -> (N_img, n_patches, F) (zeros where a patch is absent)."""
-        is_img = gid >= 0
-        return v.new_zeros(n_img, self.cfg.n_patches, v.shape[-1]).index_put((gid[is_img], slot[is_img]), v[is_img])
+        """Per-position values v (B, T, F) of every image -> (N_img, n_patches, F) (zeros where a patch is absent).
+        Text (gid = slot = -1) goes to an extra, last image, dropped (_embed reads a zero one): no boolean indexing."""
+        return v.new_zeros(n_img + 1, self.cfg.n_patches, v.shape[-1]).index_put((gid, slot), v)[:n_img]
 
 
 # batched rows (generate, evaluation): rows of a batch decoded together give what each row gives alone

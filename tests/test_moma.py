@@ -389,3 +389,58 @@ def test_grouped_matmul_speed_path_equals_the_plain_per_expert_loop(routing, mod
         assert (gg[n] is None) == (gl[n] is None), n
         if gg[n] is not None:
             torch.testing.assert_close(gl[n], gg[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+# --- host syncs: on a GPU every read of a device value (item, int, bool, tolist, nonzero, boolean indexing, bincount)
+# stalls the step until the device catches up; counted here on CPU at the dispatcher, for one training step
+HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::bincount", "aten::_unique2",
+              "aten::unique_consecutive", "aten::unique_dim", "aten::masked_scatter"}
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n, self.paused = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        idx = args[1] if name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_") else ()
+        bool_index = any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in idx)
+        unsized = name == "aten::repeat_interleave" and (kwargs or {}).get("output_size") is None
+        self.n += not self.paused and (name in HOST_READS or bool_index or unsized)
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_in_training_step(model, batch, monkeypatch):
+    """Host reads of device values in one training forward + backward of model (CPU). Not counted: the grouped
+    matmul and mot's per-block norm gain, whose CPU reference paths read their sizes (on a GPU: no host read)."""
+    mode = HostReads()
+
+    def wrap(fn, paused):   # fn, counted as one read (paused=False) or with the counting paused inside
+        def run(*a, **k):
+            mode.n += not (paused or mode.paused)
+            mode.paused += paused
+            try:
+                return fn(*a, **k)
+            finally:
+                mode.paused -= paused
+        return run
+    monkeypatch.setattr(moma.kernels, "grouped_matmul", wrap(moma.kernels.grouped_matmul, True))
+    monkeypatch.setattr(mot, "routed_gain", wrap(mot.routed_gain, True))
+    for method in ("tolist", "cpu", "numpy"):   # reads that dispatch no op
+        monkeypatch.setattr(torch.Tensor, method, wrap(getattr(torch.Tensor, method), False))
+    model.train()
+    with mode:
+        model(batch)[1].backward()
+    return mode.n
+
+
+@pytest.mark.parametrize("name", list(moma.MODELS))
+def test_training_step_reads_the_host_a_fixed_number_of_times(name, monkeypatch):
+    """Bound: the token and modality id checks (1 each), the token groups (1: once per forward, every layer reuses
+    them), the per-modality losses (1); plus 1 per MoD layer (its token subset's groups). Not growing with n_layer."""
+    for n_layer in (2, 6):
+        torch.manual_seed(0)
+        cfg = cfg_(**moma.MODELS[name][3], n_layer=n_layer, gumbel=1.0)
+        n_mod = sum(cfg.is_mod_layer(l) for l in range(n_layer))
+        assert host_reads_in_training_step(moma.MoMa(cfg), batch_(B=2, T=32), monkeypatch) <= 4 + n_mod

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import transfusion as tf  # noqa: E402
+from test_moma import host_reads_in_training_step  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -620,3 +621,14 @@ def test_loss_names_come_from_modality_names():
     assert set(model(ds.get_batch("train", 1, 0))[2]) == {"loss_words", "loss_pictures"}
     with pytest.raises(ValueError, match="modality_names"):
         tiny_cfg(modality_names=("text",))
+
+
+@pytest.mark.parametrize("backbone", ["dense", "mot", "mamba", "mom"])
+def test_training_step_reads_the_host_a_fixed_number_of_times(backbone, monkeypatch):
+    """Host reads of device values in one training step (each stalls a GPU), counted on CPU: the modality id check
+    (1), the image count and the patch-slot check (2), row ids and images per row for the per-row draws (1), the
+    per-modality losses (1), the backbone's modality id check (2). Gathers and masks read nothing; 7 for any n_layer."""
+    for n_layer in (1, 3):
+        cfg, ds = tiny_cfg(backbone=backbone, n_layer=n_layer)
+        torch.manual_seed(0)
+        assert host_reads_in_training_step(tf.Transfusion(cfg), ds.get_batch("train", 2, 0), monkeypatch) <= 7

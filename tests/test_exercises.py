@@ -605,12 +605,7 @@ WRONG = {
 
 # wrong versions a check does not catch yet (the test that would, for the owner of that test file): strict xfail,
 # so the day the check catches them this list must shrink
-GAPS = {
-    ("4.2", "q_sample_no_sqrt"): "test_schedule_and_q_sample checks only t = 0 and t = 999, where alpha_bar is 1 or 0: "
-                                 "compare x_t with the formula at a middle t",
-    ("2.2", "mod_first_k"): "test_mod_passes_exactly_the_capacity_fraction counts the tokens that pass, not which: check "
-                        "that they are the top-k by router score",
-}
+GAPS = {}
 
 
 def _gap(ex, i):

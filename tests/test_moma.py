@@ -132,12 +132,20 @@ def test_mod_passes_exactly_the_capacity_fraction():
     torch.manual_seed(0)
     cfg = cfg_(mod=True, mod_capacity=0.25, mod_every=1)
     model = moma.MoMa(cfg)
-    T, passed = 32, []
+    T, passed, top = 32, [], []
+    k = round(0.25 * T)
     for blk in model.blocks:
-        blk.register_forward_hook(lambda mod, inp, out: passed.append((out[0] != inp[0]).any(-1).sum(1).tolist()))
+        def hook(mod, inp, out):
+            changed = (out[0] != inp[0]).any(-1)                          # (B, T): the tokens that went through
+            passed.append(changed.sum(1).tolist())
+            score = inp[0] @ mod.mod_router                                # Sec. 2.3: the router's score per token
+            want = torch.zeros_like(changed).scatter_(1, score.topk(k, dim=1).indices, True)
+            top.append(torch.equal(changed, want))
+        blk.register_forward_hook(hook)
     model.train()
     model(batch_(B=3, T=T))
-    assert passed == [[round(0.25 * T)] * 3] * cfg.n_layer  # per row: exactly beta*T tokens changed, the rest skip
+    assert passed == [[k] * 3] * cfg.n_layer  # per row: exactly beta*T tokens changed, the rest skip
+    assert all(top)                           # and they are the top-k by the router's score
 
 
 @pytest.mark.parametrize("mod", [False, True])

@@ -179,6 +179,9 @@ def test_schedule_and_q_sample():
     assert (xt - x0).abs().max() < 0.03
     xT = d.q_sample(x0, torch.full((4,), 999, dtype=torch.long), noise)
     assert (xT - noise).abs().max() < 0.03
+    t = torch.tensor([100, 300, 500, 700])                   # in between, where the square roots matter: Eq. 3
+    ab = d.alpha_bar[t].view(4, 1, 1).to(x0.dtype)
+    torch.testing.assert_close(d.q_sample(x0, t, noise), ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])

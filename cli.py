@@ -14,6 +14,7 @@ import inspect
 import math
 import os
 import re
+import warnings
 from dataclasses import fields
 
 import torch
@@ -275,7 +276,11 @@ def resolve_precision(precision, dev):
 
 def grad_scaler(dev, precision="auto"):
     """fp16's loss scaling (small gradients survive fp16; an overflowing step is skipped, the scale halved), or None."""
-    return torch.amp.GradScaler(torch.device(dev).type) if resolve_precision(precision, dev) == "fp16" else None
+    if resolve_precision(precision, dev) != "fp16":
+        return None
+    # a skipped step still steps the schedule (the lr follows the step count); torch warns when the first one is skipped
+    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+    return torch.amp.GradScaler(torch.device(dev).type)
 
 
 def device_notes(name, cfg, dev):

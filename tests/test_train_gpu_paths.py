@@ -169,6 +169,23 @@ def test_fp16_real_divergence_still_stops_the_run(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "not finite" in err and "lower --lr" in err, err
 
 
+@pytest.mark.parametrize("name", ["dense", "mot", "moma", "mamba", "mom", "transfusion", "megabyte", "blt", "megalodon",
+                                  "megalodon-scan"])
+def test_every_family_trains_under_fp16_with_a_scaler(name, tmp_path):
+    # what `--precision auto` picks on a T4 or a V100, here on the CPU: every model file, two steps, an eval
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_train_ddp import COMMON, FAMILIES
+    model = name.split("-")[0]
+    over = dict(COMMON, **FAMILIES[model], steps="2", eval_every="2", precision="fp16", device="cpu", out=str(tmp_path))
+    if model == "blt":  # no entropy model needed
+        over.pop("entropy_ckpt")
+        over["patching"] = "space"
+    if name == "megalodon-scan":
+        over["cema_impl"] = "scan"
+    assert train.main(["--model", model] + [x for k, v in over.items() for x in (f"--{k}", v)]) == 0
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"]["scale"] > 0
+
+
 # --- Apple silicon ----------------------------------------------------------------------------------------------------
 def test_device_mps_is_refused_in_one_line_where_there_is_none(tmp_path, capsys):
     assert not torch.backends.mps.is_available()

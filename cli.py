@@ -4,7 +4,9 @@
 of its default (parse_args, convert, apply). Each field's valid range is written once, in its class's RANGES
 ("int >= 1", "one of a|b", "float in (0, 1]"; after ";" a note): check_ranges checks a config against it and --help
 prints it. Relations between fields live in a model Config's __post_init__ or in check_run here. Every bad value is
-one line `error: ...` and exit status 2 (UsageError). The method is in train.py and the model files; none of it is here.
+one line `error: ...` and exit status 2 (UsageError). Also here: the device and precision a run gets, and torchrun's
+plumbing (the process group, every collective on a tensor on the training device). The method is in train.py and the
+model files; none of it is here.
 """
 import importlib
 import importlib.util
@@ -12,6 +14,7 @@ import inspect
 import math
 import os
 import re
+import warnings
 from dataclasses import fields
 
 import torch
@@ -217,12 +220,13 @@ def diverged(step, what, last_good, ckpt_path, tc):
 RUN_ERRORS = (RuntimeError, ValueError, IndexError, AssertionError, KeyError, TypeError)
 
 
-def cannot_run(name, setting, e):
+def cannot_run(name, setting, e, dev="cpu"):
     """The one-line error for a model whose first forward/backward passes fail on this setting and config."""
     msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
     ok = supported_settings(name)
     return UsageError(f"{name} cannot run on --setting {setting} with this config ({type(e).__name__}: {msg})"
-                      + (f"; supported settings: {', '.join(ok)}" if ok else ""))
+                      + (f"; supported settings: {', '.join(ok)}" if ok else "")
+                      + ("; on mps an operation it lacks may be the cause: try --device=cpu" if dev == "mps" else ""))
 
 
 # --- relations between trainer keys, the device and the world size -------------------------------------------------
@@ -236,17 +240,96 @@ def ddp_env():
 
 
 def resolve_device(dev, local):
-    """--device (auto | cpu | cuda | cuda:N) -> the device this rank uses, or a one-line error."""
-    if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
-        raise UsageError(f"--device={dev}: choose auto, cpu or cuda")
+    """--device (auto | cpu | cuda | cuda:N | mps) -> the device this rank uses, or a one-line error. auto picks CUDA
+    where there is a GPU, else the CPU: never Apple's mps, which is asked for by name."""
+    if dev not in ("auto", "cpu", "cuda", "mps") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise UsageError(f"--device={dev}: choose auto, cpu or cuda (cuda:N for one GPU, mps on Apple silicon)")
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device=cuda but no CUDA GPU is visible; use --device=cpu (or auto)")
+    if dev == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device=mps but this machine has no Apple-silicon GPU that torch can use "
+                         "(torch.backends.mps.is_available() is False); use --device=cpu (or auto)")
     if dev == "cuda":
         dev = f"cuda:{local}"
         torch.cuda.set_device(dev)
     return dev
+
+
+def resolve_precision(precision, dev):
+    """--precision (auto | fp32 | bf16 | fp16) on device dev -> "fp32", "bf16" or "fp16", or a one-line error.
+    auto: bf16 autocast on a GPU that has bf16 natively (compute capability >= 8.0), fp16 autocast with a gradient
+    scaler on older GPUs (T4 = 7.5, V100 = 7.0: their bf16 is emulated), fp32 on the CPU and on mps. fp16 and bf16
+    may be forced on the CPU (its autocast has both; slow, for testing)."""
+    kind = dev.split(":")[0]
+    cap = tuple(torch.cuda.get_device_capability(dev)) if kind == "cuda" else None
+    if precision == "auto":
+        return "fp32" if cap is None else "bf16" if cap >= (8, 0) else "fp16"
+    if precision == "bf16" and cap is not None and cap < (8, 0):
+        raise UsageError(f"--precision=bf16: this GPU (compute capability {cap[0]}.{cap[1]}) has no native bf16; "
+                         f"use --precision=fp16 (or auto)")
+    if precision != "fp32" and kind == "mps":
+        raise UsageError(f"--precision={precision} is not supported on mps; use --precision=fp32 (or auto)")
+    return precision
+
+
+def grad_scaler(dev, precision="auto"):
+    """fp16's loss scaling (small gradients survive fp16; an overflowing step is skipped, the scale halved), or None."""
+    if resolve_precision(precision, dev) != "fp16":
+        return None
+    # a skipped step still steps the schedule (the lr follows the step count); torch warns when the first one is skipped
+    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+    return torch.amp.GradScaler(torch.device(dev).type)
+
+
+def device_notes(name, cfg, dev):
+    """One line per known gap of the device for this model (printed before training), with what to use instead."""
+    if dev == "mps" and getattr(cfg, "cema_impl", None) == "fft":
+        return [f"note: {name}'s CEMA with --cema_impl=fft runs complex FFTs, which mps has only on macOS 14 and "
+                f"later; if the first step fails here, use --cema_impl=scan"]
+    return []
+
+
+def fork_rng(dev):
+    """with fork_rng(dev): the random draws inside (an eval seeds its own) leave the CPU generator and device dev's
+    as they were, so the training stream goes on as if the block had not run."""
+    d = torch.device(dev)
+    return torch.random.fork_rng(devices=[] if d.type == "cpu" else [d.index or 0],
+                                 device_type="cuda" if d.type == "cpu" else d.type)
+
+
+# --- torchrun: the process group and every collective the trainer makes, on the training device ---------------------
+def init_process_group(dev):
+    """gloo on the CPU; on CUDA nccl for the device's tensors beside gloo for CPU ones (barriers, and anything a
+    library gathers as Python objects), so that no collective meets a backend without its device."""
+    torch.distributed.init_process_group("cpu:gloo,cuda:nccl" if dev.startswith("cuda") else "gloo")
+
+
+def on_ranks(op, x, dev):
+    """The one door to the other ranks: x (a tensor or numbers) moved to the training device dev, then op "max" ->
+    its elementwise max over the ranks, or "gather" -> every rank's x stacked, (world, *x.shape), in rank order."""
+    x = torch.as_tensor(x).to(dev)
+    if op == "max":
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+        return x
+    every = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(every, x)
+    return torch.stack(every)
+
+
+def mean_over_ranks(d, world, dev="cpu"):
+    """{name: number} -> each name's mean over the ranks that report it (a model may log a part on some ranks only):
+    the names travel as bytes, the values as float64, both through on_ranks."""
+    if world == 1:
+        return d
+    code = torch.tensor(list("\n".join(sorted(d)).encode()), dtype=torch.uint8)
+    n = int(on_ranks("max", [len(code)], dev)[0])
+    rows = on_ranks("gather", torch.cat([code, code.new_zeros(n - len(code))]), dev).tolist()
+    names = sorted({k for r in rows for k in bytes(r).rstrip(b"\0").decode().split("\n") if k})
+    vals = on_ranks("gather", torch.tensor([[float(d.get(k, 0.0)), float(k in d)] for k in names],
+                                           dtype=torch.float64), dev).tolist()
+    return {k: sum(v[i][0] for v in vals if v[i][1]) / sum(v[i][1] for v in vals) for i, k in enumerate(names)}
 
 
 # The generation eval (caption -> image, image -> caption, scored against the scene) exists where there are images.
@@ -293,7 +376,12 @@ def check_context_parallel(name, model, tc, world):
 def check_run(name, model, tc, ds, world, dev, given=()):
     """Relations between trainer keys (and with the device and world size): one-line UsageError on the first.
     given: the trainer keys the user set (a key that would have no effect is an error naming why). -> micro-batch rows."""
+    resolve_precision(tc.precision, dev)
+    if dev == "mps" and world > 1:
+        raise UsageError("--device=mps trains in one process (torchrun has no mps backend); run python train.py")
     world = check_context_parallel(name, model, tc, world)   # the batch splits over the data-parallel replicas
+    for note in device_notes(name, model.cfg, dev):   # a known gap of the device, and what to use instead
+        print(note)
     if tc.batch_size % world:
         raise UsageError(f"batch_size={tc.batch_size} does not split over {world} ranks; use a multiple of {world}")
     per_rank = tc.batch_size // world
@@ -433,3 +521,14 @@ def help_text(train_config, model=None):
     lines += ["", "trainer keys (default, what it does, [valid range]):"] + _key_lines(train_config, train_config())
     lines += ["", "outputs in --out (default out/MODEL): config.json, metrics.jsonl, ckpt.pt, loss.png"]
     return "\n".join(lines)
+
+
+# --- figures: plots.py draws; a failing figure never costs a finished run -------------------------------------------
+def figures(draw, what):
+    """draw(plots); a failure prints one warning line and never costs a finished run."""
+    try:
+        import plots
+        draw(plots)
+    except Exception as e:  # noqa: BLE001 -- the run's outputs are written already
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        print(f"warning: the {what} figure failed ({type(e).__name__}: {msg}); the run's outputs are complete")

@@ -28,6 +28,7 @@ import cli
 import context_parallel
 import rundir
 from cli import UsageError, registry, parse_args, check_ranges, fits, range_of, check_run, has_gen_eval  # noqa: F401
+from cli import mean_over_ranks  # noqa: F401
 from rundir import Prefetch, read_jsonl, save_ckpt, rng_state, lock  # noqa: F401
 
 
@@ -38,7 +39,8 @@ class TrainConfig:
     steps: int = 0             # optimizer steps; 0 = the setting's default
     out: str = ""              # output directory; "" = out/MODEL
     seed: int = 0              # model init and data stream
-    device: str = "auto"       # auto | cpu | cuda | cuda:N
+    device: str = "auto"       # auto | cpu | cuda | cuda:N | mps (Apple silicon: by name only, auto never picks it)
+    precision: str = "auto"    # auto | fp32 | bf16 | fp16; auto: bf16 on GPUs with it, fp16 on older ones, fp32 on CPU
     data: str = ""             # a local text file for the bytes setting
     batch_size: int = 0        # global batch in sequences (split across DDP ranks); 0 = setting default
     micro_batch_size: int = 0  # sequences per forward pass per rank; 0 = the whole per-rank batch (no accumulation)
@@ -61,11 +63,11 @@ class TrainConfig:
     RANGES: ClassVar[dict] = dict(
         model="str; a registered model", setting="str; a data setting", out="str",
         steps="int >= 0; 0 = the setting's default", seed="int in [0, 4294967295]",
-        device="str; auto, cpu, cuda or cuda:N", data="path", batch_size="int >= 0; 0 = the setting's default",
+        device="str; auto, cpu, cuda, cuda:N or mps", data="path", batch_size="int >= 0; 0 = the setting's default",
         micro_batch_size="int >= 0; 0 = no accumulation", seq_len="int >= 0; 0 = the setting's default, else >= 8",
         lr="float > 0", min_lr_ratio="float in [0, 1]", warmup="int >= 0", weight_decay="float >= 0",
         grad_clip="float in (0, inf]; inf = no clipping", eval_every="int >= 0; 0 = every max(50, steps // 16) steps",
-        eval_batches="int >= 1", ckpt_every="int >= 1", log_every="int >= 1",
+        eval_batches="int >= 1", ckpt_every="int >= 1", log_every="int >= 1", precision="one of auto|fp32|bf16|fp16",
         gen_n="int >= 0; 0 = no generation eval", gen_every="int >= 0; 0 = 4 x eval_every", compile="bool",
         context_parallel="int >= 1; must divide the torchrun world size", cp_attention="one of ring|allgather")
 
@@ -108,7 +110,8 @@ def count_flops(model, batches, backward=True, parts=False):
     """FLOPs per input token of one forward (+ backward) pass on a copy of the model, averaged over the batches (a
     model whose work depends on the data, like BLT's patches, needs a few): the matmuls torch's FlopCounterMode counts
     (attention with its full T x T scores) + the analytic FLOPs of the scans and FFTs (kernels.flop_tally; backward 2x
-    forward). Sparse models pay for what they run; norms, softmax and activations are not counted.
+    forward), on the torch paths (the counter cannot see inside a Triton kernel: every backend counts the same).
+    Sparse models pay for what they run; norms, softmax and activations are not counted.
     -> the total, or with parts=True a dict {total, matmul, scan_fft}."""
     from torch.utils import flop_counter as fc
     import kernels
@@ -119,8 +122,8 @@ def count_flops(model, batches, backward=True, parts=False):
     batches = [batches] if isinstance(batches, dict) else batches
     m = copy.deepcopy(model)
     m.train(backward)
-    with torch.random.fork_rng(devices=[]), fc.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter, \
-            kernels.flop_tally() as tally:
+    with cli.fork_rng(next(m.parameters()).device), kernels.torch_paths(), kernels.flop_tally() as tally, \
+            fc.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
         for batch in batches:
             if backward:
                 m(batch)[1].backward()
@@ -133,15 +136,6 @@ def count_flops(model, batches, backward=True, parts=False):
 
 
 # --- distributed: torchrun sets RANK; each rank trains on its own rows, gradients are averaged by DDP -------------
-def mean_over_ranks(d, world):
-    """Each key's mean over the ranks that report it (a model may log a part on some ranks only)."""
-    if world == 1:
-        return d
-    every = [None] * world
-    torch.distributed.all_gather_object(every, d)
-    return {k: sum(e[k] for e in every if k in e) / sum(k in e for e in every) for k in sorted(set().union(*every))}
-
-
 def set_cp(model, cp):
     """Hand the context-parallel group to every module that takes one (a `cp` attribute), or None to run alone."""
     for m in model.modules():
@@ -179,18 +173,20 @@ def make_optimizer(model, tc):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, tc) / tc.lr)
 
 
-def autocast_for(dev):
-    """The training/eval precision context: bf16 autocast on a CUDA GPU that has it, else none (fp32)."""
-    if dev.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def autocast_for(dev, precision="auto"):
+    """The training/eval precision context: autocast to bf16 or fp16, or none (fp32), as cli.resolve_precision says."""
+    p = cli.resolve_precision(precision, dev)
+    if p == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(torch.device(dev).type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
 
 
 def clip_grads(model, max_norm):
-    """Clip the gradient norm (a model may clip parts apart: MoMa its aux routers) -> the norm before clipping."""
+    """Clip the gradient norm (a model may clip parts apart: MoMa its aux routers) -> the norm before clipping, a device
+    tensor (no host sync); torch's foreach kernels where it has them."""
     if hasattr(model, "clip_grad_norm_"):
-        return float(model.clip_grad_norm_(max_norm))
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        return model.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 # --- evaluation -------------------------------------------------------------------------------------------------------
@@ -202,7 +198,7 @@ def evaluate(model, ds, tc, rank, world, device, autocast, micro=None, cp=None):
     dp_rank, dp_world = rank // tc.context_parallel, world // tc.context_parallel
     micro = micro or tc.batch_size // dp_world
     sums, counts, passes = {}, {}, []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), autocast():
+    with torch.no_grad(), cli.fork_rng(device), autocast():
         torch.manual_seed(1234)
         for i in range(tc.eval_batches * (tc.batch_size // dp_world // micro)):
             batch = to(ds.get_batch("val", micro, i, dp_rank, dp_world), device)
@@ -212,11 +208,9 @@ def evaluate(model, ds, tc, rank, world, device, autocast, micro=None, cp=None):
                 sums[k] = sums.get(k, 0.0) + float(v)
                 counts[k] = counts.get(k, 0) + 1
     mine = {k: v / counts[k] for k, v in sums.items()}
-    if world > 1:
-        every = [None] * world
-        torch.distributed.all_gather_object(every, passes)
-        passes = [x for p in every for x in p]
-        mine = mean_over_ranks(mine, world)
+    if world > 1:  # every rank runs as many passes
+        passes = cli.on_ranks("gather", torch.tensor(passes, dtype=torch.float64), device).flatten().tolist()
+        mine = mean_over_ranks(mine, world, device)
     out = {f"eval_{k}": float(v) for k, v in sorted(mine.items())}
     if len(passes) > 1:  # the standard error of eval_loss, from the spread of its forward passes' losses
         out["se_eval_loss"] = float(np.std(passes, ddof=1) / math.sqrt(len(passes)))
@@ -231,12 +225,12 @@ def generation_metrics(model, ds, tc):
     if not has_gen_eval(model, ds):
         return {}
     model.eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    dev = next(model.parameters()).device
+    with torch.no_grad(), cli.fork_rng(dev):
         torch.manual_seed(4321)
         if hasattr(model, "gen_metrics"):
             m = model.gen_metrics(ds, n=tc.gen_n)
         else:
-            dev = next(model.parameters()).device
             m = ds.eval_generation(lambda p, n, temp: model.generate(p.to(dev), n, temperature=temp)[:, p.shape[1]:],
                                    n=tc.gen_n)
     model.train()
@@ -244,34 +238,46 @@ def generation_metrics(model, ds, tc):
 
 
 # --- training ---------------------------------------------------------------------------------------------------------
-def train_step(model, batches, opt, sched, tc, autocast, world=1, cp=None):
-    """One optimizer step on this rank's micro-batches (already on the device) -> (loss, parts, grad norm, ok).
-    Gradients accumulate over the micro-batches (DDP syncs them on the last only); ok: the loss and the gradient norm
-    are finite on every rank, and only then do the optimizer and the schedule step."""
+def train_step(model, batches, opt, sched, tc, autocast, world=1, cp=None, scaler=None):
+    """One optimizer step on this rank's micro-batches (already on the device) -> (loss, parts, grad norm, ok), floats
+    read in the step's one host sync. Gradients accumulate over the micro-batches (DDP syncs them on the last only).
+    ok: the loss and the gradient norm are finite on every rank; only then do the optimizer and the schedule step.
+    With fp16's scaler an overflowing gradient skips the update and halves the scale: ok, unless it falls below 1."""
     accum, loss_sum, parts_sum = len(batches), 0.0, {}
+    scale = scaler.scale if scaler is not None else (lambda loss: loss)
     for m, batch in enumerate(batches):
         sync = m == accum - 1 or world == 1
         ctx = model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
         with ctx, autocast():
             if cp is None:
                 _, loss, parts = model(batch)
-                (loss / accum).backward()  # the mean over the global batch
-            else:                          # shares sum to the sequence's loss; DDP averages over dp x cp ranks
+                scale(loss / accum).backward()  # the mean over the global batch
+            else:                               # shares sum to the sequence's loss; DDP averages over dp x cp ranks
                 share, loss, parts = cp_forward(model, batch, cp)
-                (share * cp.size / accum).backward()
-        loss_sum += float(loss.detach()) / accum
+                scale(share * cp.size / accum).backward()
+        f64 = torch.float32 if loss.device.type == "mps" else torch.float64  # (mps has no float64)
+        loss_sum = loss_sum + loss.detach().to(f64) / accum
         for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / accum
+            parts_sum[k] = parts_sum.get(k, 0.0) + torch.as_tensor(v).detach().to(loss.device, f64) / accum
+    if scaler is not None:
+        scaler.unscale_(opt)                    # clip the true gradients
     gnorm = clip_grads(getattr(model, "module", model), tc.grad_clip)
-    bad = torch.tensor(float(not (math.isfinite(loss_sum) and math.isfinite(gnorm))))
+    finite = torch.isfinite(loss_sum) & (torch.isfinite(gnorm) | (scaler is not None))
+    bad = (~finite).to(f64)
     if world > 1:  # every rank stops at the same step
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    ok = not bad.item()
-    if ok:
+        bad = cli.on_ranks("max", bad, loss_sum.device)
+    bad, loss_sum, gnorm, *values = torch.stack([bad, loss_sum, gnorm.to(loss_sum)] + list(parts_sum.values())).tolist()
+    ok = not bad
+    if ok and scaler is not None:
+        scaler.step(opt)                        # skipped where the gradients overflowed, and the scale lowered
+        scaler.update()
+        ok = math.isfinite(gnorm) or scaler.get_scale() >= 1.0  # below 1: even unscaled gradients overflow fp16
+    elif ok:
         opt.step()
+    if ok:
         sched.step()
     opt.zero_grad(set_to_none=True)
-    return loss_sum, parts_sum, gnorm, ok
+    return loss_sum, dict(zip(parts_sum, values)), gnorm, ok
 
 
 def train(name, over, resume=False, quiet=False):
@@ -288,7 +294,7 @@ def train(name, over, resume=False, quiet=False):
     with lock(out):
         started = "RANK" in os.environ and not torch.distributed.is_initialized()  # a caller may have started it
         if started:
-            torch.distributed.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+            cli.init_process_group(dev)
         try:
             _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet)
         finally:
@@ -302,14 +308,16 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
     ckpt_path = os.path.join(out, "ckpt.pt")
     dp_rank, dp_world = rank // tc.context_parallel, world // tc.context_parallel
     accum = tc.batch_size // dp_world // micro
-    autocast = autocast_for(dev)
+    autocast, scaler = autocast_for(dev, tc.precision), cli.grad_scaler(dev, tc.precision)
     try:  # the first forward/backward passes: a config or setting the model cannot run fails here, in one line
         fl = count_flops(model, [to(ds.get_batch("train", micro, i), dev) for i in range(4)], parts=True)
     except cli.RUN_ERRORS as e:
-        raise cli.cannot_run(name, tc.setting, e) from None
+        raise cli.cannot_run(name, tc.setting, e, dev) from None
     flops_per_token, matmul_per_token = fl["total"], fl["matmul"]
     opt, sched = make_optimizer(model, tc)
     step, elapsed = rundir.resume(ck, model, opt, sched) if ck is not None else (0, 0.0)  # exact: RNG, data position
+    if scaler is not None and ck is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
     last_good = step if ck is not None else None
     cp = None
     if tc.context_parallel > 1:  # after count_flops (one process's FLOPs per token); every rank makes the groups
@@ -337,7 +345,7 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
         print(f"{name} on {tc.setting}: {sum(p.numel() for p in raw.parameters()) / 1e6:.3f}M params, "
               f"{flops_per_token / 1e6:.3f} MFLOPs/token (fwd+bwd: {matmul_per_token / 1e6:.3f} matmul + "
               f"{fl['scan_fft'] / 1e6:.3f} scan/FFT), {world} rank(s) x {accum} micro-step(s) of {micro} x "
-              f"{tc.seq_len}, device {dev}")
+              f"{tc.seq_len}, device {dev} ({cli.resolve_precision(tc.precision, dev)})")
     from tqdm import tqdm
     bar = tqdm(total=tc.steps, initial=step, disable=quiet or rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True,
                leave=False)
@@ -348,16 +356,17 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
         while step < tc.steps:
             t0 = time.perf_counter()
             micro_batches = [to(batches.get(step * accum + m), dev) for m in range(accum)]
-            loss, parts, gnorm, ok = train_step(model, micro_batches, opt, sched, tc, autocast, world, cp)
+            loss, parts, gnorm, ok = train_step(model, micro_batches, opt, sched, tc, autocast, world, cp, scaler)
             step += 1
             if not ok:
-                what = f"the loss ({loss:.4g}) or the gradient norm ({gnorm:.4g})"
+                what = (f"the fp16 gradient (it overflowed until the loss scale fell below 1)" if scaler is not None
+                        and math.isfinite(loss) else f"the loss ({loss:.4g}) or the gradient norm ({gnorm:.4g})")
                 raise cli.diverged(step, what, last_good, ckpt_path, tc)
             dt = time.perf_counter() - t0
             elapsed += dt
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
-                parts = mean_over_ranks(dict(parts, _loss=loss), world)  # the logged loss: the mean over ranks
+                parts = mean_over_ranks(dict(parts, _loss=loss), world, dev)  # the logged loss: the mean over ranks
                 loss = parts.pop("_loss")
                 record(time=elapsed, lr=lr_at(step - 1, tc), loss=loss, **parts)
                 if not quiet and rank == 0:
@@ -379,11 +388,12 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
                                                  if k not in ("tokens", "flops", "flops_matmul")))
             if step % tc.ckpt_every == 0 or step == tc.steps:
                 with rundir.timer(spent, "checkpoints"):
-                    if not all(bool(torch.isfinite(p).all()) for p in raw.parameters()):  # never save NaN weights
+                    if not torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all():  # no NaN saved
                         raise cli.diverged(step, "a weight", last_good, ckpt_path, tc)
                     if rank == 0:  # from the unwrapped module; the RNG state and data position make resume exact
                         save_ckpt(ckpt_path, dict(model=raw.state_dict(), optimizer=opt.state_dict(),
                                                   scheduler=sched.state_dict(), step=step, time=elapsed, config=config,
+                                                  scaler=scaler.state_dict() if scaler is not None else None,
                                                   rng=rng_state(), data_position=step, flops_per_token=flops_per_token,
                                                   flops_matmul_per_token=matmul_per_token))
                     last_good = step
@@ -395,25 +405,15 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
     set_cp(raw, None)                                               # the end-of-run figures run on rank 0 alone
     if rank == 0:
         log.close()
-        figures(lambda plots: plots.plot_run(out), "loss curve")
-        figures(lambda plots: plots.model_figures(raw, ds, out), "model figures")
+        cli.figures(lambda plots: plots.plot_run(out), "loss curve")
+        cli.figures(lambda plots: plots.model_figures(raw, ds, out), "model figures")
         if not quiet:
             print(rundir.summary(out, step, step - step0, time.perf_counter() - t_start, spent))
     if world > 1:
         torch.distributed.barrier()
 
 
-# --- figures and --compare (plots.py draws; it is imported only to draw) ----------------------------------------------
-def figures(draw, what):
-    """draw(plots); a failure prints one warning line and never costs a finished run."""
-    try:
-        import plots
-        draw(plots)
-    except Exception as e:  # noqa: BLE001 -- the run's outputs are written already
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        print(f"warning: the {what} figure failed ({type(e).__name__}: {msg}); the run's outputs are complete")
-
-
+# --- --compare (plots.py draws; it is imported only to draw: cli.figures) ---------------------------------------------
 def compare(names, over, base_out):
     """Train every model in names on the same data and training keys, into base_out/NAME, then the compare figure and
     the FLOPs each model needs to reach names[0]'s final eval losses (plots.summarize)."""
@@ -425,7 +425,7 @@ def compare(names, over, base_out):
     for n in names:
         print(f"=== {n} ===", flush=True)
         train(n, {**per[n], "setting": setting, "out": os.path.join(base_out, n)})
-    figures(lambda plots: plots.plot_compare(base_out, names), "compare")
+    cli.figures(lambda plots: plots.plot_compare(base_out, names), "compare")
     import plots
     return plots.summarize(names, base_out)
 

@@ -6,6 +6,7 @@ each model); the 1-process runs are in the test's process. Same global batch, sa
 1-process micro-batch m holds the rows that rank m holds: data.py's row order), so the weights after a few steps
 and the eval loss must agree to float rounding. Expert choice in MoMa is per forward batch, so it is equal here
 because the forward batches are the same (moma.py documents and tests its dependence on the batch split)."""
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +70,17 @@ def runs(tmp_path_factory):
     return one, two
 
 
+def test_every_collective_takes_a_tensor_on_the_training_device(runs):
+    # the torchrun run below recorded every collective the trainer called (nccl on a GPU has no CPU tensors and
+    # gathers Python objects through the current device: the trainer sends its own tensors, on its device)
+    for rank in range(2):
+        calls = json.load(open(os.path.join(runs[1], f"collectives{rank}.json")))
+        assert {c["op"] for c in calls} >= {"all_reduce", "all_gather"}, calls   # the stop flag; logs and evals
+        wrong = [c for c in calls if c["op"] != "barrier" and c["device"] != c["training_device"]]
+        assert not wrong, wrong[:5]
+        assert not [c for c in calls if c["op"].endswith("_object")], "a Python-object collective"
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_UNEQUAL[n]))
                                   if n in KNOWN_UNEQUAL else n for n in FAMILIES])
 def test_two_ranks_equal_one_process(runs, name):
@@ -84,10 +96,29 @@ def test_two_ranks_equal_one_process(runs, name):
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
 
 
+def record_collectives(calls, training_device):
+    """Wrap torch.distributed's collectives: each call's op and the device of the tensor(s) it is given."""
+    dist = torch.distributed
+    for op in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "broadcast", "reduce",
+               "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list", "barrier"):
+        def wrapped(*a, _op=op, _f=getattr(dist, op), **k):
+            ts = [t for x in (*a, *k.values()) for t in (x if isinstance(x, (list, tuple)) else [x]) if isinstance(t, torch.Tensor)]
+            calls.extend(dict(op=_op, device=None if t is None else str(t.device), training_device=training_device())
+                         for t in ts or [None])
+            return _f(*a, **k)
+        setattr(dist, op, wrapped)
+
+
 if __name__ == "__main__":  # under torchrun: one process group, every model in turn
     out, ent, names = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
+    calls, device = [], ["cpu"]
+    real_resolve = train.cli.resolve_device
+    train.cli.resolve_device = lambda dev, local: device.__setitem__(0, real_resolve(dev, local)) or device[0]
+    record_collectives(calls, lambda: device[0])
     for name in names:
         train.train(name, overrides(name, ent, out), quiet=True)
+    with open(os.path.join(out, f"collectives{torch.distributed.get_rank()}.json"), "w") as f:
+        json.dump(calls, f)
     torch.distributed.destroy_process_group()

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+import cli
 import kernels
 import train
 
@@ -333,13 +334,13 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     fl = train.count_flops(model, [train.to(ds.get_batch("train", micro, i), device) for i in range(4)], parts=True)
     start = (c.wall, c.cpu)                                             # build + the FLOPs count train.py makes first
     opt, sched = train.make_optimizer(model, tc)                       # train.py's optimizer and precision
-    autocast = train.autocast_for(device)
+    autocast, scaler = train.autocast_for(device, tc.precision), cli.grad_scaler(device, tc.precision)
     accum = tc.batch_size // micro
     records = []
 
     def step(get):                                                      # train.py's own training step
         loss, parts, _, ok = train.train_step(model, [train.to(get(m), device) for m in range(accum)], opt, sched,
-                                              tc, autocast)
+                                              tc, autocast, scaler=scaler)
         if not ok:
             raise RuntimeError(f"--wall: {name} diverged while timing")
         n = len(records) + 1

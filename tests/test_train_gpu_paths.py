@@ -109,17 +109,23 @@ def test_fp16_run_close_to_fp32_and_its_resume_is_exact(tmp_path, monkeypatch):
     assert [r["loss"] for r in rows(cut)] == [r["loss"] for r in rows(fp16)]
 
 
+def overflow_at_step(n, monkeypatch):
+    """train.train_step with an inf gradient put into the n-th call; -> the list counting the calls."""
+    step, calls = train.train_step, []
+
+    def overflowing(model, *a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            inf_grad_once(next(model.parameters()))
+        return step(model, *a, **k)
+    monkeypatch.setattr(train, "train_step", overflowing)
+    return calls
+
+
 def test_fp16_resume_restores_the_scale(tmp_path, monkeypatch):
     # a skipped step at 3 halves the scale; a resume from step 5 must carry the halved scale, not start afresh
     args = TINY + ["--steps", "8", "--eval_every", "8", "--ckpt_every", "5", "--precision", "fp16"]
-    step, calls = train.train_step, []
-
-    def overflow_at_3(model, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            inf_grad_once(next(model.parameters()))
-        return step(model, *a, **k)
-    monkeypatch.setattr(train, "train_step", overflow_at_3)
+    calls = overflow_at_step(3, monkeypatch)
     assert train.main(args + ["--out", str(tmp_path), "--steps", "5"]) == 0
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"]["scale"] == 2.0 ** 15
     assert train.main(args + ["--out", str(tmp_path), "--resume"]) == 0
@@ -128,14 +134,7 @@ def test_fp16_resume_restores_the_scale(tmp_path, monkeypatch):
 
 
 def test_an_overflowing_fp16_step_is_skipped_not_a_divergence(tmp_path, monkeypatch, capsys):
-    step, calls = train.train_step, []
-
-    def overflow_at_3(model, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            inf_grad_once(next(model.parameters()))
-        return step(model, *a, **k)
-    monkeypatch.setattr(train, "train_step", overflow_at_3)
+    calls = overflow_at_step(3, monkeypatch)
     args = TINY + ["--steps", "6", "--eval_every", "6", "--log_every", "1"]
     assert train.main(args + ["--out", str(tmp_path / "fp16"), "--precision", "fp16"]) == 0
     assert [r["step"] for r in rows(str(tmp_path / "fp16"))] == [1, 2, 3, 4, 5, 6]

@@ -10,7 +10,7 @@ Every check runs on every rank of a cp group with the same whole-sequence inputs
   - layers of the models (mom.MoMMixer as Mamba and MoM, megalodon.CEMA, mot.Attention) and the whole Megalodon LM
     split across ranks by composing these functions around the model files' parts (used read-only).
 All checks of one world size run in ONE set of forked processes (module fixture); each test reads its result.
-The last test runs train.py --context_parallel under torchrun once train.py has the field (issue #21, phase 2).
+The last test runs train.py --context_parallel under torchrun against one process.
 """
 import json
 import os
@@ -507,8 +507,6 @@ def test_train_context_parallel_equals_one_process(tmp_path, model, port):
     import subprocess
     import sys
     import train
-    if "context_parallel" not in {f.name for f in train.dataclasses.fields(train.TrainConfig)}:
-        pytest.skip("train.py has no --context_parallel yet (phase 2 of issue #21)")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = TRAIN_ARGS + (["--chunk_size=16"] if model == "megalodon" else [])
     one, two = str(tmp_path / "one"), str(tmp_path / "two")

@@ -373,6 +373,9 @@ def check_checkpoint(ck, model=None, opt=None, sched=None, path="ckpt.pt"):
         raise bad(f"has an RNG state that cannot be restored ({type(e).__name__})") from None
     finally:
         set_rng_state(saved)
+    for k, s in ck["model"].items():
+        if torch.is_tensor(s) and s.is_floating_point() and not bool(torch.isfinite(s).all()):
+            raise bad(f"holds a non-finite weight ({k})")
     if model is not None:
         own, sd = model.state_dict(), ck["model"]
         for k in own.keys() | sd.keys():
@@ -382,8 +385,6 @@ def check_checkpoint(ck, model=None, opt=None, sched=None, path="ckpt.pt"):
             if not torch.is_tensor(s) or s.shape != v.shape or s.dtype != v.dtype:
                 got = f"{tuple(s.shape)} {s.dtype}" if torch.is_tensor(s) else f"a {type(s).__name__}"
                 raise bad(f"does not fit this model: {k} is {got}, the model's is {tuple(v.shape)} {v.dtype}")
-            if s.is_floating_point() and not bool(torch.isfinite(s).all()):
-                raise bad(f"holds a non-finite weight ({k})")
     o = ck["optimizer"]
     if not (isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)):
         raise bad("has no optimizer state and parameter groups")

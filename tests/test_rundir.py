@@ -385,3 +385,94 @@ def test_nonfinite_names_a_weight_buffer_or_optimizer_state_that_would_not_be_a_
     assert rundir.nonfinite(model, opt) == "the optimizer's exp_avg_sq of weight"
     model.running_mean[1] = float("nan")  # a buffer, not a parameter: saved all the same
     assert rundir.nonfinite(model, opt) == "the weight running_mean"
+
+
+# --- end to end through train.py ------------------------------------------------------------------------------------
+def test_train_a_full_disk_at_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    real, calls = torch.save, []
+
+    def full_after_one(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_after_one)
+    out = str(tmp_path)
+    assert train.main(TINY + ["--steps", "4", "--ckpt_every", "2", "--eval_every", "4", "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write the checkpoint {os.path.join(out, 'ckpt.pt')}" in err, err
+    assert "No space left on device" in err and "is kept" in err
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2
+    assert not [f for f in os.listdir(out) if ".tmp" in f] and not os.path.exists(tmp_path / "train.lock")
+
+
+# these need train.py to call rundir's checks (TrainConfig.overwrite marks that it does)
+needs_trainer = pytest.mark.skipif(not hasattr(train.TrainConfig, "overwrite"),
+                                   reason="train.py does not call validate_resume / check_paths / lock(out, resume, "
+                                          "overwrite) yet")
+
+
+@needs_trainer
+@pytest.mark.parametrize("attack", ["a null step in the log", "a weight of another shape"])
+def test_train_resume_checks_every_file_before_writing(attack, run_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    for f in ("ckpt.pt", "metrics.jsonl", "config.json"):
+        open(os.path.join(out, f), "wb").write(open(os.path.join(run_dir, f), "rb").read())
+    if attack == "a null step in the log":
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write('{"step": null}\n')
+        message = "metrics.jsonl line 4 is not a metrics row"
+    else:
+        ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+        ck["model"]["tok_emb.weight"] = torch.zeros(3, 3)
+        torch.save(ck, os.path.join(out, "ckpt.pt"))
+        message = "tok_emb.weight is (3, 3)"
+    before = files(out)
+    assert train.main(TINY + ["--steps", "4", "--out", out, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert files(out) == before  # not a byte written: the log is not truncated
+
+
+@needs_trainer
+def test_train_resume_refuses_changed_data_contents(tmp_path, capsys):
+    data, out = tmp_path / "d.txt", str(tmp_path / "run")
+    data.write_bytes(b"the cat sat on the mat. " * 40)
+    argv = ["--model", "megabyte", "--setting", "bytes", "--data", str(data), "--seq_len", "64", "--batch_size", "2",
+            "--d_global", "8", "--n_layer_global", "1", "--d_local", "32", "--n_layer_local", "1",
+            "--n_head_local", "2", "--eval_batches", "1", "--warmup", "1", "--out", out]
+    assert train.main(argv + ["--steps", "2", "--eval_every", "2"]) == 0
+    data.write_bytes(b"a dog ran in the fog. " * 44)  # the same path, other contents
+    capsys.readouterr()
+    assert train.main(argv + ["--steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"the contents of --data={data} are not the ones" in err, err
+
+
+@needs_trainer
+def test_train_refuses_a_new_run_over_another_runs_checkpoint(run_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    open(os.path.join(out, "ckpt.pt"), "wb").write(open(os.path.join(run_dir, "ckpt.pt"), "rb").read())
+    assert train.main(TINY + ["--steps", "2", "--eval_every", "2", "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume" in err and "--overwrite=True" in err, err
+    assert train.main(TINY + ["--steps", "2", "--eval_every", "2", "--out", out, "--overwrite", "True"]) == 0
+
+
+@needs_trainer
+@pytest.mark.parametrize("kind", ["fifo", "directory", "/dev/zero", "huge"])
+def test_train_path_options_take_regular_files_only(kind, tmp_path, capsys):
+    path = {"fifo": str(tmp_path / "f"), "directory": str(tmp_path), "/dev/zero": "/dev/zero",
+            "huge": str(tmp_path / "big")}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    if kind == "huge":
+        with open(path, "wb") as f:
+            f.truncate(rundir.MAX_DATA_BYTES + 1)
+    argv = ["--model", "megabyte", "--setting", "bytes", "--data", path, "--out", str(tmp_path / "out")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--data {path}" in err and "Traceback" not in err, err
+    assert ("more than the" if kind == "huge" else "not a regular file") in err

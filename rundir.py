@@ -2,7 +2,10 @@
 
 OUT holds config.json, metrics.jsonl (one JSON record per log line or eval; read_jsonl reads it), ckpt.pt (model,
 optimizer, schedule, step, config, RNG state and data position: resume is exact) and the figures. Prefetch draws the
-training batches ahead in a thread. train.py uses these; a reader of the training method can skip this file.
+training batches ahead in a thread. The guard rails: the lock is held while any process of the run lives; a file a
+run reads must be a regular file (checked by stat, never opened otherwise); --resume checks every file it reads
+before a byte is written; a failed checkpoint write and a non-finite weight end in one line naming the checkpoint
+kept. Every failure is a UsageError (one line, exit 2). train.py uses these; a reader of the method can skip this file.
 """
 import contextlib
 import dataclasses
@@ -150,7 +153,10 @@ def lock_out(out):
     path = os.path.join(out, "train.lock")
     key, rank = run_id()
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a directory (or another odd file) where the lock goes
+            raise UsageError(f"--out={out}: cannot take {path} ({e.strerror}); remove it if no run uses {out}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             with contextlib.suppress(FileNotFoundError):

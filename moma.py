@@ -463,8 +463,8 @@ class MoMa(nn.Module):
                 continue  # fresh aux routers: the parent's learned a trivial (all-selected) target
             try:
                 if k.endswith("ffn.w_up"):  # [w1 | w3]: take the same hidden chunk from both halves
-                    v = torch.stack([jitter(torch.cat([v[m][:, q * H:(q + 1) * H], v[m][:, Hp + q * H:Hp + (q + 1) * H]],
-                                                      1)) for m, q in par])
+                    half = lambda w, q: torch.cat([w[:, q * H:(q + 1) * H], w[:, Hp + q * H:Hp + (q + 1) * H]], 1)
+                    v = torch.stack([jitter(half(v[m], q)) for m, q in par])
                 elif k.endswith("ffn.w_down"):
                     v = torch.stack([jitter(v[m][q * H:(q + 1) * H]) for m, q in par]) * (s / cfg.capacity_factor)
                 elif ".ffn.router." in k:

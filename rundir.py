@@ -156,7 +156,8 @@ def lock_out(out):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:  # a directory (or another odd file) where the lock goes
-            raise UsageError(f"--out={out}: cannot take {path} ({e.strerror}); remove it if no run uses {out}") from None
+            raise UsageError(f"--out={out}: cannot take {path} ({e.strerror}); remove it if no run uses "
+                             f"{out}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             with contextlib.suppress(FileNotFoundError):
@@ -260,10 +261,10 @@ def read_jsonl(path):
 
 
 # --- checkpoints: atomic write, exact resume ---------------------------------------------------------------------
-def save_ckpt(path, state, kept=None):
+def save_ckpt(path, state):
     """Write a checkpoint atomically: a killed run leaves the old checkpoint or the new one, never half of one. A failed
     write (a full disk) removes its temp file and raises a one-line UsageError naming the file and the checkpoint
-    kept (kept: its step; None: none was written by this run yet)."""
+    kept (its step, read from it)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(state, tmp)
@@ -272,10 +273,18 @@ def save_ckpt(path, state, kept=None):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         why = (getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[0][:120]) or type(e).__name__
-        kept = (f"the checkpoint of step {kept} is kept in {path}" if kept is not None else
-                f"the previous {path} is kept" if os.path.exists(path) else "no checkpoint was written")
-        raise UsageError(f"cannot write the checkpoint {path} ({why}), the run stopped; {kept}; free space or choose "
-                         f"another --out") from None
+        raise UsageError(f"cannot write the checkpoint {path} ({why}), the run stopped; {_kept(path)}; free space "
+                         f"or choose another --out") from None
+
+
+def _kept(path):
+    if not os.path.exists(path):
+        return "no checkpoint was written"
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True)["step"]
+        return f"the checkpoint of step {step} is kept in {path}"
+    except Exception:  # noqa: BLE001 -- only the message depends on it
+        return f"the previous {path} is kept"
 
 
 def nonfinite(model, opt=None):

@@ -609,15 +609,19 @@ def decode_gathered(ca, h, slots, dec, K):
 # --- Loading the entropy model, input checks ------------------------------------------------------------------------
 
 def load_entropy_model(path, vocab_size):
-    """A frozen EntropyModel from a train.py checkpoint of "blt-entropy".  ValueError (one line) when it can't."""
+    """A frozen EntropyModel from a train.py checkpoint of "blt-entropy".  ValueError (one line) when it can't: a
+    path that is not a regular file is refused before it is opened (a FIFO would block torch.load for ever), a pickled
+    Python object is never run (weights_only=True), and the config and every weight are checked before the model is
+    built (sizes from the file never allocate more than its weights)."""
     hint = "train one with `python train.py --model blt-entropy --setting bytes` and pass --entropy_ckpt PATH " \
            "(or use --patching space / static, which need no entropy model)"
-    if not path or not os.path.isfile(path):
-        raise ValueError(f"entropy patching needs a trained entropy model (no file {path!r}); {hint}")
+    if not path or not os.path.isfile(path):   # stat only: a regular file (symlinks followed)
+        what = "no file" if not path or not os.path.exists(path) else "not a regular file:"
+        raise ValueError(f"entropy patching needs a trained entropy model ({what} {path!r}); {hint}")
     try:   # tensors and plain types only: a pickled Python object in the file is refused, never run
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         conf = ckpt["config"]
-        name, mcfg, state = conf["model"], dict(conf["model_cfg"]), ckpt["model"]
+        name, mcfg, state = conf["model"], dict(conf["model_cfg"]), dict(ckpt["model"])
     except Exception as e:   # noqa: BLE001 -- any unreadable file gets the same one-line answer
         if "unsupported global" in str(e).lower():   # torch's wording varies in case between versions
             raise ValueError(f"entropy_ckpt {path!r} holds pickled Python objects, which are never loaded "
@@ -626,14 +630,31 @@ def load_entropy_model(path, vocab_size):
         raise ValueError(f"cannot read entropy_ckpt {path!r} ({type(e).__name__}: {why}); {hint}") from None
     if name != "blt-entropy":
         raise ValueError(f"entropy_ckpt {path!r} holds model {name!r}, not 'blt-entropy'; {hint}")
-    ecfg = EntropyConfig(**{k: v for k, v in mcfg.items() if k in {f.name for f in fields(EntropyConfig)}})
+    defaults = {f.name: getattr(EntropyConfig(), f.name) for f in fields(EntropyConfig)}
+    kw = {k: v for k, v in mcfg.items() if k in defaults}
+    for k, v in kw.items():   # each field of the type of its default, the sizes those of the weights
+        d = defaults[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float) if isinstance(d, float) else type(d)):
+            raise ValueError(f"entropy_ckpt {path!r}: its config's {k}={v!r} is not a {type(d).__name__}; {hint}")
+    try:
+        ecfg = EntropyConfig(**kw)
+    except ValueError as e:
+        raise ValueError(f"entropy_ckpt {path!r}: its config is invalid ({e}); {hint}") from None
+    state = {k.removeprefix("_orig_mod.").removeprefix("module.") if isinstance(k, str) else k: v
+             for k, v in state.items()}
+    layers = {k.split(".")[1] for k in state if isinstance(k, str) and k.startswith("blocks.")}
+    emb = state.get("emb.weight")
+    if not (all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()) and torch.is_tensor(emb)
+            and emb.dim() == 2 and emb.shape[1] == ecfg.d_model and len(layers) == ecfg.n_layer):
+        raise ValueError(f"entropy_ckpt {path!r}: its weights are not tensors of its config's sizes (d_model "
+                         f"{ecfg.d_model}, n_layer {ecfg.n_layer}); {hint}")
     if ecfg.vocab_size != vocab_size:
         raise ValueError(f"entropy model vocab_size={ecfg.vocab_size} != blt vocab_size={vocab_size}; "
                          "train the entropy model on the same setting")
-    model = EntropyModel(ecfg)
     try:
-        model.load_state_dict({k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()})
-    except RuntimeError as e:
+        model = EntropyModel(ecfg)
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError) as e:
         raise ValueError(f"entropy_ckpt {path!r} does not fit EntropyModel ({str(e).splitlines()[0]}); "
                          f"{hint}") from None
     return model

@@ -33,6 +33,7 @@ Run:  python train.py --compare dense,mot,moma --setting chameleon        python
 Read first: mot.py (the dense and MoT baselines).  Read next: mom.py (the same idea for state-space models).
 """
 import math
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -444,12 +445,10 @@ class MoMa(nn.Module):
         full copy; a SwiGLU FFN is the sum of its hidden-unit chunks), its down-projection scaled by s / c, and the
         parent's router column; plus relative noise to break symmetry. A token picked by c experts on average then
         gets the parent's FFN output in expectation, and exactly when every expert takes every token (c = E_m)."""
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
-        except (OSError, KeyError, RuntimeError, TypeError) as e:
-            raise ValueError(f"upcycle_from={path!r}: cannot read a train.py checkpoint with a 'model' entry ({e})")
+        sd = load_weights(path, "upcycle_from", "train one with --model moma-1t1i")
         cfg, own = self.cfg, self.state_dict()
-        n_par = sd["blocks.0.ffn.w_up"].shape[0] if "blocks.0.ffn.w_up" in sd else -1
+        up, down = sd.get("blocks.0.ffn.w_up"), sd.get("blocks.0.ffn.w_down")
+        n_par = up.shape[0] if up is not None and up.dim() == 3 and down is not None and down.dim() == 3 else -1
         if n_par != len(cfg.group_experts):
             raise ValueError(f"upcycle_from={path!r} is not a 1t1i MoMa checkpoint (it has {n_par} experts per "
                              f"layer, need {len(cfg.group_experts)}); train one with --model moma-1t1i")
@@ -463,17 +462,39 @@ class MoMa(nn.Module):
         for k, v in sd.items():
             if k not in own or ".aux." in k or "mod_aux" in k:
                 continue  # fresh aux routers: the parent's learned a trivial (all-selected) target
-            if k.endswith("ffn.w_up"):  # [w1 | w3]: take the same hidden chunk from both halves
-                v = torch.stack([jitter(torch.cat([v[m][:, q * H:(q + 1) * H], v[m][:, Hp + q * H:Hp + (q + 1) * H]], 1))
-                                 for m, q in par])
-            elif k.endswith("ffn.w_down"):
-                v = torch.stack([jitter(v[m][q * H:(q + 1) * H]) for m, q in par]) * (s / cfg.capacity_factor)
-            elif ".ffn.router." in k:
-                v = jitter(v.expand(-1, own[k].shape[1]))
+            try:
+                if k.endswith("ffn.w_up"):  # [w1 | w3]: take the same hidden chunk from both halves
+                    half = lambda w, q: torch.cat([w[:, q * H:(q + 1) * H], w[:, Hp + q * H:Hp + (q + 1) * H]], 1)
+                    v = torch.stack([jitter(half(v[m], q)) for m, q in par])
+                elif k.endswith("ffn.w_down"):
+                    v = torch.stack([jitter(v[m][q * H:(q + 1) * H]) for m, q in par]) * (s / cfg.capacity_factor)
+                elif ".ffn.router." in k:
+                    v = jitter(v.expand(-1, own[k].shape[1]))
+            except (IndexError, RuntimeError):  # a parent tensor of another rank or size
+                raise ValueError(f"upcycle_from={path!r}: {k} has shape {tuple(v.shape)}, not a 1t1i MoMa's of this "
+                                 f"size; use the parent's d_model, n_layer and vocabulary") from None
             if v.shape != own[k].shape:
                 raise ValueError(f"upcycle_from={path!r}: {k} has shape {tuple(v.shape)}, this model needs "
                                  f"{tuple(own[k].shape)}; use the parent's d_model, n_layer and vocabulary")
             own[k].copy_(v)
+
+
+def load_weights(path, flag, fix):
+    """The weights (a dict name -> tensor) of a train.py ckpt.pt, or a one-line ValueError naming what is wrong: a
+    path that is not a regular file (a FIFO would block torch.load for ever) is refused before it is opened; a
+    pickled Python object is never run (weights_only=True)."""
+    if not os.path.isfile(path):  # stat only: a regular file (symlinks followed), never opened otherwise
+        what = "is not a regular file" if os.path.exists(path) else "does not exist"
+        raise ValueError(f"{flag}={path!r} {what}; {fix}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    except Exception as e:  # noqa: BLE001 -- an empty, garbage or pickled file: the same one-line answer
+        why = ("it holds pickled Python objects, never loaded" if "unsupported global" in str(e).lower() else
+               f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:80]}")
+        raise ValueError(f"{flag}={path!r} is not a train.py checkpoint with a 'model' entry ({why}); {fix}") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise ValueError(f"{flag}={path!r}: its 'model' entry is not a dict of tensors; {fix}")
+    return sd
 
 
 # --- the shared backbone: RMSNorm, RoPE, causal attention (the same numerics and names as mot.py's dense model) ---

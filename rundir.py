@@ -2,13 +2,21 @@
 
 OUT holds config.json, metrics.jsonl (one JSON record per log line or eval; read_jsonl reads it), ckpt.pt (model,
 optimizer, schedule, step, config, RNG state and data position: resume is exact) and the figures. Prefetch draws the
-training batches ahead in a thread. train.py uses these; a reader of the training method can skip this file.
+training batches ahead in a thread. The guard rails: the lock is held while any process of the run lives; a file a
+run reads must be a regular file (checked by stat, never opened otherwise); --resume checks every file it reads
+before a byte is written; a failed checkpoint write and a non-finite weight end in one line naming the checkpoint
+kept. Every failure is a UsageError (one line, exit 2). train.py uses these; a reader of the method can skip this file.
 """
 import contextlib
+import dataclasses
+import fcntl
+import hashlib
 import json
+import math
 import os
 import queue
 import random
+import stat
 import threading
 import time
 
@@ -18,9 +26,60 @@ import torch
 from cli import UsageError
 
 
+# --- the files a run reads: regular files only, checked before they are opened -------------------------------------
+MAX_DATA_BYTES = 1 << 30   # --data is read into memory whole; a larger file is refused before it is read
+
+
+def check_file(what, path, max_bytes=None, fix="give the path of a file"):
+    """Raise a one-line UsageError unless `path` is a regular file (of at most max_bytes): a FIFO, a device such as
+    /dev/zero or a directory is refused from its stat, without opening it (a FIFO would block the reader for ever).
+    what: how the message names the file (e.g. "--data")."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file; {fix}") from None
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot read it ({e.strerror}); {fix}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a plain file")
+        raise UsageError(f"{what} {path} is {kind}, not a regular file; {fix}")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise UsageError(f"{what} {path} holds {st.st_size:,} bytes, more than the {max_bytes:,} it may (it is read "
+                         f"into memory whole); use a part of it: head -c {max_bytes} FILE > PART")
+
+
+def check_paths(*configs):
+    """Every field whose RANGES rule is "path" and that is set names a regular file (--data at most MAX_DATA_BYTES).
+    A missing file is left to its reader, whose message names how to make it."""
+    for cfg in configs:
+        for f in dataclasses.fields(cfg):
+            path = getattr(cfg, f.name)
+            rule = getattr(type(cfg), "RANGES", {}).get(f.name, "")
+            if rule.split(";")[0].strip() == "path" and path and os.path.lexists(path):
+                check_file(f"--{f.name}", path, MAX_DATA_BYTES if f.name == "data" else None)
+
+
+def data_hash(path):
+    """sha256 of a --data file's bytes (stored in the run's config, compared on --resume), or None without one."""
+    if not path:
+        return None
+    check_file("--data", path, MAX_DATA_BYTES)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # --- the output directory: checked, and locked for the run's life --------------------------------------------------
-def check_out(out):
-    """Create OUT or raise a one-line UsageError naming why it cannot hold a run."""
+RUN_FILES = ("config.json", "metrics.jsonl", "ckpt.pt")
+
+
+def check_out(out, resume=None, overwrite=False):
+    """Create OUT or raise a one-line UsageError naming why it cannot hold a run. With resume given (True/False):
+    OUT's run files are regular files, and a new run never takes over a directory that holds another run's
+    checkpoint unless overwrite is set (then it starts afresh)."""
     try:
         os.makedirs(out, exist_ok=True)
     except FileExistsError:
@@ -33,82 +92,142 @@ def check_out(out):
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"--out={out} is not writable ({e.strerror}); choose another --out") from None
+    if resume is not None:
+        _check_run_files(out, resume, overwrite)
+
+
+def _check_run_files(out, resume, overwrite):
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite=True replaces it; choose one")
+    for f in RUN_FILES:
+        if os.path.lexists(os.path.join(out, f)):
+            check_file(f"--out={out} holds", os.path.join(out, f), fix="remove it or choose another --out")
+    if not resume and not overwrite and os.path.exists(os.path.join(out, "ckpt.pt")):
+        raise UsageError(f"--out={out} holds another run's checkpoint (ckpt.pt); continue it with --resume, replace "
+                         f"it with --overwrite=True, or choose another --out")
 
 
 def _alive(pid):
+    """Is process pid running? (a zombie -- dead, not yet reaped -- is not)"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OSError):
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True   # no /proc (macOS): kill(pid, 0) is the answer
+
+
+def run_id():
+    """(key, rank): the ranks of one launch share the key and hold distinct ranks; any other process is a run of its
+    own. Only a process the trainer itself treats as a rank (RANK set, cli.ddp_env) counts as one, so launcher
+    variables a shell merely inherited (TORCHELASTIC_RUN_ID) change nothing; a launch is its launcher (the parent
+    pid) and rendezvous."""
+    if "RANK" not in os.environ:
+        return f"pid {os.getpid()}", 0
+    e = os.environ
+    return (f"ranks of {os.getppid()} {e.get('TORCHELASTIC_RUN_ID', '')} {e.get('MASTER_ADDR', '')}:"
+            f"{e.get('MASTER_PORT', '')}", int(e["RANK"]))
+
+
+def _read_lock(text):
+    """train.lock's lines "pid rank key" -> [(pid, rank, key)]; a bare pid (an older lock) has no rank or key."""
+    entries = []
+    for line in text.splitlines():
+        pid, _, rest = line.strip().partition(" ")
+        rank, _, key = rest.partition(" ")
+        if pid.isdigit():
+            entries.append((int(pid), int(rank) if rank.isdigit() else None, key or None))
+    return entries
 
 
 def lock_out(out):
-    """Hold OUT/train.lock (it names the owner's pid) for the run's life, so two runs never share an output dir.
-    A lock whose pid is dead (a killed run) is stale and taken over. Under torchrun the owner is the launcher, shared
-    by every local rank. -> the lock path if this process must release it, else None."""
-    owner = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+    """Add this process to OUT/train.lock (a line "pid rank key" per process of the run) for the run's life, so two
+    runs never share an output dir: the lock is held while ANY process listed in it lives (a killed launcher whose
+    ranks train on keeps it held). A rank of the same launch joins it; a lock whose processes are all dead is stale
+    and taken over. The file is read and rewritten under flock. -> the lock path (release it with unlock)."""
     path = os.path.join(out, "train.lock")
-    tmp = f"{path}.{os.getpid()}"
-    for _ in range(3):
-        with open(tmp, "w") as f:
-            f.write(str(owner))
+    key, rank = run_id()
+    while True:
         try:
-            os.link(tmp, path)  # atomic: the lock appears with its content, or not at all
-            return path
-        except FileExistsError:
-            pass
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a directory (or another odd file) where the lock goes
+            raise UsageError(f"--out={out}: cannot take {path} ({e.strerror}); remove it if no run uses "
+                             f"{out}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:  # else a releaser removed it meanwhile: try again
+                    break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        live = [e for e in _read_lock(os.read(fd, 1 << 20).decode(errors="replace")) if _alive(e[0])]
+        if live and (any(k != key for _, _, k in live) or rank in {r for _, r, _ in live}):
+            pids = ", ".join(str(p) for p, _, _ in live)
+            raise UsageError(f"--out={out} is in use by a running train.py (pid{'s' if len(live) > 1 else ''} {pids}); "
+                             f"wait for it to finish or choose another --out")
+        text = "".join(f"{p} {r} {k}\n" for p, r, k in live + [(os.getpid(), rank, key)])
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, text.encode())
+        return path
+    finally:
+        os.close(fd)  # and the flock with it
+
+
+def unlock(path):
+    """Take this process out of its lock file; the last one out removes the file."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            rest = [e for e in _read_lock(os.read(fd, 1 << 20).decode(errors="replace")) if e[0] != os.getpid()]
+            if rest:
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)
+                os.write(fd, "".join(f"{p} {r} {k}\n" for p, r, k in rest).encode())
+            else:
+                os.remove(path)  # under the flock: a taker that opened the old file sees its inode gone and retries
         finally:
-            os.remove(tmp)
-        try:
-            pid = int(open(path).read().strip() or 0)
-        except (OSError, ValueError):
-            continue
-        if pid == owner:
-            return None  # another rank of this run holds it
-        if _alive(pid):
-            raise UsageError(f"--out={out} is in use by a running train.py (pid {pid}); wait for it to finish "
-                             f"or choose another --out")
-        stale = f"{path}.stale{os.getpid()}"
-        try:
-            os.rename(path, stale)  # one taker wins; put back a lock that is no longer the stale one
-            if open(stale).read().strip() != str(pid):
-                with contextlib.suppress(OSError):
-                    os.link(stale, path)
-            os.remove(stale)
-        except OSError:
-            pass
-    raise UsageError(f"--out={out}: could not take {path}; remove it if no run uses {out}")
+            os.close(fd)
 
 
 @contextlib.contextmanager
-def lock(out):
-    """Check OUT, hold its lock while the block runs, release it after."""
+def lock(out, resume=None, overwrite=False):
+    """Check OUT, hold its lock while the block runs, release it after. With resume given, check_out's checks of the
+    run already in OUT run under the lock (a live run's checkpoint is named as in use, not as another run's)."""
     check_out(out)
     path = lock_out(out)
     try:
+        if resume is not None:
+            check_out(out, resume, overwrite)
         yield
     finally:
-        if path:
-            with contextlib.suppress(OSError):
-                os.remove(path)
+        unlock(path)
 
 
 def start(out, config, resume_step=None):
     """Rank 0 at the start of a run: drop a temp file a run killed while saving left (we hold the lock), write
-    config.json, and on resume keep only the log lines up to the checkpoint's step (the rest is written again).
+    config.json, and on resume keep only the log lines up to the checkpoint's step (the rest is written again; the
+    log was checked by validate_resume). A new run removes the ckpt.pt of the run it replaces (--overwrite).
     -> metrics.jsonl, open for appending."""
     for f in os.listdir(out):
-        if f.startswith("ckpt.pt.tmp"):
+        if f.startswith("ckpt.pt.tmp") or (f == "ckpt.pt" and resume_step is None):
             os.remove(os.path.join(out, f))
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     path = os.path.join(out, "metrics.jsonl")
     old = read_jsonl(path) if (resume_step is not None and os.path.exists(path)) else []
+    old = [r for r in old if isinstance(r, dict) and _is_int(r.get("step")) and r["step"] <= resume_step]
     with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in old if r.get("step", 0) <= resume_step)
+        f.writelines(json.dumps(r) + "\n" for r in old)
     return open(path, "a")
 
 
@@ -143,20 +262,57 @@ def read_jsonl(path):
 
 # --- checkpoints: atomic write, exact resume ---------------------------------------------------------------------
 def save_ckpt(path, state):
+    """Write a checkpoint atomically: a killed run leaves the old checkpoint or the new one, never half of one. A failed
+    write (a full disk) removes its temp file and raises a one-line UsageError naming the file and the checkpoint
+    kept (its step, read from it)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a killed run leaves the old checkpoint or the new one, never half of one
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        why = (getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[0][:120]) or type(e).__name__
+        raise UsageError(f"cannot write the checkpoint {path} ({why}), the run stopped; {_kept(path)}; free space "
+                         f"or choose another --out") from None
+
+
+def _kept(path):
+    if not os.path.exists(path):
+        return "no checkpoint was written"
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True)["step"]
+        return f"the checkpoint of step {step} is kept in {path}"
+    except Exception:  # noqa: BLE001 -- only the message depends on it
+        return f"the previous {path} is kept"
+
+
+def nonfinite(model, opt=None):
+    """The first weight, buffer or optimizer state that is not finite (its name), or None. A checkpoint is saved only
+    when this is None, so "the last good checkpoint" always is one."""
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return f"the weight {k}"
+    names = {p: k for k, p in model.named_parameters()}
+    for p, st in (opt.state.items() if opt is not None else ()):
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return f"the optimizer's {k} of {names.get(p, 'a weight')}"
+    return None
 
 
 def load_ckpt(path):
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UsageError(f"--resume: no checkpoint at {path}; run without --resume to start fresh")
+    check_file("--resume:", path, fix="give --out a run's directory")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(ck, dict) and {"model", "optimizer", "step", "config"} <= ck.keys()
-    except Exception as e:
-        raise UsageError(f"--resume: {path} is corrupt or not a nanomix checkpoint ({type(e).__name__}); "
-                         f"delete it and train without --resume") from None
+    except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same one-line answer
+        what = ("holds pickled Python objects, never loaded (weights_only=True)"
+                if "unsupported global" in str(e).lower() else f"is corrupt or not a nanomix checkpoint "
+                                                               f"({type(e).__name__})")
+        raise UsageError(f"--resume: {path} {what}; delete it and train without --resume") from None
+    check_checkpoint(ck, path=path)
     return ck
 
 
@@ -165,6 +321,142 @@ def load_for_resume(path, name, tc, config):
     ck = load_ckpt(path)
     check_resume(ck, path, name, tc, config)
     return ck
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# a checkpoint's entries (train.py writes them) and their types
+CKPT_ENTRIES = dict(model=dict, optimizer=dict, scheduler=dict, step=int, time=(int, float), config=dict, rng=dict)
+CONFIG_ENTRIES = dict(model=str, setting=str, train=dict, model_cfg=dict)
+RNG_ENTRIES = dict(torch=torch.Tensor, python=str, numpy=str, cuda=list)
+
+
+def _unlike(saved, fresh, where):
+    """Where a saved state (plain data and tensors) differs in structure or type from a fresh one, or None. Keys
+    missing on either side are left to the loader (torch fills defaults across versions)."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return where
+        return next((u for k in fresh.keys() & saved.keys() if (u := _unlike(saved[k], fresh[k], f"{where}.{k}"))),
+                    None)
+    if isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(fresh):
+            return where
+        return next((u for i, (s, f) in enumerate(zip(saved, fresh)) if (u := _unlike(s, f, f"{where}[{i}]"))), None)
+    if torch.is_tensor(fresh):
+        ok = torch.is_tensor(saved) and saved.shape == fresh.shape
+    elif isinstance(fresh, bool) or isinstance(fresh, str):
+        ok = type(saved) is type(fresh)
+    elif _is_number(fresh):
+        ok = _is_number(saved)
+    else:
+        ok = True
+    return None if ok else where
+
+
+def check_checkpoint(ck, model=None, opt=None, sched=None, path="ckpt.pt"):
+    """Everything resume() will load, checked before it loads (or writes) anything: the entries and their types, the
+    config's, the RNG state (tried, then put back); with model: every weight's name, shape and dtype, all finite;
+    with opt / sched: the optimizer's groups and state shapes and the schedule's state. Else a one-line UsageError."""
+    def bad(why):
+        return UsageError(f"--resume: {path} {why}; delete it and train without --resume")
+
+    def entries(d, kinds, what):
+        for k, kind in kinds.items():
+            if k not in d:
+                raise bad(f"has no {what}{k!r} entry")
+            if not isinstance(d[k], kind) or isinstance(d[k], bool):
+                raise bad(f"has a {type(d[k]).__name__} as its {what}{k!r} entry")
+
+    if not isinstance(ck, dict):
+        raise bad(f"holds a {type(ck).__name__}, not a nanomix checkpoint")
+    entries(ck, CKPT_ENTRIES, "")
+    entries(ck["config"], CONFIG_ENTRIES, "config ")
+    entries(ck["rng"], RNG_ENTRIES, "rng ")
+    if ck["step"] < 0 or not math.isfinite(ck["time"]):
+        raise bad(f"has step {ck['step']} and time {ck['time']}")
+    saved = rng_state()
+    try:
+        set_rng_state(ck["rng"])
+    except Exception as e:  # noqa: BLE001 -- a malformed state of any kind
+        raise bad(f"has an RNG state that cannot be restored ({type(e).__name__})") from None
+    finally:
+        set_rng_state(saved)
+    for k, s in ck["model"].items():
+        if torch.is_tensor(s) and s.is_floating_point() and not bool(torch.isfinite(s).all()):
+            raise bad(f"holds a non-finite weight ({k})")
+    if model is not None:
+        own, sd = model.state_dict(), ck["model"]
+        for k in own.keys() | sd.keys():
+            v, s = own.get(k), sd.get(k)
+            if v is None or s is None:
+                raise bad(f"does not fit this model: {'no weight' if s is None else 'an unknown weight'} {k}")
+            if not torch.is_tensor(s) or s.shape != v.shape or s.dtype != v.dtype:
+                got = f"{tuple(s.shape)} {s.dtype}" if torch.is_tensor(s) else f"a {type(s).__name__}"
+                raise bad(f"does not fit this model: {k} is {got}, the model's is {tuple(v.shape)} {v.dtype}")
+    o = ck["optimizer"]
+    if not (isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)):
+        raise bad("has no optimizer state and parameter groups")
+    if opt is not None:
+        u = _unlike(o["param_groups"], opt.state_dict()["param_groups"], "param_groups")
+        if u:
+            raise bad(f"has other optimizer parameter groups than this model ({u})")
+        shapes = dict(zip((i for g in o["param_groups"] for i in g["params"]),
+                          (p.shape for g in opt.param_groups for p in g["params"])))
+        for i, st in o["state"].items():
+            if i not in shapes or not isinstance(st, dict):
+                raise bad(f"has optimizer state for an unknown parameter {i}")
+            for k, v in st.items():
+                if not torch.is_tensor(v) or (v.dim() and v.shape != shapes[i]):
+                    raise bad(f"has an optimizer {k} of parameter {i} that does not fit its shape {tuple(shapes[i])}")
+                if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                    raise bad(f"has a non-finite optimizer {k} of parameter {i}")
+    if sched is not None and (u := _unlike(ck["scheduler"], sched.state_dict(), "scheduler")):
+        raise bad(f"has a schedule state unlike this run's ({u})")
+
+
+def _is_row(r):
+    return (isinstance(r, dict) and _is_int(r.get("step")) and r["step"] >= 0
+            and all(_is_number(v) for v in r.values()))
+
+
+def check_metrics(path):
+    """Every line of a metrics.jsonl is a row (a JSON object: an int step >= 0 and numbers), but for a partial last
+    line (a run killed mid-write; resume drops it); else a one-line UsageError naming the file and the line."""
+    if not os.path.lexists(path):
+        return
+    check_file("--resume:", path, fix="remove it or use another --out")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):
+                continue  # the partial last line of a killed run
+            row = None
+        if not _is_row(row):
+            raise UsageError(f"--resume: {path} line {i} is not a metrics row (a JSON object with an integer step "
+                             f"and numbers): {line.strip()[:60]!r}; delete that line or train without --resume")
+
+
+def validate_resume(ck, model, out, config, opt=None, sched=None):
+    """Everything --resume reads, checked before a byte is written: the checkpoint (check_checkpoint: entries, types,
+    shapes against the model, finite), the same run (check_resume: model, setting, config, the data file's hash), the
+    run files in OUT and every row of metrics.jsonl. Else a one-line UsageError."""
+    path = os.path.join(out, "ckpt.pt")
+    check_checkpoint(ck, model, opt, sched, path)
+    _check_same_run(ck["config"], config, path, out)
+    _check_run_files(out, resume=True, overwrite=False)
+    check_metrics(os.path.join(out, "metrics.jsonl"))
 
 
 def resume(ck, model, opt, sched):
@@ -204,17 +496,25 @@ RESUME_FIXED = ("seed", "batch_size", "seq_len", "data", "lr", "min_lr_ratio", "
 
 def check_resume(ck, ckpt_path, name, tc, config):
     """--resume continues the same run: same model, setting, model config and data stream, or a one-line error."""
-    old = ck["config"]
-    if (old["model"], old["setting"]) != (name, tc.setting):
-        raise UsageError(f"--resume: {ckpt_path} holds {old['model']} on {old['setting']}, not {name} on {tc.setting}; "
-                         f"use another --out")
-    diff = [f"{k} ({old['model_cfg'].get(k)} -> {v})" for k, v in config["model_cfg"].items()
+    _check_same_run(ck["config"], dict(config, model=name, setting=tc.setting), ckpt_path, tc.out)
+
+
+def _check_same_run(old, new, ckpt_path, out):
+    if (old["model"], old["setting"]) != (new["model"], new["setting"]):
+        raise UsageError(f"--resume: {ckpt_path} holds {old['model']} on {old['setting']}, not {new['model']} on "
+                         f"{new['setting']}; use another --out")
+    diff = [f"{k} ({old['model_cfg'].get(k)} -> {v})" for k, v in new["model_cfg"].items()
             if not _same(old["model_cfg"].get(k), v)]
-    diff += [f"{k} ({old['train'].get(k)} -> {config['train'][k]})" for k in RESUME_FIXED
-             if not _same(old["train"].get(k), config["train"][k])]
+    diff += [f"{k} ({old['train'].get(k)} -> {new['train'][k]})" for k in RESUME_FIXED
+             if not _same(old["train"].get(k), new["train"][k])]
     if diff:
         raise UsageError(f"--resume: {ckpt_path} was trained with other values of {', '.join(diff)}; resume with its "
-                         f"values (see {os.path.join(tc.out, 'config.json')}) or use another --out")
+                         f"values (see {os.path.join(out, 'config.json')}) or use another --out")
+    if "data_sha256" in new and old.get("data_sha256") != new["data_sha256"]:
+        data = new["train"].get("data")
+        raise UsageError(f"--resume: the contents of --data={data} are not the ones {ckpt_path} was trained on "
+                         f"(sha256 {str(old.get('data_sha256'))[:12]} -> {str(new['data_sha256'])[:12]}); restore "
+                         f"that file or use another --out")
 
 
 # --- the training batches, drawn ahead ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 isolation, patch bookkeeping, row independence, generation, the entropy checkpoint, learning, and the speed paths
 (window attention, gathered cross-attention) equal to the plain masked forms."""
 import math
+import os
 import pickle
 
 import pytest
@@ -463,3 +464,42 @@ def test_entropy_model_and_bad_input():
         blt.patch_starts(b["tokens"] + OFFSET, "bpe")
     with pytest.raises(ValueError, match="seq_len"):
         model.generate(b["tokens"], 40)
+
+
+# --- --entropy_ckpt: every bad file is one line, exit 2 (never a traceback, never a hang, never a huge build) -------
+def _bad_entropy_file(kind, path):
+    ent = entropy_model()
+    good = {"model": ent.state_dict(), "config": {"model": "blt-entropy", "model_cfg": dict(vars(ent.cfg))}}
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "empty":
+        open(path, "wb").close()
+    elif kind == "non-tensor weight":
+        torch.save({**good, "model": {**good["model"], "emb.weight": "x"}}, path)
+    elif kind == "config of the wrong type":
+        good["config"]["model_cfg"]["d_model"] = "x"
+        torch.save(good, path)
+    elif kind == "a config larger than its weights":
+        good["config"]["model_cfg"]["n_layer"] = 10 ** 9
+        torch.save(good, path)
+    elif kind == "weights of another shape":
+        torch.save({**good, "model": {**good["model"], "head.weight": torch.zeros(3, 3)}}, path)
+    elif kind == "model is a list":
+        torch.save({**good, "model": [1]}, path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "empty", "non-tensor weight", "config of the wrong type",
+                                  "a config larger than its weights", "weights of another shape", "model is a list"])
+def test_entropy_ckpt_bad_file_is_one_line_exit_2(kind, tmp_path, capsys):
+    path = str(tmp_path / "ent.pt")
+    _bad_entropy_file(kind, path)
+    with pytest.raises(ValueError) as e:
+        blt.load_entropy_model(path, 256)
+    assert len(str(e.value).splitlines()) == 1 and "entropy" in str(e.value)
+    argv = ["--model", "blt", "--d_local", "32", "--d_global", "32", "--n_layer_global", "1", "--n_layer_dec", "1",
+            "--seq_len", "64", "--entropy_ckpt", path, "--out", str(tmp_path / "out")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "entropy" in err, err

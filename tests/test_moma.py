@@ -2,6 +2,7 @@
 two routings, MoD capacity, upcycling, KV-cached generation, FLOPs, learning, bad input, and the speed paths against
 the plain forms (grouped matmul vs the per-expert loop, KV cache vs the full forward). Tiny models, CPU, seconds."""
 import math
+import os
 
 import pytest
 import torch
@@ -452,3 +453,40 @@ def test_training_step_reads_the_host_a_fixed_number_of_times(name, monkeypatch)
         cfg = cfg_(**moma.MODELS[name][3], n_layer=n_layer, gumbel=1.0)
         n_mod = sum(cfg.is_mod_layer(l) for l in range(n_layer))
         assert host_reads_in_training_step(moma.MoMa(cfg), batch_(B=2, T=32), monkeypatch) <= 4 + n_mod
+
+
+# --- --upcycle_from: every bad file is one line, exit 2 (never a traceback, never a hang) ---------------------------
+def _bad_upcycle_file(kind, path, parent):
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "pickled object":
+        torch.save({"model": Exception("x")}, path)
+    elif kind == "non-tensor":
+        torch.save({"model": {**parent, "blocks.0.ffn.w_up": "x"}}, path)
+    elif kind == "wrong shapes":
+        torch.save({"model": {**parent, "blocks.0.ffn.w_down": torch.zeros(1, 3, 5)}}, path)
+    elif kind == "not a dict":
+        torch.save({"model": [1, 2]}, path)
+    else:
+        open(path, "wb").write({"empty": b"", "garbage": b"\x80\x02garbage" * 10}[kind])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "pickled object", "empty", "garbage", "non-tensor",
+                                  "wrong shapes", "not a dict"])
+def test_upcycle_from_a_bad_file_is_one_line_exit_2(kind, tmp_path, capsys):
+    import train
+    parent = moma.MoMa(cfg_(experts=(1,), capacity_factor=1.0)).state_dict()
+    path = str(tmp_path / "parent.pt")
+    _bad_upcycle_file(kind, path, parent)
+    with pytest.raises(ValueError) as e:
+        moma.MoMa(cfg_(experts=(2,), capacity_factor=1.0, upcycle_from=path))
+    assert len(str(e.value).splitlines()) == 1 and "upcycle_from" in str(e.value)
+    argv = ["--model", "moma", "--d_model", "32", "--n_layer", "1", "--n_head", "2", "--seq_len", "64",
+            "--gen_n", "0", "--upcycle_from", path, "--out", str(tmp_path / "out")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "upcycle_from" in err, err
+    if kind == "pickled object":
+        assert "pickled Python objects" in err

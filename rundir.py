@@ -472,7 +472,8 @@ def resume(ck, model, opt, sched):
 def rng_state():
     return dict(torch=torch.get_rng_state(), python=json.dumps(random.getstate()),
                 numpy=json.dumps([x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()]),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                mps=torch.mps.get_rng_state() if torch.backends.mps.is_available() else None)   # Apple silicon
 
 
 def set_rng_state(s):
@@ -483,6 +484,8 @@ def set_rng_state(s):
     np.random.set_state((st[0], np.array(st[1], dtype=np.uint32), *st[2:]))
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+    if s.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(s["mps"])
 
 
 def _same(a, b):

@@ -59,6 +59,7 @@ class TrainConfig:
     compile: bool = False      # torch.compile the model (CUDA only)
     context_parallel: int = 1  # ranks sharing each sequence (torchrun; world = data x this; context_parallel.py)
     cp_attention: str = "ring"  # attention across them: ring (Ring Attention) | allgather (the reference)
+    overwrite: bool = False    # replace the run already in --out (its ckpt.pt) instead of refusing to start
     # valid values, one rule per field ("int >= 1", "one of a|b"; after ";" a note), checked by build() (cli.py)
     RANGES: ClassVar[dict] = dict(
         model="str; a registered model", setting="str; a data setting", out="str",
@@ -69,7 +70,7 @@ class TrainConfig:
         grad_clip="float in (0, inf]; inf = no clipping", eval_every="int >= 0; 0 = every max(50, steps // 16) steps",
         eval_batches="int >= 1", ckpt_every="int >= 1", log_every="int >= 1", precision="one of auto|fp32|bf16|fp16",
         gen_n="int >= 0; 0 = no generation eval", gen_every="int >= 0; 0 = 4 x eval_every", compile="bool",
-        context_parallel="int >= 1; must divide the torchrun world size", cp_attention="one of ring|allgather")
+        context_parallel="int >= 1; must divide the torchrun world size", cp_attention="one of ring|allgather", overwrite="bool")
 
 
 # Eval size: eval_batches fixed validation batches. The compares are paired (every model sees the same batches, whose
@@ -100,19 +101,19 @@ def build(name, setting=None, overrides=None, data_file=None, device="cpu", trai
             setattr(tc, k, v)
     tc.eval_every = tc.eval_every or max(50, tc.steps // 16)
     tc.gen_every = tc.gen_every or 4 * tc.eval_every
+    rundir.check_paths(tc)                                   # path options: regular files, before anything reads them
     ds = cli.make_data(tc.setting, tc.seq_len, tc.seed, data_file or tc.data or None)
     cfg = cli.model_config(name, ds, overrides, reg, trainer_keys={f.name for f in fields(TrainConfig)})
+    rundir.check_paths(cfg)
     torch.manual_seed(tc.seed)
     return cli.make_model(name, cfg, device, reg), cfg, tc, ds
 
 
 def count_flops(model, batches, backward=True, parts=False):
-    """FLOPs per input token of one forward (+ backward) pass on a copy of the model, averaged over the batches (a
-    model whose work depends on the data, like BLT's patches, needs a few): the matmuls torch's FlopCounterMode counts
-    (attention with its full T x T scores) + the analytic FLOPs of the scans and FFTs (kernels.flop_tally; backward 2x
-    forward), on the torch paths (the counter cannot see inside a Triton kernel: every backend counts the same).
-    Sparse models pay for what they run; norms, softmax and activations are not counted.
-    -> the total, or with parts=True a dict {total, matmul, scan_fft}."""
+    """FLOPs per token of one forward (+ backward) pass on a copy of the model, averaged over the batches: the matmuls
+    torch's FlopCounterMode counts (attention with its full T x T scores) + the scans' and FFTs' analytic FLOPs
+    (kernels.flop_tally; backward 2x forward), on the torch paths (the counter cannot see inside a Triton kernel).
+    Sparse models pay for what they run; norms and activations are not counted. parts=True: {total, matmul, scan_fft}."""
     from torch.utils import flop_counter as fc
     import kernels
     aten = torch.ops.aten  # the counter knows the CUDA attention kernels; count the CPU one as the math path would
@@ -175,15 +176,12 @@ def make_optimizer(model, tc):
 
 def autocast_for(dev, precision="auto"):
     """The training/eval precision context: autocast to bf16 or fp16, or none (fp32), as cli.resolve_precision says."""
-    p = cli.resolve_precision(precision, dev)
-    if p == "fp32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(torch.device(dev).type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cli.resolve_precision(precision, dev))   # fp32: None
+    return (lambda: torch.autocast(torch.device(dev).type, dtype=dtype)) if dtype else contextlib.nullcontext
 
 
 def clip_grads(model, max_norm):
-    """Clip the gradient norm (a model may clip parts apart: MoMa its aux routers) -> the norm before clipping, a device
-    tensor (no host sync); torch's foreach kernels where it has them."""
+    """Clip the gradient norm (MoMa clips its aux routers apart) -> the norm before clipping (a device tensor)."""
     if hasattr(model, "clip_grad_norm_"):
         return model.clip_grad_norm_(max_norm)
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -191,9 +189,8 @@ def clip_grads(model, max_norm):
 
 # --- evaluation -------------------------------------------------------------------------------------------------------
 def evaluate(model, ds, tc, rank, world, device, autocast, micro=None, cp=None):
-    """Mean eval loss and parts over tc.eval_batches fixed validation batches of tc.batch_size rows, run in forward
-    passes of `micro` rows exactly as training cuts its batches (so 2 ranks x b rows == 1 process x micro-batches of b:
-    the same rows in each forward pass, whatever a model's loss does per batch), averaged over passes and ranks."""
+    """Mean eval loss and parts over tc.eval_batches fixed validation batches, in forward passes of `micro` rows cut as
+    training cuts them (2 ranks x b rows == 1 process x micro-batches of b), averaged over passes and ranks."""
     model.eval()
     dp_rank, dp_world = rank // tc.context_parallel, world // tc.context_parallel
     micro = micro or tc.batch_size // dp_world
@@ -239,10 +236,9 @@ def generation_metrics(model, ds, tc):
 
 # --- training ---------------------------------------------------------------------------------------------------------
 def train_step(model, batches, opt, sched, tc, autocast, world=1, cp=None, scaler=None):
-    """One optimizer step on this rank's micro-batches (already on the device) -> (loss, parts, grad norm, ok), floats
-    read in the step's one host sync. Gradients accumulate over the micro-batches (DDP syncs them on the last only).
-    ok: the loss and the gradient norm are finite on every rank; only then do the optimizer and the schedule step.
-    With fp16's scaler an overflowing gradient skips the update and halves the scale: ok, unless it falls below 1."""
+    """One optimizer step on this rank's micro-batches (on the device) -> (loss, parts, grad norm, ok), read in one host
+    sync. ok: loss and gradient norm finite on every rank; only then do the optimizer and schedule step. With fp16's
+    scaler an overflowing gradient skips the update and halves the scale: ok, unless the scale falls below 1."""
     accum, loss_sum, parts_sum = len(batches), 0.0, {}
     scale = scaler.scale if scaler is not None else (lambda loss: loss)
     for m, batch in enumerate(batches):
@@ -289,9 +285,12 @@ def train(name, over, resume=False, quiet=False):
     model, cfg, tc, ds = build(name, None, {k: v for k, v in over.items() if k not in t_over}, None, dev, t_over)
     out = tc.out = tc.out or os.path.join("out", name)
     micro = check_run(name, model, tc, ds, world, dev, given=set(t_over) - {"device"})
-    config = dict(model=name, setting=tc.setting, train=dataclasses.asdict(tc), model_cfg=dataclasses.asdict(cfg))
+    config = dict(model=name, setting=tc.setting, train=dataclasses.asdict(tc), model_cfg=dataclasses.asdict(cfg),
+                  data_sha256=rundir.data_hash(tc.data))
     ck = rundir.load_for_resume(os.path.join(out, "ckpt.pt"), name, tc, config) if resume else None
-    with lock(out):
+    if ck is not None:  # every file --resume reads is checked before a byte is written
+        rundir.validate_resume(ck, model, out, config, *make_optimizer(model, tc))
+    with lock(out, resume, tc.overwrite):
         started = "RANK" in os.environ and not torch.distributed.is_initialized()  # a caller may have started it
         if started:
             cli.init_process_group(dev)
@@ -388,8 +387,9 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
                                                  if k not in ("tokens", "flops", "flops_matmul")))
             if step % tc.ckpt_every == 0 or step == tc.steps:
                 with rundir.timer(spent, "checkpoints"):
-                    if not torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all():  # no NaN saved
-                        raise cli.diverged(step, "a weight", last_good, ckpt_path, tc)
+                    bad = rundir.nonfinite(raw, opt)                     # never save a NaN over a good checkpoint
+                    if bad:
+                        raise cli.diverged(step, bad, last_good, ckpt_path, tc)
                     if rank == 0:  # from the unwrapped module; the RNG state and data position make resume exact
                         save_ckpt(ckpt_path, dict(model=raw.state_dict(), optimizer=opt.state_dict(),
                                                   scheduler=sched.state_dict(), step=step, time=elapsed, config=config,

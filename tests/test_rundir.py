@@ -476,3 +476,15 @@ def test_train_path_options_take_regular_files_only(kind, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--data {path}" in err and "Traceback" not in err, err
     assert ("more than the" if kind == "huge" else "not a regular file") in err
+
+
+def test_rng_state_carries_the_mps_generator(monkeypatch):
+    """On Apple silicon the mps generator is saved and restored with the others (exact resume on --device mps)."""
+    saved = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: saved["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda st: saved.__setitem__("restored", st))
+    s = rundir.rng_state()
+    assert torch.equal(s["mps"], saved["state"])
+    rundir.set_rng_state(s)
+    assert torch.equal(saved["restored"], saved["state"])

@@ -553,7 +553,7 @@ class Transfusion(nn.Module):
                              f"({type(e).__name__} under weights_only=True); retrain it: {fix}") from None
         own = self.backbone.state_dict()
         bad = [k for k in own if not k.endswith(tuple(f".weight.{m}" for m in range(1, 8)))   # image weights: new
-               and (k not in text or text[k].shape != own[k].shape)]
+               and not (torch.is_tensor(text.get(k)) and text[k].shape == own[k].shape)]
         if bad:
             raise ValueError(f"lmfusion={path!r} does not match this model ({bad[0]} missing or of another shape); "
                              "train lmfusion-base with the same d_model / n_layer / n_head")

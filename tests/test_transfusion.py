@@ -635,3 +635,16 @@ def test_training_step_reads_the_host_a_fixed_number_of_times(backbone, monkeypa
         cfg, ds = tiny_cfg(backbone=backbone, n_layer=n_layer)
         torch.manual_seed(0)
         assert host_reads_in_training_step(tf.Transfusion(cfg), ds.get_batch("train", 2, 0), monkeypatch) <= 7
+
+
+def test_lmfusion_refuses_a_checkpoint_holding_a_non_tensor(tmp_path):
+    """A loadable ckpt.pt whose model dict holds a string where a weight should be: one line, not a traceback."""
+    import train
+    base, _, _, _ = train.build("lmfusion-base")
+    sd = {k: v for k, v in base.state_dict().items()}
+    key = next(k for k in sd if k.startswith("backbone."))
+    sd[key] = "str"
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": sd}, path)
+    with pytest.raises(train.UsageError, match="does not match this model"):
+        train.build("lmfusion", overrides=dict(lmfusion=str(path)))

@@ -521,14 +521,3 @@ def help_text(train_config, model=None):
     lines += ["", "trainer keys (default, what it does, [valid range]):"] + _key_lines(train_config, train_config())
     lines += ["", "outputs in --out (default out/MODEL): config.json, metrics.jsonl, ckpt.pt, loss.png"]
     return "\n".join(lines)
-
-
-# --- figures: plots.py draws; a failing figure never costs a finished run -------------------------------------------
-def figures(draw, what):
-    """draw(plots); a failure prints one warning line and never costs a finished run."""
-    try:
-        import plots
-        draw(plots)
-    except Exception as e:  # noqa: BLE001 -- the run's outputs are written already
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        print(f"warning: the {what} figure failed ({type(e).__name__}: {msg}); the run's outputs are complete")

@@ -35,6 +35,15 @@ SLIDE_PT = 12             # the smallest label, in points, when the figure is sh
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
 RUNS = os.path.join(DOCS, "runs")
 
+def safely(draw, what):
+    """draw(); a failing figure prints one warning line and never costs a finished run (its outputs are written)."""
+    try:
+        draw()
+    except Exception as e:  # noqa: BLE001 -- the run's outputs are written already
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        print(f"warning: the {what} figure failed ({type(e).__name__}: {msg}); the run's outputs are complete")
+
+
 # --- names a reader sees (never a raw metric key or an internal run name) ----------------------------------------
 MODEL_NAMES = {
     "dense": "dense Transformer", "mot": "MoT", "mamba": "Mamba", "mom": "MoM (all four projections)",

@@ -26,6 +26,7 @@ import torch
 
 import cli
 import context_parallel
+import plots
 import rundir
 from cli import UsageError, registry, parse_args, check_ranges, fits, range_of, check_run, has_gen_eval  # noqa: F401
 from cli import mean_over_ranks  # noqa: F401
@@ -405,15 +406,15 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
     set_cp(raw, None)                                               # the end-of-run figures run on rank 0 alone
     if rank == 0:
         log.close()
-        cli.figures(lambda plots: plots.plot_run(out), "loss curve")
-        cli.figures(lambda plots: plots.model_figures(raw, ds, out), "model figures")
+        plots.safely(lambda: plots.plot_run(out), "loss curve")
+        plots.safely(lambda: plots.model_figures(raw, ds, out), "model figures")
         if not quiet:
             print(rundir.summary(out, step, step - step0, time.perf_counter() - t_start, spent))
     if world > 1:
         torch.distributed.barrier()
 
 
-# --- --compare (plots.py draws; it is imported only to draw: cli.figures) ---------------------------------------------
+# --- --compare (plots.py draws the figure and sums up the runs) ---------------------------------------------
 def compare(names, over, base_out):
     """Train every model in names on the same data and training keys, into base_out/NAME, then the compare figure and
     the FLOPs each model needs to reach names[0]'s final eval losses (plots.summarize)."""
@@ -425,8 +426,7 @@ def compare(names, over, base_out):
     for n in names:
         print(f"=== {n} ===", flush=True)
         train(n, {**per[n], "setting": setting, "out": os.path.join(base_out, n)})
-    cli.figures(lambda plots: plots.plot_compare(base_out, names), "compare")
-    import plots
+    plots.safely(lambda: plots.plot_compare(base_out, names), "compare")
     return plots.summarize(names, base_out)
 
 

@@ -532,7 +532,7 @@ def print_wall(runs, device, threads, load=None, peak=None):
               f"{r['in_loop_ratio']:11.2f}x  " + (f"{w['wall_over_pure']:.2f}x (the run)" if i == 0 else ""))
     print("pure = forward + backward + AdamW, batches already on the device; in-loop = train.train_step fed by "
           "train.py's Prefetch (fed ms); goals: in-loop <= 1.05x pure, the run's wall (now) <= 1.15x steps x pure")
-    print(f"\nthe step's time by category (torch.profiler self time, % of the profiled step; bench.WALL_CATEGORIES)")
+    print("\nthe step's time by category (torch.profiler self time, % of the profiled step; bench.WALL_CATEGORIES)")
     print(f"{'model':16s} {'setting':11s} {'prof ms':>8s} " + " ".join(f"{c[:12]:>12s}" for c in WALL_ORDER))
     first = {}                                  # each model and setting once, as first measured
     for r in (r for w in runs for r in w["models"]):

@@ -54,7 +54,6 @@ Run:  python data.py   (a training row of every setting, decoded; the figure: py
 Read next: mot.py (the first paper: a weight set per modality)
 """
 import functools
-import math
 import os
 
 import numpy as np

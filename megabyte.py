@@ -133,7 +133,7 @@ class Megabyte(nn.Module):
     def global_inputs(self, u):
         """u (B, K*P) -> h^global-in (B, K, P*D_G): position k holds patch k-1, position 0 the pad patch."""
         B, L = u.shape
-        P, K = self.cfg.patch_size, L // self.cfg.patch_size
+        K = L // self.cfg.patch_size
         patches = self.embed_bytes(u).reshape(B, K, -1)
         return torch.cat((self.global_pad.expand(B, 1, -1).to(patches.dtype), patches[:, :-1]), 1)
 

@@ -291,7 +291,7 @@ class MovingAverageGatedAttention(nn.Module):
 
     def forward(self, x, cache=None):
         # x: (B, L, D) -> (B, L, D), new cache (None when cache is None)
-        cfg, (B, L, D) = self.cfg, x.shape
+        cfg, (B, L, _) = self.cfg, x.shape
         state = cache or {}
         # Sec. 3.2: X_hat = TimestepNorm(X)
         xn, norm_state = self.timenorm(x, state.get("norm"))

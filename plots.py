@@ -652,8 +652,8 @@ def megabyte_layout(model, ds, path, n_patches=4):
     ax.set_yticks([])
     ax.set_xticks([k * P + P / 2 for k in range(n_patches)], [f"patch {k}" for k in range(n_patches)])
     ax.set_xlabel(f"byte position t (patch size P = {P}); one global step per patch, P local steps inside it")
-    ax.set_title(_wrap(f"MEGABYTE on a bytes-setting row: what the global model reads at patch k (patch k-1) and what the "
-                       f"local model reads at each byte (the previous byte of the patch)", fig), fontsize=10)
+    ax.set_title(_wrap("MEGABYTE on a bytes-setting row: what the global model reads at patch k (patch k-1) and what the "
+                       "local model reads at each byte (the previous byte of the patch)", fig), fontsize=10)
     for s in ax.spines.values():
         s.set_visible(False)
     fig.tight_layout()
@@ -768,7 +768,7 @@ def megalodon_cema(model, path, n_chunks=3, n_channels=6):
     ax[1].set_xlabel("key position (4 chunks of 8 shown)")
     ax[1].set_ylabel("query position")
     ax[1].set_title("chunk-wise attention: causal inside a chunk only", fontsize=10)
-    fig.suptitle(f"Megalodon layer 0: the CEMA impulse response (left) and the chunk-wise attention mask (right)",
+    fig.suptitle("Megalodon layer 0: the CEMA impulse response (left) and the chunk-wise attention mask (right)",
                  fontsize=11)
     fig.tight_layout()
     return _save(fig, path)

@@ -359,7 +359,7 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
             loss, parts, gnorm, ok = train_step(model, micro_batches, opt, sched, tc, autocast, world, cp, scaler)
             step += 1
             if not ok:
-                what = (f"the fp16 gradient (it overflowed until the loss scale fell below 1)" if scaler is not None
+                what = ("the fp16 gradient (it overflowed until the loss scale fell below 1)" if scaler is not None
                         and math.isfinite(loss) else f"the loss ({loss:.4g}) or the gradient norm ({gnorm:.4g})")
                 raise cli.diverged(step, what, last_good, ckpt_path, tc)
             dt = time.perf_counter() - t0

@@ -456,13 +456,18 @@ def test_training_step_reads_the_host_a_fixed_number_of_times(name, monkeypatch)
 
 
 # --- --upcycle_from: every bad file is one line, exit 2 (never a traceback, never a hang) ---------------------------
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
 def _bad_upcycle_file(kind, path, parent):
     if kind == "fifo":
         os.mkfifo(path)
     elif kind == "directory":
         os.mkdir(path)
-    elif kind == "pickled object":
-        torch.save({"model": Exception("x")}, path)
+    elif kind == "pickled object":   # a global no torch version allows under weights_only (it would run a command)
+        torch.save({"model": _RunsCode()}, path)
     elif kind == "non-tensor":
         torch.save({"model": {**parent, "blocks.0.ffn.w_up": "x"}}, path)
     elif kind == "wrong shapes":

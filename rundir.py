@@ -316,13 +316,6 @@ def load_ckpt(path):
     return ck
 
 
-def load_for_resume(path, name, tc, config):
-    """The checkpoint --resume continues from, checked to be the same run (check_resume)."""
-    ck = load_ckpt(path)
-    check_resume(ck, path, name, tc, config)
-    return ck
-
-
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -453,8 +446,9 @@ def validate_resume(ck, model, out, config, opt=None, sched=None):
     shapes against the model, finite), the same run (check_resume: model, setting, config, the data file's hash), the
     run files in OUT and every row of metrics.jsonl. Else a one-line UsageError."""
     path = os.path.join(out, "ckpt.pt")
-    check_checkpoint(ck, model, opt, sched, path)
-    _check_same_run(ck["config"], config, path, out)
+    check_checkpoint(ck, path=path)                    # its entries and their types
+    _check_same_run(ck["config"], config, path, out)   # then the run: a changed config explains a misfit best
+    check_checkpoint(ck, model, opt, sched, path)      # then the weights and optimizer state against the model
     _check_run_files(out, resume=True, overwrite=False)
     check_metrics(os.path.join(out, "metrics.jsonl"))
 
@@ -495,11 +489,6 @@ def _same(a, b):
 # trainer keys a resumed run cannot change: the data stream and the optimizer (lr and weight decay would be silently
 # taken from the saved optimizer state); steps, eval/log/ckpt cadence, device and micro-batching may change
 RESUME_FIXED = ("seed", "batch_size", "seq_len", "data", "lr", "min_lr_ratio", "warmup", "weight_decay", "grad_clip")
-
-
-def check_resume(ck, ckpt_path, name, tc, config):
-    """--resume continues the same run: same model, setting, model config and data stream, or a one-line error."""
-    _check_same_run(ck["config"], dict(config, model=name, setting=tc.setting), ckpt_path, tc.out)
 
 
 def _check_same_run(old, new, ckpt_path, out):

@@ -28,8 +28,7 @@ import cli
 import context_parallel
 import plots
 import rundir
-from cli import UsageError, registry, parse_args, check_ranges, fits, range_of, check_run, has_gen_eval  # noqa: F401
-from cli import mean_over_ranks  # noqa: F401
+from cli import UsageError, registry, parse_args, check_ranges, check_run, has_gen_eval, mean_over_ranks  # noqa: F401
 from rundir import Prefetch, read_jsonl, save_ckpt, rng_state, lock  # noqa: F401
 
 
@@ -71,7 +70,8 @@ class TrainConfig:
         grad_clip="float in (0, inf]; inf = no clipping", eval_every="int >= 0; 0 = every max(50, steps // 16) steps",
         eval_batches="int >= 1", ckpt_every="int >= 1", log_every="int >= 1", precision="one of auto|fp32|bf16|fp16",
         gen_n="int >= 0; 0 = no generation eval", gen_every="int >= 0; 0 = 4 x eval_every", compile="bool",
-        context_parallel="int >= 1; must divide the torchrun world size", cp_attention="one of ring|allgather", overwrite="bool")
+        context_parallel="int >= 1; must divide the torchrun world size", cp_attention="one of ring|allgather",
+        overwrite="bool")
 
 
 # Eval size: eval_batches fixed validation batches. The compares are paired (every model sees the same batches, whose
@@ -114,7 +114,7 @@ def count_flops(model, batches, backward=True, parts=False):
     """FLOPs per token of one forward (+ backward) pass on a copy of the model, averaged over the batches: the matmuls
     torch's FlopCounterMode counts (attention with its full T x T scores) + the scans' and FFTs' analytic FLOPs
     (kernels.flop_tally; backward 2x forward), on the torch paths (the counter cannot see inside a Triton kernel).
-    Sparse models pay for what they run; norms and activations are not counted. parts=True: {total, matmul, scan_fft}."""
+    Sparse models pay for what they run; norms, activations are not counted. parts=True: {total, matmul, scan_fft}."""
     from torch.utils import flop_counter as fc
     import kernels
     aten = torch.ops.aten  # the counter knows the CUDA attention kernels; count the CPU one as the math path would
@@ -288,8 +288,8 @@ def train(name, over, resume=False, quiet=False):
     micro = check_run(name, model, tc, ds, world, dev, given=set(t_over) - {"device"})
     config = dict(model=name, setting=tc.setting, train=dataclasses.asdict(tc), model_cfg=dataclasses.asdict(cfg),
                   data_sha256=rundir.data_hash(tc.data))
-    ck = rundir.load_for_resume(os.path.join(out, "ckpt.pt"), name, tc, config) if resume else None
-    if ck is not None:  # every file --resume reads is checked before a byte is written
+    ck = rundir.load_ckpt(os.path.join(out, "ckpt.pt")) if resume else None
+    if ck is not None:  # the same run, its weights, its log: all checked before a byte is written
         rundir.validate_resume(ck, model, out, config, *make_optimizer(model, tc))
     with lock(out, resume, tc.overwrite):
         started = "RANK" in os.environ and not torch.distributed.is_initialized()  # a caller may have started it

@@ -406,13 +406,7 @@ def test_train_a_full_disk_at_a_checkpoint_is_one_line(tmp_path, monkeypatch, ca
     assert not [f for f in os.listdir(out) if ".tmp" in f] and not os.path.exists(tmp_path / "train.lock")
 
 
-# these need train.py to call rundir's checks (TrainConfig.overwrite marks that it does)
-needs_trainer = pytest.mark.skipif(not hasattr(train.TrainConfig, "overwrite"),
-                                   reason="train.py does not call validate_resume / check_paths / lock(out, resume, "
-                                          "overwrite) yet")
-
-
-@needs_trainer
+# train.py calls rundir's checks: end to end
 @pytest.mark.parametrize("attack", ["a null step in the log", "a weight of another shape"])
 def test_train_resume_checks_every_file_before_writing(attack, run_dir, tmp_path, capsys):
     out = str(tmp_path / "run")
@@ -435,7 +429,6 @@ def test_train_resume_checks_every_file_before_writing(attack, run_dir, tmp_path
     assert files(out) == before  # not a byte written: the log is not truncated
 
 
-@needs_trainer
 def test_train_resume_refuses_changed_data_contents(tmp_path, capsys):
     data, out = tmp_path / "d.txt", str(tmp_path / "run")
     data.write_bytes(b"the cat sat on the mat. " * 40)
@@ -450,7 +443,6 @@ def test_train_resume_refuses_changed_data_contents(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and f"the contents of --data={data} are not the ones" in err, err
 
 
-@needs_trainer
 def test_train_refuses_a_new_run_over_another_runs_checkpoint(run_dir, tmp_path, capsys):
     out = str(tmp_path / "run")
     os.makedirs(out)
@@ -461,7 +453,6 @@ def test_train_refuses_a_new_run_over_another_runs_checkpoint(run_dir, tmp_path,
     assert train.main(TINY + ["--steps", "2", "--eval_every", "2", "--out", out, "--overwrite", "True"]) == 0
 
 
-@needs_trainer
 @pytest.mark.parametrize("kind", ["fifo", "directory", "/dev/zero", "huge"])
 def test_train_path_options_take_regular_files_only(kind, tmp_path, capsys):
     path = {"fifo": str(tmp_path / "f"), "directory": str(tmp_path), "/dev/zero": "/dev/zero",

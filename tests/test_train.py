@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import cli
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +152,7 @@ def test_every_config_field_has_a_valid_range():
     import dataclasses
     classes = {train.TrainConfig} | {c for (_, c, _, _, _) in train.registry().values()}
     missing = [f"{c.__module__}.{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c)
-               if train.range_of(c, f.name) is None]
+               if cli.range_of(c, f.name) is None]
     assert not missing, f"add valid ranges (Config.RANGES) for: {missing}"
     for name, (mod, cfg_cls, _, setting, over) in train.registry().items():  # every default is inside its range
         train.check_ranges(cfg_cls(**over))
@@ -159,13 +160,13 @@ def test_every_config_field_has_a_valid_range():
 
 
 def test_range_rules():
-    assert train.fits(1, "int >= 1") and not train.fits(0, "int >= 1") and not train.fits(1.5, "int >= 1")
-    assert not train.fits(True, "int >= 0") and not train.fits(1, "bool") and train.fits(False, "bool")
-    assert train.fits(1.0, "float in (0, 1]") and not train.fits(0.0, "float in (0, 1]")
-    assert not train.fits(float("nan"), "float") and not train.fits(float("inf"), "float > 0")
-    assert train.fits(float("inf"), "float in (0, inf]") and not train.fits(1.0, "float in [0, 1)")
-    assert train.fits((1, 2), "ints >= 1") and not train.fits((1, 0), "ints >= 1") and train.fits((), "ints >= 1")
-    assert train.fits("post", "one of pre|post") and not train.fits("mid", "one of pre|post")
+    assert cli.fits(1, "int >= 1") and not cli.fits(0, "int >= 1") and not cli.fits(1.5, "int >= 1")
+    assert not cli.fits(True, "int >= 0") and not cli.fits(1, "bool") and cli.fits(False, "bool")
+    assert cli.fits(1.0, "float in (0, 1]") and not cli.fits(0.0, "float in (0, 1]")
+    assert not cli.fits(float("nan"), "float") and not cli.fits(float("inf"), "float > 0")
+    assert cli.fits(float("inf"), "float in (0, inf]") and not cli.fits(1.0, "float in [0, 1)")
+    assert cli.fits((1, 2), "ints >= 1") and not cli.fits((1, 0), "ints >= 1") and cli.fits((), "ints >= 1")
+    assert cli.fits("post", "one of pre|post") and not cli.fits("mid", "one of pre|post")
 
 
 BAD = [  # (argv, expected fragment of the one-line error); {tmp} is a fresh directory, {file} a file in it

@@ -31,6 +31,14 @@ information, and a dense model's shared weights are the better deal -- the circu
 the other are learned once. Per-modality weights pay off when each modality also has much of its own to model, as
 in real data; the text-only share gives the text side that. (The measurements behind these choices: RESULTS.md.)
 
+What tells the shapes apart (SMALL_ART and LARGE_ART draw them pixel by pixel, so it can be read off): a small shape
+fits a 6x6 box, a large one an 8x8 box, centred on its quadrant's centre (a patch corner: each of the 4 patches
+around it holds a quarter of the shape, up to the jitter). At each size the circle (its box without the corners),
+the square (small: 4x4, so that it is not the circle; large: the whole box), the triangle (widening downwards) and
+the cross (two bars 2 pixels wide) differ in at least 12 pixels, and no small shape, jittered or not, is a large
+one. So every scene has an image of its own, a token sequence of its own, and classify_image reads its attributes
+back (tests/test_data.py checks all 4 x 6 x 2 x 4 scenes).
+
 Token ids (shared by all settings except bytes); modality m owns ids [modality_offsets[m], modality_offsets[m+1])
 (continuous images own none; registered modalities come after speech/image, their markers top the text range):
     text    0 <pad>  1 <bos>  2 <boi>  3 <eoi>  4 <bosp>  5 <eosp>  6 "."  then words      -> ids [0, 64)
@@ -101,6 +109,32 @@ assert len(WORDS) <= N_TEXT
 
 BACKGROUNDS = ((0.05, 0.05, 0.05), (0.05, 0.05, 0.3), (0.05, 0.28, 0.08), (0.3, 0.15, 0.05))  # dark: never foreground
 
+# The shapes, drawn pixel by pixel ("#" = object), centred on their quadrant's centre (see the module docstring).
+#              circle      square      triangle    cross
+SMALL_ART = """ .####.      ......      ..##..      ..##..
+                ######      .####.      ..##..      ..##..
+                ######      .####.      .####.      ######
+                ######      .####.      .####.      ######
+                ######      .####.      ######      ..##..
+                .####.      ......      ######      ..##.. """
+LARGE_ART = """ ..####..    ########    ...##...    ...##...
+                .######.    ########    ...##...    ...##...
+                ########    ########    ..####..    ...##...
+                ########    ########    ..####..    ########
+                ########    ########    .######.    ########
+                ########    ########    .######.    ...##...
+                .######.    ########    ########    ...##...
+                ..####..    ########    ########    ...##... """
+
+
+def _pixel_art(art):
+    """Rows of 4 shapes side by side -> (4, n, n) bool, one box per shape in SHAPES' order."""
+    rows = [line.split() for line in art.splitlines()]
+    return np.array([[[c == "#" for c in row[shape]] for row in rows] for shape in range(len(SHAPES))])
+
+
+SHAPE_PIXELS = (_pixel_art(SMALL_ART), _pixel_art(LARGE_ART))   # [size][shape] -> (n, n) bool: 6x6 small, 8x8 large
+
 
 def render(scene, rng=None, noise=0.0, jitter=(0, 0)):
     """scene = (shape, colour, size, position) indices -> image (3, 16, 16) float32 in [0, 1].
@@ -125,26 +159,23 @@ def draw_image(scene, rng):
 
 
 @functools.lru_cache(maxsize=None)
-def _object_mask(shape, size, pos, jy, jx, drawn):
-    """(16, 16) bool: where the object covers the image. `drawn`: the jitter came from rng (numpy ints), so the
-    geometry is computed in float64 as it always was; else (a given jitter) in float32."""
-    if drawn:
-        jy, jx = np.int64(jy), np.int64(jx)
-    cy, cx = 3.5 + 8 * (pos // 2) + jy, 3.5 + 8 * (pos % 2) + jx
-    r = (2.2, 3.6)[size]
-    yy, xx = np.mgrid[0:IMG, 0:IMG].astype(np.float32)
-    dy, dx = yy - cy, xx - cx
-    mask = {"circle": dy ** 2 + dx ** 2 <= r ** 2,
-            "square": np.maximum(abs(dy), abs(dx)) <= 0.85 * r,
-            "triangle": (dy <= 0.8 * r) & (dy >= -r) & (abs(dx) <= (dy + r) * 0.55),
-            "cross": ((abs(dx) <= r / 3) & (abs(dy) <= r)) | ((abs(dy) <= r / 3) & (abs(dx) <= r))}[SHAPES[shape]]
+def _object_mask(shape, size, pos, jy, jx):
+    """(16, 16) bool: where the object covers the image -- its pixel art, centred on its quadrant's centre, moved
+    by the jitter (jy, jx); a large object jittered towards an edge loses the row or column that falls off."""
+    box = SHAPE_PIXELS[size][shape]
+    n = len(box)
+    canvas = np.zeros((IMG + 2, IMG + 2), bool)          # a 1-pixel margin catches what the jitter pushes off
+    top = 1 + 8 * (pos // 2) + 4 - n // 2 + jy
+    left = 1 + 8 * (pos % 2) + 4 - n // 2 + jx
+    canvas[top:top + n, left:left + n] = box
+    mask = canvas[1:-1, 1:-1]
     mask.flags.writeable = False
     return mask
 
 
 def _image64(key):
     shape, colour, size, pos, jy, jx, bg = key
-    mask = _object_mask(shape, size, pos, jy, jx, bg >= 0)
+    mask = _object_mask(shape, size, pos, jy, jx)
     bg = np.array(BACKGROUNDS[bg]) if bg >= 0 else np.full(3, 0.15)
     return np.where(mask[None], np.array(RGB[COLOURS[colour]])[:, None, None], bg[:, None, None])
 

@@ -236,26 +236,62 @@ def generation_metrics(model, ds, tc):
 
 
 # --- training ---------------------------------------------------------------------------------------------------------
-def train_step(model, batches, opt, sched, tc, autocast, world=1, cp=None, scaler=None):
+# The loss of a step is the mean over the whole global batch, however it is cut into micro-batches and ranks: every
+# model's loss is a mean over a count read from the batch (the scored targets; Transfusion: text targets, and images),
+# so each micro-batch backpropagates its mean times its share of the global count (its count / the sum over every
+# micro-batch of every rank, times the ranks DDP averages over). With equal counts the share is 1 / accum.
+def loss_counts(model, batch):
+    """(K,) the counts the model's loss is a mean over, from the batch alone (no forward, no host read): the scored
+    targets (!= -1), or model.loss_counts(batch) where the loss is a sum of K means (Transfusion: text, images)."""
+    model = getattr(model, "module", model)   # under DDP
+    if hasattr(model, "loss_counts"):
+        return model.loss_counts(batch)
+    return (batch["targets"] != -1).sum().reshape(1)
+
+
+def noise_seed(seed, batch):
+    """The seed of a micro-batch's training noise (dropout, MoMa's Gumbel draws), from the run's seed and the global
+    position of its first row (batch["row_id"], on the host): the same micro-batch draws the same noise on any rank,
+    at any step of a resumed run."""
+    return int(np.random.SeedSequence([seed, int(batch["row_id"][0])]).generate_state(1, np.uint64)[0])
+
+
+def train_step(model, batches, opt, sched, tc, autocast, world=1, cp=None, scaler=None, seeds=None):
     """One optimizer step on this rank's micro-batches (on the device) -> (loss, parts, grad norm, ok), read in one host
     sync. ok: loss and gradient norm finite on every rank; only then do the optimizer and schedule step. With fp16's
-    scaler an overflowing gradient skips the update and halves the scale: ok, unless the scale falls below 1."""
+    scaler an overflowing gradient skips the update and halves the scale: ok, unless the scale falls below 1.
+    seeds: one per micro-batch (noise_seed), torch's RNG seeded with it before its forward; None: left as it is."""
     accum, loss_sum, parts_sum = len(batches), 0.0, {}
     scale = scaler.scale if scaler is not None else (lambda loss: loss)
+    dev = batches[0]["tokens"].device
+    f64 = torch.float32 if dev.type == "mps" else torch.float64  # (mps has no float64)
+    counts = torch.stack([loss_counts(model, b) for b in batches]).to(f64)  # (accum, K)
+    total = counts.sum(0)
+    if world > 1:  # the global batch's counts (each cp rank holds the whole micro-batch: cp x the true counts)
+        total = cli.on_ranks("gather", total, dev).sum(0)
+    total = total.clamp(min=1)
+    share = counts.float() * world / total.float()  # (accum, K) each micro-batch's share of the global mean, x ranks
     for m, batch in enumerate(batches):
+        if seeds is not None:
+            torch.manual_seed(seeds[m])
         sync = m == accum - 1 or world == 1
         ctx = model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
         with ctx, autocast():
-            if cp is None:
+            if cp is not None:                  # shares sum to the sequence's loss; DDP averages over dp x cp ranks
+                part, loss, parts = cp_forward(model, batch, cp)
+                scale(part * cp.size * share[m, 0]).backward()
+            elif counts.shape[1] == 1:          # the global batch's mean: this micro-batch's mean x its share
                 _, loss, parts = model(batch)
-                scale(loss / accum).backward()  # the mean over the global batch
-            else:                               # shares sum to the sequence's loss; DDP averages over dp x cp ranks
-                share, loss, parts = cp_forward(model, batch, cp)
-                scale(share * cp.size / accum).backward()
-        f64 = torch.float32 if loss.device.type == "mps" else torch.float64  # (mps has no float64)
-        loss_sum = loss_sum + loss.detach().to(f64) / accum
+                scale(loss * share[m, 0]).backward()
+            else:                               # a sum of means (Transfusion): the model weighs each by its share
+                _, loss, parts = model(dict(batch, loss_share=share[m]))
+                scale(loss).backward()
+        if counts.shape[1] == 1:                # the logged loss: the same mean, in float64 (exact for equal counts)
+            loss_sum = loss_sum + loss.detach().to(f64) * counts[m, 0] * world / total[0]
+        else:
+            loss_sum = loss_sum + loss.detach().to(f64)
         for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0.0) + torch.as_tensor(v).detach().to(loss.device, f64) / accum
+            parts_sum[k] = parts_sum.get(k, 0.0) + torch.as_tensor(v).detach().to(dev, f64) / accum
     if scaler is not None:
         scaler.unscale_(opt)                    # clip the true gradients
     gnorm = clip_grads(getattr(model, "module", model), tc.grad_clip)
@@ -355,8 +391,11 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
     try:
         while step < tc.steps:
             t0 = time.perf_counter()
-            micro_batches = [to(batches.get(step * accum + m), dev) for m in range(accum)]
-            loss, parts, gnorm, ok = train_step(model, micro_batches, opt, sched, tc, autocast, world, cp, scaler)
+            micro_batches = [batches.get(step * accum + m) for m in range(accum)]
+            seeds = [noise_seed(tc.seed, b) for b in micro_batches]   # training noise: keyed by the rows, not the rank
+            micro_batches = [to(b, dev) for b in micro_batches]
+            loss, parts, gnorm, ok = train_step(model, micro_batches, opt, sched, tc, autocast, world, cp, scaler,
+                                                seeds)
             step += 1
             if not ok:
                 what = ("the fp16 gradient (it overflowed until the loss scale fell below 1)" if scaler is not None

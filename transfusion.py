@@ -347,7 +347,9 @@ class Transfusion(nn.Module):
         lm_mask, tm = (targets != -1) & ~is_img, batch.get("target_modality", modality)
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
         ce = ce.view_as(targets) * lm_mask
-        loss = ce.sum() / lm_mask.sum().clamp(min=1)
+        # loss_share (train.py): this batch's share of the global batch's text targets and images (accumulation, DDP)
+        w_text, w_img = batch.get("loss_share", (1.0, 1.0))
+        loss = ce.sum() / lm_mask.sum().clamp(min=1) * w_text
         at, n_m = kernels.sort_by_group(torch.where(lm_mask, tm, cfg.n_modalities), cfg.n_modalities + 1)
         parts = {f"loss_{cfg.modality_names[m]}": (ce.flatten()[a].sum() / n_m[m]).detach()    # one host read: each
                  for m, a in enumerate(at.split(n_m.tolist())[:cfg.n_modalities]) if len(a)}   # modality's LM positions
@@ -362,9 +364,15 @@ class Transfusion(nn.Module):
                 # decides the image, eps-MSE ~ SNR * x_0-MSE barely trains the caption path. min_snr: min(SNR, 5) / SNR
                 snr = self.diffusion.alpha_bar[t] / (1 - self.diffusion.alpha_bar[t])
                 per_img = per_img * (snr.clamp(max=5.0) if cfg.loss_weight == "min_snr" else snr.clamp(min=1.0)) / snr
-            loss = loss + cfg.lam * per_img.mean()                  # Sec. 3.4, Eq. 5
+            loss = loss + cfg.lam * per_img.mean() * w_img          # Sec. 3.4, Eq. 5
             parts[f"loss_{cfg.modality_names[IMAGE]}"] = per_img.mean().detach()
         return logits, loss, parts
+
+    def loss_counts(self, batch):
+        """(2,) what the loss's two means run over, from the batch alone: text targets (Eq. 1) and images (Eq. 4)."""
+        image_index = batch.get("image_index", torch.full_like(batch["tokens"], -1))
+        n_text = ((batch["targets"] != -1) & (image_index < 0)).sum()
+        return torch.stack([n_text, (image_index.max(1).values + 1).clamp(min=0).sum()])
 
     def _embed(self, tokens, xt, t, gid, slot):
         """Input vectors (Sec. 3.1): token embeddings at text positions, encoded noisy patches at image positions."""

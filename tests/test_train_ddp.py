@@ -34,10 +34,15 @@ FAMILIES = {
 }
 ENTROPY = dict(COMMON, setting="bytes", d_model="16", n_layer="1", steps="2", eval_every="2", ckpt_every="2")
 KNOWN_UNEQUAL = {}  # name -> reason (owner): none; every family is DDP-equivalent
+# training noise is drawn per micro-batch from a seed of its rows (train.noise_seed), never from the rank: with the
+# same micro-batches, 2 ranks draw what 1 process draws, bit for bit (MODEL+label: MODEL with these values)
+NOISY = {"moma+gumbel": dict(FAMILIES["moma"], gumbel="0.5"), "megabyte+dropout": dict(FAMILIES["megabyte"], dropout="0.1")}
+RUNS = [*FAMILIES, *NOISY]
 
 
 def overrides(name, ent, out):
-    return {**COMMON, **{k: v.replace("{ent}", ent) for k, v in FAMILIES[name].items()}, "out": os.path.join(out, name)}
+    return {**COMMON, **{k: v.replace("{ent}", ent) for k, v in {**FAMILIES, **NOISY}[name].items()},
+            "out": os.path.join(out, name)}
 
 
 def test_every_model_file_is_covered():
@@ -60,11 +65,11 @@ def runs(tmp_path_factory):
     train.train("blt-entropy", dict(ENTROPY, out=ent), quiet=True)
     ent = os.path.join(ent, "ckpt.pt")
     one, two = str(base / "one"), str(base / "two")
-    for name in FAMILIES:  # 1 process, 2 micro-batches of 2 rows
-        train.train(name, dict(overrides(name, ent, one), micro_batch_size="2"), quiet=True)
+    for name in RUNS:  # 1 process, 2 micro-batches of 2 rows
+        train.train(name.split("+")[0], dict(overrides(name, ent, one), micro_batch_size="2"), quiet=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
-                        os.path.abspath(__file__), two, ent, *FAMILIES], env=env, cwd=ROOT, capture_output=True,
+                        os.path.abspath(__file__), two, ent, *RUNS], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return one, two
@@ -96,6 +101,16 @@ def test_two_ranks_equal_one_process(runs, name):
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
 
 
+@pytest.mark.parametrize("name", list(NOISY))
+def test_training_noise_is_the_same_on_two_ranks(runs, name):
+    (wa, eva, _), (wb, evb, _) = (_final(os.path.join(d, name)) for d in runs)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{name}: {k}"
+    assert eva["eval_loss"] == evb["eval_loss"]
+    quiet = _final(os.path.join(runs[0], name.split("+")[0]))[0]   # the same model without the noise: the noise is on
+    assert any(not torch.equal(wa[k], quiet[k]) for k in wa if wa[k].is_floating_point()), name
+
+
 def record_collectives(calls, training_device):
     """Wrap torch.distributed's collectives: each call's op and the device of the tensor(s) it is given."""
     dist = torch.distributed
@@ -118,7 +133,7 @@ if __name__ == "__main__":  # under torchrun: one process group, every model in 
     train.cli.resolve_device = lambda dev, local: device.__setitem__(0, real_resolve(dev, local)) or device[0]
     record_collectives(calls, lambda: device[0])
     for name in names:
-        train.train(name, overrides(name, ent, out), quiet=True)
+        train.train(name.split("+")[0], overrides(name, ent, out), quiet=True)
     with open(os.path.join(out, f"collectives{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(calls, f)
     torch.distributed.destroy_process_group()

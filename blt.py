@@ -694,7 +694,8 @@ if __name__ == "__main__":   # the shipped trained BLT's entropy patches; withou
         print("mean patch length on an eval row, by the data's kind of byte:", ", ".join(
             f"{n} {int((kind == k).sum()) / max(1, int(starts[kind == k].sum())):.1f} bytes"
             for k, n in enumerate(names)))
-        print("its first stretches, '/' before every patch (random bytes: near-uniform H, a patch per byte):")
+        print(f"its first stretches, '/' before every patch: on random bytes H is near-uniform (about a patch per "
+              f"byte); elsewhere H stays low and patches run to max_patch_len = {model.cfg.max_patch_len}:")
         i, shown = 0, 0
         while i < len(kind) and shown < 5:
             j = i

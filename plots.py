@@ -720,7 +720,9 @@ def blt_patches(model, tokens, path, n=96, kinds=None, what="BLT"):
     ax.set_xlabel("byte of a bytes-setting eval row (grey line = a patch starts here)")
     ax.set_ylabel("entropy (nats)")
     ax.set_title(_wrap(f"{what}, {model.cfg.patching} patching: {int(starts.sum())} patches for {len(chars)} bytes "
-                       f"(mean {len(chars) / max(1, int(starts.sum())):.1f} bytes per patch)", fig), fontsize=10)
+                       f"(mean {len(chars) / max(1, int(starts.sum())):.1f} bytes per patch"
+                       + (f", at most {model.cfg.max_patch_len})" if getattr(model.cfg, "max_patch_len", 0) else ")"),
+                       fig), fontsize=10)
     if ent is not None and kinds is None:
         ax.legend(loc="upper right", fontsize=8)
     if ent is None:
@@ -913,6 +915,12 @@ def _model_from(name, ckpt=None, setting=None, overrides=None):
     cli.check_model(name, reg)
     if ckpt:
         c = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if isinstance(c, dict) and "check" in c and not overrides:  # a shipped checkpoint (rundir.export): as shipped
+            import rundir
+            model, ds, _ = rundir.load_exported(ckpt)
+            if c["config"]["model"] != name:
+                raise ValueError(f"{ckpt} holds model {c['config']['model']!r}, not {name!r}")
+            return model, ds
         conf = c.get("config", {}) if isinstance(c, dict) else {}
         mc = conf.get("model_cfg", {}) if isinstance(conf, dict) else {}
         over = {**{k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()

@@ -718,7 +718,7 @@ if __name__ == "__main__":   # the shipped trained BLT's entropy patches; withou
         print(f"entropy model loss {loss.item():.3f} nats/byte")
         for mode in PATCHINGS:
             model = BLT(Config(seq_len=128, patching=mode), entropy_model=ent_model)
-            if model.entropy_model is not None:   # the explicit tuning step: from the entropy model's sample to the text
+            if model.entropy_model is not None:   # the explicit tuning step: from the entropy model's sample to text
                 print(f"threshold {model.threshold:.3f} -> {model.tune_threshold(batch['tokens']):.3f}")
             logits, loss, parts = model(batch)
             lens = patch_lengths(model.patch(batch["tokens"] + OFFSET))[0]

@@ -566,8 +566,8 @@ if __name__ == "__main__":   # the shipped trained model streams a long row; wit
         b = data.make_data("bytes", seq_len=n, seed=0).get_batch("val", 1, 0)
         x, y, kind = b["tokens"], b["targets"][0], b["byte_kind"][0]
         cache, logits, sizes = model.init_cache(), [], set()
-        numel = (lambda o: o.numel() if torch.is_tensor(o) else sum(map(numel, o.values() if isinstance(o, dict) else o))
-                 if isinstance(o, (dict, list, tuple)) else 0)      # numbers held in the cache
+        numel = (lambda o: o.numel() if torch.is_tensor(o) else      # numbers held in the cache
+                 sum(map(numel, o.values() if isinstance(o, dict) else o)) if isinstance(o, (dict, list, tuple)) else 0)
         with torch.no_grad():
             for s0 in range(0, n, c):                   # one chunk at a time; the cache carries CEMA and norm state
                 out, cache = model.forward_tokens(x[:, s0:s0 + c], cache)

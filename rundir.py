@@ -650,8 +650,9 @@ def _train_command(conf, run):
 
 def export(run, dst, overrides=None, force=False, command=None):
     """Write RUN/ckpt.pt's model as a shipped checkpoint dst: {config (model, setting, the trainer keys that rebuild the
-    eval data, model_cfg), model (weights in fp16, buffers as trained), step, eval (train.evaluate of the fp16 weights on
-    the run's eval batches), check (the same on its first CHECK_BATCHES), run_eval (the run's own last eval), command}.
+    eval data, model_cfg), model (weights in fp16, buffers as trained), step, eval (train.evaluate of the fp16 weights
+    on the run's eval batches), check (the same on its first CHECK_BATCHES), run_eval (the run's own eval at that
+    step, in its precision), command}.
     overrides: model Config fields to change in the shipped config (a path into the repository, e.g. BLT's
     entropy_ckpt); a Config field the model keeps as a scalar buffer of the same name (BLT's tuned threshold) is
     recorded at its trained value. command: the command that made the run, as documented (default: one rebuilt from
@@ -689,7 +690,8 @@ def export(run, dst, overrides=None, force=False, command=None):
             raise UsageError(f"export: unknown key --{k} for model {name}; valid keys: {', '.join(sorted(model_cfg))}")
         model_cfg[k] = cli.convert(k, v, model_cfg[k]) if isinstance(v, str) else v
     metrics = os.path.join(run, "metrics.jsonl")
-    evals = [r for r in read_jsonl(metrics) if "eval_loss" in r] if os.path.isfile(metrics) else []
+    evals = [r for r in read_jsonl(metrics) if "eval_loss" in r and r.get("step") == ck["step"]] \
+        if os.path.isfile(metrics) else []
     out = dict(config=dict(model=name, setting=setting, train=keep, model_cfg=model_cfg), model=half, step=ck["step"],
                eval={}, check={}, run_eval=evals[-1] if evals else {}, command=command or _train_command(conf, run))
     os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
@@ -719,8 +721,9 @@ def main(argv):
         command = over.pop("command", None)
         dst = export(argv[1], argv[2], over, force, command)
         ck = read_export(dst)
+        run_loss = ck["run_eval"].get("eval_loss", float("nan"))
         print(f"{dst}: {ck['config']['model']}, step {ck['step']}, {os.path.getsize(dst) / 1e6:.2f} MB, eval_loss "
-              f"{ck['eval']['eval_loss']:.4f} (fp16 weights; the run's {ck['run_eval'].get('eval_loss', float('nan')):.4f})")
+              f"{ck['eval']['eval_loss']:.4f} (fp16 weights; the run's {run_loss:.4f})")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -72,3 +72,15 @@ def test_a_checkpoint_that_no_longer_fits_the_model_fails_to_load(tiny_run, tmp_
         torch.save(bad, dst)
         with pytest.raises(RuntimeError, match="Missing key" if change == "drop" else "Unexpected key"):
             rundir.load_exported(dst)
+
+
+@pytest.mark.parametrize("paper", ("megabyte", "blt", "megalodon"))
+def test_the_papers_demo_runs_from_its_shipped_checkpoint(paper):
+    """`python PAPER.py` shows the trained model (a demo a model change broke would fall back or fail)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, f"{paper}.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    step = torch.load(os.path.join(ROOT, "docs", "ckpt", f"{paper}.pt"), map_location="cpu", weights_only=True)["step"]
+    assert f"trained {step} steps" in r.stdout and "no trained checkpoint" not in r.stdout, r.stdout

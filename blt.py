@@ -674,22 +674,53 @@ MODELS = {"blt-entropy": (EntropyConfig, EntropyModel, "bytes", dict()), "blt": 
 SUPPORTED_SETTINGS = {"blt-entropy": ("bytes",), "blt": ("bytes",)}   # byte models (the text setting's ids are words)
 
 
-if __name__ == "__main__":   # a quick entropy model on a demo text, then BLT with each patching
-    torch.manual_seed(0)
-    text = b"the cat sat on the mat. the cat sat on the mat. xq7#Lp2@zK9& the cat sat on the mat. 123 124 125 126"
-    tokens = torch.tensor(list(text[:96]))[None].repeat(2, 1)
-    batch = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:])
-    ent_model = EntropyModel(EntropyConfig(seq_len=128))
-    opt = torch.optim.AdamW(ent_model.parameters(), lr=3e-3)
-    for step in range(60):
-        loss = ent_model(batch)[1]
-        opt.zero_grad(); loss.backward(); opt.step()
-    print(f"entropy model loss {loss.item():.3f} nats/byte")
-    for mode in PATCHINGS:
-        model = BLT(Config(seq_len=128, patching=mode), entropy_model=ent_model)
-        if model.entropy_model is not None:   # the explicit tuning step: from the entropy model's sample to the text
-            print(f"threshold {model.threshold:.3f} -> {model.tune_threshold(batch['tokens']):.3f}")
-        logits, loss, parts = model(batch)
-        lens = patch_lengths(model.patch(batch["tokens"] + OFFSET))[0]
-        print(f"{mode:9s} logits {tuple(logits.shape)} loss {loss.item():.3f} patches {len(lens)} {lens[:12]}...")
-    print("generate:", bytes(model.generate(tokens[:1, :20], 12)[0].tolist()))
+if __name__ == "__main__":   # the shipped trained BLT's entropy patches; without it, a quick untrained demo
+    import data
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, "docs", "ckpt", "blt.pt")
+    if os.path.isfile(path):
+        ck = torch.load(path, map_location="cpu", weights_only=True)     # tensors and plain types only
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"]["model_cfg"].items()}
+        kw["entropy_ckpt"] = os.path.join(here, kw["entropy_ckpt"])       # the shipped entropy model (in the repo)
+        model = BLT(Config(**kw)).eval()                                  # threshold: the trained one (no tuning)
+        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
+        print(f"BLT trained {ck['step']} steps on the bytes setting ({path}): eval "
+              f"{ck['eval']['eval_loss'] / math.log(2):.3f} bits/byte; a patch starts where the trained entropy "
+              f"model's H(next byte) > {float(model.threshold):.2f} nats")
+        b = data.make_data("bytes", seq_len=model.cfg.seq_len, seed=0).get_batch("val", 1, 0)
+        x, kind = b["tokens"] + OFFSET, b["byte_kind"][0]
+        starts = model.patch(x)[0, :-1]
+        names = ("caption", "random", "predictable")
+        print("mean patch length on an eval row, by the data's kind of byte:", ", ".join(
+            f"{n} {int((kind == k).sum()) / max(1, int(starts[kind == k].sum())):.1f} bytes"
+            for k, n in enumerate(names)))
+        print(f"its first stretches, '/' before every patch: on random bytes H is near-uniform (about a patch per "
+              f"byte); elsewhere H stays low and patches run to max_patch_len = {model.cfg.max_patch_len}:")
+        i, shown = 0, 0
+        while i < len(kind) and shown < 5:
+            j = i
+            while j < len(kind) and kind[j] == kind[i]:
+                j += 1
+            text = "".join(("/" if starts[t] else "") + chr(int(x[0, t]) - OFFSET) for t in range(i, min(j, i + 90)))
+            print(f"  {names[int(kind[i])]:>11s}: {text.strip()}")
+            i, shown = j, shown + 1
+    else:
+        print(f"no trained checkpoint at {path}: a quick entropy model on a demo text, then BLT with each patching")
+        torch.manual_seed(0)
+        text = b"the cat sat on the mat. the cat sat on the mat. xq7#Lp2@zK9& the cat sat on the mat. 123 124 125 126"
+        tokens = torch.tensor(list(text[:96]))[None].repeat(2, 1)
+        batch = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:])
+        ent_model = EntropyModel(EntropyConfig(seq_len=128))
+        opt = torch.optim.AdamW(ent_model.parameters(), lr=3e-3)
+        for step in range(60):
+            loss = ent_model(batch)[1]
+            opt.zero_grad(); loss.backward(); opt.step()
+        print(f"entropy model loss {loss.item():.3f} nats/byte")
+        for mode in PATCHINGS:
+            model = BLT(Config(seq_len=128, patching=mode), entropy_model=ent_model)
+            if model.entropy_model is not None:   # the explicit tuning step: from the entropy model's sample to text
+                print(f"threshold {model.threshold:.3f} -> {model.tune_threshold(batch['tokens']):.3f}")
+            logits, loss, parts = model(batch)
+            lens = patch_lengths(model.patch(batch["tokens"] + OFFSET))[0]
+            print(f"{mode:9s} logits {tuple(logits.shape)} loss {loss.item():.3f} patches {len(lens)} {lens[:12]}...")
+        print("generate:", bytes(model.generate(tokens[:1, :20], 12)[0].tolist()))

@@ -445,22 +445,40 @@ MODELS = {"megabyte": (Config, Megabyte, "bytes", dict())}
 SUPPORTED_SETTINGS = {"megabyte": ("bytes", "text")}   # one token stream; train.py refuses others
 
 
-if __name__ == "__main__":
-    torch.manual_seed(0)
-    cfg = Config(seq_len=256)
-    model = Megabyte(cfg)
-    text = b"MEGABYTE predicts bytes: a global model over patches and a local model inside each patch. " * 3
-    x = torch.tensor(list(text[:129]), dtype=torch.long)[None]
-    batch = dict(tokens=x[:, :-1], targets=x[:, 1:])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for step in range(80):
-        _, loss, _ = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    n_g = sum(p.numel() for p in model.global_model.parameters())
-    n_l = sum(p.numel() for p in model.local_model.parameters())
-    print(f"params global {n_g:,} local {n_l:,} total {sum(p.numel() for p in model.parameters()):,}")
-    print(f"loss after 80 steps {loss.item():.3f} nats = {loss.item() / math.log(2):.3f} bits/byte")
-    model.eval()
-    print(bytes(model.generate(x[:, :20], 60)[0].tolist()))
+if __name__ == "__main__":   # the shipped trained model continues texts; without it, a quick untrained demo
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "ckpt", "megabyte.pt")
+    if os.path.isfile(path):
+        ck = torch.load(path, map_location="cpu", weights_only=True)     # tensors and plain types only
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"]["model_cfg"].items()})
+        model = Megabyte(cfg).eval()
+        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
+        print(f"MEGABYTE trained {ck['step']} steps on the bytes setting ({path}): eval "
+              f"{ck['eval']['eval_loss'] / math.log(2):.3f} bits/byte; P = {cfg.patch_size} bytes per global step")
+        print("greedy continuations (prompt | the model's 64 bytes):")
+        for text in (b"a large cyan circle | a large cyan circle | a large", b"there is a green circle at the",
+                     b"314 315 316 317 318", b"a small blue cross in the bottom right. top left , one"):
+            x = torch.tensor(list(text))[None]
+            with torch.no_grad():
+                out = model.generate(x, 64)[0, len(text):].tolist()
+            print(f"  {text.decode()} | {bytes(out).decode('utf-8', 'replace')!r}")
+    else:
+        print(f"no trained checkpoint at {path}: a fresh model fits one short text in 80 steps instead")
+        torch.manual_seed(0)
+        cfg = Config(seq_len=256)
+        model = Megabyte(cfg)
+        text = b"MEGABYTE predicts bytes: a global model over patches and a local model inside each patch. " * 3
+        x = torch.tensor(list(text[:129]), dtype=torch.long)[None]
+        batch = dict(tokens=x[:, :-1], targets=x[:, 1:])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for step in range(80):
+            _, loss, _ = model(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        n_g = sum(p.numel() for p in model.global_model.parameters())
+        n_l = sum(p.numel() for p in model.local_model.parameters())
+        print(f"params global {n_g:,} local {n_l:,} total {sum(p.numel() for p in model.parameters()):,}")
+        print(f"loss after 80 steps {loss.item():.3f} nats = {loss.item() / math.log(2):.3f} bits/byte")
+        model.eval()
+        print(bytes(model.generate(x[:, :20], 60)[0].tolist()))

@@ -551,19 +551,61 @@ MODELS = {"megalodon": (Config, Megalodon, "bytes", dict())}
 SUPPORTED_SETTINGS = {"megalodon": ("bytes", "text")}   # one token stream; train.py refuses others
 
 
-if __name__ == "__main__":
-    torch.manual_seed(0)
-    cfg = Config(seq_len=512, chunk_size=128)
-    model = Megalodon(cfg)
-    print(f"megalodon: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{cfg.seq_len // cfg.chunk_size} chunks of {cfg.chunk_size}")
-    tokens = torch.randint(0, 256, (2, cfg.seq_len + 1))
-    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(5):
-        logits, loss, parts = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        print(f"step {step} | loss {loss.item():.3f} nats | bpb {loss.item() / math.log(2):.3f}")
-    print("logits", tuple(logits.shape), "| generated:", model.generate(tokens[:, :8], 8)[0, 8:].tolist())
+if __name__ == "__main__":   # the shipped trained model streams a long row; without it, a quick untrained demo
+    import os
+    import data
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "ckpt", "megalodon.pt")
+    if os.path.isfile(path):
+        ck = torch.load(path, map_location="cpu", weights_only=True)     # tensors and plain types only
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"]["model_cfg"].items()})
+        model = Megalodon(cfg).eval()
+        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
+        c, n = cfg.chunk_size, 2 * cfg.seq_len                       # twice the length it was trained on
+        print(f"Megalodon trained {ck['step']} steps on {cfg.seq_len}-byte rows of the bytes setting ({path}): eval "
+              f"{ck['eval']['eval_loss'] / math.log(2):.3f} bits/byte")
+        b = data.make_data("bytes", seq_len=n, seed=0).get_batch("val", 1, 0)
+        x, y, kind = b["tokens"], b["targets"][0], b["byte_kind"][0]
+        cache, logits, sizes = model.init_cache(), [], set()
+        numel = (lambda o: o.numel() if torch.is_tensor(o) else      # numbers held in the cache
+                 sum(map(numel, o.values() if isinstance(o, dict) else o)) if isinstance(o, (dict, list, tuple)) else 0)
+        with torch.no_grad():
+            for s0 in range(0, n, c):                   # one chunk at a time; the cache carries CEMA and norm state
+                out, cache = model.forward_tokens(x[:, s0:s0 + c], cache)
+                logits.append(out[0])
+                sizes.add(numel(cache))
+            whole = model.forward_tokens(x[:, :cfg.seq_len])[0][0]  # the training-time forward, all at once
+        logits = torch.cat(logits)
+        bits = F.cross_entropy(logits, y, reduction="none") / math.log(2)
+        print(f"streamed {n} bytes in {n // c} chunks of {c}: the state after each chunk holds {max(sizes):,} numbers "
+              f"(never more), and the first {cfg.seq_len} streamed logits equal the whole-row forward's to "
+              f"{(logits[:cfg.seq_len] - whole).abs().max():.0e}")
+        print("bits/byte per chunk:", " ".join(f"{float(bits[s0:s0 + c].mean()):.2f}" for s0 in range(0, n, c)))
+        for part, sl in ((f"bytes 0-{cfg.seq_len - 1} (the trained length)", slice(0, cfg.seq_len)),
+                         (f"bytes {cfg.seq_len}-{n - 1} (beyond it)", slice(cfg.seq_len, n))):
+            print(f"bits/byte on {part}:", ", ".join(f"{name} {float(bits[sl][kind[sl] == k].mean()):.2f}"
+                                                     for k, name in enumerate(("caption", "random", "predictable"))))
+        nxt, gen = logits[-1:].argmax(-1, keepdim=True), []
+        with torch.no_grad():                           # greedy bytes past the row's end, from the carried state
+            for _ in range(80):
+                gen.append(int(nxt))
+                out, cache = model.forward_tokens(nxt, cache)
+                nxt = out[:, -1].argmax(-1, keepdim=True)
+        print(f"the row ends ...{bytes(x[0, -60:].tolist()).decode('utf-8', 'replace')!r}")
+        print(f"greedy continuation, byte {n} on: {bytes(gen).decode('utf-8', 'replace')!r}")
+    else:
+        print(f"no trained checkpoint at {path}: an untrained model takes 5 steps on random bytes instead")
+        torch.manual_seed(0)
+        cfg = Config(seq_len=512, chunk_size=128)
+        model = Megalodon(cfg)
+        print(f"megalodon: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{cfg.seq_len // cfg.chunk_size} chunks of {cfg.chunk_size}")
+        tokens = torch.randint(0, 256, (2, cfg.seq_len + 1))
+        batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(5):
+            logits, loss, parts = model(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            print(f"step {step} | loss {loss.item():.3f} nats | bpb {loss.item() / math.log(2):.3f}")
+        print("logits", tuple(logits.shape), "| generated:", model.generate(tokens[:, :8], 8)[0, 8:].tolist())

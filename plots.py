@@ -123,10 +123,11 @@ def _save(fig, path, rect=None):
     return path
 
 
-def _wrap(text, fig):
-    """Break a title into lines that fit the figure's width (about 11 characters per inch at 11 pt)."""
+def _wrap(text, fig, share=1.0):
+    """Break a title into lines that fit the figure's width (about 11 characters per inch at 11 pt); share: the part
+    of the width its axes take."""
     import textwrap
-    return "\n".join(textwrap.wrap(text, int(fig.get_size_inches()[0] * 10)))
+    return "\n".join(textwrap.wrap(text, int(fig.get_size_inches()[0] * 10 * share)))
 
 
 def _flops_axis(ax, xs):
@@ -681,9 +682,10 @@ def megabyte_patch_position(model, path):
     return _save(fig, path)
 
 
-def blt_patches(model, tokens, path, n=96, kinds=None):
+def blt_patches(model, tokens, path, n=96, kinds=None, what="BLT"):
     """BLT (paper Fig. 4): the first n bytes of `tokens` (1-D), the entropy model's H(x_i) and the patch starts;
-    kinds (1-D, optional): the data's byte kinds (0 caption, 1 random, 2 predictable), shaded."""
+    kinds (1-D, optional): the data's byte kinds (0 caption, 1 random, 2 predictable), shaded. what: the model, as the
+    title names it."""
     plt = _plt()
     off = 4 if not hasattr(sys.modules.get("blt"), "OFFSET") else sys.modules["blt"].OFFSET
     dev = next(model.parameters()).device
@@ -717,8 +719,10 @@ def blt_patches(model, tokens, path, n=96, kinds=None):
     ax.set_xlim(-0.5, len(chars) - 0.5)
     ax.set_xlabel("byte of a bytes-setting eval row (grey line = a patch starts here)")
     ax.set_ylabel("entropy (nats)")
-    ax.set_title(f"BLT {model.cfg.patching} patching: {int(starts.sum())} patches for {len(chars)} bytes "
-                 f"(mean {len(chars) / max(1, int(starts.sum())):.1f} bytes per patch)", fontsize=10)
+    ax.set_title(_wrap(f"{what}, {model.cfg.patching} patching: {int(starts.sum())} patches for {len(chars)} bytes "
+                       f"(mean {len(chars) / max(1, int(starts.sum())):.1f} bytes per patch"
+                       + (f", at most {model.cfg.max_patch_len})" if getattr(model.cfg, "max_patch_len", 0) else ")"),
+                       fig), fontsize=10)
     if ent is not None and kinds is None:
         ax.legend(loc="upper right", fontsize=8)
     if ent is None:
@@ -728,9 +732,10 @@ def blt_patches(model, tokens, path, n=96, kinds=None):
     return _save(fig, path)
 
 
-def megalodon_cema(model, path, n_chunks=3, n_channels=6):
-    """Megalodon: the impulse response of layer 0's CEMA (its output for a unit impulse, minus the omega skip), for a
-    few channels, against the attention chunks that the EMA carries information across."""
+def megalodon_cema(model, path, n_chunks=3, n_channels=6, what="Megalodon"):
+    """Megalodon: the impulse response of layer 0's CEMA (its output for a unit impulse, minus the omega skip) for its
+    longest-memory channels, drawn against the attention chunk boundaries: whether the EMA reaches past a chunk.
+    what: the model, as the title names it."""
     plt = _plt()
     cema = next(m for m in model.modules() if hasattr(m, "coeffs") and hasattr(m, "omega"))
     c = model.cfg.chunk_size
@@ -756,10 +761,9 @@ def megalodon_cema(model, path, n_chunks=3, n_channels=6):
         ax[0].axvline(k * c, color="k", ls=":", lw=1)
     ax[0].set_xlabel(f"time step t after an impulse at t = 0 (dotted: chunk boundaries, chunk = {c})")
     ax[0].set_ylabel("|CEMA response y_t| (log scale)")
-    where = (f"below 1e-8 from t = {reach + 1}, before the first chunk boundary" if reach < c else
-             f"above 1e-8 until t = {reach}, past the first chunk boundary")
-    ax[0].set_title(_wrap(f"layer 0's CEMA impulse response, its {n_channels} longest-memory channels: {where}", fig),
-                    fontsize=10)
+    where = (f"all below 1e-8 from t = {reach + 1}, before the first chunk boundary (t = {c})" if reach < c else
+             f"above 1e-8 until t = {reach}, past the first chunk boundary (t = {c})")
+    ax[0].set_title(_wrap(f"the {n_channels} longest-memory of {cema.dim} channels: {where}", fig, 0.6), fontsize=10)
     ax[0].legend(fontsize=7, ncol=2, loc="upper right")
     T, cc = 4 * 8, 8
     i = np.arange(T)
@@ -767,8 +771,8 @@ def megalodon_cema(model, path, n_chunks=3, n_channels=6):
     ax[1].imshow(m, cmap="Blues", vmin=0, vmax=1.4, interpolation="nearest")
     ax[1].set_xlabel("key position (4 chunks of 8 shown)")
     ax[1].set_ylabel("query position")
-    ax[1].set_title("chunk-wise attention: causal inside a chunk only", fontsize=10)
-    fig.suptitle("Megalodon layer 0: the CEMA impulse response (left) and the chunk-wise attention mask (right)",
+    ax[1].set_title("chunk-wise attention:\ncausal inside a chunk only", fontsize=10)
+    fig.suptitle(_wrap(f"{what}, layer 0: CEMA impulse responses (left), chunk-wise attention mask (right)", fig),
                  fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
@@ -911,6 +915,12 @@ def _model_from(name, ckpt=None, setting=None, overrides=None):
     cli.check_model(name, reg)
     if ckpt:
         c = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if isinstance(c, dict) and "check" in c and not overrides:  # a shipped checkpoint (rundir.export): as shipped
+            import rundir
+            model, ds, _ = rundir.load_exported(ckpt)
+            if c["config"]["model"] != name:
+                raise ValueError(f"{ckpt} holds model {c['config']['model']!r}, not {name!r}")
+            return model, ds
         conf = c.get("config", {}) if isinstance(c, dict) else {}
         mc = conf.get("model_cfg", {}) if isinstance(conf, dict) else {}
         over = {**{k: tuple(v) if isinstance(v, list) else v for k, v in mc.items()
@@ -928,36 +938,34 @@ def _model_from(name, ckpt=None, setting=None, overrides=None):
     return model, ds
 
 
-def blt_docs(path, steps=300, seed=0):
-    """docs/blt_patches.png: a small entropy model trained for `steps` steps on the bytes setting (seconds), BLT with
-    entropy patching on top of it (threshold tuned to a mean patch of 4 bytes on the row), on an eval row."""
-    import blt
-    import data
-    torch.manual_seed(seed)
-    ds = data.make_data("bytes", seq_len=512, seed=seed)
-    ent = blt.EntropyModel(blt.EntropyConfig(seq_len=512))
-    opt = torch.optim.AdamW(ent.parameters(), lr=3e-3)
-    for i in range(steps):
-        loss = ent(ds.get_batch("train", 4, i))[1]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    ent.eval()
-    model = blt.BLT(blt.Config(seq_len=512), entropy_model=ent)
-    b = ds.get_batch("val", 1, 1)
-    row, kinds = b["tokens"][0], b.get("byte_kind")
-    n = 96
-    start = 0
-    if kinds is not None:        # a window that holds predictable and random bytes
-        k = kinds[0]
-        for s0 in range(0, len(k) - n, 8):
-            w = k[s0:s0 + n]
-            if (w == 1).sum() >= 32 and (w == 2).sum() >= 32:
-                start = s0
-                break
-    if hasattr(model, "tune_threshold"):
-        model.tune_threshold(b["tokens"])
-    return blt_patches(model, row[start:], path, n=n, kinds=None if kinds is None else kinds[0, start:])
+CKPT = os.path.join(DOCS, "ckpt")
+
+
+def _shipped(name):
+    """The shipped trained model docs/ckpt/NAME.pt (rundir.load_exported) and its data, or FileNotFoundError."""
+    import rundir
+    path = os.path.join(CKPT, f"{name}.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"docs/ckpt/{name}.pt: no such file; export it from a run (python rundir.py export)")
+    return rundir.load_exported(path)
+
+
+def blt_docs(path, n=96):
+    """docs/blt_patches.png: the shipped trained BLT (docs/ckpt/blt.pt, its trained entropy model and threshold) on
+    the first window of n bytes of an eval row that holds both predictable and random bytes."""
+    model, ds, ck = _shipped("blt")
+    b = ds.get_batch("val", 1, 0)
+    row, kinds = b["tokens"][0], b["byte_kind"][0]
+    start = next(s0 for s0 in range(0, len(kinds) - n, 8)          # a window with both kinds of bytes
+                 if (kinds[s0:s0 + n] == 1).sum() >= 32 and (kinds[s0:s0 + n] == 2).sum() >= 32)
+    return blt_patches(model, row[start:], path, n=n, kinds=kinds[start:],
+                       what=f"trained BLT ({ck['step']} steps, docs/ckpt/blt.pt)")
+
+
+def megalodon_docs(path):
+    """docs/megalodon_cema.png: the CEMA of the shipped trained Megalodon (docs/ckpt/megalodon.pt)."""
+    model, _, ck = _shipped("megalodon")
+    return megalodon_cema(model, path, what=f"trained Megalodon ({ck['step']} steps, docs/ckpt/megalodon.pt)")
 
 
 def _mech(name, overrides=None, trained=None):
@@ -1006,8 +1014,9 @@ DOCS_FIGURES = {
                             "checkpoint when on disk)"),
     "transfusion_mask": (_mech("transfusion"), "Transfusion: the attention mask of a real row"),
     "megabyte_layout": (_mech("megabyte"), "MEGABYTE: patches, global and local inputs of a real byte row"),
-    "blt_patches": (blt_docs, "BLT: entropy and patch starts on a bytes row (entropy model trained for 300 steps)"),
-    "megalodon_cema": (_mech("megalodon"), "Megalodon: CEMA impulse response and attention chunks"),
+    "blt_patches": (blt_docs, "BLT: the trained entropy model's H and patch starts on a bytes row (docs/ckpt/blt.pt)"),
+    "megalodon_cema": (megalodon_docs, "Megalodon: the trained CEMA's impulse responses and the attention chunks "
+                                       "(docs/ckpt/megalodon.pt)"),
 }
 
 

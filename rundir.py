@@ -6,6 +6,13 @@ training batches ahead in a thread. The guard rails: the lock is held while any 
 run reads must be a regular file (checked by stat, never opened otherwise); --resume checks every file it reads
 before a byte is written; a failed checkpoint write and a non-finite weight end in one line naming the checkpoint
 kept. Every failure is a UsageError (one line, exit 2). train.py uses these; a reader of the method can skip this file.
+
+The shipped checkpoints (docs/ckpt/NAME.pt) are exported from a finished run: its weights in fp16 (buffers, such as a
+tuned threshold, as trained), the config that rebuilds the model and its eval data, and the eval loss of those fp16
+weights. The paper files' demos, plots.py and tests/test_checkpoints.py load them:
+
+    python rundir.py export RUN_DIR docs/ckpt/NAME.pt [--KEY=VALUE ...] [--command=CMD] [--force]
+    # KEY: a model Config field to change in the shipped config; CMD: the documented command that made the run
 """
 import contextlib
 import dataclasses
@@ -16,13 +23,16 @@ import math
 import os
 import queue
 import random
+import shlex
 import stat
+import sys
 import threading
 import time
 
 import numpy as np
 import torch
 
+import cli
 from cli import UsageError
 
 
@@ -555,3 +565,170 @@ class Prefetch:
     def close(self):
         self.stop.set()
         self.thread.join()
+
+
+# --- shipped checkpoints: a run's weights in fp16, with what rebuilds the model and its eval data ------------------
+ROOT = os.path.dirname(os.path.abspath(__file__))   # relative paths in a shipped config name files of the repository
+EXPORT_TRAIN_KEYS = ("seed", "seq_len", "batch_size", "micro_batch_size", "eval_batches", "data", "steps")
+CHECK_BATCHES = 1   # eval batches of the quick check tests/test_checkpoints.py repeats (the recorded eval: the run's)
+EXPORT_ENTRIES = dict(config=dict, model=dict, step=int, eval=dict, check=dict, command=str)
+
+
+def read_export(path):
+    """A shipped checkpoint (export's format), loaded with weights_only=True and its entries checked, or a one-line
+    UsageError."""
+    check_file("checkpoint", path, fix="export one with `python rundir.py export RUN_DIR PATH`")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same one-line answer
+        raise UsageError(f"checkpoint {path} cannot be read ({type(e).__name__}); export it again") from None
+    if not isinstance(ck, dict) or any(not isinstance(ck.get(k), t) for k, t in EXPORT_ENTRIES.items()):
+        raise UsageError(f"checkpoint {path} is not an exported nanomix checkpoint (entries {', '.join(EXPORT_ENTRIES)})")
+    return ck
+
+
+def _model_cfg(name, model_cfg):
+    """A saved model config as build overrides: lists back to tuples, relative paths against the repository."""
+    rules = getattr(cli.registry()[name][1], "RANGES", {})
+    out = {}
+    for k, v in model_cfg.items():
+        if isinstance(v, list):
+            v = tuple(v)
+        if rules.get(k, "").split(";")[0].strip() == "path" and v and not os.path.isabs(v):
+            v = os.path.join(ROOT, v)
+        out[k] = v
+    return out
+
+
+def load_exported(path, device="cpu"):
+    """-> (model in eval mode, its data, the checkpoint): the model built from the checkpoint's config (cli.py's
+    checks), its fp16 weights cast to float32 and loaded strictly: a model that no longer fits them fails here."""
+    ck = read_export(path)
+    conf, reg = ck["config"], cli.registry()
+    name, t = conf["model"], conf["train"]
+    cli.check_model(name, reg)
+    ds = cli.make_data(conf["setting"], t["seq_len"], t["seed"], t["data"] or None)
+    cfg = cli.model_config(name, ds, _model_cfg(name, conf["model_cfg"]), reg)
+    torch.manual_seed(t["seed"])
+    model = cli.make_model(name, cfg, device, reg)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["model"].items()}, strict=True)
+    return model.eval(), ds, ck
+
+
+def evaluate_exported(model, ds, ck, eval_batches=None):
+    """train.evaluate of a loaded checkpoint's model on its run's eval batches (the first eval_batches of them), fp32."""
+    import train   # here, not at the top: train.py imports this file
+    conf = ck["config"]
+    t = {**conf["train"], **({"eval_batches": eval_batches} if eval_batches else {})}
+    tc = train.TrainConfig(model=conf["model"], setting=conf["setting"], **t)
+    dev = next(model.parameters()).device.type
+    ev = train.evaluate(model, ds, tc, 0, 1, dev, train.autocast_for(dev, "fp32"), tc.micro_batch_size or None)
+    model.eval()
+    return ev
+
+
+def _train_command(conf, run):
+    """The train.py command line that makes a run of this config (its keys that differ from the defaults)."""
+    import train
+    name, setting, t = conf["model"], conf["setting"], conf["train"]
+    base = train.TrainConfig(model=name, setting=setting)
+    for k, v in train.SETTING_DEFAULTS[setting].items():
+        setattr(base, k, getattr(base, k) or v)
+    base.eval_every = max(50, t.get("steps", base.steps) // 16)    # the defaults derived from the run's own keys
+    base.gen_every = 4 * t.get("eval_every", base.eval_every)
+    _, cls, _, _, over = cli.registry()[name]
+    default = dataclasses.asdict(cls(**over))
+    fmt = (lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+    args = [f"--model {name}", f"--setting {setting}"]
+    args += [f"--{k} {fmt(v)}" for k, v in t.items()
+             if k not in ("model", "setting", "out", "device") and hasattr(base, k) and not _same(v, getattr(base, k))]
+    args += [f"--{k} {shlex.quote(fmt(v))}" for k, v in conf["model_cfg"].items()
+             if k in default and k not in ("seq_len", "vocab_size", "n_modalities", "modality_names",
+                                            "modality_offsets") and not _same(v, default[k])]
+    return "python train.py " + " ".join(args + [f"--out {shlex.quote(t.get('out') or run)}"])
+
+
+def export(run, dst, overrides=None, force=False, command=None):
+    """Write RUN/ckpt.pt's model as a shipped checkpoint dst: {config (model, setting, the trainer keys that rebuild the
+    eval data, model_cfg), model (weights in fp16, buffers as trained), step, eval (train.evaluate of the fp16 weights
+    on the run's eval batches), check (the same on its first CHECK_BATCHES), run_eval (the run's own eval at that
+    step, in its precision), command}.
+    overrides: model Config fields to change in the shipped config (a path into the repository, e.g. BLT's
+    entropy_ckpt); a Config field the model keeps as a scalar buffer of the same name (BLT's tuned threshold) is
+    recorded at its trained value. command: the command that made the run, as documented (default: one rebuilt from
+    its config). An existing dst is replaced only with force. -> the checkpoint written."""
+    import train
+    if os.path.lexists(dst) and not force:
+        raise UsageError(f"{dst} exists; a shipped checkpoint is replaced only with --force")
+    src = os.path.join(run, "ckpt.pt")
+    check_file("export:", src, fix="give a finished run's directory (it holds ckpt.pt)")
+    try:
+        ck = torch.load(src, map_location="cpu", weights_only=True)
+        conf, state = ck["config"], ck["model"]
+        name, setting = conf["model"], conf["setting"]
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"export: {src} is not a train.py checkpoint ({type(e).__name__}); give a run's directory") \
+            from None
+    keep = {k: conf["train"][k] for k in EXPORT_TRAIN_KEYS}
+    if keep["data"]:
+        raise UsageError(f"export: {run} was trained on --data={keep['data']}; only runs on the toy data are shipped")
+    model, cfg, _, _ = train.build(name, setting, _model_cfg(name, conf["model_cfg"]), None, "cpu", keep)
+    model.load_state_dict(state, strict=True)
+    params = {k for k, _ in model.named_parameters()}   # 16-bit weights; buffers (a tuned threshold) stay exact
+    half = {k: v.detach().half() if k in params and v.is_floating_point() else v.detach()
+            for k, v in model.state_dict().items()}
+    bad = next((k for k, v in half.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad:
+        raise UsageError(f"export: the weight {bad} does not fit fp16 (overflows); it cannot be shipped in 16 bits")
+    model_cfg = dataclasses.asdict(cfg)
+    buffers = dict(model.named_buffers())
+    for k in model_cfg:
+        if k in buffers and buffers[k].numel() == 1:
+            model_cfg[k] = float(half[k])
+    for k, v in (overrides or {}).items():
+        if k not in model_cfg:
+            raise UsageError(f"export: unknown key --{k} for model {name}; valid keys: {', '.join(sorted(model_cfg))}")
+        model_cfg[k] = cli.convert(k, v, model_cfg[k]) if isinstance(v, str) else v
+    metrics = os.path.join(run, "metrics.jsonl")
+    evals = [r for r in read_jsonl(metrics) if "eval_loss" in r and r.get("step") == ck["step"]] \
+        if os.path.isfile(metrics) else []
+    out = dict(config=dict(model=name, setting=setting, train=keep, model_cfg=model_cfg), model=half, step=ck["step"],
+               eval={}, check={}, run_eval=evals[-1] if evals else {}, command=command or _train_command(conf, run))
+    os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:   # the recorded losses are those of the file as a user loads it (load_exported)
+        save_ckpt(tmp, out)
+        m, ds, _ = load_exported(tmp)
+        out["eval"] = evaluate_exported(m, ds, out)
+        out["check"] = dict(eval_batches=CHECK_BATCHES, **evaluate_exported(m, ds, out, CHECK_BATCHES))
+        save_ckpt(tmp, out)
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return dst
+
+
+def main(argv):
+    """python rundir.py export RUN_DIR DST [--KEY=VALUE ...] [--command="python train.py ..."] [--force]"""
+    try:
+        if len(argv) < 3 or argv[0] != "export":
+            raise UsageError("usage: python rundir.py export RUN_DIR DST [--KEY=VALUE ...] [--command=CMD] "
+                             "[--force]")
+        rest = argv[3:]
+        force = "--force" in rest
+        _, over = cli.parse_args([a for a in rest if a != "--force"])
+        command = over.pop("command", None)
+        dst = export(argv[1], argv[2], over, force, command)
+        ck = read_export(dst)
+        run_loss = ck["run_eval"].get("eval_loss", float("nan"))
+        print(f"{dst}: {ck['config']['model']}, step {ck['step']}, {os.path.getsize(dst) / 1e6:.2f} MB, eval_loss "
+              f"{ck['eval']['eval_loss']:.4f} (fp16 weights; the run's {run_loss:.4f})")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

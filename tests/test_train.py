@@ -360,6 +360,31 @@ def test_compare_checks_every_model_before_training_and_plots_with_plots_py(tmp_
     assert os.path.exists(tmp_path / "dense" / "loss.png")
 
 
+def test_compare_checks_every_run_dir_and_lock_before_the_first_step(tmp_path, capsys):
+    args = [a for a in TINY if a != "dense"][1:] + ["--steps", "2", "--eval_every", "2", "--gen_n", "0"]
+    os.makedirs(tmp_path / "mot")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:   # the second model's directory is locked by a live run: the first never trains
+        (tmp_path / "mot" / "train.lock").write_text(str(sleeper.pid))
+        assert train.main(["--compare", "dense,mot", *args, "--out", str(tmp_path)]) == 2
+        assert f"in use by a running train.py (pid {sleeper.pid})" in capsys.readouterr().err
+        assert not os.path.exists(tmp_path / "dense" / "metrics.jsonl")
+        assert not os.path.exists(tmp_path / "dense" / "train.lock")           # its lock released on the way out
+    finally:
+        sleeper.kill(); sleeper.wait()
+    torch.save({}, tmp_path / "mot" / "ckpt.pt")   # another run's checkpoint: refused without --overwrite, up front
+    assert train.main(["--compare", "dense,mot", *args, "--out", str(tmp_path)]) == 2
+    assert "holds another run's checkpoint" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "dense" / "metrics.jsonl")
+
+
+def test_compare_refuses_model(tmp_path, capsys):
+    args = [a for a in TINY if a != "dense"][1:] + ["--steps", "1", "--eval_every", "1", "--gen_n", "0"]
+    assert train.main(["--compare", "dense,mot", *args, "--model", "moma", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model" in err and not os.path.exists(tmp_path / "c")
+
+
 def test_a_failing_figure_never_costs_a_finished_run(tmp_path, monkeypatch, capsys):
     import plots
 

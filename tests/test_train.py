@@ -178,7 +178,12 @@ BAD = [  # (argv, expected fragment of the one-line error); {tmp} is a fresh dir
     (["--eval_batches", "0"], "--eval_batches=0 is out of range"),
     (["--eval_every", "-1"], "--eval_every=-1 is out of range"),
     (["--gen_n", "-1"], "--gen_n=-1 is out of range"),
-    (["--lr", "-1"], "--lr=-1.0 is out of range; valid: float > 0"),
+    (["--lr", "-1"], "--lr=-1.0 is out of range; valid: float in (0, 10]"),
+    (["--lr", "1e300"], "--lr=1e+300 is out of range; valid: float in (0, 10]"),   # AdamW's float32 overflow
+    (["--lr", "11"], "--lr=11.0 is out of range"),
+    (["--weight_decay", "1e300"], "--weight_decay=1e+300 is out of range; valid: float in [0, 1]"),
+    (["--gen_n", "1000000000000"], "--gen_n=1000000000000 is out of range; valid: int in [0, 4096]"),   # a hang
+    (["--eval_batches", "100000000000"], "--eval_batches=100000000000 is out of range; valid: int in [1, 10000]"),
     (["--lr", "nan"], "--lr=nan is out of range"),
     (["--lr", "inf"], "--lr=inf is out of range"),
     (["--seed", "-1"], "--seed=-1 is out of range"),
@@ -250,8 +255,9 @@ def test_resume_after_a_partial_metrics_line(tmp_path):
 @pytest.mark.parametrize("model, extra, eval_every", [
     ("dense", ["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--gen_n", "4"], 1),  # by the eval after step 1
     ("megalodon", ["--d_model", "32", "--n_layers", "1", "--chunk_size", "32"], 100)])  # by step 2's loss
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(model, extra, eval_every, tmp_path, capsys):
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(model, extra, eval_every, tmp_path, capsys, monkeypatch):
     # lr 1e9: the weights blow up at the first step; a NaN must never reach ckpt.pt, the run must stop in one line
+    monkeypatch.setitem(train.TrainConfig.RANGES, "lr", "float > 0")   # past the sane range, to blow up on purpose
     argv = ["--model", model, *extra, "--seq_len", "64", "--batch_size", "4", "--eval_batches", "1",
             "--warmup", "1", "--lr", "1e9", "--steps", "20", "--ckpt_every", "1", "--eval_every", str(eval_every),
             "--out", str(tmp_path)]

@@ -68,8 +68,9 @@ class TrainConfig:
         micro_batch_size="int >= 0; 0 = no accumulation", seq_len="int >= 0; 0 = the setting's default, else >= 8",
         lr="float in (0, 10]", min_lr_ratio="float in [0, 1]", warmup="int >= 0", weight_decay="float in [0, 1]",
         grad_clip="float in (0, inf]; inf = no clipping", eval_every="int >= 0; 0 = every max(50, steps // 16) steps",
-        eval_batches="int in [1, 10000]", ckpt_every="int >= 1", log_every="int >= 1", precision="one of auto|fp32|bf16|fp16",
-        gen_n="int in [0, 4096]; 0 = no generation eval", gen_every="int >= 0; 0 = 4 x eval_every", compile="bool",
+        eval_batches="int in [1, 10000]", ckpt_every="int >= 1", log_every="int >= 1",
+        precision="one of auto|fp32|bf16|fp16", gen_n="int in [0, 4096]; 0 = no generation eval",
+        gen_every="int >= 0; 0 = 4 x eval_every", compile="bool",
         context_parallel="int >= 1; must divide the torchrun world size", cp_attention="one of ring|allgather",
         overwrite="bool")
 

@@ -336,7 +336,7 @@ def train(name, over, resume=False, quiet=False, locked=False):
     """Train one model. over: every --key=value (trainer and model keys mixed). Returns the output dir. Everything a
     user can get wrong is checked (check) before OUT is locked and anything written. locked: the caller holds OUT's
     lock (compare holds every model's)."""
-    model, cfg, tc, ds, micro, config, ck = check(name, over, resume)
+    model, _, tc, ds, micro, config, ck = check(name, over, resume)
     rank, world, local = cli.ddp_env()
     with contextlib.nullcontext() if locked else lock(tc.out, resume, tc.overwrite):
         started = "RANK" in os.environ and not torch.distributed.is_initialized()  # a caller may have started it

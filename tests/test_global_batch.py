@@ -109,10 +109,10 @@ def test_two_ranks_train_as_the_global_batch(name, ent, two_ranks):
 
 
 if __name__ == "__main__":  # under torchrun: every family's step on 2 ranks x BATCH / 2 rows; each rank saves its own
-    out, ent = sys.argv[1], sys.argv[2]
+    out, ent_ckpt = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
-    steps = {name: step_grads(name, ent, BATCH // 2, rank, 2) for name in FAMILIES}
+    steps = {name: step_grads(name, ent_ckpt, BATCH // 2, rank, 2) for name in FAMILIES}
     torch.save(steps, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()

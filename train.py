@@ -66,10 +66,11 @@ class TrainConfig:
         steps="int >= 0; 0 = the setting's default", seed="int in [0, 4294967295]",
         device="str; auto, cpu, cuda, cuda:N or mps", data="path", batch_size="int >= 0; 0 = the setting's default",
         micro_batch_size="int >= 0; 0 = no accumulation", seq_len="int >= 0; 0 = the setting's default, else >= 8",
-        lr="float > 0", min_lr_ratio="float in [0, 1]", warmup="int >= 0", weight_decay="float >= 0",
+        lr="float in (0, 10]", min_lr_ratio="float in [0, 1]", warmup="int >= 0", weight_decay="float in [0, 1]",
         grad_clip="float in (0, inf]; inf = no clipping", eval_every="int >= 0; 0 = every max(50, steps // 16) steps",
-        eval_batches="int >= 1", ckpt_every="int >= 1", log_every="int >= 1", precision="one of auto|fp32|bf16|fp16",
-        gen_n="int >= 0; 0 = no generation eval", gen_every="int >= 0; 0 = 4 x eval_every", compile="bool",
+        eval_batches="int in [1, 10000]", ckpt_every="int >= 1", log_every="int >= 1",
+        precision="one of auto|fp32|bf16|fp16", gen_n="int in [0, 4096]; 0 = no generation eval",
+        gen_every="int >= 0; 0 = 4 x eval_every", compile="bool",
         context_parallel="int >= 1; must divide the torchrun world size", cp_attention="one of ring|allgather",
         overwrite="bool")
 
@@ -313,30 +314,40 @@ def train_step(model, batches, opt, sched, tc, autocast, world=1, cp=None, scale
     return loss_sum, dict(zip(parts_sum, values)), gnorm, ok
 
 
-def train(name, over, resume=False, quiet=False):
-    """Train one model. over: every --key=value (trainer and model keys mixed). Returns the output dir. Everything a
-    user can get wrong is checked before the process group starts and before any file is written (cli.py)."""
+def check(name, over, resume=False):
+    """Everything a user can get wrong in one run, checked before the process group starts and before any file is
+    written (cli.py) -> (model, cfg, tc, ds, micro, config, ck): the model built, the run's micro-batch rows, the
+    config it records, and with resume the checkpoint (its same run, weights and log checked too)."""
     rank, world, local = cli.ddp_env()  # from torchrun's environment, before the process group starts
     t_over = {k: v for k, v in over.items() if k in {f.name for f in fields(TrainConfig)}}
     t_over["device"] = dev = cli.resolve_device(t_over.get("device", "auto"), local)
     model, cfg, tc, ds = build(name, None, {k: v for k, v in over.items() if k not in t_over}, None, dev, t_over)
-    out = tc.out = tc.out or os.path.join("out", name)
+    tc.out = tc.out or os.path.join("out", name)
     micro = check_run(name, model, tc, ds, world, dev, given=set(t_over) - {"device"})
     config = dict(model=name, setting=tc.setting, train=dataclasses.asdict(tc), model_cfg=dataclasses.asdict(cfg),
                   data_sha256=rundir.data_hash(tc.data))
-    ck = rundir.load_ckpt(os.path.join(out, "ckpt.pt")) if resume else None
+    ck = rundir.load_ckpt(os.path.join(tc.out, "ckpt.pt")) if resume else None
     if ck is not None:  # the same run, its weights, its log: all checked before a byte is written
-        rundir.validate_resume(ck, model, out, config, *make_optimizer(model, tc))
-    with lock(out, resume, tc.overwrite):
+        rundir.validate_resume(ck, model, tc.out, config, *make_optimizer(model, tc))
+    return model, cfg, tc, ds, micro, config, ck
+
+
+def train(name, over, resume=False, quiet=False, locked=False):
+    """Train one model. over: every --key=value (trainer and model keys mixed). Returns the output dir. Everything a
+    user can get wrong is checked (check) before OUT is locked and anything written. locked: the caller holds OUT's
+    lock (compare holds every model's)."""
+    model, _, tc, ds, micro, config, ck = check(name, over, resume)
+    rank, world, local = cli.ddp_env()
+    with contextlib.nullcontext() if locked else lock(tc.out, resume, tc.overwrite):
         started = "RANK" in os.environ and not torch.distributed.is_initialized()  # a caller may have started it
         if started:
-            cli.init_process_group(dev)
+            cli.init_process_group(tc.device)
         try:
             _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet)
         finally:
             if started:
                 torch.distributed.destroy_process_group()
-    return out
+    return tc.out
 
 
 def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
@@ -456,15 +467,17 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
 # --- --compare (plots.py draws the figure and sums up the runs) ---------------------------------------------
 def compare(names, over, base_out):
     """Train every model in names on the same data and training keys, into base_out/NAME, then the compare figure and
-    the FLOPs each model needs to reach names[0]'s final eval losses (plots.summarize)."""
-    tc_keys = {f.name for f in fields(TrainConfig)}
-    per, setting = cli.split_compare_keys(names, over, tc_keys, registry())
-    for n in names:  # every model's values are checked before the first one trains for minutes
-        build(n, None, {k: v for k, v in per[n].items() if k not in tc_keys}, None, "cpu",
-              {**{k: v for k, v in per[n].items() if k in tc_keys and k != "device"}, "setting": setting})
-    for n in names:
-        print(f"=== {n} ===", flush=True)
-        train(n, {**per[n], "setting": setting, "out": os.path.join(base_out, n)})
+    the FLOPs each model needs to reach names[0]'s final eval losses (plots.summarize). Every model's values, run,
+    output directory and lock are checked, and every lock held, before the first one trains for minutes."""
+    per, setting = cli.split_compare_keys(names, over, {f.name for f in fields(TrainConfig)}, registry())
+    runs = {n: {**per[n], "setting": setting, "out": os.path.join(base_out, n)} for n in names}
+    tcs = {n: check(n, runs[n])[2] for n in names}
+    with contextlib.ExitStack() as held:
+        for n in names:
+            held.enter_context(lock(tcs[n].out, False, tcs[n].overwrite))
+        for n in names:
+            print(f"=== {n} ===", flush=True)
+            train(n, runs[n], locked=True)
     plots.safely(lambda: plots.plot_compare(base_out, names), "compare")
     return plots.summarize(names, base_out)
 
@@ -475,6 +488,8 @@ def main(argv=None):
         if "help" in flags:
             print(cli.help_text(TrainConfig, over.get("model")))
         elif "compare" in over:
+            if "model" in over:
+                raise UsageError("--compare names the models to train; drop --model (or drop --compare)")
             names = cli.compare_names(over.pop("compare"), flags)
             compare(names, over, over.pop("out", "") or os.path.join("out", "compare"))
         else:

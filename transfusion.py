@@ -316,7 +316,8 @@ class Transfusion(nn.Module):
     # -- Sec. 3.4: L = L_LM + lambda * L_DDPM (Eq. 5) ---------------------------------------------------------------
     def forward(self, batch):
         # batch: tokens/modality/targets (B, T), patches (B, T, patch_dim), image_index (B, T) (index of the image in
-        # its row, -1 at text), image_first (B, T), row_id (B,) (optional) -> logits (B, T, V), loss, {loss_<name>}
+        # its row, -1 at text), image_first (B, T), row_id (B,), loss_share (2,) (optional) -> logits (B, T, V), loss,
+        # {loss_<name>}
         self._check(batch)
         cfg, tokens, modality, targets = self.cfg, batch["tokens"], batch["modality"], batch.get("targets")
         image_index = batch.get("image_index", torch.full_like(tokens, -1))

@@ -1,13 +1,13 @@
 """The batch a user asks for is the batch that trains: a step's gradient is the one of the mean loss over the whole
 global batch, however the batch is cut into micro-batches (--micro_batch_size) or DDP ranks, for every model family.
-Training noise (dropout, MoMa's Gumbel draws) is keyed by the rows, so 2 ranks draw what 1 process draws.
+(Training noise keyed by the rows, so that 2 ranks draw what 1 process draws: tests/test_train_ddp.py.)
 
 The gradients are compared at the optimizer's step (train.train_step with an optimizer that keeps them): AdamW's first
 steps divide each gradient by its own size, so weights a few steps on would amplify float rounding in near-zero
 gradients, while a wrongly weighted micro-batch shows in the gradient itself. Expert-choice MoMa picks its tokens
 over each forward batch (moma.py: a documented exception); moma-1t1i (every expert takes every token) is covered.
 The 2-rank runs: one torchrun of this file (`python -m torch.distributed.run --nproc_per_node=2
-tests/test_global_batch.py OUT ENTROPY_CKPT`) saves rank 0's averaged gradients per family."""
+tests/test_global_batch.py OUT ENTROPY_CKPT`) saves each rank's step (DDP's mean gradient) per family."""
 import math
 import os
 import subprocess
@@ -49,18 +49,17 @@ class KeepGrads:
         self.model.zero_grad(set_to_none=True)
 
 
-def step_grads(name, ent, micro, rank=0, world=1, seeds=False, over=None):
+def step_grads(name, ent, micro, rank=0, world=1):
     """One train_step of `name` on the global batch (this rank's rows in micro-batches of `micro`) -> (logged loss,
     {parameter: gradient}); under torchrun (world 2) the model is DDP-wrapped and the gradients are the ranks' mean."""
-    over = {k: v.replace("{ent}", ent) if isinstance(v, str) else v for k, v in {**FAMILIES.get(name, {}), **(over or {})}.items()}
-    model, cfg, tc, ds = train.build(name.split("+")[0], overrides=over, train_overrides=TRAIN)
+    over = {k: v.replace("{ent}", ent) if isinstance(v, str) else v for k, v in FAMILIES[name].items()}
+    model, cfg, tc, ds = train.build(name, overrides=over, train_overrides=TRAIN)
     cpu = [ds.get_batch("train", micro, i, rank, world) for i in range(BATCH // world // micro)]
     opt, wrapped = KeepGrads(model), model
     if world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     loss, _, _, ok = train.train_step(wrapped, cpu, opt, types.SimpleNamespace(step=lambda: None), tc,
-                                      train.autocast_for("cpu"), world,
-                                      seeds=[train.noise_seed(tc.seed, b) for b in cpu] if seeds else None)
+                                      train.autocast_for("cpu"), world)
     assert ok
     return loss, opt.grads
 
@@ -110,10 +109,10 @@ def test_two_ranks_train_as_the_global_batch(name, ent, two_ranks):
 
 
 if __name__ == "__main__":  # under torchrun: every family's step on 2 ranks x BATCH / 2 rows; each rank saves its own
-    out, ent = sys.argv[1], sys.argv[2]
+    out, ent_ckpt = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
-    steps = {name: step_grads(name, ent, BATCH // 2, rank, 2) for name in FAMILIES}
+    steps = {name: step_grads(name, ent_ckpt, BATCH // 2, rank, 2) for name in FAMILIES}
     torch.save(steps, os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()

@@ -178,7 +178,12 @@ BAD = [  # (argv, expected fragment of the one-line error); {tmp} is a fresh dir
     (["--eval_batches", "0"], "--eval_batches=0 is out of range"),
     (["--eval_every", "-1"], "--eval_every=-1 is out of range"),
     (["--gen_n", "-1"], "--gen_n=-1 is out of range"),
-    (["--lr", "-1"], "--lr=-1.0 is out of range; valid: float > 0"),
+    (["--lr", "-1"], "--lr=-1.0 is out of range; valid: float in (0, 10]"),
+    (["--lr", "1e300"], "--lr=1e+300 is out of range; valid: float in (0, 10]"),   # AdamW's float32 overflow
+    (["--lr", "11"], "--lr=11.0 is out of range"),
+    (["--weight_decay", "1e300"], "--weight_decay=1e+300 is out of range; valid: float in [0, 1]"),
+    (["--gen_n", "1000000000000"], "--gen_n=1000000000000 is out of range; valid: int in [0, 4096]"),   # a hang
+    (["--eval_batches", "100000000000"], "--eval_batches=100000000000 is out of range; valid: int in [1, 10000]"),
     (["--lr", "nan"], "--lr=nan is out of range"),
     (["--lr", "inf"], "--lr=inf is out of range"),
     (["--seed", "-1"], "--seed=-1 is out of range"),
@@ -250,8 +255,9 @@ def test_resume_after_a_partial_metrics_line(tmp_path):
 @pytest.mark.parametrize("model, extra, eval_every", [
     ("dense", ["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--gen_n", "4"], 1),  # by the eval after step 1
     ("megalodon", ["--d_model", "32", "--n_layers", "1", "--chunk_size", "32"], 100)])  # by step 2's loss
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(model, extra, eval_every, tmp_path, capsys):
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(model, extra, eval_every, tmp_path, capsys, monkeypatch):
     # lr 1e9: the weights blow up at the first step; a NaN must never reach ckpt.pt, the run must stop in one line
+    monkeypatch.setitem(train.TrainConfig.RANGES, "lr", "float > 0")   # past the sane range, to blow up on purpose
     argv = ["--model", model, *extra, "--seq_len", "64", "--batch_size", "4", "--eval_batches", "1",
             "--warmup", "1", "--lr", "1e9", "--steps", "20", "--ckpt_every", "1", "--eval_every", str(eval_every),
             "--out", str(tmp_path)]
@@ -358,6 +364,54 @@ def test_compare_checks_every_model_before_training_and_plots_with_plots_py(tmp_
     assert train.main(["--compare", "dense,mot", *args, "--out", str(tmp_path)]) == 0
     assert os.path.exists(tmp_path / "compare.png") and os.path.exists(tmp_path / "compare.json")
     assert os.path.exists(tmp_path / "dense" / "loss.png")
+
+
+def test_resume_is_exact_with_training_noise(tmp_path, monkeypatch):
+    # the noise of every micro-batch comes from a seed of its rows: a resumed run draws what the whole run drew
+    args = ["--model", "moma", "--gumbel", "0.5", "--d_model", "32", "--n_layer", "1", "--n_head", "2", "--gen_n", "0",
+            "--seq_len", "64", "--batch_size", "4", "--micro_batch_size", "2",
+            "--eval_batches", "1", "--steps", "4", "--eval_every", "4", "--ckpt_every", "2"]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    assert train.main(args + ["--out", whole]) == 0
+    step, calls = train.train_step, []
+
+    def stop_after_2(*a, **k):  # the run dies after its step-2 checkpoint (as a kill would)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(*a, **k)
+    monkeypatch.setattr(train, "train_step", stop_after_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out", cut])
+    monkeypatch.setattr(train, "train_step", step)
+    assert train.main(args + ["--out", cut, "--resume"]) == 0
+    a, b = weights(whole), weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compare_checks_every_run_dir_and_lock_before_the_first_step(tmp_path, capsys):
+    args = [a for a in TINY if a != "dense"][1:] + ["--steps", "2", "--eval_every", "2", "--gen_n", "0"]
+    os.makedirs(tmp_path / "mot")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:   # the second model's directory is locked by a live run: the first never trains
+        (tmp_path / "mot" / "train.lock").write_text(str(sleeper.pid))
+        assert train.main(["--compare", "dense,mot", *args, "--out", str(tmp_path)]) == 2
+        assert f"in use by a running train.py (pid {sleeper.pid})" in capsys.readouterr().err
+        assert not os.path.exists(tmp_path / "dense" / "metrics.jsonl")
+        assert not os.path.exists(tmp_path / "dense" / "train.lock")           # its lock released on the way out
+    finally:
+        sleeper.kill(); sleeper.wait()
+    torch.save({}, tmp_path / "mot" / "ckpt.pt")   # another run's checkpoint: refused without --overwrite, up front
+    assert train.main(["--compare", "dense,mot", *args, "--out", str(tmp_path)]) == 2
+    assert "holds another run's checkpoint" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "dense" / "metrics.jsonl")
+
+
+def test_compare_refuses_model(tmp_path, capsys):
+    args = [a for a in TINY if a != "dense"][1:] + ["--steps", "1", "--eval_every", "1", "--gen_n", "0"]
+    assert train.main(["--compare", "dense,mot", *args, "--model", "moma", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model" in err and not os.path.exists(tmp_path / "c")
 
 
 def test_a_failing_figure_never_costs_a_finished_run(tmp_path, monkeypatch, capsys):

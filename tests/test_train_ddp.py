@@ -36,7 +36,8 @@ ENTROPY = dict(COMMON, setting="bytes", d_model="16", n_layer="1", steps="2", ev
 KNOWN_UNEQUAL = {}  # name -> reason (owner): none; every family is DDP-equivalent
 # training noise is drawn per micro-batch from a seed of its rows (train.noise_seed), never from the rank: with the
 # same micro-batches, 2 ranks draw what 1 process draws, bit for bit (MODEL+label: MODEL with these values)
-NOISY = {"moma+gumbel": dict(FAMILIES["moma"], gumbel="0.5"), "megabyte+dropout": dict(FAMILIES["megabyte"], dropout="0.1")}
+NOISY = {"moma+gumbel": dict(FAMILIES["moma"], gumbel="0.5"),
+         "megabyte+dropout": dict(FAMILIES["megabyte"], dropout="0.1")}
 RUNS = [*FAMILIES, *NOISY]
 
 

@@ -160,7 +160,8 @@ def test_train_step_with_a_scaler_skips_then_stops_when_the_scale_collapses():
     assert not train.train_step(model, batches[2:], opt, sched, tc, fp16_autocast, scaler=scaler)[3]
 
 
-def test_fp16_real_divergence_still_stops_the_run(tmp_path, capsys):
+def test_fp16_real_divergence_still_stops_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(train.TrainConfig.RANGES, "lr", "float > 0")   # past the sane range, to blow up on purpose
     argv = TINY + ["--precision", "fp16", "--warmup", "1", "--lr", "1e9", "--steps", "20", "--ckpt_every", "1",
                    "--eval_every", "100", "--out", str(tmp_path)]
     assert train.main(argv) == 2

@@ -51,7 +51,9 @@ micro-step `index` on `rank` of `world_size` holds rows index*world_size*B + ran
 same on every machine, each DDP rank gets its own disjoint shard, and the union of the ranks' rows at a step is
 exactly the single-process batch (what makes the DDP test and exact resume simple). Every batch carries
 `row_id` (int64, (B,)): SPLITS[split] * 2**40 + the global row number, the same whatever the rank / micro-batch
-split, for models that draw per-row random numbers (Transfusion's diffusion time and noise).
+split, for models that draw per-row random numbers (Transfusion's diffusion time and noise). A training loop may
+draw its rows before its first step -- ds.prepare(split, B, first, last, rank, world_size), get_batch's arguments --
+and get_batch then hands them out, the same bits, for next to nothing (the world is drawn in Python, row by row).
 
 Modalities are named once, here (MODALITIES); each setting numbers the ones it uses (ds.modality_names[m] names
 id m: text 0, image 1, speech 2 where present); `ds.model_fields()` gives models n_modalities, modality_names and

@@ -278,7 +278,8 @@ def test_row_rng_draws_numpys_numbers():
             assert a.random() == b.random()
             if k % 17 == 0:       # numpy's own calls in between stay in step
                 assert np.array_equal(a.integers(0, 70, 5), b.integers(0, 70, 5))
-                assert np.array_equal(a.permutation(3), b.permutation(3))
+                for n in (2, 3, 5, 16):             # RowRng's own permutation: numpy's numbers
+                    assert np.array_equal(a.permutation(n), b.permutation(n))
 
 
 @pytest.fixture

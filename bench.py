@@ -431,7 +431,8 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     med = statistics.median
     r = dict(model=name, setting=tc.setting, steps=steps, batch=f"{tc.batch_size}x{tc.seq_len}",
              step_ms=med(alone), fed_step_ms=med(fed), step_cpu_ms=med(cpu), pure_step_ms=med(bare),
-             fed_prepared_step_ms=med(fed_prep), prepare_ms=prep[0] / (rounds * k), prepare_cpu_ms=prep[1] / (rounds * k),
+             fed_prepared_step_ms=med(fed_prep), prepare_ms=prep[0] / (rounds * k),
+             prepare_cpu_ms=prep[1] / (rounds * k),
              data_ms=med(w for w, _ in draws), data_cpu_ms=med(c for _, c in draws),
              eval_ms=ev_t[0], eval_cpu_ms=ev_t[1], n_eval=occurrences(steps, tc.eval_every),
              gen_ms=gen_t[0], gen_cpu_ms=gen_t[1], ckpt_ms=ckpt_t[0], ckpt_cpu_ms=ckpt_t[1],
@@ -811,7 +812,8 @@ def main(argv=None):
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one model, in a child process
     args = ap.parse_args(argv)
     if args.threads is not None and (args.wall is None or min(args.threads) < 1):
-        print("bench.py --threads N ...: thread counts >= 1, for --wall (e.g. --wall default --threads 1 2)", file=sys.stderr)
+        print("bench.py --threads N ...: thread counts >= 1, for --wall (e.g. --wall default --threads 1 2)",
+              file=sys.stderr)
         raise SystemExit(2)
     if args.context_parallel:   # the method and its table live in context_parallel.py; this runs it where benches run
         return subprocess.call([sys.executable, os.path.join(HERE, "context_parallel.py"), str(args.context_parallel)])

@@ -553,7 +553,7 @@ class ToyWorld(Rows):
     """Text + image (+ speech, + registered modalities) documents.  See the module docstring for the layout."""
 
     def __init__(self, setting, seq_len, seed):
-        self.setting, self.seq_len, self.seed, self.prepared = setting, seq_len, seed, {}   # prepared: (split, row) -> row
+        self.setting, self.seq_len, self.seed, self.prepared = setting, seq_len, seed, {}   # (split, row) -> row
         self.text_docs = TEXT_DOCS[setting]
         # the setting's modalities, in id order, and the number of token ids each owns (in that order)
         own = {"chameleon": ("text", "image"), "speech": ("text", "image", "speech"), "transfusion": ("text", "image"),

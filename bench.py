@@ -5,7 +5,7 @@
     python bench.py --kernels            # each kernel vs its naive baseline and the torch path (+ Triton on GPU)
     python bench.py --wall [default ...] # each headline run's wall time projected from its pieces vs its target; the
                                          # step by category; in-loop vs pure step (runs: default chameleon speech mom
-                                         # transfusion bytes)
+                                         # transfusion bytes); --threads 1 2: at each thread count, in one process
     python bench.py --context-parallel 2 # one sequence over 2 CPU ranks: bytes sent, memory kept, time per mixer vs L
     python bench.py --static             # runs gpu_check.py --static: every Triton kernel compiled for each target
     python bench.py --gpu-check          # runs gpu_check.py: on a CUDA machine, every kernel, model and run for real
@@ -320,6 +320,14 @@ def _timed(f):
     return out, (c.wall, c.cpu)
 
 
+def _settled(*prefetches, timeout_s=5.0):
+    """Wait until each Prefetch thread has drawn as far ahead as it may (its queue full) or has ended, so that no
+    drawing left over from an earlier step overlaps the next timed one."""
+    end = time.perf_counter() + timeout_s
+    while any(p.thread.is_alive() and not p.q.full() for p in prefetches) and time.perf_counter() < end:
+        time.sleep(1e-3)
+
+
 def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None, train_overrides=None):
     """One model of a headline run, timed with train.py's pieces, each by the wall clock and by CPU time: -> dict of
     ms per piece (key_ms wall, key_cpu_ms CPU), their counts in the run, and both projections (s)."""
@@ -370,22 +378,34 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     ds.get_batch("train", micro, 19_999)                                # the data's first-use cost is start's
     draws = [_timed(lambda i=i: [ds.get_batch("train", micro, 20_000 + i * accum + m) for m in range(accum)])[1]
              for i in range(3)]                                         # one training batch drawn inline
-    fed, alone, bare, n_fed = [], [], [], 0
-    batches = train.Prefetch(ds, micro, 0, 1, 0, 10 ** 9, pin=device.startswith("cuda"))   # train.py's data thread
+    # the rows of the steps fed prepared (ds.prepare: drawn before the steps, as a run would before its first step)
+    first = 10 ** 6
+    prep = _timed(lambda: ds.prepare("train", micro, first, first + rounds * k * accum))[1]
+    fed, fed_prep, alone, bare, n_fed = [], [], [], [], 0
+    pin = device.startswith("cuda")
+    batches = train.Prefetch(ds, micro, 0, 1, 0, 10 ** 9, pin=pin)     # train.py's data thread, drawing the world
+    ready = train.Prefetch(ds, micro, 0, 1, first, first + rounds * k * accum, pin=pin)   # the same, over prepared rows
     try:
-        for _ in range(rounds):                                         # wall: interleaved, fed by the thread / alone
+        for _ in range(rounds):       # wall, interleaved: fed by the thread drawing / by it over prepared rows / alone
             for i in range(k):
+                _settled(batches, ready)                        # no thread still drawing from an earlier step
                 c = _Clock()
                 step(lambda m, n=n_fed: batches.get(n * accum + m))
                 fed.append(c.wall)
+                _settled(batches, ready)
+                c = _Clock()
+                step(lambda m, n=n_fed: ready.get(first + n * accum + m))
+                fed_prep.append(c.wall)
                 n_fed += 1
             for i in range(k):
+                _settled(batches, ready)
                 c = _Clock()
                 step(pick(i))
                 alone.append(c.wall)
                 bare.append(_timed(lambda: pure(i))[1][0])
     finally:
         batches.close()
+        ready.close()
     cats, prof_total = split_by_category(lambda: step(pick(0)), device)
     ev, ev_t = _timed(lambda: train.evaluate(model, ds, tc, 0, 1, device, autocast, micro))
     gen = bool(tc.gen_n and train.has_gen_eval(model, ds))
@@ -411,18 +431,21 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     med = statistics.median
     r = dict(model=name, setting=tc.setting, steps=steps, batch=f"{tc.batch_size}x{tc.seq_len}",
              step_ms=med(alone), fed_step_ms=med(fed), step_cpu_ms=med(cpu), pure_step_ms=med(bare),
+             fed_prepared_step_ms=med(fed_prep), prepare_ms=prep[0] / (rounds * k),
+             prepare_cpu_ms=prep[1] / (rounds * k),
              data_ms=med(w for w, _ in draws), data_cpu_ms=med(c for _, c in draws),
              eval_ms=ev_t[0], eval_cpu_ms=ev_t[1], n_eval=occurrences(steps, tc.eval_every),
              gen_ms=gen_t[0], gen_cpu_ms=gen_t[1], ckpt_ms=ckpt_t[0], ckpt_cpu_ms=ckpt_t[1],
              n_ckpt=occurrences(steps, tc.ckpt_every), start_s=start[0] / 1e3, start_cpu_s=start[1] / 1e3,
              figures_s=fig_t[0] / 1e3, figures_cpu_s=fig_t[1] / 1e3, categories_ms=cats, profiled_ms=prof_total,
              flops_per_step=fl["total"] * tc.batch_size * tc.seq_len,
-             timed_steps=len(fed) + len(alone) + len(cpu), blt_patching=over.get("patching", "entropy")
+             timed_steps=len(fed) + len(fed_prep) + len(alone) + len(cpu), blt_patching=over.get("patching", "entropy")
              if name == "blt" else None,   # generation runs at the evals where step % gen_every == 0, and the last
              n_gen=sum((s % tc.eval_every == 0 or s == steps) and (s % tc.gen_every == 0 or s == steps)
                        for s in range(1, steps + 1)) if gen else 0)
     r["data_steal_ms"] = r["fed_step_ms"] - r["step_ms"]
     r["in_loop_ratio"] = r["fed_step_ms"] / r["pure_step_ms"]          # train.py's step as it runs / the model's
+    r["in_loop_prepared_ratio"] = r["fed_prepared_step_ms"] / r["pure_step_ms"]   # the same, its rows prepared
     r["projected_s"], r["projected_cpu_s"] = wall_projection(r), wall_projection(r, cpu=True)
     return r
 
@@ -466,6 +489,10 @@ def wall_run(name, spec, measured, start, device="cpu", peak=None, **kw):
                steps_s=steps_s, other_s=total - steps_s, target_s=spec.get("target_s"), wall_over_pure=(start[0] + sum(
                    r["projected_s"] for r in models)) / sum(r["steps"] * r["pure_step_ms"] / 1e3 for r in models),
                before_s=spec.get("before_s"), before=spec.get("before"))
+    # the same run with its rows prepared before its steps: each step fed prepared, plus the prepare (per step)
+    out["wall_over_pure_prepared"] = (out["projected_s"] + sum(r["steps"] * (r["fed_prepared_step_ms"] + r["prepare_ms"]
+                                      - r["fed_step_ms"]) for r in models) / 1e3) / sum(
+                                          r["steps"] * r["pure_step_ms"] / 1e3 for r in models)
     out["two_thirds_s"] = 2 / 3 * out["before_s"] if out["before_s"] else None
     goal = out["goal_s"] = out["target_s"] or out["two_thirds_s"]
     n_steps = sum(r["steps"] for r in models)
@@ -526,12 +553,7 @@ def print_wall(runs, device, threads, load=None, peak=None):
     print("step ms = forward + backward + clip + AdamW + lr step, wall, pre-drawn batches; cpu ms = its CPU time; fed "
           "ms = wall, batches from train.py's background Prefetch thread (the data costs only what the thread steals "
           "from the step); data = CPU ms to draw one batch; eval, gen, ckpt, start+figs: CPU")
-    print(f"\n{'run':12s} {'model':16s} {'pure ms':>8s} {'in-loop ms':>10s} {'in-loop/pure':>12s}  wall/(steps x pure)")
-    for w, i, r in ((w, i, r) for w in runs for i, r in enumerate(w["models"])):
-        print(f"{w['run']:12s} {r['model']:16s} {r['pure_step_ms']:8.1f} {r['fed_step_ms']:10.1f} "
-              f"{r['in_loop_ratio']:11.2f}x  " + (f"{w['wall_over_pure']:.2f}x (the run)" if i == 0 else ""))
-    print("pure = forward + backward + AdamW, batches already on the device; in-loop = train.train_step fed by "
-          "train.py's Prefetch (fed ms); goals: in-loop <= 1.05x pure, the run's wall (now) <= 1.15x steps x pure")
+    print_loop_ratios(runs)
     print("\nthe step's time by category (torch.profiler self time, % of the profiled step; bench.WALL_CATEGORIES)")
     print(f"{'model':16s} {'setting':11s} {'prof ms':>8s} " + " ".join(f"{c[:12]:>12s}" for c in WALL_ORDER))
     first = {}                                  # each model and setting once, as first measured
@@ -540,6 +562,22 @@ def print_wall(runs, device, threads, load=None, peak=None):
     for r in first.values():
         print(f"{r['model']:16s} {r['setting']:11s} {r['profiled_ms']:8.1f} "
               + " ".join(f"{100 * r['categories_ms'][c] / r['profiled_ms']:11.1f}%" for c in WALL_ORDER))
+
+
+def print_loop_ratios(runs, threads=None):
+    """The in-loop step against the pure model step, per model, and the run's wall against its steps x pure step."""
+    t = f"{'threads':>7s} " if threads else ""
+    print(f"\n{'run':12s} {'model':16s} {t}{'pure ms':>8s} {'in-loop ms':>10s} {'in-loop/pure':>12s} "
+          f"{'prepared':>9s}  wall/(steps x pure): drawn, prepared")
+    for w, i, r in ((w, i, r) for w in runs for i, r in enumerate(w["models"])):
+        t = f"{w['threads']:7d} " if threads else ""
+        print(f"{w['run']:12s} {r['model']:16s} {t}{r['pure_step_ms']:8.1f} {r['fed_step_ms']:10.1f} "
+              f"{r['in_loop_ratio']:11.2f}x {r['in_loop_prepared_ratio']:8.2f}x  "
+              + (f"{w['wall_over_pure']:.2f}x (the run), {w['wall_over_pure_prepared']:.2f}x" if i == 0 else ""))
+    print("pure = forward + backward + AdamW, batches already on the device; in-loop = train.train_step fed by "
+          "train.py's Prefetch (fed ms), its thread drawing the world; prepared = the same, the rows drawn before the "
+          "steps (ds.prepare; the run's wall then counts the prepare); goals: in-loop <= 1.05x pure, the run's wall "
+          "(now) <= 1.15x steps x pure")
 
 
 def bench_wall(args, runs=None):
@@ -551,17 +589,25 @@ def bench_wall(args, runs=None):
         print(f"bench.py --wall: unknown run {', '.join(bad)}; choose from {', '.join(runs)}", file=sys.stderr)
         raise SystemExit(2)
     device = _device(args)
-    load = [os.getloadavg()[0]]
     start = process_start_s()
-    peak = matmul_peak("cpu", reps=7, warmup=1, clock=time.process_time) if device == "cpu" else None
-    measured, out = {}, []
-    for n in names:
-        out.append(wall_run(n, runs[n], measured, start, device, peak))
-        load.append(os.getloadavg()[0])
-    for w in out:
-        w.update(load_average=(min(load), max(load)), matmul_peak_flops=peak)
-    print_wall(out, device, torch.get_num_threads(), load, peak)
-    return out
+    by_threads, threads_before = {}, torch.get_num_threads()
+    for threads in getattr(args, "threads", None) or [threads_before]:   # one process, each thread count in turn
+        torch.set_num_threads(threads)
+        load = [os.getloadavg()[0]]
+        peak = matmul_peak("cpu", reps=7, warmup=1, clock=time.process_time) if device == "cpu" else None
+        measured, out = {}, []
+        for n in names:
+            out.append(wall_run(n, runs[n], measured, start, device, peak))
+            load.append(os.getloadavg()[0])
+        for w in out:
+            w.update(load_average=(min(load), max(load)), matmul_peak_flops=peak, threads=threads)
+        print_wall(out, device, threads, load, peak)
+        by_threads[threads] = out
+    torch.set_num_threads(threads_before)
+    if len(by_threads) > 1:
+        print(f"\nin-loop and wall ratios by torch threads (one process; {', '.join(map(str, by_threads))} threads)")
+        print_loop_ratios([w for out in by_threads.values() for w in out], threads=True)
+    return [w for out in by_threads.values() for w in out]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -761,8 +807,14 @@ def main(argv=None):
     ap.add_argument("--wall", nargs="*", default=None, metavar="RUN",
                     help="what each headline run's wall time is made of, projected vs its target: runs "
                          + ", ".join(WALL_RUNS) + " (default all)")
+    ap.add_argument("--threads", nargs="+", type=int, default=None, metavar="N",
+                    help="--wall: measure at each of these torch thread counts, in this process (e.g. --threads 1 2)")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)  # internal: one model, in a child process
     args = ap.parse_args(argv)
+    if args.threads is not None and (args.wall is None or min(args.threads) < 1):
+        print("bench.py --threads N ...: thread counts >= 1, for --wall (e.g. --wall default --threads 1 2)",
+              file=sys.stderr)
+        raise SystemExit(2)
     if args.context_parallel:   # the method and its table live in context_parallel.py; this runs it where benches run
         return subprocess.call([sys.executable, os.path.join(HERE, "context_parallel.py"), str(args.context_parallel)])
     if args._one:
@@ -774,7 +826,8 @@ def main(argv=None):
             results = json.load(f)
     if args.wall is not None:
         print("== wall ==")
-        results["wall"] = dict(device=_device(args), threads=torch.get_num_threads(), runs=bench_wall(args))
+        runs = bench_wall(args)
+        results["wall"] = dict(device=_device(args), threads=sorted({w["threads"] for w in runs}), runs=runs)
     if args.kernels:
         print("== kernels ==")
         results["kernels"] = bench_kernels(args)

@@ -51,7 +51,9 @@ micro-step `index` on `rank` of `world_size` holds rows index*world_size*B + ran
 same on every machine, each DDP rank gets its own disjoint shard, and the union of the ranks' rows at a step is
 exactly the single-process batch (what makes the DDP test and exact resume simple). Every batch carries
 `row_id` (int64, (B,)): SPLITS[split] * 2**40 + the global row number, the same whatever the rank / micro-batch
-split, for models that draw per-row random numbers (Transfusion's diffusion time and noise).
+split, for models that draw per-row random numbers (Transfusion's diffusion time and noise). A training loop may
+draw its rows before its first step -- ds.prepare(split, B, first, last, rank, world_size), get_batch's arguments --
+and get_batch then hands them out, the same bits, for next to nothing (the world is drawn in Python, row by row).
 
 Modalities are named once, here (MODALITIES); each setting numbers the ones it uses (ds.modality_names[m] names
 id m: text 0, image 1, speech 2 where present); `ds.model_fields()` gives models n_modalities, modality_names and
@@ -190,6 +192,11 @@ def _clean_image(key):
 @functools.lru_cache(maxsize=None)
 def _image_tokens(key):
     return tuple(int(t) for t in tokenize_image(_clean_image(key)))
+
+
+@functools.lru_cache(maxsize=None)
+def _image_span(key):
+    return (BOI, *_image_tokens(key), EOI)
 
 
 @functools.lru_cache(maxsize=None)
@@ -488,7 +495,21 @@ class RowRng:
                 m = self._u32(self._state) * n
         return low + (m >> 32)
 
-    def __getattr__(self, name):                         # permutation, choice, normal, ...: numpy itself
+    def permutation(self, n):
+        """numpy's permutation(n) of a small int n, as a list: numpy's Fisher-Yates from the end, each index drawn
+        from a 32-bit draw masked to its bit length, redrawn while above the range (numpy's random_interval)."""
+        if not isinstance(n, int) or n >= 2 ** 31:
+            return self.gen.permutation(n)
+        out = list(range(n))
+        for i in range(n - 1, 0, -1):
+            mask = (1 << i.bit_length()) - 1
+            j = self._u32(self._state) & mask
+            while j > i:
+                j = self._u32(self._state) & mask
+            out[i], out[j] = out[j], out[i]
+        return out
+
+    def __getattr__(self, name):                         # choice, normal, ...: numpy itself
         return getattr(self.gen, name)
 
 
@@ -509,11 +530,30 @@ def row_ids(split, rows):
 _PATCH_SPAN = [BOI] + [PAD] * N_PATCHES + [EOI]      # a continuous image in the token stream (patches go alongside)
 
 
-class ToyWorld:
+class Rows:
+    """What both datasets share: a batch is its rows (`_row(split, r)`, a pure function of the seed, split and global
+    row), made into tensors (`_batch`). prepare() draws a run's rows before its first step, so that the steps pay only
+    for _batch: the toy world is drawn in Python, and a thread drawing it beside the model's threads slows every step
+    on a 2-core machine."""
+
+    def get_batch(self, split, batch_size, index, rank=0, world_size=1):
+        """The batch for micro-step `index` on `rank` of `world_size` (module docstring), as a dict of tensors."""
+        ids = global_rows(split, batch_size, index, rank, world_size)
+        return self._batch(split, ids, [self.prepared.pop((split, r), None) or self._row(split, r) for r in ids])
+
+    def prepare(self, split, batch_size, first, last, rank=0, world_size=1):
+        """Draw the rows of the batches first .. last - 1 (get_batch's arguments) now, into memory (compact: token
+        ids and image keys); get_batch then hands each out once, bit for bit the batch it would have drawn."""
+        for n in range(first, last):
+            for r in global_rows(split, batch_size, n, rank, world_size):
+                self.prepared[split, r] = self._row(split, r)
+
+
+class ToyWorld(Rows):
     """Text + image (+ speech, + registered modalities) documents.  See the module docstring for the layout."""
 
     def __init__(self, setting, seq_len, seed):
-        self.setting, self.seq_len, self.seed = setting, seq_len, seed
+        self.setting, self.seq_len, self.seed, self.prepared = setting, seq_len, seed, {}   # (split, row) -> row
         self.text_docs = TEXT_DOCS[setting]
         # the setting's modalities, in id order, and the number of token ids each owns (in that order)
         own = {"chameleon": ("text", "image"), "speech": ("text", "image", "speech"), "transfusion": ("text", "image"),
@@ -536,17 +576,17 @@ class ToyWorld:
             f.update(patch_dim=PATCH_DIM, n_patches=N_PATCHES, image_size=IMG, patch_size=PATCH, channels=CH)
         return f
 
-    # A pair is a list of segments; a segment is (ids, modality) or, for continuous images, ("patches", array).
+    # A pair is a list of segments; a segment is (modality, ids) or, for continuous images, ("patches", image key).
     def _pair(self, rng):
-        scene = tuple(int(rng.integers(n)) for n in N_VALUES)
-        words, cap = _caption(scene, int(rng.integers(len(TEMPLATES))))  # = caption_words(scene, rng), cached
-        segs = [("text", list(cap))]
+        scene = tuple(rng.integers(n) for n in N_VALUES)
+        words, cap = _caption(scene, rng.integers(len(TEMPLATES)))   # = caption_words(scene, rng), cached
+        segs = [("text", cap)]
         if self.setting != "text":
             key = draw_image(scene, rng)                   # = render(scene, rng); images cached by their draws
             if self.setting == "transfusion":
-                segs.append(("patches", _image_patches(key)))
+                segs.append(("patches", key))
             else:
-                segs.append(("image", [BOI, *_image_tokens(key), EOI]))
+                segs.append(("image", _image_span(key)))
             if self.setting == "speech":
                 segs.append(("speech", [BOSP] + speak(words, rng) + [EOSP]))
             for e, off in zip(self.extras, self.modality_offsets[-len(self.extras):] if self.extras else ()):
@@ -563,11 +603,12 @@ class ToyWorld:
         return segs
 
     def _row(self, split, r):
-        """Row r of a split -> tokens (T+1,), and for transfusion the patches (T+1, 48), image index and image-first
-        flag per position. Modalities are not stored: they follow from the tokens (see modality_of)."""
+        """Row r of a split -> (tokens (T+1,) int32, images): for transfusion, images lists each continuous image as
+        (first position, image key, image first?) -- its patches are looked up when the batch is made (_batch).
+        Modalities are not stored: they follow from the tokens (see modality_of)."""
         rng = RowRng([self.seed, SPLITS[split], r])
         T = self.seq_len + 1
-        tok, images = [BOS], []                             # images: (start, patches, image first) for transfusion
+        tok, images = [BOS], []
         while len(tok) < T:
             if rng.random() < 0.12:  # a new document
                 tok.append(BOS)
@@ -581,17 +622,7 @@ class ToyWorld:
                     tok += _PATCH_SPAN
                 else:
                     tok += x
-        tok = np.array(tok[:T])
-        if self.setting != "transfusion":
-            return tok, None, None, None
-        patches, img_idx, img_first = np.zeros((T, PATCH_DIM), np.float32), np.full(T, -1), np.zeros(T, bool)
-        for i, (start, x, first) in enumerate(images):
-            n = min(N_PATCHES, T - start)
-            if n > 0:
-                patches[start:start + n] = x[:n]
-                img_idx[start:start + n] = i
-                img_first[start:start + n] = first
-        return tok, patches, img_idx, img_first
+        return np.array(tok[:T], np.int32), tuple(im for im in images if im[0] < T)
 
     def modality_of(self, tokens, image_index=None):
         """Modality id of every token: the id range it falls in (markers are text); in the transfusion setting the
@@ -599,20 +630,28 @@ class ToyWorld:
         m = torch.bucketize(tokens, torch.tensor(self.modality_offsets[1:], dtype=tokens.dtype), right=True)
         return m if image_index is None else torch.where(image_index >= 0, IMAGE, m)
 
-    def get_batch(self, split, batch_size, index, rank=0, world_size=1):
-        ids = global_rows(split, batch_size, index, rank, world_size)
-        rows = [self._row(split, r) for r in ids]
+    def _batch(self, split, ids, rows):
         tok = torch.from_numpy(np.stack([r[0] for r in rows])).long()
-        idx = torch.from_numpy(np.stack([r[2] for r in rows])).long() if self.setting == "transfusion" else None
+        idx = None
+        if self.setting == "transfusion":        # each image's patches, image index and image-first flag per position
+            T = tok.shape[1]
+            patches, idx, first = np.zeros((len(rows), T, PATCH_DIM), np.float32), np.full((len(rows), T), -1), \
+                np.zeros((len(rows), T), bool)
+            for b, (_, images) in enumerate(rows):
+                for i, (start, key, img_first) in enumerate(images):
+                    n = min(N_PATCHES, T - start)
+                    patches[b, start:start + n] = _image_patches(key)[:n]
+                    idx[b, start:start + n] = i
+                    first[b, start:start + n] = img_first
+            idx = torch.from_numpy(idx)
         mod = self.modality_of(tok, idx)
         x, y = tok[:, :-1].contiguous(), tok[:, 1:].clone()
         b = dict(tokens=x, modality=mod[:, :-1].contiguous(), target_modality=mod[:, 1:].contiguous())
         if self.setting == "transfusion":
             # the LM loss covers text -> text/marker predictions only: no target at or into a patch
             y[(idx[:, :-1] >= 0) | (idx[:, 1:] >= 0)] = -1
-            b.update(patches=torch.from_numpy(np.stack([r[1] for r in rows]))[:, :-1].contiguous(),
-                     image_index=idx[:, :-1].contiguous(),
-                     image_first=torch.from_numpy(np.stack([r[3] for r in rows]))[:, :-1].contiguous())
+            b.update(patches=torch.from_numpy(patches)[:, :-1].contiguous(), image_index=idx[:, :-1].contiguous(),
+                     image_first=torch.from_numpy(first)[:, :-1].contiguous())
         b.update(targets=y, loss_mask=y != -1, row_id=row_ids(split, ids))
         return b
 
@@ -699,7 +738,7 @@ class ToyWorld:
         return attribute_accuracy(pred, scenes), shuffled_chance(pred, scenes)
 
 
-class Bytes:
+class Bytes(Rows):
     """Byte stream: captions, random stretches (unpredictable) and repeated phrases / counting (predictable).
     Batches carry `byte_kind` (B, T): 0 caption text, 1 random, 2 predictable -- the ground truth of how
     predictable each byte is, for BLT's patch-length analysis.  With data_file: windows of that file."""
@@ -707,7 +746,7 @@ class Bytes:
     RANDOM_CHARS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789#$%&*+-=?@", np.uint8)
 
     def __init__(self, seq_len, seed, data_file=None):
-        self.setting, self.seq_len, self.seed = "bytes", seq_len, seed
+        self.setting, self.seq_len, self.seed, self.prepared = "bytes", seq_len, seed, {}   # (split, row) -> row
         self.vocab_size, self.n_modalities, self.modality_names = 256, 1, MODALITIES[:1]   # bytes of text
         self.file = None
         if data_file is not None:
@@ -730,7 +769,7 @@ class Bytes:
         if self.file is not None:
             data = self.file[split]
             start = int(rng.integers(0, len(data) - T + 1))
-            return data[start:start + T].astype(np.int64), np.zeros(T, np.int64)
+            return data[start:start + T], np.zeros(T, np.uint8)
         out, kind = [], []
         while len(out) < T:
             u = rng.random()
@@ -747,7 +786,7 @@ class Bytes:
                 b, k = (" ".join(str(n0 + i) for i in range(int(rng.integers(6, 20)))) + " ").encode(), 2
             out += list(b)
             kind += [k] * len(b)
-        return np.array(out[:T], np.int64), np.array(kind[:T], np.int64)
+        return np.array(out[:T], np.uint8), np.array(kind[:T], np.uint8)
 
     def decode(self, batch, row=0):
         """One row as text, each stretch tagged with its kind (from byte_kind; untagged for a data file)."""
@@ -763,11 +802,9 @@ class Bytes:
             i = j
         return "\n".join(out)
 
-    def get_batch(self, split, batch_size, index, rank=0, world_size=1):
-        ids = global_rows(split, batch_size, index, rank, world_size)
-        rows = [self._row(split, r) for r in ids]
-        tok = torch.from_numpy(np.stack([r[0] for r in rows]))
-        kind = torch.from_numpy(np.stack([r[1] for r in rows]))
+    def _batch(self, split, ids, rows):
+        tok = torch.from_numpy(np.stack([r[0] for r in rows])).long()
+        kind = torch.from_numpy(np.stack([r[1] for r in rows])).long()
         zeros = torch.zeros_like(tok[:, :-1])
         y = tok[:, 1:].clone()
         return dict(tokens=tok[:, :-1].contiguous(), targets=y, modality=zeros, target_modality=zeros.clone(),

@@ -55,7 +55,7 @@ class Config:
     v_dim: int = 128                 # value / gate dimension (official: 2 D)
     ffn_dim: int = 128               # FFN hidden size (official SwiGLU configs: 2 D)
     cema_ndim: int = 16              # N, EMA dimensions per channel
-    chunk_size: int = 256            # c, attention chunk length
+    chunk_size: int = 256            # c, attention chunk length (divides seq_len; a shorter input pads its last)
     norm_groups: int = 8             # G, timestep-norm groups
     norm_eps: float = 1e-5
     rope_base: float = 10000.0

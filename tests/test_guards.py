@@ -28,7 +28,7 @@ ATTACKS = {
     "megalodon_chunk7": (["--model", "megalodon", "--chunk_size", "7"], "must divide seq_len"),
     "megalodon_chunk1000": (["--model", "megalodon", "--setting", "text", "--chunk_size", "1000"], "must divide"),
     "mom_d_conv": (["--model", "mom", "--d_conv", "1000"], "d_conv"),
-    "blt_cross_k": (["--model", "blt", "--local_window", "1", "--cross_k", "1000"], "cross_k"),
+    "blt_cross_k": (["--model", "blt", "--patching", "static", "--local_window", "1", "--cross_k", "1000"], "cross_k"),
 }
 SIZES = ("layers", "batch", "seq_len", "moma_experts")
 
@@ -147,3 +147,13 @@ def test_every_default_and_shipped_config_passes():
         keys = {f.name for f in fields(train.TrainConfig)}
         tc = train.TrainConfig(**{k: v for k, v in c["train"].items() if k in keys})
         cli.check_size(c["model"], tc, model_cfg, reg, "cpu")
+
+
+def test_checkpoint_must_fit_the_free_disk(monkeypatch, tmp_path):
+    """The checkpoint (weights and AdamW's two moments) is checked against the free disk where --out will be."""
+    usage = type("Usage", (), dict(free=1000))
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage)
+    reg = cli.registry()
+    with pytest.raises(cli.UsageError, match="checkpoint"):
+        cli.check_size("mot", _tc(model="mot", out=str(tmp_path / "a" / "b")), {}, reg, "cpu")
+    cli.check_size("mot", _tc(model="mot", out=str(tmp_path), force_memory=True), {}, reg, "cpu")

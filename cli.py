@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import textwrap
 import warnings
 from dataclasses import fields
 
@@ -663,7 +664,8 @@ def help_text(train_config, model=None):
         m = [l.strip()[len(st):].strip() for l in (data.__doc__ or "").splitlines() if l.strip().startswith(st + " ")]
         lines.append(f"  {st:12s} {m[0] if m else ''}")
     lines += ["", "trainer keys (default, what it does, [valid range]):"] + _key_lines(train_config, train_config())
-    lines += ["", "memory: before the data and the model are made, a run is refused when its estimate exceeds the free "
-              "memory of the device (--force_memory=True starts it anyway);", "  " + MEMORY_NOTE]
+    lines += [""] + textwrap.wrap("memory: a run whose estimate exceeds the device's free memory is refused before the "
+                                  "data and the model are made (--force_memory=True starts it anyway); " + MEMORY_NOTE,
+                                  118, subsequent_indent="  ")
     lines += ["", "outputs in --out (default out/MODEL): config.json, metrics.jsonl, ckpt.pt, loss.png"]
     return "\n".join(lines)

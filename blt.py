@@ -111,7 +111,8 @@ class Config:
         entropy_ckpt="path", threshold="float; 0 = tuned once at build to mean patch_size", patch_size="float >= 1",
         max_patch_len="int >= 0; 0 = no limit", hash_ngrams="ints >= 1; () = off", hash_vocab="int >= 1",
         hash_functions="int in [1, 11]; one official hash prime each", d_local="int >= 1", n_head_local="int >= 1",
-        n_layer_enc="int >= 1", n_layer_dec="int >= 1", local_window="int >= 1", cross_k="int >= 1",
+        n_layer_enc="int >= 1", n_layer_dec="int >= 1", local_window="int >= 1",
+        cross_k="int >= 1; <= max_patch_len (or seq_len)",
         n_head_cross="int >= 1", enc_cross_all_layers="bool", dec_cross_all_layers="bool", pool="one of max|mean",
         cross_residual="int in [1, 2]; 1 = the paper, 2 = the official code", d_global="int >= 1",
         n_head_global="int >= 1", n_layer_global="int >= 1", global_norm="bool", rope_theta="float > 0",
@@ -124,6 +125,10 @@ class Config:
             if d % (2 * h):
                 raise ValueError(f"{name}: {d} must be a multiple of 2 * {h} (RoPE needs an even head size); "
                                  "change one of them")
+        most = self.max_patch_len or self.seq_len   # Sec. 3.2.2: the k queries of a patch read its bytes only
+        if self.cross_k > most:
+            raise ValueError(f"cross_k={self.cross_k} queries exceed the bytes a patch holds (at most {most}): its "
+                             f"k x d_local numbers are made from at most {most} x d_local; use --cross_k <= {most}")
         # no silent flags: a key that cannot act in this configuration is an error naming the key that enables it
         if self.patching in ("space", "static") and (self.threshold or self.entropy_ckpt):
             raise ValueError(f"threshold and entropy_ckpt act only with --patching entropy or monotonic, "

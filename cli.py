@@ -8,12 +8,15 @@ one line `error: ...` and exit status 2 (UsageError). Also here: the device and 
 plumbing (the process group, every collective on a tensor on the training device). The method is in train.py and the
 model files; none of it is here.
 """
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import math
 import os
 import re
+import shutil
+import textwrap
 import warnings
 from dataclasses import fields
 
@@ -227,6 +230,148 @@ def cannot_run(name, setting, e, dev="cpu"):
     return UsageError(f"{name} cannot run on --setting {setting} with this config ({type(e).__name__}: {msg})"
                       + (f"; supported settings: {', '.join(ok)}" if ok else "")
                       + ("; on mps an operation it lacks may be the cause: try --device=cpu" if dev == "mps" else ""))
+
+
+# --- sizes: what a run needs, estimated from the config alone before any data, model or file is made ---------------
+MEMORY_NOTE = ("counted: weights, gradients and AdamW's two moments (4 x 4 bytes a parameter) + one micro-batch's "
+               "activations and backward temporaries (about 2 x (10 x width + 4 x FFN width) floats a token and layer, "
+               "+ 6 x the logits); not counted: attention scores, the data, allocator slack")
+
+
+def _ffn(d, hidden=0):       # SwiGLU's default hidden size: 8/3 d rounded up to 16 (mot.py, moma.py)
+    return hidden or 16 * math.ceil(8 * d / 3 / 16)
+
+
+def _mamba_sizes(c, d, layers, split):
+    """(params, activation floats a token) of `layers` Mamba blocks of width d (mom.py); split: the copies of its
+    in, x, dt and out projections (1 each = Mamba)."""
+    di, n, r = getattr(c, "expand", 2) * d, getattr(c, "d_state", 16), getattr(c, "dt_rank", 0) or math.ceil(d / 16)
+    s_in, s_x, s_dt, s_out = split
+    per = s_in * d * 2 * di + s_x * di * (r + 2 * n) + s_dt * (r + 1) * di + s_out * di * d
+    per += di * (getattr(c, "d_conv", 4) + n + 2) + d
+    return layers * per, layers * (8 * di + di * n + 3 * d)
+
+
+def size_estimate(cfg):
+    """A model Config -> (parameters, activation floats per token of one forward + backward, vocabulary for the
+    logits): a rough count of the dominant terms of each model family, from the fields alone (no model is built)."""
+    c, kind = cfg, type(cfg).__module__
+    g = lambda k, d=0: getattr(c, k, d)
+    V = g("vocab_size", 256)
+    if kind == "megabyte":
+        W, DL, m = c.patch_size * c.d_global, c.d_local, c.mlp_ratio
+        p = c.n_layer_global * (4 + 2 * m) * W * W + c.n_layer_local * (4 + 2 * m) * DL * DL
+        p += (V + c.seq_len + c.patch_size) * c.d_global + (2 * V + c.d_global) * DL
+        act = c.n_layer_global * (9 + 2 * m) * W / c.patch_size + c.n_layer_local * (9 + 2 * m) * DL
+        return p, act, V
+    if kind == "blt" and hasattr(c, "d_global"):
+        D, G, K = c.d_local, c.d_global, c.cross_k
+        local = c.n_layer_enc + c.n_layer_dec
+        p = (2 * V + c.hash_functions * len(c.hash_ngrams) * c.hash_vocab) * D + local * 12 * D * D
+        p += (1 + c.n_layer_dec) * 4 * D * D + K * D * (D + 2 * G) + c.n_layer_global * 12 * G * G
+        act = local * 17 * D + 3 * K * D + c.n_layer_global * 17 * G / c.patch_size
+        return p, act, V
+    if kind == "megalodon":
+        D, z, v, f = c.d_model, c.z_dim, c.v_dim, c.ffn_dim
+        per = D * (z + 2 * v + D) + v * D + (3 if c.swiglu else 2) * D * f + 4 * D * c.cema_ndim
+        p = c.n_layers * per + (1 if c.share_emb else 2) * V * D
+        return p, c.n_layers * (8 * D + 2 * D * c.cema_ndim + 2 * z + 3 * v + 4 * f), V
+    D, L, M = g("d_model", 64), g("n_layer", 2), g("n_modalities", 1)
+    backbone = g("backbone", "mom" if kind == "mom" else "dense")
+    if backbone in ("mamba", "mom"):
+        split = [M if (g(f"split_{k}_proj") if kind == "mom" else backbone == "mom") else 1
+                 for k in ("in", "x", "dt", "out")]
+        p, act = _mamba_sizes(c, D, L, split)
+        p += (1 if g("tie_embeddings", True) else 2) * V * D
+    else:
+        F = _ffn(D, g("ffn_hidden"))
+        attn = (M if g("untie_attn") or backbone == "mot" else 1) * 4 * D * D
+        if hasattr(c, "group_experts"):                                # moma: every group's experts + routers
+            ffn = sum(c.group_experts) * (3 * D * c.d_expert + D + g("aux_hidden", 0) * (D + 1))
+        else:
+            ffn = (M if g("untie_ffn") or backbone == "mot" else 1) * 3 * D * F
+        p, act = L * (attn + ffn) + 2 * V * D, L * (10 * D + 4 * F)
+    if kind == "transfusion":                                            # the patch codec and the timestep MLP
+        p += 2 * g("patch_dim") * D + 2 * D * D + g("n_patches") * D
+        if g("patch_codec") == "unet":
+            p += 40 * g("unet_channels") ** 2 * 9 + 4 * g("unet_channels") * D
+    return p, act, V
+
+
+def _free_host_memory():
+    """Bytes of host memory free for a new process: /proc/meminfo's MemAvailable (Linux), within a cgroup v2 limit
+    where there is one; else os.sysconf's free (or, failing that, total) pages; None where the platform tells none."""
+    free = None
+    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        if free is None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                free = os.sysconf(name) * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):                      # a container's memory limit (cgroup v2)
+        with open("/sys/fs/cgroup/memory.max") as lim, open("/sys/fs/cgroup/memory.current") as cur:
+            left = int(lim.read()) - int(cur.read())                    # "max" (no limit) -> ValueError
+            free = left if free is None else min(free, left)
+    return free
+
+
+def free_memory(dev):
+    """Bytes free on the training device: a GPU's free memory (torch.cuda.mem_get_info), else the host's."""
+    if dev.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(dev))[0]
+    return _free_host_memory()
+
+
+def _gb(n):
+    return f"{n / 1e9:.3g} GB"
+
+
+def check_size(name, tc, overrides, reg, dev):
+    """Before the data and the model are made: the sizes a run asks for must make sense for expert choice and fit the
+    machine: weights + gradients + AdamW moments + one micro-batch's activations within the device's free memory
+    (every process on the host counted), the checkpoint within the free disk of --out. --force_memory skips the two
+    fits. Fields that are out of range or unknown are left to model_config, which names them."""
+    _, cfg_cls, _, _, base = reg[name]
+    try:
+        cfg = cfg_cls(**base)
+        apply(cfg, {k: v for k, v in (overrides or {}).items() if k != "seq_len"}, f"model {name}")
+        if hasattr(cfg, "seq_len"):
+            cfg.seq_len = tc.seq_len
+        check_ranges(cfg)
+    except UsageError:
+        return
+    _, world, _ = ddp_env()
+    dp = max(1, world // tc.context_parallel)
+    rows, seq = tc.micro_batch_size or max(1, tc.batch_size // dp), max(1, tc.seq_len // tc.context_parallel)
+    capacity = getattr(cfg, "capacity_factor", 0) * rows * seq
+    if hasattr(cfg, "group_experts") and max(cfg.group_experts) > capacity:
+        raise UsageError(f"{name}: expert choice gives each expert ceil(capacity_factor x T_m / E_m) of the T_m tokens "
+                         f"of its group in a forward pass; experts={max(cfg.group_experts)} exceeds capacity_factor x "
+                         f"micro-batch x seq_len = {cfg.capacity_factor:g} x {rows} x {seq} = {capacity:g}, so every "
+                         f"expert takes a token past its capacity: use fewer experts or more tokens per forward pass")
+    if tc.force_memory:
+        return
+    params, act, vocab = size_estimate(cfg)
+    need = 16 * params + 8 * rows * seq * (act + 3 * vocab)   # x 2: backward's temporaries beside what it keeps
+    procs = 1 if dev.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", 1))   # ranks sharing the host
+    free = free_memory(dev)
+    if free is not None and need * procs > free:
+        what = f"{params:.3g} parameters, {rows} x {seq} tokens a micro-batch" + (f", {procs} processes" * (procs > 1))
+        raise UsageError(f"{name} needs about {_gb(need * procs)} of memory by the up-front estimate ({what}) but "
+                         f"{dev.split(':')[0]} has {_gb(free)} free; lower the sizes, --batch_size, --micro_batch_size "
+                         f"or --seq_len, or pass --force_memory=True to start anyway (counted: weights, gradients, "
+                         f"AdamW's moments, one micro-batch's activations; --help tells how)")
+    out = tc.out or os.path.join("out", name)
+    where = os.path.abspath(out)
+    while not os.path.isdir(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)
+    with contextlib.suppress(OSError):
+        disk = shutil.disk_usage(where).free
+        if 12 * params > disk:
+            raise UsageError(f"the checkpoint of {name} (about {_gb(12 * params)}: weights and AdamW's two moments) "
+                             f"does not fit the {_gb(disk)} free at {where}; choose another --out, free space, or "
+                             f"pass --force_memory=True to start anyway")
 
 
 # --- relations between trainer keys, the device and the world size -------------------------------------------------
@@ -519,5 +664,8 @@ def help_text(train_config, model=None):
         m = [l.strip()[len(st):].strip() for l in (data.__doc__ or "").splitlines() if l.strip().startswith(st + " ")]
         lines.append(f"  {st:12s} {m[0] if m else ''}")
     lines += ["", "trainer keys (default, what it does, [valid range]):"] + _key_lines(train_config, train_config())
+    lines += [""] + textwrap.wrap("memory: a run whose estimate exceeds the device's free memory is refused before the "
+                                  "data and the model are made (--force_memory=True starts it anyway); " + MEMORY_NOTE,
+                                  118, subsequent_indent="  ")
     lines += ["", "outputs in --out (default out/MODEL): config.json, metrics.jsonl, ckpt.pt, loss.png"]
     return "\n".join(lines)

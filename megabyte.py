@@ -64,7 +64,7 @@ class Config:
     # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
     RANGES: ClassVar[dict] = dict(
         vocab_size="int >= 1", n_modalities="int >= 1", modality_names="names", seq_len="int >= 8",
-        patch_size="int >= 1", d_global="int >= 1", n_layer_global="int >= 1", n_head_global="int >= 1",
+        patch_size="int >= 1; <= seq_len", d_global="int >= 1", n_layer_global="int >= 1", n_head_global="int >= 1",
         d_local="int >= 1", n_layer_local="int >= 1", n_head_local="int >= 1", mlp_ratio="int >= 1",
         dropout="float in [0, 1)", tie_local_embed="bool", conv_encoder="bool", conv_kernels="ints >= 1",
         cross_patch="int >= 0; 0 = off", strided_inference="bool", kv_cache="bool")
@@ -73,6 +73,9 @@ class Config:
         P = self.patch_size
         if self.strided_inference and P % 2:
             raise ValueError(f"patch_size={P} must be even for strided_inference; set --patch_size")
+        if self.seq_len < P:   # K = ceil((seq_len + 1) / P) global positions: the pad patch, then patches of bytes
+            raise ValueError(f"seq_len={self.seq_len} is shorter than patch_size={P}: the global model would see only "
+                             f"the pad patch, never a byte; use --patch_size <= seq_len")
         if self.cross_patch > P:
             raise ValueError(f"cross_patch={self.cross_patch} must be in [0, patch_size={P}]; set --cross_patch")
         for d, h, name in ((P * self.d_global, self.n_head_global, "global"),

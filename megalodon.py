@@ -55,7 +55,7 @@ class Config:
     v_dim: int = 128                 # value / gate dimension (official: 2 D)
     ffn_dim: int = 128               # FFN hidden size (official SwiGLU configs: 2 D)
     cema_ndim: int = 16              # N, EMA dimensions per channel
-    chunk_size: int = 256            # c, attention chunk length
+    chunk_size: int = 256            # c, attention chunk length (divides seq_len; a shorter input pads its last)
     norm_groups: int = 8             # G, timestep-norm groups
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
@@ -78,7 +78,7 @@ class Config:
     RANGES: ClassVar[dict] = dict(
         vocab_size="int >= 1", n_modalities="int >= 1", modality_names="names", seq_len="int >= 8",
         d_model="int >= 1", n_layers="int >= 1", n_heads="int >= 1", z_dim="int >= 1", v_dim="int >= 1",
-        ffn_dim="int >= 1", cema_ndim="int >= 1", chunk_size="int >= 1", norm_groups="int >= 1",
+        ffn_dim="int >= 1", cema_ndim="int >= 1", chunk_size="int >= 1; divides seq_len", norm_groups="int >= 1",
         norm_eps="float in (0, 1)", rope_base="float > 0", swiglu="bool", rescale_nffn="bool", scale_emb="bool",
         share_emb="bool", cema_impl="one of sequential|fft|scan", scan_backend="one of auto|triton|torch",
         norm_impl="one of sequential|scan", init_mode="one of he|torch", use_cema="bool", cema_complex="bool",
@@ -88,6 +88,12 @@ class Config:
         if self.z_dim % self.n_heads or self.v_dim % self.n_heads or (self.z_dim // self.n_heads) % 2:
             raise ValueError(f"z_dim={self.z_dim} and v_dim={self.v_dim} must split into n_heads={self.n_heads} "
                              "heads with an even z head size; change z_dim, v_dim or n_heads")
+        c, L = self.chunk_size, self.seq_len
+        if c > L or L % c:                                       # Sec. 3.3: a sequence of L / c chunks of length c
+            fit = next(d for d in range(min(c, L), 0, -1) if L % d == 0)
+            raise ValueError(f"chunk_size={c} must divide seq_len={L}: a training sequence is whole chunks (a longer "
+                             f"chunk is never filled in training, so generation past seq_len would meet positions it "
+                             f"never trained on); e.g. --chunk_size {fit}")
         if self.d_model % self.norm_groups:
             raise ValueError(f"d_model={self.d_model} is not divisible by norm_groups={self.norm_groups}; change one")
         if len(self.modality_names) < self.n_modalities:

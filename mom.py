@@ -82,7 +82,8 @@ class Config:
     # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
     RANGES: ClassVar[dict] = dict(
         vocab_size="int >= 1", n_modalities="int >= 1", seq_len="int >= 8", modality_offsets="ints >= 0",
-        modality_names="names", d_model="int >= 1", n_layer="int >= 1", d_state="int >= 1", d_conv="int >= 1",
+        modality_names="names", d_model="int >= 1", n_layer="int >= 1", d_state="int >= 1",
+        d_conv="int >= 1; <= seq_len",
         expand="int >= 1", dt_rank="int >= 0; 0 = ceil(d_model / 16)", dt_min="float > 0", dt_max="float > 0",
         dt_init_floor="float >= 0", dt_scale="float > 0", conv_bias="bool", bias="bool", norm_eps="float in (0, 1)",
         tie_embeddings="bool", split_in_proj="bool", split_x_proj="bool", split_dt_proj="bool", split_out_proj="bool",
@@ -92,6 +93,9 @@ class Config:
         if self.dt_rank == 0:
             self.dt_rank = math.ceil(self.d_model / 16)
         self.modality_offsets = tuple(self.modality_offsets)
+        if self.d_conv > self.seq_len:
+            raise ValueError(f"d_conv={self.d_conv} > seq_len={self.seq_len}: the causal conv's taps past the sequence "
+                             f"only ever multiply its zero padding; use --d_conv <= {self.seq_len} (Mamba: 4)")
         if len(self.modality_offsets) != self.n_modalities:
             raise ValueError(f"modality_offsets {self.modality_offsets} has {len(self.modality_offsets)} entries "
                              f"but n_modalities={self.n_modalities}; give one first token id per modality")

@@ -60,6 +60,7 @@ class TrainConfig:
     context_parallel: int = 1  # ranks sharing each sequence (torchrun; world = data x this; context_parallel.py)
     cp_attention: str = "ring"  # attention across them: ring (Ring Attention) | allgather (the reference)
     overwrite: bool = False    # replace the run already in --out (its ckpt.pt) instead of refusing to start
+    force_memory: bool = False  # start even where the memory estimate (cli.check_size) exceeds what is free
     # valid values, one rule per field ("int >= 1", "one of a|b"; after ";" a note), checked by build() (cli.py)
     RANGES: ClassVar[dict] = dict(
         model="str; a registered model", setting="str; a data setting", out="str",
@@ -72,7 +73,7 @@ class TrainConfig:
         precision="one of auto|fp32|bf16|fp16", gen_n="int in [0, 4096]; 0 = no generation eval",
         gen_every="int >= 0; 0 = 4 x eval_every", compile="bool",
         context_parallel="int >= 1; must divide the torchrun world size", cp_attention="one of ring|allgather",
-        overwrite="bool")
+        overwrite="bool", force_memory="bool")
 
 
 # Eval size: eval_batches fixed validation batches. The compares are paired (every model sees the same batches, whose
@@ -104,6 +105,7 @@ def build(name, setting=None, overrides=None, data_file=None, device="cpu", trai
     tc.eval_every = tc.eval_every or max(50, tc.steps // 16)
     tc.gen_every = tc.gen_every or 4 * tc.eval_every
     rundir.check_paths(tc)                                   # path options: regular files, before anything reads them
+    cli.check_size(name, tc, overrides, reg, device)         # memory and expert capacity, before data or model is made
     ds = cli.make_data(tc.setting, tc.seq_len, tc.seed, data_file or tc.data or None)
     cfg = cli.model_config(name, ds, overrides, reg, trainer_keys={f.name for f in fields(TrainConfig)})
     rundir.check_paths(cfg)

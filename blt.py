@@ -671,7 +671,7 @@ def _check_tokens(tokens, cfg, who):
 
 
 MODELS = {"blt-entropy": (EntropyConfig, EntropyModel, "bytes", dict()), "blt": (Config, BLT, "bytes", dict())}
-SUPPORTED_SETTINGS = {"blt-entropy": ("bytes", "realtext"), "blt": ("bytes", "realtext")}   # byte models (the text setting's ids are words)
+SUPPORTED_SETTINGS = {"blt-entropy": ("bytes",), "blt": ("bytes",)}   # byte models (the text setting's ids are words)
 
 
 if __name__ == "__main__":   # a quick entropy model on a demo text, then BLT with each patching

@@ -442,7 +442,7 @@ def check_batch(cfg, batch):
 
 
 MODELS = {"megabyte": (Config, Megabyte, "bytes", dict())}
-SUPPORTED_SETTINGS = {"megabyte": ("bytes", "realtext", "text")}   # one token stream; train.py refuses others
+SUPPORTED_SETTINGS = {"megabyte": ("bytes", "text")}   # one token stream; train.py refuses others
 
 
 if __name__ == "__main__":

@@ -548,7 +548,7 @@ def check_batch(cfg, batch):
 
 
 MODELS = {"megalodon": (Config, Megalodon, "bytes", dict())}
-SUPPORTED_SETTINGS = {"megalodon": ("bytes", "realtext", "text")}   # one token stream; train.py refuses others
+SUPPORTED_SETTINGS = {"megalodon": ("bytes", "text")}   # one token stream; train.py refuses others
 
 
 if __name__ == "__main__":

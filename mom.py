@@ -412,7 +412,7 @@ MODELS = {
 }
 # MoM with one modality is Mamba, and the transfusion setting's images are not tokens: train.py refuses those
 SUPPORTED_SETTINGS = {name: ("chameleon", "speech") for name in MODELS if name != "mamba"}
-SUPPORTED_SETTINGS["mamba"] = ("chameleon", "speech", "text", "bytes", "realtext")
+SUPPORTED_SETTINGS["mamba"] = ("chameleon", "speech", "text", "bytes")
 
 
 if __name__ == "__main__":

@@ -342,7 +342,7 @@ MODELS = {
     "mot": (Config, MoT, "chameleon", dict(untie_attn=True, untie_ffn=True, untie_norm=True)),
 }
 # MoT with one modality is the dense model, and the transfusion setting's images are not tokens: train.py refuses those
-SUPPORTED_SETTINGS = {"dense": ("chameleon", "speech", "text", "bytes", "realtext"), "mot": ("chameleon", "speech")}
+SUPPORTED_SETTINGS = {"dense": ("chameleon", "speech", "text", "bytes"), "mot": ("chameleon", "speech")}
 
 
 # ==== Speed paths: same results as the plain forms above, faster (tests/test_mot.py holds them equal) ===============

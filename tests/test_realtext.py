@@ -98,3 +98,18 @@ def test_missing_or_altered_text_is_one_line_exit_2(case, tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and "git checkout" in err
     assert ("the file was altered" in err) == (case == "altered") and not os.path.exists(out)
+
+
+def test_byte_models_train_on_it_and_report_bits_per_byte(tmp_path):
+    import cli
+    reg = cli.registry()
+    for name in ("dense", "megabyte", "blt", "blt-entropy", "megalodon", "mamba"):
+        cli.check_setting(name, "realtext", reg)                      # a byte model reads realtext as it reads bytes
+    for name in ("mot", "transfusion"):
+        with pytest.raises(cli.UsageError, match="does not support --setting realtext"):
+            cli.check_setting(name, "realtext", reg)
+    out = tmp_path / "run"
+    assert train.main(["--model", "dense", "--setting", "realtext", "--steps", "2", "--seq_len", "64", "--batch_size",
+                       "2", "--eval_batches", "2", "--d_model", "16", "--n_head", "2", "--out", str(out)]) == 0
+    last = [r for r in train.read_jsonl(str(out / "metrics.jsonl")) if "eval_loss" in r][-1]
+    assert last["eval_bpb"] == pytest.approx(last["eval_loss"] / np.log(2)) and last["se_eval_loss"] > 0

@@ -50,6 +50,8 @@ def supported_settings(name, reg=None):
     """The settings model `name` can use fully (its file's SUPPORTED_SETTINGS), or None when it declares none."""
     mod = (reg or registry())[name][0]
     s = getattr(mod, "SUPPORTED_SETTINGS", {}).get(name)
+    if s is not None and "bytes" in s:   # a byte model reads realtext too: real English instead of the synthetic bytes
+        s = (*s, "realtext")
     return tuple(s) if s is not None else None
 
 

@@ -20,6 +20,7 @@ The settings (what `make_data(setting)` returns):
     text         the text-only stream of the transfusion setting (captions only), e.g. to pretrain LMFusion's text model
     bytes        a byte stream of captions, unpredictable stretches (random characters) and predictable ones
                  (a phrase repeated, counting); `data_file=PATH` reads any local text file instead
+    realtext     bytes of real English shipped with the repo (three public-domain works, docs/realtext/): see RealText
 
 Why it looks like this (what the papers need to show up at toy scale): image tokens and text tokens have
 disjoint vocabularies and very different statistics (what modality-specific weights exploit); captions and
@@ -64,12 +65,14 @@ Run:  python data.py   (a training row of every setting, decoded; the figure: py
 Read next: mot.py (the first paper: a weight set per modality)
 """
 import functools
+import gzip
+import hashlib
 import os
 
 import numpy as np
 import torch
 
-SETTINGS = ("chameleon", "speech", "transfusion", "text", "bytes")
+SETTINGS = ("chameleon", "speech", "transfusion", "text", "bytes", "realtext")
 MODALITIES = ("text", "image", "speech")   # every modality's name (+ any register_modality adds); a setting
                                            # numbers its own in order: ds.modality_names[id] (batch["modality"])
 TEXT, IMAGE, SPEECH = 0, 1, 2
@@ -820,7 +823,69 @@ def make_data(setting, seq_len=256, seed=0, data_file=None):
         raise ValueError(f"seq_len={seq_len!r} is too small; use an integer >= 8")
     if data_file is not None and setting != "bytes":
         raise ValueError(f"--data reads a text file for the byte models; add --setting bytes (got --setting {setting})")
+    if setting == "realtext":
+        return RealText(seq_len, seed)
     return Bytes(seq_len, seed, data_file) if setting == "bytes" else ToyWorld(setting, seq_len, seed)
+
+
+# --- realtext: real English, shipped with the repo -------------------------------------------------------------------
+REALTEXT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "realtext", "realtext.txt.gz")
+REALTEXT_SHA256 = "efc989dd1b88500eb2ad806ab7f8af64e7dd3a77cd31ef43d2d93405330a6844"   # of the text, decompressed
+REALTEXT_VAL = 0.1   # the last tenth of each work (from the next line start on) is the validation split
+
+
+@functools.lru_cache(maxsize=None)
+def realtext(path):
+    """The realtext setting's text, checked against REALTEXT_SHA256 -> {"train": uint8 array, "val": uint8 array}.
+    Three public-domain works (Alice's Adventures in Wonderland, As You Like It, Paradise Lost; where they come from:
+    docs/realtext/SOURCE.md), ASCII, separated by a form feed. The split is fixed: the first nine tenths of each work
+    are training text, the last tenth of each is validation text, so both splits hold all three styles."""
+    fix = "restore the file the repo ships: git checkout -- docs/realtext/realtext.txt.gz"
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:   # missing, unreadable, or not gzip
+        raise ValueError(f"--setting realtext reads {path} and cannot ({type(e).__name__}: {e}); {fix}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != REALTEXT_SHA256:
+        raise ValueError(f"--setting realtext: the text in {path} has sha256 {digest[:12]}..., not the recorded "
+                         f"{REALTEXT_SHA256[:12]}... (the file was altered); {fix}")
+    train, val = [], []
+    for work in raw.split(b"\f"):
+        cut = work.index(b"\n", int(len(work) * (1 - REALTEXT_VAL))) + 1
+        train.append(work[:cut])
+        val.append(work[cut:])
+    return {"train": np.frombuffer(b"".join(train), np.uint8), "val": np.frombuffer(b"".join(val), np.uint8)}
+
+
+class RealText(Bytes):
+    """setting realtext: bytes of real English (realtext()), for the byte models. The same batches as Bytes
+    with a --data file, except in the validation split (and no byte_kind: real text has no ground truth of it):
+    train row r is the window at a random offset of the training text (RowRng([seed, 0, r])); val row r is window
+    val_order[r % n] of the n non-overlapping windows that tile the validation text, in one fixed shuffled order
+    whatever the seed, so an eval's rows never overlap and any eval_batches of them spread over all three works."""
+
+    def __init__(self, seq_len, seed, path=None):
+        super().__init__(seq_len, seed)
+        self.setting, self.file = "realtext", realtext(path or REALTEXT_FILE)
+        T = seq_len + 1
+        n = len(self.file["val"]) // T
+        if n < 1:
+            raise ValueError(f"seq_len={seq_len} is longer than the realtext validation text ({len(self.file['val'])} "
+                             f"bytes); use --seq_len {len(self.file['val']) - 1} or less")
+        self.val_order = np.random.default_rng(0).permutation(n)
+
+    def _row(self, split, r):
+        if split != "val":
+            return super()._row(split, r)
+        T = self.seq_len + 1
+        start = int(self.val_order[r % len(self.val_order)]) * T
+        return self.file["val"][start:start + T].astype(np.int64), np.zeros(T, np.int64)
+
+    def get_batch(self, split, batch_size, index, rank=0, world_size=1):
+        b = super().get_batch(split, batch_size, index, rank, world_size)
+        del b["byte_kind"]
+        return b
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ METRIC_NAMES = {
 SETTING_NAMES = {"chameleon": "chameleon setting (text + image tokens)",
                  "speech": "speech setting (text + image + speech tokens)",
                  "transfusion": "transfusion setting (text + continuous images)", "text": "text setting",
-                 "bytes": "bytes setting"}
+                 "bytes": "bytes setting", "realtext": "realtext setting (real English bytes)"}
 
 
 def model_name(n):
@@ -908,6 +908,57 @@ def bytes_compare(base, path, names=("dense", "megabyte", "blt", "megalodon")):
     return _save(fig, path)
 
 
+def entropy_quality(path, base=os.path.join(RUNS, "realtext"), sweep=os.path.join(RUNS, "realtext_entropy"),
+                    pairs=(("ent-s100", "blt-s100"), ("../realtext/blt-entropy", "../realtext/blt"),
+                           ("ent-d64", "blt-d64"), ("ent-d128", "blt-d128")),
+                    static=("blt-static", "../realtext_entropy/blt-static-seed1"), baseline="dense"):
+    """BLT (paper Sec. 2.3): does entropy patching beat fixed stride once the entropy model is good enough? For each
+    (entropy model run, BLT run) in `pairs` (dirs under `sweep`): the entropy model's final eval bpb -> BLT's training
+    FLOPs to reach the baseline's final bpb (as a fraction of the baseline's; hollow: plus the entropy model's own
+    training FLOPs) and BLT's final bpb; static patching (same mean patch size) as a line per run in `static` (dirs
+    under `base`; a second seed shows the run-to-run spread). Returns the table rows."""
+    plt = _plt()
+    dense = read_run(os.path.join(base, baseline))[1]
+    statics = [read_run(os.path.join(base, s))[1] for s in static
+               if os.path.isfile(os.path.join(base, s, "metrics.jsonl"))]
+    target, total = dense[-1]["eval_bpb"], dense[-1]["flops"]
+
+    def frac(ev, extra=0.0):
+        f = flops_to_reach(ev, "eval_bpb", target)
+        return None if f is None else (f + extra) / total
+    rows = []
+    for e, b in pairs:
+        ent, blt = read_run(os.path.join(sweep, e)), read_run(os.path.join(sweep, b))[1]
+        rows.append(dict(entropy=os.path.basename(e), entropy_bpb=ent[1][-1]["eval_bpb"], blt_bpb=blt[-1]["eval_bpb"],
+                         frac=frac(blt), frac_with_training=frac(blt, ent[1][-1]["flops"]),
+                         patch=blt[-1].get("eval_patch_size")))
+    rows.sort(key=lambda r: -r["entropy_bpb"])
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = [r["entropy_bpb"] for r in rows]
+    for a, key, label in ((ax[0], "frac", "training FLOPs to reach the byte\nTransformer's final bpb (fraction)"),
+                          (ax[1], "blt_bpb", "BLT's final eval bits per byte")):
+        a.plot(x, [r[key] if r[key] is not None else float("nan") for r in rows], "o-", color="C0",
+               label="entropy patching")
+        for i, stat in enumerate(statics):
+            s = frac(stat) if key == "frac" else stat[-1]["eval_bpb"]
+            if s is not None:
+                a.axhline(s, color="C1", ls="--" if i == 0 else ":",
+                          label="static patching (stride 4)" + (f", seed {i}" if len(statics) > 1 else ""))
+        a.set_xlabel("entropy model's eval bits per byte (better to the right)")
+        a.set_ylabel(label, fontsize=9)
+        a.invert_xaxis()
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    ax[0].plot(x, [r["frac_with_training"] if r["frac_with_training"] is not None else float("nan") for r in rows],
+               "o:", mfc="none", color="C0", label="entropy patching + the entropy model's training")
+    ax[0].legend(fontsize=8)
+    fig.suptitle(_wrap("BLT on real text: entropy patching from entropy models of increasing quality vs fixed-stride "
+                       "patching (mean patch 4, same training)", fig), fontsize=11)
+    fig.tight_layout()
+    _save(fig, path)
+    return rows
+
+
 def _model_from(name, ckpt=None, setting=None, overrides=None):
     """A model built with cli.py's checks (optionally loading a train.py checkpoint, weights only) and its data (seed
     0): the checkpoint's setting and seq_len, else the model's default setting and its Config's seq_len."""
@@ -1007,6 +1058,11 @@ DOCS_FIGURES = {
     "bytes_compare": (lambda path: bytes_compare(os.path.join(RUNS, "bytes"), path, names=("dense", "megabyte", "blt",
                                                                                        "megalodon")),
                       "the byte models vs the byte Transformer (docs/runs/bytes)"),
+    "realtext_compare": (lambda path: bytes_compare(os.path.join(RUNS, "realtext"), path, names=(
+                             "dense", "megabyte", "blt", "blt-static", "megalodon")),
+                         "the byte models vs the byte Transformer on real English (docs/runs/realtext)"),
+    "realtext_entropy": (entropy_quality, "BLT on real text: entropy vs static patching as the entropy model improves "
+                                          "(docs/runs/realtext, docs/runs/realtext_entropy)"),
     "mot_weights": (_mech("mot"), "MoT: the weight copy each token of a chameleon row uses"),
     "mom_projections": (_mech("mom"), "MoM: which projections each token takes per modality"),
     "moma_routing_tokens": (_mech("moma", trained="chameleon_moma/moma/ckpt.pt"),

@@ -86,6 +86,7 @@ SETTING_DEFAULTS = {
     "transfusion": dict(seq_len=256, batch_size=16, steps=4000),   # diffusion learns to read the caption late
     "text":        dict(seq_len=256, batch_size=16, steps=300),
     "bytes":       dict(seq_len=2048, batch_size=4, steps=400),
+    "realtext":    dict(seq_len=2048, batch_size=4, steps=400),
 }
 
 
@@ -215,7 +216,7 @@ def evaluate(model, ds, tc, rank, world, device, autocast, micro=None, cp=None):
     out = {f"eval_{k}": float(v) for k, v in sorted(mine.items())}
     if len(passes) > 1:  # the standard error of eval_loss, from the spread of its forward passes' losses
         out["se_eval_loss"] = float(np.std(passes, ddof=1) / math.sqrt(len(passes)))
-    if ds.setting == "bytes":
+    if ds.setting in ("bytes", "realtext"):
         out["eval_bpb"] = out["eval_loss"] / math.log(2)
     model.train()
     return out

@@ -933,7 +933,7 @@ def entropy_quality(path, base=os.path.join(RUNS, "realtext"), sweep=os.path.joi
                          frac=frac(blt), frac_with_training=frac(blt, ent[1][-1]["flops"]),
                          patch=blt[-1].get("eval_patch_size")))
     rows.sort(key=lambda r: -r["entropy_bpb"])
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.6))
     x = [r["entropy_bpb"] for r in rows]
     for a, key, label in ((ax[0], "frac", "training FLOPs to reach the byte\nTransformer's final bpb (fraction)"),
                           (ax[1], "blt_bpb", "BLT's final eval bits per byte")):

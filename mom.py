@@ -425,18 +425,21 @@ if __name__ == "__main__":   # the shipped trained MoM: captions -> images, and 
         cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"]["model_cfg"].items()})
         model = MixtureOfMamba(cfg).eval()
         model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
-        ds, ev, run = data.make_data("chameleon", cfg.seq_len, ck["config"]["train"]["seed"]), ck["eval"], ck["run_eval"]
+        ds = data.make_data("chameleon", cfg.seq_len, ck["config"]["train"]["seed"])
+        ev, run = ck["eval"], ck["run_eval"]
         print(f"Mixture-of-Mamba trained {ck['step']} steps on the chameleon setting ({path}): eval loss "
-              f"{ev['eval_loss']:.3f} nats/token (text {ev['eval_loss_text']:.3f}, image {ev['eval_loss_image']:.3f})"
-              + (f"; the run's generation eval (32 scenes, 4 attributes each): caption -> image {run['gen_image_acc']:.2f}"
-                 f" right (chance {run['gen_image_chance']:.2f}), image -> caption {run['caption_acc']:.2f} (chance "
-                 f"{run['caption_chance']:.2f})" if "gen_image_acc" in run else ""))
+              f"{ev['eval_loss']:.3f} nats/token (text {ev['eval_loss_text']:.3f}, image {ev['eval_loss_image']:.3f})")
+        if "gen_image_acc" in run:
+            print(f"the run's generation eval (32 scenes, 4 attributes each): caption -> image "
+                  f"{run['gen_image_acc']:.2f} right (chance {run['gen_image_chance']:.2f}), image -> caption {run['caption_acc']:.2f} (chance "
+                  f"{run['caption_chance']:.2f})")
         words = lambda ids: " ".join(data.WORDS[i] for i in ids)
         pal = np.array([data.RGB[c] for c in data.COLOURS])
 
         def art(img):   # (3, 16, 16) in [0, 1] -> 16 lines: "." background, the object's colour initial (as scored)
             near = ((img.transpose(1, 2, 0)[:, :, None] - pal) ** 2).sum(-1).argmin(-1)
-            return ["".join(data.COLOURS[k][0] if fg else "." for k, fg in zip(*r)) for r in zip(near, img.max(0) > 0.5)]
+            fg = img.max(0) > 0.5
+            return ["".join(data.COLOURS[k][0] if f else "." for k, f in zip(*r)) for r in zip(near, fg)]
 
         ex = ds.scenes(4, seed=1)                        # fixed scenes, none of them a training row
         torch.manual_seed(0)

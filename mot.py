@@ -463,12 +463,13 @@ if __name__ == "__main__":   # the shipped trained MoT draws images from caption
 
         def art(img):   # (3, 16, 16) in [0, 1] -> 16 lines: "." background, the object's colour initial (as scored)
             near = ((img.transpose(1, 2, 0)[:, :, None] - pal) ** 2).sum(-1).argmin(-1)
-            return ["".join(data.COLOURS[k][0] if fg else "." for k, fg in zip(*r)) for r in zip(near, img.max(0) > 0.5)]
+            fg = img.max(0) > 0.5
+            return ["".join(data.COLOURS[k][0] if f else "." for k, f in zip(*r)) for r in zip(near, fg)]
 
         ex = ds.scenes(4, seed=1)                        # fixed scenes, none of them a training row
         torch.manual_seed(0)
         imgs, reads = [], []
-        for e in ex:   # caption -> image: "<bos> caption . <boi>" then 16 image tokens, sampled (greedy draws background)
+        for e in ex:   # "<bos> caption . <boi>" -> 16 image tokens, sampled (greedy decoding draws only background)
             out = model.generate(torch.tensor([[data.BOS] + e["caption"] + [data.BOI]]), data.N_PATCHES, 1.0)
             imgs.append(data.detokenize_image(out[0, -data.N_PATCHES:].numpy()))
             reads.append(data.classify_image(imgs[-1]))

@@ -797,7 +797,7 @@ def transfusion_loss_by_t(model, path):
     return _save(fig, path)
 
 
-def transfusion_samples(model, ds, path, n=8, guidance=None, what=None):
+def transfusion_samples(model, ds, path, n=6, guidance=None, what=None):
     """Transfusion: for n fixed eval captions (the generation eval's first n scenes), the generated image (top), the
     scorer's reading of it (data.classify_image: the attributes it gets right of 4) and the data's own image (bottom).
     what: the model, as the title names it."""
@@ -987,12 +987,12 @@ def moma_docs(path):
     return moma_routing_tokens(model, ds, path, what=f"trained MoMa 4t4i ({ck['step']} steps, docs/ckpt/moma.pt)")
 
 
-def transfusion_docs(path, n=6):
+def transfusion_docs(path):
     """docs/transfusion_samples.png: images the shipped trained Transfusion (docs/ckpt/transfusion.pt) generates from
-    the first n captions of the generation eval."""
+    the first captions of the generation eval."""
     model, ds, ck = _shipped("transfusion")
-    return transfusion_samples(model, ds, path, n=n, what=f"trained Transfusion ({ck['step']} steps, "
-                                                          f"docs/ckpt/transfusion.pt)")
+    return transfusion_samples(model, ds, path, what=f"trained Transfusion ({ck['step']} steps, "
+                                                     f"docs/ckpt/transfusion.pt)")
 
 
 def _mech(name, overrides=None):

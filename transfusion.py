@@ -674,9 +674,11 @@ if __name__ == "__main__":   # the shipped trained model samples images from cap
         model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
         cfg, ev, run = model.cfg, ck["eval"], ck["run_eval"]
         print(f"Transfusion ({cfg.backbone} backbone) trained {ck['step']} steps on the transfusion setting ({path}): "
-              f"eval text loss {ev['eval_loss_text']:.3f} nats/token, diffusion loss {ev['eval_loss_image']:.4f}"
-              + (f"; the run's generation eval (32 scenes, 4 attributes each): caption -> image {run['gen_image_acc']:.2f}"
-                 f" right (chance {run['gen_image_chance']:.2f})" if "gen_image_acc" in run else ""))
+              f"eval text loss {ev['eval_loss_text']:.3f} nats/token, diffusion loss {ev['eval_loss_image']:.4f}")
+        if "gen_image_acc" in run:
+            print(f"the run's generation eval (32 scenes, 4 attributes each): caption -> image "
+                  f"{run['gen_image_acc']:.2f} right (chance {run['gen_image_chance']:.2f}), image -> caption {run['caption_acc']:.2f} (chance "
+                  f"{run['caption_chance']:.2f})")
         ds = data.make_data("transfusion", cfg.seq_len, ck["config"]["train"]["seed"])
         ex = ds.scenes(4, seed=1)                        # fixed scenes, none of them a training row
         imgs = ((model.images_for_captions([e["caption"] for e in ex]) + 1) / 2).clamp(0, 1).numpy()   # [0, 1]
@@ -684,7 +686,8 @@ if __name__ == "__main__":   # the shipped trained model samples images from cap
 
         def art(img):   # (3, 16, 16) in [0, 1] -> 16 lines: "." background, the object's colour initial (as scored)
             near = ((img.transpose(1, 2, 0)[:, :, None] - pal) ** 2).sum(-1).argmin(-1)
-            return ["".join(data.COLOURS[k][0] if fg else "." for k, fg in zip(*r)) for r in zip(near, img.max(0) > 0.5)]
+            fg = img.max(0) > 0.5
+            return ["".join(data.COLOURS[k][0] if f else "." for k, f in zip(*r)) for r in zip(near, fg)]
 
         print(f"caption -> image: 16 continuous patches denoised from Gaussian noise in {cfg.sample_steps} "
               f"{cfg.sampler.upper()} steps, classifier-free guidance {cfg.guidance:g} ('.' = background, a letter = "

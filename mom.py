@@ -431,8 +431,8 @@ if __name__ == "__main__":   # the shipped trained MoM: captions -> images, and 
               f"{ev['eval_loss']:.3f} nats/token (text {ev['eval_loss_text']:.3f}, image {ev['eval_loss_image']:.3f})")
         if "gen_image_acc" in run:
             print(f"the run's generation eval (32 scenes, 4 attributes each): caption -> image "
-                  f"{run['gen_image_acc']:.2f} right (chance {run['gen_image_chance']:.2f}), image -> caption {run['caption_acc']:.2f} (chance "
-                  f"{run['caption_chance']:.2f})")
+                  f"{run['gen_image_acc']:.2f} right (chance {run['gen_image_chance']:.2f}), image -> caption "
+                  f"{run['caption_acc']:.2f} (chance {run['caption_chance']:.2f})")
         words = lambda ids: " ".join(data.WORDS[i] for i in ids)
         pal = np.array([data.RGB[c] for c in data.COLOURS])
 

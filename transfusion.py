@@ -677,8 +677,8 @@ if __name__ == "__main__":   # the shipped trained model samples images from cap
               f"eval text loss {ev['eval_loss_text']:.3f} nats/token, diffusion loss {ev['eval_loss_image']:.4f}")
         if "gen_image_acc" in run:
             print(f"the run's generation eval (32 scenes, 4 attributes each): caption -> image "
-                  f"{run['gen_image_acc']:.2f} right (chance {run['gen_image_chance']:.2f}), image -> caption {run['caption_acc']:.2f} (chance "
-                  f"{run['caption_chance']:.2f})")
+                  f"{run['gen_image_acc']:.2f} right (chance {run['gen_image_chance']:.2f}), image -> caption "
+                  f"{run['caption_acc']:.2f} (chance {run['caption_chance']:.2f})")
         ds = data.make_data("transfusion", cfg.seq_len, ck["config"]["train"]["seed"])
         ex = ds.scenes(4, seed=1)                        # fixed scenes, none of them a training row
         imgs = ((model.images_for_captions([e["caption"] for e in ex]) + 1) / 2).clamp(0, 1).numpy()   # [0, 1]

@@ -493,9 +493,11 @@ if __name__ == "__main__":   # the shipped trained MoT draws images from caption
                   f"({sum(a == b for a, b in zip(r, e['scene']))} of 4 right)")
         torch.manual_seed(4321)                          # train.py's generation eval, on its 32 scenes
         m = ds.eval_generation(lambda p, n, t: model.generate(p, n, t)[:, p.shape[1]:], n=32)
+        run = ck["run_eval"]
         print(f"on the 32 scenes of train.py's generation eval: caption -> image {m['gen_image_acc']:.2f} of the "
               f"attributes right (chance {m['gen_image_chance']:.2f}), image -> caption {m['caption_acc']:.2f} "
-              f"(chance {m['caption_chance']:.2f})")
+              f"(chance {m['caption_chance']:.2f})" + (f"; the run's, in fp32: {run['gen_image_acc']:.2f} and "
+                                                       f"{run['caption_acc']:.2f}" if "gen_image_acc" in run else ""))
     else:
         print(f"no trained checkpoint at {path}: untrained dense and MoT models on random tokens instead")
         torch.manual_seed(0)

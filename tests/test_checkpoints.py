@@ -14,7 +14,7 @@ from cli import UsageError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(glob.glob(os.path.join(ROOT, "docs", "ckpt", "*.pt")))
 BYTE_MODELS = ("blt-entropy", "blt", "megabyte", "megalodon")   # the papers' headline models
-IMAGE_MODELS = ("mot", "moma", "transfusion")                   # mom.pt: exported when its reference run is done
+IMAGE_MODELS = ("mot", "moma", "mom", "transfusion")
 # what each paper's demo prints only when it shows the trained model (beside "trained N steps")
 DEMO_SHOWS = {"megabyte": ("greedy continuations",), "blt": ("mean patch length",), "megalodon": ("streamed",),
               "mot": ("caption -> image", "the scorer reads", "image -> caption"),
@@ -82,7 +82,7 @@ def test_a_checkpoint_that_no_longer_fits_the_model_fails_to_load(tiny_run, tmp_
             rundir.load_exported(dst)
 
 
-@pytest.mark.parametrize("paper", [p for p in DEMO_SHOWS if p in BYTE_MODELS + IMAGE_MODELS])
+@pytest.mark.parametrize("paper", list(DEMO_SHOWS))
 def test_the_papers_demo_runs_from_its_shipped_checkpoint(paper, capsys, monkeypatch):
     """`python PAPER.py` shows the trained model (a demo a model change broke would fall back or fail)."""
     import runpy
@@ -94,7 +94,7 @@ def test_the_papers_demo_runs_from_its_shipped_checkpoint(paper, capsys, monkeyp
     assert all(s in out for s in DEMO_SHOWS[paper]), out
 
 
-@pytest.mark.parametrize("paper", ("mot", "moma", "mom", "transfusion"))
+@pytest.mark.parametrize("paper", IMAGE_MODELS)
 def test_without_its_checkpoint_a_demo_says_so_in_one_line_then_runs_untrained(paper, capsys, monkeypatch):
     import runpy
     ckpt, isfile = os.path.join(ROOT, "docs", "ckpt", f"{paper}.pt"), os.path.isfile

@@ -419,21 +419,73 @@ SUPPORTED_SETTINGS = {name: ("chameleon", "speech") for name in MODELS if name !
 SUPPORTED_SETTINGS["mamba"] = ("chameleon", "speech", "text", "bytes")
 
 
-if __name__ == "__main__":
-    torch.manual_seed(0)
-    B, T = 2, 64
-    for name in ("mamba", "mom"):
-        C, Model, _, over = MODELS[name]
-        cfg = C(**over)
-        model = Model(cfg)
-        tokens = torch.randint(0, cfg.vocab_size, (B, T))
-        modality = model.modality_of(tokens)
-        batch = dict(tokens=tokens, modality=modality, targets=torch.roll(tokens, -1, 1),
-                     target_modality=torch.roll(modality, -1, 1))
-        logits, loss, parts = model(batch)
-        loss.backward()
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{name:6s} params {n_params / 1e6:.3f}M  logits {tuple(logits.shape)}  loss {loss.item():.3f}  "
-              + "  ".join(f"{k} {v.item():.3f}" for k, v in parts.items()))
-        out = model.generate(tokens[:, :8], 8)
-        print(f"{'':6s} generate: prompt (2, 8) -> {tuple(out.shape)}")
+if __name__ == "__main__":   # the shipped trained MoM: captions -> images, and what its per-modality projections do
+    import os
+    import numpy as np
+    import data
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "ckpt", "mom.pt")
+    if os.path.isfile(path):
+        ck = torch.load(path, map_location="cpu", weights_only=True)     # tensors and plain types only
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"]["model_cfg"].items()})
+        model = MixtureOfMamba(cfg).eval()
+        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
+        ds = data.make_data("chameleon", cfg.seq_len, ck["config"]["train"]["seed"])
+        ev, run = ck["eval"], ck["run_eval"]
+        print(f"Mixture-of-Mamba trained {ck['step']} steps on the chameleon setting ({path}): eval loss "
+              f"{ev['eval_loss']:.3f} nats/token (text {ev['eval_loss_text']:.3f}, image {ev['eval_loss_image']:.3f})")
+        if "gen_image_acc" in run:
+            print(f"the run's generation eval (32 scenes, 4 attributes each): caption -> image "
+                  f"{run['gen_image_acc']:.2f} right (chance {run['gen_image_chance']:.2f}), image -> caption "
+                  f"{run['caption_acc']:.2f} (chance {run['caption_chance']:.2f})")
+        words = lambda ids: " ".join(data.WORDS[i] for i in ids)
+        pal = np.array([data.RGB[c] for c in data.COLOURS])
+
+        def art(img):   # (3, 16, 16) in [0, 1] -> 16 lines: "." background, the object's colour initial (as scored)
+            near = ((img.transpose(1, 2, 0)[:, :, None] - pal) ** 2).sum(-1).argmin(-1)
+            fg = img.max(0) > 0.5
+            return ["".join(data.COLOURS[k][0] if f else "." for k, f in zip(*r)) for r in zip(near, fg)]
+
+        ex = ds.scenes(4, seed=1)                        # fixed scenes, none of them a training row
+        torch.manual_seed(0)
+        imgs = [data.detokenize_image(model.generate(torch.tensor([[data.BOS] + e["caption"] + [data.BOI]]),
+                                                     data.N_PATCHES, 1.0)[0, -data.N_PATCHES:].numpy()) for e in ex]
+        print("caption -> image, one recurrent step per token (16 image tokens sampled at temperature 1; "
+              "'.' = background, a letter = the colour of the object's pixel):")
+        for k, e in enumerate(ex):
+            print(f"  {k + 1}. {words(e['caption'])}")
+        print(("     " + "".join(f"{k + 1}.".ljust(22) for k in range(len(ex)))).rstrip())
+        for line in zip(*(art(im) for im in imgs)):
+            print("     " + "      ".join(line))
+        for k, (e, im) in enumerate(zip(ex, imgs)):
+            r = data.classify_image(im)
+            print(f"  {k + 1}. the scorer reads: {data.describe_scene(r)} "
+                  f"({sum(a == b for a, b in zip(r, e['scene']))} of 4 attributes as captioned)")
+        # Each token runs its own modality's in_proj, x_proj, dt_proj, out_proj. Route every token through one
+        # modality's copies instead (the conv, A, D and norms are shared anyway) and see what each side has learned.
+        b = ds.get_batch("val", 4, 0)
+        print("eval loss per modality (nats/token, 4 eval rows) when every token runs the projections of:")
+        for what, mod in (("its own modality (MoM)", b["modality"]),
+                          ("text, for every token", torch.zeros_like(b["modality"])),
+                          ("image, for every token", torch.ones_like(b["modality"]))):
+            with torch.no_grad():
+                _, loss, parts = model(dict(b, modality=mod))
+            print(f"  {what:>24s}: text {parts['loss_text']:.3f}, image {parts['loss_image']:.3f}")
+    else:
+        print(f"no trained checkpoint at {path}: untrained Mamba and MoM models on random tokens instead")
+        torch.manual_seed(0)
+        B, T = 2, 64
+        for name in ("mamba", "mom"):
+            C, Model, _, over = MODELS[name]
+            cfg = C(**over)
+            model = Model(cfg)
+            tokens = torch.randint(0, cfg.vocab_size, (B, T))
+            modality = model.modality_of(tokens)
+            batch = dict(tokens=tokens, modality=modality, targets=torch.roll(tokens, -1, 1),
+                         target_modality=torch.roll(modality, -1, 1))
+            logits, loss, parts = model(batch)
+            loss.backward()
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"{name:6s} params {n_params / 1e6:.3f}M  logits {tuple(logits.shape)}  loss {loss.item():.3f}  "
+                  + "  ".join(f"{k} {v.item():.3f}" for k, v in parts.items()))
+            out = model.generate(tokens[:, :8], 8)
+            print(f"{'':6s} generate: prompt (2, 8) -> {tuple(out.shape)}")

@@ -612,15 +612,77 @@ MODELS = {
 SUPPORTED_SETTINGS = {name: ("chameleon", "speech") for name in MODELS}  # modality-aware: token modalities only
 
 
-if __name__ == "__main__":
-    torch.manual_seed(0)
-    B, T = 4, 64
-    for name, (C, M, _, over) in MODELS.items():
-        model = M(C(**over))
-        tokens = torch.randint(0, model.cfg.vocab_size, (B, T))
-        batch = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1), modality=model.modality_of(tokens))
-        logits, loss, parts = model(batch)
-        loss.backward()
-        print(f"{name:9s} logits {tuple(logits.shape)} loss {loss.item():.3f} "
-              f"{ {k: round(v.item(), 3) for k, v in parts.items()} } params {model.num_params(False):,}")
-        print("          generate:", model.generate(tokens[:1, :8], 8)[0, 8:].tolist())
+if __name__ == "__main__":   # the shipped trained MoMa's routing, as text; without it, every variant untrained
+    import data
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "ckpt", "moma.pt")
+    if os.path.isfile(path):
+        ck = torch.load(path, map_location="cpu", weights_only=True)     # tensors and plain types only
+        model = MoMa(Config(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in ck["config"]["model_cfg"].items()})).eval()
+        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
+        cfg, ev = model.cfg, ck["eval"]
+        E = cfg.group_experts
+        print(f"MoMa trained {ck['step']} steps on the chameleon setting ({path}): eval loss {ev['eval_loss']:.3f} "
+              f"nats/token routed causally by the auxiliary routers ({ev['eval_loss_ec']:.3f} by expert choice, which "
+              f"sees the whole batch); the aux routers agree with expert choice on {ev['eval_router_acc']:.0%} of "
+              f"(token, expert) decisions")
+        print(f"every FFN has {E[0]} text experts (t0-t{E[0] - 1}) and {E[1]} image experts (i0-i{E[1] - 1}); a token "
+              f"only ever reaches the experts of its own modality, then each expert takes the tokens it scores highest")
+        ds = data.make_data("chameleon", cfg.seq_len, ck["config"]["train"]["seed"])
+        batch = ds.get_batch("val", 8, 0)
+        seen = []                                        # (FFN input h, modality) of every layer, on the eval rows
+        hooks = [b.ffn.register_forward_hook(lambda mod, inp, out: seen.append(inp[:2])) for b in model.blocks]
+        with torch.no_grad():
+            model(batch, routing="aux")
+            picks = []                                   # per layer: (B*T, experts) bool, who takes each token
+            for block, (h, m) in zip(model.blocks, seen):
+                tok, exp, _, _ = block.ffn.route(h.reshape(-1, cfg.d_model), m.reshape(-1), "aux")
+                pick = torch.zeros(h.shape[0] * h.shape[1], cfg.n_experts_total, dtype=torch.bool)
+                if tok is not None:
+                    pick[tok, exp] = True
+                picks.append(pick)
+        for hk in hooks:
+            hk.remove()
+        names = [f"{'ti'[m]}{i}" for m in range(len(E)) for i in range(E[m])]
+        tok = batch["tokens"].reshape(-1)
+        label = lambda t: data.word(t) if t < data.N_TEXT else f"i{t - data.N_TEXT}"
+        print("the experts that take each of the first 32 tokens of an eval row (the tokens of "
+              "docs/moma_routing_tokens.png; causal aux routers, what generate uses; - = none: the residual only):")
+        head = f"{'token':>7s}  " + "".join(f"{f'layer {l}':13s}" for l in range(len(picks)))
+        print("  " + head + "   " + head)
+        cell = lambda t: f"{label(int(tok[t])):>7s}  " + "".join(
+            f"{' '.join(names[e] for e in p[t].nonzero()[:, 0].tolist()) or '-':13s}" for p in picks)
+        for t in range(16):
+            print("  " + cell(t) + "   " + cell(t + 16))
+        cb = data.codebook().reshape(-1, data.PATCH * data.PATCH, data.CH)
+        fg = torch.tensor((cb.max(-1) > 0.5).any(-1))    # an image token whose patch holds object pixels
+        kinds = {"markers <bos> <boi> <eoi> .": [data.BOS, data.BOI, data.EOI, data.SEP],
+                 "shape and colour words": [data.WORD_ID[x] for x in data.SHAPES + data.COLOURS],
+                 "size and position words": [data.WORD_ID[x] for x in ("small", "large", "top", "bottom", "left",
+                                                                        "right")],
+                 "other words": [i for i in range(len(data.SPECIALS), len(data.WORDS)) if data.WORDS[i] not in
+                                 data.SHAPES + data.COLOURS + ("small", "large", "top", "bottom", "left", "right")]}
+        cats = {k: torch.isin(tok, torch.tensor(v)) for k, v in kinds.items()}
+        img = tok >= data.N_TEXT
+        cats["image: background patches"] = img & ~fg[(tok - data.N_TEXT).clamp(min=0)]
+        cats["image: patches of the object"] = img & fg[(tok - data.N_TEXT).clamp(min=0)]
+        print(f"the share of each kind of token that each expert takes, over {tok.numel():,} tokens of 8 eval rows "
+              f"(causal aux routers):")
+        for l, p in enumerate(picks):
+            print(f"  layer {l}: {'':24s}" + " ".join(f"{n:>4s}" for n in names))
+            for k, sel in cats.items():
+                share = p[sel].float().mean(0) if sel.any() else torch.zeros(len(names))
+                print(f"    {k:>30s} " + " ".join("   ." if s == 0 else f"{s:4.0%}" for s in share.tolist()))
+    else:
+        print(f"no trained checkpoint at {path}: every MoMa variant, untrained, on random tokens instead")
+        torch.manual_seed(0)
+        B, T = 4, 64
+        for name, (C, M, _, over) in MODELS.items():
+            model = M(C(**over))
+            tokens = torch.randint(0, model.cfg.vocab_size, (B, T))
+            batch = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1), modality=model.modality_of(tokens))
+            logits, loss, parts = model(batch)
+            loss.backward()
+            print(f"{name:9s} logits {tuple(logits.shape)} loss {loss.item():.3f} "
+                  f"{ {k: round(v.item(), 3) for k, v in parts.items()} } params {model.num_params(False):,}")
+            print("          generate:", model.generate(tokens[:1, :8], 8)[0, 8:].tolist())

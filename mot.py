@@ -444,17 +444,72 @@ def modality_names(cfg):
                  for m in range(cfg.n_modalities))
 
 
-if __name__ == "__main__":
-    torch.manual_seed(0)
-    B, T = 4, 64
-    for name, (C, M, _, over) in MODELS.items():
-        cfg = C(**over)
-        model = M(cfg)
-        tokens = torch.randint(0, cfg.vocab_size, (B, T))
-        batch = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1), modality=model.modality_of(tokens))
-        logits, loss, parts = model(batch)
-        loss.backward()
-        print(f"{name:5s} logits {tuple(logits.shape)} loss {loss.item():.3f} "
-              f"{ {k: round(v.item(), 3) for k, v in parts.items()} } "
-              f"params {model.num_params(False):,} (non-embedding {model.num_params():,})")
-        print("       generate:", model.generate(tokens[:1, :8], 8)[0, 8:].tolist())
+if __name__ == "__main__":   # the shipped trained MoT draws images from captions and captions images; else untrained
+    import os
+    import numpy as np
+    import data
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "ckpt", "mot.pt")
+    if os.path.isfile(path):
+        ck = torch.load(path, map_location="cpu", weights_only=True)     # tensors and plain types only
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"]["model_cfg"].items()})
+        model = MoT(cfg).eval()
+        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
+        ds = data.make_data("chameleon", cfg.seq_len, ck["config"]["train"]["seed"])
+        ev = ck["eval"]
+        print(f"MoT trained {ck['step']} steps on the chameleon setting ({path}): eval loss {ev['eval_loss']:.3f} "
+              f"nats/token (text {ev['eval_loss_text']:.3f}, image {ev['eval_loss_image']:.3f})")
+        words = lambda ids: " ".join(data.WORDS[i] for i in ids)
+        pal = np.array([data.RGB[c] for c in data.COLOURS])
+
+        def art(img):   # (3, 16, 16) in [0, 1] -> 16 lines: "." background, the object's colour initial (as scored)
+            near = ((img.transpose(1, 2, 0)[:, :, None] - pal) ** 2).sum(-1).argmin(-1)
+            fg = img.max(0) > 0.5
+            return ["".join(data.COLOURS[k][0] if f else "." for k, f in zip(*r)) for r in zip(near, fg)]
+
+        ex = ds.scenes(4, seed=1)                        # fixed scenes, none of them a training row
+        torch.manual_seed(0)
+        imgs, reads = [], []
+        for e in ex:   # "<bos> caption . <boi>" -> 16 image tokens, sampled (greedy decoding draws only background)
+            out = model.generate(torch.tensor([[data.BOS] + e["caption"] + [data.BOI]]), data.N_PATCHES, 1.0)
+            imgs.append(data.detokenize_image(out[0, -data.N_PATCHES:].numpy()))
+            reads.append(data.classify_image(imgs[-1]))
+        print("caption -> image (16 image tokens sampled at temperature 1; '.' = background, a letter = the colour of "
+              "the object's pixel):")
+        for k, e in enumerate(ex):
+            print(f"  {k + 1}. {words(e['caption'])}")
+        print(("     " + "".join(f"{k + 1}.".ljust(22) for k in range(len(ex)))).rstrip())
+        for line in zip(*(art(im) for im in imgs)):
+            print("     " + "      ".join(line))
+        for k, (e, r) in enumerate(zip(ex, reads)):
+            print(f"  {k + 1}. the scorer reads: {data.describe_scene(r)} "
+                  f"({sum(a == b for a, b in zip(r, e['scene']))} of 4 attributes as captioned)")
+        print("image -> caption (greedy, from \"<bos> <boi> 16 image tokens <eoi>\"):")
+        for e in ex:
+            p = torch.tensor([[data.BOS, data.BOI, *data.tokenize_image(e["image"]), data.EOI]])
+            cap = model.generate(p, data.CAPTION_TOKENS)[0, p.shape[1]:].tolist()
+            cap = cap[:cap.index(data.SEP) + 1] if data.SEP in cap else cap
+            r = data.parse_caption(cap)
+            print(f"  image of a {data.describe_scene(e['scene'])}: \"{words(cap)}\" "
+                  f"({sum(a == b for a, b in zip(r, e['scene']))} of 4 right)")
+        torch.manual_seed(4321)                          # train.py's generation eval, on its 32 scenes
+        m = ds.eval_generation(lambda p, n, t: model.generate(p, n, t)[:, p.shape[1]:], n=32)
+        run = ck["run_eval"]
+        print(f"on the 32 scenes of train.py's generation eval: caption -> image {m['gen_image_acc']:.2f} of the "
+              f"attributes right (chance {m['gen_image_chance']:.2f}), image -> caption {m['caption_acc']:.2f} "
+              f"(chance {m['caption_chance']:.2f})" + (f"; the run's, in fp32: {run['gen_image_acc']:.2f} and "
+                                                       f"{run['caption_acc']:.2f}" if "gen_image_acc" in run else ""))
+    else:
+        print(f"no trained checkpoint at {path}: untrained dense and MoT models on random tokens instead")
+        torch.manual_seed(0)
+        B, T = 4, 64
+        for name, (C, M, _, over) in MODELS.items():
+            cfg = C(**over)
+            model = M(cfg)
+            tokens = torch.randint(0, cfg.vocab_size, (B, T))
+            batch = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1), modality=model.modality_of(tokens))
+            logits, loss, parts = model(batch)
+            loss.backward()
+            print(f"{name:5s} logits {tuple(logits.shape)} loss {loss.item():.3f} "
+                  f"{ {k: round(v.item(), 3) for k, v in parts.items()} } "
+                  f"params {model.num_params(False):,} (non-embedding {model.num_params():,})")
+            print("       generate:", model.generate(tokens[:1, :8], 8)[0, 8:].tolist())

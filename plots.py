@@ -528,9 +528,10 @@ def transfusion_mask(model, ds, path, n=56):
     return _save(fig, path)
 
 
-def moma_routing_tokens(model, ds, path, n=32):
+def moma_routing_tokens(model, ds, path, n=32, what="MoMa"):
     """MoMa: which expert each token goes to in every layer, under expert choice (training) and under the auxiliary
-    routers (causal, inference), on a real batch (block.ffn.route on the hidden states that reach each FFN)."""
+    routers (causal, inference), on a real batch (block.ffn.route on the hidden states that reach each FFN).
+    what: the model, as the title names it."""
     plt = _plt()
     batch = ds.get_batch("val", 8, 0)
     ffns = [m for m in model.modules() if hasattr(m, "route") and hasattr(m, "router")]
@@ -571,8 +572,8 @@ def moma_routing_tokens(model, ds, path, n=32):
             if l == 0:
                 ax.set_title("expert choice (training; sees the whole batch)" if mode == "ec" else
                              "auxiliary routers (causal: each token decides alone)", fontsize=10)
-    fig.suptitle(_wrap(f"MoMa routing of the first {n} tokens of a chameleon-setting row: green = the expert takes the "
-                       f"token (shade = its gate); t = text experts, i = image experts", fig), fontsize=10)
+    fig.suptitle(_wrap(f"{what}: routing of the first {n} tokens of a chameleon-setting eval row; green = the expert "
+                       f"takes the token (shade = its gate); t = text experts, i = image experts", fig), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -796,24 +797,36 @@ def transfusion_loss_by_t(model, path):
     return _save(fig, path)
 
 
-def transfusion_samples(model, ds, path, n=8, guidance=None):
-    """Transfusion: for n fixed eval captions, the generated image (top) above the data's own image (bottom)."""
+def transfusion_samples(model, ds, path, n=6, guidance=None, what=None):
+    """Transfusion: for n fixed eval captions (the generation eval's first n scenes), the generated image (top), the
+    scorer's reading of it (data.classify_image: the attributes it gets right of 4) and the data's own image (bottom).
+    what: the model, as the title names it."""
     import data
     plt = _plt()
     ex = ds.scenes(n)
     with torch.no_grad():
-        imgs = model.images_for_captions([e["caption"] for e in ex], guidance=guidance).float().cpu()
-    fig, axes = plt.subplots(2, n, figsize=(1.7 * n, 4.4))
+        imgs = ((model.images_for_captions([e["caption"] for e in ex], guidance=guidance).float().cpu() + 1) / 2)
+    imgs = imgs.clamp(0, 1).numpy()
+    fig, axes = plt.subplots(2, n, figsize=(2.0 * n, 5.8))
+    right = 0
     for k, e in enumerate(ex):
-        words = [data.WORDS[i] for i in e["caption"] if i < len(data.WORDS)]
-        axes[0, k].imshow(((imgs[k] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy())
-        axes[0, k].set_title("\n".join(" ".join(words[j:j + 4]) for j in range(0, len(words), 4)), fontsize=6.5)
+        words = [data.WORDS[i] for i in e["caption"] if i < len(data.WORDS) and i != data.SEP]
+        read = data.classify_image(imgs[k])
+        ok = sum(a == b for a, b in zip(read, e["scene"]))
+        right += ok
+        axes[0, k].imshow(imgs[k].transpose(1, 2, 0))
+        axes[0, k].set_title("\n".join(" ".join(words[j:j + 4]) for j in range(0, len(words), 4)), fontsize=8)
+        thing, where = data.describe_scene(read).split(", ")
+        axes[0, k].set_xlabel(f"read: {thing}\n{where}: {ok} of 4 right", fontsize=8,
+                              color="#1a7f37" if ok == 4 else "#b42318")
         axes[1, k].imshow(np.asarray(e["image"]).transpose(1, 2, 0))
         for a in axes[:, k]:
             a.set_xticks([]), a.set_yticks([])
     axes[0, 0].set_ylabel("generated", fontsize=9)
     axes[1, 0].set_ylabel("data", fontsize=9)
-    fig.suptitle(f"Transfusion ({model.cfg.backbone} backbone): images generated from eval captions", fontsize=10)
+    what = what or f"Transfusion ({model.cfg.backbone} backbone)"
+    fig.suptitle(_wrap(f"{what}: images generated from {n} eval captions (top; {right} of {4 * n} attributes read "
+                       f"back as captioned) and the data's images (bottom)", fig), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -1019,12 +1032,24 @@ def megalodon_docs(path):
     return megalodon_cema(model, path, what=f"trained Megalodon ({ck['step']} steps, docs/ckpt/megalodon.pt)")
 
 
-def _mech(name, overrides=None, trained=None):
-    """docs figure maker: the mechanism of model `name` (default config and setting, seed 0) on a real eval batch;
-    trained: a checkpoint (under docs/runs/, not shipped) used when it is on disk, else the model as built."""
+def moma_docs(path):
+    """docs/moma_routing_tokens.png: the routing of the shipped trained MoMa (docs/ckpt/moma.pt)."""
+    model, ds, ck = _shipped("moma")
+    return moma_routing_tokens(model, ds, path, what=f"trained MoMa 4t4i ({ck['step']} steps, docs/ckpt/moma.pt)")
+
+
+def transfusion_docs(path):
+    """docs/transfusion_samples.png: images the shipped trained Transfusion (docs/ckpt/transfusion.pt) generates from
+    the first captions of the generation eval."""
+    model, ds, ck = _shipped("transfusion")
+    return transfusion_samples(model, ds, path, what=f"trained Transfusion ({ck['step']} steps, "
+                                                     f"docs/ckpt/transfusion.pt)")
+
+
+def _mech(name, overrides=None):
+    """docs figure maker: the mechanism of model `name` (default config and setting, seed 0) on a real eval batch: a
+    figure of what the code does to the tokens, the same trained or not (the trained models: moma_docs, blt_docs)."""
     def f(path, ckpt=None):
-        if ckpt is None and trained and os.path.isfile(os.path.join(RUNS, trained)):
-            ckpt = os.path.join(RUNS, trained)
         torch.manual_seed(0)
         model, ds = _model_from(name, ckpt, None, overrides)
         return mechanism(model, ds, path=path)
@@ -1065,10 +1090,11 @@ DOCS_FIGURES = {
                                           "(docs/runs/realtext, docs/runs/realtext_entropy)"),
     "mot_weights": (_mech("mot"), "MoT: the weight copy each token of a chameleon row uses"),
     "mom_projections": (_mech("mom"), "MoM: which projections each token takes per modality"),
-    "moma_routing_tokens": (_mech("moma", trained="chameleon_moma/moma/ckpt.pt"),
-                            "MoMa: which expert takes each token, expert choice vs aux routers (the trained run's "
-                            "checkpoint when on disk)"),
+    "moma_routing_tokens": (moma_docs, "MoMa: which expert takes each token, expert choice vs aux routers "
+                                       "(docs/ckpt/moma.pt)"),
     "transfusion_mask": (_mech("transfusion"), "Transfusion: the attention mask of a real row"),
+    "transfusion_samples": (transfusion_docs, "Transfusion: images the trained model generates from eval captions, "
+                                              "read back by the scorer (docs/ckpt/transfusion.pt)"),
     "megabyte_layout": (_mech("megabyte"), "MEGABYTE: patches, global and local inputs of a real byte row"),
     "blt_patches": (blt_docs, "BLT: the trained entropy model's H and patch starts on a bytes row (docs/ckpt/blt.pt)"),
     "megalodon_cema": (megalodon_docs, "Megalodon: the trained CEMA's impulse responses and the attention chunks "

@@ -664,14 +664,52 @@ MODELS = {
 SUPPORTED_SETTINGS = {name: (setting,) for name, (_, _, setting, _) in MODELS.items()}
 
 
-if __name__ == "__main__":   # a short demo: both backbones on a toy batch, and the mask of a toy row
+if __name__ == "__main__":   # the shipped trained model samples images from captions; without it, untrained losses
+    import numpy as np
     import data
-    torch.manual_seed(0)
-    ds = data.make_data("transfusion", seq_len=128)
-    for name in ("transfusion", "transfusion-mot"):
-        fields_ = {k: v for k, v in ds.model_fields().items() if hasattr(Config, k)}
-        model = Transfusion(Config(**MODELS[name][3], **fields_))
-        _, loss, parts = model(ds.get_batch("train", 4, 0))
-        print(f"{name:16s} loss {loss.item():.3f} {({k: round(v.item(), 3) for k, v in parts.items()})}")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "ckpt", "transfusion.pt")
+    if os.path.isfile(path):
+        ck = torch.load(path, map_location="cpu", weights_only=True)     # tensors and plain types only
+        model = Transfusion(Config(**{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in ck["config"]["model_cfg"].items()})).eval()
+        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
+        cfg, ev, run = model.cfg, ck["eval"], ck["run_eval"]
+        print(f"Transfusion ({cfg.backbone} backbone) trained {ck['step']} steps on the transfusion setting ({path}): "
+              f"eval text loss {ev['eval_loss_text']:.3f} nats/token, diffusion loss {ev['eval_loss_image']:.4f}")
+        if "gen_image_acc" in run:
+            print(f"the run's generation eval (32 scenes, 4 attributes each): caption -> image "
+                  f"{run['gen_image_acc']:.2f} right (chance {run['gen_image_chance']:.2f}), image -> caption "
+                  f"{run['caption_acc']:.2f} (chance {run['caption_chance']:.2f})")
+        ds = data.make_data("transfusion", cfg.seq_len, ck["config"]["train"]["seed"])
+        ex = ds.scenes(4, seed=1)                        # fixed scenes, none of them a training row
+        imgs = ((model.images_for_captions([e["caption"] for e in ex]) + 1) / 2).clamp(0, 1).numpy()   # [0, 1]
+        pal = np.array([data.RGB[c] for c in data.COLOURS])
+
+        def art(img):   # (3, 16, 16) in [0, 1] -> 16 lines: "." background, the object's colour initial (as scored)
+            near = ((img.transpose(1, 2, 0)[:, :, None] - pal) ** 2).sum(-1).argmin(-1)
+            fg = img.max(0) > 0.5
+            return ["".join(data.COLOURS[k][0] if f else "." for k, f in zip(*r)) for r in zip(near, fg)]
+
+        print(f"caption -> image: 16 continuous patches denoised from Gaussian noise in {cfg.sample_steps} "
+              f"{cfg.sampler.upper()} steps, classifier-free guidance {cfg.guidance:g} ('.' = background, a letter = "
+              f"the colour of the object's pixel, as the scorer sees them):")
+        for k, e in enumerate(ex):
+            print(f"  {k + 1}. {' '.join(data.WORDS[i] for i in e['caption'])}")
+        print(("     " + "".join(f"{k + 1}.".ljust(22) for k in range(len(ex)))).rstrip())
+        for line in zip(*(art(im) for im in imgs)):
+            print("     " + "      ".join(line))
+        for k, (e, im) in enumerate(zip(ex, imgs)):
+            r = data.classify_image(im)
+            print(f"  {k + 1}. the scorer reads: {data.describe_scene(r)} "
+                  f"({sum(a == b for a, b in zip(r, e['scene']))} of 4 attributes as captioned)")
+    else:
+        print(f"no trained checkpoint at {path}: untrained dense and MoT-backbone models on a toy batch instead")
+        torch.manual_seed(0)
+        ds = data.make_data("transfusion", seq_len=128)
+        for name in ("transfusion", "transfusion-mot"):
+            fields_ = {k: v for k, v in ds.model_fields().items() if hasattr(Config, k)}
+            model = Transfusion(Config(**MODELS[name][3], **fields_))
+            _, loss, parts = model(ds.get_batch("train", 4, 0))
+            print(f"{name:16s} loss {loss.item():.3f} {({k: round(v.item(), 3) for k, v in parts.items()})}")
     print("mask of <bos> <boi> p p p <eoi> word (1 = may attend):")
     print(model.attention_mask(torch.tensor([[-1, -1, 0, 0, 0, -1, -1]]))[0, 0].int())

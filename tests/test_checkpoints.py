@@ -13,12 +13,20 @@ from cli import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(glob.glob(os.path.join(ROOT, "docs", "ckpt", "*.pt")))
-BYTE_MODELS = ("blt-entropy", "blt", "megabyte", "megalodon")   # the papers' headline models shipped so far
+BYTE_MODELS = ("blt-entropy", "blt", "megabyte", "megalodon")   # the papers' headline models
+IMAGE_MODELS = ("mot", "moma", "mom", "transfusion")
+# what each paper's demo prints only when it shows the trained model (beside "trained N steps")
+DEMO_SHOWS = {"megabyte": ("greedy continuations",), "blt": ("mean patch length",), "megalodon": ("streamed",),
+              "mot": ("caption -> image", "the scorer reads", "image -> caption"),
+              "moma": ("layer 1", "image: patches of the object"),
+              "mom": ("the scorer reads", "when every token runs the projections of"),
+              "transfusion": ("the scorer reads",)}
 
 
-def test_the_byte_models_are_shipped_small():
+def test_the_headline_models_are_shipped_small():
     names = {os.path.basename(p)[:-3] for p in SHIPPED}
-    assert set(BYTE_MODELS) <= names, f"missing docs/ckpt/{sorted(set(BYTE_MODELS) - names)}.pt"
+    want = set(BYTE_MODELS + IMAGE_MODELS)
+    assert want <= names, f"missing docs/ckpt/{sorted(want - names)}.pt"
     assert sum(os.path.getsize(p) for p in SHIPPED) <= 25e6          # every shipped checkpoint together
 
 
@@ -74,7 +82,7 @@ def test_a_checkpoint_that_no_longer_fits_the_model_fails_to_load(tiny_run, tmp_
             rundir.load_exported(dst)
 
 
-@pytest.mark.parametrize("paper", ("megabyte", "blt", "megalodon"))
+@pytest.mark.parametrize("paper", list(DEMO_SHOWS))
 def test_the_papers_demo_runs_from_its_shipped_checkpoint(paper, capsys, monkeypatch):
     """`python PAPER.py` shows the trained model (a demo a model change broke would fall back or fail)."""
     import runpy
@@ -83,3 +91,27 @@ def test_the_papers_demo_runs_from_its_shipped_checkpoint(paper, capsys, monkeyp
     out = capsys.readouterr().out
     step = torch.load(os.path.join(ROOT, "docs", "ckpt", f"{paper}.pt"), map_location="cpu", weights_only=True)["step"]
     assert f"trained {step} steps" in out and "no trained checkpoint" not in out, out
+    assert all(s in out for s in DEMO_SHOWS[paper]), out
+
+
+@pytest.mark.parametrize("paper", IMAGE_MODELS)
+def test_without_its_checkpoint_a_demo_says_so_in_one_line_then_runs_untrained(paper, capsys, monkeypatch):
+    import runpy
+    ckpt, isfile = os.path.join(ROOT, "docs", "ckpt", f"{paper}.pt"), os.path.isfile
+    monkeypatch.setattr(os.path, "isfile", lambda p: False if os.path.abspath(p) == ckpt else isfile(p))
+    runpy.run_path(os.path.join(ROOT, f"{paper}.py"), run_name="__main__")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"no trained checkpoint at {ckpt}:") and len(out) > 2, out
+    assert not any("no trained checkpoint" in line or " steps on the " in line for line in out[1:]), out
+
+
+def test_the_trained_mechanism_figures_are_drawn_from_the_shipped_checkpoints(tmp_path, monkeypatch):
+    """`python plots.py docs moma_routing_tokens` / `transfusion_samples` draw the shipped trained models (not a
+    model built fresh), and redrawing gives the same file."""
+    import plots
+    used, shipped = [], plots._shipped
+    monkeypatch.setattr(plots, "_shipped", lambda name: used.append(name) or shipped(name))
+    for name, model in (("moma_routing_tokens", "moma"), ("transfusion_samples", "transfusion")):
+        a, b = (plots.DOCS_FIGURES[name][0](str(tmp_path / f"{name}{k}.png")) for k in "ab")
+        assert used[-2:] == [model, model]
+        assert open(a, "rb").read() == open(b, "rb").read(), name

@@ -45,10 +45,24 @@ for name, args, out in json.loads(sys.argv[1]):
 """
 
 
-def _limit_memory():   # a regression must not take the machine with it: 3 GiB of address space
+def _mapped():
+    """This process's address space in bytes (it has imported torch, as the child will; 0 where unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+# A regression must not take the machine with it: the child may map 3 GiB beyond what importing torch maps (a CUDA
+# build of torch maps several GB of libraries before any tensor exists, so a fixed limit would fail at import).
+LIMIT = _mapped() + (3 << 30)
+
+
+def _limit_memory():
     try:
         import resource
-        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
     except (ImportError, ValueError, OSError):
         pass
 

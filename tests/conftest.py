@@ -59,3 +59,24 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("cuda") and not CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none here); `python bench.py --gpu-check` "
                                                     "runs the whole GPU check where there is one"))
+
+
+@pytest.fixture
+def killed_after(monkeypatch):
+    """killed_after(n, argv): train.main(argv) dies after its n-th step (a KeyboardInterrupt as step n + 1 starts, as
+    a kill after the step-n checkpoint would end it)."""
+    import train
+
+    def run(n, argv):
+        step, calls = train.train_step, []
+
+        def dying(*a, **k):
+            calls.append(1)
+            if len(calls) > n:
+                raise KeyboardInterrupt
+            return step(*a, **k)
+        with monkeypatch.context() as m:
+            m.setattr(train, "train_step", dying)
+            with pytest.raises(KeyboardInterrupt):
+                train.main(argv)
+    return run

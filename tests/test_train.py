@@ -366,24 +366,14 @@ def test_compare_checks_every_model_before_training_and_plots_with_plots_py(tmp_
     assert os.path.exists(tmp_path / "dense" / "loss.png")
 
 
-def test_resume_is_exact_with_training_noise(tmp_path, monkeypatch):
+def test_resume_is_exact_with_training_noise(tmp_path, killed_after):
     # the noise of every micro-batch comes from a seed of its rows: a resumed run draws what the whole run drew
     args = ["--model", "moma", "--gumbel", "0.5", "--d_model", "32", "--n_layer", "1", "--n_head", "2", "--gen_n", "0",
             "--seq_len", "64", "--batch_size", "4", "--micro_batch_size", "2",
             "--eval_batches", "1", "--steps", "4", "--eval_every", "4", "--ckpt_every", "2"]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     assert train.main(args + ["--out", whole]) == 0
-    step, calls = train.train_step, []
-
-    def stop_after_2(*a, **k):  # the run dies after its step-2 checkpoint (as a kill would)
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return step(*a, **k)
-    monkeypatch.setattr(train, "train_step", stop_after_2)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args + ["--out", cut])
-    monkeypatch.setattr(train, "train_step", step)
+    killed_after(2, args + ["--out", cut])   # the run dies after its step-2 checkpoint
     assert train.main(args + ["--out", cut, "--resume"]) == 0
     a, b = weights(whole), weights(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)

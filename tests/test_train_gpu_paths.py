@@ -80,7 +80,7 @@ def test_precision_bad_value_one_line(tmp_path, capsys):
 
 
 # --- fp16 + GradScaler, trained on the CPU ----------------------------------------------------------------------------
-def test_fp16_run_close_to_fp32_and_its_resume_is_exact(tmp_path, monkeypatch):
+def test_fp16_run_close_to_fp32_and_its_resume_is_exact(tmp_path, killed_after):
     args = TINY + ["--steps", "20", "--eval_every", "20", "--ckpt_every", "10", "--log_every", "1"]
     fp32, fp16, cut = (str(tmp_path / d) for d in ("fp32", "fp16", "cut"))
     assert train.main(args + ["--out", fp32]) == 0
@@ -90,18 +90,8 @@ def test_fp16_run_close_to_fp32_and_its_resume_is_exact(tmp_path, monkeypatch):
     ref = torch.load(os.path.join(fp16, "ckpt.pt"), weights_only=True)
     assert ref["scaler"]["scale"] > 0 and torch.load(os.path.join(fp32, "ckpt.pt"), weights_only=True)["scaler"] is None
 
-    step, calls = train.train_step, []
-
-    def stop_after_10(*a, **k):  # the run dies after its step-10 checkpoint (as a kill would)
-        calls.append(1)
-        if len(calls) == 11:
-            raise KeyboardInterrupt
-        return step(*a, **k)
-    monkeypatch.setattr(train, "train_step", stop_after_10)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args + ["--out", cut, "--precision", "fp16"])
+    killed_after(10, args + ["--out", cut, "--precision", "fp16"])   # the run dies after its step-10 checkpoint
     assert torch.load(os.path.join(cut, "ckpt.pt"), weights_only=True)["step"] == 10
-    monkeypatch.setattr(train, "train_step", step)
     assert train.main(args + ["--out", cut, "--precision", "fp16", "--resume"]) == 0
     got = torch.load(os.path.join(cut, "ckpt.pt"), weights_only=True)
     assert all(torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"])   # 10 + resume 10 == 20, bits
@@ -125,7 +115,7 @@ def overflow_at_step(n, monkeypatch):
 def test_fp16_resume_restores_the_scale(tmp_path, monkeypatch):
     # a skipped step at 3 halves the scale; a resume from step 5 must carry the halved scale, not start afresh
     args = TINY + ["--steps", "8", "--eval_every", "8", "--ckpt_every", "5", "--precision", "fp16"]
-    calls = overflow_at_step(3, monkeypatch)
+    overflow_at_step(3, monkeypatch)
     assert train.main(args + ["--out", str(tmp_path), "--steps", "5"]) == 0
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["scaler"]["scale"] == 2.0 ** 15
     assert train.main(args + ["--out", str(tmp_path), "--resume"]) == 0

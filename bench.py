@@ -371,7 +371,7 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     for i in range(2):                                                  # warm-up
         step(pick(i))
     cpu = []
-    for i in range(k + 1):                                              # CPU time: no data thread alive yet
+    for i in range(k + 1):                                              # CPU time: no data thread alive
         c = _Clock()
         step(pick(i))
         cpu.append(c.cpu)
@@ -381,12 +381,12 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     # the rows of the steps fed prepared (ds.prepare: drawn before the steps, as a run would before its first step)
     first = 10 ** 6
     prep = _timed(lambda: ds.prepare("train", micro, first, first + rounds * k * accum))[1]
-    fed, fed_prep, alone, bare, n_fed = [], [], [], [], 0
-    pin = device.startswith("cuda")
-    batches = train.Prefetch(ds, micro, 0, 1, 0, 10 ** 9, pin=pin)     # train.py's data thread, drawing the world
-    ready = train.Prefetch(ds, micro, 0, 1, first, first + rounds * k * accum, pin=pin)   # the same, over prepared rows
+    fed, fed_prep, alone, bare, threaded, n_fed = [], [], [], [], [], 0
+    pin, bg = device.startswith("cuda"), device != "cpu"     # as train.py feeds its loop: drawn in it on the CPU
+    batches = train.Prefetch(ds, micro, 0, 1, 0, 10 ** 9, pin=pin, background=bg)
+    ready = train.Prefetch(ds, micro, 0, 1, first, first + rounds * k * accum, pin=pin, background=bg)  # prepared rows
     try:
-        for _ in range(rounds):       # wall, interleaved: fed by the thread drawing / by it over prepared rows / alone
+        for _ in range(rounds):       # wall, interleaved: fed as train.py feeds / over prepared rows / alone / pure
             for i in range(k):
                 _settled(batches, ready)                        # no thread still drawing from an earlier step
                 c = _Clock()
@@ -406,6 +406,16 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     finally:
         batches.close()
         ready.close()
+    if not bg:   # on the CPU, the background thread train.py uses on a GPU: its cost, timed while it lives
+        thread = train.Prefetch(ds, micro, 0, 1, 2 * 10 ** 6, 10 ** 9, pin=pin)
+        try:
+            for n in range(rounds * k):
+                _settled(thread)
+                c = _Clock()
+                step(lambda m, n=n: thread.get(2 * 10 ** 6 + n * accum + m))
+                threaded.append(c.wall)
+        finally:
+            thread.close()
     cats, prof_total = split_by_category(lambda: step(pick(0)), device)
     ev, ev_t = _timed(lambda: train.evaluate(model, ds, tc, 0, 1, device, autocast, micro))
     gen = bool(tc.gen_n and train.has_gen_eval(model, ds))
@@ -432,6 +442,7 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     r = dict(model=name, setting=tc.setting, steps=steps, batch=f"{tc.batch_size}x{tc.seq_len}",
              step_ms=med(alone), fed_step_ms=med(fed), step_cpu_ms=med(cpu), pure_step_ms=med(bare),
              fed_prepared_step_ms=med(fed_prep), prepare_ms=prep[0] / (rounds * k),
+             thread_step_ms=med(threaded) if threaded else None,
              prepare_cpu_ms=prep[1] / (rounds * k),
              data_ms=med(w for w, _ in draws), data_cpu_ms=med(c for _, c in draws),
              eval_ms=ev_t[0], eval_cpu_ms=ev_t[1], n_eval=occurrences(steps, tc.eval_every),
@@ -439,20 +450,21 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
              n_ckpt=occurrences(steps, tc.ckpt_every), start_s=start[0] / 1e3, start_cpu_s=start[1] / 1e3,
              figures_s=fig_t[0] / 1e3, figures_cpu_s=fig_t[1] / 1e3, categories_ms=cats, profiled_ms=prof_total,
              flops_per_step=fl["total"] * tc.batch_size * tc.seq_len,
-             timed_steps=len(fed) + len(fed_prep) + len(alone) + len(cpu), blt_patching=over.get("patching", "entropy")
-             if name == "blt" else None,   # generation runs at the evals where step % gen_every == 0, and the last
+             timed_steps=len(fed) + len(fed_prep) + len(alone) + len(cpu) + len(threaded),
+             blt_patching=over.get("patching", "entropy") if name == "blt" else None,
              n_gen=sum((s % tc.eval_every == 0 or s == steps) and (s % tc.gen_every == 0 or s == steps)
-                       for s in range(1, steps + 1)) if gen else 0)
+                       for s in range(1, steps + 1)) if gen else 0)   # at the evals where step % gen_every == 0
     r["data_steal_ms"] = r["fed_step_ms"] - r["step_ms"]
     r["in_loop_ratio"] = r["fed_step_ms"] / r["pure_step_ms"]          # train.py's step as it runs / the model's
     r["in_loop_prepared_ratio"] = r["fed_prepared_step_ms"] / r["pure_step_ms"]   # the same, its rows prepared
+    r["thread_ratio"] = r["thread_step_ms"] / r["pure_step_ms"] if threaded else None   # a background thread (CPU)
     r["projected_s"], r["projected_cpu_s"] = wall_projection(r), wall_projection(r, cpu=True)
     return r
 
 
 def wall_projection(r, cpu=False):
     """Seconds of one model's run in a train.py process: its steps, evals, generation evals, checkpoints, build +
-    FLOPs count and end-of-run figures. Wall (cpu=False): each step as measured fed by train.py's data thread, under
+    FLOPs count and end-of-run figures. Wall (cpu=False): each step as measured fed as train.py feeds it, under
     whatever else the machine runs now. CPU (cpu=True): CPU seconds of every piece, a step's plus one batch's draw
     (the thread's work, here charged in full): the run alone on one core with one torch thread."""
     if cpu:
@@ -536,7 +548,7 @@ def print_wall(runs, device, threads, load=None, peak=None):
     print("1 core = CPU seconds of every piece (a step + one batch's draw, x steps; evals, generation evals, checkpoints "
           "x their counts; build + FLOPs count, end figures, process start): the run alone on one core, one thread, "
           "whatever else the machine runs (the verdict uses it); now = the same from wall times measured now, steps "
-          "fed by train.py's data thread; steps / rest = the 1-core seconds in training steps / in all the rest; goal "
+          "fed as train.py feeds them; steps / rest = the 1-core seconds in training steps / in all the rest; goal "
           "= the run's target (default 2 min, chameleon compare 5 min) or 2/3 of the time before; floor = the mean "
           "step's FLOPs (count_flops: forward + backward, all work) at this core's fp32 matmul peak"
           + (f" ({peak / 1e9:.0f} GFLOP/s by CPU time)" if peak else "") + ": no step is faster. Commands:")
@@ -551,8 +563,8 @@ def print_wall(runs, device, threads, load=None, peak=None):
                   f"{r['gen_cpu_ms']:7.0f} x{r['n_gen']:3d} {r['ckpt_cpu_ms']:4.0f} x{r['n_ckpt']:3d} "
                   f"{r['start_cpu_s'] + r['figures_cpu_s']:9.1f}s {r['projected_cpu_s']:6.0f}s {r['projected_s']:6.0f}s")
     print("step ms = forward + backward + clip + AdamW + lr step, wall, pre-drawn batches; cpu ms = its CPU time; fed "
-          "ms = wall, batches from train.py's background Prefetch thread (the data costs only what the thread steals "
-          "from the step); data = CPU ms to draw one batch; eval, gen, ckpt, start+figs: CPU")
+          "ms = wall, batches fed as train.py feeds them (rundir.Prefetch: drawn in the loop on the CPU, by a background "
+          "thread on a GPU); data = CPU ms to draw one batch; eval, gen, ckpt, start+figs: CPU")
     print_loop_ratios(runs)
     print("\nthe step's time by category (torch.profiler self time, % of the profiled step; bench.WALL_CATEGORIES)")
     print(f"{'model':16s} {'setting':11s} {'prof ms':>8s} " + " ".join(f"{c[:12]:>12s}" for c in WALL_ORDER))
@@ -568,16 +580,18 @@ def print_loop_ratios(runs, threads=None):
     """The in-loop step against the pure model step, per model, and the run's wall against its steps x pure step."""
     t = f"{'threads':>7s} " if threads else ""
     print(f"\n{'run':12s} {'model':16s} {t}{'pure ms':>8s} {'in-loop ms':>10s} {'in-loop/pure':>12s} "
-          f"{'prepared':>9s}  wall/(steps x pure): drawn, prepared")
+          f"{'prepared':>9s} {'thread':>7s}  wall/(steps x pure): in-loop, prepared")
     for w, i, r in ((w, i, r) for w in runs for i, r in enumerate(w["models"])):
         t = f"{w['threads']:7d} " if threads else ""
+        th = f"{r['thread_ratio']:6.2f}x" if r.get("thread_ratio") else f"{'-':>7s}"
         print(f"{w['run']:12s} {r['model']:16s} {t}{r['pure_step_ms']:8.1f} {r['fed_step_ms']:10.1f} "
-              f"{r['in_loop_ratio']:11.2f}x {r['in_loop_prepared_ratio']:8.2f}x  "
+              f"{r['in_loop_ratio']:11.2f}x {r['in_loop_prepared_ratio']:8.2f}x {th}  "
               + (f"{w['wall_over_pure']:.2f}x (the run), {w['wall_over_pure_prepared']:.2f}x" if i == 0 else ""))
-    print("pure = forward + backward + AdamW, batches already on the device; in-loop = train.train_step fed by "
-          "train.py's Prefetch (fed ms), its thread drawing the world; prepared = the same, the rows drawn before the "
-          "steps (ds.prepare; the run's wall then counts the prepare); goals: in-loop <= 1.05x pure, the run's wall "
-          "(now) <= 1.15x steps x pure")
+    print("pure = forward + backward + AdamW, batches already on the device, no data thread alive; in-loop = "
+          "train.train_step fed as train.py feeds it (fed ms; on the CPU each batch drawn in the loop); prepared = the "
+          "same over rows drawn before the steps (ds.prepare; the run's wall then counts the prepare); thread = fed by "
+          "a background drawing thread (what a GPU run uses), timed while it lives; goals: in-loop <= 1.05x pure, the "
+          "run's wall (now) <= 1.15x steps x pure")
 
 
 def bench_wall(args, runs=None):

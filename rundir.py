@@ -521,18 +521,21 @@ def _check_same_run(old, new, ckpt_path, out):
 
 # --- the training batches, drawn ahead ----------------------------------------------------------------------------
 class Prefetch:
-    """The training batches, drawn ahead by a background thread in the order the loop uses them (data off the
-    critical path: the toy world is drawn in Python while the model step runs, mostly outside the GIL).
-    Batch n is ds.get_batch("train", micro, n, rank, world): a pure function of its arguments (data.py seeds every
-    row by (seed, split, global row) and touches no global RNG), so these are exactly the batches the loop would draw
-    itself, in any thread; a resumed run starts at its step's index. On CUDA batches are pinned, so that
-    .to(device, non_blocking=True) overlaps the copy with compute."""
+    """The training batches in the order the loop uses them: batch n is ds.get_batch("train", micro, n, rank, world),
+    a pure function of its arguments (data.py seeds every row by (seed, split, global row) and touches no global RNG),
+    so a resumed run starts at its step's index and any thread draws the same batches.
+    On a GPU a background thread draws them ahead (data off the critical path), pinned on CUDA so that
+    .to(device, non_blocking=True) overlaps the copy with compute. On the CPU (background=False) get(n) draws batch n
+    in the loop's own thread: a second thread that runs torch ops gets an OpenMP team of its own, and with more
+    threads than cores every parallel region of the model step waits for a core (RESULTS.md, the loop's cost)."""
 
-    def __init__(self, ds, micro, rank, world, first, last, pin=False, depth=4):
+    def __init__(self, ds, micro, rank, world, first, last, pin=False, depth=4, background=True):
         self.q, self.stop = queue.Queue(depth), threading.Event()
+        self.draw = None if background else (lambda n: ds.get_batch("train", micro, n, rank, world))
         args = (ds, micro, rank, world, first, last, pin)
         self.thread = threading.Thread(target=self._run, args=args, daemon=True, name="nanomix-prefetch")
-        self.thread.start()
+        if background:
+            self.thread.start()
 
     def _put(self, item):
         while not self.stop.is_set():
@@ -556,6 +559,8 @@ class Prefetch:
             self._put((n, b))
 
     def get(self, n):
+        if self.draw is not None:
+            return self.draw(n)
         i, b = self.q.get()
         if i is None:
             raise b
@@ -564,7 +569,8 @@ class Prefetch:
 
     def close(self):
         self.stop.set()
-        self.thread.join()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
 # --- shipped checkpoints: a run's weights in fp16, with what rebuilds the model and its eval data ------------------

@@ -401,7 +401,8 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
                leave=False)
     model.train()
     t_start, step0 = time.perf_counter(), step
-    batches = Prefetch(ds, micro, dp_rank, dp_world, step * accum, tc.steps * accum, pin=dev.startswith("cuda"))
+    batches = Prefetch(ds, micro, dp_rank, dp_world, step * accum, tc.steps * accum, pin=dev.startswith("cuda"),
+                       background=dev != "cpu")                   # on the CPU drawn in this thread (rundir.Prefetch)
     try:
         while step < tc.steps:
             t0 = time.perf_counter()

@@ -162,6 +162,7 @@ def test_wall_projects_a_tiny_run_from_its_pieces(tmp_path, capsys, monkeypatch,
     assert "impossible" in text and "matmul" in text
     # the in-loop step (train.train_step fed by Prefetch) against the pure model step, as ratios of one process
     assert r["pure_step_ms"] > 0 and r["in_loop_ratio"] == r["fed_step_ms"] / r["pure_step_ms"]
+    assert r["thread_step_ms"] > 0 and r["thread_ratio"] == r["thread_step_ms"] / r["pure_step_ms"]   # CPU: both
     assert abs(w["wall_over_pure"] - w["projected_s"] / (24 * r["pure_step_ms"] / 1e3)) < 1e-9
     assert "in-loop/pure" in text and f"{r['in_loop_ratio']:.2f}x" in text and f"{w['wall_over_pure']:.2f}x (the run)" in text
     assert {"default", "chameleon", "transfusion", "bytes"} <= set(bench.WALL_RUNS)

@@ -45,3 +45,32 @@ def test_threads_needs_wall_and_a_count(argv, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--threads" in err[0] and "--wall" in err[0]
+
+
+def test_cpu_loop_draws_its_batches_in_its_own_thread(tmp_path, monkeypatch):
+    """On the CPU train.py draws each batch in the loop's thread (a second thread running torch ops gets an OpenMP team
+    of its own and slows every parallel region of the step): no prefetch thread lives during the run, and the batches
+    are exactly those the background thread draws (Prefetch's two ways agree bit for bit)."""
+    import threading
+
+    import data
+    import rundir
+    import train
+    ds = data.make_data("chameleon", 64, 0)
+    inline = rundir.Prefetch(ds, 2, 0, 1, 5, 9, background=False)
+    thread = rundir.Prefetch(ds, 2, 0, 1, 5, 9)
+    try:
+        for n in range(5, 9):
+            a, b = inline.get(n), thread.get(n)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        inline.close()
+        thread.close()
+    assert not inline.thread.is_alive() and not thread.thread.is_alive()
+    seen = []
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: (seen.append(
+        [t.name for t in threading.enumerate() if t.name == "nanomix-prefetch"]), step(*a, **k))[1])
+    train.train("dense", dict(d_model=32, n_layer=1, n_head=2, seq_len=64, batch_size=2, steps=3, gen_n=0,
+                              eval_batches=1, device="cpu", out=str(tmp_path / "run")), quiet=True)
+    assert seen == [[], [], []]

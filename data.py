@@ -408,6 +408,23 @@ def describe_scene(attrs):
     return f"{name(SIZES, s)} {name(COLOURS, c)} {name(SHAPES, h)}, " + ("?" if p is None else " ".join(POSITIONS[p]))
 
 
+def image_lines(scenes, images):
+    """ds.scenes(n) and n images (3, 16, 16) in [0, 1] -> lines: the captions, the images, what the scorer reads."""
+    pal = np.array([RGB[c] for c in COLOURS])
+    lines = [f"  {k + 1}. {' '.join(WORDS[i] for i in e['caption'])}" for k, e in enumerate(scenes)]
+    lines.append(("     " + "".join(f"{k + 1}.".ljust(22) for k in range(len(scenes)))).rstrip())
+    art = []   # per image, 16 rows as the scorer sees them: "." background, else the pixel's nearest colour's initial
+    for img in map(np.asarray, images):
+        near = ((img.transpose(1, 2, 0)[:, :, None] - pal) ** 2).sum(-1).argmin(-1)
+        art.append(["".join(COLOURS[k][0] if f else "." for k, f in zip(*r)) for r in zip(near, img.max(0) > 0.5)])
+    lines += ["     " + "      ".join(row) for row in zip(*art)]
+    for k, (e, img) in enumerate(zip(scenes, images)):
+        r = classify_image(img)
+        lines.append(f"  {k + 1}. the scorer reads: {describe_scene(r)} "
+                     f"({sum(a == b for a, b in zip(r, e['scene']))} of 4 attributes as captioned)")
+    return lines
+
+
 def attribute_accuracy(pred, scenes):
     """Mean over examples and the 4 attributes of pred == truth (None counts as wrong)."""
     return float(np.mean([[p == t for p, t in zip(pr, sc)] for pr, sc in zip(pred, scenes)]))

@@ -446,7 +446,6 @@ def modality_names(cfg):
 
 if __name__ == "__main__":   # the shipped trained MoT draws images from captions and captions images; else untrained
     import os
-    import numpy as np
     import data
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "ckpt", "mot.pt")
     if os.path.isfile(path):
@@ -459,30 +458,15 @@ if __name__ == "__main__":   # the shipped trained MoT draws images from caption
         print(f"MoT trained {ck['step']} steps on the chameleon setting ({path}): eval loss {ev['eval_loss']:.3f} "
               f"nats/token (text {ev['eval_loss_text']:.3f}, image {ev['eval_loss_image']:.3f})")
         words = lambda ids: " ".join(data.WORDS[i] for i in ids)
-        pal = np.array([data.RGB[c] for c in data.COLOURS])
-
-        def art(img):   # (3, 16, 16) in [0, 1] -> 16 lines: "." background, the object's colour initial (as scored)
-            near = ((img.transpose(1, 2, 0)[:, :, None] - pal) ** 2).sum(-1).argmin(-1)
-            fg = img.max(0) > 0.5
-            return ["".join(data.COLOURS[k][0] if f else "." for k, f in zip(*r)) for r in zip(near, fg)]
-
         ex = ds.scenes(4, seed=1)                        # fixed scenes, none of them a training row
         torch.manual_seed(0)
-        imgs, reads = [], []
+        imgs = []
         for e in ex:   # "<bos> caption . <boi>" -> 16 image tokens, sampled (greedy decoding draws only background)
             out = model.generate(torch.tensor([[data.BOS] + e["caption"] + [data.BOI]]), data.N_PATCHES, 1.0)
             imgs.append(data.detokenize_image(out[0, -data.N_PATCHES:].numpy()))
-            reads.append(data.classify_image(imgs[-1]))
         print("caption -> image (16 image tokens sampled at temperature 1; '.' = background, a letter = the colour of "
               "the object's pixel):")
-        for k, e in enumerate(ex):
-            print(f"  {k + 1}. {words(e['caption'])}")
-        print(("     " + "".join(f"{k + 1}.".ljust(22) for k in range(len(ex)))).rstrip())
-        for line in zip(*(art(im) for im in imgs)):
-            print("     " + "      ".join(line))
-        for k, (e, r) in enumerate(zip(ex, reads)):
-            print(f"  {k + 1}. the scorer reads: {data.describe_scene(r)} "
-                  f"({sum(a == b for a, b in zip(r, e['scene']))} of 4 attributes as captioned)")
+        print("\n".join(data.image_lines(ex, imgs)))
         print("image -> caption (greedy, from \"<bos> <boi> 16 image tokens <eoi>\"):")
         for e in ex:
             p = torch.tensor([[data.BOS, data.BOI, *data.tokenize_image(e["image"]), data.EOI]])

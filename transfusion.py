@@ -94,7 +94,6 @@ class Config:
     loss_weight: str = "trunc_snr"      # uniform: plain eps-MSE (paper) | min_snr | trunc_snr (training only)
     patch_pos_emb: bool = True          # a learned embedding of each patch's place in the image, added by the encoder
     lmfusion: str = ""                  # LMFusion: a text-only ckpt.pt (lmfusion-base); freezes text, trains image
-    # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
     RANGES: ClassVar[dict] = dict(
         vocab_size="int >= 1", n_modalities="int >= 1", modality_names="names", seq_len="int >= 8", bos_id="int >= 0",
         boi_id="int >= 0", eoi_id="int >= 0", patch_dim="int >= 1", n_patches="int >= 1", image_size="int >= 1",
@@ -111,8 +110,8 @@ class Config:
         g = self.image_size // self.patch_size
         if (self.patch_dim, self.n_patches) != (self.patch_size ** 2 * self.channels, g * g):
             raise ValueError("patch_dim, n_patches disagree with image_size, patch_size, channels: use data.py's")
-        if not 0 <= self.noise_limit <= self.diffusion_steps or not 0 < self.sample_steps <= self.diffusion_steps:
-            raise ValueError("need 0 <= noise_limit <= diffusion_steps and 0 < sample_steps <= diffusion_steps")
+        if max(self.noise_limit, self.sample_steps) > self.diffusion_steps:
+            raise ValueError("need noise_limit <= diffusion_steps and sample_steps <= diffusion_steps")
         if len(self.modality_names) < self.n_modalities:
             raise ValueError(f"modality_names={self.modality_names} has fewer than n_modalities={self.n_modalities} "
                              "names; take both from data.py's model_fields()")
@@ -436,10 +435,9 @@ class Transfusion(nn.Module):
         images), then <eoi>, then text again. A batch gives what each row gives alone; seeds: one int per row for its
         sampling and sampler noise (default: from torch's RNG). use_cache: the KV-cached speed path (dense / MoT)."""
         cfg = self.cfg
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2 or \
+        if not (isinstance(idx, torch.Tensor) and idx.dtype == torch.long and idx.dim() == 2) or \
                 idx.shape[1] + max_new_tokens > cfg.seq_len:
-            raise ValueError(f"generate: idx must be an int64 tensor (B, T) with T + max_new_tokens <= seq_len="
-                             f"{cfg.seq_len}; generate less")
+            raise ValueError(f"generate: idx must be int64 (B, T) with T + max_new_tokens <= seq_len={cfg.seq_len}")
         (B, Tp), dev, end, n = idx.shape, idx.device, idx.shape[1] + max_new_tokens, cfg.n_patches
         ii = torch.full_like(idx, -1) if image_index is None else image_index
         pp = torch.zeros(B, Tp, cfg.patch_dim, device=dev) if patches is None else patches.float()
@@ -551,21 +549,20 @@ class Transfusion(nn.Module):
         """Load the text model (a ckpt.pt of `lmfusion-base`), initialise every image module as a copy of its text
         module (LMFusion Sec. 3), freeze all text modules, embeddings and the head. Trainable afterwards: the image
         modules of the backbone, the patch encoder/decoder and the timestep MLP."""
-        fix = "python train.py --model lmfusion-base"
+        fix = "make it with python train.py --model lmfusion-base (the same d_model / n_layer / n_head)"
         if not os.path.isfile(path):
-            raise ValueError(f"lmfusion={path!r}: no such file; train the text model first: {fix}")
+            raise ValueError(f"lmfusion={path!r}: no such file; {fix}")
         try:   # weights_only: tensors and plain types only; a pickled object could run code on load
             text = {k[9:]: v for k, v in torch.load(path, "cpu", weights_only=True)["model"].items()
                     if k.startswith("backbone.")}
         except Exception as e:
             raise ValueError(f"lmfusion={path!r} is refused: not a train.py checkpoint of tensors and plain types "
-                             f"({type(e).__name__} under weights_only=True); retrain it: {fix}") from None
+                             f"({type(e).__name__} under weights_only=True); {fix}") from None
         own = self.backbone.state_dict()
         bad = [k for k in own if not k.endswith(tuple(f".weight.{m}" for m in range(1, 8)))   # image weights: new
                and not (torch.is_tensor(text.get(k)) and text[k].shape == own[k].shape)]
         if bad:
-            raise ValueError(f"lmfusion={path!r} does not match this model ({bad[0]} missing or of another shape); "
-                             "train lmfusion-base with the same d_model / n_layer / n_head")
+            raise ValueError(f"lmfusion={path!r} does not match this model ({bad[0]}: missing or another shape); {fix}")
         with torch.no_grad():
             for k in own.keys() & text.keys():
                 own[k].copy_(text[k])
@@ -578,9 +575,8 @@ class Transfusion(nn.Module):
 
     # ==== Bookkeeping: per-row random draws, input checks ============================================================
     def _draws(self, batch, per_row, n_img, dev):
-        """Every image's u (N,) -> t, noise (N, n_patches, patch_dim), u_drop (N,) -> condition dropout. With
-        batch["row_id"], each row draws from a generator seeded by (model seed, row_id): the same draws in any split
-        of the batch (micro-batches, DDP ranks). Without it, torch's RNG. Eval: fixed draws (seed 1234) either way."""
+        """Every image's u (N,) -> t, noise (N, n_patches, patch_dim), u_drop (N,) -> condition dropout. With row_id,
+        a generator per row seeded by (model seed, row_id) (module docstring); else torch's RNG. Eval: seed 1234."""
         shape, rid = (self.cfg.n_patches, self.cfg.patch_dim), batch.get("row_id")
         draw = lambda k, g, d: (torch.rand(k, generator=g, device=d), torch.randn(k, *shape, generator=g, device=d),
                                 torch.rand(k, generator=g, device=d))
@@ -595,11 +591,9 @@ class Transfusion(nn.Module):
         tok, mod, rid, p, ii = (batch.get(k) for k in ("tokens", "modality", "row_id", "patches", "image_index"))
         T, M, P = self.cfg.seq_len, self.cfg.n_modalities, self.cfg.patch_dim
         if not (isinstance(tok, torch.Tensor) and tok.dtype == torch.long and tok.ndim == 2) or tok.shape[1] > T:
-            raise ValueError(f"batch['tokens'] must be an int64 tensor of shape (B, T <= seq_len={T}); convert with "
-                             ".long(), crop it or raise --seq_len")
+            raise ValueError(f"batch['tokens'] must be int64 (B, T <= seq_len={T}): .long(), crop or raise --seq_len")
         if mod is None or mod.shape != tok.shape or mod.dtype != torch.long or (mod.numel() and int(mod.max()) >= M):
-            raise ValueError(f"batch['modality'] must be an int64 (B, T) tensor like tokens with ids < n_modalities="
-                             f"{M} (data.py provides it; or set --n_modalities)")
+            raise ValueError(f"batch['modality'] : int64 like tokens, ids < {M}: use data.py's or set --n_modalities")
         if ii is not None and (p is None or tuple(p.shape) != (*tok.shape, P)) and bool((ii >= 0).any()):
             raise ValueError(f"batch['patches'] must be (B, T, {P}) float at image positions; use data.make_data")
         if rid is not None and (rid.dtype != torch.long or tuple(rid.shape) != tok.shape[:1]):
@@ -659,13 +653,11 @@ MODELS = {
     "lmfusion-base": (Config, Transfusion, "text", dict(backbone="mot")),
     "lmfusion": (Config, Transfusion, "transfusion", dict(backbone="mot", lmfusion="out/lmfusion-base/ckpt.pt")),
 }
-# train.py refuses other settings: Transfusion needs continuous images (only the "transfusion" setting has them; on
-# "chameleon" / "speech" it would silently train a text-only LM); lmfusion-base is the text-only LM
+# train.py refuses other settings: without continuous images (chameleon, speech) Transfusion would train a text-only LM
 SUPPORTED_SETTINGS = {name: (setting,) for name, (_, _, setting, _) in MODELS.items()}
 
 
-if __name__ == "__main__":   # the shipped trained model samples images from captions; without it, untrained losses
-    import numpy as np
+if __name__ == "__main__":   # the shipped trained model samples images from captions; then the attention mask
     import data
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "ckpt", "transfusion.pt")
     if os.path.isfile(path):
@@ -680,36 +672,14 @@ if __name__ == "__main__":   # the shipped trained model samples images from cap
             print(f"the run's generation eval (32 scenes, 4 attributes each): caption -> image "
                   f"{run['gen_image_acc']:.2f} right (chance {run['gen_image_chance']:.2f}), image -> caption "
                   f"{run['caption_acc']:.2f} (chance {run['caption_chance']:.2f})")
-        ds = data.make_data("transfusion", cfg.seq_len, ck["config"]["train"]["seed"])
-        ex = ds.scenes(4, seed=1)                        # fixed scenes, none of them a training row
+        ex = data.make_data("transfusion", cfg.seq_len, ck["config"]["train"]["seed"]).scenes(4, seed=1)   # held out
         imgs = ((model.images_for_captions([e["caption"] for e in ex]) + 1) / 2).clamp(0, 1).numpy()   # [0, 1]
-        pal = np.array([data.RGB[c] for c in data.COLOURS])
-
-        def art(img):   # (3, 16, 16) in [0, 1] -> 16 lines: "." background, the object's colour initial (as scored)
-            near = ((img.transpose(1, 2, 0)[:, :, None] - pal) ** 2).sum(-1).argmin(-1)
-            fg = img.max(0) > 0.5
-            return ["".join(data.COLOURS[k][0] if f else "." for k, f in zip(*r)) for r in zip(near, fg)]
-
         print(f"caption -> image: 16 continuous patches denoised from Gaussian noise in {cfg.sample_steps} "
               f"{cfg.sampler.upper()} steps, classifier-free guidance {cfg.guidance:g} ('.' = background, a letter = "
               f"the colour of the object's pixel, as the scorer sees them):")
-        for k, e in enumerate(ex):
-            print(f"  {k + 1}. {' '.join(data.WORDS[i] for i in e['caption'])}")
-        print(("     " + "".join(f"{k + 1}.".ljust(22) for k in range(len(ex)))).rstrip())
-        for line in zip(*(art(im) for im in imgs)):
-            print("     " + "      ".join(line))
-        for k, (e, im) in enumerate(zip(ex, imgs)):
-            r = data.classify_image(im)
-            print(f"  {k + 1}. the scorer reads: {data.describe_scene(r)} "
-                  f"({sum(a == b for a, b in zip(r, e['scene']))} of 4 attributes as captioned)")
+        print("\n".join(data.image_lines(ex, imgs)))
     else:
-        print(f"no trained checkpoint at {path}: untrained dense and MoT-backbone models on a toy batch instead")
-        torch.manual_seed(0)
-        ds = data.make_data("transfusion", seq_len=128)
-        for name in ("transfusion", "transfusion-mot"):
-            fields_ = {k: v for k, v in ds.model_fields().items() if hasattr(Config, k)}
-            model = Transfusion(Config(**MODELS[name][3], **fields_))
-            _, loss, parts = model(ds.get_batch("train", 4, 0))
-            print(f"{name:16s} loss {loss.item():.3f} {({k: round(v.item(), 3) for k, v in parts.items()})}")
+        print(f"no trained checkpoint at {path}: `git checkout docs/ckpt/transfusion.pt` restores it (now: untrained)")
+        model = Transfusion(Config())
     print("mask of <bos> <boi> p p p <eoi> word (1 = may attend):")
     print(model.attention_mask(torch.tensor([[-1, -1, 0, 0, 0, -1, -1]]))[0, 0].int())

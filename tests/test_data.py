@@ -73,6 +73,19 @@ def test_scorer_known_good_and_bad():
     assert data.parse_caption([300, 301]) == (None, None, None, None)
 
 
+def test_image_lines_draw_each_object_in_its_colour_initial_where_it_is():
+    """The demos' text pictures: captions, images side by side ("." off the object), the scorer's reads."""
+    ex = data.make_data("transfusion", seq_len=64).scenes(3)
+    lines = data.image_lines(ex, [data.render(e["scene"]) for e in ex])    # clean renders: no jitter, grey background
+    assert len(lines) == 3 + 1 + data.IMG + 3                              # captions, a header, pixel rows, reads
+    for k, e in enumerate(ex):
+        h, c, s, p = e["scene"]
+        assert lines[k] == f"  {k + 1}. " + " ".join(data.WORDS[i] for i in e["caption"])
+        art = np.array([list(row[5 + 22 * k:5 + 22 * k + data.IMG]) for row in lines[4:4 + data.IMG]])
+        assert (art == np.where(data._object_mask(h, s, p, 0, 0), data.COLOURS[c][0], ".")).all()
+        assert lines[4 + data.IMG + k].endswith("(4 of 4 attributes as captioned)")
+
+
 def test_every_scene_has_its_own_image_and_tokens_and_reads_back():
     """All 4 x 6 x 2 x 4 scenes: each clean image (and each image token sequence, what the models see) belongs to one
     scene only, and classify_image reads every scene back, at every jitter of the object."""

@@ -421,7 +421,6 @@ SUPPORTED_SETTINGS["mamba"] = ("chameleon", "speech", "text", "bytes")
 
 if __name__ == "__main__":   # the shipped trained MoM: captions -> images, and what its per-modality projections do
     import os
-    import numpy as np
     import data
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "ckpt", "mom.pt")
     if os.path.isfile(path):
@@ -437,29 +436,13 @@ if __name__ == "__main__":   # the shipped trained MoM: captions -> images, and 
             print(f"the run's generation eval (32 scenes, 4 attributes each): caption -> image "
                   f"{run['gen_image_acc']:.2f} right (chance {run['gen_image_chance']:.2f}), image -> caption "
                   f"{run['caption_acc']:.2f} (chance {run['caption_chance']:.2f})")
-        words = lambda ids: " ".join(data.WORDS[i] for i in ids)
-        pal = np.array([data.RGB[c] for c in data.COLOURS])
-
-        def art(img):   # (3, 16, 16) in [0, 1] -> 16 lines: "." background, the object's colour initial (as scored)
-            near = ((img.transpose(1, 2, 0)[:, :, None] - pal) ** 2).sum(-1).argmin(-1)
-            fg = img.max(0) > 0.5
-            return ["".join(data.COLOURS[k][0] if f else "." for k, f in zip(*r)) for r in zip(near, fg)]
-
         ex = ds.scenes(4, seed=1)                        # fixed scenes, none of them a training row
         torch.manual_seed(0)
         imgs = [data.detokenize_image(model.generate(torch.tensor([[data.BOS] + e["caption"] + [data.BOI]]),
                                                      data.N_PATCHES, 1.0)[0, -data.N_PATCHES:].numpy()) for e in ex]
         print("caption -> image, one recurrent step per token (16 image tokens sampled at temperature 1; "
               "'.' = background, a letter = the colour of the object's pixel):")
-        for k, e in enumerate(ex):
-            print(f"  {k + 1}. {words(e['caption'])}")
-        print(("     " + "".join(f"{k + 1}.".ljust(22) for k in range(len(ex)))).rstrip())
-        for line in zip(*(art(im) for im in imgs)):
-            print("     " + "      ".join(line))
-        for k, (e, im) in enumerate(zip(ex, imgs)):
-            r = data.classify_image(im)
-            print(f"  {k + 1}. the scorer reads: {data.describe_scene(r)} "
-                  f"({sum(a == b for a, b in zip(r, e['scene']))} of 4 attributes as captioned)")
+        print("\n".join(data.image_lines(ex, imgs)))
         # Each token runs its own modality's in_proj, x_proj, dt_proj, out_proj. Route every token through one
         # modality's copies instead (the conv, A, D and norms are shared anyway) and see what each side has learned.
         b = ds.get_batch("val", 4, 0)

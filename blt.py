@@ -565,8 +565,8 @@ def load_entropy_model(path, vocab_size):
     checked before it is trusted: a regular file (a FIFO would block torch.load), tensors and plain types only (a
     pickled object never runs), a config of the right types whose sizes are its weights' (it allocates no more)."""
     def refused(why):
-        return ValueError(f"entropy_ckpt {path!r}: {why}; train one with `python train.py --model blt-entropy "
-                          "--setting bytes` and pass --entropy_ckpt PATH (or use --patching space / static)")
+        return ValueError(f"entropy_ckpt {path!r}: {why}; entropy patching needs a trained entropy model: train one "
+                          "with `python train.py --model blt-entropy --setting bytes` (or --patching space / static)")
     if not path or not os.path.isfile(path):   # stat only (symlinks followed)
         raise refused("no file" if not path or not os.path.exists(path) else "not a regular file")
     try:

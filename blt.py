@@ -25,13 +25,12 @@ official code always starts a patch there); static patching makes the same real-
 code's BOE padding; the threshold is tuned on a sample of the entropy model, a stand-in for its training data.
 Left out: the 8B scale, BPE-delimiter patching and n-gram lookup tables (the hashed embeddings are the paper's main
 model); SwiGLU (GELU MLPs here); the entropy-context reset at newlines; incremental local / global stacks in
-generation (only the entropy model, which decides the patches, keeps a KV cache).  The plain masked attention forms
-come first; window attention in blocks and gathered cross-attention (cfg.attention = "fast", the default) are speed
-paths at the end of the file, tested equal.
+generation (only the entropy model keeps a KV cache).  The plain masked attention forms come first; the speed paths
+(cfg.attention = "fast", the default: window attention in blocks, gathered cross-attention) end the file, tested equal.
 Run:  python train.py --model blt-entropy --setting bytes                     (saves the entropy model)
       python train.py --compare dense,megabyte,blt --setting bytes --entropy_ckpt PATH
       python train.py --model blt --patching space                            (no entropy model needed)
-      python blt.py                                                           (each patching on a demo text)
+      python blt.py                                                           (the shipped trained BLT's patches)
 Read next: megalodon.py (a byte model without patches); megabyte.py was the fixed-patch ancestor.
 """
 import math
@@ -44,10 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 OFFSET = 4                                   # Sec. 2: ids 0..3 are the specials BOE, BOS, EOS, BPE; byte b is b + 4
-# Sec. 3.2.1: the rolling polynomial hash's multipliers, one per hash function (the official code's eleven)
 HASH_PRIMES = (1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899, 9576890767, 3628273133,
-               2860486313, 5463458053, 3367900313)
-PATCHINGS = ("entropy", "monotonic", "space", "static")
+               2860486313, 5463458053, 3367900313)   # Sec. 3.2.1: the official code's rolling-hash multipliers
 
 
 @dataclass
@@ -68,8 +65,8 @@ class EntropyConfig:
 
     def __post_init__(self):
         if self.d_model % (2 * self.n_head):
-            raise ValueError(f"d_model/n_head: {self.d_model} must be a multiple of 2 * {self.n_head} (RoPE needs an "
-                             "even head size); change one of them")
+            raise ValueError(f"d_model/n_head: {self.d_model} must be a multiple of 2 * {self.n_head} (RoPE needs even "
+                             "head sizes); change one")
 
 
 @dataclass
@@ -105,26 +102,23 @@ class Config:
     global_norm: bool = False                # RMSNorm after the global model (official code: none)
     rope_theta: float = 10000.0
     attention: str = "fast"                  # fast: window attention, gathered cross-attention | masked: plain forms
-    # valid values, one rule per field ("int >= 1", "one of a|b", ...; after ";" a note): checked when built
     RANGES: ClassVar[dict] = dict(
         vocab_size="int >= 1", seq_len="int >= 8", patching="one of entropy|monotonic|space|static",
         entropy_ckpt="path", threshold="float; 0 = tuned once at build to mean patch_size", patch_size="float >= 1",
         max_patch_len="int >= 0; 0 = no limit", hash_ngrams="ints >= 1; () = off", hash_vocab="int >= 1",
         hash_functions="int in [1, 11]; one official hash prime each", d_local="int >= 1", n_head_local="int >= 1",
-        n_layer_enc="int >= 1", n_layer_dec="int >= 1", local_window="int >= 1",
-        cross_k="int >= 1; <= max_patch_len (or seq_len)",
-        n_head_cross="int >= 1", enc_cross_all_layers="bool", dec_cross_all_layers="bool", pool="one of max|mean",
-        cross_residual="int in [1, 2]; 1 = the paper, 2 = the official code", d_global="int >= 1",
-        n_head_global="int >= 1", n_layer_global="int >= 1", global_norm="bool", rope_theta="float > 0",
-        attention="one of fast|masked; the same results")
+        n_layer_enc="int >= 1", n_layer_dec="int >= 1", local_window="int >= 1", n_head_cross="int >= 1",
+        cross_k="int >= 1; <= max_patch_len (or seq_len)", enc_cross_all_layers="bool", dec_cross_all_layers="bool",
+        pool="one of max|mean", cross_residual="int in [1, 2]; 1 = the paper, 2 = the official code",
+        d_global="int >= 1", n_head_global="int >= 1", n_layer_global="int >= 1", global_norm="bool",
+        rope_theta="float > 0", attention="one of fast|masked; the same results")
 
     def __post_init__(self):   # relations between fields (the trainer checks each field's own range)
         for d, h, name in ((self.d_local, self.n_head_local, "d_local/n_head_local"),
                            (self.d_local, self.n_head_cross, "d_local/n_head_cross"),
                            (self.d_global, self.n_head_global, "d_global/n_head_global")):
             if d % (2 * h):
-                raise ValueError(f"{name}: {d} must be a multiple of 2 * {h} (RoPE needs an even head size); "
-                                 "change one of them")
+                raise ValueError(f"{name}: {d} must be a multiple of 2 * {h} (RoPE needs even head sizes); change one")
         most = self.max_patch_len or self.seq_len   # Sec. 3.2.2: the k queries of a patch read its bytes only
         if self.cross_k > most:
             raise ValueError(f"cross_k={self.cross_k} queries exceed the bytes a patch holds (at most {most}): its "
@@ -133,16 +127,13 @@ class Config:
         if self.patching in ("space", "static") and (self.threshold or self.entropy_ckpt):
             raise ValueError(f"threshold and entropy_ckpt act only with --patching entropy or monotonic, "
                              f"not {self.patching}; drop them or change --patching")
-        if self.patching == "space" and self.patch_size != Config.patch_size or self.patching == "static" and \
-                self.patch_size % 1:
-            raise ValueError(f"patch_size={self.patch_size}: no effect with --patching space; static: a whole stride")
-        if self.patching in ("entropy", "monotonic") and self.threshold and self.patch_size != Config.patch_size:
-            raise ValueError("patch_size (the tuning target) has no effect with a fixed --threshold; "
-                             "set --threshold 0 to tune the threshold to patch_size, or drop --patch_size")
+        moot = self.patching == "space" or self.threshold        # patch_size is neither a stride nor a tuning target
+        if self.patch_size != Config.patch_size and moot or self.patching == "static" and self.patch_size % 1:
+            raise ValueError(f"patch_size={self.patch_size}: no effect with --patching space or a fixed --threshold "
+                             "(--threshold 0 tunes the threshold to patch_size); static: a whole stride")
 
 
 # --- Shared Transformer pieces (pre-norm, RoPE, causal sliding-window attention) -------------------------------------
-
 def apply_rope(x, pos, theta):
     # x: (B, H, T, hd), pos: (T,) -> x with each pair (x1[i], x2[i]) of the two halves rotated by pos * theta^(-2i/hd)
     hd = x.shape[-1]
@@ -174,11 +165,9 @@ class SelfAttention(nn.Module):
             y = window_attention(q, k, v, self.window)            # speed path (end of file): T x 2W scores
         elif past == 0 and (self.window <= 0 or self.window >= T):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:   # causal sliding window: query i sees keys j with i - window < j <= i
+        else:   # causal sliding window: query i sees keys j with i - window < j <= i (window 0: every j <= i)
             kpos = torch.arange(k.shape[2], device=x.device)
-            mask = kpos[None, :] <= pos[:, None]
-            if self.window > 0:
-                mask = mask & (pos[:, None] - kpos[None, :] < self.window)
+            mask = (kpos[None, :] <= pos[:, None]) & ((pos[:, None] - kpos[None, :] < self.window) | (self.window <= 0))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
@@ -190,8 +179,7 @@ class Block(nn.Module):
         self.attn = SelfAttention(d, n_head, window, theta, fast)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d, bias=False), nn.GELU(), nn.Linear(4 * d, d, bias=False))
 
-    def forward(self, x, cache=None):
-        # x: (B, T, D) -> (B, T, D)
+    def forward(self, x, cache=None):   # x: (B, T, D) -> (B, T, D)
         x = x + self.attn(self.norm1(x), cache)
         return x + self.mlp(self.norm2(x))
 
@@ -209,23 +197,20 @@ def _byte_loss(logits, targets):
 
 
 # --- Sec. 2.3: the entropy model, a small causal byte LM, trained first and then frozen ----------------------------
-
 class EntropyModel(nn.Module):
     """Registered as "blt-entropy": train it like any byte LM, then hand its checkpoint to blt."""
-
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        V = cfg.vocab_size + OFFSET
-        self.emb = nn.Embedding(V, cfg.d_model)
+        self.emb = nn.Embedding(cfg.vocab_size + OFFSET, cfg.d_model)   # bytes + the specials
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.window, cfg.rope_theta, cfg.attention == "fast")
                                     for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
-        self.head = nn.Linear(cfg.d_model, V, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size + OFFSET, bias=False)
         _init(self)
 
     def forward_ids(self, x, caches=None):
-        # x: (B, T) ids (bytes + OFFSET) -> logits (B, T, V): the distribution of the NEXT byte at every position
+        # x: (B, T) ids (bytes + OFFSET) -> logits (B, T, 260): the distribution of the NEXT byte at every position
         h = self.emb(x)
         for i, blk in enumerate(self.blocks):
             h = blk(h, None if caches is None else caches[i])
@@ -237,19 +222,14 @@ class EntropyModel(nn.Module):
         return -(logp.exp() * logp).sum(-1)
 
     def forward(self, batch):
-        # batch["tokens"]: (B, T) bytes -> byte logits (B, T, 256), loss (nats per byte), parts
-        tokens = batch["tokens"]
-        _check_tokens(tokens, self.cfg, "blt-entropy")
-        logits = self.forward_ids(tokens + OFFSET)
-        targets = batch.get("targets")
-        if targets is None:
-            return logits[..., OFFSET:], None, {}
-        loss = _byte_loss(logits, targets)
-        return logits[..., OFFSET:], loss, {"loss_text": loss.detach()}
+        # batch["tokens"], ["targets"]: (B, T) bytes -> byte logits (B, T, 256), loss (nats per byte) or None, parts
+        _check_tokens(batch["tokens"], self.cfg, "blt-entropy")
+        logits = self.forward_ids(batch["tokens"] + OFFSET)
+        loss = None if batch.get("targets") is None else _byte_loss(logits, batch["targets"])
+        return logits[..., OFFSET:], loss, {} if loss is None else {"loss_text": loss.detach()}
 
 
 # --- Sec. 2: patching functions (all causal: starts[:, i] depends on x_<i only) ------------------------------------
-
 def patch_starts(x, mode, ent=None, threshold=0.0, patch_size=4.0, max_patch_len=0):
     """Where patches start.  x: (B, T) ids (bytes + OFFSET); ent: (B, T) entropies of the next byte,
     ent[:, t] = H(x_{t+1}) (entropy / monotonic only).  -> starts: (B, T + 1) bool, starts[:, i] = byte i begins a
@@ -271,7 +251,7 @@ def patch_starts(x, mode, ent=None, threshold=0.0, patch_size=4.0, max_patch_len
         i = torch.arange(T + 1, device=x.device)
         starts[:] = ((i - 1) % int(patch_size) == 0)[None]
     else:
-        raise ValueError(f"patching={mode!r} is unknown; use one of {', '.join(PATCHINGS)}")
+        raise ValueError(f"patching={mode!r} is unknown; use one of entropy, monotonic, space, static")
     starts[:, :2] = True                                       # the first byte is a patch of its own
     if max_patch_len > 0:              # split patches longer than max_patch_len (causal: a counter since the start)
         i = torch.arange(T + 1, device=x.device).expand(B, T + 1)
@@ -290,8 +270,7 @@ def patch_lengths(starts):
 def patch_index(starts):
     """starts: (B, T + 1) -> pid (B, T) the patch of each byte, dec (B, T) the last patch that ENDED at or before
     byte t (patch j ends at t when byte t + 1 starts patch j + 1), i.e. the patch the decoder at t may read."""
-    T = starts.shape[1] - 1
-    return starts[:, :T].long().cumsum(1) - 1, starts[:, 1:].long().cumsum(1) - 1
+    return starts[:, :-1].long().cumsum(1) - 1, starts[:, 1:].long().cumsum(1) - 1
 
 
 def threshold_for(ent, x, mode, target, max_patch_len=0, iters=40):
@@ -315,7 +294,6 @@ def threshold_for(ent, x, mode, target, max_patch_len=0, iters=40):
 
 
 # --- Sec. 3.2.1: hash n-gram embeddings ---------------------------------------------------------------------------
-
 def hash_ngram_ids(x, n, func, buckets):
     """x: (B, T) ids -> (B, T) bucket of the n-gram x_{i-n+1..i} (left zero padding, as the official code):
     sum_j x_{i-n+1+j} * prime^j (int64, wrapping) mod buckets.  Depends on that n-gram only."""
@@ -327,7 +305,6 @@ def hash_ngram_ids(x, n, func, buckets):
 
 
 # --- Sec. 3.2.2 / 3.3.1: cross-attention between patches and bytes -----------------------------------------------
-
 class CrossAttention(nn.Module):
     def __init__(self, d, n_head):
         super().__init__()
@@ -347,21 +324,19 @@ class CrossAttention(nn.Module):
 
 
 # --- The model ---------------------------------------------------------------------------------------------------
-
 class BLT(nn.Module):
     def __init__(self, cfg, entropy_model=None):
         super().__init__()
         cfg.__post_init__()
         self.cfg = cfg
         V, D, G, K = cfg.vocab_size + OFFSET, cfg.d_local, cfg.d_global, cfg.cross_k
-        fast = cfg.attention == "fast"
+        local = (D, cfg.n_head_local, cfg.local_window, cfg.rope_theta, cfg.attention == "fast")   # a byte-level Block
         # Sec. 3.2.1: byte embeddings + hash n-gram embeddings (one table per (hash function, n))
         self.tok_emb = nn.Embedding(V, D)
         self.hash_embs = nn.ModuleList(nn.Embedding(cfg.hash_vocab, D)
                                        for _ in range(cfg.hash_functions) for _ in cfg.hash_ngrams)
         # Sec. 3.2: local encoder + cross-attention pooling bytes into patches
-        self.encoder = nn.ModuleList(Block(D, cfg.n_head_local, cfg.local_window, cfg.rope_theta, fast)
-                                     for _ in range(cfg.n_layer_enc))
+        self.encoder = nn.ModuleList(Block(*local) for _ in range(cfg.n_layer_enc))
         self.enc_cross = nn.ModuleList(CrossAttention(D, cfg.n_head_cross)
                                        for _ in range(cfg.n_layer_enc if cfg.enc_cross_all_layers else 1))
         self.patch_query = nn.Linear(D, K * D, bias=False)       # pooled patch -> k query vectors
@@ -374,18 +349,15 @@ class BLT(nn.Module):
         self.to_decoder = nn.Linear(G, K * D, bias=False)       # patch state -> k key/value slots
         self.dec_cross = nn.ModuleList(CrossAttention(D, cfg.n_head_cross)
                                        for _ in range(cfg.n_layer_dec if cfg.dec_cross_all_layers else 1))
-        self.decoder = nn.ModuleList(Block(D, cfg.n_head_local, cfg.local_window, cfg.rope_theta, fast)
-                                     for _ in range(cfg.n_layer_dec))
+        self.decoder = nn.ModuleList(Block(*local) for _ in range(cfg.n_layer_dec))
         self.norm = nn.RMSNorm(D, eps=1e-5)
         self.head = nn.Linear(D, V, bias=False)
         _init(self)
-        # Sec. 2.3: the frozen entropy model (only for the entropy-based patchings) and the threshold.  A submodule:
-        # saved with BLT's checkpoint (the trainer counts its forward FLOPs only)
+        # Sec. 2.3: the frozen entropy model, a submodule (saved with BLT; the trainer counts its forward FLOPs only)
         self.entropy_model = None
         if cfg.patching in ("entropy", "monotonic"):
-            self.entropy_model = entropy_model if entropy_model is not None else \
-                load_entropy_model(cfg.entropy_ckpt, cfg.vocab_size)
-            self.entropy_model.requires_grad_(False).eval()
+            em = entropy_model if entropy_model is not None else load_entropy_model(cfg.entropy_ckpt, cfg.vocab_size)
+            self.entropy_model = em.requires_grad_(False).eval()
         self.register_buffer("threshold", torch.tensor(float(cfg.threshold)))   # saved with the checkpoint
         if self.entropy_model is not None and not cfg.threshold:
             self.tune_threshold(self.sample_bytes())            # build time, once; never in forward / generate
@@ -463,8 +435,7 @@ class BLT(nn.Module):
 
     def forward_ids(self, x, starts):
         """x: (B, T) ids, starts: (B, T + 1) -> logits (B, T, V) over the 260 ids."""
-        B, T = x.shape
-        D, K = self.cfg.d_local, self.cfg.cross_k
+        B, D, K = x.shape[0], self.cfg.d_local, self.cfg.cross_k
         pid, dec = patch_index(starts)
         # patches per row, right-padded to the longest row: after every real patch, so no real position reads them
         P = int(pid[:, -1].max()) + 1
@@ -495,47 +466,28 @@ class BLT(nn.Module):
         return self.head(self.norm(h))
 
     def forward(self, batch):
-        # batch["tokens"]: (B, T) bytes -> logits (B, T, 256): the byte columns of the 260-way head;
-        # loss: the 260-way cross-entropy in nats per byte; parts
-        tokens = batch["tokens"]
-        _check_tokens(tokens, self.cfg, "blt")
-        x = tokens + OFFSET
+        # batch["tokens"], ["targets"]: (B, T) bytes -> logits (B, T, 256): the byte columns of the 260-way head;
+        # loss: the 260-way cross-entropy in nats per byte (None without targets); parts, with mean patch sizes
+        _check_tokens(batch["tokens"], self.cfg, "blt")
+        x = batch["tokens"] + OFFSET
         starts = self.patch(x)
         logits = self.forward_ids(x, starts)
-        targets = batch.get("targets")
-        if targets is None:
+        if batch.get("targets") is None:
             return logits[..., OFFSET:], None, {}
-        loss = _byte_loss(logits, targets)
-        parts = {"loss_text": loss.detach(), **self.patch_stats(starts, batch.get("byte_kind"))}
+        loss = _byte_loss(logits, batch["targets"])
+        s, kind = starts[:, :-1].float(), batch.get("byte_kind")   # s: (B, T), 1 where byte t starts a patch
+        parts = {"loss_text": loss.detach(), "patch_size": (s.numel() / s.sum()).detach()}   # bytes per patch
+        for k, name in enumerate(("text", "random", "predictable") if kind is not None else ()):   # data.py's kinds
+            sel = kind[:, :s.shape[1] - 1].to(s.device) == k        # kind of input byte t = kind of target t-1
+            if sel.any():
+                parts[f"patch_size_{name}"] = (sel.sum() / s[:, 1:][sel].sum().clamp(min=1)).detach()
         return logits[..., OFFSET:], loss, parts
 
-    @staticmethod
-    def patch_stats(starts, byte_kind=None):
-        """Mean patch size (bytes per patch), overall and, when the data says how predictable each byte is
-        (data.py's byte_kind of the TARGET byte: 0 caption, 1 random, 2 predictable), per kind of stretch."""
-        T = starts.shape[1] - 1
-        s = starts[:, :T].float()
-        out = {"patch_size": (s.numel() / s.sum()).detach()}
-        if byte_kind is not None:
-            kind = byte_kind[:, :T - 1].to(s.device)               # kind of input byte t = kind of target t-1
-            for k, name in ((0, "text"), (1, "random"), (2, "predictable")):
-                sel = kind == k
-                if sel.any():
-                    out[f"patch_size_{name}"] = (sel.sum() / s[:, 1:][sel].sum().clamp(min=1)).detach()
-        return out
-
-    # -- generation: byte by byte, patch boundaries decided incrementally ----------------------------------------------
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0):
-        """idx: (B, Tp) bytes -> (B, Tp + max_new_tokens).  Greedy when temperature == 0.  The entropy model keeps a
-        KV cache, so each new byte costs one entropy-model step to decide whether the NEXT byte starts a patch; the
-        patches of the prefix never change (causal patching), the local / global stacks rerun on the prefix."""
-        _check_tokens(idx, self.cfg, "blt.generate")
-        if idx.shape[1] + max_new_tokens > self.cfg.seq_len:
-            raise ValueError(f"blt.generate: {idx.shape[1]} + {max_new_tokens} bytes > seq_len={self.cfg.seq_len}; "
-                             "shorten the prompt or generate fewer bytes")
-        was_training = self.training
-        self.eval()
+        """idx: (B, Tp) bytes -> (B, Tp + max_new_tokens), greedy when temperature == 0.  A prefix's patches never
+        change (causal), so one cached entropy-model step per new byte decides if the NEXT byte starts a patch."""
+        _check_tokens(idx, self.cfg, "blt.generate", new=max_new_tokens)
         x = idx + OFFSET
         caches = ent = None
         if self.entropy_model is not None:
@@ -549,20 +501,17 @@ class BLT(nn.Module):
             x = torch.cat([x, new + OFFSET], 1)
             if caches is not None:                               # one incremental entropy step for the new byte
                 ent = torch.cat([ent, self.entropy_model.entropies(new + OFFSET, caches)], 1)
-        self.train(was_training)
         return x - OFFSET
 
 
 # ==== Speed paths: same results as the plain forms above, faster (tests/test_blt.py holds them equal) ============
-
 def window_attention(q, k, v, W):
     """Causal sliding-window attention computed in blocks of W queries, each against its own and the previous block
     of keys: T * 2W scores instead of T * T (what makes the local models cheap, and what the trainer's FLOP count
     sees).  q, k, v: (B, H, T, hd) -> (B, H, T, hd)."""
     B, H, T, hd = q.shape
-    n = -(-T // W)
-    pad = n * W - T
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    n = -(-T // W)                                                 # blocks of W queries, the last one padded
+    q, k, v = (F.pad(t, (0, 0, 0, n * W - T)) for t in (q, k, v))
     q = q.view(B, H * n, W, hd)
     k, v = (torch.cat([F.pad(t, (0, 0, W, 0))[:, :, :n * W], t], -1).view(B, H, n, W, 2, hd)
             .permute(0, 1, 2, 4, 3, 5).reshape(B, H * n, 2 * W, hd) for t in (k, v))   # previous block, own block
@@ -605,72 +554,57 @@ def encode_gathered(ca, patches, h, pid, P, L):
 
 
 def decode_gathered(ca, h, slots, dec, K):
-    # BLT.forward_ids' decoder cross-attention: h: (B, T, D) bytes, slots: (B, P*k, D), dec: (B, T) -> (B, T, D).
-    # Byte t reads the k slots of patch dec[t]
+    # BLT.forward_ids' decoder cross-attention: byte t reads the k slots (B, P*k, D) of patch dec[t] -> (B, T, D)
     idx = dec[..., None] * K + torch.arange(K, device=h.device)             # (B, T, k)
     return gathered_cross_attention(ca, h[:, :, None], slots, idx)[:, :, 0]
 
 
 # --- Loading the entropy model, input checks ------------------------------------------------------------------------
-
 def load_entropy_model(path, vocab_size):
-    """A frozen EntropyModel from a train.py checkpoint of "blt-entropy".  ValueError (one line) when it can't: a
-    path that is not a regular file is refused before it is opened (a FIFO would block torch.load for ever), a pickled
-    Python object is never run (weights_only=True), and the config and every weight are checked before the model is
-    built (sizes from the file never allocate more than its weights)."""
-    hint = "train one with `python train.py --model blt-entropy --setting bytes` and pass --entropy_ckpt PATH " \
-           "(or use --patching space / static, which need no entropy model)"
-    if not path or not os.path.isfile(path):   # stat only: a regular file (symlinks followed)
-        what = "no file" if not path or not os.path.exists(path) else "not a regular file:"
-        raise ValueError(f"entropy patching needs a trained entropy model ({what} {path!r}); {hint}")
-    try:   # tensors and plain types only: a pickled Python object in the file is refused, never run
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        conf = ckpt["config"]
-        name, mcfg, state = conf["model"], dict(conf["model_cfg"]), dict(ckpt["model"])
-    except Exception as e:   # noqa: BLE001 -- any unreadable file gets the same one-line answer
-        if "unsupported global" in str(e).lower():   # torch's wording varies in case between versions
-            raise ValueError(f"entropy_ckpt {path!r} holds pickled Python objects, which are never loaded "
-                             f"(weights_only=True); {hint}") from None
-        why = (str(e).strip().splitlines() or [""])[0][:120]
-        raise ValueError(f"cannot read entropy_ckpt {path!r} ({type(e).__name__}: {why}); {hint}") from None
-    if name != "blt-entropy":
-        raise ValueError(f"entropy_ckpt {path!r} holds model {name!r}, not 'blt-entropy'; {hint}")
-    defaults = {f.name: getattr(EntropyConfig(), f.name) for f in fields(EntropyConfig)}
-    kw = {k: v for k, v in mcfg.items() if k in defaults}
-    for k, v in kw.items():   # each field of the type of its default, the sizes those of the weights
-        d = defaults[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float) if isinstance(d, float) else type(d)):
-            raise ValueError(f"entropy_ckpt {path!r}: its config's {k}={v!r} is not a {type(d).__name__}; {hint}")
+    """A frozen EntropyModel from a train.py checkpoint of "blt-entropy", or a one-line ValueError.  The file is
+    checked before it is trusted: a regular file (a FIFO would block torch.load), tensors and plain types only (a
+    pickled object never runs), a config of the right types whose sizes are its weights' (it allocates no more)."""
+    def refused(why):
+        return ValueError(f"entropy_ckpt {path!r}: {why}; entropy patching needs a trained entropy model: train one "
+                          "with `python train.py --model blt-entropy --setting bytes` (or --patching space / static)")
+    if not path or not os.path.isfile(path):   # stat only (symlinks followed)
+        raise refused("no file" if not path or not os.path.exists(path) else "not a regular file")
     try:
-        ecfg = EntropyConfig(**kw)
-    except ValueError as e:
-        raise ValueError(f"entropy_ckpt {path!r}: its config is invalid ({e}); {hint}") from None
-    state = {k.removeprefix("_orig_mod.").removeprefix("module.") if isinstance(k, str) else k: v
-             for k, v in state.items()}
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        name, mcfg, state = ckpt["config"]["model"], dict(ckpt["config"]["model_cfg"]), dict(ckpt["model"])
+    except Exception as e:   # noqa: BLE001 -- any unreadable file gets the same one-line answer
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise refused("it holds pickled Python objects, which are never loaded (weights_only=True)"
+                      if "unsupported global" in str(e).lower()   # torch's wording varies in case
+                      else f"cannot read it ({type(e).__name__}: {first})") from None
+    if name != "blt-entropy":
+        raise refused(f"it holds model {name!r}, not 'blt-entropy'")
+    kw = {f.name: mcfg[f.name] for f in fields(EntropyConfig) if f.name in mcfg}
+    for k, v in kw.items():   # each field of the type of its default (an int where a float is due), never a bool
+        default = getattr(EntropyConfig, k)
+        if isinstance(v, bool) or not isinstance(v, (int, float) if isinstance(default, float) else type(default)):
+            raise refused(f"its config's {k}={v!r} is not a {type(default).__name__}")
+    d, n, V = (kw.get(k, getattr(EntropyConfig, k)) for k in ("d_model", "n_layer", "vocab_size"))
     layers = {k.split(".")[1] for k in state if isinstance(k, str) and k.startswith("blocks.")}
     emb = state.get("emb.weight")
-    if not (all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()) and torch.is_tensor(emb)
-            and emb.dim() == 2 and emb.shape[1] == ecfg.d_model and len(layers) == ecfg.n_layer):
-        raise ValueError(f"entropy_ckpt {path!r}: its weights are not tensors of its config's sizes (d_model "
-                         f"{ecfg.d_model}, n_layer {ecfg.n_layer}); {hint}")
-    if ecfg.vocab_size != vocab_size:
-        raise ValueError(f"entropy model vocab_size={ecfg.vocab_size} != blt vocab_size={vocab_size}; "
-                         "train the entropy model on the same setting")
-    try:
-        model = EntropyModel(ecfg)
+    if not (all(isinstance(k, str) and torch.is_tensor(t) for k, t in state.items()) and torch.is_tensor(emb)
+            and emb.dim() == 2 and emb.shape[1] == d and len(layers) == n):
+        raise refused(f"its weights are not tensors of its config's sizes (d_model {d}, n_layer {n})")
+    if V != vocab_size:
+        raise ValueError(f"entropy model vocab_size={V} != blt vocab_size={vocab_size}; train it on the same setting")
+    try:   # EntropyConfig checks the relations between its fields, load_state_dict every weight's shape
+        model = EntropyModel(EntropyConfig(**kw))
         model.load_state_dict(state)
     except (ValueError, RuntimeError) as e:
-        raise ValueError(f"entropy_ckpt {path!r} does not fit EntropyModel ({str(e).splitlines()[0]}); "
-                         f"{hint}") from None
+        raise refused(f"it does not fit EntropyModel ({str(e).splitlines()[0]})") from None
     return model
 
 
-def _check_tokens(tokens, cfg, who):
+def _check_tokens(tokens, cfg, who, new=0):   # new: the bytes generate() appends
     if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or tokens.shape[1] < 1:
         raise ValueError(f"{who}: tokens must be an int64 tensor of shape (B, T) with T >= 1; convert with .long()")
-    if tokens.shape[1] > cfg.seq_len:
-        raise ValueError(f"{who}: sequence length {tokens.shape[1]} > seq_len={cfg.seq_len}; "
-                         "crop it or raise --seq_len")
+    if tokens.shape[1] + new > cfg.seq_len:
+        raise ValueError(f"{who}: {tokens.shape[1]} + {new} new bytes > seq_len={cfg.seq_len}; crop or raise --seq_len")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
         raise ValueError(f"{who}: byte ids must be in [0, {cfg.vocab_size}); check the data or use --setting bytes")
 
@@ -679,53 +613,28 @@ MODELS = {"blt-entropy": (EntropyConfig, EntropyModel, "bytes", dict()), "blt": 
 SUPPORTED_SETTINGS = {"blt-entropy": ("bytes",), "blt": ("bytes",)}   # byte models (the text setting's ids are words)
 
 
-if __name__ == "__main__":   # the shipped trained BLT's entropy patches; without it, a quick untrained demo
+if __name__ == "__main__":   # the shipped trained BLT marks where its entropy model starts patches on an eval row
     import data
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.path.join(here, "docs", "ckpt", "blt.pt")
-    if os.path.isfile(path):
-        ck = torch.load(path, map_location="cpu", weights_only=True)     # tensors and plain types only
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"]["model_cfg"].items()}
-        kw["entropy_ckpt"] = os.path.join(here, kw["entropy_ckpt"])       # the shipped entropy model (in the repo)
-        model = BLT(Config(**kw)).eval()                                  # threshold: the trained one (no tuning)
-        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
-        print(f"BLT trained {ck['step']} steps on the bytes setting ({path}): eval "
-              f"{ck['eval']['eval_loss'] / math.log(2):.3f} bits/byte; a patch starts where the trained entropy "
-              f"model's H(next byte) > {float(model.threshold):.2f} nats")
-        b = data.make_data("bytes", seq_len=model.cfg.seq_len, seed=0).get_batch("val", 1, 0)
-        x, kind = b["tokens"] + OFFSET, b["byte_kind"][0]
-        starts = model.patch(x)[0, :-1]
-        names = ("caption", "random", "predictable")
-        print("mean patch length on an eval row, by the data's kind of byte:", ", ".join(
-            f"{n} {int((kind == k).sum()) / max(1, int(starts[kind == k].sum())):.1f} bytes"
-            for k, n in enumerate(names)))
-        print(f"its first stretches, '/' before every patch: on random bytes H is near-uniform (about a patch per "
-              f"byte); elsewhere H stays low and patches run to max_patch_len = {model.cfg.max_patch_len}:")
-        i, shown = 0, 0
-        while i < len(kind) and shown < 5:
-            j = i
-            while j < len(kind) and kind[j] == kind[i]:
-                j += 1
-            text = "".join(("/" if starts[t] else "") + chr(int(x[0, t]) - OFFSET) for t in range(i, min(j, i + 90)))
-            print(f"  {names[int(kind[i])]:>11s}: {text.strip()}")
-            i, shown = j, shown + 1
-    else:
-        print(f"no trained checkpoint at {path}: a quick entropy model on a demo text, then BLT with each patching")
-        torch.manual_seed(0)
-        text = b"the cat sat on the mat. the cat sat on the mat. xq7#Lp2@zK9& the cat sat on the mat. 123 124 125 126"
-        tokens = torch.tensor(list(text[:96]))[None].repeat(2, 1)
-        batch = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:])
-        ent_model = EntropyModel(EntropyConfig(seq_len=128))
-        opt = torch.optim.AdamW(ent_model.parameters(), lr=3e-3)
-        for step in range(60):
-            loss = ent_model(batch)[1]
-            opt.zero_grad(); loss.backward(); opt.step()
-        print(f"entropy model loss {loss.item():.3f} nats/byte")
-        for mode in PATCHINGS:
-            model = BLT(Config(seq_len=128, patching=mode), entropy_model=ent_model)
-            if model.entropy_model is not None:   # the explicit tuning step: from the entropy model's sample to text
-                print(f"threshold {model.threshold:.3f} -> {model.tune_threshold(batch['tokens']):.3f}")
-            logits, loss, parts = model(batch)
-            lens = patch_lengths(model.patch(batch["tokens"] + OFFSET))[0]
-            print(f"{mode:9s} logits {tuple(logits.shape)} loss {loss.item():.3f} patches {len(lens)} {lens[:12]}...")
-        print("generate:", bytes(model.generate(tokens[:1, :20], 12)[0].tolist()))
+    if not os.path.isfile(path):
+        raise SystemExit(f"no trained checkpoint at {path}: restore the shipped one, `git checkout docs/ckpt/blt.pt`")
+    ck = torch.load(path, map_location="cpu", weights_only=True)         # tensors and plain types only
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"]["model_cfg"].items()}
+    kw["entropy_ckpt"] = os.path.join(here, kw["entropy_ckpt"])           # the shipped entropy model (in the repo)
+    model = BLT(Config(**kw)).eval()                                      # threshold: the trained one (no tuning)
+    model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
+    print(f"BLT trained {ck['step']} steps on the bytes setting ({path}): eval "
+          f"{ck['eval']['eval_loss'] / math.log(2):.3f} bits/byte; a patch starts where the trained entropy "
+          f"model's H(next byte) > {float(model.threshold):.2f} nats")
+    b = data.make_data("bytes", seq_len=model.cfg.seq_len, seed=0).get_batch("val", 1, 0)
+    x, kind, names = b["tokens"] + OFFSET, b["byte_kind"][0], ("caption", "random", "predictable")
+    starts = model.patch(x)[0, :-1]
+    print("mean patch length on an eval row, by the data's kind of byte:", ", ".join(
+        f"{n} {int((kind == k).sum()) / max(1, int(starts[kind == k].sum())):.1f} bytes" for k, n in enumerate(names)))
+    print(f"its first stretches, '/' before every patch: on random bytes H is near-uniform (about a patch per "
+          f"byte); elsewhere H stays low and patches run to max_patch_len = {model.cfg.max_patch_len}:")
+    kinds, counts = torch.unique_consecutive(kind, return_counts=True)   # the row's runs of one kind of byte
+    for k, i, n in list(zip(kinds.tolist(), (counts.cumsum(0) - counts).tolist(), counts.tolist()))[:5]:
+        text = "".join(("/" if starts[t] else "") + chr(int(x[0, t]) - OFFSET) for t in range(i, i + min(n, 90)))
+        print(f"  {names[k]:>11s}: {text.strip()}")

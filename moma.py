@@ -11,15 +11,13 @@ Glossary (paper -> code)
     modality groups, "4t4i"       cfg.experts = (4,): experts per group; group m = modality m (0 text, 1 image)
     expert e_{m,i}                MoMaFFN.w_up[g], w_down[g]; g = global expert id (groups laid out in order)
     router W_m, gate g_{m,i}(x)   MoMaFFN.router[m] (D, E_m); gate = sigmoid(x W_m)                  (Sec. 2.2)
-    capacity factor c, k_e        cfg.capacity_factor; k_e = ceil(c * T_m / E_m), T_m = modality-m tokens
-                                  (the paper's c_e = 1/|E_m| is c = 1 here: `moma-paper`)
+    capacity factor c_e, k_e      cfg.capacity_factor c = c_e * E_m; k_e = ceil(c * T_m / E_m), T_m = modality-m tokens
     Gumbel-sigmoid noise, s       cfg.gumbel, in training only                                        (Eq. 5)
     auxiliary router              AuxRouter (D -> cfg.aux_hidden -> E_m), BCE on the EC choices       (Sec. 2.4)
     MoD router, capacity beta     Block.mod_router, cfg.mod_capacity; every cfg.mod_every-th layer    (Sec. 2.3)
     upcycling                     cfg.upcycle_from (a ckpt.pt of a 1t1i MoMa), cfg.upcycle_noise      (Sec. 2.5)
 Training always routes by EC. Outside training cfg.routing picks "aux" (causal: what generate uses, the headline
 eval loss) or "ec" (the paper's non-causal loss); every eval reports the other routing beside it (loss_ec, loss_aux).
-
 Departures: the EC batch is the whole forward batch (B x T tokens of a modality), not one sequence, so the training
 loss depends on how a batch is split into micro-batches or ranks (the causal aux routing does not). The aux routers
 train alongside the main model (the paper: a second stage, MoMa.fit_aux_routers) without changing its training.
@@ -63,8 +61,7 @@ class Config:
     # Sec. 2.2: modality-aware experts with expert-choice routing
     experts: tuple = (4,)        # experts per modality group: (4,) = 4 in every group ("4t4i"), or e.g. (4, 2)
     modality_aware: bool = True   # False: ONE group of experts[0] experts for all tokens (the paper's mixed-modal EC MoE)
-    capacity_factor: float = 2.0  # c: each expert takes k_e = ceil(c * T_m / E_m) tokens of its modality; 1 = the
-                                  # paper's 4t4i (full-width experts at capacity 1/|E_m|, `moma-paper`), 2 = half-width
+    capacity_factor: float = 2.0  # c: each expert takes k_e = ceil(c * T_m / E_m) tokens of its modality (1: moma-paper)
     expert_hidden: int = 0        # hidden size of one expert; 0 = ffn_hidden / capacity_factor: dense FLOPs/token
     gumbel: float = 0.0           # scale s of the Gumbel-sigmoid noise in training (Eq. 5; 0 = off)
     expert_impl: str = "grouped"  # "grouped": one grouped matmul over all experts (speed path); "loop": one per expert
@@ -87,22 +84,19 @@ class Config:
         modality_names="names", n_layer="int >= 1", n_head="int >= 1", d_model="int >= 1",
         ffn_hidden="int >= 0; 0 = 8/3 d_model rounded up to 16", rope_theta="float > 0", norm_eps="float in (0, 1)",
         norm_placement="one of pre|post", experts="ints >= 1", modality_aware="bool", capacity_factor="float > 0",
-        expert_hidden="int >= 0; 0 = ffn_hidden / capacity_factor", gumbel="float >= 0",
-        expert_impl="one of grouped|loop", aux_router="bool",
-        aux_hidden="int >= 1", aux_threshold="float in (0, 1)", routing="one of ec|aux", mod="bool",
+        expert_hidden="int >= 0; 0 = ffn_hidden / capacity_factor", gumbel="float >= 0", expert_impl="one of grouped|loop",
+        aux_router="bool", aux_hidden="int >= 1", aux_threshold="float in (0, 1)", routing="one of ec|aux", mod="bool",
         mod_capacity="float in (0, 1]", mod_every="int >= 1", upcycle_from="path", upcycle_noise="float >= 0",
         init_std="float > 0")
 
     def __post_init__(self):  # relations between fields (each field's range: RANGES); derived sizes are properties
         n_groups = self.n_modalities if self.modality_aware else 1
         if len(self.experts) not in (1, n_groups):
-            raise ValueError(f"experts={self.experts} must give one number, or one for each of the {n_groups} groups; "
-                             f"e.g. --experts=(4,4) for chameleon, (4,4,4) for speech")
+            raise ValueError(f"experts={self.experts}: give one number or one per group ({n_groups}), e.g. --experts=4,4")
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
             raise ValueError(f"d_model={self.d_model} must be a multiple of 2*n_head={2 * self.n_head}; change one of them")
         if self.routing == "aux" and not self.aux_router:
-            raise ValueError("routing='aux' (causal) needs the auxiliary routers; set aux_router=True "
-                             "(or routing='ec' for the non-causal loss only)")
+            raise ValueError("routing='aux' (causal) needs the auxiliary routers: set aux_router=True or routing='ec'")
         if len(set(self.modality_names)) != len(self.modality_names):
             raise ValueError(f"modality_names={self.modality_names} must be distinct")
 
@@ -131,9 +125,8 @@ class MoMaFFN(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, D, H, G = cfg, cfg.d_model, cfg.d_expert, cfg.n_experts_total
+        self.cfg, D, H, G, std = cfg, cfg.d_model, cfg.d_expert, cfg.n_experts_total, cfg.init_std
         self.first = [sum(cfg.group_experts[:m]) for m in range(len(cfg.group_experts))]  # global id of group m's expert 0
-        std = cfg.init_std
         self.router = nn.ParameterList([nn.Parameter(torch.randn(D, e) * std) for e in cfg.group_experts])  # W_m
         self.w_up = nn.Parameter(torch.randn(G, D, 2 * H) * std)                        # [w1 | w3] of every expert
         self.w_down = nn.Parameter(torch.randn(G, H, D) * std / math.sqrt(2 * cfg.n_layer))  # w2 of every expert
@@ -290,9 +283,7 @@ class MoMa(nn.Module):
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
-        # one record per eval forward (for plots): per layer, each expert's share of its group's tokens under each
-        # routing ("counts" for EC, "aux_counts"), MoD fractions, and the aux routers' accuracy against EC ("acc")
-        self.history = []
+        self.history = []   # one record per eval forward, for plots: MoMa._record's per-layer routing stats
         if cfg.upcycle_from:
             self.upcycle(cfg.upcycle_from, cfg.upcycle_noise)
 
@@ -306,9 +297,7 @@ class MoMa(nn.Module):
 
     def trunk(self, tokens, modality, mode, pos=None, caches=None):
         """tokens, modality (B, T) -> final hidden (B, T, D), list of per-block stats"""
-        B, T = tokens.shape
-        if pos is None:
-            pos = torch.arange(T, device=tokens.device).expand(B, T)
+        pos = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens) if pos is None else pos
         x, stats, groups = self.tok_emb(tokens), [], token_groups(self.cfg, modality.reshape(-1))  # for every layer
         for l, block in enumerate(self.blocks):
             x, st = block(x, modality, pos, mode, None if caches is None else caches[l], groups)
@@ -359,7 +348,8 @@ class MoMa(nn.Module):
 
     @staticmethod
     def _record(mode, stats):
-        """One routing's entry in self.history (keys prefixed "aux_" for the aux routing; acc, mod_acc under EC)."""
+        """One routing's entry in self.history, per layer: each expert's share of its group's tokens ("counts"), MoD
+        fractions (keys prefixed "aux_" under the aux routing); under EC the aux routers' accuracy (acc, mod_acc)."""
         pre = "" if mode == "ec" else "aux_"
         rec = {pre + "counts": [s["counts"].tolist() for s in stats],
                pre + "mod_frac": [float(s.get("mod_frac", 1.0)) for s in stats]}
@@ -390,12 +380,10 @@ class MoMa(nn.Module):
         checked_input(self, idx, None, n_new=max_new_tokens)
         was = self.training
         self.eval()
-        caches = [dict() for _ in self.blocks]
-        out, new, start = idx, idx, 0
+        caches, out, new, start = [dict() for _ in self.blocks], idx, idx, 0
         for _ in range(max_new_tokens):
-            mod = self.modality_of(new)
             pos = torch.arange(start, start + new.shape[1], device=idx.device).expand(idx.shape[0], -1)
-            x, _ = self.trunk(new, mod, "aux", pos=pos, caches=caches)
+            x, _ = self.trunk(new, self.modality_of(new), "aux", pos=pos, caches=caches)
             logits = self.lm_head(x[:, -1]).float()
             new = (torch.multinomial(F.softmax(logits / temperature, -1), 1) if temperature > 0
                    else logits.argmax(-1, keepdim=True))
@@ -410,21 +398,18 @@ class MoMa(nn.Module):
         return [p for n, p in self.named_parameters() if ".aux." in n or "mod_aux" in n]
 
     def clip_grad_norm_(self, max_norm):
-        """Clip the main model's gradients and the aux routers' separately, each to max_norm; -> the main model's
-        norm. train.py calls this instead of one global clip (which would let the aux routers' gradient shrink the
-        main model's steps): with the aux routers' side-stream init, the main model trains exactly as without them."""
+        """Clip the main model's gradients and the aux routers' apart, each to max_norm -> the main model's norm.
+        train.py calls this, not one global clip, so that the main model trains exactly as without aux routers."""
         aux = {id(p) for p in self.aux_parameters()}
         norm = torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if id(p) not in aux], max_norm)
-        if aux:
-            torch.nn.utils.clip_grad_norm_(self.aux_parameters(), max_norm)
+        torch.nn.utils.clip_grad_norm_(self.aux_parameters(), max_norm)   # (a no-op without aux routers)
         return norm
 
     # --- Sec. 2.4, stage 2: refit the auxiliary routers with the main model frozen ---
     def fit_aux_routers(self, batches, lr=3e-3):
         """batches: iterable of data batches, e.g. (ds.get_batch("train", 16, 10**4 + i) for i in range(150)).
         Trains only the aux routers on EC targets; returns the last accuracy."""
-        aux = self.aux_parameters()
-        opt, was, acc = torch.optim.AdamW(aux, lr=lr, weight_decay=0.0), self.training, 0.0
+        opt, was, acc = torch.optim.AdamW(self.aux_parameters(), lr=lr, weight_decay=0.0), self.training, 0.0
         self.eval()  # no Gumbel noise; EC targets from the frozen main model
         for batch in batches:
             _, stats = self.trunk(batch["tokens"], batch["modality"], "ec")
@@ -446,16 +431,12 @@ class MoMa(nn.Module):
         parent's router column; plus relative noise to break symmetry. A token picked by c experts on average then
         gets the parent's FFN output in expectation, and exactly when every expert takes every token (c = E_m)."""
         sd = load_weights(path, "upcycle_from", "train one with --model moma-1t1i")
-        cfg, own = self.cfg, self.state_dict()
-        up, down = sd.get("blocks.0.ffn.w_up"), sd.get("blocks.0.ffn.w_down")
-        n_par = up.shape[0] if up is not None and up.dim() == 3 and down is not None and down.dim() == 3 else -1
-        if n_par != len(cfg.group_experts):
-            raise ValueError(f"upcycle_from={path!r} is not a 1t1i MoMa checkpoint (it has {n_par} experts per "
-                             f"layer, need {len(cfg.group_experts)}); train one with --model moma-1t1i")
-        Hp, H = sd["blocks.0.ffn.w_down"].shape[1], cfg.d_expert
-        if Hp % H:
-            raise ValueError(f"upcycle_from={path!r}: the parent's expert width {Hp} is not a multiple of "
-                             f"expert_hidden={H}; pick --expert_hidden dividing {Hp}")
+        cfg, own, H, n_groups = self.cfg, self.state_dict(), self.cfg.d_expert, len(self.cfg.group_experts)
+        up, down = (sd.get(f"blocks.0.ffn.{w}", torch.zeros(0)) for w in ("w_up", "w_down"))
+        n_par, Hp = (up.shape[0], down.shape[1]) if up.dim() == down.dim() == 3 else (-1, 0)  # experts, width
+        if n_par != n_groups or Hp % H:
+            raise ValueError(f"upcycle_from={path!r} is not a 1t1i MoMa checkpoint (need {n_groups} experts of a width "
+                             f"expert_hidden={H} divides, got {n_par} of {Hp}); train one with --model moma-1t1i")
         s = Hp // H
         jitter = lambda w: w + noise * w.std() * torch.randn_like(w) if noise > 0 else w.clone()
         par = [(m, j % s) for m, e in enumerate(cfg.group_experts) for j in range(e)]  # (parent group, chunk)
@@ -463,38 +444,18 @@ class MoMa(nn.Module):
             if k not in own or ".aux." in k or "mod_aux" in k:
                 continue  # fresh aux routers: the parent's learned a trivial (all-selected) target
             try:
-                if k.endswith("ffn.w_up"):  # [w1 | w3]: take the same hidden chunk from both halves
-                    half = lambda w, q: torch.cat([w[:, q * H:(q + 1) * H], w[:, Hp + q * H:Hp + (q + 1) * H]], 1)
-                    v = torch.stack([jitter(half(v[m], q)) for m, q in par])
+                if k.endswith("ffn.w_up"):  # [w1 | w3] of width 2 s H: hidden chunk q of both halves
+                    v = torch.stack([jitter(v[m].unflatten(1, (2, s, H))[:, :, q].flatten(1)) for m, q in par])
                 elif k.endswith("ffn.w_down"):
                     v = torch.stack([jitter(v[m][q * H:(q + 1) * H]) for m, q in par]) * (s / cfg.capacity_factor)
                 elif ".ffn.router." in k:
                     v = jitter(v.expand(-1, own[k].shape[1]))
             except (IndexError, RuntimeError):  # a parent tensor of another rank or size
-                raise ValueError(f"upcycle_from={path!r}: {k} has shape {tuple(v.shape)}, not a 1t1i MoMa's of this "
-                                 f"size; use the parent's d_model, n_layer and vocabulary") from None
-            if v.shape != own[k].shape:
-                raise ValueError(f"upcycle_from={path!r}: {k} has shape {tuple(v.shape)}, this model needs "
-                                 f"{tuple(own[k].shape)}; use the parent's d_model, n_layer and vocabulary")
+                v = None
+            if v is None or v.shape != own[k].shape:
+                raise ValueError(f"upcycle_from={path!r}: the parent's {k} {tuple(sd[k].shape)} does not fit this "
+                                 f"model's {tuple(own[k].shape)}; use the parent's d_model, n_layer and vocabulary")
             own[k].copy_(v)
-
-
-def load_weights(path, flag, fix):
-    """The weights (a dict name -> tensor) of a train.py ckpt.pt, or a one-line ValueError naming what is wrong: a
-    path that is not a regular file (a FIFO would block torch.load for ever) is refused before it is opened; a
-    pickled Python object is never run (weights_only=True)."""
-    if not os.path.isfile(path):  # stat only: a regular file (symlinks followed), never opened otherwise
-        what = "is not a regular file" if os.path.exists(path) else "does not exist"
-        raise ValueError(f"{flag}={path!r} {what}; {fix}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    except Exception as e:  # noqa: BLE001 -- an empty, garbage or pickled file: the same one-line answer
-        why = ("it holds pickled Python objects, never loaded" if "unsupported global" in str(e).lower() else
-               f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:80]}")
-        raise ValueError(f"{flag}={path!r} is not a train.py checkpoint with a 'model' entry ({why}); {fix}") from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
-        raise ValueError(f"{flag}={path!r}: its 'model' entry is not a dict of tensors; {fix}")
-    return sd
 
 
 # --- the shared backbone: RMSNorm, RoPE, causal attention (the same numerics and names as mot.py's dense model) ---
@@ -523,8 +484,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        D = cfg.d_model
-        self.n_head, self.theta = cfg.n_head, cfg.rope_theta
+        D, self.n_head, self.theta = cfg.d_model, cfg.n_head, cfg.rope_theta
         self.qkv = nn.Parameter(torch.randn(D, 3 * D) * cfg.init_std)
         self.proj = nn.Parameter(torch.randn(D, D) * cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
@@ -550,25 +510,18 @@ class Attention(nn.Module):
 def grouped_ffn(ffn, h, modality, mode, groups=None):
     """MoMaFFN.forward with every expert of every group in ONE grouped matmul per projection (kernels.grouped_matmul,
     a Triton kernel on GPU) over the (token, expert) pairs, which route() returns sorted by expert."""
-    B, T, D = h.shape
-    xf = h.reshape(-1, D)
+    xf = h.reshape(-1, h.shape[-1])                                             # (N, D)
     tok, exp, g, stats = ffn.route(xf, modality.reshape(-1), mode, groups)
     if tok is None:
         return torch.zeros_like(h), stats
     sizes = (exp[:, None] == torch.arange(ffn.cfg.n_experts_total, device=exp.device)).sum(0)  # pairs per expert
-    dt = compute_dtype(xf)                                                      # one dtype for the kernel
-    up = kernels.grouped_matmul(xf[tok].to(dt), ffn.w_up.to(dt), sizes)         # (P, 2H): [w1 | w3] per pair
-    a, b = up.chunk(2, dim=-1)
+    dev = xf.device.type                                 # one dtype for the kernel: autocast's when it is on, else x's
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xf.dtype
+    a, b = kernels.grouped_matmul(xf[tok].to(dt), ffn.w_up.to(dt), sizes).chunk(2, dim=-1)  # (P, H): w1, w3 per pair
     y = kernels.grouped_matmul(F.silu(a) * b, ffn.w_down.to(dt), sizes)        # (P, D): SwiGLU expert outputs
     y = y * g[:, None].to(y.dtype)                                              # Eq. 1: gate-weighted ...
     out = torch.zeros_like(xf).index_add_(0, tok, y.to(xf.dtype))              # ... and summed per token
-    return out.view(B, T, D), stats
-
-
-def compute_dtype(x):
-    """The dtype matmuls run in: autocast's when it is on (bf16 on CUDA), else x's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return out.view_as(h), stats
 
 
 def kv_cache(cache, k, v, ok):
@@ -581,25 +534,39 @@ def kv_cache(cache, k, v, ok):
     return k, v, ok, past
 
 
-# --- runtime input checks (one-line ValueErrors) ---------------------------------------------------------------
+# --- guard rails: runtime input checks and the checkpoint loader (one-line ValueErrors) ----------------------------
 def checked_input(model, tokens, modality, n_new=0):
     """tokens (B, T), modality (B, T) or None (from the token ids), n_new tokens to generate -> modality."""
     cfg = model.cfg
     if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
         raise ValueError("tokens must be an int64 tensor of shape (B, T); convert with .long()")
     if tokens.shape[1] + n_new > cfg.seq_len:
-        raise ValueError(f"sequence length {tokens.shape[1]} (+ {n_new} to generate) > seq_len={cfg.seq_len}; "
-                         "crop it, generate fewer tokens or raise --seq_len")
-    if tokens.numel() and bool((tokens.min() < 0) | (tokens.max() >= cfg.vocab_size)):
-        raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); check the data or --vocab_size")
+        raise ValueError(f"{tokens.shape[1]} tokens + {n_new} new > seq_len={cfg.seq_len}; crop or raise --seq_len")
     modality = model.modality_of(tokens) if modality is None else modality
     if modality.dtype != torch.long or modality.shape != tokens.shape:
-        raise ValueError(f"modality must be an int64 tensor of shape {tuple(tokens.shape)}, got "
-                         f"{modality.dtype} {tuple(modality.shape)}")
-    if modality.numel() and bool((modality.min() < 0) | (modality.max() >= cfg.n_modalities)):
-        raise ValueError(f"modality ids must be in [0, {cfg.n_modalities}); got max {int(modality.max())}: "
-                         f"set --n_modalities (and --experts) for this data")
+        raise ValueError(f"modality must be an int64 tensor of shape {tuple(tokens.shape)}, got {modality.dtype} "
+                         f"{tuple(modality.shape)}")
+    for what, ids, n, fix in (("token", tokens, cfg.vocab_size, "check the data or --vocab_size"),
+                              ("modality", modality, cfg.n_modalities, "set --n_modalities (and --experts)")):
+        if ids.numel() and bool((ids.min() < 0) | (ids.max() >= n)):
+            raise ValueError(f"{what} ids must be in [0, {n}), got {int(ids.min())}..{int(ids.max())}; {fix}")
     return modality
+
+
+def load_weights(path, flag, fix):
+    """The weights (name -> tensor) of a train.py ckpt.pt, or a one-line ValueError naming what is wrong. Only a
+    regular file is opened (a FIFO would block torch.load for ever); pickled objects never run (weights_only=True)."""
+    if not os.path.isfile(path):  # stat only (symlinks followed)
+        raise ValueError(f"{flag}={path!r} is {'not a regular file' if os.path.exists(path) else 'missing'}; {fix}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    except Exception as e:  # noqa: BLE001 -- an empty, garbage or pickled file: the same one-line answer
+        why = ("it holds pickled Python objects, never loaded" if "unsupported global" in str(e).lower() else
+               f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:80]}")
+        raise ValueError(f"{flag}={path!r} is not a train.py checkpoint with a 'model' entry ({why}); {fix}") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise ValueError(f"{flag}={path!r}: its 'model' entry is not a dict of tensors; {fix}")
+    return sd
 
 
 MODELS = {
@@ -612,77 +579,61 @@ MODELS = {
 SUPPORTED_SETTINGS = {name: ("chameleon", "speech") for name in MODELS}  # modality-aware: token modalities only
 
 
-if __name__ == "__main__":   # the shipped trained MoMa's routing, as text; without it, every variant untrained
+if __name__ == "__main__":   # the shipped trained MoMa's routing, as text (untrained when the file is missing)
     import data
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "ckpt", "moma.pt")
     if os.path.isfile(path):
         ck = torch.load(path, map_location="cpu", weights_only=True)     # tensors and plain types only
-        model = MoMa(Config(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in ck["config"]["model_cfg"].items()})).eval()
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"]["model_cfg"].items()})
+        model, ev, seed = MoMa(cfg).eval(), ck["eval"], ck["config"]["train"]["seed"]
         model.load_state_dict({k: v.float() for k, v in ck["model"].items()})   # fp16 on disk
-        cfg, ev = model.cfg, ck["eval"]
-        E = cfg.group_experts
         print(f"MoMa trained {ck['step']} steps on the chameleon setting ({path}): eval loss {ev['eval_loss']:.3f} "
               f"nats/token routed causally by the auxiliary routers ({ev['eval_loss_ec']:.3f} by expert choice, which "
               f"sees the whole batch); the aux routers agree with expert choice on {ev['eval_router_acc']:.0%} of "
               f"(token, expert) decisions")
-        print(f"every FFN has {E[0]} text experts (t0-t{E[0] - 1}) and {E[1]} image experts (i0-i{E[1] - 1}); a token "
-              f"only ever reaches the experts of its own modality, then each expert takes the tokens it scores highest")
-        ds = data.make_data("chameleon", cfg.seq_len, ck["config"]["train"]["seed"])
-        batch = ds.get_batch("val", 8, 0)
-        seen = []                                        # (FFN input h, modality) of every layer, on the eval rows
-        hooks = [b.ffn.register_forward_hook(lambda mod, inp, out: seen.append(inp[:2])) for b in model.blocks]
-        with torch.no_grad():
-            model(batch, routing="aux")
-            picks = []                                   # per layer: (B*T, experts) bool, who takes each token
-            for block, (h, m) in zip(model.blocks, seen):
-                tok, exp, _, _ = block.ffn.route(h.reshape(-1, cfg.d_model), m.reshape(-1), "aux")
-                pick = torch.zeros(h.shape[0] * h.shape[1], cfg.n_experts_total, dtype=torch.bool)
-                if tok is not None:
-                    pick[tok, exp] = True
-                picks.append(pick)
-        for hk in hooks:
-            hk.remove()
-        names = [f"{'ti'[m]}{i}" for m in range(len(E)) for i in range(E[m])]
-        tok = batch["tokens"].reshape(-1)
-        label = lambda t: data.word(t) if t < data.N_TEXT else f"i{t - data.N_TEXT}"
-        print("the experts that take each of the first 32 tokens of an eval row (the tokens of "
-              "docs/moma_routing_tokens.png; causal aux routers, what generate uses; - = none: the residual only):")
-        head = f"{'token':>7s}  " + "".join(f"{f'layer {l}':13s}" for l in range(len(picks)))
-        print("  " + head + "   " + head)
-        cell = lambda t: f"{label(int(tok[t])):>7s}  " + "".join(
-            f"{' '.join(names[e] for e in p[t].nonzero()[:, 0].tolist()) or '-':13s}" for p in picks)
-        for t in range(16):
-            print("  " + cell(t) + "   " + cell(t + 16))
-        cb = data.codebook().reshape(-1, data.PATCH * data.PATCH, data.CH)
-        fg = torch.tensor((cb.max(-1) > 0.5).any(-1))    # an image token whose patch holds object pixels
-        kinds = {"markers <bos> <boi> <eoi> .": [data.BOS, data.BOI, data.EOI, data.SEP],
-                 "shape and colour words": [data.WORD_ID[x] for x in data.SHAPES + data.COLOURS],
-                 "size and position words": [data.WORD_ID[x] for x in ("small", "large", "top", "bottom", "left",
-                                                                        "right")],
-                 "other words": [i for i in range(len(data.SPECIALS), len(data.WORDS)) if data.WORDS[i] not in
-                                 data.SHAPES + data.COLOURS + ("small", "large", "top", "bottom", "left", "right")]}
-        cats = {k: torch.isin(tok, torch.tensor(v)) for k, v in kinds.items()}
-        img = tok >= data.N_TEXT
-        cats["image: background patches"] = img & ~fg[(tok - data.N_TEXT).clamp(min=0)]
-        cats["image: patches of the object"] = img & fg[(tok - data.N_TEXT).clamp(min=0)]
-        print(f"the share of each kind of token that each expert takes, over {tok.numel():,} tokens of 8 eval rows "
-              f"(causal aux routers):")
-        for l, p in enumerate(picks):
-            print(f"  layer {l}: {'':24s}" + " ".join(f"{n:>4s}" for n in names))
-            for k, sel in cats.items():
-                share = p[sel].float().mean(0) if sel.any() else torch.zeros(len(names))
-                print(f"    {k:>30s} " + " ".join("   ." if s == 0 else f"{s:4.0%}" for s in share.tolist()))
     else:
-        print(f"no trained checkpoint at {path}: every MoMa variant, untrained, on random tokens instead")
+        print(f"no trained checkpoint at {path}: an untrained MoMa instead (`git checkout docs/ckpt/moma.pt`)")
         torch.manual_seed(0)
-        B, T = 4, 64
-        for name, (C, M, _, over) in MODELS.items():
-            model = M(C(**over))
-            tokens = torch.randint(0, model.cfg.vocab_size, (B, T))
-            batch = dict(tokens=tokens, targets=torch.roll(tokens, -1, 1), modality=model.modality_of(tokens))
-            logits, loss, parts = model(batch)
-            loss.backward()
-            print(f"{name:9s} logits {tuple(logits.shape)} loss {loss.item():.3f} "
-                  f"{ {k: round(v.item(), 3) for k, v in parts.items()} } params {model.num_params(False):,}")
-            print("          generate:", model.generate(tokens[:1, :8], 8)[0, 8:].tolist())
+        model, seed = MoMa(Config()).eval(), 0
+    cfg, E = model.cfg, model.cfg.group_experts
+    print(f"every FFN has {E[0]} text experts (t0-t{E[0] - 1}) and {E[1]} image experts (i0-i{E[1] - 1}); a token "
+          f"only ever reaches the experts of its own modality, then each expert takes the tokens it scores highest")
+    batch = data.make_data("chameleon", cfg.seq_len, seed).get_batch("val", 8, 0)
+    picks = []                                           # per layer: (B*T, experts) bool, who takes each token
+
+    def who(ffn, inp, out):                              # an FFN's input (h, modality), routed by the aux routers
+        tok, exp, _, _ = ffn.route(inp[0].reshape(-1, cfg.d_model), inp[1].reshape(-1), "aux")
+        picks.append(torch.zeros(inp[1].numel(), cfg.n_experts_total, dtype=torch.bool))
+        if tok is not None:
+            picks[-1][tok, exp] = True
+    for block in model.blocks:
+        block.ffn.register_forward_hook(who)
+    with torch.no_grad():
+        model(batch, routing="aux")
+    names = [f"{'ti'[m]}{i}" for m in range(len(E)) for i in range(E[m])]
+    tok = batch["tokens"].reshape(-1)
+    label = lambda t: data.word(t) if t < data.N_TEXT else f"i{t - data.N_TEXT}"
+    print("the experts that take each of the first 32 tokens of an eval row (the tokens of "
+          "docs/moma_routing_tokens.png; causal aux routers, what generate uses; - = none: the residual only):")
+    head = f"{'token':>7s}  " + "".join(f"{f'layer {l}':13s}" for l in range(len(picks)))
+    print("  " + head + "   " + head)
+    cell = lambda t: f"{label(int(tok[t])):>7s}  " + "".join(
+        f"{' '.join(names[e] for e in p[t].nonzero()[:, 0].tolist()) or '-':13s}" for p in picks)
+    for t in range(16):
+        print("  " + cell(t) + "   " + cell(t + 16))
+    obj, where = data.SHAPES + data.COLOURS, data.SIZES + ("top", "bottom", "left", "right")
+    has = lambda ids: torch.isin(tok, torch.tensor(list(ids)))
+    fg = torch.tensor((data.codebook().reshape(-1, data.PATCH ** 2, data.CH).max(-1) > 0.5).any(-1))  # object pixels
+    img, fg = tok >= data.N_TEXT, fg[(tok - data.N_TEXT).clamp(min=0)]     # an image token, and its patch has them
+    cats = {"markers <bos> <boi> <eoi> .": has([data.BOS, data.BOI, data.EOI, data.SEP]),
+            "shape and colour words": has(data.WORD_ID[x] for x in obj),
+            "size and position words": has(data.WORD_ID[x] for x in where),
+            "other words": has(data.WORD_ID[x] for x in data.WORDS[len(data.SPECIALS):] if x not in obj + where),
+            "image: background patches": img & ~fg, "image: patches of the object": img & fg}
+    print(f"the share of each kind of token that each expert takes, over {tok.numel():,} tokens of 8 eval rows "
+          f"(causal aux routers):")
+    for l, p in enumerate(picks):
+        print(f"  layer {l}: {'':24s}" + " ".join(f"{n:>4s}" for n in names))
+        for k, sel in cats.items():
+            share = p[sel].float().mean(0) if sel.any() else torch.zeros(len(names))
+            print(f"    {k:>30s} " + " ".join("   ." if s == 0 else f"{s:4.0%}" for s in share.tolist()))

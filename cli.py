@@ -4,9 +4,9 @@
 of its default (parse_args, convert, apply). Each field's valid range is written once, in its class's RANGES
 ("int >= 1", "one of a|b", "float in (0, 1]"; after ";" a note): check_ranges checks a config against it and --help
 prints it. Relations between fields live in a model Config's __post_init__ or in check_run here. Every bad value is
-one line `error: ...` and exit status 2 (UsageError). Also here: the device and precision a run gets, and torchrun's
-plumbing (the process group, every collective on a tensor on the training device). The method is in train.py and the
-model files; none of it is here.
+one line `error: ...` and exit status 2 (UsageError). Also here: the device and precision a run gets, the FLOPs a step
+costs (count_flops), and torchrun's plumbing (the process group, the context-parallel group, every collective on a
+tensor on the training device). The method is in train.py and the model files; none of it is here.
 """
 import contextlib
 import copy

@@ -25,6 +25,7 @@ import queue
 import random
 import shlex
 import stat
+import sys
 import threading
 import time
 
@@ -744,3 +745,8 @@ def export_main(argv, evaluate, train_config, setting_defaults):
     run_loss = ck["run_eval"].get("eval_loss", float("nan"))
     return (f"{dst}: {ck['config']['model']}, step {ck['step']}, {os.path.getsize(dst) / 1e6:.2f} MB, eval_loss "
             f"{ck['eval']['eval_loss']:.4f} (fp16 weights; the run's {run_loss:.4f})")
+
+
+if __name__ == "__main__":   # the exporter's command is train.py's, which hands it train.evaluate
+    print(f"error: usage: {EXPORT_USAGE}", file=sys.stderr)
+    sys.exit(2)

@@ -309,7 +309,7 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
     step, elapsed = rundir.resume(ck, model, opt, sched, scaler) if ck is not None else (0, 0.0)  # exact: RNG, data
     last_good = step if ck is not None else None
     cp = cli.cp_group(raw, tc)   # --context_parallel: after count_flops (one process's FLOPs per token), else None
-    if world > 1:
+    if world > 1:  # torchrun: each rank trains on its own rows, DDP averages the gradients
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if dev.startswith("cuda") else None,
                                                           find_unused_parameters=True)
     if tc.compile:
@@ -362,7 +362,7 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
                     raise cli.diverged(step, "the eval loss", last_good, ckpt_path, tc)
                 if rank == 0 and tc.gen_n and (step % tc.gen_every == 0 or step == tc.steps):
                     with rundir.timer(spent, "generation"):
-                        cli.set_cp(raw, None)                            # generation runs on rank 0 alone
+                        cli.set_cp(raw, None)                        # generation runs on rank 0 alone
                         ev.update(generation_metrics(raw, ds, tc))
                         cli.set_cp(raw, cp)
                 ev = record(**ev)
@@ -386,7 +386,7 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
     finally:
         batches.close()
     bar.close()
-    cli.set_cp(raw, None)                                               # the end-of-run figures run on rank 0 alone
+    cli.set_cp(raw, None)                                           # the end-of-run figures run on rank 0 alone
     if rank == 0:
         log.close()
         plots.safely(lambda: plots.plot_run(out), "loss curve")

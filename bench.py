@@ -10,21 +10,23 @@
     python bench.py --static             # runs gpu_check.py --static: every Triton kernel compiled for each target
     python bench.py --gpu-check          # runs gpu_check.py: on a CUDA machine, every kernel, model and run for real
 
-Results are merged into --out (out/bench.json; the shipped bench.json holds ours) under "models", "kernels", "static", "peers" and "wall". On CPU the kernel
-benchmarks run at reduced sizes (printed with each row): the naive baselines would take minutes and gigabytes.
+Results are merged into --out (out/bench.json; the shipped bench.json holds ours) under "models", "kernels", "static",
+"peers" and "wall". On CPU the kernel benchmarks run at reduced sizes (printed with each row): the naive baselines would
+take minutes and gigabytes.
 """
 import argparse
 import contextlib
 import json
 import os
+import pathlib
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 
 import torch
 
@@ -157,11 +159,9 @@ def bench_peers(args):
 
 
 def bench_models(args):
-    device = _device(args)
-    reg = train.registry()
+    device, reg, rows = _device(args), train.registry(), []
     names = args.models if args.models else [n for n in DEFAULT_MODELS if n.partition("@")[0] in reg]
     peak = matmul_peak(device)
-    rows = []
     for n in names:  # each model in its own process, so that its peak memory is its own
         r = subprocess.run([sys.executable, __file__, "--_one", n, "--device", device, "--reps", str(args.reps),
                             "--scale_tokens", str(args.scale_tokens)], capture_output=True, text=True)
@@ -175,12 +175,10 @@ def bench_models(args):
     print(f"{'model':16s} {'setting':12s} {'params':>8s} {'batch':>8s} {'ms/step':>9s} {'data ms':>8s} {'x dense':>8s} "
           f"{'tok/s':>9s} {'MiB':>7s} {'MFU':>6s} {'launch':>6s}   us/token at 4 doubling lengths (ratio last/first)")
     for r in rows:
-        d, sc = dense.get(r["setting"]), r["scaling"]
-        ls = sorted(sc, key=int)
-        r["mfu"] = r["flops_s"] / peak
-        r["x_dense"] = r["ms_step"] / d["ms_step"] if d else None
+        d, sc, ls = dense.get(r["setting"]), r["scaling"], sorted(r["scaling"], key=int)
+        r.update(mfu=r["flops_s"] / peak, x_dense=r["ms_step"] / d["ms_step"] if d else None,
+                 data_share=r["data_ms"] / (r["data_ms"] + r["ms_step"]))
         xd = f"{r['x_dense']:.2f}" if d else "-"
-        r["data_share"] = r["data_ms"] / (r["data_ms"] + r["ms_step"])
         print(f"{r['model']:16s} {r['setting']:12s} {r['params'] / 1e6:7.2f}M {r['batch']:>8s} {r['ms_step']:9.1f} "
               f"{r['data_ms']:8.1f} {xd:>8s} {r['tokens_s']:9,.0f} {r['peak_mem_mb']:7.0f} {100 * r['mfu']:5.1f}% "
               f"{r['launches']:6d}   "
@@ -199,8 +197,7 @@ def bench_data(rows=()):
     for s in data.SETTINGS:
         d = train.SETTING_DEFAULTS[s]
         ms = data_ms(data.make_data(s, seq_len=d["seq_len"]), d["batch_size"])
-        steps = {r["model"]: r["ms_step"] for r in rows if r["setting"] == s}
-        share = {m: round(ms / (ms + st), 3) for m, st in steps.items()}
+        share = {r["model"]: round(ms / (ms + r["ms_step"]), 3) for r in rows if r["setting"] == s}
         out.append(dict(setting=s, batch=f"{d['batch_size']}x{d['seq_len']}", data_ms=ms, share_of_step=share))
         print(f"{s:12s} {out[-1]['batch']:>8s} {ms:8.1f}   " + " ".join(f"{m} {100 * v:.0f}%" for m, v in share.items()))
     return out
@@ -229,13 +226,12 @@ WALL_RUNS = {  # name: the command as a user types it, its models, setting, step
 
 # The step's time by category: each profiled op's self time goes to the category of the OUTERMOST event around it
 # (itself included) whose name matches one of these patterns (checked in order; "aten::" stripped): an op inside
-# aten::linear is matmul, one inside cross_entropy is loss, one inside the optimizer is the optimizer's. While it
-# profiles, bench labels regions (record_function): nanomix:optimizer (train.clip_grads; torch labels AdamW's
-# Optimizer.step# and Optimizer.zero_grad# itself), nanomix:scan (kernels.selective_scan / linear_scan, their Python
-# loop included; backward nodes *Scan*Backward), nanomix:routing (sort_by_group / unsort), nanomix:grouped_matmul
-# (matmul). Other aten ops are "elementwise & norms", except views and allocations (_NO_LAUNCH), which join the
-# non-aten time (autograd engine nodes, other labelled Python) in "other". Python between top-level ops is in no
-# event, so shares are of the profiled total, a little under the step's time.
+# aten::linear is matmul, one inside cross_entropy is loss, one inside the optimizer is the optimizer's. The regions
+# bench labels while it profiles (nanomix:REGION, split_by_category) count as events, as do torch's own labels
+# (AdamW's Optimizer.step# and zero_grad#, the scans' backward nodes *Scan*Backward). Other aten ops are "elementwise
+# & norms", except views and allocations (_NO_LAUNCH), which join the non-aten time (autograd engine nodes, other
+# labelled Python) in "other". Python between top-level ops is in no event: shares are of the profiled total, a
+# little under the step's time.
 WALL_CATEGORIES = (
     ("optimizer", r"^nanomix:optimizer$|^Optimizer\.(step|zero_grad)#"),
     ("scan/FFT", r"^nanomix:scan$|Scan\w*Backward|(^|_)fft_|^_fft"),
@@ -270,21 +266,12 @@ def split_by_category(step, device):
     from torch.profiler import record_function
     wrapped = {(kernels, "selective_scan"): "scan", (kernels, "linear_scan"): "scan", (kernels, "unsort"): "routing",
                (kernels, "sort_by_group"): "routing", (kernels, "grouped_matmul"): "grouped_matmul",
-               (train, "clip_grads"): "optimizer"}
-    orig = {(mod, k): getattr(mod, k) for mod, k in wrapped}
-
-    def label(f, what):
-        def g(*a, **k):
-            with record_function(f"nanomix:{what}"):
-                return f(*a, **k)
-        return g
-    try:
+               (train, "clip_grads"): "optimizer"}   # a scan's region holds its Python loop too
+    with contextlib.ExitStack() as labelled:   # each labelled (nanomix:REGION) while it profiles, then restored
         for (mod, k), what in wrapped.items():
-            setattr(mod, k, label(orig[mod, k], what))
+            f = record_function(f"nanomix:{what}")(getattr(mod, k))
+            labelled.enter_context(unittest.mock.patch.object(mod, k, f))
         events = profiled_events(step, device)
-    finally:
-        for (mod, k), f in orig.items():
-            setattr(mod, k, f)
     cats = dict.fromkeys(WALL_ORDER, 0.0)
     for e in events:
         if e.device_type != torch.autograd.DeviceType.CPU:   # CUDA: each op's own kernels' time, by the op
@@ -305,27 +292,16 @@ def occurrences(steps, every, last=True):
     return steps // every + (1 if last and steps % every else 0)
 
 
-class _Clock:
-    """Wall and CPU time (this process, all its threads) since creation, in ms: .wall, .cpu."""
-    def __init__(self):
-        self.t, self.c = time.perf_counter(), time.process_time()
-    wall = property(lambda self: 1e3 * (time.perf_counter() - self.t))
-    cpu = property(lambda self: 1e3 * (time.process_time() - self.c))
-
-
-def _timed(f):
-    """f() -> (its result, (wall ms, CPU ms))."""
-    c = _Clock()
-    out = f()
-    return out, (c.wall, c.cpu)
-
-
-def _settled(*prefetches, timeout_s=5.0):
-    """Wait until each Prefetch thread has drawn as far ahead as it may (its queue full) or has ended, so that no
-    drawing left over from an earlier step overlaps the next timed one."""
+def _timed(f, *drawing, timeout_s=5.0):
+    """f() -> (its result, (wall ms, CPU ms: this process, all its threads)), timed once each Prefetch thread in
+    drawing has drawn as far ahead as it may (its queue full) or has ended: no drawing left over from an earlier step
+    overlaps the timed one."""
     end = time.perf_counter() + timeout_s
-    while any(p.thread.is_alive() and not p.q.full() for p in prefetches) and time.perf_counter() < end:
+    while any(p.thread.is_alive() and not p.q.full() for p in drawing) and time.perf_counter() < end:
         time.sleep(1e-3)
+    t, c = time.perf_counter(), time.process_time()
+    out = f()
+    return out, (1e3 * (time.perf_counter() - t), 1e3 * (time.process_time() - c))
 
 
 def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None, train_overrides=None):
@@ -335,16 +311,17 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
     if name == "blt" and setting == "bytes" and "patching" not in over:
         over.update(entropy_ckpt=BLT_ENTROPY) if os.path.isfile(BLT_ENTROPY) else over.update(patching="space")
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    c = _Clock()
-    model, cfg, tc, ds = train.build(name, setting, over, device=device,
-                                     train_overrides=dict(train_overrides or {}, steps=steps))
-    micro = tc.micro_batch_size or tc.batch_size
-    fl = train.count_flops(model, [train.to(ds.get_batch("train", micro, i), device) for i in range(4)], parts=True)
-    start = (c.wall, c.cpu)                                             # build + the FLOPs count train.py makes first
+
+    def setup():                                                        # build + the FLOPs count train.py makes first
+        model, _, tc, ds = train.build(name, setting, over, device=device,
+                                       train_overrides=dict(train_overrides or {}, steps=steps))
+        micro = tc.micro_batch_size or tc.batch_size
+        return model, tc, ds, micro, train.count_flops(
+            model, [train.to(ds.get_batch("train", micro, i), device) for i in range(4)], parts=True)
+    (model, tc, ds, micro, fl), start = _timed(setup)
     opt, sched = train.make_optimizer(model, tc)                       # train.py's optimizer and precision
     autocast, scaler = train.autocast_for(device, tc.precision), cli.grad_scaler(device, tc.precision)
-    accum = tc.batch_size // micro
-    records = []
+    accum, records = tc.batch_size // micro, []
 
     def step(get):                                                      # train.py's own training step
         loss, parts, _, ok = train.train_step(model, [train.to(get(m), device) for m in range(accum)], opt, sched,
@@ -370,61 +347,36 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
 
     for i in range(2):                                                  # warm-up
         step(pick(i))
-    cpu = []
-    for i in range(k + 1):                                              # CPU time: no data thread alive
-        c = _Clock()
-        step(pick(i))
-        cpu.append(c.cpu)
+    cpu = [_timed(lambda: step(pick(i)))[1][1] for i in range(k + 1)]  # CPU time: no data thread alive
     ds.get_batch("train", micro, 19_999)                                # the data's first-use cost is start's
-    draws = [_timed(lambda i=i: [ds.get_batch("train", micro, 20_000 + i * accum + m) for m in range(accum)])[1]
+    draws = [_timed(lambda: [ds.get_batch("train", micro, 20_000 + i * accum + m) for m in range(accum)])[1]
              for i in range(3)]                                         # one training batch drawn inline
     # the rows of the steps fed prepared (ds.prepare: drawn before the steps, as a run would before its first step)
     first = 10 ** 6
     prep = _timed(lambda: ds.prepare("train", micro, first, first + rounds * k * accum))[1]
-    fed, fed_prep, alone, bare, threaded, n_fed = [], [], [], [], [], 0
+    fed, fed_prep, alone, bare, threaded = [], [], [], [], []
     pin, bg = device.startswith("cuda"), device != "cpu"     # as train.py feeds its loop: drawn in it on the CPU
-    batches = train.Prefetch(ds, micro, 0, 1, 0, 10 ** 9, pin=pin, background=bg)
-    ready = train.Prefetch(ds, micro, 0, 1, first, first + rounds * k * accum, pin=pin, background=bg)  # prepared rows
-    try:
-        for _ in range(rounds):       # wall, interleaved: fed as train.py feeds / over prepared rows / alone / pure
+    wall = lambda f, *drawing: _timed(f, *drawing)[1][0]                # wall ms, the threads settled first
+    with contextlib.closing(train.Prefetch(ds, micro, 0, 1, 0, 10 ** 9, pin=pin, background=bg)) as batches, \
+            contextlib.closing(train.Prefetch(ds, micro, 0, 1, first, first + rounds * k * accum, pin=pin,
+                                              background=bg)) as ready:   # the prepared rows
+        for rnd in range(rounds):     # wall, interleaved: fed as train.py feeds / over prepared rows / alone / pure
+            for n in range(rnd * k, rnd * k + k):
+                fed.append(wall(lambda: step(lambda m: batches.get(n * accum + m)), batches, ready))
+                fed_prep.append(wall(lambda: step(lambda m: ready.get(first + n * accum + m)), batches, ready))
             for i in range(k):
-                _settled(batches, ready)                        # no thread still drawing from an earlier step
-                c = _Clock()
-                step(lambda m, n=n_fed: batches.get(n * accum + m))
-                fed.append(c.wall)
-                _settled(batches, ready)
-                c = _Clock()
-                step(lambda m, n=n_fed: ready.get(first + n * accum + m))
-                fed_prep.append(c.wall)
-                n_fed += 1
-            for i in range(k):
-                _settled(batches, ready)
-                c = _Clock()
-                step(pick(i))
-                alone.append(c.wall)
-                bare.append(_timed(lambda: pure(i))[1][0])
-    finally:
-        batches.close()
-        ready.close()
+                alone.append(wall(lambda: step(pick(i)), batches, ready))
+                bare.append(wall(lambda: pure(i)))
     if not bg:   # on the CPU, the background thread train.py uses on a GPU: its cost, timed while it lives
-        thread = train.Prefetch(ds, micro, 0, 1, 2 * 10 ** 6, 10 ** 9, pin=pin)
-        try:
-            for n in range(rounds * k):
-                _settled(thread)
-                c = _Clock()
-                step(lambda m, n=n: thread.get(2 * 10 ** 6 + n * accum + m))
-                threaded.append(c.wall)
-        finally:
-            thread.close()
+        with contextlib.closing(train.Prefetch(ds, micro, 0, 1, 2 * 10 ** 6, 10 ** 9, pin=pin)) as thread:
+            threaded = [wall(lambda: step(lambda m: thread.get(2 * 10 ** 6 + n * accum + m)), thread)
+                        for n in range(rounds * k)]
     cats, prof_total = split_by_category(lambda: step(pick(0)), device)
     ev, ev_t = _timed(lambda: train.evaluate(model, ds, tc, 0, 1, device, autocast, micro))
     gen = bool(tc.gen_n and train.has_gen_eval(model, ds))
-    gen_t = (0.0, 0.0)
-    if gen:
-        g, gen_t = _timed(lambda: train.generation_metrics(model, ds, tc))
-        ev.update(g)
-    tmp = tempfile.mkdtemp(prefix="nanomix_wall_")
-    try:
+    g, gen_t = _timed(lambda: train.generation_metrics(model, ds, tc)) if gen else ({}, (0.0, 0.0))
+    ev.update(g)
+    with tempfile.TemporaryDirectory(prefix="nanomix_wall_", ignore_cleanup_errors=True) as tmp:
         _, ckpt_t = _timed(lambda: train.save_ckpt(os.path.join(tmp, "ckpt.pt"), dict(
             model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=1, time=0.0,
             config=dict(model=name), rng=train.rng_state(), data_position=1, flops_per_token=fl["total"])))
@@ -436,14 +388,11 @@ def wall_model(name, setting, steps, device="cpu", rounds=3, k=2, overrides=None
         import plots
         with contextlib.redirect_stdout(sys.stderr):
             _, fig_t = _timed(lambda: (plots.plot_run(tmp), plots.model_figures(model, ds, tmp)))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    med = statistics.median
+    med, per_step = statistics.median, rounds * k
     r = dict(model=name, setting=tc.setting, steps=steps, batch=f"{tc.batch_size}x{tc.seq_len}",
              step_ms=med(alone), fed_step_ms=med(fed), step_cpu_ms=med(cpu), pure_step_ms=med(bare),
-             fed_prepared_step_ms=med(fed_prep), prepare_ms=prep[0] / (rounds * k),
-             thread_step_ms=med(threaded) if threaded else None,
-             prepare_cpu_ms=prep[1] / (rounds * k),
+             fed_prepared_step_ms=med(fed_prep), prepare_ms=prep[0] / per_step,
+             thread_step_ms=med(threaded) if threaded else None, prepare_cpu_ms=prep[1] / per_step,
              data_ms=med(w for w, _ in draws), data_cpu_ms=med(c for _, c in draws),
              eval_ms=ev_t[0], eval_cpu_ms=ev_t[1], n_eval=occurrences(steps, tc.eval_every),
              gen_ms=gen_t[0], gen_cpu_ms=gen_t[1], ckpt_ms=ckpt_t[0], ckpt_cpu_ms=ckpt_t[1],
@@ -467,11 +416,10 @@ def wall_projection(r, cpu=False):
     FLOPs count and end-of-run figures. Wall (cpu=False): each step as measured fed as train.py feeds it, under
     whatever else the machine runs now. CPU (cpu=True): CPU seconds of every piece, a step's plus one batch's draw
     (the thread's work, here charged in full): the run alone on one core with one torch thread."""
-    if cpu:
-        return (r["steps"] * (r["step_cpu_ms"] + r["data_cpu_ms"]) + r["n_eval"] * r["eval_cpu_ms"]
-                + r["n_gen"] * r["gen_cpu_ms"] + r["n_ckpt"] * r["ckpt_cpu_ms"]) / 1e3 + r["start_cpu_s"] + r["figures_cpu_s"]
-    return (r["steps"] * r["fed_step_ms"] + r["n_eval"] * r["eval_ms"] + r["n_gen"] * r["gen_ms"]
-            + r["n_ckpt"] * r["ckpt_ms"]) / 1e3 + r["start_s"] + r["figures_s"]
+    c = "_cpu" if cpu else ""
+    steps = r["steps"] * (r["step_cpu_ms"] + r["data_cpu_ms"] if cpu else r["fed_step_ms"])
+    return sum((r[f"n_{k}"] * r[f"{k}{c}_ms"] for k in ("eval", "gen", "ckpt")), steps) / 1e3 + r[f"start{c}_s"] \
+        + r[f"figures{c}_s"]
 
 
 def process_start_s():
@@ -495,30 +443,27 @@ def wall_run(name, spec, measured, start, device="cpu", peak=None, **kw):
                                        {}).get(m), train_overrides=spec.get("train_overrides"), **kw)
         models.append(measured[key])
     steps_s = sum(r["steps"] * (r["step_cpu_ms"] + r["data_cpu_ms"]) for r in models) / 1e3
-    total = start[1] + sum(r["projected_cpu_s"] for r in models)
+    total, wall = start[1] + sum(r["projected_cpu_s"] for r in models), start[0] + sum(r["projected_s"] for r in models)
+    pure = sum(r["steps"] * r["pure_step_ms"] / 1e3 for r in models)      # the run's steps as pure model steps
     out = dict(run=name, cmd=spec["cmd"], models=models, process_start_s=start[0], process_start_cpu_s=start[1],
-               projected_s=start[0] + sum(r["projected_s"] for r in models), projected_cpu_s=total,
-               steps_s=steps_s, other_s=total - steps_s, target_s=spec.get("target_s"), wall_over_pure=(start[0] + sum(
-                   r["projected_s"] for r in models)) / sum(r["steps"] * r["pure_step_ms"] / 1e3 for r in models),
-               before_s=spec.get("before_s"), before=spec.get("before"))
+               projected_s=wall, projected_cpu_s=total, steps_s=steps_s, other_s=total - steps_s,
+               target_s=spec.get("target_s"), wall_over_pure=wall / pure, before_s=spec.get("before_s"),
+               before=spec.get("before"))
     # the same run with its rows prepared before its steps: each step fed prepared, plus the prepare (per step)
-    out["wall_over_pure_prepared"] = (out["projected_s"] + sum(r["steps"] * (r["fed_prepared_step_ms"] + r["prepare_ms"]
-                                      - r["fed_step_ms"]) for r in models) / 1e3) / sum(
-                                          r["steps"] * r["pure_step_ms"] / 1e3 for r in models)
+    out["wall_over_pure_prepared"] = (wall + sum(r["steps"] * (r["fed_prepared_step_ms"] + r["prepare_ms"]
+                                                 - r["fed_step_ms"]) for r in models) / 1e3) / pure
     out["two_thirds_s"] = 2 / 3 * out["before_s"] if out["before_s"] else None
     goal = out["goal_s"] = out["target_s"] or out["two_thirds_s"]
     n_steps = sum(r["steps"] for r in models)
     if goal:
-        out["met"] = total <= goal
         room = goal - out["other_s"]            # what is left for the training steps once evals etc. are paid
-        out["need_step_ms"] = 1e3 * room / n_steps if room > 0 else 0.0
-        out["need_speedup"] = steps_s / room if room > 0 else float("inf")
-    cat = dict.fromkeys(WALL_ORDER, 0.0)        # the steps' time by category, weighted by each model's steps
+        out.update(met=total <= goal, need_step_ms=1e3 * room / n_steps if room > 0 else 0.0,
+                   need_speedup=steps_s / room if room > 0 else float("inf"))
+    cat = out["steps_by_category_s"] = dict.fromkeys(WALL_ORDER, 0.0)   # the steps' time by category, by steps
     for r in models:
         for c, ms in r["categories_ms"].items():
             cat[c] += r["steps"] * r["step_cpu_ms"] * ms / r["profiled_ms"] / 1e3
     cat["data"] = sum(r["steps"] * r["data_cpu_ms"] for r in models) / 1e3    # the batches' draws
-    out["steps_by_category_s"] = cat
     if peak:   # every FLOP of the run's steps at the matmul peak: no step can be faster than this (mean ms)
         out["floor_step_ms"] = 1e3 * sum(r["steps"] * r["flops_per_step"] for r in models) / peak / n_steps
     return out
@@ -532,25 +477,22 @@ def print_wall(runs, device, threads, load=None, peak=None):
     print(f"{'run':12s} {'1 core':>7s} {'now':>7s} {'goal':>6s} {'':6s} {'steps':>6s} {'rest':>5s}  "
           f"{'to meet the goal a step must take':42s} {'floor':>6s}  the steps' biggest part")
     for w in runs:
-        goal = w.get("goal_s")
-        if not goal:
-            verdict, need = "-", "no goal: time before not recorded"
-        else:
-            verdict = "MET" if w["met"] else "missed"
-            mean = 1e3 * w["steps_s"] / sum(r["steps"] for r in w["models"])
-            need = (f"<= {w['need_step_ms']:.0f} ms, now {mean:.0f} ({w['need_speedup']:.1f}x faster)"
-                    if w["need_speedup"] != float("inf") else "impossible: evals etc. alone exceed it")
+        goal, mean = w.get("goal_s"), 1e3 * w["steps_s"] / sum(r["steps"] for r in w["models"])
+        verdict = ("MET" if w["met"] else "missed") if goal else "-"
+        need = ("no goal: time before not recorded" if not goal else "impossible: evals etc. alone exceed it"
+                if w["need_speedup"] == float("inf") else
+                f"<= {w['need_step_ms']:.0f} ms, now {mean:.0f} ({w['need_speedup']:.1f}x faster)")
         top = max(w["steps_by_category_s"].items(), key=lambda kv: kv[1])
         floor = f"{w['floor_step_ms']:.0f}ms" if w.get("floor_step_ms") else "-"
         print(f"{w['run']:12s} {w['projected_cpu_s']:6.0f}s {w['projected_s']:6.0f}s "
               f"{(f'{goal:.0f}s' if goal else '-'):>6s} {verdict:6s} {w['steps_s']:5.0f}s {w['other_s']:4.0f}s  "
               f"{need:42s} {floor:>6s}  {top[0]} {100 * top[1] / w['steps_s']:.0f}%")
-    print("1 core = CPU seconds of every piece (a step + one batch's draw, x steps; evals, generation evals, checkpoints "
-          "x their counts; build + FLOPs count, end figures, process start): the run alone on one core, one thread, "
-          "whatever else the machine runs (the verdict uses it); now = the same from wall times measured now, steps "
-          "fed as train.py feeds them; steps / rest = the 1-core seconds in training steps / in all the rest; goal "
-          "= the run's target (default 2 min, chameleon compare 5 min) or 2/3 of the time before; floor = the mean "
-          "step's FLOPs (count_flops: forward + backward, all work) at this core's fp32 matmul peak"
+    print("1 core = CPU seconds of every piece (steps x (a step + one batch's draw); evals, generation evals, "
+          "checkpoints x their counts; build + FLOPs count, end figures, process start): the run alone on one core and "
+          "thread, whatever else runs (the verdict uses it); now = the same from wall times now, steps fed as train.py "
+          "feeds them; steps / rest = 1-core seconds in training steps / in the rest; goal = the run's target (default "
+          "2 min, chameleon compare 5 min) or 2/3 of the time before; floor = the mean step's FLOPs (count_flops: "
+          "forward + backward, all work) at this core's fp32 matmul peak"
           + (f" ({peak / 1e9:.0f} GFLOP/s by CPU time)" if peak else "") + ": no step is faster. Commands:")
     for w in runs:
         print(f"  {w['run']:12s} {w['cmd']}" + (f"   (before: {w['before']})" if w["before"] else ""))
@@ -587,11 +529,10 @@ def print_loop_ratios(runs, threads=None):
         print(f"{w['run']:12s} {r['model']:16s} {t}{r['pure_step_ms']:8.1f} {r['fed_step_ms']:10.1f} "
               f"{r['in_loop_ratio']:11.2f}x {r['in_loop_prepared_ratio']:8.2f}x {th}  "
               + (f"{w['wall_over_pure']:.2f}x (the run), {w['wall_over_pure_prepared']:.2f}x" if i == 0 else ""))
-    print("pure = forward + backward + AdamW, batches already on the device, no data thread alive; in-loop = "
-          "train.train_step fed as train.py feeds it (fed ms; on the CPU each batch drawn in the loop); prepared = the "
-          "same over rows drawn before the steps (ds.prepare; the run's wall then counts the prepare); thread = fed by "
-          "a background drawing thread (what a GPU run uses), timed while it lives; goals: in-loop <= 1.05x pure, the "
-          "run's wall (now) <= 1.15x steps x pure")
+    print("pure = forward + backward + AdamW, batches on the device, no data thread alive; in-loop = train.train_step "
+          "fed as train.py feeds it (fed ms; on the CPU each batch drawn in the loop); prepared = the same over rows "
+          "drawn before the steps (ds.prepare; the run's wall then counts it); thread = fed by a background drawing "
+          "thread (a GPU run's), timed while it lives; goals: in-loop <= 1.05x pure, wall (now) <= 1.15x steps x pure")
 
 
 def bench_wall(args, runs=None):
@@ -602,8 +543,7 @@ def bench_wall(args, runs=None):
     if bad:
         print(f"bench.py --wall: unknown run {', '.join(bad)}; choose from {', '.join(runs)}", file=sys.stderr)
         raise SystemExit(2)
-    device = _device(args)
-    start = process_start_s()
+    device, start = _device(args), process_start_s()
     by_threads, threads_before = {}, torch.get_num_threads()
     for threads in getattr(args, "threads", None) or [threads_before]:   # one process, each thread count in turn
         torch.set_num_threads(threads)
@@ -700,9 +640,7 @@ def bench_kernels(args):
     """Each kernel against its naive baseline and the torch path, forward and forward+backward; on a GPU also the
     Triton kernels with achieved GB/s or TFLOP/s as a fraction of the measured ceiling (copy bandwidth, dense mm)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    S = sizes(device)
-    reps = args.reps
-    rows = []
+    S, reps, rows = sizes(device), args.reps, []
 
     def row(kernel, impl, size, fwd_s, fb_s, note="", work=None):
         r = dict(kernel=kernel, impl=impl, size=size, fwd_ms=round(fwd_s * 1e3, 2) if fwd_s else None,
@@ -719,12 +657,10 @@ def bench_kernels(args):
         return timeit(fwd_only(f, ins), reps, device=device), timeit(fwd_bwd(f, ins), fb_reps, device=device)
 
     # --- selective scan (Mamba's S6) ---
-    p = S["selective"]
-    size = "b={b} d={d} N={n} L={L}".format(**p)
-    ins = selective_inputs(p["b"], p["d"], p["n"], p["L"], device)
+    p, q = S["selective"], S["naive_selective"]
+    size, ins = "b={b} d={d} N={n} L={L}".format(**p), selective_inputs(**p, device=device)
     f_bytes = 4 * (3 * p["b"] * p["d"] * p["L"] + 2 * p["b"] * p["n"] * p["L"])      # u, delta, y; B, C (fp32)
-    q = S["naive_selective"]
-    nins = selective_inputs(q["b"], q["d"], q["n"], q["L"], device)
+    nins = selective_inputs(**q, device=device)
     naive = lambda *x: kernels.selective_scan_ref(*x, delta_softplus=True)
     row("selective_scan", "naive: loop + autograd, (b,d,L,N)", "b={b} d={d} N={n} L={L}".format(**q),
         *times(naive, nins, max(1, reps // 2)), "mamba_ssm selective_scan_ref semantics")
@@ -732,17 +668,13 @@ def bench_kernels(args):
         f = lambda *x, backend=backend: kernels.selective_scan(*x, delta_softplus=True, backend=backend)
         row("selective_scan", name, size, *times(f, ins), work=dict(GBps=f_bytes) if device == "cuda" else None)
         if q == p and device == "cpu" and backend == "torch":
-            nb = rows[-2]
-            rows[-1]["speedup_vs_naive_fwd_bwd"] = round(nb["fwd_bwd_ms"] / rows[-1]["fwd_bwd_ms"], 1)
+            rows[-1]["speedup_vs_naive_fwd_bwd"] = round(rows[-2]["fwd_bwd_ms"] / rows[-1]["fwd_bwd_ms"], 1)
 
     # --- linear scan, real (Mamba-style diagonal recurrence) and complex (Megalodon's CEMA) ---
-    for kind in ("scan", "cema"):
+    for kind, dt, size in (("scan", torch.float32, "real fp32 b={b} d={d} L={L}"),
+                           ("cema", torch.complex64, "complex64 b={b} d={d} N={n} L={L}")):
         p = S[kind]
-        if kind == "scan":
-            shape, dt, size = (p["b"], p["d"], p["L"]), torch.float32, "real fp32 b={b} d={d} L={L}".format(**p)
-        else:
-            shape, dt = (p["b"], p["d"], p["n"], p["L"]), torch.complex64
-            size = "complex64 b={b} d={d} N={n} L={L}".format(**p)
+        shape, size = tuple(p[k] for k in ("b", "d", "n", "L") if k in p), size.format(**p)
         a, b = [x.to(device).requires_grad_() for x in scan_inputs(shape, dt)]
         nbytes = 3 * a.numel() * a.element_size()                                  # read a, b; write h
         if device == "cpu":
@@ -834,10 +766,7 @@ def main(argv=None):
     if args._one:
         print(json.dumps(bench_one(args._one, args.device, args.reps, args.scale_tokens)))
         return
-    results = {}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            results = json.load(f)
+    results = json.loads(pathlib.Path(args.out).read_text()) if os.path.exists(args.out) else {}
     if args.wall is not None:
         print("== wall ==")
         runs = bench_wall(args)
@@ -849,8 +778,7 @@ def main(argv=None):
         print("== static ==")
         with tempfile.TemporaryDirectory() as d:   # gpu_check.py's report, run as its own program
             subprocess.check_call([sys.executable, os.path.join(HERE, "gpu_check.py"), "--static", "--out", f"{d}/s.json"])
-            with open(f"{d}/s.json") as f:
-                results["static"] = json.load(f)
+            results["static"] = json.loads(pathlib.Path(d, "s.json").read_text())
     if args.peers:
         print("== peers (batch 8 x 256) ==")
         results["peers"] = bench_peers(args)

@@ -4,11 +4,12 @@
 of its default (parse_args, convert, apply). Each field's valid range is written once, in its class's RANGES
 ("int >= 1", "one of a|b", "float in (0, 1]"; after ";" a note): check_ranges checks a config against it and --help
 prints it. Relations between fields live in a model Config's __post_init__ or in check_run here. Every bad value is
-one line `error: ...` and exit status 2 (UsageError). Also here: the device and precision a run gets, and torchrun's
-plumbing (the process group, every collective on a tensor on the training device). The method is in train.py and the
-model files; none of it is here.
+one line `error: ...` and exit status 2 (UsageError). Also here: the device and precision a run gets, the FLOPs a step
+costs (count_flops), and torchrun's plumbing (the process group, the context-parallel group, every collective on a
+tensor on the training device). The method is in train.py and the model files; none of it is here.
 """
 import contextlib
+import copy
 import importlib
 import importlib.util
 import inspect
@@ -22,6 +23,7 @@ from dataclasses import fields
 
 import torch
 
+import context_parallel
 import data
 
 MODEL_FILES = ("mot", "mom", "moma", "transfusion", "megabyte", "blt", "megalodon")
@@ -222,6 +224,13 @@ def diverged(step, what, last_good, ckpt_path, tc):
                     f"or --grad_clip (now {tc.grad_clip:g}) and start again")
 
 
+def step_failure(loss, gnorm, scaler):
+    """What is not finite in a training step that train_step reports not ok (for diverged)."""
+    if scaler is not None and math.isfinite(loss):
+        return "the fp16 gradient (it overflowed until the loss scale fell below 1)"
+    return f"the loss ({loss:.4g}) or the gradient norm ({gnorm:.4g})"
+
+
 RUN_ERRORS = (RuntimeError, ValueError, IndexError, AssertionError, KeyError, TypeError)
 
 
@@ -376,6 +385,34 @@ def check_size(name, tc, overrides, reg, dev):
                              f"pass --force_memory=True to start anyway")
 
 
+# --- FLOPs: what a step costs, counted on the model (train.py records them: --compare's x axis) ----------------------
+def count_flops(model, batches, backward=True, parts=False):
+    """FLOPs per token of one forward (+ backward) pass on a copy of the model, averaged over the batches: the matmuls
+    torch's FlopCounterMode counts (attention with its full T x T scores) + the scans' and FFTs' analytic FLOPs
+    (kernels.flop_tally; backward 2x forward), on the torch paths (the counter cannot see inside a Triton kernel).
+    Sparse models pay for what they run; norms, activations are not counted. parts=True: {total, matmul, scan_fft}."""
+    from torch.utils import flop_counter as fc
+    import kernels
+    aten = torch.ops.aten  # the counter knows the CUDA attention kernels; count the CPU one as the math path would
+    cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v),
+                aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                lambda g, q, k, v, *a, **kw: 2 * fc.sdpa_flop_count(q, k, v)}   # backward: 2x forward, as any matmul
+    batches = [batches] if isinstance(batches, dict) else batches
+    m = copy.deepcopy(model)
+    m.train(backward)
+    with fork_rng(next(m.parameters()).device), kernels.torch_paths(), kernels.flop_tally() as tally, \
+            fc.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        for batch in batches:
+            if backward:
+                m(batch)[1].backward()
+            else:
+                with torch.no_grad():
+                    m(batch)
+    tokens = sum(b["tokens"].numel() for b in batches)
+    matmul, other = counter.get_total_flops() / tokens, tally.flops / tokens
+    return dict(total=matmul + other, matmul=matmul, scan_fft=other) if parts else matmul + other
+
+
 # --- relations between trainer keys, the device and the world size -------------------------------------------------
 def ddp_env():
     """(rank, world, local rank) from torchrun's environment, known before the process group starts."""
@@ -421,6 +458,12 @@ def resolve_precision(precision, dev):
     return precision
 
 
+def autocast_for(dev, precision="auto"):
+    """The training/eval precision context: autocast to bf16 or fp16, or none (fp32), as resolve_precision says."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, dev))   # fp32: None
+    return (lambda: torch.autocast(torch.device(dev).type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+
 def grad_scaler(dev, precision="auto"):
     """fp16's loss scaling (small gradients survive fp16; an overflowing step is skipped, the scale halved), or None."""
     if resolve_precision(precision, dev) != "fp16":
@@ -447,6 +490,19 @@ def fork_rng(dev):
 
 
 # --- torchrun: the process group and every collective the trainer makes, on the training device ---------------------
+@contextlib.contextmanager
+def process_group(dev):
+    """Under torchrun (RANK set), the process group for the block, started and ended here unless a caller started it."""
+    started = "RANK" in os.environ and not torch.distributed.is_initialized()
+    if started:
+        init_process_group(dev)
+    try:
+        yield
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
 def init_process_group(dev):
     """gloo on the CPU; on CUDA nccl for the device's tensors beside gloo for CPU ones (barriers, and anything a
     library gathers as Python objects), so that no collective meets a backend without its device."""
@@ -463,6 +519,32 @@ def on_ranks(op, x, dev):
     every = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(every, x)
     return torch.stack(every)
+
+
+def set_cp(model, cp):
+    """Hand the context-parallel group to every module that takes one (a `cp` attribute), or None to run alone."""
+    for m in model.modules():
+        if hasattr(m, "cp"):
+            m.cp = cp
+
+
+def cp_group(model, tc):
+    """--context_parallel N > 1: this rank's group of N ranks sharing each sequence (every rank makes the groups),
+    attending by tc.cp_attention, handed to the model's modules (set_cp); None where each rank holds whole sequences."""
+    if tc.context_parallel == 1:
+        return None
+    cp, _ = context_parallel.make_groups(tc.context_parallel)
+    cp.attention_impl = tc.cp_attention
+    set_cp(model, cp)
+    return cp
+
+
+def cp_forward(model, batch, cp):
+    """This rank's slice of every sequence through the model -> (its share of the loss, whole-sequence loss, parts)."""
+    cfg = getattr(model, "module", model).cfg
+    names = tuple(cfg.modality_names[m] if m < len(cfg.modality_names) else f"modality{m}"
+                  for m in range(cfg.n_modalities))
+    return context_parallel.model_loss(model, batch, cp, names)
 
 
 def mean_over_ranks(d, world, dev="cpu"):

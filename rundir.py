@@ -9,9 +9,9 @@ kept. Every failure is a UsageError (one line, exit 2). train.py uses these; a r
 
 The shipped checkpoints (docs/ckpt/NAME.pt) are exported from a finished run: its weights in fp16 (buffers, such as a
 tuned threshold, as trained), the config that rebuilds the model and its eval data, and the eval loss of those fp16
-weights. The paper files' demos, plots.py and tests/test_checkpoints.py load them:
+weights. The paper files' demos, plots.py and tests/test_checkpoints.py load them; train.py writes them:
 
-    python rundir.py export RUN_DIR docs/ckpt/NAME.pt [--KEY=VALUE ...] [--command=CMD] [--force]
+    python train.py export RUN_DIR docs/ckpt/NAME.pt [--KEY=VALUE ...] [--command=CMD] [--force]
     # KEY: a model Config field to change in the shipped config; CMD: the documented command that made the run
 """
 import contextlib
@@ -249,6 +249,15 @@ def timer(spent, what):
     spent[what] += time.perf_counter() - t
 
 
+def header(name, config, tc, model, fl, world, accum, micro):
+    """The start-of-run lines: the config, then the model's size, its FLOPs per token (count_flops' parts) and how a
+    step is cut: world ranks x accum micro-steps of micro rows."""
+    return (f"{json.dumps(config)}\n{name} on {tc.setting}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M "
+            f"params, {fl['total'] / 1e6:.3f} MFLOPs/token (fwd+bwd: {fl['matmul'] / 1e6:.3f} matmul + "
+            f"{fl['scan_fft'] / 1e6:.3f} scan/FFT), {world} rank(s) x {accum} micro-step(s) of {micro} x "
+            f"{tc.seq_len}, device {tc.device} ({cli.resolve_precision(tc.precision, tc.device)})")
+
+
 def summary(out, step, steps_run, wall, spent):
     """The end-of-run lines: where the wall time went, and where the outputs are."""
     s = wall - sum(spent.values())
@@ -463,12 +472,14 @@ def validate_resume(ck, model, out, config, opt=None, sched=None):
     check_metrics(os.path.join(out, "metrics.jsonl"))
 
 
-def resume(ck, model, opt, sched):
-    """Load weights, optimizer, schedule and RNG state from a checkpoint -> (step, training seconds so far); the data
-    position is the step (every batch is a function of its index)."""
+def resume(ck, model, opt, sched, scaler=None):
+    """Load weights, optimizer, schedule, fp16's loss scale and RNG state from a checkpoint -> (step, training seconds
+    so far); the data position is the step (every batch is a function of its index)."""
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
+    if scaler is not None and ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
     set_rng_state(ck["rng"])
     return ck["step"], ck["time"]
 
@@ -574,16 +585,20 @@ class Prefetch:
 
 
 # --- shipped checkpoints: a run's weights in fp16, with what rebuilds the model and its eval data ------------------
+# This file never imports train.py (train.py imports it): the exporter gets the trainer's pieces it needs handed in,
+# train.evaluate (the eval loss of the fp16 weights), train.TrainConfig and train.SETTING_DEFAULTS (the defaults the
+# rebuilt command leaves out).
 ROOT = os.path.dirname(os.path.abspath(__file__))   # relative paths in a shipped config name files of the repository
 EXPORT_TRAIN_KEYS = ("seed", "seq_len", "batch_size", "micro_batch_size", "eval_batches", "data", "steps")
 CHECK_BATCHES = 1   # eval batches of the quick check tests/test_checkpoints.py repeats (the recorded eval: the run's)
 EXPORT_ENTRIES = dict(config=dict, model=dict, step=int, eval=dict, check=dict, command=str)
+EXPORT_USAGE = "python train.py export RUN_DIR DST [--KEY=VALUE ...] [--command=CMD] [--force]"
 
 
 def read_export(path):
     """A shipped checkpoint (export's format), loaded with weights_only=True and its entries checked, or a one-line
     UsageError."""
-    check_file("checkpoint", path, fix="export one with `python rundir.py export RUN_DIR PATH`")
+    check_file("checkpoint", path, fix="export one with `python train.py export RUN_DIR PATH`")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same one-line answer
@@ -593,52 +608,52 @@ def read_export(path):
     return ck
 
 
-def _model_cfg(name, model_cfg):
-    """A saved model config as build overrides: lists back to tuples, relative paths against the repository."""
-    rules = getattr(cli.registry()[name][1], "RANGES", {})
-    out = {}
-    for k, v in model_cfg.items():
+def _build(conf, device="cpu"):
+    """-> (model, its Config, its data): the model of a saved config built with cli.py's checks (its weights as
+    initialised from the run's seed), its model_cfg read back with lists as tuples and relative paths against the
+    repository."""
+    name, t, reg = conf["model"], conf["train"], cli.registry()
+    cli.check_model(name, reg)
+    rules, over = getattr(reg[name][1], "RANGES", {}), {}
+    for k, v in conf["model_cfg"].items():
         if isinstance(v, list):
             v = tuple(v)
         if rules.get(k, "").split(";")[0].strip() == "path" and v and not os.path.isabs(v):
             v = os.path.join(ROOT, v)
-        out[k] = v
-    return out
+        over[k] = v
+    ds = cli.make_data(conf["setting"], t["seq_len"], t["seed"], t["data"] or None)
+    cfg = cli.model_config(name, ds, over, reg)
+    check_paths(cfg)
+    torch.manual_seed(t["seed"])
+    return cli.make_model(name, cfg, device, reg), cfg, ds
 
 
 def load_exported(path, device="cpu"):
     """-> (model in eval mode, its data, the checkpoint): the model built from the checkpoint's config (cli.py's
     checks), its fp16 weights cast to float32 and loaded strictly: a model that no longer fits them fails here."""
     ck = read_export(path)
-    conf, reg = ck["config"], cli.registry()
-    name, t = conf["model"], conf["train"]
-    cli.check_model(name, reg)
-    ds = cli.make_data(conf["setting"], t["seq_len"], t["seed"], t["data"] or None)
-    cfg = cli.model_config(name, ds, _model_cfg(name, conf["model_cfg"]), reg)
-    torch.manual_seed(t["seed"])
-    model = cli.make_model(name, cfg, device, reg)
+    model, _, ds = _build(ck["config"], device)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["model"].items()}, strict=True)
     return model.eval(), ds, ck
 
 
-def evaluate_exported(model, ds, ck, eval_batches=None):
-    """train.evaluate of a loaded checkpoint's model on its run's eval batches (the first eval_batches of them), fp32."""
-    import train   # here, not at the top: train.py imports this file
+def evaluate_exported(model, ds, ck, evaluate, train_config, eval_batches=None):
+    """evaluate (train.evaluate) of a loaded checkpoint's model on its run's eval batches (the first eval_batches of
+    them), in fp32 on one process; train_config: train.TrainConfig."""
     conf = ck["config"]
     t = {**conf["train"], **({"eval_batches": eval_batches} if eval_batches else {})}
-    tc = train.TrainConfig(model=conf["model"], setting=conf["setting"], **t)
+    tc = train_config(model=conf["model"], setting=conf["setting"], **t)
     dev = next(model.parameters()).device.type
-    ev = train.evaluate(model, ds, tc, 0, 1, dev, train.autocast_for(dev, "fp32"), tc.micro_batch_size or None)
+    ev = evaluate(model, ds, tc, 0, 1, dev, contextlib.nullcontext, tc.micro_batch_size or None)   # fp32: no autocast
     model.eval()
     return ev
 
 
-def _train_command(conf, run):
+def _train_command(conf, run, train_config, setting_defaults):
     """The train.py command line that makes a run of this config (its keys that differ from the defaults)."""
-    import train
     name, setting, t = conf["model"], conf["setting"], conf["train"]
-    base = train.TrainConfig(model=name, setting=setting)
-    for k, v in train.SETTING_DEFAULTS[setting].items():
+    base = train_config(model=name, setting=setting)
+    for k, v in setting_defaults[setting].items():
         setattr(base, k, getattr(base, k) or v)
     base.eval_every = max(50, t.get("steps", base.steps) // 16)    # the defaults derived from the run's own keys
     base.gen_every = 4 * t.get("eval_every", base.eval_every)
@@ -654,16 +669,16 @@ def _train_command(conf, run):
     return "python train.py " + " ".join(args + [f"--out {shlex.quote(t.get('out') or run)}"])
 
 
-def export(run, dst, overrides=None, force=False, command=None):
+def export(run, dst, evaluate, train_config, setting_defaults, overrides=None, force=False, command=None):
     """Write RUN/ckpt.pt's model as a shipped checkpoint dst: {config (model, setting, the trainer keys that rebuild the
-    eval data, model_cfg), model (weights in fp16, buffers as trained), step, eval (train.evaluate of the fp16 weights
-    on the run's eval batches), check (the same on its first CHECK_BATCHES), run_eval (the run's own eval at that
-    step, in its precision), command}.
+    eval data, model_cfg), model (weights in fp16, buffers as trained), step, eval (evaluate_exported of the fp16
+    weights on the run's eval batches), check (the same on its first CHECK_BATCHES), run_eval (the run's own eval at
+    that step, in its precision), command}. evaluate, train_config, setting_defaults: train.evaluate, TrainConfig and
+    SETTING_DEFAULTS (`python train.py export` hands them in).
     overrides: model Config fields to change in the shipped config (a path into the repository, e.g. BLT's
     entropy_ckpt); a Config field the model keeps as a scalar buffer of the same name (BLT's tuned threshold) is
     recorded at its trained value. command: the command that made the run, as documented (default: one rebuilt from
     its config). An existing dst is replaced only with force. -> the checkpoint written."""
-    import train
     if os.path.lexists(dst) and not force:
         raise UsageError(f"{dst} exists; a shipped checkpoint is replaced only with --force")
     src = os.path.join(run, "ckpt.pt")
@@ -678,7 +693,7 @@ def export(run, dst, overrides=None, force=False, command=None):
     keep = {k: conf["train"][k] for k in EXPORT_TRAIN_KEYS}
     if keep["data"]:
         raise UsageError(f"export: {run} was trained on --data={keep['data']}; only runs on the toy data are shipped")
-    model, cfg, _, _ = train.build(name, setting, _model_cfg(name, conf["model_cfg"]), None, "cpu", keep)
+    model, cfg, _ = _build(dict(conf, train=keep))
     model.load_state_dict(state, strict=True)
     params = {k for k, _ in model.named_parameters()}   # 16-bit weights; buffers (a tuned threshold) stay exact
     half = {k: v.detach().half() if k in params and v.is_floating_point() else v.detach()
@@ -699,14 +714,16 @@ def export(run, dst, overrides=None, force=False, command=None):
     evals = [r for r in read_jsonl(metrics) if "eval_loss" in r and r.get("step") == ck["step"]] \
         if os.path.isfile(metrics) else []
     out = dict(config=dict(model=name, setting=setting, train=keep, model_cfg=model_cfg), model=half, step=ck["step"],
-               eval={}, check={}, run_eval=evals[-1] if evals else {}, command=command or _train_command(conf, run))
+               eval={}, check={}, run_eval=evals[-1] if evals else {},
+               command=command or _train_command(conf, run, train_config, setting_defaults))
     os.makedirs(os.path.dirname(os.path.abspath(dst)) or ".", exist_ok=True)
     tmp = f"{dst}.tmp{os.getpid()}"
     try:   # the recorded losses are those of the file as a user loads it (load_exported)
         save_ckpt(tmp, out)
         m, ds, _ = load_exported(tmp)
-        out["eval"] = evaluate_exported(m, ds, out)
-        out["check"] = dict(eval_batches=CHECK_BATCHES, **evaluate_exported(m, ds, out, CHECK_BATCHES))
+        out["eval"] = evaluate_exported(m, ds, out, evaluate, train_config)
+        out["check"] = dict(eval_batches=CHECK_BATCHES, **evaluate_exported(m, ds, out, evaluate, train_config,
+                                                                            CHECK_BATCHES))
         save_ckpt(tmp, out)
         os.replace(tmp, dst)
     finally:
@@ -715,26 +732,21 @@ def export(run, dst, overrides=None, force=False, command=None):
     return dst
 
 
-def main(argv):
-    """python rundir.py export RUN_DIR DST [--KEY=VALUE ...] [--command="python train.py ..."] [--force]"""
-    try:
-        if len(argv) < 3 or argv[0] != "export":
-            raise UsageError("usage: python rundir.py export RUN_DIR DST [--KEY=VALUE ...] [--command=CMD] "
-                             "[--force]")
-        rest = argv[3:]
-        force = "--force" in rest
-        _, over = cli.parse_args([a for a in rest if a != "--force"])
-        command = over.pop("command", None)
-        dst = export(argv[1], argv[2], over, force, command)
-        ck = read_export(dst)
-        run_loss = ck["run_eval"].get("eval_loss", float("nan"))
-        print(f"{dst}: {ck['config']['model']}, step {ck['step']}, {os.path.getsize(dst) / 1e6:.2f} MB, eval_loss "
-              f"{ck['eval']['eval_loss']:.4f} (fp16 weights; the run's {run_loss:.4f})")
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def export_main(argv, evaluate, train_config, setting_defaults):
+    """`python train.py export RUN_DIR DST [--KEY=VALUE ...] [--command="python train.py ..."] [--force]` (argv: what
+    follows "export") -> the line that names what was written; bad input raises a one-line UsageError."""
+    if len(argv) < 2:
+        raise UsageError(f"usage: {EXPORT_USAGE}")
+    rest = argv[2:]
+    _, over = cli.parse_args([a for a in rest if a != "--force"])
+    command = over.pop("command", None)
+    dst = export(argv[0], argv[1], evaluate, train_config, setting_defaults, over, "--force" in rest, command)
+    ck = read_export(dst)
+    run_loss = ck["run_eval"].get("eval_loss", float("nan"))
+    return (f"{dst}: {ck['config']['model']}, step {ck['step']}, {os.path.getsize(dst) / 1e6:.2f} MB, eval_loss "
+            f"{ck['eval']['eval_loss']:.4f} (fp16 weights; the run's {run_loss:.4f})")
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":   # the exporter's command is train.py's, which hands it train.evaluate
+    print(f"error: usage: {EXPORT_USAGE}", file=sys.stderr)
+    sys.exit(2)

@@ -5,13 +5,13 @@
     python train.py --compare dense,mot --setting chameleon   # same data, same FLOPs count, one plot
     python train.py --model megabyte --data my.txt            # byte models on any local text file
     torchrun --nproc_per_node=2 train.py --model mot          # DistributedDataParallel (gloo on CPU, nccl on CUDA)
+    python train.py export RUN docs/ckpt/NAME.pt --command=CMD  # a finished run as a shipped checkpoint (rundir.py)
 
 Every `--key=value` overrides a field of TrainConfig below or of the model's Config (`python train.py --help` lists
 them). Outputs in OUT (default out/MODEL): config.json, metrics.jsonl, ckpt.pt, loss.png. The command line, its
 checks (cli.py) and the run directory (rundir.py: lock, checkpoints, resume) live apart; this file is the method.
 """
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 import cli
-import context_parallel
 import plots
 import rundir
-from cli import UsageError, registry, parse_args, check_ranges, check_run, has_gen_eval, mean_over_ranks  # noqa: F401
+from cli import (UsageError, registry, parse_args, check_ranges, check_run, has_gen_eval, mean_over_ranks,  # noqa: F401
+                 count_flops, autocast_for)
 from rundir import Prefetch, read_jsonl, save_ckpt, rng_state, lock  # noqa: F401
 
 
@@ -76,9 +76,6 @@ class TrainConfig:
         overwrite="bool", force_memory="bool")
 
 
-# Eval size: eval_batches fixed validation batches. The compares are paired (every model sees the same batches, whose
-# difficulty cancels in a difference; se_eval_loss is the standard error); the costly generation eval runs every
-# gen_every steps and at the last step.
 # Training defaults per *setting*, never per model: compared models get identical training.
 SETTING_DEFAULTS = {
     "chameleon":   dict(seq_len=256, batch_size=16, steps=1800),  # long enough for MoT's gain to show (RESULTS.md)
@@ -114,54 +111,11 @@ def build(name, setting=None, overrides=None, data_file=None, device="cpu", trai
     return cli.make_model(name, cfg, device, reg), cfg, tc, ds
 
 
-def count_flops(model, batches, backward=True, parts=False):
-    """FLOPs per token of one forward (+ backward) pass on a copy of the model, averaged over the batches: the matmuls
-    torch's FlopCounterMode counts (attention with its full T x T scores) + the scans' and FFTs' analytic FLOPs
-    (kernels.flop_tally; backward 2x forward), on the torch paths (the counter cannot see inside a Triton kernel).
-    Sparse models pay for what they run; norms, activations are not counted. parts=True: {total, matmul, scan_fft}."""
-    from torch.utils import flop_counter as fc
-    import kernels
-    aten = torch.ops.aten  # the counter knows the CUDA attention kernels; count the CPU one as the math path would
-    cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v),
-                aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                lambda g, q, k, v, *a, **kw: 2 * fc.sdpa_flop_count(q, k, v)}   # backward: 2x forward, as any matmul
-    batches = [batches] if isinstance(batches, dict) else batches
-    m = copy.deepcopy(model)
-    m.train(backward)
-    with cli.fork_rng(next(m.parameters()).device), kernels.torch_paths(), kernels.flop_tally() as tally, \
-            fc.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
-        for batch in batches:
-            if backward:
-                m(batch)[1].backward()
-            else:
-                with torch.no_grad():
-                    m(batch)
-    tokens = sum(b["tokens"].numel() for b in batches)
-    matmul, other = counter.get_total_flops() / tokens, tally.flops / tokens
-    return dict(total=matmul + other, matmul=matmul, scan_fft=other) if parts else matmul + other
-
-
-# --- distributed: torchrun sets RANK; each rank trains on its own rows, gradients are averaged by DDP -------------
-def set_cp(model, cp):
-    """Hand the context-parallel group to every module that takes one (a `cp` attribute), or None to run alone."""
-    for m in model.modules():
-        if hasattr(m, "cp"):
-            m.cp = cp
-
-
-def cp_forward(model, batch, cp):
-    """This rank's slice of every sequence through the model -> (its share of the loss, whole-sequence loss, parts)."""
-    cfg = getattr(model, "module", model).cfg
-    names = tuple(cfg.modality_names[m] if m < len(cfg.modality_names) else f"modality{m}"
-                  for m in range(cfg.n_modalities))
-    return context_parallel.model_loss(model, batch, cp, names)
-
-
+# --- the device, the optimizer and its schedule --------------------------------------------------------------------
 def to(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-# --- optimizer, schedule, precision ---------------------------------------------------------------------------------
 def lr_at(step, tc):
     """Linear warmup, then cosine to lr * min_lr_ratio."""
     if step < tc.warmup:
@@ -179,12 +133,6 @@ def make_optimizer(model, tc):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, tc) / tc.lr)
 
 
-def autocast_for(dev, precision="auto"):
-    """The training/eval precision context: autocast to bf16 or fp16, or none (fp32), as cli.resolve_precision says."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cli.resolve_precision(precision, dev))   # fp32: None
-    return (lambda: torch.autocast(torch.device(dev).type, dtype=dtype)) if dtype else contextlib.nullcontext
-
-
 def clip_grads(model, max_norm):
     """Clip the gradient norm (MoMa clips its aux routers apart) -> the norm before clipping (a device tensor)."""
     if hasattr(model, "clip_grad_norm_"):
@@ -194,8 +142,9 @@ def clip_grads(model, max_norm):
 
 # --- evaluation -------------------------------------------------------------------------------------------------------
 def evaluate(model, ds, tc, rank, world, device, autocast, micro=None, cp=None):
-    """Mean eval loss and parts over tc.eval_batches fixed validation batches, in forward passes of `micro` rows cut as
-    training cuts them (2 ranks x b rows == 1 process x micro-batches of b), averaged over passes and ranks."""
+    """Mean eval loss and parts over tc.eval_batches fixed validation batches (every model sees the same: a compare is
+    paired, their difficulty cancels in a difference; se_eval_loss is the standard error), in forward passes of `micro`
+    rows cut as training cuts them (2 ranks x b rows == 1 process x micro-batches of b), averaged over passes, ranks."""
     model.eval()
     dp_rank, dp_world = rank // tc.context_parallel, world // tc.context_parallel
     micro = micro or tc.batch_size // dp_world
@@ -204,7 +153,7 @@ def evaluate(model, ds, tc, rank, world, device, autocast, micro=None, cp=None):
         torch.manual_seed(1234)
         for i in range(tc.eval_batches * (tc.batch_size // dp_world // micro)):
             batch = to(ds.get_batch("val", micro, i, dp_rank, dp_world), device)
-            _, loss, parts = model(batch) if cp is None else (None, *cp_forward(model, batch, cp)[1:])
+            _, loss, parts = model(batch) if cp is None else (None, *cli.cp_forward(model, batch, cp)[1:])
             passes.append(float(loss))
             for k, v in {"loss": loss, **parts}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -282,7 +231,7 @@ def train_step(model, batches, opt, sched, tc, autocast, world=1, cp=None, scale
         ctx = model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
         with ctx, autocast():
             if cp is not None:                  # shares sum to the sequence's loss; DDP averages over dp x cp ranks
-                part, loss, parts = cp_forward(model, batch, cp)
+                part, loss, parts = cli.cp_forward(model, batch, cp)
                 scale(part * cp.size * share[m, 0]).backward()
             elif counts.shape[1] == 1:          # the global batch's mean: this micro-batch's mean x its share
                 _, loss, parts = model(batch)
@@ -341,15 +290,8 @@ def train(name, over, resume=False, quiet=False, locked=False):
     lock (compare holds every model's)."""
     model, _, tc, ds, micro, config, ck = check(name, over, resume)
     rank, world, local = cli.ddp_env()
-    with contextlib.nullcontext() if locked else lock(tc.out, resume, tc.overwrite):
-        started = "RANK" in os.environ and not torch.distributed.is_initialized()  # a caller may have started it
-        if started:
-            cli.init_process_group(tc.device)
-        try:
-            _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet)
-        finally:
-            if started:
-                torch.distributed.destroy_process_group()
+    with contextlib.nullcontext() if locked else lock(tc.out, resume, tc.overwrite), cli.process_group(tc.device):
+        _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet)
     return tc.out
 
 
@@ -363,18 +305,11 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
         fl = count_flops(model, [to(ds.get_batch("train", micro, i), dev) for i in range(4)], parts=True)
     except cli.RUN_ERRORS as e:
         raise cli.cannot_run(name, tc.setting, e, dev) from None
-    flops_per_token, matmul_per_token = fl["total"], fl["matmul"]
     opt, sched = make_optimizer(model, tc)
-    step, elapsed = rundir.resume(ck, model, opt, sched) if ck is not None else (0, 0.0)  # exact: RNG, data position
-    if scaler is not None and ck is not None and ck.get("scaler"):
-        scaler.load_state_dict(ck["scaler"])
+    step, elapsed = rundir.resume(ck, model, opt, sched, scaler) if ck is not None else (0, 0.0)  # exact: RNG, data
     last_good = step if ck is not None else None
-    cp = None
-    if tc.context_parallel > 1:  # after count_flops (one process's FLOPs per token); every rank makes the groups
-        cp, _ = context_parallel.make_groups(tc.context_parallel)
-        cp.attention_impl = tc.cp_attention
-        set_cp(raw, cp)
-    if world > 1:
+    cp = cli.cp_group(raw, tc)   # --context_parallel: after count_flops (one process's FLOPs per token), else None
+    if world > 1:  # torchrun: each rank trains on its own rows, DDP averages the gradients
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if dev.startswith("cuda") else None,
                                                           find_unused_parameters=True)
     if tc.compile:
@@ -385,17 +320,13 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
 
     def record(**rec):  # a metrics.jsonl row: step, tokens, FLOPs (total, matmul part), then the values
         t = step * tokens_per_step
-        rec = dict(step=step, tokens=t, flops=t * flops_per_token, flops_matmul=t * matmul_per_token, **rec)
+        rec = dict(step=step, tokens=t, flops=t * fl["total"], flops_matmul=t * fl["matmul"], **rec)
         if log:
             log.write(json.dumps(rec) + "\n"); log.flush()
         return rec
 
     if not quiet and rank == 0:
-        print(json.dumps(config))
-        print(f"{name} on {tc.setting}: {sum(p.numel() for p in raw.parameters()) / 1e6:.3f}M params, "
-              f"{flops_per_token / 1e6:.3f} MFLOPs/token (fwd+bwd: {matmul_per_token / 1e6:.3f} matmul + "
-              f"{fl['scan_fft'] / 1e6:.3f} scan/FFT), {world} rank(s) x {accum} micro-step(s) of {micro} x "
-              f"{tc.seq_len}, device {dev} ({cli.resolve_precision(tc.precision, dev)})")
+        print(rundir.header(name, config, tc, raw, fl, world, accum, micro))
     from tqdm import tqdm
     bar = tqdm(total=tc.steps, initial=step, disable=quiet or rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True,
                leave=False)
@@ -413,9 +344,7 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
                                                 seeds)
             step += 1
             if not ok:
-                what = ("the fp16 gradient (it overflowed until the loss scale fell below 1)" if scaler is not None
-                        and math.isfinite(loss) else f"the loss ({loss:.4g}) or the gradient norm ({gnorm:.4g})")
-                raise cli.diverged(step, what, last_good, ckpt_path, tc)
+                raise cli.diverged(step, cli.step_failure(loss, gnorm, scaler), last_good, ckpt_path, tc)
             dt = time.perf_counter() - t0
             elapsed += dt
             bar.update(1)
@@ -433,9 +362,9 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
                     raise cli.diverged(step, "the eval loss", last_good, ckpt_path, tc)
                 if rank == 0 and tc.gen_n and (step % tc.gen_every == 0 or step == tc.steps):
                     with rundir.timer(spent, "generation"):
-                        set_cp(raw, None)                            # generation runs on rank 0 alone
+                        cli.set_cp(raw, None)                        # generation runs on rank 0 alone
                         ev.update(generation_metrics(raw, ds, tc))
-                        set_cp(raw, cp)
+                        cli.set_cp(raw, cp)
                 ev = record(**ev)
                 if not quiet and rank == 0:
                     bar.write("eval " + " | ".join(f"{k} {v:.4g}" for k, v in ev.items()
@@ -449,15 +378,15 @@ def _train(name, model, tc, ds, config, ck, micro, rank, world, local, quiet):
                         save_ckpt(ckpt_path, dict(model=raw.state_dict(), optimizer=opt.state_dict(),
                                                   scheduler=sched.state_dict(), step=step, time=elapsed, config=config,
                                                   scaler=scaler.state_dict() if scaler is not None else None,
-                                                  rng=rng_state(), data_position=step, flops_per_token=flops_per_token,
-                                                  flops_matmul_per_token=matmul_per_token))
+                                                  rng=rng_state(), data_position=step, flops_per_token=fl["total"],
+                                                  flops_matmul_per_token=fl["matmul"]))
                     last_good = step
                     if world > 1:
                         torch.distributed.barrier()
     finally:
         batches.close()
     bar.close()
-    set_cp(raw, None)                                               # the end-of-run figures run on rank 0 alone
+    cli.set_cp(raw, None)                                           # the end-of-run figures run on rank 0 alone
     if rank == 0:
         log.close()
         plots.safely(lambda: plots.plot_run(out), "loss curve")
@@ -487,8 +416,12 @@ def compare(names, over, base_out):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        flags, over = parse_args(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["export"]:   # a finished run as a shipped checkpoint (rundir.py), its eval loss by evaluate
+            print(rundir.export_main(argv[1:], evaluate, TrainConfig, SETTING_DEFAULTS))
+            return 0
+        flags, over = parse_args(argv)
         if "help" in flags:
             print(cli.help_text(TrainConfig, over.get("model")))
         elif "compare" in over:

@@ -1,6 +1,7 @@
 """The shipped checkpoints (docs/ckpt/*.pt): each loads strictly into today's model, built from its own config, and
-reproduces the eval loss recorded when it was exported (rundir.export) -- a model change that breaks a shipped
-checkpoint fails here. The exporter never replaces a shipped file unless told to."""
+reproduces the eval loss recorded when it was exported (`python train.py export`: rundir.export with train.py's
+evaluate) -- a model change that breaks a shipped checkpoint fails here. The exporter never replaces a shipped file
+unless told to."""
 import glob
 import os
 
@@ -21,6 +22,7 @@ DEMO_SHOWS = {"megabyte": ("greedy continuations",), "blt": ("mean patch length"
               "moma": ("layer 1", "image: patches of the object"),
               "mom": ("the scorer reads", "when every token runs the projections of"),
               "transfusion": ("the scorer reads",)}
+TRAINER = (train.evaluate, train.TrainConfig, train.SETTING_DEFAULTS)   # what train.py hands the exporter
 
 
 def test_the_headline_models_are_shipped_small():
@@ -34,7 +36,7 @@ def test_the_headline_models_are_shipped_small():
 def test_checkpoint_loads_strictly_and_reproduces_its_eval_loss(path):
     model, ds, ck = rundir.load_exported(path)                        # strict: no missing or unknown weight
     assert all(ck["model"][k].dtype == torch.float16 for k, _ in model.named_parameters())   # 16-bit weights
-    ev = rundir.evaluate_exported(model, ds, ck, ck["check"]["eval_batches"])
+    ev = rundir.evaluate_exported(model, ds, ck, train.evaluate, train.TrainConfig, ck["check"]["eval_batches"])
     assert abs(ev["eval_loss"] - ck["check"]["eval_loss"]) < 1e-3, (os.path.basename(path), ev, ck["check"])
     assert ck["config"]["model"] == os.path.basename(path)[:-3]
 
@@ -50,25 +52,26 @@ def tiny_run(tmp_path_factory):
 
 def test_export_records_the_fp16_models_eval_and_never_overwrites(tiny_run, tmp_path, capsys):
     run, dst = tiny_run, str(tmp_path / "ckpt" / "tiny.pt")
-    rundir.export(run, dst)
+    rundir.export(run, dst, *TRAINER)
     ck = rundir.read_export(dst)
     model, ds, _ = rundir.load_exported(dst)
-    assert ck["eval"]["eval_loss"] == rundir.evaluate_exported(model, ds, ck)["eval_loss"]
+    ev = rundir.evaluate_exported(model, ds, ck, train.evaluate, train.TrainConfig)
+    assert ck["eval"]["eval_loss"] == ev["eval_loss"]
     assert ck["config"]["train"]["eval_batches"] == 2 and ck["run_eval"]["step"] == 2
     assert ck["command"] == (f"python train.py --model blt-entropy --setting bytes --steps 2 --batch_size 2 "
                              f"--seq_len 64 --eval_every 1 --eval_batches 2 --gen_n 0 --out {run}")
     before = open(dst, "rb").read()
     with pytest.raises(UsageError, match="--force"):
-        rundir.export(run, dst)
-    assert rundir.main(["export", run, dst]) == 2 and "--force" in capsys.readouterr().err
+        rundir.export(run, dst, *TRAINER)
+    assert train.main(["export", run, dst]) == 2 and "--force" in capsys.readouterr().err
     assert open(dst, "rb").read() == before                           # the shipped file is untouched
-    assert rundir.main(["export", run, dst, "--force", "--window=32"]) == 0      # told to: replaced, config changed
+    assert train.main(["export", run, dst, "--force", "--window=32"]) == 0       # told to: replaced, config changed
     assert rundir.read_export(dst)["config"]["model_cfg"]["window"] == 32
 
 
 def test_a_checkpoint_that_no_longer_fits_the_model_fails_to_load(tiny_run, tmp_path):
     dst = str(tmp_path / "tiny.pt")
-    rundir.export(tiny_run, dst)
+    rundir.export(tiny_run, dst, *TRAINER)
     ck = torch.load(dst, map_location="cpu", weights_only=True)
     name = next(iter(ck["model"]))
     for change in ("drop", "extra"):

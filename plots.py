@@ -1010,7 +1010,7 @@ def _shipped(name):
     import rundir
     path = os.path.join(CKPT, f"{name}.pt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"docs/ckpt/{name}.pt: no such file; export it from a run (python rundir.py export)")
+        raise FileNotFoundError(f"docs/ckpt/{name}.pt: no such file; export it from a run (python train.py export)")
     return rundir.load_exported(path)
 
 
